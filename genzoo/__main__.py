@@ -1,0 +1,7 @@
+"""``python -m genzoo`` is the ``genzoo`` command."""
+
+import sys
+
+from genzoo.cli import main
+
+sys.exit(main())

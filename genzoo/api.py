@@ -1,0 +1,115 @@
+"""The Python API behind the command line: list, build, train, load and sample models.
+
+>>> import genzoo
+>>> genzoo.list_recipes()                       # doctest: +SKIP
+>>> model = genzoo.create_model("ddpm-shapes")  # doctest: +SKIP
+>>> model = genzoo.load_model("runs/ddpm")      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from genzoo.checkpoint import Checkpoint, load_checkpoint, load_state_into
+from genzoo.errors import GenzooError
+from genzoo.interfaces import Pipeline
+from genzoo.plugins import default_registry, plugin_infos
+from genzoo.recipes import Recipe, apply_overrides, build_pipeline, get_recipe, load_recipes, resolve
+from genzoo.registry import Entry, Registry
+
+
+def list_components(kind: str | None = None, *, registry: Registry | None = None) -> list[Entry]:
+    """Every registered component (of one kind), with the plugin that provided it."""
+    return list((registry or default_registry()).entries(kind))
+
+
+def recipes(files: Iterable[str | Path] = ()) -> dict[str, Recipe]:
+    """All recipes: ``registry.yaml``, those shipped by plugins, then the user's files."""
+    plugin_files = [f for info in plugin_infos() for f in info.recipes]
+    return load_recipes(files, plugin_files=plugin_files)
+
+
+def list_recipes(files: Iterable[str | Path] = ()) -> list[str]:
+    return sorted(recipes(files))
+
+
+def resolve_recipe(
+    name: str,
+    *,
+    files: Iterable[str | Path] = (),
+    sets: Iterable[str] = (),
+    registry: Registry | None = None,
+    **swaps: Any,
+) -> dict[str, Any]:
+    """The fully resolved composition of a recipe after swaps (``sampler=``, ``steps=``, ...) and ``--set``s."""
+    registry = registry or default_registry()
+    recipe = apply_overrides(name, get_recipe(recipes(files), name), sets, **swaps)
+    return resolve(name, recipe, registry)
+
+
+def build_data(resolved: Mapping[str, Any], *, registry: Registry | None = None) -> Any:
+    """The dataset source of a resolved recipe (``.spec``, ``.split(name)``)."""
+    registry = registry or default_registry()
+    return registry.build("dataset", copy.deepcopy(resolved["data"]), where=f"recipe '{resolved.get('name', '?')}': data: ")
+
+
+def data_spec_dict(spec: Any) -> dict[str, Any]:
+    return asdict(spec) if is_dataclass(spec) else dict(spec)
+
+
+def create_model(
+    resolved: Mapping[str, Any], *, data_spec: Any, registry: Registry | None = None, device: str | torch.device = "cpu"
+) -> Pipeline:
+    """Build an untrained pipeline from a resolved recipe for data described by ``data_spec``."""
+    pipeline = build_pipeline(resolved, registry or default_registry(), data_spec)
+    return pipeline.to(device)
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    sets: Iterable[str] = (),
+    registry: Registry | None = None,
+    **swaps: Any,
+) -> Pipeline:
+    """Rebuild a trained pipeline from a checkpoint directory; no code or pickle is loaded.
+
+    Swaps (``sampler=``, ``steps=``, ``guidance=``, ``scale=``) and ``sets`` may change the parts
+    that hold no weights; changing an architecture makes the weights fail to load, with an error.
+    """
+    registry = registry or default_registry()
+    ckpt = load_checkpoint(path)
+    resolved = ckpt.recipe
+    if swaps or sets:
+        name = resolved.get("name", "checkpoint")
+        body = {k: v for k, v in resolved.items() if k not in ("name",)}
+        recipe = apply_overrides(name, Recipe.model_validate(body), sets, **{k: v for k, v in swaps.items() if v is not None})
+        resolved = resolve(name, recipe, registry)
+    data_spec = _data_spec_from(ckpt)
+    pipeline = build_pipeline(resolved, registry, data_spec)
+    load_weights(pipeline, ckpt)
+    pipeline.checkpoint_meta = ckpt.meta
+    return pipeline.to(device).eval()
+
+
+def load_weights(pipeline: Pipeline, ckpt: Checkpoint) -> None:
+    children = dict(pipeline.named_children())
+    for role, state in ckpt.components.items():
+        if role not in children:
+            raise GenzooError(f"{ckpt.path}: the checkpoint has weights for '{role}' but the model has no such component")
+        load_state_into(children[role], state, role=role, where=ckpt.path)
+
+
+def _data_spec_from(ckpt: Checkpoint) -> Any:
+    from genzoo.data.base import DataSpec
+
+    raw = ckpt.meta.get("data_spec")
+    if raw is None:
+        raise GenzooError(f"{ckpt.path}/meta.json has no data_spec; it was not written by `genzoo train`")
+    return DataSpec.from_dict(raw)

@@ -1,0 +1,281 @@
+"""``genzoo``: list | info | plugins | train | sample | eval | compare | push | pull.
+
+A user error prints one line and exits with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from genzoo import __version__
+from genzoo.errors import GenzooError
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipes", action="append", default=[], metavar="FILE", help="extra recipe YAML file (repeatable)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
+                   help="override any recipe field, e.g. --set decoder.denoiser.model_channels=32 (repeatable)")
+
+
+def _add_swap_args(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
+    p.add_argument("--sampler", help="swap the sampler, e.g. ddim")
+    if steps:
+        p.add_argument("--steps", type=int, help="sampler steps")
+    p.add_argument("--guidance", help="swap the guidance, e.g. cfg, classifier, none")
+    p.add_argument("--scale", type=float, help="guidance scale")
+
+
+def _swaps(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k, None) for k in ("sampler", "steps", "guidance", "scale") if getattr(args, k, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genzoo", description="A zoo of generative image models, from GANs to DALL·E 2.")
+    parser.add_argument("--version", action="version", version=f"genzoo {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list registered components (and recipes)")
+    p.add_argument("--kind", help="only this component kind (or 'recipe')")
+    p.add_argument("--json", action="store_true")
+    _add_recipe_args(p)
+
+    p = sub.add_parser("info", help="describe a recipe, or a component as KIND:NAME")
+    p.add_argument("name", help="a recipe name or KIND:NAME, e.g. sampler:ddim")
+    p.add_argument("--resolved", action="store_true", help="print the fully resolved composition (JSON)")
+    _add_recipe_args(p)
+    _add_swap_args(p)
+
+    p = sub.add_parser("plugins", help="list plugins, what they registered and their load errors")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("train", help="train a recipe")
+    p.add_argument("recipe")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, sample grids)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help="training steps")
+    g.add_argument("--minutes", type=float, help="wall-clock budget in minutes")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--no-progress", action="store_true")
+    _add_recipe_args(p)
+
+    p = sub.add_parser("sample", help="draw samples from a trained model")
+    p.add_argument("dir", help="run or checkpoint directory")
+    p.add_argument("-n", type=int, default=16, help="number of samples")
+    p.add_argument("--out", default="samples.png", help="grid PNG to write")
+    p.add_argument("--prompt", help="caption to condition on")
+    p.add_argument("--class", dest="class_", type=int, help="class index to condition on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--save", metavar="FILE.safetensors", help="also save the raw samples")
+    _add_swap_args(p)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE")
+
+    p = sub.add_parser("eval", help="evaluate a trained model")
+    p.add_argument("dir")
+    p.add_argument("--metrics", default="", help="comma-separated metric names")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("compare", help="train/evaluate several recipes on the same data and metrics")
+    p.add_argument("recipes", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--budget-minutes", type=float)
+    p.add_argument("--samples", type=int)
+
+    p = sub.add_parser("push", help="upload a checkpoint directory to the Hugging Face Hub")
+    p.add_argument("dir")
+    p.add_argument("repo_id")
+    p.add_argument("--private", action="store_true")
+
+    p = sub.add_parser("pull", help="download a checkpoint from the Hugging Face Hub (or a local directory)")
+    p.add_argument("repo_id")
+    p.add_argument("dir", nargs="?")
+    p.add_argument("--revision")
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from genzoo import api
+    from genzoo.registry import KINDS
+
+    if args.kind == "recipe":
+        rows = [{"kind": "recipe", "name": n, "plugin": "registry.yaml", "summary": r.description}
+                for n, r in sorted(api.recipes(args.recipes).items())]
+    else:
+        rows = [{"kind": e.kind, "name": e.name, "plugin": e.plugin, "summary": e.summary} for e in api.list_components(args.kind)]
+        if args.kind is None:
+            rows += [{"kind": "recipe", "name": n, "plugin": "registry.yaml", "summary": r.description}
+                     for n, r in sorted(api.recipes(args.recipes).items())]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    kinds = [args.kind] if args.kind else [*KINDS, "recipe"]
+    for kind in kinds:
+        these = [r for r in rows if r["kind"] == kind]
+        print(f"{kind} ({len(these)})")
+        width = max((len(r["name"]) for r in these), default=0)
+        pw = max((len(r["plugin"]) for r in these), default=0)
+        for r in these:
+            print(f"  {r['name']:<{width}}  [{r['plugin']:<{pw}}]  {r['summary'][:90]}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from genzoo import api
+    from genzoo.plugins import default_registry
+
+    if ":" in args.name:
+        kind, name = args.name.split(":", 1)
+        entry = default_registry().get(kind, name)
+        print(f"{entry.kind} '{entry.name}' from plugin '{entry.plugin}'")
+        print(f"  {entry.summary}")
+        for f in entry.describe_fields():
+            default = "required" if f["required"] else f"default {f['default']!r}"
+            print(f"  {f['field']}: {f['type']} ({default})  {f['description']}")
+        return 0
+    resolved = api.resolve_recipe(args.name, files=args.recipes, sets=args.sets, **_swaps(args))
+    if args.resolved:
+        print(json.dumps(resolved, indent=2))
+    else:
+        recipe = api.recipes(args.recipes)[args.name]
+        print(f"{args.name}: {recipe.description}")
+        print(yaml.safe_dump(recipe.model_dump(mode="json", exclude={"description"}), sort_keys=False).rstrip())
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from genzoo.plugins import plugin_infos
+
+    infos = plugin_infos()
+    if args.json:
+        print(json.dumps([i.as_dict() for i in infos], indent=2))
+        return 0
+    for i in infos:
+        state = "disabled" if i.disabled else ("FAILED" if i.error else "ok")
+        print(f"{i.name} {i.version} ({i.module}) {state}")
+        if i.error:
+            print(f"  error: {i.error}")
+        if i.registered:
+            print("  " + ", ".join(f"{k}:{n}" for k, n in i.registered))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from genzoo import api
+    from genzoo.training import Trainer, TrainConfig
+
+    sets = list(args.sets)
+    for key in ("steps", "minutes", "device", "seed"):
+        if getattr(args, key) is not None:
+            sets.append(f"train.{key}={getattr(args, key)}")
+    if args.minutes is not None:  # the time budget decides, not the recipe's step count
+        sets.append("train.steps=null")
+    resolved = api.resolve_recipe(args.recipe, files=args.recipes, sets=sets)
+    t0 = time.perf_counter()
+    source = api.build_data(resolved)
+    train = source.split("train")
+    print(f"data: {resolved['data']['type']} train split, {len(train)} items ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    config = TrainConfig.model_validate(resolved["train"])
+    pipeline = api.create_model(resolved, data_spec=source.spec)
+    meta = {"data_spec": api.data_spec_dict(source.spec), "data_fingerprint": train.fingerprint(), "recipe_name": args.recipe}
+    result = Trainer(pipeline, train.tensors(), config=config, run_dir=args.out, recipe=resolved, meta=meta,
+                     progress=not args.no_progress).fit(resume=args.resume)
+    print(f"trained {args.recipe} to step {result.step} in {result.wall_time:.1f}s; checkpoint {result.checkpoint}")
+    return 0
+
+
+def _condition(args: argparse.Namespace, n: int) -> dict[str, Any] | None:
+    import torch
+
+    cond: dict[str, Any] = {}
+    if args.prompt is not None:
+        cond["caption"] = [args.prompt] * n
+    if args.class_ is not None:
+        cond["y"] = torch.full((n,), args.class_, dtype=torch.long)
+    return cond or None
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from genzoo import api
+    from genzoo.training import resolve_device
+    from genzoo.training.images import save_grid
+
+    device = resolve_device(args.device)
+    model = api.load_model(args.dir, device=device, sets=args.sets, **_swaps(args))
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    t0 = time.perf_counter()
+    cond = _condition(args, args.n)
+    if cond and "y" in cond:
+        cond["y"] = cond["y"].to(device)
+    x = model.sample(args.n, cond, generator=g)
+    dt = time.perf_counter() - t0
+    save_grid(x, args.out)
+    if args.save:
+        save_file({"samples": x.float().cpu().contiguous()}, args.save)
+    print(f"wrote {args.n} samples to {args.out} in {dt:.2f}s ({args.n / dt:.2f} images/s)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    raise GenzooError("`genzoo eval` needs the evaluation metrics, which are not in this version yet (see the evaluation issue)")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    raise GenzooError("`genzoo compare` needs the evaluation metrics, which are not in this version yet (see the evaluation issue)")
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from genzoo.hub import push
+
+    url = push(args.dir, args.repo_id, private=args.private)
+    print(f"pushed {args.dir} to {url}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from genzoo.hub import pull
+
+    path = pull(args.repo_id, args.dir, revision=args.revision)
+    print(f"pulled {args.repo_id} to {path}")
+    return 0
+
+
+COMMANDS = {
+    "list": cmd_list, "info": cmd_info, "plugins": cmd_plugins, "train": cmd_train, "sample": cmd_sample,
+    "eval": cmd_eval, "compare": cmd_compare, "push": cmd_push, "pull": cmd_pull,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("GENZOO_DEBUG") == "1"
+    try:
+        return COMMANDS[args.command](args)
+    except GenzooError as e:
+        if debug:
+            raise
+        print(f"genzoo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"genzoo {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Push and pull checkpoint directories through huggingface_hub.
+
+``pull`` accepts a Hub repo id or a local directory (a checkpoint copied by hand, or a mirror);
+with ``HF_HUB_OFFLINE=1`` it serves from the local Hub cache. Every pulled checkpoint is
+verified (hashes, safetensors only) before it is reported as pulled.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from genzoo.checkpoint import load_checkpoint, resolve
+from genzoo.errors import CheckpointError, OfflineError
+
+ALLOW = ["*.json", "*.safetensors", "latest", "README.md"]
+
+
+def _offline_error(what: str, repo_id: str, e: Exception) -> OfflineError:
+    return OfflineError(
+        f"could not reach the Hugging Face Hub to {what} '{repo_id}' ({type(e).__name__}); check the network "
+        "and `huggingface-cli login`, or pass a local directory instead of a repo id"
+    )
+
+
+def push(path: str | Path, repo_id: str, *, private: bool = False) -> str:
+    """Upload the checkpoint at ``path`` (run dir or checkpoint dir) to ``repo_id``; returns its URL."""
+    from huggingface_hub import HfApi
+
+    ckpt = resolve(path)
+    load_checkpoint(ckpt)  # never publish a corrupt checkpoint
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        api.upload_folder(folder_path=str(ckpt), repo_id=repo_id, allow_patterns=ALLOW,
+                          ignore_patterns=["trainer.*"], commit_message=f"genzoo checkpoint {ckpt.name}")
+    except Exception as e:  # huggingface_hub raises many network error types
+        raise _offline_error("push to", repo_id, e) from e
+    return f"https://huggingface.co/{repo_id}"
+
+
+def pull(repo_id: str, dest: str | Path | None = None, *, revision: str | None = None) -> Path:
+    """Fetch a checkpoint into ``dest`` (default: the Hub cache) and verify it."""
+    local = Path(repo_id)
+    if local.exists():
+        src = resolve(local)
+        if dest is None:
+            out = src
+        else:
+            out = Path(dest)
+            out.mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():
+                if f.is_file() and not f.name.startswith("trainer."):
+                    shutil.copy2(f, out / f.name)
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            out = Path(snapshot_download(repo_id, revision=revision, local_dir=dest, allow_patterns=ALLOW))
+        except Exception as e:
+            name = type(e).__name__
+            if "Offline" in name or "LocalEntryNotFound" in name or "Connection" in name or "Timeout" in name:
+                raise OfflineError(
+                    f"'{repo_id}' is not in the local Hub cache and the Hub cannot be reached ({name}); "
+                    "connect to the network (and unset HF_HUB_OFFLINE), or pass a local checkpoint directory"
+                ) from e
+            raise _offline_error("pull", repo_id, e) from e
+    try:
+        load_checkpoint(out)
+    except CheckpointError as e:
+        raise CheckpointError(f"pulled '{repo_id}' but it is not a valid genzoo checkpoint: {e}") from e
+    return out

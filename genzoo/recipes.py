@@ -1,0 +1,233 @@
+"""Recipes: named compositions in ``registry.yaml``, validated, overridable, resolved.
+
+A recipe names a pipeline (the family), a dataset, one spec per component role and the training
+settings::
+
+    ddpm-shapes:
+      description: DDPM (Ho et al. 2020) on shapes 32x32.
+      pipeline: {type: diffusion}
+      data: {type: shapes, image_size: 32}
+      components:
+        prior: {type: gaussian}
+        decoder: {type: diffusion-decoder, schedule: linear, denoiser: {type: unet}}
+        sampler: {type: ddpm, steps: 1000}
+      train: {steps: 2000, batch_size: 64, lr: 2.0e-4}
+
+A role's kind is the role itself (``sampler``) or its last ``_`` part (``prior_sampler`` is a
+sampler). Resolving validates every spec against its component's config and fills defaults, so
+the resolved recipe is exactly what gets built and saved with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from genzoo.errors import GenzooError, RecipeError
+from genzoo.interfaces import Pipeline, check_composition
+from genzoo.registry import KINDS, Registry
+
+REPO_RECIPES = Path(__file__).resolve().parent.parent / "registry.yaml"
+PACKAGED_RECIPES = Path(__file__).resolve().parent / "registry.yaml"
+
+
+class SampleConfig(BaseModel):
+    """Defaults for ``genzoo sample`` and the sample grids written during training."""
+
+    model_config = ConfigDict(extra="forbid")
+    n: int = Field(64, ge=1, description="number of samples in a grid")
+    seed: int = Field(0, description="seed of the sampling generator")
+
+
+class Recipe(BaseModel):
+    """One named composition."""
+
+    model_config = ConfigDict(extra="forbid")
+    description: str = Field(..., description="one line: the model, its paper, the data")
+    pipeline: dict[str, Any] = Field(..., description="the family: {type: NAME, ...fields}")
+    data: dict[str, Any] = Field(..., description="the dataset: {type: NAME, ...fields}")
+    components: dict[str, dict[str, Any] | None] = Field(
+        default_factory=dict, description="role -> component spec {type: NAME, ...fields}; null removes a role"
+    )
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields")
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="sampling defaults")
+
+
+def role_kind(role: str) -> str:
+    """``sampler`` -> sampler; ``prior_sampler`` -> sampler; ``text_encoder`` -> encoder."""
+    if role in KINDS:
+        return role
+    tail = role.rsplit("_", 1)[-1]
+    if tail in KINDS:
+        return tail
+    raise RecipeError(
+        f"component role '{role}' does not end in a component kind; name it like 'prior_sampler' "
+        f"or 'text_encoder' (kinds: {', '.join(KINDS)})"
+    )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Recipe]:
+    """Parse and validate (structurally) every recipe of a YAML file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("recipes"), dict):
+        raise RecipeError(f"recipe file {path} must hold a mapping `recipes:` of name -> recipe")
+    out = {}
+    for name, body in raw["recipes"].items():
+        out[str(name)] = parse_recipe(str(name), body, source=str(path))
+    return out
+
+
+def parse_recipe(name: str, body: Any, *, source: str = "") -> Recipe:
+    where = f" ({source})" if source else ""
+    if not isinstance(body, dict):
+        raise RecipeError(f"recipe '{name}'{where} must be a mapping, got {type(body).__name__}")
+    try:
+        return Recipe.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        raise RecipeError(f"recipe '{name}'{where}: field '{loc}': {msg}") from None
+
+
+def load_recipes(extra_files: Iterable[str | Path] = (), *, plugin_files: Iterable[str | Path] = ()) -> dict[str, Recipe]:
+    """Recipes from ``registry.yaml``, plugins, then user files (later files may not redefine)."""
+    files: list[Path] = []
+    main = REPO_RECIPES if REPO_RECIPES.exists() else PACKAGED_RECIPES
+    if main.exists():
+        files.append(main)
+    files += [Path(p) for p in plugin_files] + [Path(p) for p in extra_files]
+    recipes: dict[str, Recipe] = {}
+    origin: dict[str, Path] = {}
+    for f in files:
+        for name, r in read_recipe_file(f).items():
+            if name in recipes:
+                raise RecipeError(f"recipe '{name}' is defined in both {origin[name]} and {f}; rename one")
+            recipes[name] = r
+            origin[name] = f
+    return recipes
+
+
+def get_recipe(recipes: Mapping[str, Recipe], name: str) -> Recipe:
+    if name not in recipes:
+        close = difflib.get_close_matches(name, list(recipes), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise RecipeError(f"unknown recipe '{name}'{hint} Valid: {', '.join(sorted(recipes)) or '(none)'}")
+    return recipes[name]
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_assignment(text: str) -> tuple[list[str], Any]:
+    """``decoder.denoiser.model_channels=128`` -> (path, value parsed as YAML)."""
+    if "=" not in text:
+        raise RecipeError(f"--set expects path.to.field=value, got {text!r}")
+    path, value = text.split("=", 1)
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise RecipeError(f"--set {text!r} names no field")
+    try:
+        return keys, yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        return keys, value
+
+
+def apply_overrides(
+    name: str,
+    recipe: Recipe,
+    sets: Iterable[str] = (),
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: str | None = None,
+    scale: float | None = None,
+) -> Recipe:
+    """Apply swap flags, then ``--set`` assignments; a path not starting at a recipe key is a component role."""
+    body = recipe.model_dump(mode="json")
+    comps = body.setdefault("components", {})
+    if sampler is not None:
+        comps["sampler"] = {"type": sampler}
+    if guidance is not None:
+        comps["guidance"] = None if guidance in ("none", "null") else {"type": guidance}
+    if steps is not None:
+        if not comps.get("sampler"):
+            raise RecipeError(f"recipe '{name}' has no sampler to take --steps; add --sampler NAME")
+        comps["sampler"]["steps"] = steps
+    if scale is not None:
+        if not comps.get("guidance"):
+            raise RecipeError(f"recipe '{name}' has no guidance to take --scale; add --guidance NAME")
+        comps["guidance"]["scale"] = scale
+    for text in sets:
+        keys, value = parse_assignment(text)
+        if keys[0] not in Recipe.model_fields:
+            keys = ["components", *keys]
+        node = body
+        for k in keys[:-1]:
+            nxt = node.get(k) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"--set {text!r}: '{k}' in recipe '{name}' is a value, not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return parse_recipe(name, body, source="after --set")
+
+
+# --------------------------------------------------------------------------- resolve and build
+
+
+def resolve(name: str, recipe: Recipe, registry: Registry) -> dict[str, Any]:
+    """Validate every spec against its component config and fill all defaults."""
+    from genzoo.training.config import TrainConfig
+
+    def spec(kind: str, s: Mapping[str, Any], where: str) -> dict[str, Any]:
+        try:
+            cfg = registry.config(kind, s, where=f"recipe '{name}': {where}: ")
+        except GenzooError as e:
+            raise RecipeError(str(e)) from None
+        return {"type": s["type"], **cfg.model_dump(mode="json")}
+
+    out: dict[str, Any] = {"name": name, "description": recipe.description}
+    out["pipeline"] = spec("pipeline", recipe.pipeline, "pipeline")
+    out["data"] = spec("dataset", recipe.data, "data")
+    out["components"] = {
+        role: spec(role_kind(role), s, f"components.{role}") for role, s in recipe.components.items() if s is not None
+    }
+    try:
+        out["train"] = TrainConfig.model_validate(recipe.train).model_dump(mode="json")
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        raise RecipeError(f"recipe '{name}': field 'train.{loc}': {msg}") from None
+    out["sample"] = recipe.sample.model_dump(mode="json")
+    return out
+
+
+def build_pipeline(resolved: Mapping[str, Any], registry: Registry, data_spec: Any) -> Pipeline:
+    """Build every component of a resolved recipe, check they fit, and wire the pipeline."""
+    name = resolved.get("name", "?")
+    components = {}
+    for role, s in resolved["components"].items():
+        components[role] = registry.build(role_kind(role), copy.deepcopy(s), data=data_spec, where=f"recipe '{name}': components.{role}: ")
+    check_composition(components)
+    pipeline = registry.build(
+        "pipeline", copy.deepcopy(resolved["pipeline"]), data=data_spec, components=components, where=f"recipe '{name}': pipeline: "
+    )
+    pipeline.resolved_recipe = dict(resolved)
+    return pipeline

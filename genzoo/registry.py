@@ -1,0 +1,239 @@
+"""The registry of typed components.
+
+A component is registered under a kind and a kebab-case name with a pydantic config model and a
+factory; it is built from a spec ``{"type": NAME, **fields}``. Plugins register into the
+registry from their ``register_components`` hook (see :mod:`genzoo.plugins`); nothing registers
+by import side effect.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+from pydantic import BaseModel, ValidationError
+
+from genzoo.errors import RegistryError
+
+KINDS: dict[str, str] = {
+    "pipeline": "a family: wires components together and owns the training objective",
+    "encoder": "turns a condition (class, caption, image) into tensors the prior and decoder consume",
+    "prior": "draws a latent z given the encoded condition",
+    "decoder": "maps a latent z (and the condition) to an image",
+    "sampler": "drives an iterative model (diffusion denoiser or token logits) to a sample",
+    "guidance": "steers a sampler toward the condition",
+    "network": "a neural network used inside components (U-Net, GPT, discriminator, classifier)",
+    "dataset": "training and evaluation data",
+    "tokenizer": "turns captions into tokens",
+    "metric": "scores samples against data",
+}
+
+_NAME = re.compile(r"^[a-z0-9]+(?:[-.][a-z0-9]+)*\+*$")  # kebab-case; a trailing "++" is allowed
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a factory may need beyond its config: the registry (to build nested specs) and data."""
+
+    registry: "Registry"
+    data: Any = None  # a genzoo.data.DataSpec when the component is built for a dataset
+    components: Mapping[str, Any] = field(default_factory=dict)  # built siblings (for pipelines)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered component."""
+
+    kind: str
+    name: str
+    config: type[BaseModel]
+    factory: Callable[..., Any]
+    plugin: str
+    summary: str
+    wants_context: bool
+
+    def describe_fields(self) -> list[dict[str, Any]]:
+        """Each config field with its type, default and description (for ``genzoo info``)."""
+        rows = []
+        for fname, f in self.config.model_fields.items():
+            rows.append(
+                {
+                    "field": fname,
+                    "type": getattr(f.annotation, "__name__", str(f.annotation)).replace("typing.", ""),
+                    "default": None if f.is_required() else f.get_default(call_default_factory=True),
+                    "required": f.is_required(),
+                    "description": f.description or "",
+                }
+            )
+        return rows
+
+
+def _summary(obj: Any) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().split("\n\n")[0].replace("\n", " ")
+
+
+def _format_validation(kind: str, name: str, err: ValidationError, where: str = "") -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(spec)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    inp = first.get("input")
+    got = "" if first["type"] in ("missing", "extra_forbidden") else f" (got {inp!r})"
+    more = f" and {len(err.errors()) - 1} more problem(s)" if len(err.errors()) > 1 else ""
+    return f"{where}{kind} '{name}': field '{loc}': {msg}{got}{more}; see `genzoo info {kind}:{name}` for its fields"
+
+
+class Registry:
+    """Components by kind and name, with the plugin that provided each."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+
+    # ------------------------------------------------------------------ registration
+    def register(
+        self,
+        kind: str,
+        name: str,
+        *,
+        config: type[BaseModel],
+        factory: Callable[..., Any],
+        plugin: str = "genzoo",
+        summary: str | None = None,
+    ) -> None:
+        """Register ``factory(config_instance[, ctx])`` under ``kind`` and ``name``.
+
+        The factory receives a :class:`BuildContext` as its second argument when it declares a
+        parameter named ``ctx``.
+        """
+        if kind not in self._entries:
+            raise RegistryError(self._unknown("kind", kind, list(self._entries)))
+        if not _NAME.match(name):
+            raise RegistryError(f"{kind} name {name!r} from plugin '{plugin}' is not kebab-case (e.g. 'dpm-solver++')")
+        if not (isinstance(config, type) and issubclass(config, BaseModel)):
+            raise RegistryError(f"{kind} '{name}' from plugin '{plugin}': config must be a pydantic BaseModel subclass")
+        if config.model_config.get("extra") != "forbid":
+            raise RegistryError(
+                f"{kind} '{name}' from plugin '{plugin}': its config {config.__name__} must set "
+                "model_config = ConfigDict(extra='forbid') so misspelt fields are caught"
+            )
+        if name in self._entries[kind]:
+            other = self._entries[kind][name].plugin
+            raise RegistryError(
+                f"{kind} '{name}' is registered by both plugin '{other}' and plugin '{plugin}'; "
+                f"rename one of them or disable one with GENZOO_DISABLE_PLUGINS={plugin}"
+            )
+        wants_ctx = "ctx" in inspect.signature(factory).parameters
+        self._entries[kind][name] = Entry(
+            kind, name, config, factory, plugin, summary or _summary(factory) or _summary(config), wants_ctx
+        )
+
+    def scoped(self, plugin: str) -> "PluginRegistrar":
+        """A view that stamps ``plugin`` on every registration and commits them together."""
+        return PluginRegistrar(self, plugin)
+
+    # ------------------------------------------------------------------ lookup
+    def kinds(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, kind: str, name: str) -> Entry:
+        if kind not in self._entries:
+            raise RegistryError(self._unknown("kind", kind, list(self._entries)))
+        try:
+            return self._entries[kind][name]
+        except KeyError:
+            raise RegistryError(self._unknown(kind, name, list(self._entries[kind]))) from None
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.get_kind(kind))
+
+    def get_kind(self, kind: str) -> dict[str, Entry]:
+        if kind not in self._entries:
+            raise RegistryError(self._unknown("kind", kind, list(self._entries)))
+        return self._entries[kind]
+
+    def entries(self, kind: str | None = None) -> Iterator[Entry]:
+        for k in [kind] if kind else self._entries:
+            for name in sorted(self.get_kind(k)):
+                yield self._entries[k][name]
+
+    @staticmethod
+    def _unknown(kind: str, name: str, valid: list[str]) -> str:
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        listing = ", ".join(sorted(valid)) if valid else "(none registered)"
+        return f"unknown {kind} '{name}'{hint} Valid: {listing}"
+
+    # ------------------------------------------------------------------ building
+    def config(self, kind: str, spec: Mapping[str, Any] | str, *, where: str = "") -> BaseModel:
+        """Validate a spec into its config model (``type`` names the component)."""
+        name, fields = split_spec(kind, spec, where=where)
+        entry = self.get(kind, name)
+        try:
+            return entry.config.model_validate(fields)
+        except ValidationError as e:
+            raise RegistryError(_format_validation(kind, name, e, where)) from None
+
+    def build(
+        self,
+        kind: str,
+        spec: Mapping[str, Any] | str,
+        *,
+        data: Any = None,
+        components: Mapping[str, Any] | None = None,
+        where: str = "",
+    ) -> Any:
+        """Build a component from ``{"type": NAME, **fields}`` (or just ``NAME``)."""
+        name, _ = split_spec(kind, spec, where=where)
+        entry = self.get(kind, name)
+        cfg = self.config(kind, spec, where=where)
+        obj = entry.factory(cfg, ctx=BuildContext(self, data, components or {})) if entry.wants_context else entry.factory(cfg)
+        try:  # remember how it was built, so a composition can be saved and rebuilt
+            obj.genzoo_spec = {"type": name, **cfg.model_dump(mode="json")}
+        except AttributeError:
+            pass
+        return obj
+
+
+def split_spec(kind: str, spec: Mapping[str, Any] | str, *, where: str = "") -> tuple[str, Any]:
+    """``"ddim"`` or ``{"type": "ddim", "eta": 0}`` -> (``"ddim"``, ``{"eta": 0}``)."""
+    if isinstance(spec, str):
+        return spec, {}
+    if not isinstance(spec, Mapping):
+        raise RegistryError(f"{where}{kind} spec must be a mapping with a 'type' field, got {type(spec).__name__}")
+    if "type" not in spec:
+        raise RegistryError(f"{where}{kind} spec {dict(spec)!r} has no 'type' field; add `type: NAME` (see `genzoo list --kind {kind}`)")
+    fields = {k: v for k, v in spec.items() if k != "type"}
+    return str(spec["type"]), fields
+
+
+@dataclass
+class PluginRegistrar:
+    """What a plugin's hook receives: registers with the plugin's name, all or nothing."""
+
+    registry: Registry
+    plugin: str
+    _pending: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+
+    def register(self, kind: str, name: str, *, config: type[BaseModel], factory: Callable[..., Any], summary: str | None = None) -> None:
+        self._pending.append((kind, name, dict(config=config, factory=factory, summary=summary)))
+
+    def commit(self) -> list[tuple[str, str]]:
+        """Register everything pending; on any error register nothing and raise."""
+        done: list[tuple[str, str]] = []
+        try:
+            for kind, name, kw in self._pending:
+                self.registry.register(kind, name, plugin=self.plugin, **kw)
+                done.append((kind, name))
+        except Exception:
+            for kind, name in done:
+                del self.registry._entries[kind][name]
+            raise
+        return done
+
+    def __getattr__(self, item: str) -> Any:  # read-only lookups go to the registry
+        return getattr(self.registry, item)

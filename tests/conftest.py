@@ -1,0 +1,27 @@
+"""Shared fixtures: a fresh registry, a temp run directory, CPU-only determinism."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def registry():
+    from genzoo.registry import Registry
+
+    return Registry()
+
+
+@pytest.fixture
+def loaded_registry():
+    """The registry with every installed plugin (built-ins included), loaded once per test."""
+    from genzoo.plugins import load_plugins
+
+    reg, infos = load_plugins()
+    return reg

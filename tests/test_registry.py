@@ -1,0 +1,104 @@
+"""Registry: registration, lookup, spec validation and every error message."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from genzoo.errors import RegistryError
+from genzoo.registry import Registry
+
+
+class StepsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(50, ge=1, description="number of steps")
+    eta: float = Field(0.0, description="noise")
+
+
+class Loose(BaseModel):
+    steps: int = 1
+
+
+class Thing:
+    def __init__(self, cfg: StepsConfig) -> None:
+        self.cfg = cfg
+
+
+def test_build_from_spec_fills_defaults_and_records_spec(registry: Registry) -> None:
+    registry.register("sampler", "ddim", config=StepsConfig, factory=Thing, plugin="p1")
+    obj = registry.build("sampler", {"type": "ddim", "steps": 20})
+    assert obj.cfg.steps == 20 and obj.cfg.eta == 0.0
+    assert obj.genzoo_spec == {"type": "ddim", "steps": 20, "eta": 0.0}
+    assert registry.build("sampler", "ddim").cfg.steps == 50
+
+
+def test_factory_receives_context_when_it_asks(registry: Registry) -> None:
+    seen = {}
+
+    def factory(cfg: StepsConfig, ctx) -> Thing:
+        seen["data"] = ctx.data
+        seen["registry"] = ctx.registry
+        return Thing(cfg)
+
+    registry.register("decoder", "ctx-user", config=StepsConfig, factory=factory)
+    registry.build("decoder", {"type": "ctx-user"}, data="SPEC")
+    assert seen == {"data": "SPEC", "registry": registry}
+
+
+def test_unknown_name_lists_valid_and_suggests_closest(registry: Registry) -> None:
+    for name in ("ddim", "ddpm", "dpm-solver++"):
+        registry.register("sampler", name, config=StepsConfig, factory=Thing)
+    with pytest.raises(RegistryError) as e:
+        registry.build("sampler", {"type": "dpm-solvr"})
+    msg = str(e.value)
+    assert "unknown sampler 'dpm-solvr'" in msg and "did you mean 'dpm-solver++'?" in msg
+    assert "Valid: ddim, ddpm, dpm-solver++" in msg
+
+
+def test_unknown_kind(registry: Registry) -> None:
+    with pytest.raises(RegistryError, match="unknown kind 'samplr'; did you mean 'sampler'"):
+        registry.register("samplr", "x", config=StepsConfig, factory=Thing)
+
+
+def test_duplicate_names_both_plugins(registry: Registry) -> None:
+    registry.register("sampler", "ddim", config=StepsConfig, factory=Thing, plugin="alpha")
+    with pytest.raises(RegistryError) as e:
+        registry.register("sampler", "ddim", config=StepsConfig, factory=Thing, plugin="beta")
+    assert "registered by both plugin 'alpha' and plugin 'beta'" in str(e.value)
+
+
+def test_invalid_field_names_component_field_and_value(registry: Registry) -> None:
+    registry.register("sampler", "ddim", config=StepsConfig, factory=Thing)
+    with pytest.raises(RegistryError) as e:
+        registry.build("sampler", {"type": "ddim", "steps": 0})
+    assert "sampler 'ddim': field 'steps'" in str(e.value) and "got 0" in str(e.value)
+    with pytest.raises(RegistryError, match="field 'etaa': unknown field"):
+        registry.build("sampler", {"type": "ddim", "etaa": 1})
+
+
+def test_spec_without_type(registry: Registry) -> None:
+    with pytest.raises(RegistryError, match="has no 'type' field; add `type: NAME`"):
+        registry.build("sampler", {"steps": 3})
+
+
+def test_names_must_be_kebab_case_and_config_strict(registry: Registry) -> None:
+    with pytest.raises(RegistryError, match="not kebab-case"):
+        registry.register("sampler", "DDIM_2", config=StepsConfig, factory=Thing)
+    with pytest.raises(RegistryError, match="extra='forbid'"):
+        registry.register("sampler", "loose", config=Loose, factory=Thing)
+
+
+def test_scoped_registration_is_all_or_nothing(registry: Registry) -> None:
+    registry.register("sampler", "taken", config=StepsConfig, factory=Thing, plugin="first")
+    scoped = registry.scoped("second")
+    scoped.register("sampler", "fresh", config=StepsConfig, factory=Thing)
+    scoped.register("sampler", "taken", config=StepsConfig, factory=Thing)
+    with pytest.raises(RegistryError, match="both plugin 'first' and plugin 'second'"):
+        scoped.commit()
+    assert registry.names("sampler") == ["taken"]  # 'fresh' was rolled back
+
+
+def test_describe_fields(registry: Registry) -> None:
+    registry.register("sampler", "ddim", config=StepsConfig, factory=Thing)
+    rows = {r["field"]: r for r in registry.get("sampler", "ddim").describe_fields()}
+    assert rows["steps"]["default"] == 50 and rows["steps"]["description"] == "number of steps"
