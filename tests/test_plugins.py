@@ -1,0 +1,125 @@
+"""Plugin loading through real entry points: good, broken, disabled, strict, collisions."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from genzoo.errors import PluginError
+from genzoo.plugins import load_plugins
+
+GOOD = '''
+from pydantic import BaseModel, ConfigDict, Field
+import genzoo.plugins
+
+__version__ = "1.2.3"
+
+class HalveConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    factor: float = Field(0.5, description="multiplier")
+
+class Halve:
+    """Multiplies by a factor."""
+    def __init__(self, cfg):
+        self.factor = cfg.factor
+
+@genzoo.plugins.hookimpl
+def register_components(registry):
+    registry.register("metric", "{name}", config=HalveConfig, factory=Halve)
+'''
+
+
+def make_dist(site: Path, dist: str, module: str, source: str, group_name: str | None = None) -> None:
+    """A minimal installed distribution: a module plus a dist-info with a genzoo entry point."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[genzoo]\n{group_name or dist} = {module}\n")
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    s = tmp_path / "site"
+    s.mkdir()
+    monkeypatch.syspath_prepend(str(s))
+    yield s
+    for name in list(sys.modules):
+        if name.startswith("zz_"):
+            del sys.modules[name]
+    importlib.invalidate_caches()
+
+
+def infos_by_name(infos):
+    return {i.name: i for i in infos}
+
+
+def test_good_plugin_registers_with_its_name_and_version(site: Path) -> None:
+    make_dist(site, "zz-good", "zz_good", GOOD.replace("{name}", "halve"))
+    reg, infos = load_plugins(strict=False, disabled=[])
+    info = infos_by_name(infos)["zz-good"]
+    assert info.error is None and info.version == "1.2.3"
+    assert info.registered == [("metric", "halve")]
+    entry = reg.get("metric", "halve")
+    assert entry.plugin == "zz-good"
+    assert reg.build("metric", {"type": "halve", "factor": 0.25}).factor == 0.25
+
+
+def test_broken_plugin_is_recorded_and_others_load(site: Path) -> None:
+    make_dist(site, "zz-good", "zz_good", GOOD.replace("{name}", "halve"))
+    make_dist(site, "zz-broken", "zz_broken", "import this_module_does_not_exist_anywhere\n")
+    reg, infos = load_plugins(strict=False, disabled=[])
+    broken = infos_by_name(infos)["zz-broken"]
+    assert broken.error.startswith("ModuleNotFoundError: No module named 'this_module_does_not_exist_anywhere'")
+    assert reg.get("metric", "halve").plugin == "zz-good"
+
+
+def test_plugin_whose_hook_raises_registers_nothing(site: Path) -> None:
+    src = GOOD.replace("{name}", "half-ok") + '''
+@genzoo.plugins.hookimpl
+def register_recipes():
+    raise RuntimeError("boom in recipes")
+'''
+    make_dist(site, "zz-halfway", "zz_halfway", src)
+    reg, infos = load_plugins(strict=False, disabled=[])
+    assert "RuntimeError: boom in recipes" in infos_by_name(infos)["zz-halfway"].error
+    assert "half-ok" in reg.names("metric")  # components committed before the recipes hook failed
+
+
+def test_disabled_plugin_is_skipped(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_dist(site, "zz-good", "zz_good", GOOD.replace("{name}", "halve"))
+    monkeypatch.setenv("GENZOO_DISABLE_PLUGINS", "zz-good, other")
+    reg, infos = load_plugins(strict=False)
+    assert infos_by_name(infos)["zz-good"].disabled
+    assert "halve" not in reg.names("metric")
+    assert "zz_good" not in sys.modules  # a disabled plugin is not even imported
+
+
+def test_strict_mode_makes_errors_fatal(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_dist(site, "zz-broken", "zz_broken", "raise ValueError('bad plugin')\n")
+    monkeypatch.setenv("GENZOO_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match=r"plugin 'zz-broken' \(zz_broken\) failed to load: ValueError: bad plugin"):
+        load_plugins()
+
+
+def test_name_collision_names_both_plugins(site: Path) -> None:
+    make_dist(site, "zz-a", "zz_a", GOOD.replace("{name}", "same"))
+    make_dist(site, "zz-b", "zz_b", GOOD.replace("{name}", "same"))
+    reg, infos = load_plugins(strict=False, disabled=[])
+    err = infos_by_name(infos)["zz-b"].error
+    assert "metric 'same' is registered by both plugin 'zz-a' and plugin 'zz-b'" in err
+    assert reg.get("metric", "same").plugin == "zz-a"
+    with pytest.raises(PluginError, match="registered by both plugin 'zz-a' and plugin 'zz-b'"):
+        load_plugins(strict=True, disabled=[])
+
+
+def test_builtin_plugins_load_through_entry_points() -> None:
+    _, infos = load_plugins(strict=True, disabled=[])
+    names = {i.name for i in infos}
+    assert {"data", "diffusion"} <= names
+    assert all(i.module.startswith("genzoo_") for i in infos if i.name in ("data", "diffusion"))
