@@ -14,8 +14,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+DEMO_RECIPE ?= ddpm-digits
+DEMO_MINUTES ?= 2.5
+
 demo: $(STAMP)
-	$(VENV)/bin/genzoo demo --out runs/demo
+	rm -rf runs/demo
+	$(VENV)/bin/genzoo train $(DEMO_RECIPE) --out runs/demo --minutes $(DEMO_MINUTES)
+	$(VENV)/bin/genzoo sample runs/demo -n 64 --sampler ddim --steps 50 --out runs/demo/grid.png
+	@echo "sample grid: runs/demo/grid.png"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

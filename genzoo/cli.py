@@ -119,10 +119,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         if args.kind is None:
             rows += [{"kind": "recipe", "name": n, "plugin": "registry.yaml", "summary": r.description}
                      for n, r in sorted(api.recipes(args.recipes).items())]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
     kinds = [args.kind] if args.kind else [*KINDS, "recipe"]
+    if args.json:
+        print(json.dumps({"kinds": kinds, "components": rows}, indent=2))
+        return 0
     for kind in kinds:
         these = [r for r in rows if r["kind"] == kind]
         print(f"{kind} ({len(these)})")

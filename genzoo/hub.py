@@ -39,8 +39,8 @@ def push(path: str | Path, repo_id: str, *, private: bool = False) -> str:
     return f"https://huggingface.co/{repo_id}"
 
 
-def pull(repo_id: str, dest: str | Path | None = None, *, revision: str | None = None) -> Path:
-    """Fetch a checkpoint into ``dest`` (default: the Hub cache) and verify it."""
+def pull(repo_id: str, dest: str | Path | None = None, *, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Fetch a checkpoint into ``dest`` (default: the Hub cache, ``HF_HUB_CACHE``) and verify it."""
     local = Path(repo_id)
     if local.exists():
         src = resolve(local)
@@ -56,7 +56,8 @@ def pull(repo_id: str, dest: str | Path | None = None, *, revision: str | None =
         from huggingface_hub import snapshot_download
 
         try:
-            out = Path(snapshot_download(repo_id, revision=revision, local_dir=dest, allow_patterns=ALLOW))
+            # always through the cache: with HF_HUB_OFFLINE=1 only the cache can serve it
+            out = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=ALLOW))
         except Exception as e:
             name = type(e).__name__
             if "Offline" in name or "LocalEntryNotFound" in name or "Connection" in name or "Timeout" in name:
@@ -65,6 +66,9 @@ def pull(repo_id: str, dest: str | Path | None = None, *, revision: str | None =
                     "connect to the network (and unset HF_HUB_OFFLINE), or pass a local checkpoint directory"
                 ) from e
             raise _offline_error("pull", repo_id, e) from e
+        if dest is not None:
+            shutil.copytree(out, dest, dirs_exist_ok=True)
+            out = Path(dest)
     try:
         load_checkpoint(out)
     except CheckpointError as e:

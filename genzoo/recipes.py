@@ -191,6 +191,16 @@ def apply_overrides(
 # --------------------------------------------------------------------------- resolve and build
 
 
+def nested_kinds(config: type[BaseModel]) -> dict[str, str]:
+    """Fields of a config that hold a nested component spec: declared ``Field(json_schema_extra={"kind": K})``."""
+    out = {}
+    for field, info in config.model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and isinstance(extra.get("kind"), str):
+            out[field] = extra["kind"]
+    return out
+
+
 def resolve(name: str, recipe: Recipe, registry: Registry) -> dict[str, Any]:
     """Validate every spec against its component config and fill all defaults."""
     from genzoo.training.config import TrainConfig
@@ -200,7 +210,11 @@ def resolve(name: str, recipe: Recipe, registry: Registry) -> dict[str, Any]:
             cfg = registry.config(kind, s, where=f"recipe '{name}': {where}: ")
         except GenzooError as e:
             raise RecipeError(str(e)) from None
-        return {"type": s["type"], **cfg.model_dump(mode="json")}
+        out = {"type": s["type"] if isinstance(s, Mapping) else s, **cfg.model_dump(mode="json")}
+        for field, sub_kind in nested_kinds(type(cfg)).items():
+            if isinstance(out.get(field), Mapping):
+                out[field] = spec(sub_kind, out[field], f"{where}.{field}")
+        return out
 
     out: dict[str, Any] = {"name": name, "description": recipe.description}
     out["pipeline"] = spec("pipeline", recipe.pipeline, "pipeline")

@@ -1,0 +1,181 @@
+"""A diffusion model as components: the decoder (denoiser + Gaussian process) and its pipeline.
+
+DDPM (Ho et al. 2020), Improved DDPM (Nichol & Dhariwal 2021), ADM (Dhariwal & Nichol 2021),
+GLIDE and the unCLIP decoder are all this decoder with a different schedule, parameterisation,
+loss, denoiser and condition; the pipeline adds the family's training objective.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
+from genzoo.diffusion.schedules import get_named_beta_schedule
+from genzoo.errors import RegistryError
+from genzoo.interfaces import Condition, Decoder, Pipeline, SamplerKind, Spec
+
+
+class MeanType(str, Enum):
+    eps = "eps"
+    x0 = "x0"
+    v = "v"
+
+
+class VarType(str, Enum):
+    fixed_small = "fixed-small"
+    fixed_large = "fixed-large"
+    learned_range = "learned-range"
+
+
+class Loss(str, Enum):
+    simple = "simple"
+    hybrid = "hybrid"
+    vlb = "vlb"
+
+
+_MEAN = {MeanType.eps: ModelMeanType.EPSILON, MeanType.x0: ModelMeanType.START_X, MeanType.v: ModelMeanType.VELOCITY}
+_VAR = {
+    VarType.fixed_small: ModelVarType.FIXED_SMALL,
+    VarType.fixed_large: ModelVarType.FIXED_LARGE,
+    VarType.learned_range: ModelVarType.LEARNED_RANGE,
+}
+_LOSS = {Loss.simple: LossType.SIMPLE, Loss.hybrid: LossType.HYBRID, Loss.vlb: LossType.VLB}
+
+
+class DiffusionDecoderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schedule: str = Field("linear", description="beta schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)")
+    timesteps: int = Field(1000, ge=1, description="T, the number of diffusion steps in training")
+    mean_type: MeanType = Field(MeanType.eps, description="what the denoiser predicts: eps, x0 or v")
+    var_type: VarType = Field(VarType.fixed_large, description="reverse variance: fixed-small, fixed-large or learned-range")
+    loss: Loss = Field(Loss.simple, description="L_simple, L_hybrid (simple + 0.001 L_vlb) or L_vlb")
+    timestep_sampler: str = Field("uniform", description="how t is drawn in training: uniform or loss-aware (L_vlb)")
+    clip_range: float | None = Field(1.0, description="clamp predicted x0 to [-c, c] when sampling; null for unbounded data")
+    cond_drop: float = Field(0.0, ge=0, le=1, description="probability of dropping the condition in training (for CFG)")
+    denoiser: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "unet"},
+        description="the network: {type: unet | mlp-denoiser | ..., fields}",
+        json_schema_extra={"kind": "network"},
+    )
+
+
+class DiffusionDecoder(Decoder):
+    """Draws x_0 from x_T ~ N(0, I) by running a sampler over ``diffusion`` and ``denoiser``."""
+
+    sampler_kind = SamplerKind.DIFFUSION
+
+    def __init__(self, *, denoiser: nn.Module, diffusion: GaussianDiffusion, shape: tuple[int, ...], cond_drop: float,
+                 timestep_sampler: Any, needs_condition: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.diffusion = diffusion
+        self.cond_drop = cond_drop
+        self.timestep_sampler = timestep_sampler
+        self.consumes = Spec(shape=shape)
+        self.produces = Spec(shape=shape)
+        self.needs_condition = needs_condition
+
+    def decode(self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
+        if sampler is None:
+            raise RegistryError(f"{type(self).__name__} needs a diffusion sampler; add `sampler: {{type: ddim}}` to the recipe")
+        return sampler.sample(self.diffusion, self.denoiser, tuple(z.shape), cond=condition, guidance=guidance,
+                              generator=generator, noise=z, device=z.device)
+
+    def training_losses(self, x0: Tensor, cond: Condition | None = None) -> dict[str, Tensor]:
+        """The per-batch diffusion loss at a t drawn by the timestep sampler (importance weights applied)."""
+        t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
+        if cond and self.cond_drop > 0:  # classifier-free guidance's null-condition dropout (Ho & Salimans 2021)
+            cond = {**cond, "drop": torch.rand(x0.shape[0], device=x0.device) < self.cond_drop}
+        terms = self.diffusion.training_losses(self.denoiser, x0, t, cond=cond)
+        if hasattr(self.timestep_sampler, "update_with_local_losses") and "vlb" in terms:
+            self.timestep_sampler.update_with_local_losses(t, terms["vlb"].detach())
+        out = {k: (v * weights).mean() if v.dim() else v for k, v in terms.items()}
+        return out
+
+
+def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder:
+    from genzoo.diffusion.gaussian_diffusion import create_timestep_sampler
+
+    diffusion = GaussianDiffusion(
+        betas=get_named_beta_schedule(cfg.schedule, cfg.timesteps),
+        model_mean_type=_MEAN[cfg.mean_type],
+        model_var_type=_VAR[cfg.var_type],
+        loss_type=_LOSS[cfg.loss],
+        clip_range=cfg.clip_range,
+    )
+    learn_sigma = cfg.var_type is VarType.learned_range
+    if ctx.data is None:
+        raise RegistryError("decoder 'diffusion-decoder' needs a dataset to size its denoiser")
+    spec = dict(cfg.denoiser)
+    if spec.get("learn_sigma", learn_sigma) != learn_sigma:
+        raise RegistryError(
+            f"decoder 'diffusion-decoder': denoiser.learn_sigma is {spec['learn_sigma']} but var_type is "
+            f"{cfg.var_type.value}; learned-range variance needs learn_sigma true, fixed variances false"
+        )
+    if learn_sigma:  # the variance interpolation v of Improved DDPM Eq. 15 is the denoiser's second half
+        spec["learn_sigma"] = True
+    denoiser = ctx.registry.build("network", spec, data=ctx.data, where="decoder 'diffusion-decoder': denoiser: ")
+    return DiffusionDecoder(
+        denoiser=denoiser, diffusion=diffusion, shape=tuple(ctx.data.image_shape), cond_drop=cfg.cond_drop,
+        timestep_sampler=create_timestep_sampler(cfg.timestep_sampler, diffusion),
+    )
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+class Conditioning(str, Enum):
+    none = "none"
+    class_ = "class"
+
+
+class DiffusionPipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    condition: Conditioning = Field(Conditioning.none, description="none, or class: the dataset's label is the condition y")
+
+
+class DiffusionPipeline(Pipeline):
+    """Trains the denoiser, then (when the guidance has weights, as ADM's noisy classifier) the guidance.
+
+    Stages: ``decoder``, then ``guidance`` if the guidance is trainable. The guidance is trained on
+    inputs noised by the decoder's own process, so its t means the same (Dhariwal & Nichol 2021, Sec. 4).
+    """
+
+    def __init__(self, components: Mapping[str, Any], *, condition: Conditioning, num_classes: int | None) -> None:
+        super().__init__(components)
+        self.condition = condition
+        self.num_classes = num_classes
+        trainable_guidance = callable(getattr(components.get("guidance"), "training_losses", None))
+        self.stages = ("decoder", "guidance") if trainable_guidance else ("decoder",)
+
+    def _cond(self, batch: Mapping[str, Any]) -> Condition | None:
+        return {"y": batch["label"]} if self.condition is Conditioning.class_ else None
+
+    def optimizer_groups(self, stage: str = "decoder") -> dict[str, list[nn.Parameter]]:
+        module = self.components["guidance" if stage == "guidance" else "decoder"]
+        return {"main": [p for p in module.parameters() if p.requires_grad]}
+
+    def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "decoder") -> dict[str, Tensor]:
+        x0 = batch["image"]
+        if stage == "guidance":
+            return self.components["guidance"].training_losses(x0, self._cond(batch), self.components["decoder"].diffusion)
+        return self.components["decoder"].training_losses(x0, self._cond(batch))
+
+    @torch.no_grad()
+    def sample(self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        if condition is None and self.condition is Conditioning.class_:  # a grid shows every class in turn
+            device = next(self.parameters()).device
+            condition = {"y": torch.arange(n, device=device) % self.num_classes}
+        return super().sample(n, condition, generator=generator)
+
+
+def make_diffusion_pipeline(cfg: DiffusionPipelineConfig, ctx) -> DiffusionPipeline:
+    num_classes = getattr(ctx.data, "num_classes", None)
+    if cfg.condition is Conditioning.class_ and not num_classes:
+        raise RegistryError("pipeline 'diffusion': field 'condition' is 'class' but the dataset has no classes; use condition: none")
+    return DiffusionPipeline(ctx.components, condition=cfg.condition, num_classes=num_classes)
