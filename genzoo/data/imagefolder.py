@@ -1,0 +1,114 @@
+"""Your own images: a folder (class = subfolder) with an optional captions file; torchvision datasets."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from genzoo.data.base import DataSpec, TensorImageDataset, fingerprint_of, to_unit_range
+
+SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+class ImageFolderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field(..., description="folder of images (searched recursively); subfolder names become classes")
+    image_size: int = Field(32, ge=4, description="images are resized (short side) and centre-cropped to this")
+    channels: Literal[1, 3] = Field(3, description="1 (grey) or 3 (RGB)")
+    captions: str | None = Field(None, description="JSONL {file, caption} or CSV file,caption; paths relative to root")
+    num_test: int = Field(0, ge=0, description="images held out as the test split (a fixed seeded choice)")
+    split_seed: int = Field(0, description="seed of the train/test choice")
+
+
+def _read_captions(path: Path) -> dict[str, str]:
+    if not path.exists():
+        raise FileNotFoundError(f"imagefolder: captions file {path} does not exist; fix field 'captions'")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix == ".csv":
+        rows = list(csv.DictReader(path.open()))
+    else:
+        raise ValueError(f"imagefolder: captions file {path} must end in .jsonl or .csv")
+    if rows and not {"file", "caption"} <= set(rows[0]):
+        raise ValueError(f"imagefolder: {path} rows need the keys 'file' and 'caption', got {sorted(rows[0])}")
+    return {str(Path(r["file"])): r["caption"] for r in rows}
+
+
+def make_imagefolder(cfg: ImageFolderConfig, split: str) -> TensorImageDataset:
+    """Load, resize and centre-crop every image under ``root`` into memory."""
+    from PIL import Image
+
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"imagefolder: field 'root' is {root}, which is not a directory")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"imagefolder: no images ({', '.join(sorted(SUFFIXES))}) under {root}")
+    classes = sorted({p.parent.relative_to(root).as_posix() for p in files} - {"."})
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
+    chosen = order[: cfg.num_test] if split == "test" else order[cfg.num_test:]
+    if split not in ("train", "test"):
+        raise ValueError(f"imagefolder has splits ('train', 'test'), not '{split}'")
+    captions = _read_captions(root / cfg.captions) if cfg.captions else None
+    images, labels, texts = [], [], []
+    for i in sorted(chosen):
+        p = files[i]
+        im = Image.open(p).convert("RGB" if cfg.channels == 3 else "L")
+        scale = cfg.image_size / min(im.size)
+        im = im.resize((max(cfg.image_size, round(im.width * scale)), max(cfg.image_size, round(im.height * scale))), Image.BICUBIC)
+        left, top = (im.width - cfg.image_size) // 2, (im.height - cfg.image_size) // 2
+        im = im.crop((left, top, left + cfg.image_size, top + cfg.image_size))
+        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(cfg.image_size, cfg.image_size, cfg.channels)
+        images.append(x.permute(2, 0, 1).float() / 255)
+        rel = p.relative_to(root)
+        labels.append(classes.index(rel.parent.as_posix()) if rel.parent.as_posix() in classes else 0)
+        if captions is not None:
+            if rel.as_posix() not in captions:
+                raise KeyError(f"imagefolder: {cfg.captions} has no caption for {rel.as_posix()}")
+            texts.append(captions[rel.as_posix()])
+    spec = DataSpec(name="imagefolder", image_shape=(cfg.channels, cfg.image_size, cfg.image_size),
+                    num_classes=len(classes) or None, has_captions=captions is not None, class_names=tuple(classes))
+    tensors = {"image": to_unit_range(torch.stack(images)), "label": torch.tensor(labels, dtype=torch.long)}
+    if captions is not None:
+        tensors["caption"] = texts
+    return TensorImageDataset(spec, tensors, fingerprint_of("imagefolder", cfg.model_dump(), split, [str(f) for f in files]))
+
+
+class TorchvisionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["MNIST", "CIFAR10"] = Field("MNIST", description="torchvision dataset class")
+    root: str = Field("~/.cache/genzoo/torchvision", description="where the files are (or are downloaded to)")
+    download: bool = Field(False, description="download when missing (needs the network)")
+    image_size: int | None = Field(None, description="resize to this side; None keeps 28 (MNIST) or 32 (CIFAR-10)")
+
+
+def make_torchvision(cfg: TorchvisionConfig, split: str) -> TensorImageDataset:
+    """MNIST or CIFAR-10 through torchvision, held in memory."""
+    try:
+        import torchvision
+    except ImportError as e:
+        raise ImportError("dataset 'torchvision' needs torchvision: pip install torchvision") from e
+    root = Path(cfg.root).expanduser()
+    try:
+        ds = getattr(torchvision.datasets, cfg.name)(str(root), train=split == "train", download=cfg.download)
+    except RuntimeError as e:
+        hint = "set download: true" if not cfg.download else "check the network, or place the files there by hand"
+        raise FileNotFoundError(f"torchvision {cfg.name}: not found under {root} ({e}); {hint}") from None
+    except OSError as e:
+        raise FileNotFoundError(f"torchvision {cfg.name}: could not download to {root} ({e}); no network? place the files there by hand") from None
+    data = torch.as_tensor(ds.data)
+    x = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
+    x = x.float() / 255
+    if cfg.image_size:
+        from genzoo.data.base import resize
+
+        x = resize(x, cfg.image_size)
+    classes = tuple(ds.classes)
+    spec = DataSpec(name=f"torchvision-{cfg.name}", image_shape=tuple(x.shape[1:]), num_classes=len(classes), class_names=classes)
+    tensors = {"image": to_unit_range(x), "label": torch.as_tensor(ds.targets, dtype=torch.long)}
+    return TensorImageDataset(spec, tensors, fingerprint_of("torchvision", cfg.model_dump(), split))
