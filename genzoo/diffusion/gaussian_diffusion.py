@@ -1,0 +1,346 @@
+"""Gaussian diffusion: the forward process, the reverse-process parameterisations, the losses.
+
+Ho et al. 2020 (DDPM), Nichol & Dhariwal 2021 (Improved DDPM). Quantities are named after the
+papers: ``q_sample`` is Eq. 4 of DDPM, ``q_posterior_mean_variance`` Eqs. 6-7, ``p_mean_variance``
+the reverse step, ``training_losses`` L_simple / L_hybrid / L_vlb. Every table is float64 numpy,
+cast to the input's dtype when used and cached per device, so sampling loops copy nothing.
+
+A model is any callable ``model(x_t, t, cond)`` with output shaped like ``x_t`` (twice the channels
+on dim 1 when it learns the variance). Nothing here assumes images: reductions are over all
+non-batch dims, so (B, D) embeddings and (B, C, H, W) images share the code.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+Model = Callable[[Tensor, Tensor, Any], Tensor]
+
+
+class ModelMeanType(enum.Enum):
+    EPSILON = "eps"
+    START_X = "x0"
+    VELOCITY = "v"  # v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)
+
+
+class ModelVarType(enum.Enum):
+    FIXED_SMALL = "fixed-small"  # btilde_t
+    FIXED_LARGE = "fixed-large"  # b_t (first entry btilde_2)
+    LEARNED_RANGE = "learned-range"  # Improved DDPM Eq. 15
+
+
+class LossType(enum.Enum):
+    SIMPLE = "simple"
+    HYBRID = "hybrid"  # L_simple + 0.001 L_vlb, vlb on a detached mean
+    VLB = "vlb"
+
+
+@dataclass
+class Prediction:
+    """The reverse step at (x_t, t): p(x_{t-1} | x_t) = N(mean, variance), plus the implied x0 and eps."""
+
+    mean: Tensor
+    variance: Tensor
+    log_variance: Tensor
+    pred_xstart: Tensor
+    pred_eps: Tensor
+
+
+def mean_flat(x: Tensor) -> Tensor:
+    return x.flatten(1).mean(1)
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, *, means: Tensor, log_scales: Tensor) -> Tensor:
+    """log p(x) of data in [-1, 1] quantised to 256 bins under N(means, e^(2 log_scales)) (DDPM Eq. 13)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_probs = torch.where(
+        x < -0.999, log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log((cdf_plus - cdf_min).clamp(min=1e-12))),
+    )
+    return log_probs
+
+
+class GaussianDiffusion:
+    """The process q(x_{1:T} | x_0) and the model's reverse process, for any tensor shape."""
+
+    def __init__(
+        self,
+        *,
+        betas: np.ndarray,
+        model_mean_type: ModelMeanType,
+        model_var_type: ModelVarType,
+        loss_type: LossType,
+        timestep_map: np.ndarray | None = None,
+        clip_range: float | None = 1.0,
+    ) -> None:
+        self.model_mean_type, self.model_var_type, self.loss_type = model_mean_type, model_var_type, loss_type
+        self.clip_range = clip_range
+        b = np.asarray(betas, dtype=np.float64)
+        if b.ndim != 1 or not ((b > 0) & (b <= 1)).all():
+            raise ValueError("betas must be a 1-D array in (0, 1]")
+        self.num_timesteps = len(b)
+        self.timestep_map = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map)
+        abar = np.cumprod(1.0 - b)
+        abar_prev = np.append(1.0, abar[:-1])
+        post_var = b * (1.0 - abar_prev) / (1.0 - abar)
+        self.tables: dict[str, np.ndarray] = {
+            "betas": b,
+            "abar": abar,
+            "abar_prev": abar_prev,
+            "sqrt_abar": np.sqrt(abar),
+            "sqrt_one_minus_abar": np.sqrt(1.0 - abar),
+            "sqrt_recip_abar": np.sqrt(1.0 / abar),
+            "sqrt_recipm1_abar": np.sqrt(1.0 / abar - 1),
+            "posterior_variance": post_var,
+            # btilde_1 = 0: clip its log to log btilde_2 (Improved DDPM)
+            "posterior_log_variance_clipped": np.log(np.append(post_var[1], post_var[1:])) if len(b) > 1 else np.log(b),
+            "posterior_mean_coef1": b * np.sqrt(abar_prev) / (1.0 - abar),
+            "posterior_mean_coef2": (1.0 - abar_prev) * np.sqrt(1.0 - b) / (1.0 - abar),
+            "log_betas_large": np.log(np.append(post_var[1], b[1:])) if len(b) > 1 else np.log(b),
+            "timestep_map": self.timestep_map.astype(np.float64),
+        }
+        self._cache: dict[tuple[str, torch.device], Tensor] = {}
+
+    # ------------------------------------------------------------------ tables
+    def table(self, name: str, device: torch.device) -> Tensor:
+        key = (name, torch.device(device))
+        if key not in self._cache:
+            self._cache[key] = torch.as_tensor(self.tables[name], device=device)
+        return self._cache[key]
+
+    def _extract(self, name: str, t: Tensor, x: Tensor) -> Tensor:
+        """table[t] broadcast to x's shape, in x's dtype."""
+        v = self.table(name, x.device)[t].to(x.dtype)
+        return v.view(-1, *([1] * (x.dim() - 1)))
+
+    def model_t(self, t: Tensor) -> Tensor:
+        """The original timestep index the network was trained with (respacing keeps it)."""
+        return self.table("timestep_map", t.device)[t].long()
+
+    def wrap(self, model: Model) -> Model:
+        """The model called with original timestep indices."""
+        return lambda x, t, cond: model(x, self.model_t(t), cond)
+
+    # ------------------------------------------------------------------ forward process
+    def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mean = self._extract("sqrt_abar", t, x0) * x0
+        var = self._extract("sqrt_one_minus_abar", t, x0) ** 2
+        return mean, var.expand_as(x0), torch.log(var).expand_as(x0)
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM Eq. 4)."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        return self._extract("sqrt_abar", t, x0) * x0 + self._extract("sqrt_one_minus_abar", t, x0) * noise
+
+    def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q(x_{t-1} | x_t, x0) (DDPM Eqs. 6-7)."""
+        mean = self._extract("posterior_mean_coef1", t, x_t) * x0 + self._extract("posterior_mean_coef2", t, x_t) * x_t
+        var = self._extract("posterior_variance", t, x_t).expand_as(x_t)
+        logvar = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        return mean, var, logvar
+
+    # ------------------------------------------------------------------ parameterisations
+    def predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        return self._extract("sqrt_recip_abar", t, x_t) * x_t - self._extract("sqrt_recipm1_abar", t, x_t) * eps
+
+    def predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        return (self._extract("sqrt_recip_abar", t, x_t) * x_t - x0) / self._extract("sqrt_recipm1_abar", t, x_t)
+
+    def predict_xstart_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        return self._extract("sqrt_abar", t, x_t) * x_t - self._extract("sqrt_one_minus_abar", t, x_t) * v
+
+    def v_target(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        return self._extract("sqrt_abar", t, x0) * eps - self._extract("sqrt_one_minus_abar", t, x0) * x0
+
+    def split_output(self, out: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The mean part and (learned range) the variance part, split on dim 1."""
+        if self.model_var_type is ModelVarType.LEARNED_RANGE:
+            if out.shape[1] != 2 * x_t.shape[1]:
+                raise ValueError(f"learned-range variance needs {2 * x_t.shape[1]} output channels, got {out.shape[1]}")
+            return out[:, : x_t.shape[1]], out[:, x_t.shape[1]:]
+        return out, None
+
+    def p_mean_variance(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, *, process_xstart: Callable[[Tensor], Tensor] | None = None
+    ) -> Prediction:
+        """The reverse step N(mean, variance) implied by a model output; ``process_xstart`` clips x0_hat."""
+        out, v = self.split_output(model_output, x_t)
+        if v is not None:  # Improved DDPM Eq. 15: interpolate log b_t and log btilde_t
+            frac = (v + 1) / 2
+            min_log = self._extract("posterior_log_variance_clipped", t, x_t)
+            max_log = torch.log(self._extract("betas", t, x_t))
+            log_variance = frac * max_log + (1 - frac) * min_log
+        elif self.model_var_type is ModelVarType.FIXED_LARGE:
+            log_variance = self._extract("log_betas_large", t, x_t).expand_as(x_t)
+        else:
+            log_variance = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        if self.model_mean_type is ModelMeanType.EPSILON:
+            pred_xstart = self.predict_xstart_from_eps(x_t, t, out)
+        elif self.model_mean_type is ModelMeanType.START_X:
+            pred_xstart = out
+        else:
+            pred_xstart = self.predict_xstart_from_v(x_t, t, out)
+        if process_xstart is not None:
+            pred_xstart = process_xstart(pred_xstart)
+        pred_eps = out if (self.model_mean_type is ModelMeanType.EPSILON and process_xstart is None) else \
+            self.predict_eps_from_xstart(x_t, t, pred_xstart)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
+        return Prediction(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance,
+                          pred_xstart=pred_xstart, pred_eps=pred_eps)
+
+    def with_eps(self, pred: Prediction, x_t: Tensor, t: Tensor, eps: Tensor) -> Prediction:
+        """The prediction implied by a changed eps (guidance in the eps form)."""
+        x0 = self.predict_xstart_from_eps(x_t, t, eps)
+        mean, _, _ = self.q_posterior_mean_variance(x0, x_t, t)
+        return replace(pred, mean=mean, pred_xstart=x0, pred_eps=eps)
+
+    # ------------------------------------------------------------------ losses
+    def vb_terms_bpd(self, model_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """L_t in bits/dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0, the decoder NLL at t = 0."""
+        true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, x_t, t)
+        pred = self.p_mean_variance(model_output, x_t, t)
+        kl = mean_flat(normal_kl(true_mean, true_logvar, pred.mean, pred.log_variance)) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, means=pred.mean, log_scales=0.5 * pred.log_variance)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    def training_losses(self, model: Model, x0: Tensor, t: Tensor, *, cond: Any = None, noise: Tensor | None = None) -> dict[str, Tensor]:
+        """Per-example losses: ``loss`` (what to minimise), ``mse``, and ``vlb`` (L_t in bits/dim) when used."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        x_t = self.q_sample(x0, t, noise)
+        out = self.wrap(model)(x_t, t, cond)
+        mean_out, v = self.split_output(out, x_t)
+        if self.model_mean_type is ModelMeanType.EPSILON:
+            target = noise
+        elif self.model_mean_type is ModelMeanType.START_X:
+            target = x0
+        else:
+            target = self.v_target(x0, t, noise)
+        terms: dict[str, Tensor] = {"mse": mean_flat((target - mean_out) ** 2)}
+        if self.loss_type is LossType.VLB:
+            terms["vlb"] = self.vb_terms_bpd(out, x0, x_t, t)
+            terms["loss"] = terms["vlb"] * self.num_timesteps
+            return terms
+        if self.loss_type is LossType.HYBRID:
+            # the vlb trains only the variance: its mean comes from a detached eps (Improved DDPM Sec. 3.1)
+            frozen = mean_out.detach() if v is None else torch.cat([mean_out.detach(), v], dim=1)
+            terms["vlb"] = self.vb_terms_bpd(frozen, x0, x_t, t)
+            terms["loss"] = terms["mse"] + 0.001 * self.num_timesteps * terms["vlb"]
+            return terms
+        terms["loss"] = terms["mse"]
+        return terms
+
+    def prior_bpd(self, x0: Tensor) -> Tensor:
+        """KL(q(x_T | x0) || N(0, I)) in bits/dim: the L_T term."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean, _, logvar = self.q_mean_variance(x0, t)
+        return mean_flat(normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(logvar))) / math.log(2.0)
+
+    @torch.no_grad()
+    def calc_bpd_loop(self, model: Model, x0: Tensor, *, cond: Any = None) -> dict[str, Tensor]:
+        """The full-chain NLL bound in bits/dim: sum_t L_t + L_T (T model evaluations per batch)."""
+        net = self.wrap(model)
+        vb = []
+        for i in reversed(range(self.num_timesteps)):
+            t = torch.full((x0.shape[0],), i, device=x0.device, dtype=torch.long)
+            x_t = self.q_sample(x0, t)
+            vb.append(self.vb_terms_bpd(net(x_t, t, cond), x0, x_t, t))
+        vb_t = torch.stack(vb[::-1], dim=1)
+        prior = self.prior_bpd(x0)
+        return {"total_bpd": vb_t.sum(1) + prior, "prior_bpd": prior, "vb": vb_t}
+
+    def respace(self, use_timesteps: set[int] | list[int]) -> "GaussianDiffusion":
+        """The process on a subsequence S of steps: b'_i = 1 - abar_{S_i} / abar_{S_{i-1}} (Improved DDPM Sec. 4)."""
+        keep = sorted(set(int(s) for s in use_timesteps))
+        if not keep or keep[0] < 0 or keep[-1] >= self.num_timesteps:
+            raise ValueError(f"respacing needs timesteps in [0, {self.num_timesteps}), got {keep[:3]}...")
+        abar = self.tables["abar"]
+        last, betas = 1.0, []
+        for i in keep:
+            betas.append(1 - abar[i] / last)
+            last = abar[i]
+        return GaussianDiffusion(betas=np.array(betas), model_mean_type=self.model_mean_type, model_var_type=self.model_var_type,
+                                 loss_type=self.loss_type, timestep_map=self.timestep_map[keep], clip_range=self.clip_range)
+
+
+# --------------------------------------------------------------------------- timestep samplers
+
+
+class UniformSampler(nn.Module):
+    """t ~ U{0..T-1}, weight 1."""
+
+    def __init__(self, num_timesteps: int) -> None:
+        super().__init__()
+        self.num_timesteps = num_timesteps
+
+    def sample(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        return torch.randint(0, self.num_timesteps, (batch,), device=device), torch.ones(batch, device=device)
+
+
+class LossAwareSampler(UniformSampler):
+    """Importance sampling of t for L_vlb: p_t ∝ sqrt(E[L_t^2]) over the last 10 losses, mixed with 0.001 uniform.
+
+    Improved DDPM Sec. 3.3. Uniform until every t has 10 losses. The history is a buffer, so it is
+    saved and resumed with the model.
+    """
+
+    history_per_term = 10
+    uniform_prob = 0.001
+
+    def __init__(self, num_timesteps: int) -> None:
+        super().__init__(num_timesteps)
+        self.register_buffer("history", torch.zeros(num_timesteps, self.history_per_term, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros(num_timesteps, dtype=torch.long))
+
+    def weights(self) -> Tensor:
+        if not bool((self.count == self.history_per_term).all()):
+            return torch.ones(self.num_timesteps, dtype=torch.float64, device=self.history.device)
+        w = self.history.pow(2).mean(-1).sqrt()
+        w = w / w.sum()
+        return w * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+
+    def sample(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        p = self.weights()
+        p = p / p.sum()
+        t = torch.multinomial(p.float(), batch, replacement=True).to(device)
+        weights = (1 / (self.num_timesteps * p[t.to(p.device)])).float().to(device)
+        return t, weights
+
+    @torch.no_grad()
+    def update_with_local_losses(self, t: Tensor, losses: Tensor) -> None:
+        for ti, loss in zip(t.tolist(), losses.double().tolist()):
+            c = int(self.count[ti])
+            if c == self.history_per_term:
+                self.history[ti, :-1] = self.history[ti, 1:].clone()
+                self.history[ti, -1] = loss
+            else:
+                self.history[ti, c] = loss
+                self.count[ti] += 1
+
+
+def create_timestep_sampler(name: str, diffusion: GaussianDiffusion) -> UniformSampler:
+    if name == "uniform":
+        return UniformSampler(diffusion.num_timesteps)
+    if name == "loss-aware":
+        return LossAwareSampler(diffusion.num_timesteps)
+    raise ValueError(f"unknown timestep sampler '{name}'; use 'uniform' or 'loss-aware'")
