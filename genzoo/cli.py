@@ -183,6 +183,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             sets.append(f"train.{key}={getattr(args, key)}")
     if args.minutes is not None:  # the time budget decides, not the recipe's step count
         sets.append("train.steps=null")
+    if args.steps is not None or args.minutes is not None:  # one number for every stage of a staged recipe
+        sets.append("train.stages=null")
     resolved = api.resolve_recipe(args.recipe, files=args.recipes, sets=sets)
     t0 = time.perf_counter()
     source = api.build_data(resolved)

@@ -1,0 +1,38 @@
+"""Exponential moving average of the weights (Polyak averaging), the weights genzoo samples with."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class EMA:
+    """shadow <- d shadow + (1 - d) w with d = min(decay, (1 + n) / (10 + n)) after n updates."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow: dict[str, Tensor] = {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        for k, p in model.named_parameters():
+            self.shadow[k].lerp_(p.detach(), 1 - d)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates = state["decay"], state["updates"]
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+    def weights_for(self, model: nn.Module) -> dict[str, Tensor]:
+        """The model's full state dict with the averaged parameters in place of the raw ones."""
+        sd = model.state_dict()
+        return {k: self.shadow.get(k, v) for k, v in sd.items()}

@@ -1,0 +1,34 @@
+"""Sample grids as PNG."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] float (B, C, H, W) -> uint8 (B, H, W, C)."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1)
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: int = 1) -> Path:
+    """Tile a batch into one PNG (``nrow`` images per row, default a square)."""
+    from PIL import Image
+
+    x = to_uint8(images)
+    b, h, w, c = x.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / nrow)
+    grid = torch.zeros(rows * (h + pad) + pad, nrow * (w + pad) + pad, c, dtype=torch.uint8)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = grid.numpy()
+    Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
+    return path

@@ -1,0 +1,336 @@
+"""One trainer for every family: stages, several optimisers, EMA, exact resume, DDP under torchrun.
+
+The pipeline says what to optimise (``stages``, ``optimizer_groups(stage)``) and the loss
+(``training_losses``); the trainer owns everything else. Resume restores the raw weights, the
+optimiser, scheduler and EMA states, the data order and every RNG, so on CPU ``N`` steps, resume,
+``N`` steps equals ``2N`` steps bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from genzoo.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from genzoo.errors import TrainingError
+from genzoo.training import distributed
+from genzoo.training.config import TrainConfig
+from genzoo.training.ema import EMA
+from genzoo.training.images import save_grid
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The one place a device is chosen: ``auto`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"device '{name}' was asked for but CUDA is not available; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: dict[str, float]
+    wall_time: float
+    steps_per_sec: float
+    checkpoint: Path | None
+    stopped_early: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` (or constant)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _Losses(nn.Module):
+    """What DDP wraps: a forward that is the pipeline's loss, so gradients are synchronised."""
+
+    def __init__(self, pipeline: nn.Module) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+
+    def forward(self, batch: dict[str, Any], optimizer: str, stage: str) -> dict[str, Tensor]:
+        return self.pipeline.training_losses(batch, optimizer=optimizer, stage=stage)
+
+
+class Trainer:
+    def __init__(self, pipeline: nn.Module, train_data: Mapping[str, Any], *, config: TrainConfig, run_dir: str | Path,
+                 recipe: Mapping[str, Any], meta: Mapping[str, Any] | None = None, progress: bool = True) -> None:
+        self.pipeline, self.data, self.cfg = pipeline, dict(train_data), config
+        self.run_dir, self.recipe, self.meta, self.progress = Path(run_dir), dict(recipe), dict(meta or {}), progress
+        self.device = resolve_device(config.device)
+        self.dist = distributed.setup(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if config.batch_size % self.dist.world_size:
+            raise TrainingError(f"train.batch_size {config.batch_size} is not divisible by the {self.dist.world_size} processes")
+        self.n = len(self.data["image"])
+        if self.n < config.batch_size:
+            raise TrainingError(f"train.batch_size {config.batch_size} exceeds the {self.n} training items; lower it")
+        self._stop_reason: str | None = None
+
+    # ------------------------------------------------------------------ data
+    def _next_indices(self) -> Tensor:
+        b = self.cfg.batch_size
+        if self.perm is None or self.pos + b > self.n:  # a new epoch; the remainder is dropped
+            self.perm = torch.randperm(self.n, generator=self.data_gen)
+            self.pos, self.epoch = 0, self.epoch + 1
+        idx = self.perm[self.pos: self.pos + b]
+        self.pos += b
+        return idx[self.dist.rank:: self.dist.world_size]  # each rank a disjoint shard of the global batch
+
+    def _batch(self) -> dict[str, Any]:
+        idx = self._next_indices()
+        out = {}
+        for k, v in self.data.items():
+            out[k] = v[idx].to(self.device, non_blocking=True) if isinstance(v, Tensor) else [v[i] for i in idx.tolist()]
+        return out
+
+    # ------------------------------------------------------------------ stages and optimisers
+    def _stage_steps(self) -> list[tuple[str, int]]:
+        stages = list(getattr(self.pipeline, "stages", ("main",)))
+        if self.cfg.stages is None:
+            if self.cfg.steps is None and self.cfg.minutes is None:
+                raise TrainingError("train.steps is null and no --minutes budget is set; set one of them")
+            return [(s, self.cfg.steps or 10**12) for s in stages]
+        unknown = set(self.cfg.stages) - set(stages)
+        if unknown:
+            raise TrainingError(f"train.stages names {sorted(unknown)}, but this pipeline's stages are {stages}")
+        return [(s, self.cfg.stages.get(s, 0)) for s in stages]
+
+    def _optimizers(self, stage: str, total: int) -> tuple[dict, dict]:
+        opts, scheds = {}, {}
+        for name, params in self.pipeline.optimizer_groups(stage).items():
+            o = self.cfg.optimizers.get(name)
+            lr = (o and o.lr) or self.cfg.lr
+            betas = (o and o.betas) or self.cfg.betas
+            wd = self.cfg.weight_decay if (o is None or o.weight_decay is None) else o.weight_decay
+            opts[name] = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
+            f = lambda s: lr_factor(s, warmup=self.cfg.warmup_steps, total=total, schedule=self.cfg.lr_schedule,  # noqa: E731
+                                    min_ratio=self.cfg.min_lr_ratio)
+            scheds[name] = torch.optim.lr_scheduler.LambdaLR(opts[name], f)
+        return opts, scheds
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        return {
+            "model": self.pipeline.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.opts.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.scheds.items()},
+            "ema": self.ema.state_dict() if self.ema else None,
+            "data": {"gen": self.data_gen.get_state(), "perm": self.perm, "pos": self.pos, "epoch": self.epoch},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                "python": random.getstate(),
+                "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+            },
+            "step": self.step, "stage_index": self.stage_index, "stage_step": self.stage_step, "wall_time": self.wall_time,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.pipeline.load_state_dict(state["model"])
+        self.step, self.stage_index, self.stage_step = state["step"], state["stage_index"], state["stage_step"]
+        self.wall_time = state.get("wall_time", 0.0)
+        self._setup_stage()
+        for k, o in self.opts.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.scheds.items():
+            s.load_state_dict(state["schedulers"][k])
+        if self.ema and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+        d = state["data"]
+        self.data_gen.set_state(d["gen"])
+        self.perm, self.pos, self.epoch = d["perm"], d["pos"], d["epoch"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        v, internal, gauss = rng["python"]
+        random.setstate((v, tuple(internal), gauss))
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+    def _setup_stage(self) -> None:
+        stage, total = self.stages[self.stage_index]
+        self.opts, self.scheds = self._optimizers(stage, total)
+
+    def _save(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        components = {}
+        ema_sd = self.ema.weights_for(self.pipeline) if self.ema else self.pipeline.state_dict()
+        for role, _ in self.pipeline.named_children():
+            sd = {k[len(role) + 1:]: v for k, v in ema_sd.items() if k.startswith(role + ".")}
+            if sd:
+                components[role] = sd
+        meta = {**self.meta, "seed": self.cfg.seed, "stage": self.stages[self.stage_index][0], "wall_time": self.wall_time}
+        self.last_checkpoint = save_checkpoint(self.run_dir, step=self.step, recipe=self.recipe, components=components,
+                                               meta=meta, trainer_state=self._state(), keep=self.cfg.keep_checkpoints)
+        return self.last_checkpoint
+
+    def _sample_grid(self) -> None:
+        if not self.dist.is_main:
+            return
+        raw = {k: v.clone() for k, v in self.pipeline.state_dict().items()} if self.ema else None
+        if self.ema:
+            self.pipeline.load_state_dict(self.ema.weights_for(self.pipeline))
+        self.pipeline.eval()
+        rng = torch.get_rng_state()
+        try:
+            g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+            x = self.pipeline.sample(self.cfg.sample_n, generator=g)
+            save_grid(x, self.run_dir / "samples" / f"step-{self.step:08d}.png")
+        finally:
+            torch.set_rng_state(rng)  # sampling must not change the training's random stream
+            if raw is not None:
+                self.pipeline.load_state_dict(raw)
+            self.pipeline.train()
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ signals
+    def _install_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            self._stop_reason = signal.Signals(signum).name
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False, *, stop_at: int | None = None) -> TrainResult:
+        """Train (or continue) to the end of the last stage; ``stop_at`` stops after that global step as an interruption would."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if has_checkpoint(self.run_dir) and not resume:
+            raise TrainingError(f"{self.run_dir} already holds a checkpoint; pass --resume to continue it or choose another --out")
+        torch.manual_seed(cfg.seed + self.dist.rank)  # ranks draw independent noise
+        random.seed(cfg.seed + self.dist.rank)
+        np.random.seed(cfg.seed + self.dist.rank)
+        self.pipeline.to(self.device).train()
+        self.stages = self._stage_steps()
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        self.perm, self.pos, self.epoch = None, 0, 0
+        self.step = self.stage_index = self.stage_step = 0
+        self.wall_time = 0.0
+        self.last_checkpoint = None
+        self.ema = EMA(self.pipeline, cfg.ema_decay) if cfg.ema_decay else None
+        if resume:
+            if not has_checkpoint(self.run_dir):
+                raise TrainingError(f"--resume: {self.run_dir} holds no checkpoint; train without --resume first")
+            ck = load_checkpoint(self.run_dir, with_trainer_state=True)
+            for key in ("pipeline", "data", "components"):
+                if ck.recipe.get(key) != self.recipe.get(key):
+                    raise TrainingError(f"--resume: the recipe's '{key}' differs from the checkpoint's in {self.run_dir}; "
+                                        "resume with the same recipe or train into a new --out")
+            self._restore(ck.trainer_state)
+            self.last_checkpoint = ck.path
+        else:
+            self._setup_stage()
+        model: nn.Module = _Losses(self.pipeline)
+        if self.dist.enabled:
+            model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        if cfg.compile:
+            model = torch.compile(model)
+        autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
+        previous = self._install_signals()
+        deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
+        total = sum(s for _, s in self.stages) if cfg.steps or cfg.stages else None
+        bar = tqdm(total=total, initial=self.step, disable=not self.progress or not self.dist.is_main, dynamic_ncols=True)
+        t0, steps_done, last = time.perf_counter(), 0, {}
+        try:
+            while True:
+                stage, stage_total = self.stages[self.stage_index]
+                if self.stage_step >= stage_total:
+                    if self.stage_index == len(self.stages) - 1:
+                        break
+                    self.stage_index, self.stage_step = self.stage_index + 1, 0
+                    self._setup_stage()
+                    continue
+                last = self._train_step(model, stage, autocast)
+                self.step, self.stage_step, steps_done = self.step + 1, self.stage_step + 1, steps_done + 1
+                elapsed = time.perf_counter() - t0
+                if self.step % cfg.log_every == 0:
+                    lrs = {f"lr/{k}": s.get_last_lr()[0] for k, s in self.scheds.items()}
+                    self._log({"step": self.step, "stage": stage, **last, **lrs, "it_s": steps_done / elapsed, "time": elapsed})
+                bar.update(1)
+                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}", stage=stage)
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self._sample_grid()
+                if self.step % cfg.checkpoint_every == 0:
+                    self._save()
+                timed_out = deadline is not None and time.monotonic() > deadline
+                stop = distributed.any_flag(self._stop_reason is not None or timed_out or self.step == stop_at, self.dist, self.device)
+                if stop:
+                    break
+        finally:
+            bar.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        finished = self.stage_index == len(self.stages) - 1 and self.stage_step >= self.stages[-1][1]
+        if finished:
+            self.pipeline.fit_after_training(self.data)
+        wall = time.perf_counter() - t0
+        self.wall_time += wall
+        path = self._save()
+        if self._stop_reason:
+            print(f"genzoo train: {self._stop_reason} received; checkpoint written at step {self.step}; continue with --resume")
+        return TrainResult(step=self.step, losses=last, wall_time=wall, steps_per_sec=steps_done / max(wall, 1e-9),
+                           checkpoint=path, stopped_early=not finished)
+
+    def _train_step(self, model: nn.Module, stage: str, autocast) -> dict[str, float]:
+        cfg, logged = self.cfg, {}
+        for name, opt in self.opts.items():
+            for _ in range(cfg.optimizer_ratio.get(name, 1)):
+                batch = self._batch()
+                with autocast():
+                    losses = model(batch, name, stage)
+                terms = {k: v for k, v in losses.items() if v.dim() == 0}
+                values = torch.stack([v.detach().float() for v in terms.values()])
+                if not bool(torch.isfinite(values).all()):
+                    bad = next(k for k, v in zip(terms, values.tolist()) if not math.isfinite(v))
+                    where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+                    raise TrainingError(f"step {self.step + 1} ({stage}/{name}): loss term '{bad}' is {values[list(terms).index(bad)].item()}; "
+                                        f"training stopped without saving the bad state{where}; lower train.lr or set train.grad_clip")
+                self.pipeline.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                params = [p for g in opt.param_groups for p in g["params"]]
+                if cfg.grad_clip:
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    logged[f"grad_norm/{name}" if len(self.opts) > 1 else "grad_norm"] = float(norm)
+                opt.step()
+                self.scheds[name].step()
+                prefix = f"{name}/" if len(self.opts) > 1 else ""
+                logged.update({prefix + k: float(v) for k, v in zip(terms, values.tolist())})
+        if self.ema:
+            self.ema.update(self.pipeline)
+        return logged
