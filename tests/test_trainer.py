@@ -1,0 +1,174 @@
+"""The trainer: bitwise exact resume, NaN stop, signals, LR schedule and EMA against closed form, logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from genzoo.checkpoint import load_checkpoint
+from genzoo.errors import TrainingError
+from genzoo.interfaces import Pipeline
+from genzoo.training import TrainConfig, Trainer, lr_factor
+from genzoo.training.ema import EMA
+
+
+class Noisy(Pipeline):
+    """A linear-Gaussian denoiser with dropout whose loss draws noise from the global RNG, like diffusion."""
+
+    stages = ("main",)
+
+    def __init__(self, nan_at: int | None = None) -> None:
+        super().__init__({"decoder": nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.2), nn.ReLU(), nn.Linear(16, 4))})
+        self.nan_at, self.calls = nan_at, 0
+
+    def training_losses(self, batch, *, optimizer="main", stage="main"):
+        self.calls += 1
+        x = batch["image"].flatten(1)
+        noise = torch.randn_like(x)
+        loss = (self.components["decoder"](x + noise) - x).pow(2).mean()
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            loss = loss * float("nan")
+        return {"loss": loss, "mse": loss.detach()}
+
+    def sample(self, n, condition=None, *, generator=None):
+        return torch.rand(n, 1, 2, 2, generator=generator) * 2 - 1
+
+
+class TwoPlayer(Pipeline):
+    """Two optimisers and two stages, like a GAN after a pretraining stage."""
+
+    stages = ("pre", "game")
+
+    def __init__(self) -> None:
+        super().__init__({"decoder": nn.Linear(4, 4), "discriminator": nn.Linear(4, 1)})
+
+    def optimizer_groups(self, stage="pre"):
+        if stage == "pre":
+            return {"main": list(self.components["decoder"].parameters())}
+        return {"discriminator": list(self.components["discriminator"].parameters()),
+                "generator": list(self.components["decoder"].parameters())}
+
+    def training_losses(self, batch, *, optimizer="main", stage="pre"):
+        x = batch["image"].flatten(1)
+        fake = self.components["decoder"](torch.randn_like(x))
+        if optimizer == "discriminator":
+            return {"loss": nn.functional.softplus(self.components["discriminator"](fake.detach())).mean()
+                    + nn.functional.softplus(-self.components["discriminator"](x)).mean()}
+        if optimizer == "generator":
+            return {"loss": nn.functional.softplus(-self.components["discriminator"](fake)).mean()}
+        return {"loss": (fake - x).pow(2).mean()}
+
+
+DATA = {"image": torch.randn(40, 1, 2, 2, generator=torch.Generator().manual_seed(1)), "label": torch.arange(40) % 3,
+        "caption": [f"item {i}" for i in range(40)]}
+RECIPE = {"name": "toy", "pipeline": {"type": "toy"}, "data": {"type": "toy"}, "components": {}}
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(steps=12, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, checkpoint_every=100, log_every=1, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def train(make, run: Path, config: TrainConfig, **fit) -> tuple[Pipeline, object]:
+    torch.manual_seed(123)  # model init
+    p = make()
+    return p, Trainer(p, DATA, config=config, run_dir=run, recipe=RECIPE, progress=False).fit(**fit)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    ck = load_checkpoint(run, with_trainer_state=True)
+    return {**{f"{r}.{k}": v for r, sd in ck.components.items() for k, v in sd.items()},
+            **{f"raw.{k}": v for k, v in ck.trainer_state["model"].items()}}
+
+
+@pytest.mark.parametrize("make, config", [(Noisy, cfg()), (TwoPlayer, cfg(stages={"pre": 5, "game": 7}, optimizer_ratio={"discriminator": 2}))],
+                         ids=["dropout-noise-ema", "two-stages-two-optimisers"])
+def test_resume_is_bitwise_exact(tmp_path: Path, make, config) -> None:
+    train(make, tmp_path / "straight", config)
+    _, first = train(make, tmp_path / "resumed", config, stop_at=6)
+    assert first.step == 6 and first.stopped_early
+    _, second = train(make, tmp_path / "resumed", config, resume=True)
+    assert second.step == 12
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and the run really moved: the EMA weights differ from the raw ones
+    assert any(not torch.equal(a[k], a["raw." + k]) for k in a if not k.startswith("raw."))
+
+
+def test_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match=r"step 7 \(main/main\): loss term 'loss' is nan; .*last good checkpoint is .*step-00000005"):
+        train(lambda: Noisy(nan_at=7), tmp_path, cfg(checkpoint_every=5))
+    ck = load_checkpoint(tmp_path, with_trainer_state=True)
+    assert ck.meta["step"] == 5
+    assert all(torch.isfinite(v).all() for sd in ck.components.values() for v in sd.values())
+
+
+def test_sigterm_checkpoints_and_resume_continues_exactly(tmp_path: Path) -> None:
+    train(Noisy, tmp_path / "straight", cfg())
+
+    class Signalling(Noisy):
+        def training_losses(self, batch, **kw):
+            if self.calls == 4:  # delivered mid-run, as `kill -TERM` would
+                threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM)).start()
+                threading.Event().wait(0.2)
+            return super().training_losses(batch, **kw)
+
+    _, r = train(Signalling, tmp_path / "sig", cfg())
+    assert r.stopped_early and 5 <= r.step < 12
+    assert load_checkpoint(tmp_path / "sig").meta["step"] == r.step
+    train(Noisy, tmp_path / "sig", cfg(), resume=True)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "sig")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lr_schedule_and_log(tmp_path: Path) -> None:
+    _, r = train(Noisy, tmp_path, cfg(steps=10, warmup_steps=4, min_lr_ratio=0.1))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 11))
+    for row in rows:  # lr logged after the step: the factor of the next step
+        s = row["step"]
+        want = 1e-2 * ((s + 1) / 4 if s < 4 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 6)))
+        assert row["lr/main"] == pytest.approx(want, rel=1e-9)
+        assert {"loss", "mse", "grad_norm", "it_s"} <= set(row)
+    assert lr_factor(0, warmup=0, total=10, schedule="constant", min_ratio=0.1) == 1.0
+
+
+def test_ema_matches_closed_form() -> None:
+    m = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(m.weight)
+    ema = EMA(m, decay=0.5)
+    values, shadow = [1.0, 2.0, 3.0], 0.0
+    for n, v in enumerate(values):
+        m.weight.data.fill_(v)
+        ema.update(m)
+        d = min(0.5, (1 + n) / (10 + n))
+        shadow = d * shadow + (1 - d) * v
+    assert ema.shadow["weight"].item() == pytest.approx(shadow)
+
+
+def test_errors(tmp_path: Path) -> None:
+    train(Noisy, tmp_path, cfg(steps=2))
+    with pytest.raises(TrainingError, match="already holds a checkpoint; pass --resume"):
+        train(Noisy, tmp_path, cfg(steps=2))
+    with pytest.raises(TrainingError, match="holds no checkpoint; train without --resume first"):
+        train(Noisy, tmp_path / "empty", cfg(), resume=True)
+    other = {**RECIPE, "components": {"decoder": {"type": "x"}}}
+    with pytest.raises(TrainingError, match="the recipe's 'components' differs"):
+        Trainer(Noisy(), DATA, config=cfg(), run_dir=tmp_path, recipe=other, progress=False).fit(resume=True)
+    with pytest.raises(TrainingError, match="batch_size 64 exceeds the 40 training items"):
+        Trainer(Noisy(), DATA, config=cfg(batch_size=64), run_dir=tmp_path / "b", recipe=RECIPE)
+    with pytest.raises(TrainingError, match=r"train.stages names \['nope'\]"):
+        train(Noisy, tmp_path / "c", cfg(stages={"nope": 3}))
+
+
+def test_sample_grids_are_written(tmp_path: Path) -> None:
+    train(Noisy, tmp_path, cfg(steps=4, sample_every=2, sample_n=4))
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
