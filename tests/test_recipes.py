@@ -85,8 +85,8 @@ def test_overrides_swaps_and_sets(reg: Registry) -> None:
     assert out["components"]["decoder"]["net"]["depth"] == 5
     assert out["components"]["sampler"]["steps"] == 7 and out["components"]["guidance"] == {"type": "cfg"}
     assert out["train"]["lr"] == 0.5
-    with pytest.raises(RecipeError, match="'schedule' in recipe 'toy' is a value, not a section"):
-        apply_overrides("toy", parse_recipe("toy", BODY), ["decoder.schedule.x=1"])
+    with pytest.raises(RecipeError, match="'width' in recipe 'toy' is a value, not a section"):
+        apply_overrides("toy", parse_recipe("toy", BODY), ["decoder.net.width.x=1"])
     with pytest.raises(RecipeError, match="has no guidance to take --scale; add --guidance NAME"):
         apply_overrides("toy", parse_recipe("toy", BODY), [], scale=2.0)
     with pytest.raises(RecipeError, match="--set expects path.to.field=value"):
