@@ -129,7 +129,7 @@ class GaussianDiffusion:
             self._cache[key] = torch.as_tensor(self.tables[name], device=device)
         return self._cache[key]
 
-    def _extract(self, name: str, t: Tensor, x: Tensor) -> Tensor:
+    def extract(self, name: str, t: Tensor, x: Tensor) -> Tensor:
         """table[t] broadcast to x's shape, in x's dtype."""
         v = self.table(name, x.device)[t].to(x.dtype)
         return v.view(-1, *([1] * (x.dim() - 1)))
@@ -144,34 +144,34 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ forward process
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mean = self._extract("sqrt_abar", t, x0) * x0
-        var = self._extract("sqrt_one_minus_abar", t, x0) ** 2
+        mean = self.extract("sqrt_abar", t, x0) * x0
+        var = self.extract("sqrt_one_minus_abar", t, x0) ** 2
         return mean, var.expand_as(x0), torch.log(var).expand_as(x0)
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM Eq. 4)."""
         noise = torch.randn_like(x0) if noise is None else noise
-        return self._extract("sqrt_abar", t, x0) * x0 + self._extract("sqrt_one_minus_abar", t, x0) * noise
+        return self.extract("sqrt_abar", t, x0) * x0 + self.extract("sqrt_one_minus_abar", t, x0) * noise
 
     def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q(x_{t-1} | x_t, x0) (DDPM Eqs. 6-7)."""
-        mean = self._extract("posterior_mean_coef1", t, x_t) * x0 + self._extract("posterior_mean_coef2", t, x_t) * x_t
-        var = self._extract("posterior_variance", t, x_t).expand_as(x_t)
-        logvar = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        mean = self.extract("posterior_mean_coef1", t, x_t) * x0 + self.extract("posterior_mean_coef2", t, x_t) * x_t
+        var = self.extract("posterior_variance", t, x_t).expand_as(x_t)
+        logvar = self.extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, var, logvar
 
     # ------------------------------------------------------------------ parameterisations
     def predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        return self._extract("sqrt_recip_abar", t, x_t) * x_t - self._extract("sqrt_recipm1_abar", t, x_t) * eps
+        return self.extract("sqrt_recip_abar", t, x_t) * x_t - self.extract("sqrt_recipm1_abar", t, x_t) * eps
 
     def predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        return (self._extract("sqrt_recip_abar", t, x_t) * x_t - x0) / self._extract("sqrt_recipm1_abar", t, x_t)
+        return (self.extract("sqrt_recip_abar", t, x_t) * x_t - x0) / self.extract("sqrt_recipm1_abar", t, x_t)
 
     def predict_xstart_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-        return self._extract("sqrt_abar", t, x_t) * x_t - self._extract("sqrt_one_minus_abar", t, x_t) * v
+        return self.extract("sqrt_abar", t, x_t) * x_t - self.extract("sqrt_one_minus_abar", t, x_t) * v
 
     def v_target(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        return self._extract("sqrt_abar", t, x0) * eps - self._extract("sqrt_one_minus_abar", t, x0) * x0
+        return self.extract("sqrt_abar", t, x0) * eps - self.extract("sqrt_one_minus_abar", t, x0) * x0
 
     def split_output(self, out: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
         """The mean part and (learned range) the variance part, split on dim 1."""
@@ -188,13 +188,13 @@ class GaussianDiffusion:
         out, v = self.split_output(model_output, x_t)
         if v is not None:  # Improved DDPM Eq. 15: interpolate log b_t and log btilde_t
             frac = (v + 1) / 2
-            min_log = self._extract("posterior_log_variance_clipped", t, x_t)
-            max_log = torch.log(self._extract("betas", t, x_t))
+            min_log = self.extract("posterior_log_variance_clipped", t, x_t)
+            max_log = torch.log(self.extract("betas", t, x_t))
             log_variance = frac * max_log + (1 - frac) * min_log
         elif self.model_var_type is ModelVarType.FIXED_LARGE:
-            log_variance = self._extract("log_betas_large", t, x_t).expand_as(x_t)
+            log_variance = self.extract("log_betas_large", t, x_t).expand_as(x_t)
         else:
-            log_variance = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+            log_variance = self.extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         if self.model_mean_type is ModelMeanType.EPSILON:
             pred_xstart = self.predict_xstart_from_eps(x_t, t, out)
         elif self.model_mean_type is ModelMeanType.START_X:

@@ -55,7 +55,7 @@ class GradientGuidance(DiffusionGuidance):
     def condition_eps(self, diffusion, pred, x_t, t, cond):
         """eps' = eps - sqrt(1 - abar_t) s grad, then x0 and the mean from eps' (Alg. 2)."""
         g = self.grad_log_p(x_t, diffusion.model_t(t), cond)
-        eps = pred.pred_eps - diffusion._extract("sqrt_one_minus_abar", t, x_t) * self.scale * g
+        eps = pred.pred_eps - diffusion.extract("sqrt_one_minus_abar", t, x_t) * self.scale * g
         return diffusion.with_eps(pred, x_t, t, eps)
 
 

@@ -120,7 +120,7 @@ class DDIMSampler(DiffusionSampler):
 
     def step(self, proc, net, x, t, i, *, cond, guidance, generator, state):
         pred = guidance.condition_eps(proc, self.predict(proc, net, x, t, cond, guidance), x, t, cond)
-        abar, abar_prev = proc._extract("abar", t, x), proc._extract("abar_prev", t, x)
+        abar, abar_prev = proc.extract("abar", t, x), proc.extract("abar_prev", t, x)
         sigma = self.cfg.eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
         x = abar_prev.sqrt() * pred.pred_xstart + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * pred.pred_eps
         if self.cfg.eta > 0 and i > 0:
@@ -145,7 +145,7 @@ class DPMSolverPlusPlus2M(DiffusionSampler):
         d = pred.pred_xstart
         if i == self.last_index:
             return d
-        abar, abar_prev = proc._extract("abar", t, x), proc._extract("abar_prev", t, x)
+        abar, abar_prev = proc.extract("abar", t, x), proc.extract("abar_prev", t, x)
         alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
         alpha_next, sigma_next = abar_prev.sqrt(), (1 - abar_prev).sqrt()
         lam, lam_next = torch.log(alpha / sigma), torch.log(alpha_next / sigma_next)
