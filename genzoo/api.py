@@ -93,17 +93,29 @@ def load_model(
         resolved = resolve(name, recipe, registry)
     data_spec = _data_spec_from(ckpt)
     pipeline = build_pipeline(resolved, registry, data_spec)
-    load_weights(pipeline, ckpt)
+    load_weights(pipeline, ckpt, allow_unused=any(v is not None for v in swaps.values()) or bool(sets))
     pipeline.checkpoint_meta = ckpt.meta
     return pipeline.to(device).eval()
 
 
-def load_weights(pipeline: Pipeline, ckpt: Checkpoint) -> None:
+def load_weights(pipeline: Pipeline, ckpt: Checkpoint, *, allow_unused: bool = False) -> None:
+    """Load every component's weights; a component with weights the checkpoint lacks is an error.
+
+    ``allow_unused`` lets a swap drop a trained component (e.g. sample without the classifier).
+    """
     children = dict(pipeline.named_children())
     for role, state in ckpt.components.items():
         if role not in children:
+            if allow_unused:
+                continue
             raise GenzooError(f"{ckpt.path}: the checkpoint has weights for '{role}' but the model has no such component")
         load_state_into(children[role], state, role=role, where=ckpt.path)
+    for role, child in children.items():
+        if role not in ckpt.components and any(True for _ in child.parameters()):
+            raise GenzooError(
+                f"{ckpt.path} has no weights for {role} '{getattr(child, 'genzoo_spec', {}).get('type', role)}', which "
+                f"needs training; train a recipe that includes it, or swap it for one without weights"
+            )
 
 
 def _data_spec_from(ckpt: Checkpoint) -> Any:

@@ -112,10 +112,10 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
     if ctx.data is None:
         raise RegistryError("decoder 'diffusion-decoder' needs a dataset to size its denoiser")
     spec = dict(cfg.denoiser)
-    if spec.get("learn_sigma", learn_sigma) != learn_sigma:
+    if spec.get("learn_sigma") is not None and spec["learn_sigma"] != learn_sigma:
         raise RegistryError(
             f"decoder 'diffusion-decoder': denoiser.learn_sigma is {spec['learn_sigma']} but var_type is "
-            f"{cfg.var_type.value}; learned-range variance needs learn_sigma true, fixed variances false"
+            f"{cfg.var_type.value}; leave learn_sigma unset (null) and the var_type decides"
         )
     if learn_sigma:  # the variance interpolation v of Improved DDPM Eq. 15 is the denoiser's second half
         spec["learn_sigma"] = True

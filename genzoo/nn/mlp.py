@@ -17,7 +17,7 @@ class MLPDenoiserConfig(BaseModel):
     depth: int = Field(3, ge=1, description="number of residual blocks")
     num_classes: int | None = Field(None, description="class-conditional with this many classes; index num_classes is the null")
     emb_dim_in: int | None = Field(None, description="dim of cond['emb'] (e.g. a text embedding) added to the time embedding")
-    learn_sigma: bool = Field(False, description="also output the variance interpolation v (2D outputs)")
+    learn_sigma: bool | None = Field(None, description="also output the variance interpolation v (Improved DDPM Eq. 15); None: set by the diffusion decoder's var_type")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout in the blocks")
 
 

@@ -33,7 +33,7 @@ class UNetConfig(BaseModel):
     num_head_channels: int = Field(32, ge=8, description="channels per attention head")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout in residual blocks")
     num_classes: int | None = Field(None, description="class-conditional with this many classes (ADM); index num_classes is the null")
-    learn_sigma: bool = Field(False, description="also output the variance interpolation v (Improved DDPM Eq. 15)")
+    learn_sigma: bool | None = Field(None, description="also output the variance interpolation v (Improved DDPM Eq. 15); None: set by the diffusion decoder's var_type")
     use_scale_shift_norm: bool = Field(True, description="condition by GroupNorm scale and shift (ADM) rather than addition")
     resblock_updown: bool = Field(True, description="down/up-sample inside residual blocks (BigGAN style, ADM)")
     context_dim: int | None = Field(None, description="dim of cond['context'] tokens attended to by every attention layer (GLIDE)")
