@@ -15,10 +15,17 @@ def to_uint8(images: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: int = 1) -> Path:
-    """Tile a batch into one PNG (``nrow`` images per row, default a square)."""
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: int = 1, min_side: int = 32) -> Path:
+    """Tile a batch into one PNG (``nrow`` images per row, default a square).
+
+    Images smaller than ``min_side`` are enlarged by an integer factor (nearest), so an 8x8 digit
+    is visible; the saved raw samples (``--save``) are never resized.
+    """
     from PIL import Image
 
+    factor = max(1, min_side // max(images.shape[-2:]))
+    if factor > 1:
+        images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     x = to_uint8(images)
     b, h, w, c = x.shape
     nrow = nrow or math.ceil(math.sqrt(b))
