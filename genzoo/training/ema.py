@@ -20,8 +20,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
-        for k, p in model.named_parameters():
-            self.shadow[k].lerp_(p.detach(), 1 - d)
+        names, params = zip(*model.named_parameters())
+        torch._foreach_lerp_([self.shadow[k] for k in names], [p.detach() for p in params], 1 - d)  # one fused kernel
         self.updates += 1
 
     def state_dict(self) -> dict:

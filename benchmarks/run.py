@@ -1,0 +1,117 @@
+"""`make bench`: throughput against the machine's measured matmul peak, and peers where installed.
+
+Writes benchmarks/results.json and benchmarks/results.md. Timings are only comparable as ratios
+within one run: machines differ from session to session.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from genzoo.diffusion import DDIMSampler, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
+from genzoo.diffusion.samplers import DDIMConfig
+from genzoo.nn import UNet, UNetConfig
+
+HERE = Path(__file__).resolve().parent
+
+
+def best_time(fn, repeat: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / best_time(lambda: a @ b, 10) / 1e9
+
+
+def unet_forward(batch: int = 16) -> dict:
+    cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8])
+    net = UNet(cfg).eval().to(memory_format=torch.channels_last)
+    x, t = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.randint(0, 1000, (batch,))
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as fc:
+            net(x, t)
+        flops = fc.get_total_flops()
+        dt = best_time(lambda: net(x, t))
+    return {"config": cfg.model_dump(), "batch": batch, "gflop": flops / 1e9, "seconds": dt, "gflop_per_s": flops / dt / 1e9,
+            "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
+
+
+def ddim_images_per_s(batch: int = 16, steps: int = 20) -> float:
+    cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8])
+    net = UNet(cfg).eval().to(memory_format=torch.channels_last)
+    d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type=ModelMeanType.EPSILON,
+                          model_var_type=ModelVarType.FIXED_LARGE, loss_type=LossType.SIMPLE)
+    sampler = DDIMSampler(DDIMConfig(steps=steps))
+    run = lambda: sampler.sample(d, net, (batch, 3, 32, 32), generator=torch.Generator().manual_seed(0))  # noqa: E731
+    return batch / best_time(run, 2)
+
+
+def diffusers_ddim_images_per_s(batch: int = 16, steps: int = 20) -> dict | str:
+    try:
+        from diffusers import DDIMScheduler, UNet2DModel
+    except ImportError:
+        return "diffusers is not installed (pip install -e '.[bench]')"
+    net = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128), layers_per_block=2,
+                      down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")).eval()
+    x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        net(x, t)
+    sched = DDIMScheduler(num_train_timesteps=1000)
+
+    @torch.inference_mode()
+    def run():
+        sched.set_timesteps(steps)
+        y = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        for tt in sched.timesteps:
+            y = sched.step(net(y, tt).sample, tt, y).prev_sample
+        return y
+
+    return {"images_per_s": batch / best_time(run, 2), "gflop_forward": fc.get_total_flops() / 1e9}
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    from trainer_overhead import measure
+
+    results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "cuda": torch.cuda.is_available()}}
+    results["matmul_fp32_gflop_s"] = matmul_peak(torch.float32)
+    bf16 = matmul_peak(torch.bfloat16, 512)
+    results["matmul_bf16_gflop_s"] = bf16
+    results["bf16_usable_on_cpu"] = bf16 > 0.5 * results["matmul_fp32_gflop_s"]
+    results["unet_forward_fp32"] = unet_forward()
+    results["unet_forward_fp32"]["fraction_of_matmul_peak"] = results["unet_forward_fp32"]["gflop_per_s"] / results["matmul_fp32_gflop_s"]
+    results["ddim20_images_per_s_fp32"] = ddim_images_per_s()
+    peer = diffusers_ddim_images_per_s()
+    results["diffusers_ddim20"] = peer
+    if isinstance(peer, dict):
+        results["ddim20_ratio_vs_diffusers"] = results["ddim20_images_per_s_fp32"] / peer["images_per_s"]
+    results["trainer_overhead"] = measure(400)
+    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+    u = results["unet_forward_fp32"]
+    lines = ["| measure | value |", "|---|---|",
+             f"| fp32 matmul peak (1024²) | {results['matmul_fp32_gflop_s']:.1f} GFLOP/s |",
+             f"| bf16 matmul (512²) | {bf16:.1f} GFLOP/s ({'usable' if results['bf16_usable_on_cpu'] else 'no bf16 units: slow'}) |",
+             f"| U-Net forward, batch 16, 32×32 ({u['gflop']:.1f} GFLOP) | {u['gflop_per_s']:.1f} GFLOP/s = {u['fraction_of_matmul_peak']:.0%} of peak |",
+             f"| DDIM-20 images/s, batch 16, 32×32 (genzoo) | {results['ddim20_images_per_s_fp32']:.2f} |",
+             f"| DDIM-20 images/s (diffusers UNet2DModel) | {peer['images_per_s']:.2f} ({peer['gflop_forward']:.1f} GFLOP/forward)|" if isinstance(peer, dict) else f"| diffusers | {peer} |",
+             *(f"| trainer / bare loop steps/s, MLP width {k[6:]} ({v['bare_steps_per_s']:.0f} bare steps/s) | {v['trainer_over_bare']:.2f} |"
+               for k, v in results["trainer_overhead"].items() if k.startswith("width_"))]
+    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
