@@ -125,3 +125,10 @@ def test_tokenizer_offline_round_trip() -> None:
     assert tok.decode(ids) == ["a large red circle in the top left", "hi"]
     long = tok.encode(["word " * 40])
     assert long[0, -1] == tok.eot_id  # cut to the context, still terminated
+
+
+def test_torchvision_without_files_says_how_to_get_them(tmp_path: Path) -> None:
+    from genzoo.data.imagefolder import TorchvisionConfig, make_torchvision
+
+    with pytest.raises(FileNotFoundError, match=r"torchvision MNIST: not found under .*; set download: true"):
+        make_torchvision(TorchvisionConfig(name="MNIST", root=str(tmp_path)), "train")

@@ -172,3 +172,16 @@ def test_errors(tmp_path: Path) -> None:
 def test_sample_grids_are_written(tmp_path: Path) -> None:
     train(Noisy, tmp_path, cfg(steps=4, sample_every=2, sample_n=4))
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+
+
+def test_bf16_autocast_runs_the_loss_in_bf16(tmp_path: Path) -> None:
+    seen = []
+
+    class Recording(Noisy):
+        def training_losses(self, batch, **kw):
+            seen.append(self.components["decoder"][0](batch["image"].flatten(1)).dtype)
+            return super().training_losses(batch, **kw)
+
+    _, r = train(Recording, tmp_path, cfg(steps=2, precision="bf16"))
+    assert seen == [torch.bfloat16, torch.bfloat16] and math.isfinite(r.losses["loss"])
+    assert all(v.dtype == torch.float32 for v in load_checkpoint(tmp_path).components["decoder"].values())  # weights stay fp32
