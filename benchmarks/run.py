@@ -37,7 +37,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024) -> float:
 
 
 def unet_forward(batch: int = 16) -> dict:
-    cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8])
+    cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8],
+                     resblock_updown=False)  # conv resampling, as diffusers' UNet2DModel: equal FLOPs
     net = UNet(cfg).eval().to(memory_format=torch.channels_last)
     x, t = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.randint(0, 1000, (batch,))
     with torch.inference_mode():
@@ -50,7 +51,8 @@ def unet_forward(batch: int = 16) -> dict:
 
 
 def ddim_images_per_s(batch: int = 16, steps: int = 20) -> float:
-    cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8])
+    cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8],
+                     resblock_updown=False)  # conv resampling, as diffusers' UNet2DModel: equal FLOPs
     net = UNet(cfg).eval().to(memory_format=torch.channels_last)
     d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type=ModelMeanType.EPSILON,
                           model_var_type=ModelVarType.FIXED_LARGE, loss_type=LossType.SIMPLE)
@@ -102,6 +104,7 @@ if __name__ == "__main__":
     results["diffusers_ddim20"] = peer
     if isinstance(peer, dict):
         results["ddim20_ratio_vs_diffusers"] = results["ddim20_images_per_s_fp32"] / peer["images_per_s"]
+        results["flops_ratio_vs_diffusers"] = results["unet_forward_fp32"]["gflop"] / peer["gflop_forward"]
     results["trainer_overhead"] = measure(400)
     (HERE / "results.json").write_text(json.dumps(results, indent=2))
     u = results["unet_forward_fp32"]
@@ -110,7 +113,7 @@ if __name__ == "__main__":
              f"| bf16 matmul (512²) | {bf16:.1f} GFLOP/s ({'usable' if results['bf16_usable_on_cpu'] else 'no bf16 units: slow'}) |",
              f"| U-Net forward, batch 16, 32×32 ({u['gflop']:.1f} GFLOP) | {u['gflop_per_s']:.1f} GFLOP/s = {u['fraction_of_matmul_peak']:.0%} of peak |",
              f"| DDIM-20 images/s, batch 16, 32×32 (genzoo) | {results['ddim20_images_per_s_fp32']:.2f} |",
-             f"| DDIM-20 images/s (diffusers UNet2DModel) | {peer['images_per_s']:.2f} ({peer['gflop_forward']:.1f} GFLOP/forward)|" if isinstance(peer, dict) else f"| diffusers | {peer} |",
+             f"| DDIM-20 images/s (diffusers UNet2DModel, {peer['gflop_forward']:.1f} GFLOP/forward) | {peer['images_per_s']:.2f}: genzoo is {results['ddim20_ratio_vs_diffusers']:.2f}x |" if isinstance(peer, dict) else f"| diffusers | {peer} |",
              *(f"| trainer / bare loop steps/s, MLP width {k[6:]} ({v['bare_steps_per_s']:.0f} bare steps/s) | {v['trainer_over_bare']:.2f} |"
                for k, v in results["trainer_overhead"].items() if k.startswith("width_"))]
     (HERE / "results.md").write_text("\n".join(lines) + "\n")

@@ -73,3 +73,16 @@ def test_upsampler_input_and_mlp_and_classifier() -> None:
     assert out.shape == (3, 12)
     c = NoisyClassifier(NoisyClassifierConfig(num_classes=7, in_channels=1, image_size=8, channel_mult=[1, 2]))
     assert c(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])).shape == (4, 7)
+
+
+def test_plain_resampling_variant() -> None:
+    """resblock_updown=False resamples with convs (DDPM), fewer FLOPs than ADM's residual resampling."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for updown in (True, False):
+        u = UNet(UNetConfig(**SMALL, resblock_updown=updown))
+        with FlopCounterMode(display=False) as fc:
+            assert u(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).shape == (2, 3, 8, 8)
+        flops[updown] = fc.get_total_flops()
+    assert flops[False] < flops[True]

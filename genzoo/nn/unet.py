@@ -84,6 +84,18 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+class Resample(nn.Module):
+    """Plain down/up-sampling (DDPM): a stride-2 conv, or nearest upsampling then a conv."""
+
+    def __init__(self, ch: int, resample: str) -> None:
+        super().__init__()
+        self.resample = resample
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2 if resample == "down" else 1, padding=1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.resample == "up" else x)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over pixels; context tokens join the keys and values (GLIDE Sec. 2.3)."""
 
@@ -169,8 +181,8 @@ class UNet(nn.Module):
                     res *= 2
         self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, out_ch, 3, padding=1)))
 
-    def _resample(self, ch: int, emb_dim: int, kind: str, block: dict) -> ResBlock:
-        return ResBlock(ch, emb_dim, ch, resample=kind, **block)
+    def _resample(self, ch: int, emb_dim: int, kind: str, block: dict) -> nn.Module:
+        return ResBlock(ch, emb_dim, ch, resample=kind, **block) if self.cfg.resblock_updown else Resample(ch, kind)
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
         cond = cond or {}
