@@ -97,6 +97,9 @@ def test_train_sample_resume(recipes: Path, tmp_path: Path) -> None:
     assert tuple(x.shape) == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
     assert (tmp_path / "g.png").stat().st_size > 0
 
+    r = genzoo("sample", str(run), "--prompt", "a red circle", "--out", str(tmp_path / "p.png"))
+    assert r.returncode == 2 and "has no text encoder, so it cannot take a prompt" in r.stderr
+
     r = genzoo("sample", str(run), "--guidance", "classifier", "--class", "3", "--out", str(tmp_path / "c.png"))
     assert r.returncode == 2 and "has no weights for guidance 'classifier', which needs training" in r.stderr
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from genzoo.diffusion.schedules import get_named_beta_schedule
-from genzoo.errors import RegistryError
+from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Decoder, Pipeline, SamplerKind, Spec
 
 
@@ -168,6 +168,11 @@ class DiffusionPipeline(Pipeline):
 
     @torch.no_grad()
     def sample(self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        if condition and "caption" in condition and self.components.get("encoder") is None:
+            raise GenzooError("this model has no text encoder, so it cannot take a prompt; "
+                              "use a text-conditional recipe, or --class K for a class-conditional one")
+        if condition and "y" in condition and self.condition is not Conditioning.class_:
+            raise GenzooError("this model is unconditional; drop --class (or train a recipe with condition: class)")
         if condition is None and self.condition is Conditioning.class_:  # a grid shows every class in turn
             device = next(self.parameters()).device
             condition = {"y": torch.arange(n, device=device) % self.num_classes}

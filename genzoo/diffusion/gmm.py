@@ -1,13 +1,15 @@
 """A Gaussian mixture whose noised marginals, exact denoiser and exact classifier are closed form.
 
-If x_0 ~ sum_k w_k N(mu_k, S_k), then x_t ~ sum_k w_k N(sqrt(abar) mu_k, abar S_k + (1 - abar) I),
-so the score, the ideal eps-prediction E[eps | x_t] = -sqrt(1 - abar) grad log q(x_t) and the
-posterior class probabilities p(k | x_t) are exact: the tests drive the samplers and guidances
-with them and compare the samples against the mixture.
+If x_0 ~ sum_k w_k N(mu_k, S_k) then x_t ~ sum_k w_k N(sqrt(abar) mu_k, abar S_k + (1 - abar) I)
+(DDPM Eq. 4 applied to each component), so the score, the ideal eps-prediction
+E[eps | x_t] = -sqrt(1 - abar_t) grad log q(x_t) (Tweedie; Song et al. 2021 Eq. 15) and the
+posterior p(k | x_t) are exact. Tests and benchmarks drive the samplers and guidances with them
+and compare the samples with the mixture itself.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,76 +18,90 @@ from torch import Tensor
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion
 
 
-@dataclass
+@dataclass(frozen=True)
 class GaussianMixture:
-    weights: Tensor  # (K,)
-    means: Tensor  # (K, D)
-    covs: Tensor  # (K, D, D)
+    """sum_k w_k N(mu_k, S_k) in D dims: weights (K,), means (K, D), covs (K, D, D)."""
+
+    weights: Tensor
+    means: Tensor
+    covs: Tensor
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """n draws and the component each came from."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        chol = torch.linalg.cholesky(self.covs)[k]
         z = torch.randn(n, self.means.shape[1], 1, generator=generator, dtype=self.means.dtype)
-        return self.means[k] + (chol @ z).squeeze(-1), k
+        return self.means[k] + (torch.linalg.cholesky(self.covs)[k] @ z).squeeze(-1), k
 
-    def _noised(self, abar: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample component means (B, K, D) and covariances (B, K, D, D) of q(x_t)."""
-        a = abar.view(-1, 1, 1)
-        means = a.sqrt() * self.means.unsqueeze(0)
+    def noised(self, abar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q(x_t) for each abar (N,): component means (N, K, D), precisions (N, K, D, D), log w_k - log Z_k (N, K)."""
+        a = abar.to(self.means.dtype).view(-1, 1, 1, 1)
         eye = torch.eye(self.means.shape[1], dtype=self.means.dtype)
-        covs = a.unsqueeze(-1) * self.covs.unsqueeze(0) + (1 - a).unsqueeze(-1) * eye
-        return means, covs
+        covs = a * self.covs + (1 - a) * eye
+        d = self.means.shape[1]
+        log_norm = torch.log(self.weights) - 0.5 * (torch.logdet(covs) + d * math.log(2 * math.pi))
+        return a[..., 0].sqrt() * self.means, torch.linalg.inv(covs), log_norm
 
-    def log_joint(self, x: Tensor, abar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """log w_k N(x; m_k, C_k) (B, K), and the per-component scores -C_k^-1 (x - m_k) (B, K, D)."""
-        means, covs = self._noised(abar)
-        diff = x.unsqueeze(1) - means
-        prec = torch.linalg.inv(covs)
-        score_k = -(prec @ diff.unsqueeze(-1)).squeeze(-1)
-        maha = (diff * -score_k).sum(-1)
-        d = x.shape[1]
-        logdet = torch.logdet(covs)
-        logp = torch.log(self.weights) - 0.5 * (maha + logdet + d * torch.log(torch.tensor(2 * torch.pi, dtype=x.dtype)))
-        return logp, score_k, means
+    def log_joint(self, x: Tensor, abar: Tensor) -> tuple[Tensor, Tensor]:
+        """log w_k N(x; .) (B, K) and the component scores -C_k^-1 (x - m_k) (B, K, D), abar per sample."""
+        return _log_joint(x, *self.noised(abar))
 
     def posterior(self, x: Tensor, abar: Tensor) -> Tensor:
         """p(k | x_t) (B, K)."""
         return self.log_joint(x, abar)[0].softmax(-1)
 
-    def score(self, x: Tensor, abar: Tensor, component: Tensor | None = None) -> Tensor:
-        """grad log q(x_t) of the mixture, or of one component per sample."""
-        logp, score_k, _ = self.log_joint(x, abar)
-        if component is not None:
-            return score_k[torch.arange(x.shape[0]), component]
+    def score(self, x: Tensor, abar: Tensor) -> Tensor:
+        """grad log q(x_t) of the whole mixture."""
+        logp, score_k = self.log_joint(x, abar)
         return (logp.softmax(-1).unsqueeze(-1) * score_k).sum(1)
 
 
-def exact_eps_model(gmm: GaussianMixture, diffusion: GaussianDiffusion):
-    """``model(x_t, t, cond)`` returning E[eps | x_t]; with ``cond['y']`` the component's (conditional) eps.
+def _log_joint(x: Tensor, means: Tensor, prec: Tensor, log_norm: Tensor) -> tuple[Tensor, Tensor]:
+    diff = x.unsqueeze(1) - means
+    score_k = -torch.einsum("bkij,bkj->bki", prec, diff)
+    return log_norm + 0.5 * (diff * score_k).sum(-1), score_k
 
-    ``cond['drop']`` marks samples whose condition is dropped (the unconditional model), as CFG does.
+
+class ExactDenoiser:
+    """The ideal denoiser and noisy classifier of a mixture under a process, tabulated per timestep.
+
+    Called as ``model(x_t, t, cond)`` with ORIGINAL timestep indices, it returns E[eps | x_t]; with
+    ``cond["y"]`` it returns component y's eps (the conditional model), except where
+    ``cond["drop"]`` is set (the null condition, as classifier-free guidance marks it).
     """
-    abar_table = torch.as_tensor(diffusion.tables["abar"])
 
-    def model(x: Tensor, t: Tensor, cond=None) -> Tensor:
-        abar = abar_table[t].to(torch.float64)
-        xd = x.double()
-        s = gmm.score(xd, abar)
+    def __init__(self, gmm: GaussianMixture, diffusion: GaussianDiffusion) -> None:
+        abar = torch.as_tensor(diffusion.tables["abar"])
+        self.tables = gmm.noised(abar)  # per-t tables: a sampling step does no matrix inverse
+        self.sqrt_one_minus_abar = (1 - abar).sqrt()
+
+    def log_joint(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return _log_joint(x.double(), *(table[t] for table in self.tables))
+
+    def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
+        logp, score_k = self.log_joint(x, t)
+        score = (logp.softmax(-1).unsqueeze(-1) * score_k).sum(1)
         if cond and "y" in cond:
-            s_c = gmm.score(xd, abar, cond["y"])
-            drop = cond.get("drop")
-            s = s_c if drop is None else torch.where(drop[:, None], s, s_c)
-        return (-(1 - abar).sqrt().unsqueeze(-1) * s).to(x.dtype)
+            score_y = score_k[torch.arange(len(x)), cond["y"]]
+            drop = cond.get("drop", torch.zeros(len(x), dtype=torch.bool))
+            score = torch.where(drop[:, None], score, score_y)
+        return (-self.sqrt_one_minus_abar[t, None] * score).to(x.dtype)
 
-    return model
+    def classifier(self, x: Tensor, t: Tensor) -> Tensor:
+        """log p(k | x_t): the ideal noisy classifier of classifier guidance (differentiable in x)."""
+        return self.log_joint(x, t)[0].log_softmax(-1).to(x.dtype)
+
+    def grad_log_p_y(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """grad log p(y | x_t) = grad log q(x_t | y) - grad log q(x_t), in closed form."""
+        logp, score_k = self.log_joint(x, t)
+        score = (logp.softmax(-1).unsqueeze(-1) * score_k).sum(1)
+        return (score_k[torch.arange(len(x)), y] - score).to(x.dtype)
+
+
+def exact_eps_model(gmm: GaussianMixture, diffusion: GaussianDiffusion) -> ExactDenoiser:
+    """``model(x_t, t, cond)`` returning the exact E[eps | x_t] (conditional on ``cond['y']`` when given)."""
+    return ExactDenoiser(gmm, diffusion)
 
 
 def exact_classifier(gmm: GaussianMixture, diffusion: GaussianDiffusion):
-    """``classifier(x_t, t) -> log p(k | x_t)``: the ideal noisy classifier of classifier guidance."""
-    abar_table = torch.as_tensor(diffusion.tables["abar"])
-
-    def classifier(x: Tensor, t: Tensor) -> Tensor:
-        logp, _, _ = gmm.log_joint(x.double(), abar_table[t].double())
-        return logp.log_softmax(-1).to(x.dtype)
-
-    return classifier
+    """``classifier(x_t, t) -> log p(k | x_t)`` of the mixture under ``diffusion``."""
+    return ExactDenoiser(gmm, diffusion).classifier

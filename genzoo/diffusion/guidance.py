@@ -2,16 +2,16 @@
 
 A sampler calls ``model_output`` (how the denoiser is evaluated), then the process's
 ``p_mean_variance``, then ``condition_mean`` (ancestral samplers) or ``condition_eps`` (DDIM,
-DPM-Solver++). The base class is "no guidance"; a guidance overrides what it changes.
-Timesteps ``t`` are indices of the (possibly respaced) process; ``diffusion.model_t(t)`` gives the
-original index a network was trained with.
+DPM-Solver++, any eps-form sampler). The base class is "no guidance"; a guidance overrides what it
+changes. ``t`` is an index of the (possibly respaced) process the sampler runs; the model and
+``grad_log_p`` receive the ORIGINAL index (``diffusion.model_t(t)``).
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, Model, Prediction
 from genzoo.interfaces import Condition, Guidance, SamplerKind
-from genzoo.tokens import batch_with_null
 
 
 class DiffusionGuidance(Guidance):
@@ -38,62 +37,74 @@ class DiffusionGuidance(Guidance):
         return pred
 
 
+def _autograd_ready(v: Any) -> Any:
+    # tensors made under inference_mode cannot enter autograd; a clone made outside it can
+    return v.detach().clone() if isinstance(v, Tensor) else v
+
+
 class GradientGuidance(DiffusionGuidance):
-    """Guidance by the gradient of a log-density of the noised input (classifier, CLIP guidance)."""
+    """Guidance by the gradient of a log-density of the noised input: classifier and CLIP guidance."""
 
     scale: float
 
     @abstractmethod
-    def grad_log_p(self, x_t: Tensor, t_model: Tensor, cond: Condition | None) -> Tensor:
-        """grad_x log p(c | x_t) at the ORIGINAL timestep index ``t_model``."""
+    def grad_log_p(self, x_t: Tensor, t: Tensor, cond: Condition | None) -> Tensor:
+        """grad_x log p(c | x_t), ``t`` the ORIGINAL timestep index. Autograd is on, even inside a sampler."""
+
+    def gradient(self, diffusion: GaussianDiffusion, x_t: Tensor, t: Tensor, cond: Condition | None) -> Tensor:
+        """s * grad log p(c | x_t), with autograd enabled inside no_grad and inference_mode alike."""
+        with torch.inference_mode(False), torch.enable_grad():
+            cond = {k: _autograd_ready(v) for k, v in cond.items()} if cond else cond
+            g = self.grad_log_p(_autograd_ready(x_t), _autograd_ready(diffusion.model_t(t)), cond)
+        return self.scale * g.to(x_t.dtype)
 
     def condition_mean(self, diffusion, pred, x_t, t, cond):
-        """mu' = mu + s Sigma grad (Dhariwal & Nichol 2021, Alg. 1)."""
-        g = self.grad_log_p(x_t, diffusion.model_t(t), cond)
-        return replace(pred, mean=pred.mean + self.scale * pred.variance * g)
+        """mu' = mu + s Sigma grad log p(y | x_t) (Dhariwal & Nichol 2021, Alg. 1)."""
+        return replace(pred, mean=pred.mean + pred.variance * self.gradient(diffusion, x_t, t, cond))
 
     def condition_eps(self, diffusion, pred, x_t, t, cond):
-        """eps' = eps - sqrt(1 - abar_t) s grad, then x0 and the mean from eps' (Alg. 2)."""
-        g = self.grad_log_p(x_t, diffusion.model_t(t), cond)
-        eps = pred.pred_eps - diffusion.extract("sqrt_one_minus_abar", t, x_t) * self.scale * g
-        return diffusion.with_eps(pred, x_t, t, eps)
+        """eps' = eps - sqrt(1 - abar_t) s grad log p(y | x_t); x0_hat and the mean follow (Alg. 2)."""
+        eps = pred.pred_eps - diffusion.extract("sqrt_one_minus_abar", t, x_t) * self.gradient(diffusion, x_t, t, cond)
+        return diffusion.prediction_from_eps(pred, x_t, t, eps)
 
 
 class ClassifierGuidanceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    scale: float = Field(1.0, description="gradient scale s; 0 is no guidance")
+    scale: float = Field(1.0, description="gradient scale s; 0 is no guidance, 1 samples p(x | y) with an exact classifier")
     classifier: dict[str, Any] = Field(
         default_factory=lambda: {"type": "noisy-classifier"},
-        description="the noisy classifier network p(y | x_t, t)", json_schema_extra={"kind": "network"},
+        description="the noisy classifier network p(y | x_t, t), trained on the decoder's own noised inputs",
+        json_schema_extra={"kind": "network"},
     )
 
 
 class ClassifierGuidance(nn.Module, GradientGuidance):
-    """Classifier guidance with a classifier trained on noised inputs (Dhariwal & Nichol 2021, Sec. 4)."""
+    """Classifier guidance with a classifier p(y | x_t, t) trained on noised inputs (Dhariwal & Nichol 2021, Sec. 4).
 
-    def __init__(self, classifier: nn.Module, *, scale: float) -> None:
+    ``classifier(x_t, t) -> logits``; the class is ``cond["y"]``.
+    """
+
+    def __init__(self, classifier: Callable[[Tensor, Tensor], Tensor], *, scale: float) -> None:
         super().__init__()
         self.classifier, self.scale = classifier, scale
         self.needs_condition = frozenset({"y"})
 
-    def grad_log_p(self, x_t: Tensor, t_model: Tensor, cond: Condition | None) -> Tensor:
+    def grad_log_p(self, x_t: Tensor, t: Tensor, cond: Condition | None) -> Tensor:
         if not cond or "y" not in cond:
             raise ValueError("classifier guidance needs a class: pass condition {'y': ...} (CLI: --class K)")
-        with torch.enable_grad():  # samplers run under no_grad
-            x = x_t.detach().requires_grad_(True)
-            logp = F.log_softmax(self.classifier(x, t_model).float(), dim=-1)
-            # summing over the batch gives each sample its own gradient: samples are independent
-            selected = logp.gather(1, cond["y"].view(-1, 1)).sum()
-            return torch.autograd.grad(selected, x)[0].to(x_t.dtype)
+        x = x_t.detach().requires_grad_(True)
+        logp = F.log_softmax(self.classifier(x, t).float(), dim=-1)
+        # samples are independent, so the gradient of the batch sum is each sample's own gradient
+        selected = logp.gather(1, cond["y"].view(-1, 1)).sum()
+        return torch.autograd.grad(selected, x)[0]
 
     def training_losses(self, x0: Tensor, cond: Condition | None, diffusion: GaussianDiffusion) -> dict[str, Tensor]:
-        """Cross-entropy on x_t ~ q(x_t | x0) at t uniform over the decoder's own schedule."""
+        """Cross-entropy on x_t ~ q(x_t | x0), t uniform over the decoder's own schedule."""
         if not cond or "y" not in cond:
             raise ValueError("training the noisy classifier needs labels: set the pipeline's condition to 'class'")
         t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
         logits = self.classifier(diffusion.q_sample(x0, t), diffusion.model_t(t))
-        loss = F.cross_entropy(logits, cond["y"])
-        return {"loss": loss, "accuracy": (logits.argmax(-1) == cond["y"]).float().mean()}
+        return {"loss": F.cross_entropy(logits, cond["y"]), "accuracy": (logits.argmax(-1) == cond["y"]).float().mean()}
 
 
 def make_classifier_guidance(cfg: ClassifierGuidanceConfig, ctx) -> ClassifierGuidance:
@@ -101,30 +112,44 @@ def make_classifier_guidance(cfg: ClassifierGuidanceConfig, ctx) -> ClassifierGu
     return ClassifierGuidance(net, scale=cfg.scale)
 
 
+def with_null_condition(cond: Condition, n: int, device: torch.device) -> Condition:
+    """The condition twice along dim 0, the second half marked ``drop`` (the denoiser's learned null).
+
+    Every tensor value is concatenated, other values pass through; a ``drop`` already present is
+    kept for the conditional half.
+    """
+    doubled = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in cond.items() if k != "drop"}
+    keep = cond.get("drop", torch.zeros(n, dtype=torch.bool, device=device))
+    doubled["drop"] = torch.cat([keep.to(device=device, dtype=torch.bool), torch.ones(n, dtype=torch.bool, device=device)])
+    return doubled
+
+
 class CFGConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    scale: float = Field(3.0, description="s in eps_u + s (eps_c - eps_u); 1 is the conditional model, no guidance (GLIDE)")
+    scale: float = Field(
+        3.0, description="s in eps_u + s (eps_c - eps_u); 1 is the conditional model, no guidance (GLIDE); 0 the unconditional"
+    )
 
 
 class ClassifierFreeGuidance(DiffusionGuidance):
-    """eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2021), both passes in one batched forward.
+    """eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2021, Eq. 6 with w = s - 1), both passes in one forward.
 
-    The null pass marks ``cond["drop"]``; the denoiser swaps in its learned null condition. With a
-    learned variance only the mean channels are mixed; the variance comes from the conditional pass.
+    The null half is marked by ``cond["drop"]``; the denoiser swaps in its learned null condition,
+    as when it was trained with condition dropout. With a learned variance only the first C
+    channels are mixed; the variance channels come from the conditional pass (GLIDE).
     """
 
     def __init__(self, cfg: CFGConfig) -> None:
         self.scale = cfg.scale
 
-    def model_output(self, model, x_t, t, cond):
+    def model_output(self, model: Model, x_t: Tensor, t: Tensor, cond: Condition | None) -> Tensor:
         if not cond:
             return model(x_t, t, cond)
-        n = x_t.shape[0]
-        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), batch_with_null(cond, n))
-        c, u = both[:n], both[n:]
-        k = x_t.shape[1]
-        mixed = u[:, :k] + self.scale * (c[:, :k] - u[:, :k])
-        return torch.cat([mixed, c[:, k:]], dim=1) if c.shape[1] > k else mixed
+        n, c = x_t.shape[0], x_t.shape[1]
+        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), with_null_condition(cond, n, x_t.device))
+        cond_out, uncond_out = both[:n], both[n:]
+        mixed = uncond_out[:, :c] + self.scale * (cond_out[:, :c] - uncond_out[:, :c])
+        return torch.cat([mixed, cond_out[:, c:]], dim=1)
 
 
 GUIDANCES = {

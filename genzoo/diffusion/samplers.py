@@ -1,17 +1,21 @@
-"""Diffusion samplers: ancestral DDPM (respaced), DDIM, DPM-Solver++(2M). Any denoiser, any tensor shape.
+"""Diffusion samplers: ancestral DDPM, DDIM, DPM-Solver++(2M). Any denoiser, any tensor shape.
 
-Each sampler respaces the process to its own number of steps (the network still sees original
-timestep indices), evaluates the model through its guidance, and never looks at the guidance's
-type. Loops run under ``no_grad`` (gradient guidances enable grad locally) with no host sync.
+Each sampler respaces the process to its own steps (Improved DDPM Sec. 4; the network still sees
+original timestep indices), so running fewer steps than the model was trained with is always a
+respaced run, never a truncated one. A step evaluates the model through its guidance
+(``model_output``, then ``p_mean_variance``, then ``condition_mean`` or ``condition_eps``) and never
+looks at the guidance's type. Loops run under ``no_grad`` (gradient guidances turn autograd on
+locally) with no host-device sync.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from abc import abstractmethod
+from typing import Any, Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, Model, Prediction
@@ -22,42 +26,68 @@ from genzoo.interfaces import Condition, Sampler, SamplerKind
 
 class SamplerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    steps: int | str = Field(50, description="number of steps, or a respacing string ('10,10,3', 'ddim50')")
-    clip: bool = Field(True, description="clamp x0_hat to the process's clip range (for images in [-1, 1])")
-    threshold: float | None = Field(None, gt=0.5, le=1, description="dynamic thresholding percentile (Imagen, e.g. 0.995); None: off")
+    steps: int | str = Field(
+        50, description="model evaluations, or a respacing string of the grid: '10,10,3' (per equal section), 'ddim50' (uniform stride)"
+    )
+    clip: bool = Field(True, description="clamp x0_hat to the process's clip_range (images in [-1, 1]); no effect when it is None")
+    threshold: float | None = Field(
+        None, gt=0.5, le=1, description="dynamic thresholding percentile p (Imagen, e.g. 0.995) instead of the plain clamp; None: off"
+    )
+
+
+def randn(
+    shape: tuple[int, ...], x_like: Tensor | None, *, generator: torch.Generator | None, device: Any = None, dtype: Any = None
+) -> Tensor:
+    """Normal noise drawn on the generator's device (reproducible across devices), placed with ``x_like``."""
+    device = x_like.device if x_like is not None else device
+    dtype = x_like.dtype if x_like is not None else dtype
+    z = torch.randn(shape, generator=generator, device=generator.device if generator is not None else device, dtype=dtype)
+    return z.to(device)
 
 
 class DiffusionSampler(Sampler):
-    """Base: respacing, the step loop, x0 processing; subclasses implement ``step``."""
+    """Base: respacing, the step loop, x0_hat processing. A subclass implements ``step``.
+
+    ``last_index`` is the smallest grid index the model is evaluated at: 0 for samplers whose last
+    step is a model step, 1 for those that jump from grid index 1 straight to x0_hat.
+    """
 
     kind = SamplerKind.DIFFUSION
     Config = SamplerConfig
-    last_index = 0  # the last grid index the model is evaluated at
+    last_index = 0
 
     def __init__(self, cfg: SamplerConfig) -> None:
         self.cfg = cfg
-        self._respaced: dict[int, tuple[GaussianDiffusion, GaussianDiffusion]] = {}
+        self._respaced: dict[tuple[int, int | str], tuple[GaussianDiffusion, GaussianDiffusion]] = {}
 
-    def respaced(self, diffusion: GaussianDiffusion) -> GaussianDiffusion:
-        """The process on this sampler's steps, cached per process."""
-        hit = self._respaced.get(id(diffusion))
-        if hit is None or hit[0] is not diffusion:
-            steps = self.cfg.steps
-            if isinstance(steps, int) or str(steps).isdigit():
-                steps = int(steps) + self.last_index
-                if steps > diffusion.num_timesteps:
-                    raise ValueError(f"sampler steps={steps} exceeds the model's {diffusion.num_timesteps} timesteps")
-            hit = (diffusion, diffusion.respace(space_timesteps(diffusion.num_timesteps, steps)))
-            self._respaced[id(diffusion)] = hit
-        return hit[1]
+    def grid(self) -> int | str:
+        """The respacing of the process: ``steps`` model evaluations plus ``last_index`` grid points."""
+        steps = self.cfg.steps
+        return int(steps) + self.last_index if isinstance(steps, int) or steps.isdigit() else steps
 
     def nfe(self) -> int:
-        steps = self.cfg.steps
-        if isinstance(steps, str) and not steps.isdigit():
-            return int(steps[4:]) if steps.startswith("ddim") else sum(int(s) for s in steps.split(","))
-        return int(steps)
+        grid = self.grid()
+        if isinstance(grid, int):
+            return grid - self.last_index
+        count = int(grid[4:]) if grid.startswith("ddim") else sum(int(s) for s in grid.split(","))
+        return count - self.last_index
+
+    def respaced(self, diffusion: GaussianDiffusion) -> GaussianDiffusion:
+        """The process on this sampler's grid, built once per (process, steps)."""
+        key = (id(diffusion), self.cfg.steps)
+        hit = self._respaced.get(key)
+        if hit is None or hit[0] is not diffusion:  # the process is kept in the value, so its id cannot be reused
+            grid = self.grid()
+            if isinstance(grid, int) and grid > diffusion.num_timesteps:
+                raise ValueError(
+                    f"sampler steps={self.cfg.steps} needs {grid} timesteps but the model has {diffusion.num_timesteps}; use fewer steps"
+                )
+            hit = (diffusion, diffusion.respace(space_timesteps(diffusion.num_timesteps, grid)))
+            self._respaced[key] = hit
+        return hit[1]
 
     def process_xstart(self, diffusion: GaussianDiffusion) -> Callable[[Tensor], Tensor] | None:
+        """Clamp x0_hat to the data range, or Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3)."""
         c = diffusion.clip_range
         if c is None or not self.cfg.clip:
             return None
@@ -65,16 +95,19 @@ class DiffusionSampler(Sampler):
             return lambda x0: x0.clamp(-c, c)
         p = self.cfg.threshold
 
-        def dynamic(x0: Tensor) -> Tensor:  # Imagen (Saharia et al. 2022), Sec. 2.3
+        def dynamic(x0: Tensor) -> Tensor:
+            # s = the p-quantile of |x0| per sample, at least the data range: saturated pixels are pushed inward
             s = torch.quantile(x0.flatten(1).abs().float(), p, dim=1).clamp(min=c).to(x0.dtype)
             s = s.view(-1, *([1] * (x0.dim() - 1)))
             return x0.clamp(-s, s) / s * c
 
         return dynamic
 
-    def predict(self, proc: GaussianDiffusion, net: Model, x: Tensor, t: Tensor, cond, guidance: DiffusionGuidance) -> Prediction:
-        out = guidance.model_output(net, x, t, cond)
-        return proc.p_mean_variance(out, x, t, process_xstart=self.process_xstart(proc))
+    def predict(
+        self, proc: GaussianDiffusion, net: Model, x: Tensor, t: Tensor, cond: Condition | None, guidance: DiffusionGuidance
+    ) -> Prediction:
+        """The reverse step at (x, t) as the guidance shapes the model's output."""
+        return proc.p_mean_variance(guidance.model_output(net, x, t, cond), x, t, process_xstart=self.process_xstart(proc))
 
     @torch.no_grad()
     def sample(
@@ -82,20 +115,24 @@ class DiffusionSampler(Sampler):
         guidance: DiffusionGuidance | None = None, generator: torch.Generator | None = None, noise: Tensor | None = None,
         device: torch.device | str | None = None, progress: bool = False,
     ) -> Tensor:
-        """Draw x_0 of ``shape`` starting from ``noise`` (x_T), or fresh noise from ``generator``."""
+        """x_0 of ``shape`` from ``noise`` (x_T), or from fresh noise on ``device`` (default: the model's)."""
         proc = self.respaced(diffusion)
-        guidance = guidance or DiffusionGuidance()
+        guidance = guidance if guidance is not None else DiffusionGuidance()
         net = proc.wrap(model)
-        x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
-        state: dict = {}
-        steps = list(reversed(range(self.last_index, proc.num_timesteps)))
-        for i in tqdm(steps, disable=not progress, leave=False):
+        if noise is None:
+            params = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+            device = device if device is not None else (params.device if params is not None else None)
+            noise = randn(tuple(shape), None, generator=generator, device=device, dtype=torch.get_default_dtype())
+        x, state = noise, {}
+        for i in tqdm(range(proc.num_timesteps - 1, self.last_index - 1, -1), disable=not progress, leave=False):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             x = self.step(proc, net, x, t, i, cond=cond, guidance=guidance, generator=generator, state=state)
         return x
 
-    def step(self, proc, net, x, t, i, *, cond, guidance, generator, state) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def step(self, proc: GaussianDiffusion, net: Model, x: Tensor, t: Tensor, i: int, *, cond: Condition | None,
+             guidance: DiffusionGuidance, generator: torch.Generator | None, state: dict[str, Tensor]) -> Tensor:
+        """x at grid index i -> x at i - 1 (x_0 after the last step); ``state`` carries history between steps."""
 
 
 class AncestralSampler(DiffusionSampler):
@@ -105,16 +142,19 @@ class AncestralSampler(DiffusionSampler):
         pred = guidance.condition_mean(proc, self.predict(proc, net, x, t, cond, guidance), x, t, cond)
         if i == 0:
             return pred.mean
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return pred.mean + torch.exp(0.5 * pred.log_variance) * z
+        return pred.mean + torch.exp(0.5 * pred.log_variance) * randn(x.shape, x, generator=generator)
 
 
 class DDIMConfig(SamplerConfig):
-    eta: float = Field(0.0, ge=0, description="0: deterministic DDIM; 1: DDPM-like noise (Song et al. 2021, Eq. 16)")
+    eta: float = Field(0.0, ge=0, description="0: deterministic DDIM; 1: the ancestral fixed-small noise (Song et al. 2021, Eq. 16)")
 
 
 class DDIMSampler(DiffusionSampler):
-    """x' = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z (Song et al. 2021, Eq. 12)."""
+    """x' = sqrt(abar') x0_hat + sqrt(1 - abar' - sigma^2) eps_hat + sigma z (Song et al. 2021, Eq. 12).
+
+    abar' is the next grid point's (abar_prev of the respaced process, 1 after the last step);
+    sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar') (Eq. 16).
+    """
 
     Config = DDIMConfig
 
@@ -124,18 +164,22 @@ class DDIMSampler(DiffusionSampler):
         sigma = self.cfg.eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
         x = abar_prev.sqrt() * pred.pred_xstart + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * pred.pred_eps
         if self.cfg.eta > 0 and i > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * randn(x.shape, x, generator=generator)
         return x
 
 
 class DPMSolverPlusPlus2M(DiffusionSampler):
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, second order in lambda = log(alpha / sigma).
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, second order, in lambda = log(alpha / sigma).
 
-    The grid is ``steps + 1`` respaced points; the model is evaluated at all but t = 0, and the
-    last step goes from the smallest t > 0 straight to sigma = 0 at first order (it returns x0_hat),
-    as diffusers' ``final_sigmas_type="zero"``. Spending an evaluation at t = 0 instead (where
-    lambda jumps by several units) doubles the covariance error on the closed-form mixture test.
-    The first step is first order too (no history).
+    With data prediction D = x0_hat and h_i = lambda_i - lambda_{i-1}:
+    x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D', where D' = D_{i-1} on the first
+    step and (1 + 1/(2r)) D_{i-1} - 1/(2r) D_{i-2} after, r = h_{i-1} / h_i.
+
+    Grid: ``steps + 1`` points of the respaced process, uniform in t (``space_timesteps``), not in
+    lambda. The model is evaluated at all but the last point; the last step goes from the smallest
+    t > 0 straight to sigma = 0 at first order and returns x0_hat (diffusers' ``final_sigmas_type=
+    "zero"``, ``lower_order_final``): spending an evaluation at t = 0 instead, where lambda jumps by
+    several units, doubled the covariance error on the closed-form mixture test.
     """
 
     last_index = 1
@@ -145,11 +189,10 @@ class DPMSolverPlusPlus2M(DiffusionSampler):
         d = pred.pred_xstart
         if i == self.last_index:
             return d
-        abar, abar_prev = proc.extract("abar", t, x), proc.extract("abar_prev", t, x)
+        abar, abar_next = proc.extract("abar", t, x), proc.extract("abar_prev", t, x)
         alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-        alpha_next, sigma_next = abar_prev.sqrt(), (1 - abar_prev).sqrt()
-        lam, lam_next = torch.log(alpha / sigma), torch.log(alpha_next / sigma_next)
-        h = lam_next - lam
+        alpha_next, sigma_next = abar_next.sqrt(), (1 - abar_next).sqrt()
+        h = torch.log(alpha_next / sigma_next) - torch.log(alpha / sigma)
         if "d_prev" in state:
             r = state["h_prev"] / h
             d_used = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * state["d_prev"]
@@ -159,4 +202,4 @@ class DPMSolverPlusPlus2M(DiffusionSampler):
         return (sigma_next / sigma) * x - alpha_next * torch.expm1(-h) * d_used
 
 
-SAMPLERS = {"ddpm": AncestralSampler, "ddim": DDIMSampler, "dpm-solver++": DPMSolverPlusPlus2M}
+SAMPLERS: dict[str, type[DiffusionSampler]] = {"ddpm": AncestralSampler, "ddim": DDIMSampler, "dpm-solver++": DPMSolverPlusPlus2M}

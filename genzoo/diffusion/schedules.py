@@ -8,24 +8,38 @@ import numpy as np
 
 
 def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
-    """Betas b_1..b_T: ``linear`` (1e-4..0.02 at T=1000, ends scaled by 1000/T) or ``cosine`` (s=0.008, b <= 0.999)."""
+    """Betas b_1..b_T (float64).
+
+    ``linear``: 1e-4..0.02 at T = 1000 (DDPM Sec. 4), both ends scaled by 1000/T for other T so
+    abar_T stays near 0 (Improved DDPM's convention). ``cosine``: abar_t = f(t)/f(0) with
+    f(t) = cos^2((t/T + s)/(1 + s) pi/2), s = 0.008, b_t = min(1 - abar_t/abar_{t-1}, 0.999)
+    (Improved DDPM Eq. 17; the clip avoids the singularity at t = T).
+    """
     if name == "linear":
         scale = 1000 / num_timesteps
         return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
-    if name == "cosine":  # Improved DDPM Eq. 17
-        f = lambda t: math.cos((t / num_timesteps + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        return np.array([min(1 - f(i + 1) / f(i), 0.999) for i in range(num_timesteps)], dtype=np.float64)
+    if name == "cosine":
+        def f(t: np.ndarray) -> np.ndarray:
+            return np.cos((t / num_timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        t = np.arange(num_timesteps + 1, dtype=np.float64)
+        return np.minimum(1 - f(t[1:]) / f(t[:-1]), 0.999)
     raise ValueError(f"unknown beta schedule '{name}'; use 'linear' or 'cosine'")
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -> set[int]:
-    """The timesteps kept when respacing: ``250``, ``"10,10,3"`` (steps per equal section) or ``"ddim50"``."""
+    """The timesteps kept when respacing (Improved DDPM Sec. 4).
+
+    ``250`` or ``[250]``: 250 steps evenly over the whole range, first and last included.
+    ``"10,10,3"``: the range cut into 3 equal sections with 10, 10 and 3 steps in them.
+    ``"ddim50"``: DDIM's uniform stride, range(0, T, stride) with exactly 50 entries.
+    """
     if isinstance(section_counts, str) and section_counts.startswith("ddim"):
         want = int(section_counts[4:])
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == want:
                 return set(range(0, num_timesteps, stride))
-        raise ValueError(f"cannot take exactly {want} evenly strided steps out of {num_timesteps}")
+        raise ValueError(f"cannot take exactly {want} evenly strided steps out of {num_timesteps}; use a plain step count")
     if isinstance(section_counts, int):
         section_counts = [section_counts]
     elif isinstance(section_counts, str):
