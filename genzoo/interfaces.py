@@ -147,6 +147,18 @@ def check_composition(components: Mapping[str, Any]) -> None:
                 )
 
 
+def with_null_condition(cond: Condition, n: int, device: torch.device) -> Condition:
+    """The condition twice along dim 0, the second half marked ``drop`` (the denoiser's learned null).
+
+    Every tensor value is concatenated, other values pass through; a ``drop`` already present is
+    kept for the conditional half.
+    """
+    doubled = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in cond.items() if k != "drop"}
+    keep = cond.get("drop", torch.zeros(n, dtype=torch.bool, device=device))
+    doubled["drop"] = torch.cat([keep.to(device=device, dtype=torch.bool), torch.ones(n, dtype=torch.bool, device=device)])
+    return doubled
+
+
 # --------------------------------------------------------------------------- components
 
 

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from genzoo.interfaces import Condition, Guidance, Sampler, SamplerKind
+from genzoo.interfaces import Condition, Guidance, Sampler, SamplerKind, with_null_condition
 
 LogitsFn = Callable[[Tensor, "Condition | None"], Tensor]
 
@@ -26,14 +26,6 @@ class TokenGuidance(Guidance):
 
     def logits(self, logits_fn: LogitsFn, tokens: Tensor, condition: Condition | None) -> Tensor:
         return logits_fn(tokens, condition)
-
-
-def batch_with_null(condition: Condition, n: int) -> Condition:
-    """Duplicate a condition along the batch; the second half is marked ``drop`` (the null condition)."""
-    doubled = {k: torch.cat([v, v]) for k, v in condition.items() if k != "drop"}
-    device = next(iter(condition.values())).device if condition else None
-    doubled["drop"] = torch.cat([torch.zeros(n, dtype=torch.bool, device=device), torch.ones(n, dtype=torch.bool, device=device)])
-    return doubled
 
 
 class LogitCFGConfig(BaseModel):
@@ -51,7 +43,7 @@ class LogitCFG(TokenGuidance):
         if not condition:
             return logits_fn(tokens, condition)
         n = tokens.shape[0]
-        both = logits_fn(torch.cat([tokens, tokens]), batch_with_null(condition, n))
+        both = logits_fn(torch.cat([tokens, tokens]), with_null_condition(condition, n, tokens.device))
         cond, uncond = both[:n], both[n:]
         return uncond + self.scale * (cond - uncond)
 

@@ -22,7 +22,8 @@ from genzoo.diffusion import (
     LossType, ModelMeanType, ModelVarType, get_named_beta_schedule, space_timesteps,
 )
 from genzoo.diffusion.gmm import GaussianMixture, exact_classifier, exact_eps_model
-from genzoo.diffusion.guidance import CFGConfig, with_null_condition
+from genzoo.diffusion.guidance import CFGConfig
+from genzoo.interfaces import with_null_condition
 from genzoo.diffusion.samplers import DDIMConfig, SamplerConfig
 
 N = 4000

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, Model, Prediction
-from genzoo.interfaces import Condition, Guidance, SamplerKind
+from genzoo.interfaces import Condition, Guidance, SamplerKind, with_null_condition
 
 
 class DiffusionGuidance(Guidance):
@@ -110,18 +110,6 @@ class ClassifierGuidance(nn.Module, GradientGuidance):
 def make_classifier_guidance(cfg: ClassifierGuidanceConfig, ctx) -> ClassifierGuidance:
     net = ctx.registry.build("network", dict(cfg.classifier), data=ctx.data, where="guidance 'classifier': classifier: ")
     return ClassifierGuidance(net, scale=cfg.scale)
-
-
-def with_null_condition(cond: Condition, n: int, device: torch.device) -> Condition:
-    """The condition twice along dim 0, the second half marked ``drop`` (the denoiser's learned null).
-
-    Every tensor value is concatenated, other values pass through; a ``drop`` already present is
-    kept for the conditional half.
-    """
-    doubled = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in cond.items() if k != "drop"}
-    keep = cond.get("drop", torch.zeros(n, dtype=torch.bool, device=device))
-    doubled["drop"] = torch.cat([keep.to(device=device, dtype=torch.bool), torch.ones(n, dtype=torch.bool, device=device)])
-    return doubled
 
 
 class CFGConfig(BaseModel):
