@@ -123,3 +123,21 @@ def test_builtin_plugins_load_through_entry_points() -> None:
     names = {i.name for i in infos}
     assert {"data", "diffusion"} <= names
     assert all(i.module.startswith("genzoo_") for i in infos if i.name in ("data", "diffusion"))
+
+
+def test_plugin_ships_recipes(tmp_path: Path) -> None:
+    from genzoo.plugins import hookimpl
+    from genzoo.recipes import load_recipes
+
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("recipes:\n  my-ddpm:\n    description: from a plugin\n    pipeline: {type: diffusion}\n    data: {type: digits}\n")
+
+    class Shipping:
+        @hookimpl
+        def register_recipes(self):
+            return [str(extra)]
+
+    _, infos = load_plugins(extra=[("shipping", Shipping())], entry_points=False, strict=True)
+    assert infos[0].recipes == [str(extra)]
+    recipes = load_recipes(plugin_files=infos[0].recipes)
+    assert recipes["my-ddpm"].description == "from a plugin" and "ddpm-digits" in recipes
