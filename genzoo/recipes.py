@@ -160,10 +160,17 @@ def apply_overrides(
     """Apply swap flags, then ``--set`` assignments; a path not starting at a recipe key is a component role."""
     body = recipe.model_dump(mode="json")
     comps = body.setdefault("components", {})
+    def swap(role: str, name: str) -> dict[str, Any] | None:
+        """A new component of that type, or the recipe's own when it is the same type (its trained fields kept)."""
+        if name in ("none", "null"):
+            return None
+        current = comps.get(role)
+        return current if current and current.get("type") == name else {"type": name}
+
     if sampler is not None:
-        comps["sampler"] = {"type": sampler}
+        comps["sampler"] = swap("sampler", sampler)
     if guidance is not None:
-        comps["guidance"] = None if guidance in ("none", "null") else {"type": guidance}
+        comps["guidance"] = swap("guidance", guidance)
     if steps is not None:
         if not comps.get("sampler"):
             raise RecipeError(f"recipe '{name}' has no sampler to take --steps; add --sampler NAME")

@@ -26,6 +26,21 @@ recipes:
       sampler: {type: ddpm, steps: 100}
     train: {steps: 4, batch_size: 8, lr: 1.0e-3, checkpoint_every: 2, log_every: 1, sample_every: 0}
     sample: {n: 4}
+  tiny-adm:
+    description: ADM-shaped, small enough to train in seconds on CPU
+    pipeline: {type: diffusion, condition: class}
+    data: {type: digits, image_size: 8}
+    components:
+      prior: {type: gaussian}
+      decoder:
+        type: diffusion-decoder
+        timesteps: 100
+        var_type: learned-range
+        loss: hybrid
+        denoiser: {type: unet, model_channels: 16, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [4], num_classes: 10}
+      sampler: {type: ddpm, steps: 100}
+      guidance: {type: classifier, scale: 1.0, classifier: {type: noisy-classifier, model_channels: 16, channel_mult: [1, 2]}}
+    train: {stages: {decoder: 2, guidance: 2}, batch_size: 8, log_every: 1}
 """
 
 
@@ -106,3 +121,16 @@ def test_train_sample_resume(recipes: Path, tmp_path: Path) -> None:
     r = genzoo("train", "tiny-ddpm", "--recipes", str(recipes), "--out", str(run), "--steps", "6", "--resume", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "to step 6" in r.stdout
+
+
+def test_issue_command_classifier_guided_ddim(recipes: Path, tmp_path: Path) -> None:
+    """`genzoo sample DIR --sampler ddim --steps 50 --guidance classifier --scale 2` on an ADM-shaped run."""
+    run = tmp_path / "adm"
+    r = genzoo("train", "tiny-adm", "--recipes", str(recipes), "--out", str(run), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert stages == ["decoder", "decoder", "guidance", "guidance"]
+    r = genzoo("sample", str(run), "--sampler", "ddim", "--steps", "50", "--guidance", "classifier", "--scale", "2",
+               "--class", "3", "-n", "2", "--out", str(tmp_path / "g.png"), "--save", str(tmp_path / "x.safetensors"))
+    assert r.returncode == 0, r.stderr
+    assert tuple(load_file(tmp_path / "x.safetensors")["samples"].shape) == (2, 1, 8, 8)

@@ -118,3 +118,11 @@ def test_every_shipped_recipe_resolves(loaded_registry: Registry) -> None:
     for name, r in recipes.items():
         out = resolve(name, r, loaded_registry)
         assert out["components"]["decoder"]["denoiser"]["type"]  # nested network spec resolved
+
+
+def test_swapping_to_the_same_type_keeps_its_fields(reg: Registry) -> None:
+    body = {**BODY, "components": {**BODY["components"], "sampler": {"type": "ddim", "steps": 33}}}
+    same = resolve("toy", apply_overrides("toy", parse_recipe("toy", body), [], sampler="ddim"), reg)
+    assert same["components"]["sampler"]["steps"] == 33  # e.g. a trained classifier's config survives --guidance classifier
+    other = apply_overrides("toy", parse_recipe("toy", body), [], sampler="ddim", guidance="none")
+    assert "guidance" not in resolve("toy", other, reg)["components"]
