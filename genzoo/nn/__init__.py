@@ -1,13 +1,19 @@
-"""Networks shared by the families: the ADM U-Net, an MLP denoiser for vectors, a noisy classifier."""
+"""Networks shared by the families: the ADM U-Net, an MLP denoiser for vectors, a GPT, a noisy classifier."""
 
 from genzoo.nn.classifier import NoisyClassifier, NoisyClassifierConfig, build_noisy_classifier
+from genzoo.nn.embeddings import timestep_embedding
+from genzoo.nn.gpt import GPT, CachedLogits, GPTConfig, KVCache
 from genzoo.nn.mlp import MLPDenoiser, MLPDenoiserConfig, build_mlp_denoiser
-from genzoo.nn.unet import UNet, UNetConfig, build_unet
+from genzoo.nn.unet import UNet, UNetConfig, build_unet, unet_flops
 
+# registered as kind "network" by the core plugin; the GPT is built by the token-prior components
 NETWORKS = {
     "unet": (UNetConfig, build_unet),
     "mlp-denoiser": (MLPDenoiserConfig, build_mlp_denoiser),
     "noisy-classifier": (NoisyClassifierConfig, build_noisy_classifier),
 }
 
-__all__ = ["NETWORKS", "UNet", "UNetConfig", "MLPDenoiser", "MLPDenoiserConfig", "NoisyClassifier", "NoisyClassifierConfig"]
+__all__ = [
+    "NETWORKS", "CachedLogits", "GPT", "GPTConfig", "KVCache", "MLPDenoiser", "MLPDenoiserConfig", "NoisyClassifier",
+    "NoisyClassifierConfig", "UNet", "UNetConfig", "build_mlp_denoiser", "build_unet", "timestep_embedding", "unet_flops",
+]

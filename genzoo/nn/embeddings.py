@@ -1,20 +1,55 @@
-"""Embeddings of the diffusion time step."""
+"""Embeddings shared by the denoisers: the diffusion time step and the conditions added to it."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal embedding of (possibly fractional) steps (Vaswani et al. 2017, Sec. 3.5; DDPM App. B).
 
-    ``[cos(t w_i), sin(t w_i)]`` with ``w_i = max_period^(-i / (dim/2))``; float32 whatever ``t`` is.
+    ``[cos(t w_0..w_{h-1}), sin(t w_0..w_{h-1})]`` with ``h = dim // 2`` and ``w_i = max_period^(-i/h)``
+    (the improved-diffusion layout); a zero column pads an odd ``dim``. float32 whatever ``t`` is.
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1) if dim % 2 else emb
+
+
+def with_null(value: Tensor | None, null: Tensor, drop: Tensor | None, batch: int) -> Tensor:
+    """``value`` per sample, or ``null`` where ``drop`` is set or everywhere when ``value`` is missing.
+
+    The null condition of classifier-free guidance (Ho & Salimans 2021): a missing condition and a
+    dropped one are the same input, so a model trained with dropout samples unconditionally too.
+    ``torch.where`` keeps it sync-free (no ``drop.any()`` on the host).
+    """
+    if value is None:
+        return null.expand(batch, *null.shape)
+    if drop is None:
+        return value
+    return torch.where(drop.view(-1, *[1] * null.dim()), null.to(value.dtype), value)
+
+
+def condition_embedding(
+    emb: Tensor,
+    cond: Mapping[str, Tensor],
+    *,
+    class_emb: nn.Embedding | None,
+    emb_proj: nn.Linear | None,
+    null_emb: Tensor | None,
+) -> Tensor:
+    """Add the class embedding (ADM Sec. 3) and the projected pooled embedding (GLIDE Sec. 2.3; unCLIP
+    Sec. 2.1) to the time embedding ``emb``; the null class is the last row of ``class_emb``."""
+    drop, batch = cond.get("drop"), emb.shape[0]
+    if class_emb is not None:
+        null_y = torch.full((), class_emb.num_embeddings - 1, dtype=torch.long, device=emb.device)
+        emb = emb + class_emb(with_null(cond.get("y"), null_y, drop, batch))
+    if emb_proj is not None:
+        emb = emb + emb_proj(with_null(cond.get("emb"), null_emb, drop, batch).to(emb.dtype))
+    return emb

@@ -1,32 +1,41 @@
-"""A residual MLP denoiser for vectors (B, D): the DALL·E 2 prior's shape on the image samplers' code path."""
+"""A residual MLP denoiser for vectors (B, D): the DALL·E 2 prior's shape on the image samplers' code path.
+
+Same ``forward(x_t, t, cond)`` contract and cond convention (``y``, ``emb``, ``drop``) as the U-Net,
+so the DDPM / DDIM / DPM-Solver++ samplers and the guidances drive it unchanged.
+"""
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from genzoo.nn.embeddings import timestep_embedding
+from genzoo.nn.embeddings import condition_embedding, timestep_embedding
 
 
 class MLPDenoiserConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    dim: int | None = Field(None, description="vector size D; None takes the product of the dataset's image shape")
+    dim: int | None = Field(None, ge=1, description="vector size D; None takes the product of the dataset's image shape")
     hidden: int = Field(256, ge=8, description="width of the residual blocks")
     depth: int = Field(3, ge=1, description="number of residual blocks")
-    num_classes: int | None = Field(None, description="class-conditional with this many classes; index num_classes is the null")
-    emb_dim_in: int | None = Field(None, description="dim of cond['emb'] (e.g. a text embedding) added to the time embedding")
+    num_classes: int | None = Field(None, ge=1, description="class-conditional with this many classes; index num_classes is the learned null")
+    emb_dim_in: int | None = Field(None, ge=1, description="dim of cond['emb'] (e.g. a CLIP text embedding), projected and added to the time embedding")
     learn_sigma: bool | None = Field(None, description="also output the variance interpolation v (Improved DDPM Eq. 15); None: set by the diffusion decoder's var_type")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout in the blocks")
 
 
 class Block(nn.Module):
+    """Pre-norm residual MLP block; the embedding is added before the nonlinearity (a 1-D ADM ResBlock)."""
+
     def __init__(self, hidden: int, dropout: float) -> None:
         super().__init__()
         self.norm, self.fc1, self.fc2 = nn.LayerNorm(hidden), nn.Linear(hidden, 2 * hidden), nn.Linear(2 * hidden, hidden)
         self.emb, self.drop = nn.Linear(hidden, hidden), nn.Dropout(dropout)
-        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.weight)  # each block starts as the identity, as ADM's zero-initialised convs
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:
@@ -34,7 +43,11 @@ class Block(nn.Module):
 
 
 class MLPDenoiser(nn.Module):
-    """``forward(x_t (B, D), t, cond) -> (B, D)`` (or (B, 2D) with learned sigma); same cond convention as the U-Net."""
+    """``forward(x_t (B, D), t, cond) -> (B, D)``, or (B, 2D) ``[eps, v]`` with learned sigma.
+
+    Inputs of any shape (B, ...) are flattened and the output is reshaped to (B, k*C, ...), so it
+    also stands in for a U-Net on tiny images.
+    """
 
     def __init__(self, cfg: MLPDenoiserConfig) -> None:
         super().__init__()
@@ -49,22 +62,12 @@ class MLPDenoiser(nn.Module):
         self.null_emb = nn.Parameter(torch.zeros(cfg.emb_dim_in)) if cfg.emb_dim_in else None
         self.blocks = nn.ModuleList(Block(h, cfg.dropout) for _ in range(cfg.depth))
         self.out = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, cfg.dim * (2 if cfg.learn_sigma else 1)))
-        nn.init.zeros_(self.out[1].weight)
+        nn.init.zeros_(self.out[1].weight)  # a fresh denoiser predicts exactly 0
         nn.init.zeros_(self.out[1].bias)
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
-        cond = cond or {}
-        drop = cond.get("drop")
         emb = self.time_mlp(timestep_embedding(t, self.cfg.hidden).to(x.dtype))
-        if self.class_emb is not None:
-            null = torch.full((x.shape[0],), self.cfg.num_classes, device=x.device, dtype=torch.long)
-            y = cond.get("y", null)
-            emb = emb + self.class_emb(y if drop is None else torch.where(drop, null, y))
-        if self.emb_proj is not None:
-            e = cond.get("emb")
-            e = self.null_emb.expand(x.shape[0], -1) if e is None else (
-                e if drop is None else torch.where(drop[:, None], self.null_emb.to(e.dtype), e))
-            emb = emb + self.emb_proj(e)
+        emb = condition_embedding(emb, cond or {}, class_emb=self.class_emb, emb_proj=self.emb_proj, null_emb=self.null_emb)
         h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = block(h, emb)
@@ -72,11 +75,9 @@ class MLPDenoiser(nn.Module):
         return out.view(x.shape[0], -1, *x.shape[2:]) if x.dim() > 2 else out
 
 
-def build_mlp_denoiser(cfg: MLPDenoiserConfig, ctx=None) -> MLPDenoiser:
+def build_mlp_denoiser(cfg: MLPDenoiserConfig, ctx: Any = None) -> MLPDenoiser:
+    """Build for a dataset: ``dim`` defaults to the product of the data's image shape."""
     data = getattr(ctx, "data", None)
     if cfg.dim is None and data is not None:
-        n = 1
-        for s in data.image_shape:
-            n *= s
-        cfg = cfg.model_copy(update={"dim": n})
+        cfg = cfg.model_copy(update={"dim": math.prod(data.image_shape)})
     return MLPDenoiser(cfg)

@@ -1,107 +1,136 @@
 """The ADM U-Net (Dhariwal & Nichol 2021, Sec. 3; Nichol & Dhariwal 2021), shared by every image diffusion model.
 
-Residual blocks with scale-shift norm (``GroupNorm(h) * (1 + s) + b`` from the embedding), attention
-at chosen resolutions through ``scaled_dot_product_attention`` with a fused qkv projection, zero-
+Residual blocks with scale-shift norm (``GN(h) * (1 + s) + b`` from the embedding), attention at
+chosen resolutions through ``scaled_dot_product_attention`` with a fused qkv projection, zero-
 initialised output layers (a fresh model predicts exactly 0), and the conditions of the families
 that reuse it: a class embedding (ADM), a pooled embedding added to the time embedding and a token
-sequence as extra attention keys/values (GLIDE, unCLIP), a low-resolution image (upsamplers).
-
-``cond["drop"]`` (bool per sample) replaces every condition by its learned null (class index
-``num_classes``, a learned null embedding, no context tokens): classifier-free guidance and
-training-time dropout use it. GroupNorm uses ``min(32, C // 4)`` groups so small test models work.
+sequence as extra attention keys/values (GLIDE Sec. 2.3, unCLIP Sec. 2.1), a low-resolution image
+(upsamplers). See docs/networks.md for the cond dict.
 """
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from genzoo.nn.embeddings import timestep_embedding
+from genzoo.nn.embeddings import condition_embedding, timestep_embedding
 
 
 class UNetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    in_channels: int | None = Field(None, description="image channels; None takes the dataset's")
-    image_size: int | None = Field(None, description="image side; None takes the dataset's")
-    out_channels: int | None = Field(None, description="None: in_channels, doubled when learn_sigma")
+    in_channels: int | None = Field(None, ge=1, description="image channels; None takes the dataset's")
+    image_size: int | None = Field(None, ge=1, description="image side; None takes the dataset's")
+    out_channels: int | None = Field(None, ge=1, description="None: in_channels, doubled when learn_sigma")
     model_channels: int = Field(64, ge=8, description="channels at the first resolution")
-    channel_mult: list[int] = Field([1, 2, 2], description="channel multiplier per resolution")
+    channel_mult: list[int] = Field([1, 2, 2], min_length=1, description="channel multiplier per resolution; len - 1 halvings")
     num_res_blocks: int = Field(2, ge=1, description="residual blocks per resolution")
     attention_resolutions: list[int] = Field([16, 8], description="resolutions (in pixels) with self-attention")
-    num_head_channels: int = Field(32, ge=8, description="channels per attention head")
+    num_heads: int | None = Field(None, ge=1, description="attention heads per layer; None: channels // num_head_channels")
+    num_head_channels: int = Field(32, ge=1, description="channels per attention head when num_heads is None (ADM uses 64)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout in residual blocks")
-    num_classes: int | None = Field(None, description="class-conditional with this many classes (ADM); index num_classes is the null")
+    num_classes: int | None = Field(None, ge=1, description="class-conditional with this many classes (ADM); index num_classes is the learned null")
     learn_sigma: bool | None = Field(None, description="also output the variance interpolation v (Improved DDPM Eq. 15); None: set by the diffusion decoder's var_type")
-    use_scale_shift_norm: bool = Field(True, description="condition by GroupNorm scale and shift (ADM) rather than addition")
-    resblock_updown: bool = Field(True, description="down/up-sample inside residual blocks (BigGAN style, ADM)")
-    context_dim: int | None = Field(None, description="dim of cond['context'] tokens attended to by every attention layer (GLIDE)")
-    emb_dim_in: int | None = Field(None, description="dim of cond['emb'], projected and added to the time embedding")
-    cond_channels: int = Field(0, ge=0, description="channels of cond['low_res'], upsampled and concatenated (upsamplers)")
+    use_scale_shift_norm: bool = Field(True, description="condition by GroupNorm scale and shift (ADM) rather than by addition (DDPM)")
+    resblock_updown: bool = Field(True, description="down/up-sample inside residual blocks (BigGAN style, ADM); False: strided conv / nearest+conv (DDPM)")
+    context_dim: int | None = Field(None, ge=1, description="dim of cond['context'] tokens, projected to extra keys/values of every attention layer (GLIDE)")
+    emb_dim_in: int | None = Field(None, ge=1, description="dim of cond['emb'], projected and added to the time embedding (GLIDE's last text token, unCLIP's z_i)")
+    cond_channels: int = Field(0, ge=0, description="channels of cond['low_res'], bilinearly upsampled and concatenated to x_t (upsamplers)")
+
+    @model_validator(mode="after")
+    def _check(self) -> UNetConfig:
+        halvings = len(self.channel_mult) - 1
+        if self.image_size is not None and self.image_size % 2**halvings:
+            raise ValueError(f"image_size {self.image_size} is not divisible by 2^{halvings} (len(channel_mult) - 1 halvings)")
+        return self
+
+
+class Resample(str, Enum):
+    none = "none"
+    up = "up"
+    down = "down"
+
+
+def num_groups(ch: int) -> int:
+    """GroupNorm groups: the largest divisor of ``ch`` that is <= 32 and leaves >= 2 channels per group.
+
+    32 for every ADM width (64, 128, 192, ...); fewer for the narrow layers of test-sized models, where
+    32 groups would be 1-channel instance norm (or not divide ``ch`` at all).
+    """
+    return max(g for g in range(1, min(32, max(1, ch // 2)) + 1) if ch % g == 0)
 
 
 def norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, max(1, ch // 4)), ch)
+    return nn.GroupNorm(num_groups(ch), ch)
 
 
 def zero(module: nn.Module) -> nn.Module:
+    """Zero-initialise a residual branch's last layer, so every block starts as the identity (ADM)."""
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
 
 
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, conditioned on the embedding; optional up/down-sampling (ADM Sec. 3)."""
+def resize(x: Tensor, mode: Resample) -> Tensor:
+    if mode is Resample.down:
+        return F.avg_pool2d(x, 2)
+    if mode is Resample.up:
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    return x
 
-    def __init__(self, ch: int, emb_dim: int, out_ch: int, *, dropout: float, scale_shift: bool, resample: str = "none") -> None:
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv twice, conditioned on the embedding; optional up/down-sampling (ADM Sec. 3; BigGAN)."""
+
+    def __init__(
+        self, ch: int, emb_dim: int, out_ch: int, *, dropout: float, scale_shift: bool, resample: Resample | str = Resample.none
+    ) -> None:
         super().__init__()
-        self.scale_shift, self.resample = scale_shift, resample
+        self.scale_shift, self.resample = scale_shift, Resample(resample)
         self.in_norm, self.in_conv = norm(ch), nn.Conv2d(ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
         self.out_norm, self.drop = norm(out_ch), nn.Dropout(dropout)
         self.out_conv = zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
 
-    def _resize(self, x: Tensor) -> Tensor:
-        if self.resample == "down":
-            return F.avg_pool2d(x, 2)
-        if self.resample == "up":
-            return F.interpolate(x, scale_factor=2, mode="nearest")
-        return x
-
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = F.silu(self.in_norm(x))
-        h, x = self._resize(h), self._resize(x)
-        h = self.in_conv(h)
+        # resample after the first activation, as ADM does, so the conv runs at the new resolution
+        h = self.in_conv(resize(F.silu(self.in_norm(x)), self.resample))
+        x = resize(x, self.resample)
         e = self.emb(F.silu(emb))[..., None, None]
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
             h = self.out_norm(h) * (1 + scale) + shift
         else:
             h = self.out_norm(h + e)
-        h = self.out_conv(self.drop(F.silu(h)))
-        return self.skip(x) + h
+        return self.skip(x) + self.out_conv(self.drop(F.silu(h)))
 
 
-class Resample(nn.Module):
-    """Plain down/up-sampling (DDPM): a stride-2 conv, or nearest upsampling then a conv."""
+class ConvResample(nn.Module):
+    """Plain resampling (DDPM): a stride-2 conv, or nearest upsampling then a conv."""
 
-    def __init__(self, ch: int, resample: str) -> None:
+    def __init__(self, ch: int, resample: Resample | str) -> None:
         super().__init__()
-        self.resample = resample
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2 if resample == "down" else 1, padding=1)
+        self.resample = Resample(resample)
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2 if self.resample is Resample.down else 1, padding=1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.resample == "up" else x)
+        return self.conv(resize(x, Resample.up) if self.resample is Resample.up else x)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention over pixels; context tokens join the keys and values (GLIDE Sec. 2.3)."""
 
-    def __init__(self, ch: int, head_ch: int, context_dim: int | None) -> None:
+    def __init__(self, ch: int, head_ch: int, context_dim: int | None, *, heads: int | None = None) -> None:
         super().__init__()
-        self.heads = max(1, ch // head_ch)
+        self.heads = heads or max(1, ch // head_ch)
+        if ch % self.heads:
+            raise ValueError(f"attention: {ch} channels do not split into {self.heads} heads")
         self.norm, self.qkv = norm(ch), nn.Linear(ch, 3 * ch)
         self.context_kv = nn.Linear(context_dim, 2 * ch) if context_dim else None
         self.proj = zero(nn.Linear(ch, ch))
@@ -112,23 +141,22 @@ class Attention(nn.Module):
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)
         mask = None
         if self.context_kv is not None and context is not None:
-            ck, cv = self.context_kv(context).chunk(2, dim=-1)
+            ck, cv = self.context_kv(context.to(x.dtype)).chunk(2, dim=-1)
             k, v = torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
-            if context_mask is not None:
-                keep = torch.cat([context_mask, context_mask.new_ones(b, hgt * wid)], dim=1)
-                mask = keep[:, None, None, :]
-        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
-        out = self.proj(out.transpose(1, 2).flatten(2))
-        return x + out.transpose(1, 2).reshape(b, c, hgt, wid)
+            if context_mask is not None:  # image positions are always visible, so no row is fully masked
+                mask = torch.cat([context_mask, context_mask.new_ones(b, hgt * wid)], dim=1)[:, None, None, :]
+        q, k, v = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2) for z in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.proj(out.transpose(1, 2).flatten(2))  # (B, HW, C)
+        return x + out.transpose(1, 2).unflatten(2, (hgt, wid))
 
 
 class Level(nn.Module):
-    """One block of the U-Net: a residual block, optionally followed by attention."""
+    """One U-Net stage: a residual (or resampling) block, then attention where configured."""
 
-    def __init__(self, res: ResBlock, attn: Attention | None) -> None:
+    def __init__(self, res: nn.Module, attn: Attention | None, *, takes_skip: bool = False) -> None:
         super().__init__()
-        self.res, self.attn = res, attn
+        self.res, self.attn, self.takes_skip = res, attn, takes_skip
 
     def forward(self, x: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
         x = self.res(x, emb)
@@ -136,7 +164,10 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """``forward(x_t, t, cond) -> eps`` (or [eps, v] with learned sigma), shaped like ``x_t``."""
+    """``forward(x_t, t, cond) -> eps`` (or ``[eps, v]`` with learned sigma), shaped like ``x_t``.
+
+    ``t`` holds the (possibly rescaled, fractional) timesteps, one per sample.
+    """
 
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
@@ -152,59 +183,54 @@ class UNet(nn.Module):
         self.null_emb = nn.Parameter(torch.zeros(cfg.emb_dim_in)) if cfg.emb_dim_in else None
         block = dict(dropout=cfg.dropout, scale_shift=cfg.use_scale_shift_norm)
 
-        def attn(ch: int, res: int) -> Attention | None:
-            return Attention(ch, cfg.num_head_channels, cfg.context_dim) if res in cfg.attention_resolutions else None
+        def res(ch: int, out: int) -> ResBlock:
+            return ResBlock(ch, emb_dim, out, **block)
+
+        def resample(ch: int, mode: Resample) -> nn.Module:
+            return ResBlock(ch, emb_dim, ch, resample=mode, **block) if cfg.resblock_updown else ConvResample(ch, mode)
+
+        def attn(ch: int, size: int | None = None) -> Attention | None:
+            if size is not None and size not in cfg.attention_resolutions:
+                return None
+            return Attention(ch, cfg.num_head_channels, cfg.context_dim, heads=cfg.num_heads)
 
         self.input_conv = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch0, 3, padding=1)
         self.down = nn.ModuleList()
-        skips, ch, res = [ch0], ch0, cfg.image_size
+        skips, ch, size = [ch0], ch0, cfg.image_size
         for i, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(Level(ResBlock(ch, emb_dim, mult * ch0, **block), attn(mult * ch0, res)))
+                self.down.append(Level(res(ch, mult * ch0), attn(mult * ch0, size)))
                 ch = mult * ch0
                 skips.append(ch)
             if i < len(cfg.channel_mult) - 1:
-                self.down.append(Level(self._resample(ch, emb_dim, "down", block), None))
+                self.down.append(Level(resample(ch, Resample.down), None))
                 skips.append(ch)
-                res //= 2
-        self.middle = nn.ModuleList([
-            Level(ResBlock(ch, emb_dim, ch, **block), Attention(ch, cfg.num_head_channels, cfg.context_dim)),
-            Level(ResBlock(ch, emb_dim, ch, **block), None),
-        ])
+                size //= 2
+        self.middle = nn.ModuleList([Level(res(ch, ch), attn(ch)), Level(res(ch, ch), None)])
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for j in range(cfg.num_res_blocks + 1):
-                self.up.append(Level(ResBlock(ch + skips.pop(), emb_dim, mult * ch0, **block), attn(mult * ch0, res)))
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(Level(res(ch + skips.pop(), mult * ch0), attn(mult * ch0, size), takes_skip=True))
                 ch = mult * ch0
-                if i > 0 and j == cfg.num_res_blocks:
-                    self.up.append(Level(self._resample(ch, emb_dim, "up", block), None))
-                    res *= 2
+            if i > 0:
+                self.up.append(Level(resample(ch, Resample.up), None))
+                size *= 2
         self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, out_ch, 3, padding=1)))
-
-    def _resample(self, ch: int, emb_dim: int, kind: str, block: dict) -> nn.Module:
-        return ResBlock(ch, emb_dim, ch, resample=kind, **block) if self.cfg.resblock_updown else Resample(ch, kind)
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
         cond = cond or {}
-        drop = cond.get("drop")
         emb = self.time_mlp(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
-        if self.class_emb is not None:
-            y = cond.get("y")
-            null = torch.full((x.shape[0],), self.cfg.num_classes, device=x.device, dtype=torch.long)
-            y = null if y is None else (y if drop is None else torch.where(drop, null, y))
-            emb = emb + self.class_emb(y)
-        if self.emb_proj is not None:
-            e = cond.get("emb")
-            e = self.null_emb.expand(x.shape[0], -1) if e is None else (
-                e if drop is None else torch.where(drop[:, None], self.null_emb.to(e.dtype), e))
-            emb = emb + self.emb_proj(e)
-        context, mask = cond.get("context"), cond.get("context_mask")
-        if context is not None and drop is not None:  # a dropped caption contributes no tokens
+        emb = condition_embedding(emb, cond, class_emb=self.class_emb, emb_proj=self.emb_proj, null_emb=self.null_emb)
+        context, mask, drop = cond.get("context"), cond.get("context_mask"), cond.get("drop")
+        if context is not None and drop is not None:  # a dropped caption contributes no tokens, as a missing one
             keep = ~drop[:, None].expand(-1, context.shape[1])
             mask = keep if mask is None else mask & keep
         h = x
         if self.cfg.cond_channels:
-            h = torch.cat([x, F.interpolate(cond["low_res"], size=x.shape[-2:], mode="bilinear", align_corners=False)], dim=1)
+            if "low_res" not in cond:
+                raise ValueError(f"UNet: cond_channels={self.cfg.cond_channels} needs cond['low_res'] (the low-resolution image)")
+            low = F.interpolate(cond["low_res"].to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            h = torch.cat([x, low], dim=1)
         h = self.input_conv(h)
         hs = [h]
         for level in self.down:
@@ -213,14 +239,11 @@ class UNet(nn.Module):
         for level in self.middle:
             h = level(h, emb, context, mask)
         for level in self.up:
-            if level.res.resample == "up":
-                h = level(h, emb, context, mask)
-            else:
-                h = level(torch.cat([h, hs.pop()], dim=1), emb, context, mask)
+            h = level(torch.cat([h, hs.pop()], dim=1) if level.takes_skip else h, emb, context, mask)
         return self.out(h)
 
 
-def build_unet(cfg: UNetConfig, ctx=None) -> UNet:
+def build_unet(cfg: UNetConfig, ctx: Any = None) -> UNet:
     """Build for a dataset: ``in_channels`` and ``image_size`` default to the data's."""
     data = getattr(ctx, "data", None)
     if data is not None:
@@ -228,3 +251,25 @@ def build_unet(cfg: UNetConfig, ctx=None) -> UNet:
         cfg = cfg.model_copy(update={"in_channels": cfg.in_channels or c, "image_size": cfg.image_size or h})
     return UNet(cfg)
 
+
+def flop_counter() -> FlopCounterMode:
+    """``FlopCounterMode`` that also counts the fused CPU attention kernel.
+
+    torch's registry knows the CUDA SDPA kernels but not ``_scaled_dot_product_flash_attention_for_cpu``,
+    so on CPU attention would silently count as zero; it is counted here as on CUDA (QK^T and AV).
+    """
+    def sdpa_cpu(q: torch.Size, k: torch.Size, v: torch.Size, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu})
+
+
+def unet_flops(cfg: UNetConfig, batch: int, cond: dict[str, Tensor] | None = None) -> int:
+    """Forward FLOPs (multiply-add = 2) of ``UNet(cfg)`` on ``batch`` images, counted by
+    ``torch.utils.flop_counter`` on the meta device: no weights are allocated and nothing runs."""
+    with torch.device("meta"):
+        net = UNet(cfg)
+        x, t = torch.zeros(batch, cfg.in_channels, cfg.image_size, cfg.image_size), torch.zeros(batch)
+        with flop_counter() as counter:
+            net(x, t, cond)
+    return counter.get_total_flops()
