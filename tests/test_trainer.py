@@ -185,3 +185,14 @@ def test_bf16_autocast_runs_the_loss_in_bf16(tmp_path: Path) -> None:
     _, r = train(Recording, tmp_path, cfg(steps=2, precision="bf16"))
     assert seen == [torch.bfloat16, torch.bfloat16] and math.isfinite(r.losses["loss"])
     assert all(v.dtype == torch.float32 for v in load_checkpoint(tmp_path).components["decoder"].values())  # weights stay fp32
+
+
+def test_minutes_budget_stops_at_a_step_boundary_and_checkpoints(tmp_path: Path) -> None:
+    class Slow(Noisy):
+        def training_losses(self, batch, **kw):
+            threading.Event().wait(0.05)
+            return super().training_losses(batch, **kw)
+
+    _, r = train(Slow, tmp_path, cfg(steps=None, minutes=0.2 / 60))  # a 0.2 s budget, 0.05 s steps
+    assert r.stopped_early and 3 <= r.step <= 8
+    assert load_checkpoint(tmp_path).meta["step"] == r.step

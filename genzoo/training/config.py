@@ -17,6 +17,8 @@ class OptimizerConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
+    """The ``train:`` section: schedule, optimisers, EMA, checkpoints, logs, device (docs/training.md)."""
+
     model_config = ConfigDict(extra="forbid")
     steps: int | None = Field(1000, ge=1, description="optimisation steps per stage; null with --minutes runs until the budget")
     minutes: float | None = Field(None, gt=0, description="wall-clock budget; whichever of steps and minutes comes first stops")

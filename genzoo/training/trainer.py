@@ -12,6 +12,7 @@ import json
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -254,6 +255,8 @@ class Trainer:
                                         "resume with the same recipe or train into a new --out")
             self._restore(ck.trainer_state)
             self.last_checkpoint = ck.path
+            if self.dist.rank:  # the state holds rank 0's RNG; other ranks must not repeat its noise
+                torch.manual_seed(cfg.seed + self.dist.rank + 1_000_003 * self.step)
         else:
             self._setup_stage()
         model: nn.Module = _Losses(self.pipeline)
@@ -265,7 +268,8 @@ class Trainer:
         previous = self._install_signals()
         deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
         total = sum(s for _, s in self.stages) if cfg.steps or cfg.stages else None
-        bar = tqdm(total=total, initial=self.step, disable=not self.progress or not self.dist.is_main, dynamic_ncols=True)
+        show = self.progress and self.dist.is_main and sys.stderr.isatty()
+        bar = tqdm(total=total, initial=self.step, disable=not show, dynamic_ncols=True)
         t0, steps_done, last = time.perf_counter(), 0, {}
         try:
             while True:
