@@ -93,19 +93,38 @@ def load_model(
         resolved = resolve(name, recipe, registry)
     data_spec = _data_spec_from(ckpt)
     pipeline = build_pipeline(resolved, registry, data_spec)
-    load_weights(pipeline, ckpt, allow_unused=any(v is not None for v in swaps.values()) or bool(sets))
+    types = lambda r: {role: (s or {}).get("type") for role, s in r.get("components", {}).items()}  # noqa: E731
+    before, after = types(ckpt.recipe), types(resolved)
+    swapped = {role for role in before if after.get(role) != before[role]}
+    load_weights(pipeline, ckpt, allow_unused=any(v is not None for v in swaps.values()) or bool(sets), swapped=swapped)
+    _refit_swapped(pipeline, swapped if (swaps or sets) else set(), ckpt, registry)
     pipeline.checkpoint_meta = ckpt.meta
     return pipeline.to(device).eval()
 
 
-def load_weights(pipeline: Pipeline, ckpt: Checkpoint, *, allow_unused: bool = False) -> None:
+def _refit_swapped(pipeline: Pipeline, swapped: set[str], ckpt: Checkpoint, registry: Registry) -> None:
+    """A swapped-in component fitted after training (an AE's ``gmm`` prior) is fitted now, on the
+    training split the checkpoint was trained on (rebuilt from its recipe: bundled data only)."""
+    unfitted = [r for r in swapped if getattr(pipeline.components.get(r), "fitted", None) is not None
+                and not bool(pipeline.components[r].fitted)]
+    if not unfitted:
+        return
+    train = build_data(ckpt.recipe, registry=registry).split("train")
+    if train.fingerprint() != ckpt.meta.get("data_fingerprint", train.fingerprint()):
+        raise GenzooError(f"{ckpt.path}: the swapped-in {unfitted} must be fitted on the training data, which no longer "
+                          "matches the checkpoint's (its fingerprint differs)")
+    pipeline.fit_after_training(train.tensors())
+
+
+def load_weights(pipeline: Pipeline, ckpt: Checkpoint, *, allow_unused: bool = False, swapped: set[str] = frozenset()) -> None:
     """Load every component's weights; a component with weights the checkpoint lacks is an error.
 
-    ``allow_unused`` lets a swap drop a trained component (e.g. sample without the classifier).
+    ``allow_unused`` lets a swap drop a trained component (e.g. sample without the classifier) or
+    replace it by another type (``swapped`` roles: a VQ-VAE's GPT prior by the uniform one).
     """
     children = dict(pipeline.named_children())
     for role, state in ckpt.components.items():
-        if role not in children:
+        if role not in children or (allow_unused and role in swapped):
             if allow_unused:
                 continue
             raise GenzooError(f"{ckpt.path}: the checkpoint has weights for '{role}' but the model has no such component")

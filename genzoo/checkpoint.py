@@ -168,6 +168,20 @@ class Checkpoint:
         return int(self.meta["step"])
 
 
+def unshared(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Copy tensors that share storage with an earlier one (tied weights: a GPT's wte and lm_head).
+
+    safetensors refuses aliased tensors; on load ``load_state_dict`` writes both keys into the one
+    tied parameter, so the tie survives the round trip.
+    """
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        out[k] = v.clone() if ptr is not None and ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -187,12 +201,12 @@ def save_checkpoint(
     ckpts = run_dir / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
-    files: dict[str, bytes] = {f"{role}.safetensors": st_save({k: v.detach().cpu().contiguous() for k, v in sd.items()})
+    files: dict[str, bytes] = {f"{role}.safetensors": st_save(unshared({k: v.detach().cpu().contiguous() for k, v in sd.items()}))
                                for role, sd in components.items()}
     files["recipe.json"] = dumps_json(dict(recipe))
     if trainer_state is not None:
         tree, tensors = flatten_state(trainer_state)
-        files["trainer.safetensors"] = st_save(tensors)
+        files["trainer.safetensors"] = st_save(unshared(tensors))
         files["trainer.json"] = dumps_json(tree)
     full_meta = {
         "format": FORMAT,

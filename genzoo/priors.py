@@ -1,45 +1,344 @@
-"""Simple priors shared by several families."""
+"""Priors shared by several families: Gaussian noise, latent densities fitted after training, token priors.
+
+A prior whose size follows the decoder it feeds (``shape: null``) is *bound* to that decoder when
+the model is built (:func:`bind_priors`), so swapping a prior never means repeating a latent size.
+
+* ``gaussian``: ``z ~ N(0, I)`` (a GAN's noise, a VAE's prior, a diffusion model's x_T).
+* ``fitted-gaussian`` and ``gmm``: densities fitted on the training latents of an AE after
+  training (the AE is not generative on its own; ALGORITHMS.md "VAE, AE, DAE").
+* ``uniform-tokens`` and ``gpt``: priors over a grid of discrete codes (VQ-VAE Sec. 3.1: a uniform
+  prior during training, an autoregressive prior fitted afterwards).
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 
-from genzoo.interfaces import Condition, Prior, Spec
+from genzoo.errors import GenzooError
+from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
+from genzoo.nn.embeddings import with_null
+from genzoo.nn.gpt import GPT, CachedLogits, GPTConfig
+
+
+def bind_priors(components: Mapping[str, Any]) -> None:
+    """Size every unsized prior from the decoder it feeds (``prior.bind(decoder.consumes)``)."""
+    prior, decoder = components.get("prior"), components.get("decoder")
+    if prior is not None and decoder is not None and hasattr(prior, "bind") and hasattr(decoder, "consumes"):
+        prior.bind(decoder.consumes)
+
+
+class _Sized(Prior):
+    """A prior over tensors of a fixed ``shape`` that may be given late by :meth:`bind`."""
+
+    name = "prior"
+
+    def __init__(self, shape: tuple[int, ...] | None, dtype: str = "float") -> None:
+        super().__init__()
+        self.shape, self.dtype = (tuple(shape) if shape else None), dtype
+        self.produces = Spec(shape=self.shape, dtype=dtype)
+        self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
+        if self.shape is not None:
+            self._build(self.shape)
+
+    def bind(self, consumes: Spec) -> None:
+        if self.shape is not None or consumes.shape is None or None in consumes.shape:
+            return
+        self.shape = tuple(consumes.shape)
+        self.produces = Spec(shape=self.shape, dtype=self.dtype, vocab_size=consumes.vocab_size)
+        self._build(self.shape)
+
+    def _build(self, shape: tuple[int, ...]) -> None:
+        """Create shape-dependent parameters and buffers."""
+
+    def _check_bound(self) -> tuple[int, ...]:
+        if self.shape is None:
+            raise GenzooError(f"prior '{self.name}' has no shape: set `shape` or compose it with a decoder that has one")
+        return self.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self._device_probe.device
+
+
+# --------------------------------------------------------------------------- continuous
 
 
 class GaussianPriorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    shape: list[int] | None = Field(
-        None, description="latent shape without the batch; None takes the data's image shape (x_T of a diffusion model)"
-    )
+    shape: list[int] | None = Field(None, description="latent shape without the batch; None takes the decoder's")
 
 
-class GaussianPrior(Prior):
-    """``z ~ N(0, I)``: a GAN's noise, a VAE's prior, a diffusion model's x_T."""
+class GaussianPrior(_Sized):
+    """``z ~ N(0, I)``."""
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.shape = tuple(shape)
-        self.produces = Spec(shape=self.shape)
-        self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
+    name = "gaussian"
 
     def sample(self, n, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
-        return torch.randn((n, *self.shape), generator=generator, device=self._device_probe.device)
+        return torch.randn((n, *self._check_bound()), generator=generator, device=self.device)
 
     def log_prob(self, z: Tensor) -> Tensor:
         d = z[0].numel()
         return -0.5 * z.flatten(1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi)
 
 
-def make_gaussian_prior(cfg: GaussianPriorConfig, ctx) -> GaussianPrior:
-    if cfg.shape is not None:
-        return GaussianPrior(tuple(cfg.shape))
-    if ctx.data is None:
-        from genzoo.errors import RegistryError
+def make_gaussian_prior(cfg: GaussianPriorConfig, ctx=None) -> GaussianPrior:
+    return GaussianPrior(tuple(cfg.shape) if cfg.shape else None)
 
-        raise RegistryError("prior 'gaussian': field 'shape' is not set and there is no dataset to take it from; set shape")
-    return GaussianPrior(tuple(ctx.data.image_shape))
+
+class FittedGaussianConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shape: list[int] | None = Field(None, description="latent shape; None takes the decoder's")
+    jitter: float = Field(1e-5, ge=0, description="added to the covariance diagonal (relative to its mean) for stability")
+
+
+class FittedGaussian(_Sized):
+    """``N(mu, Sigma)`` with the mean and full covariance of the training latents."""
+
+    name = "fitted-gaussian"
+
+    def __init__(self, shape: tuple[int, ...] | None, jitter: float) -> None:
+        self.jitter = jitter
+        super().__init__(shape)
+
+    def _build(self, shape: tuple[int, ...]) -> None:
+        d = math.prod(shape)
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("scale_tril", torch.eye(d))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, z: Tensor, *, generator: torch.Generator | None = None) -> None:
+        z = z.flatten(1).double()
+        cov = torch.cov(z.t()).reshape(z.shape[1], z.shape[1])
+        cov = cov + self.jitter * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+        self.mean.copy_(z.mean(0))
+        self.scale_tril.copy_(torch.linalg.cholesky(cov))
+        self.fitted.fill_(True)
+
+    def sample(self, n, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
+        _require_fit(self)
+        eps = torch.randn((n, len(self.mean)), generator=generator, device=self.device)
+        return (self.mean + eps @ self.scale_tril.t()).view(n, *self._check_bound())
+
+
+def make_fitted_gaussian(cfg: FittedGaussianConfig, ctx=None) -> FittedGaussian:
+    return FittedGaussian(tuple(cfg.shape) if cfg.shape else None, cfg.jitter)
+
+
+class GMMConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shape: list[int] | None = Field(None, description="latent shape; None takes the decoder's")
+    components: int = Field(10, ge=1, description="mixture components K")
+    iterations: int = Field(100, ge=1, description="EM iterations")
+    jitter: float = Field(1e-4, ge=0, description="added to each covariance diagonal (relative) to keep it positive definite")
+    seed: int = Field(0, description="seed of the k-means++ initialisation")
+
+
+class GaussianMixturePrior(_Sized):
+    """A K-component full-covariance Gaussian mixture fitted by EM (Dempster et al. 1977), k-means++ start."""
+
+    name = "gmm"
+
+    def __init__(self, shape: tuple[int, ...] | None, cfg: GMMConfig) -> None:
+        self.cfg = cfg
+        super().__init__(shape)
+
+    def _build(self, shape: tuple[int, ...]) -> None:
+        d, k = math.prod(shape), self.cfg.components
+        self.register_buffer("log_weights", torch.full((k,), -math.log(k)))
+        self.register_buffer("means", torch.zeros(k, d))
+        self.register_buffer("scale_trils", torch.eye(d).repeat(k, 1, 1))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def _log_resp(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        dist = torch.distributions.MultivariateNormal(self.means.to(z.dtype), scale_tril=self.scale_trils.to(z.dtype))
+        joint = dist.log_prob(z[:, None]) + self.log_weights.to(z.dtype)
+        return joint - joint.logsumexp(1, keepdim=True), joint.logsumexp(1)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return self._log_resp(z.flatten(1).double())[1]
+
+    @torch.no_grad()
+    def fit(self, z: Tensor, *, generator: torch.Generator | None = None) -> None:
+        z = z.flatten(1).double().cpu()
+        n, d = z.shape
+        k = min(self.cfg.components, n)
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        centres = [z[torch.randint(n, (1,), generator=g)].squeeze(0)]
+        for _ in range(1, k):  # k-means++ (Arthur & Vassilvitskii 2007)
+            d2 = torch.cdist(z, torch.stack(centres)).min(1).values.pow(2)
+            centres.append(z[torch.multinomial(d2 / d2.sum(), 1, generator=g)].squeeze(0))
+        means = torch.stack(centres)
+        scale = z.var(0).mean()
+        eye = torch.eye(d, dtype=z.dtype)
+        covs = (scale * eye).repeat(k, 1, 1)
+        weights = torch.full((k,), 1.0 / k, dtype=z.dtype)
+        for _ in range(self.cfg.iterations):
+            dist = torch.distributions.MultivariateNormal(means, covariance_matrix=covs)
+            joint = dist.log_prob(z[:, None]) + weights.log()
+            resp = (joint - joint.logsumexp(1, keepdim=True)).exp()  # E step
+            nk = resp.sum(0) + 1e-10
+            weights = nk / n  # M step
+            means = (resp.t() @ z) / nk[:, None]
+            diff = z[None] - means[:, None]
+            covs = torch.einsum("kn,kni,knj->kij", resp.t(), diff, diff) / nk[:, None, None]
+            covs = covs + self.cfg.jitter * scale * eye
+        self.log_weights.copy_(torch.full_like(self.log_weights, float("-inf")))
+        self.log_weights[:k].copy_(weights.log())
+        self.means[:k].copy_(means)
+        self.scale_trils[:k].copy_(torch.linalg.cholesky(covs))
+        self.fitted.fill_(True)
+
+    def sample(self, n, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
+        _require_fit(self)
+        comp = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
+        eps = torch.randn((n, self.means.shape[1]), generator=generator, device=self.device)
+        z = self.means[comp] + torch.einsum("nij,nj->ni", self.scale_trils[comp], eps)
+        return z.view(n, *self._check_bound())
+
+
+def make_gmm(cfg: GMMConfig, ctx=None) -> GaussianMixturePrior:
+    return GaussianMixturePrior(tuple(cfg.shape) if cfg.shape else None, cfg)
+
+
+def _require_fit(prior: Prior) -> None:
+    if not bool(prior.fitted):
+        raise GenzooError(f"prior '{prior.name}' has not been fitted to the training latents; train the model to the end "
+                          "(the pipeline fits it after training) or use the gaussian prior")
+
+
+# --------------------------------------------------------------------------- discrete codes
+
+
+class UniformTokensConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shape: list[int] | None = Field(None, description="code grid shape; None takes the decoder's")
+    vocab_size: int | None = Field(None, ge=1, description="number of codes; None takes the decoder's")
+
+
+class UniformTokens(_Sized):
+    """Codes drawn independently and uniformly: the VQ-VAE's training-time prior (Sec. 3.1), a baseline."""
+
+    name = "uniform-tokens"
+
+    def __init__(self, shape: tuple[int, ...] | None, vocab_size: int | None) -> None:
+        self.vocab_size = vocab_size
+        super().__init__(shape, dtype="long")
+        self.produces = Spec(shape=self.shape, dtype="long", vocab_size=vocab_size)
+
+    def bind(self, consumes: Spec) -> None:
+        self.vocab_size = self.vocab_size or consumes.vocab_size
+        super().bind(consumes)
+
+    def sample(self, n, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
+        if self.vocab_size is None:
+            raise GenzooError("prior 'uniform-tokens' has no vocab_size: set it or compose it with a token decoder")
+        return torch.randint(0, self.vocab_size, (n, *self._check_bound()), generator=generator, device=self.device)
+
+
+def make_uniform_tokens(cfg: UniformTokensConfig, ctx=None) -> UniformTokens:
+    return UniformTokens(tuple(cfg.shape) if cfg.shape else None, cfg.vocab_size)
+
+
+class GPTPriorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shape: list[int] | None = Field(None, description="code grid shape; None takes the decoder's")
+    vocab_size: int | None = Field(None, ge=1, description="number of codes; None takes the decoder's")
+    class_conditional: bool = Field(False, description="prefix the dataset's class (its label) to the codes")
+    cond_drop: float = Field(0.1, ge=0, le=1, description="probability of the null class in training (classifier-free guidance)")
+    n_layer: int = Field(4, ge=1, description="transformer blocks")
+    n_head: int = Field(4, ge=1, description="attention heads")
+    n_embd: int = Field(128, ge=8, description="width")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout")
+
+
+class GPTPrior(_Sized):
+    """An autoregressive prior over a code grid in raster order (VQ-VAE Sec. 3.2, with a GPT in place of PixelCNN).
+
+    The first position is a learned prefix vector: the class embedding, or the null class, which is
+    both the unconditional start token and the null condition of classifier-free guidance on logits.
+    """
+
+    name = "gpt"
+    sampler_kind = SamplerKind.TOKEN
+
+    def __init__(self, cfg: GPTPriorConfig, num_classes: int | None = None) -> None:
+        self.cfg, self.num_classes = cfg, num_classes
+        self.vocab_size = cfg.vocab_size
+        super().__init__(tuple(cfg.shape) if cfg.shape else None, dtype="long")
+        self.needs_condition = frozenset({"y"}) if num_classes else frozenset()
+
+    def bind(self, consumes: Spec) -> None:
+        self.vocab_size = self.vocab_size or consumes.vocab_size
+        super().bind(consumes)
+
+    def _build(self, shape: tuple[int, ...]) -> None:
+        if self.vocab_size is None:
+            raise GenzooError("prior 'gpt' has no vocab_size: set it or compose it with a token decoder")
+        c = self.cfg
+        self.produces = Spec(shape=shape, dtype="long", vocab_size=self.vocab_size)
+        self.gpt = GPT(GPTConfig(vocab_size=self.vocab_size, block_size=math.prod(shape) + 1, n_layer=c.n_layer,
+                                 n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout))
+        self.class_emb = nn.Embedding((self.num_classes or 0) + 1, c.n_embd)  # last row: the null class
+        nn.init.normal_(self.class_emb.weight, std=0.02)
+
+    def _prefix(self, condition: Condition | None, batch: int) -> Tensor:
+        null = torch.full((), self.class_emb.num_embeddings - 1, dtype=torch.long, device=self.device)
+        cond = condition or {}
+        if "y" in cond:
+            batch = len(cond["y"])
+        y = with_null(cond.get("y") if self.num_classes else None, null, cond.get("drop"), batch)
+        return self.class_emb(y)[:, None]
+
+    def training_losses(self, codes: Tensor, condition: Condition | None = None) -> dict[str, Tensor]:
+        """Next-code cross-entropy (nats per code); the class is dropped with probability ``cond_drop``."""
+        flat = codes.flatten(1)
+        cond = dict(condition or {})
+        if self.num_classes and self.cfg.cond_drop > 0 and "y" in cond:
+            cond["drop"] = torch.rand(len(flat), device=flat.device) < self.cfg.cond_drop
+        _, loss = self.gpt(flat, targets=flat, prefix_emb=self._prefix(cond, len(flat)))
+        return {"loss": loss, "nll": loss.detach()}
+
+    def sample(self, n, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
+        shape = self._check_bound()
+        if sampler is None:
+            raise GenzooError("prior 'gpt' needs a token sampler; add `prior_sampler: {type: token}` to the recipe")
+        logits_fn = CachedLogits(self.gpt, prefix=lambda c: self._prefix(c, n))
+        start = torch.zeros((n, 0), dtype=torch.long, device=self.device)
+        codes = sampler.sample(logits_fn, start, math.prod(shape), condition=condition, guidance=guidance, generator=generator)
+        return codes.view(n, *shape)
+
+
+def make_gpt_prior(cfg: GPTPriorConfig, ctx=None) -> GPTPrior:
+    num_classes = getattr(getattr(ctx, "data", None), "num_classes", None)
+    if cfg.class_conditional and not num_classes:
+        raise GenzooError("prior 'gpt': field 'class_conditional' is true but the dataset has no classes; set it to false")
+    return GPTPrior(cfg, num_classes if cfg.class_conditional else None)
+
+
+PRIORS = {
+    "gaussian": (GaussianPriorConfig, make_gaussian_prior),
+    "fitted-gaussian": (FittedGaussianConfig, make_fitted_gaussian),
+    "gmm": (GMMConfig, make_gmm),
+    "uniform-tokens": (UniformTokensConfig, make_uniform_tokens),
+    "gpt": (GPTPriorConfig, make_gpt_prior),
+}
+
+
+def fit_latent_prior(prior: Prior, latents: Tensor) -> bool:
+    """Fit ``prior`` to ``latents`` when it is a fitted density (has ``fit``); True if it was fitted."""
+    fit = getattr(prior, "fit", None)
+    if fit is None:
+        return False
+    fit(latents)
+    return True
+
+
+__all__ = [
+    "PRIORS", "FittedGaussian", "GPTPrior", "GaussianMixturePrior", "GaussianPrior", "UniformTokens", "bind_priors", "fit_latent_prior",
+]

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genzoo.errors import GenzooError, RecipeError
 from genzoo.interfaces import Pipeline, check_composition
+from genzoo.priors import bind_priors
 from genzoo.registry import KINDS, Registry
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "registry.yaml"
@@ -156,8 +157,16 @@ def apply_overrides(
     steps: int | None = None,
     guidance: str | None = None,
     scale: float | None = None,
+    prior: str | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> Recipe:
-    """Apply swap flags, then ``--set`` assignments; a path not starting at a recipe key is a component role."""
+    """Apply swap flags, then ``--set`` assignments; a path not starting at a recipe key is a component role.
+
+    ``temperature``, ``top_k`` and ``top_p`` go to every token sampler of the recipe (VQ-VAE's and
+    DALL·E's ``prior_sampler``).
+    """
     body = recipe.model_dump(mode="json")
     comps = body.setdefault("components", {})
     def swap(role: str, name: str) -> dict[str, Any] | None:
@@ -171,6 +180,15 @@ def apply_overrides(
         comps["sampler"] = swap("sampler", sampler)
     if guidance is not None:
         comps["guidance"] = swap("guidance", guidance)
+    if prior is not None:
+        comps["prior"] = swap("prior", prior)
+    token = {k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)) if v is not None}
+    if token:
+        roles = [r for r, c in comps.items() if c and c.get("type") == "token"]
+        if not roles:
+            raise RecipeError(f"recipe '{name}' has no token sampler to take --temperature/--top-k/--top-p")
+        for r in roles:
+            comps[r].update(token)
     if steps is not None:
         if not comps.get("sampler"):
             raise RecipeError(f"recipe '{name}' has no sampler to take --steps; add --sampler NAME")
@@ -246,6 +264,7 @@ def build_pipeline(resolved: Mapping[str, Any], registry: Registry, data_spec: A
     components = {}
     for role, s in resolved["components"].items():
         components[role] = registry.build(role_kind(role), copy.deepcopy(s), data=data_spec, where=f"recipe '{name}': components.{role}: ")
+    bind_priors(components)
     check_composition(components)
     pipeline = registry.build(
         "pipeline", copy.deepcopy(resolved["pipeline"]), data=data_spec, components=components, where=f"recipe '{name}': pipeline: "

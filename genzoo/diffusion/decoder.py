@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from genzoo.diffusion.schedules import get_named_beta_schedule
-from genzoo.errors import GenzooError, RegistryError
-from genzoo.interfaces import Condition, Decoder, Pipeline, SamplerKind, Spec
+from genzoo.errors import RegistryError
+from genzoo.interfaces import Condition, Decoder, SamplerKind, Spec
+from genzoo.pipelines import Conditioning, LabelledPipeline, labelled_args
 
 
 class MeanType(str, Enum):
@@ -129,17 +130,12 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
 # --------------------------------------------------------------------------- pipeline
 
 
-class Conditioning(str, Enum):
-    none = "none"
-    class_ = "class"
-
-
 class DiffusionPipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     condition: Conditioning = Field(Conditioning.none, description="none, or class: the dataset's label is the condition y")
 
 
-class DiffusionPipeline(Pipeline):
+class DiffusionPipeline(LabelledPipeline):
     """Trains the denoiser, then (when the guidance has weights, as ADM's noisy classifier) the guidance.
 
     Stages: ``decoder``, then ``guidance`` if the guidance is trainable. The guidance is trained on
@@ -147,14 +143,9 @@ class DiffusionPipeline(Pipeline):
     """
 
     def __init__(self, components: Mapping[str, Any], *, condition: Conditioning, num_classes: int | None) -> None:
-        super().__init__(components)
-        self.condition = condition
-        self.num_classes = num_classes
+        super().__init__(components, condition=condition, num_classes=num_classes)
         trainable_guidance = callable(getattr(components.get("guidance"), "training_losses", None))
         self.stages = ("decoder", "guidance") if trainable_guidance else ("decoder",)
-
-    def _cond(self, batch: Mapping[str, Any]) -> Condition | None:
-        return {"y": batch["label"]} if self.condition is Conditioning.class_ else None
 
     def optimizer_groups(self, stage: str = "decoder") -> dict[str, list[nn.Parameter]]:
         module = self.components["guidance" if stage == "guidance" else "decoder"]
@@ -163,24 +154,9 @@ class DiffusionPipeline(Pipeline):
     def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "decoder") -> dict[str, Tensor]:
         x0 = batch["image"]
         if stage == "guidance":
-            return self.components["guidance"].training_losses(x0, self._cond(batch), self.components["decoder"].diffusion)
-        return self.components["decoder"].training_losses(x0, self._cond(batch))
-
-    @torch.no_grad()
-    def sample(self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None) -> Tensor:
-        if condition and "caption" in condition and self.components.get("encoder") is None:
-            raise GenzooError("this model has no text encoder, so it cannot take a prompt; "
-                              "use a text-conditional recipe, or --class K for a class-conditional one")
-        if condition and "y" in condition and self.condition is not Conditioning.class_:
-            raise GenzooError("this model is unconditional; drop --class (or train a recipe with condition: class)")
-        if condition is None and self.condition is Conditioning.class_:  # a grid shows every class in turn
-            device = next(self.parameters()).device
-            condition = {"y": torch.arange(n, device=device) % self.num_classes}
-        return super().sample(n, condition, generator=generator)
+            return self.components["guidance"].training_losses(x0, self.condition_of(batch), self.components["decoder"].diffusion)
+        return self.components["decoder"].training_losses(x0, self.condition_of(batch))
 
 
 def make_diffusion_pipeline(cfg: DiffusionPipelineConfig, ctx) -> DiffusionPipeline:
-    num_classes = getattr(ctx.data, "num_classes", None)
-    if cfg.condition is Conditioning.class_ and not num_classes:
-        raise RegistryError("pipeline 'diffusion': field 'condition' is 'class' but the dataset has no classes; use condition: none")
-    return DiffusionPipeline(ctx.components, condition=cfg.condition, num_classes=num_classes)
+    return DiffusionPipeline(ctx.components, **labelled_args("diffusion", cfg.condition, ctx))

@@ -1,5 +1,6 @@
-"""Networks shared by the families: the ADM U-Net, an MLP denoiser for vectors, a GPT, a noisy classifier."""
+"""Networks shared by the families: the ADM U-Net, an MLP denoiser, a GPT, a noisy classifier, conv encoders/decoders."""
 
+from genzoo.nn import convnets
 from genzoo.nn.classifier import NoisyClassifier, NoisyClassifierConfig, build_noisy_classifier
 from genzoo.nn.embeddings import timestep_embedding
 from genzoo.nn.gpt import GPT, CachedLogits, GPTConfig, KVCache
@@ -11,6 +12,10 @@ NETWORKS = {
     "unet": (UNetConfig, build_unet),
     "mlp-denoiser": (MLPDenoiserConfig, build_mlp_denoiser),
     "noisy-classifier": (NoisyClassifierConfig, build_noisy_classifier),
+    "conv-encoder": (convnets.ConvNetConfig, convnets.build_conv_encoder),
+    "conv-decoder": (convnets.ConvNetConfig, convnets.build_conv_decoder),
+    "grid-encoder": (convnets.GridNetConfig, convnets.build_grid_encoder),
+    "grid-decoder": (convnets.GridNetConfig, convnets.build_grid_decoder),
 }
 
 __all__ = [

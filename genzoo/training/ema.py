@@ -32,6 +32,12 @@ class EMA:
         for k, v in state["shadow"].items():
             self.shadow[k].copy_(v)
 
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite the model's parameters with the averages (a frozen stage-1 tokenizer = the saved one)."""
+        for k, p in model.named_parameters():
+            p.copy_(self.shadow[k])
+
     def weights_for(self, model: nn.Module) -> dict[str, Tensor]:
         """The model's full state dict with the averaged parameters in place of the raw ones."""
         sd = model.state_dict()

@@ -277,6 +277,8 @@ class Trainer:
                 if self.stage_step >= stage_total:
                     if self.stage_index == len(self.stages) - 1:
                         break
+                    if self.ema:  # the next stage builds on the averaged weights, the ones saved and sampled with
+                        self.ema.copy_to(self.pipeline)
                     self.stage_index, self.stage_step = self.stage_index + 1, 0
                     self._setup_stage()
                     continue

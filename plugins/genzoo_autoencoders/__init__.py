@@ -1,0 +1,17 @@
+"""Built-in plugin: AE, denoising AE (Vincent et al. 2008) and VAE (Kingma & Welling 2014)."""
+
+from __future__ import annotations
+
+import genzoo
+from genzoo.plugins import hookimpl
+
+__version__ = genzoo.__version__
+
+
+@hookimpl
+def register_components(registry) -> None:
+    from genzoo.classic import autoencoder as ae
+
+    registry.register("decoder", "autoencoder", config=ae.AutoencoderConfig, factory=ae.make_autoencoder)
+    registry.register("pipeline", "autoencoder", config=ae.AEPipelineConfig, factory=ae.make_ae_pipeline)
+    registry.register("pipeline", "vae", config=ae.VAEPipelineConfig, factory=ae.make_vae_pipeline)

@@ -1,0 +1,16 @@
+"""Built-in plugin: VQ-VAE (van den Oord et al. 2017) with an autoregressive (GPT) or uniform prior over codes."""
+
+from __future__ import annotations
+
+import genzoo
+from genzoo.plugins import hookimpl
+
+__version__ = genzoo.__version__
+
+
+@hookimpl
+def register_components(registry) -> None:
+    from genzoo.classic import vqvae
+
+    registry.register("decoder", "vq-autoencoder", config=vqvae.VQAutoencoderConfig, factory=vqvae.make_vq_autoencoder)
+    registry.register("pipeline", "vqvae", config=vqvae.VQVAEPipelineConfig, factory=vqvae.make_vqvae_pipeline)
