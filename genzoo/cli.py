@@ -31,10 +31,17 @@ def _add_swap_args(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
         p.add_argument("--steps", type=int, help="sampler steps")
     p.add_argument("--guidance", help="swap the guidance, e.g. cfg, classifier, none")
     p.add_argument("--scale", type=float, help="guidance scale")
+    p.add_argument("--prior", help="swap the prior, e.g. gmm, fitted-gaussian, uniform-tokens")
+    p.add_argument("--temperature", type=float, help="token sampler temperature")
+    p.add_argument("--top-k", dest="top_k", type=int, help="token sampler top-k")
+    p.add_argument("--top-p", dest="top_p", type=float, help="token sampler top-p (nucleus)")
+
+
+SWAPS = ("sampler", "steps", "guidance", "scale", "prior", "temperature", "top_k", "top_p")
 
 
 def _swaps(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k, None) for k in ("sampler", "steps", "guidance", "scale") if getattr(args, k, None) is not None}
+    return {k: getattr(args, k, None) for k in SWAPS if getattr(args, k, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,16 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swap_args(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE")
 
-    p = sub.add_parser("eval", help="evaluate a trained model")
+    p = sub.add_parser("eval", help="evaluate a trained model against its data's test split")
     p.add_argument("dir")
-    p.add_argument("--metrics", default="", help="comma-separated metric names")
+    p.add_argument("--metrics", default="", help="comma-separated metric names (default: fd,kid,precision-recall,...; "
+                   "see `genzoo list --kind metric`)")
+    p.add_argument("--samples", type=int, default=1000, help="samples drawn (and test images compared against)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
+    _add_swap_args(p)
 
-    p = sub.add_parser("compare", help="train/evaluate several recipes on the same data and metrics")
-    p.add_argument("recipes", nargs="+")
-    p.add_argument("--out", required=True)
-    p.add_argument("--budget-minutes", type=float)
-    p.add_argument("--samples", type=int)
+    p = sub.add_parser("compare", help="train/evaluate several recipes on the same data, metrics and sample stream")
+    p.add_argument("recipes", nargs="+", help="RECIPE or RECIPE@SAMPLER:STEPS (e.g. ddpm-shapes@ddim:25)")
+    p.add_argument("--out", required=True, help="directory for runs/, grids/, leaderboard.{md,csv,json} and plots")
+    p.add_argument("--budget-minutes", type=float, help="training budget per recipe (default: the recipe's steps)")
+    p.add_argument("--samples", type=int, default=1000, help="samples per model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics", default="", help="comma-separated metric names (default set if empty)")
+    p.add_argument("--sweep", action="append", default=[], metavar="SAMPLER:S1,S2,...",
+                   help="also evaluate each diffusion model at these sampler steps (repeatable), e.g. ddim:10,25,50")
+    p.add_argument("--segments", type=int, default=3, help="evaluations along training (quality vs training time)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--recipes", dest="recipe_files", action="append", default=[], metavar="FILE", help="extra recipe YAML file")
 
     p = sub.add_parser("push", help="upload a checkpoint directory to the Hugging Face Hub")
     p.add_argument("dir")
@@ -234,12 +253,55 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metric_names(text: str) -> list[str]:
+    from genzoo.eval.evaluate import DEFAULT_METRICS
+
+    return [m.strip() for m in text.split(",") if m.strip()] or list(DEFAULT_METRICS)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    raise GenzooError("`genzoo eval` needs the evaluation metrics, which are not in this version yet (see the evaluation issue)")
+    from genzoo import api
+    from genzoo.checkpoint import load_checkpoint
+    from genzoo.eval.evaluate import EvalSettings, evaluate
+    from genzoo.eval.judges import load_judge
+    from genzoo.plugins import default_registry
+    from genzoo.training import resolve_device
+
+    device = resolve_device(args.device)
+    registry = default_registry()
+    metrics = {m: registry.build("metric", {"type": m}, where="--metrics: ") for m in _metric_names(args.metrics)}
+    model = api.load_model(args.dir, device=device, **_swaps(args))
+    source = api.build_data(load_checkpoint(args.dir).recipe)
+    judge = load_judge(source.spec.name, source.cfg.model_dump(), device=device)
+    figures = evaluate(model, source, metrics=metrics, judge=judge, settings=EvalSettings(samples=args.samples, seed=args.seed),
+                       device=device)
+    if args.json:
+        print(json.dumps(figures, indent=1))
+    else:
+        for k, v in figures.items():
+            print(f"{k:>18}  {v:.4g}")
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    raise GenzooError("`genzoo compare` needs the evaluation metrics, which are not in this version yet (see the evaluation issue)")
+    from genzoo.eval.compare import compare
+    from genzoo.training import resolve_device
+
+    sweep = {}
+    for text in args.sweep:
+        sampler, _, steps = text.partition(":")
+        try:
+            sweep[sampler] = [int(s) for s in steps.split(",") if s]
+        except ValueError:
+            raise GenzooError(f"--sweep {text!r}: expected SAMPLER:S1,S2 with integer steps, e.g. ddim:10,25,50") from None
+    t0 = time.perf_counter()
+    rows = compare(args.recipes, out=Path(args.out), budget_minutes=args.budget_minutes, samples=args.samples, seed=args.seed,
+                   metric_names=_metric_names(args.metrics), sweep=sweep or None, segments=args.segments,
+                   device=resolve_device(args.device), files=args.recipe_files, log=lambda m: print(m, file=sys.stderr))
+    print((Path(args.out) / "leaderboard.md").read_text())
+    failed = sum(bool(r.error) for r in rows)
+    print(f"compared {len(rows)} entries in {time.perf_counter() - t0:.0f}s ({failed} failed); see {args.out}/leaderboard.md")
+    return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:

@@ -1,0 +1,327 @@
+"""Evaluate a model: one seeded sample stream, judge features, and the registered metrics.
+
+Every model evaluated on the same data sees the same sample stream: the same seed per batch and
+the same requested conditions (class ``i mod K`` for sample ``i``; test captions for text models),
+so differences between rows are differences between models. Real-image features are computed once
+per (judge, data, count) and cached on disk (:func:`genzoo.eval.judges.cache_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from genzoo.errors import GenzooError
+from genzoo.eval import metrics as M
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What fixes the sample stream: count, seed, batch size, and the real split compared against."""
+
+    samples: int = 1000
+    seed: int = 0
+    batch_size: int = 250
+    split: str = "test"
+
+
+class EvalContext:
+    """Everything a metric may need, each computed on first use and shared by all metrics of one run."""
+
+    def __init__(self, model: Any, source: Any, judge: Any, settings: EvalSettings, *, device: torch.device) -> None:
+        self.model, self.source, self.judge, self.settings, self.device = model, source, judge, settings, device
+        self.sample_seconds = 0.0
+
+    # ----------------------------------------------------------------- real
+    @cached_property
+    def real(self) -> dict[str, Any]:
+        tensors = self.source.split(self.settings.split).tensors()
+        n = min(self.settings.samples, len(tensors["image"]))
+        return {k: v[:n] for k, v in tensors.items()}
+
+    @cached_property
+    def real_features(self) -> Tensor:
+        split = self.source.split(self.settings.split)
+        key = hashlib.sha256(json.dumps([self.judge.key, split.fingerprint(), len(self.real["image"])]).encode()).hexdigest()[:16]
+        path = _cache_root() / "features" / f"{key}.safetensors"
+        if path.exists():
+            return load_file(str(path))["features"]
+        feats = self.judge.features(self.real["image"]).float().cpu()
+        _save_atomic({"features": feats.contiguous()}, path)
+        return feats
+
+    # ----------------------------------------------------------------- fake
+    @cached_property
+    def requested(self) -> dict[str, Any] | None:
+        """The condition asked of sample i: class i mod K for a class-conditional model, else None."""
+        if getattr(self.model, "condition", None) is None or getattr(self.model.condition, "value", "none") != "class":
+            return None
+        return {"y": torch.arange(self.settings.samples) % self.model.num_classes}
+
+    @cached_property
+    def samples(self) -> Tensor:
+        s, out = self.settings, []
+        start = time.perf_counter()
+        for i, lo in enumerate(range(0, s.samples, s.batch_size)):
+            n = min(s.batch_size, s.samples - lo)
+            g = torch.Generator(device=self.device).manual_seed(s.seed * 1_000_003 + i)
+            cond = None
+            if self.requested is not None:
+                cond = {k: v[lo:lo + n].to(self.device) for k, v in self.requested.items()}
+            out.append(self.model.sample(n, cond, generator=g).float().clamp(-1, 1).cpu())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.sample_seconds = time.perf_counter() - start
+        return torch.cat(out)
+
+    @cached_property
+    def fake_features(self) -> Tensor:
+        return self.judge.features(self.samples).float().cpu()
+
+    @cached_property
+    def fake_predictions(self) -> dict[str, Tensor]:
+        return {k: v.cpu() for k, v in self.judge.predict(self.samples).items()}
+
+
+def _cache_root() -> Path:
+    from genzoo.eval.judges import cache_dir
+
+    return cache_dir()
+
+
+def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- metrics as components
+
+MetricFn = Callable[[EvalContext], dict[str, float]]
+
+
+class NoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KNNConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(5, ge=1, description="nearest neighbour defining each point's ball (Kynkäänniemi: 3; Naeem: 5)")
+
+
+class KIDConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    subsets: int = Field(100, ge=1, description="random subsets averaged (Bińkowski et al. 2018)")
+    subset_size: int = Field(1000, ge=2, description="points per subset (clipped to the sample count)")
+
+
+class NLLConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: int = Field(128, ge=1, description="test images the bound is averaged over (the full chain is costly)")
+
+
+def _fd(cfg: NoConfig) -> MetricFn:
+    return lambda ev: {"fd": M.fd(ev.real_features, ev.fake_features)}
+
+
+def _kid(cfg: KIDConfig) -> MetricFn:
+    def run(ev: EvalContext) -> dict[str, float]:
+        g = torch.Generator().manual_seed(ev.settings.seed)
+        mean, std = M.kid(ev.real_features, ev.fake_features, subsets=cfg.subsets, subset_size=cfg.subset_size, generator=g)
+        return {"kid": mean, "kid_std": std}
+    return run
+
+
+def _precision_recall(cfg: KNNConfig) -> MetricFn:
+    def run(ev: EvalContext) -> dict[str, float]:
+        p, r = M.precision_recall(ev.real_features, ev.fake_features, k=cfg.k)
+        return {"precision": p, "recall": r}
+    return run
+
+
+def _density_coverage(cfg: KNNConfig) -> MetricFn:
+    def run(ev: EvalContext) -> dict[str, float]:
+        d, c = M.density_coverage(ev.real_features, ev.fake_features, k=cfg.k)
+        return {"density": d, "coverage": c}
+    return run
+
+
+def _class_coverage(cfg: NoConfig) -> MetricFn:
+    def run(ev: EvalContext) -> dict[str, float]:
+        num = ev.source.spec.num_classes
+        if not num or "label" not in ev.fake_predictions:
+            return {}
+        c = M.class_coverage(ev.fake_predictions["label"], num)
+        return {"class_coverage": c["coverage"], "class_entropy": c["entropy_ratio"], "max_class_share": c["max_share"]}
+    return run
+
+
+def _attribute_accuracy(cfg: NoConfig) -> MetricFn:
+    """Does sample i show what its condition asked for? Judged by the judge (label, and each attribute of it)."""
+    def run(ev: EvalContext) -> dict[str, float]:
+        if ev.requested is None:
+            return {}
+        y, pred = ev.requested["y"], ev.fake_predictions
+        out = {"label_accuracy": float((pred["label"] == y).double().mean())}
+        attrs = ev.source.spec.attributes
+        if "shape" in attrs and "colour" in attrs and "shape" in pred:  # shapes: label = shape * |colours| + colour
+            k = len(attrs["colour"])
+            out["shape_accuracy"] = float((pred["shape"] == y // k).double().mean())
+            out["colour_accuracy"] = float((pred["colour"] == y % k).double().mean())
+        return out
+    return run
+
+
+def _nll(cfg: NLLConfig) -> MetricFn:
+    def run(ev: EvalContext) -> dict[str, float]:
+        fn = getattr(ev.model, "nll_bpd", None)
+        if fn is None:
+            return {}
+        x = ev.source.split(ev.settings.split).tensors()["image"][: cfg.images].to(ev.device)
+        g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
+        out = fn(x, generator=g)
+        return {k: float(v.mean()) for k, v in out.items()}
+    return run
+
+
+def _reconstruction(cfg: NoConfig) -> MetricFn:
+    """Test-set reconstruction MSE (images in [-1, 1]) of models that encode (AE, VAE, VQ-VAE)."""
+    def run(ev: EvalContext) -> dict[str, float]:
+        fn = getattr(ev.model, "reconstruct", None)
+        if fn is None:
+            return {}
+        x = ev.real["image"]
+        rec = torch.cat([fn(x[i:i + 256].to(ev.device)).float().cpu() for i in range(0, len(x), 256)])
+        return {"recon_mse": float(torch.mean((rec - x) ** 2))}
+    return run
+
+
+def _codebook(cfg: NoConfig) -> MetricFn:
+    """Codebook perplexity and the fraction of codes used on the test images (VQ models)."""
+    def run(ev: EvalContext) -> dict[str, float]:
+        fn = getattr(ev.model, "codebook_usage", None)
+        if fn is None:
+            return {}
+        u = fn(ev.real["image"].to(ev.device))
+        return {"code_perplexity": u["perplexity"], "codes_used": u["used_fraction"]}
+    return run
+
+
+def _throughput(cfg: NoConfig) -> MetricFn:
+    def run(ev: EvalContext) -> dict[str, float]:
+        _ = ev.samples
+        out = {"images_per_s": ev.settings.samples / max(ev.sample_seconds, 1e-9)}
+        nfe = 0
+        for role in ("sampler", "prior_sampler"):
+            s = ev.model.components.get(role)
+            if s is not None:
+                nfe += s.nfe() * (math.prod(ev.model.components["prior"].shape) if role == "prior_sampler" else 1)
+        out["nfe"] = float(nfe or 1)
+        return out
+    return run
+
+
+def _torch_fidelity(cfg: NoConfig) -> MetricFn:
+    def run(ev: EvalContext) -> dict[str, float]:
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError:
+            raise GenzooError("metric 'inception': install torch-fidelity (pip install torch-fidelity) and let it download the "
+                              "Inception weights once (it needs the network); the judge-based 'fd' needs neither") from None
+        real = ((ev.real["image"] + 1) * 127.5).round().to(torch.uint8)
+        fake = ((ev.samples + 1) * 127.5).round().to(torch.uint8)
+        if real.shape[1] == 1:
+            real, fake = real.repeat(1, 3, 1, 1), fake.repeat(1, 3, 1, 1)
+        try:
+            res = torch_fidelity.calculate_metrics(input1=_U8(fake), input2=_U8(real), fid=True, isc=True, verbose=False)
+        except Exception as e:  # the weight download is the usual failure offline
+            raise GenzooError(f"metric 'inception': torch-fidelity could not compute FID/IS ({type(e).__name__}: {e}); "
+                              "it needs its Inception weights, downloaded once with network access") from None
+        return {"inception_fid": float(res["frechet_inception_distance"]), "inception_score": float(res["inception_score_mean"])}
+    return run
+
+
+class _U8(torch.utils.data.Dataset):
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.x[i]
+
+
+class ClipScoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field("ViT-B-32", description="open_clip architecture")
+    pretrained: str = Field("laion2b_s34b_b79k", description="open_clip pretrained tag (downloaded once)")
+
+
+def _clip_score(cfg: ClipScoreConfig) -> MetricFn:
+    def run(ev: EvalContext) -> dict[str, float]:
+        import open_clip
+
+        if ev.requested is None and "caption" not in ev.real:
+            return {}
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=cfg.pretrained)
+        except Exception as e:
+            raise GenzooError(f"metric 'clip-score': open_clip could not load {cfg.model}/{cfg.pretrained} ({type(e).__name__}); "
+                              "it downloads the weights once with network access, or pass a local file as pretrained") from None
+        tok = open_clip.get_tokenizer(cfg.model)
+        names = ev.source.spec.class_names
+        texts = [names[int(y)] for y in ev.requested["y"]] if ev.requested is not None and names else ev.real["caption"]
+        size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
+        img = torch.nn.functional.interpolate((ev.samples + 1) / 2, size=(size, size), mode="bicubic").clamp(0, 1)
+        mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+        with torch.no_grad():
+            ie = model.encode_image((img.expand(-1, 3, -1, -1) - mean) / std)
+            te = model.encode_text(tok(list(texts[: len(ie)])))
+        cos = torch.nn.functional.cosine_similarity(ie, te)
+        return {"clip_score": float(100 * cos.clamp(min=0).mean())}
+    return run
+
+
+# name -> (config, factory, summary); registered as kind "metric" by the eval plugin
+METRICS: dict[str, tuple[type[BaseModel], Callable[..., MetricFn], str]] = {
+    "fd": (NoConfig, _fd, "Fréchet distance in judge features (Heusel et al. 2017)"),
+    "kid": (KIDConfig, _kid, "kernel inception distance, unbiased, in judge features (Bińkowski et al. 2018)"),
+    "precision-recall": (KNNConfig, _precision_recall, "improved precision and recall (Kynkäänniemi et al. 2019)"),
+    "density-coverage": (KNNConfig, _density_coverage, "density and coverage (Naeem et al. 2020)"),
+    "class-coverage": (NoConfig, _class_coverage, "share of classes the judge finds among samples (mode collapse)"),
+    "attribute-accuracy": (NoConfig, _attribute_accuracy, "does a sample show the class/attributes it was asked for"),
+    "nll": (NLLConfig, _nll, "negative log-likelihood bound in bits/dim, where the model has one"),
+    "reconstruction": (NoConfig, _reconstruction, "test-set reconstruction MSE of models that encode (AE, VAE, VQ-VAE)"),
+    "codebook": (NoConfig, _codebook, "codebook perplexity and share of codes used on the test set (VQ models)"),
+    "throughput": (NoConfig, _throughput, "sampling images/s and network evaluations per sample"),
+    "inception": (NoConfig, _torch_fidelity, "Inception FID and IS through torch-fidelity (weights downloaded once)"),
+    "clip-score": (ClipScoreConfig, _clip_score, "CLIP score through open_clip (pretrained weights downloaded once)"),
+}
+
+DEFAULT_METRICS = ("fd", "kid", "precision-recall", "density-coverage", "class-coverage", "attribute-accuracy", "reconstruction",
+                   "codebook", "throughput")
+
+
+def evaluate(model: Any, source: Any, *, metrics: Mapping[str, MetricFn], judge: Any, settings: EvalSettings,
+             device: torch.device) -> dict[str, float]:
+    """Run ``metrics`` on one shared :class:`EvalContext`; returns the merged figures."""
+    ev = EvalContext(model, source, judge, settings, device=device)
+    out: dict[str, float] = {}
+    for fn in metrics.values():
+        out.update(fn(ev))
+    return out

@@ -1,0 +1,16 @@
+"""Built-in plugin: the evaluation metrics (FD, KID, precision/recall, density/coverage, coverage, accuracy, NLL, speed)."""
+
+from __future__ import annotations
+
+import genzoo
+from genzoo.plugins import hookimpl
+
+__version__ = genzoo.__version__
+
+
+@hookimpl
+def register_components(registry) -> None:
+    from genzoo.eval.evaluate import METRICS
+
+    for name, (config, factory, summary) in METRICS.items():
+        registry.register("metric", name, config=config, factory=factory, summary=summary)

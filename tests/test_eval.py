@@ -1,0 +1,152 @@
+"""Evaluation end to end: the sample stream, judge-based metrics on oracle models, `genzoo eval`, `genzoo compare`."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from genzoo import api
+from genzoo.eval import judges
+from genzoo.eval.evaluate import METRICS, EvalContext, EvalSettings, evaluate
+from genzoo.plugins import default_registry
+
+
+@pytest.fixture
+def cheap_judges(tmp_path_factory, monkeypatch):
+    """Judges trained in a few seconds into a private cache (the shipped defaults take about a minute)."""
+    monkeypatch.setenv("GENZOO_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setitem(judges.DEFAULT_TRAIN, "digits", judges.JudgeTrainConfig(steps=150, translate=1))
+    monkeypatch.setitem(judges.DEFAULT_TRAIN, "shapes", judges.JudgeTrainConfig(steps=150))
+
+
+class Oracle(torch.nn.Module):
+    """A 'model' that returns real images of the requested class (or noise): metrics must tell them apart."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, noise: bool = False, num_classes: int | None = None):
+        super().__init__()
+        self.images, self.labels, self.noise = images, labels, noise
+        self.components = {}
+        if num_classes:
+            from genzoo.pipelines import Conditioning
+
+            self.condition, self.num_classes = Conditioning.class_, num_classes
+
+    def sample(self, n, condition=None, *, generator=None):
+        if self.noise:
+            return torch.rand((n, *self.images.shape[1:]), generator=generator) * 2 - 1
+        if condition is None:
+            idx = torch.randint(0, len(self.images), (n,), generator=generator)
+        else:
+            idx = torch.stack([torch.nonzero(self.labels == y)[torch.randint(0, int((self.labels == y).sum()), (1,),
+                                                                            generator=generator)].squeeze() for y in condition["y"]])
+        return self.images[idx]
+
+
+def _all_metrics():
+    reg = default_registry()
+    return {m: reg.build("metric", {"type": m}) for m in ("fd", "kid", "precision-recall", "density-coverage",
+                                                           "class-coverage", "attribute-accuracy", "throughput")}
+
+
+def test_metrics_separate_real_images_from_noise_and_score_conditions(cheap_judges) -> None:
+    source = api.build_data(api.resolve_recipe("cfg-digits"))
+    judge = judges.load_judge("digits", source.cfg.model_dump())
+    train = source.split("train").tensors()
+    settings = EvalSettings(samples=400, seed=0, batch_size=100)
+    real = evaluate(Oracle(train["image"], train["label"], num_classes=10), source, metrics=_all_metrics(), judge=judge,
+                    settings=settings, device=torch.device("cpu"))
+    noise = evaluate(Oracle(train["image"], train["label"], noise=True), source, metrics=_all_metrics(), judge=judge,
+                     settings=settings, device=torch.device("cpu"))
+    assert real["fd"] < 0.1 * noise["fd"] and real["kid"] < 0.1 * noise["kid"]
+    assert real["precision"] > 0.6 and noise["precision"] < 0.1
+    assert real["class_coverage"] == 1.0 and real["max_class_share"] < 0.2
+    # the oracle draws train images of the asked class: the judge's accuracy bounds the label accuracy
+    assert real["label_accuracy"] > 0.8 and "label_accuracy" not in noise
+    assert real["images_per_s"] > 0 and real["nfe"] == 1
+
+
+def test_same_stream_for_every_model_and_cached_real_features(cheap_judges) -> None:
+    source = api.build_data(api.resolve_recipe("ddpm-digits"))
+    judge = judges.load_judge("digits", source.cfg.model_dump())
+    train = source.split("train").tensors()
+    s = EvalSettings(samples=64, seed=3, batch_size=16)
+    a = EvalContext(Oracle(train["image"], train["label"]), source, judge, s, device=torch.device("cpu"))
+    b = EvalContext(Oracle(train["image"], train["label"]), source, judge, s, device=torch.device("cpu"))
+    assert torch.equal(a.samples, b.samples)  # per-batch seeds: the same stream
+    files = list((judges.cache_dir() / "features").glob("*.safetensors"))
+    feats = a.real_features
+    assert len(list((judges.cache_dir() / "features").glob("*.safetensors"))) == len(files) + 1
+    assert torch.equal(b.real_features, feats)
+
+
+def test_every_metric_is_registered_and_unavailable_ones_say_how_to_enable(monkeypatch) -> None:
+    names = {e.name for e in api.list_components("metric")}
+    assert set(METRICS) <= names
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_fidelity(name, *a, **k):
+        if name == "torch_fidelity":
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_fidelity)
+    from genzoo.errors import GenzooError
+
+    fn = default_registry().build("metric", {"type": "inception"})
+    with pytest.raises(GenzooError, match="install torch-fidelity"):
+        fn(None)
+
+
+TINY = """
+recipes:
+  tiny-vae:
+    description: tiny VAE for the compare test
+    pipeline: {type: vae}
+    data: {type: digits, image_size: 8}
+    components:
+      prior: {type: gaussian}
+      decoder: {type: autoencoder, latent_dim: 4, variational: true, encoder: {type: conv-encoder, channels: 8, norm: group}, decoder: {type: conv-decoder, channels: 8, norm: group}}
+    train: {steps: 20, batch_size: 32, lr: 1.0e-3, ema_decay: null, log_every: 5}
+  tiny-ddpm:
+    description: tiny DDPM for the compare test
+    pipeline: {type: diffusion}
+    data: {type: digits, image_size: 8}
+    components:
+      prior: {type: gaussian}
+      decoder: {type: diffusion-decoder, denoiser: {type: unet, model_channels: 8, channel_mult: [1], num_res_blocks: 1, attention_resolutions: []}}
+      sampler: {type: ddim, steps: 4}
+    train: {steps: 20, batch_size: 32, lr: 1.0e-3, log_every: 5}
+"""
+
+
+def test_compare_writes_the_leaderboard_grids_plots_and_error_rows(tmp_path: Path, cheap_judges) -> None:
+    from genzoo.cli import main
+
+    recipes = tmp_path / "tiny.yaml"
+    recipes.write_text(TINY)
+    out = tmp_path / "cmp"
+    rc = main(["compare", "tiny-vae", "tiny-ddpm", "tiny-ddpm@ddpm:5", "no-such-recipe", "--out", str(out), "--recipes",
+               str(recipes), "--samples", "64", "--sweep", "ddim:2,4", "--segments", "2", "--budget-minutes", "0.02",
+               "--metrics", "fd,precision-recall,reconstruction,throughput"])
+    assert rc == 0
+    rows = json.loads((out / "leaderboard.json").read_text())["rows"]
+    by = {r["name"]: r for r in rows}
+    assert set(by) == {"tiny-vae", "tiny-ddpm", "tiny-ddpm@ddpm:5", "no-such-recipe"}
+    assert "no-such-recipe" in by["no-such-recipe"]["error"] and rows[-1]["name"] == "no-such-recipe"  # errors last
+    assert by["tiny-ddpm@ddpm:5"]["nfe"] == 5 and by["tiny-ddpm"]["nfe"] == 4  # one model, two samplers
+    assert by["tiny-vae"]["recon_mse"] > 0 and "recon_mse" not in by["tiny-ddpm"]
+    fds = [r["fd"] for r in rows if not r["error"]]
+    assert fds == sorted(fds)
+    table = list(csv.reader((out / "leaderboard.csv").open()))
+    assert table[0][0] == "model" and len(table) == 5
+    assert "| tiny-vae |" in (out / "leaderboard.md").read_text().replace("| tiny-vae | vae", "| tiny-vae |")
+    for f in ("grids/tiny-vae.png", "grids/tiny-ddpm_ddpm-5.png", "fd_vs_training_time.png", "fd_vs_steps_tiny-ddpm.png"):
+        assert (out / f).stat().st_size > 0, f
+    curves = json.loads((out / "curves.json").read_text())
+    assert len(curves["training"]["tiny-vae"]) == 2 and [s for s, _ in curves["steps"]["tiny-ddpm"]["ddim"]] == [2, 4]
