@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segments", type=int, default=3, help="evaluations along training (quality vs training time)")
     p.add_argument("--device", default="auto")
     p.add_argument("--recipes", dest="recipe_files", action="append", default=[], metavar="FILE", help="extra recipe YAML file")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a field in every recipe, e.g. --set data.image_size=16 (repeatable)")
 
     p = sub.add_parser("push", help="upload a checkpoint directory to the Hugging Face Hub")
     p.add_argument("dir")
@@ -297,7 +299,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = compare(args.recipes, out=Path(args.out), budget_minutes=args.budget_minutes, samples=args.samples, seed=args.seed,
                    metric_names=_metric_names(args.metrics), sweep=sweep or None, segments=args.segments,
-                   device=resolve_device(args.device), files=args.recipe_files, log=lambda m: print(m, file=sys.stderr))
+                   device=resolve_device(args.device), files=args.recipe_files, sets=args.sets, log=lambda m: print(m, file=sys.stderr))
     print((Path(args.out) / "leaderboard.md").read_text())
     failed = sum(bool(r.error) for r in rows)
     print(f"compared {len(rows)} entries in {time.perf_counter() - t0:.0f}s ({failed} failed); see {args.out}/leaderboard.md")

@@ -146,6 +146,8 @@ class VAEPipelineConfig(BaseModel):
     kl_weight: float = Field(1.0, ge=0, description="weight of the KL term (1: the ELBO; beta-VAE otherwise)")
     kl_warmup_steps: int = Field(0, ge=0, description="ramp the KL weight linearly from 0 over this many steps")
     iw_samples: int = Field(64, ge=1, description="importance samples K of the NLL bound reported by nll_bpd")
+    free_bits: float = Field(0.0, ge=0, description="training only: each latent dim's batch-mean KL counts at least this "
+                             "many nats (Kingma et al. 2016, Eq. 15), against posterior collapse; the reported ELBO is exact")
 
 
 class VAEPipeline(LabelledPipeline):
@@ -163,7 +165,7 @@ class VAEPipeline(LabelledPipeline):
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + torch.exp(0.5 * logvar) * eps  # reparameterisation (Sec. 2.4)
         log_px = vae.log_likelihood(x, vae.decode(z))
-        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)  # Appendix B
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())  # per dim, Appendix B
         log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(1)
         log_qz = -0.5 * (eps.pow(2) + logvar + math.log(2 * math.pi)).sum(1)
         return log_px, kl, log_pz, log_qz, z
@@ -171,13 +173,15 @@ class VAEPipeline(LabelledPipeline):
     def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "main") -> dict[str, Tensor]:
         x = batch["image"]
         d = x[0].numel()
-        log_px, kl, *_ = self._terms(x)
+        log_px, kl_dims, *_ = self._terms(x)
+        kl = kl_dims.sum(1)
         if self.training:
             self.steps_seen += 1
         w = self.cfg.kl_weight
         if self.cfg.kl_warmup_steps:
             w = w * torch.clamp(self.steps_seen.float() / self.cfg.kl_warmup_steps, max=1.0)
-        loss = (-log_px + w * kl).mean() / d
+        kl_train = kl_dims.mean(0).clamp(min=self.cfg.free_bits).sum() if self.cfg.free_bits else kl.mean()
+        loss = (-log_px.mean() + w * kl_train) / d
         elbo_bpd = (-log_px + kl).mean().detach() / (d * math.log(2))
         return {"loss": loss, "elbo_bpd": elbo_bpd, "kl": kl.mean().detach(), "recon_nats": -log_px.mean().detach()}
 
@@ -194,7 +198,7 @@ class VAEPipeline(LabelledPipeline):
             log_px, kl, log_pz, log_qz, _ = self._terms(x, generator)
             log_w.append(log_px + log_pz - log_qz)
             if i == 0:
-                neg_elbo = -log_px + kl
+                neg_elbo = -log_px + kl.sum(1)
         iw = torch.logsumexp(torch.stack(log_w), 0) - math.log(k)
         scale = d * math.log(2)
         return {"elbo_bpd": neg_elbo / scale, "iw_bpd": -iw / scale}

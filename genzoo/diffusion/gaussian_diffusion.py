@@ -68,22 +68,31 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-def approx_standard_normal_cdf(x: Tensor) -> Tensor:
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+def log_normal_bin(a: Tensor, b: Tensor) -> Tensor:
+    """log(Phi(b) - Phi(a)) for a < b, exact in both tails (through log Phi), so its gradient never vanishes.
+
+    Clamping ``Phi(b) - Phi(a)`` at 1e-12, as improved-diffusion does, zeroes the gradient of every
+    pixel more than ~7 sigma from the mean: a VAE whose learned scale shrinks on the background
+    then stops learning the foreground (posterior collapse). In the right tail use the mirror image.
+    """
+    right = a > 0
+    hi, lo = torch.where(right, -a, b), torch.where(right, -b, a)
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    return log_hi + torch.log(-torch.expm1((log_lo - log_hi).clamp(max=-1e-12)))
 
 
 def discretized_gaussian_log_likelihood(x: Tensor, *, means: Tensor, log_scales: Tensor) -> Tensor:
     """log P(bin of x) for data in [-1, 1] quantised to 256 bins, under N(means, e^(2 log_scales)) (DDPM Eq. 13).
 
-    The edge bins extend to -inf and +inf so the 256 probabilities sum to one.
+    The edge bins extend to -inf and +inf so the 256 probabilities sum to one. The normal CDF is
+    exact (``log_ndtr``) where improved-diffusion uses a tanh approximation (differences ~1e-3).
     """
     centered = x - means
     inv_stdv = torch.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_bin = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    plus, minus = inv_stdv * (centered + 1.0 / 255.0), inv_stdv * (centered - 1.0 / 255.0)
+    log_cdf_plus = torch.special.log_ndtr(plus)
+    log_one_minus_cdf_min = torch.special.log_ndtr(-minus)
+    log_bin = log_normal_bin(minus, plus)
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_bin))
 
 

@@ -60,7 +60,7 @@ COLUMNS = ["fd", "kid", "precision", "recall", "density", "coverage", "class_cov
 
 def compare(entries: Sequence[str], *, out: Path, budget_minutes: float | None = None, samples: int = 1000, seed: int = 0,
             metric_names: Sequence[str] = DEFAULT_METRICS, sweep: dict[str, list[int]] | None = None, segments: int = 3,
-            device: torch.device | None = None, files: Sequence[str | Path] = (), log: Callable[[str], None] = print) -> list[Row]:
+            device: torch.device | None = None, files: Sequence[str | Path] = (), sets: Sequence[str] = (), log: Callable[[str], None] = print) -> list[Row]:
     from genzoo import api
     from genzoo.eval.judges import load_judge
     from genzoo.plugins import default_registry
@@ -84,7 +84,7 @@ def compare(entries: Sequence[str], *, out: Path, budget_minutes: float | None =
         try:
             if e.recipe not in trained:
                 run_dir = out / "runs" / e.recipe
-                source, family = _train(e.recipe, run_dir, files=files, budget_minutes=budget_minutes, segments=segments, settings=settings,
+                source, family = _train(e.recipe, run_dir, files=files, sets=sets, budget_minutes=budget_minutes, segments=segments, settings=settings,
                                         fd_only=fd_only, curve=curves.setdefault(e.recipe, []), device=device, log=log)
                 trained[e.recipe] = (run_dir, source, family)
             run_dir, source, family = trained[e.recipe]
@@ -117,14 +117,14 @@ def compare(entries: Sequence[str], *, out: Path, budget_minutes: float | None =
     return rows
 
 
-def _train(recipe: str, run_dir: Path, *, files, budget_minutes, segments, settings, fd_only, curve, device, log) -> tuple[Any, str]:
+def _train(recipe: str, run_dir: Path, *, files, sets, budget_minutes, segments, settings, fd_only, curve, device, log) -> tuple[Any, str]:
     """Train (or reuse) a recipe in ``run_dir``; under a budget, in segments with a quick FD after each."""
     from genzoo import api
     from genzoo.checkpoint import has_checkpoint
     from genzoo.eval.judges import load_judge
     from genzoo.training import TrainConfig, Trainer
 
-    sets = []
+    sets = list(sets)  # the same --set for every recipe, e.g. data.image_size=16: one dataset for all
     if budget_minutes:
         sets += [f"train.minutes={budget_minutes / segments}", "train.steps=null", "train.stages=null", "train.sample_every=0"]
     resolved = api.resolve_recipe(recipe, files=files, sets=sets)
