@@ -87,6 +87,27 @@ def test_vqvae_uses_its_codebook_and_the_gpt_prior_beats_uniform(tmp_path: Path)
         s = m.sample(4, generator=torch.Generator().manual_seed(0))
         assert s.shape == (4, 1, 8, 8) and torch.isfinite(s).all()
     assert api.load_model(tmp_path, temperature=0.5).components["prior_sampler"].cfg.temperature == 0.5
+    from genzoo.cli import main
+
+    assert main(["sample", str(tmp_path), "-n", "2", "--out", str(tmp_path / "g.png"), "--temperature", "0.7", "--top-k", "8",
+                 "--top-p", "0.95"]) == 0 and (tmp_path / "g.png").exists()
+
+
+def test_class_conditional_code_prior_with_logit_cfg(tmp_path: Path) -> None:
+    sets = ["train.stages={tokenizer: 2, prior: 3}", "train.batch_size=8", "data.num_train=64", "data.image_size=16",
+            "prior.n_layer=1", "prior.n_embd=32", "decoder.codebook_size=16", "decoder.encoder.channels=8",
+            "decoder.decoder.channels=8"]
+    model, _, _ = train(tmp_path, "cvqvae-shapes", sets)
+    prior = model.components["prior"]
+    assert prior.needs_condition == {"y"} and model.stages == ("tokenizer", "prior")
+    y = torch.tensor([3, 7])
+    null = prior._prefix({"y": y, "drop": torch.tensor([True, True])}, 2)
+    assert torch.equal(null, prior._prefix(None, 2))  # a dropped class is the unconditional start vector
+    assert not torch.equal(prior._prefix({"y": y}, 2), null)
+    x = model.sample(2, {"y": y}, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+    m = api.load_model(tmp_path, guidance=None, sets=["prior_guidance.scale=1.0"])
+    assert m.components["prior_guidance"].scale == 1.0
 
 
 def test_gan_samples_move_toward_the_data(tmp_path: Path) -> None:
