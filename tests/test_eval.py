@@ -113,6 +113,14 @@ recipes:
       prior: {type: gaussian}
       decoder: {type: autoencoder, latent_dim: 4, variational: true, encoder: {type: conv-encoder, channels: 8, norm: group}, decoder: {type: conv-decoder, channels: 8, norm: group}}
     train: {steps: 20, batch_size: 32, lr: 1.0e-3, ema_decay: null, log_every: 5}
+  tiny-ae:
+    description: tiny AE whose mixture prior is fitted when the minutes budget runs out
+    pipeline: {type: autoencoder}
+    data: {type: digits, image_size: 8}
+    components:
+      prior: {type: gmm, components: 3}
+      decoder: {type: autoencoder, latent_dim: 4, encoder: {type: conv-encoder, channels: 8, norm: group}, decoder: {type: conv-decoder, channels: 8, norm: group}}
+    train: {steps: 20, batch_size: 32, lr: 1.0e-3, ema_decay: null, log_every: 5}
   tiny-ddpm:
     description: tiny DDPM for the compare test
     pipeline: {type: diffusion}
@@ -131,20 +139,21 @@ def test_compare_writes_the_leaderboard_grids_plots_and_error_rows(tmp_path: Pat
     recipes = tmp_path / "tiny.yaml"
     recipes.write_text(TINY)
     out = tmp_path / "cmp"
-    rc = main(["compare", "tiny-vae", "tiny-ddpm", "tiny-ddpm@ddpm:5", "no-such-recipe", "--out", str(out), "--recipes",
+    rc = main(["compare", "tiny-vae", "tiny-ae", "tiny-ddpm", "tiny-ddpm@ddpm:5", "no-such-recipe", "--out", str(out), "--recipes",
                str(recipes), "--samples", "64", "--sweep", "ddim:2,4", "--segments", "2", "--budget-minutes", "0.02",
                "--metrics", "fd,precision-recall,reconstruction,throughput"])
     assert rc == 0
     rows = json.loads((out / "leaderboard.json").read_text())["rows"]
     by = {r["name"]: r for r in rows}
-    assert set(by) == {"tiny-vae", "tiny-ddpm", "tiny-ddpm@ddpm:5", "no-such-recipe"}
+    assert set(by) == {"tiny-vae", "tiny-ae", "tiny-ddpm", "tiny-ddpm@ddpm:5", "no-such-recipe"}
     assert "no-such-recipe" in by["no-such-recipe"]["error"] and rows[-1]["name"] == "no-such-recipe"  # errors last
     assert by["tiny-ddpm@ddpm:5"]["nfe"] == 5 and by["tiny-ddpm"]["nfe"] == 4  # one model, two samplers
     assert by["tiny-vae"]["recon_mse"] > 0 and "recon_mse" not in by["tiny-ddpm"]
     fds = [r["fd"] for r in rows if not r["error"]]
     assert fds == sorted(fds)
     table = list(csv.reader((out / "leaderboard.csv").open()))
-    assert table[0][0] == "model" and len(table) == 5
+    assert table[0][0] == "model" and len(table) == 6
+    assert not by["tiny-ae"]["error"] and by["tiny-ae"]["fd"] > 0  # a spent budget still fits the AE's prior
     assert "| tiny-vae |" in (out / "leaderboard.md").read_text().replace("| tiny-vae | vae", "| tiny-vae |")
     for f in ("grids/tiny-vae.png", "grids/tiny-ddpm_ddpm-5.png", "fd_vs_training_time.png", "fd_vs_steps_tiny-ddpm.png"):
         assert (out / f).stat().st_size > 0, f

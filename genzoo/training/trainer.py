@@ -270,7 +270,7 @@ class Trainer:
         total = sum(s for _, s in self.stages) if cfg.steps or cfg.stages else None
         show = self.progress and self.dist.is_main and sys.stderr.isatty()
         bar = tqdm(total=total, initial=self.step, disable=not show, dynamic_ncols=True)
-        t0, steps_done, last = time.perf_counter(), 0, {}
+        t0, steps_done, last, timed_out = time.perf_counter(), 0, {}, False
         try:
             while True:
                 stage, stage_total = self.stages[self.stage_index]
@@ -303,7 +303,7 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
         finished = self.stage_index == len(self.stages) - 1 and self.stage_step >= self.stages[-1][1]
-        if finished:
+        if finished or (timed_out and self._stop_reason is None):  # a spent --minutes budget ends a run normally; a signal does not
             self.pipeline.fit_after_training(self.data)
         wall = time.perf_counter() - t0
         self.wall_time += wall
