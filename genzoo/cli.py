@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="", help="comma-separated metric names (default: fd,kid,precision-recall,...; "
                    "see `genzoo list --kind metric`)")
     p.add_argument("--samples", type=int, default=1000, help="samples drawn (and test images compared against)")
+    p.add_argument("--split", default="test", help="the split compared against and whose captions are asked for "
+                                                   "(shapes: test, or heldout for the unseen colour x shape pairs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
@@ -275,7 +277,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = api.load_model(args.dir, device=device, **_swaps(args))
     source = api.build_data(load_checkpoint(args.dir).recipe)
     judge = load_judge(source.spec.name, source.cfg.model_dump(), device=device)
-    figures = evaluate(model, source, metrics=metrics, judge=judge, settings=EvalSettings(samples=args.samples, seed=args.seed),
+    figures = evaluate(model, source, metrics=metrics, judge=judge, settings=EvalSettings(samples=args.samples, seed=args.seed, split=args.split),
                        device=device)
     if args.json:
         print(json.dumps(figures, indent=1))

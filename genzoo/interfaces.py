@@ -116,7 +116,7 @@ def check_composition(components: Mapping[str, Any]) -> None:
     if prior is not None and dec is not None and hasattr(prior, "produces") and hasattr(dec, "consumes"):
         check_link(describe_component("prior", prior), prior.produces, describe_component("decoder", dec), dec.consumes)
     if enc is not None and hasattr(enc, "produces"):
-        for role, user in (("prior", prior), ("decoder", dec)):
+        for role, user in (("prior", prior), ("decoder", dec), ("guidance", c.get("guidance"))):
             needs = getattr(user, "needs_condition", frozenset())
             missing = set(needs) - set(enc.produces.condition)
             if missing:
@@ -125,7 +125,8 @@ def check_composition(components: Mapping[str, Any]) -> None:
                     f"{describe_component('encoder', enc)} produces {sorted(enc.produces.condition)}; "
                     "use an encoder that produces them"
                 )
-    for user_role, sampler_role, guidance_role in (("decoder", "sampler", "guidance"), ("prior", "prior_sampler", "prior_guidance")):
+    for user_role, sampler_role, guidance_role in (("decoder", "sampler", "guidance"), ("prior", "prior_sampler", "prior_guidance"),
+                                                   ("upsampler_decoder", "upsampler_sampler", "upsampler_guidance")):
         user, sampler, guidance = c.get(user_role), c.get(sampler_role), c.get(guidance_role)
         needs = getattr(user, "sampler_kind", None)
         if sampler is not None and needs is not None and sampler.kind != needs:

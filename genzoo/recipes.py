@@ -265,6 +265,9 @@ def build_pipeline(resolved: Mapping[str, Any], registry: Registry, data_spec: A
     for role, s in resolved["components"].items():
         components[role] = registry.build(role_kind(role), copy.deepcopy(s), data=data_spec, where=f"recipe '{name}': components.{role}: ")
     bind_priors(components)
+    for role, comp in components.items():  # a guidance may use a sibling (CLIP guidance: the recipe's clip)
+        if callable(getattr(comp, "bind_siblings", None)):
+            comp.bind_siblings(components, where=f"recipe '{name}': components.{role}: ")
     check_composition(components)
     pipeline = registry.build(
         "pipeline", copy.deepcopy(resolved["pipeline"]), data=data_spec, components=components, where=f"recipe '{name}': pipeline: "

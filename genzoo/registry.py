@@ -28,6 +28,7 @@ KINDS: dict[str, str] = {
     "network": "a neural network used inside components (U-Net, GPT, discriminator, classifier)",
     "dataset": "training and evaluation data",
     "tokenizer": "turns captions into tokens",
+    "clip": "paired image and text encoders into one embedding space (guidance, reranking, DALL·E 2)",
     "metric": "scores samples against data",
 }
 

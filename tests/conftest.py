@@ -25,3 +25,13 @@ def loaded_registry():
 
     reg, infos = load_plugins()
     return reg
+
+
+@pytest.fixture
+def cheap_judges(tmp_path_factory, monkeypatch):
+    """Judges trained in a few seconds into a private cache (the shipped defaults take about a minute)."""
+    from genzoo.eval import judges
+
+    monkeypatch.setenv("GENZOO_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setitem(judges.DEFAULT_TRAIN, "digits", judges.JudgeTrainConfig(steps=150, translate=1))
+    monkeypatch.setitem(judges.DEFAULT_TRAIN, "shapes", judges.JudgeTrainConfig(steps=150))

@@ -15,14 +15,6 @@ from genzoo.eval.evaluate import METRICS, EvalContext, EvalSettings, evaluate
 from genzoo.plugins import default_registry
 
 
-@pytest.fixture
-def cheap_judges(tmp_path_factory, monkeypatch):
-    """Judges trained in a few seconds into a private cache (the shipped defaults take about a minute)."""
-    monkeypatch.setenv("GENZOO_CACHE", str(tmp_path_factory.mktemp("cache")))
-    monkeypatch.setitem(judges.DEFAULT_TRAIN, "digits", judges.JudgeTrainConfig(steps=150, translate=1))
-    monkeypatch.setitem(judges.DEFAULT_TRAIN, "shapes", judges.JudgeTrainConfig(steps=150))
-
-
 class Oracle(torch.nn.Module):
     """A 'model' that returns real images of the requested class (or noise): metrics must tell them apart."""
 

@@ -117,7 +117,8 @@ def test_every_shipped_recipe_resolves(loaded_registry: Registry) -> None:
     assert {"ddpm-digits", "ddpm-shapes", "iddpm-digits", "iddpm-shapes", "adm-digits", "adm-shapes"} <= set(recipes)
     for name, r in recipes.items():
         out = resolve(name, r, loaded_registry)
-        nested = [v for v in out["components"]["decoder"].values() if isinstance(v, dict)]
+        role = "decoder" if "decoder" in out["components"] else "clip"
+        nested = [v for k, v in out["components"][role].items() if isinstance(v, dict) and k != "text_tower"]
         assert nested and all(v["type"] for v in nested)  # nested network specs resolved
 
 

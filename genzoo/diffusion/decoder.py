@@ -11,10 +11,12 @@ from enum import Enum
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
+from genzoo.diffusion.guidance import noised_clip_losses
 from genzoo.diffusion.schedules import get_named_beta_schedule
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, SamplerKind, Spec
@@ -58,6 +60,7 @@ class DiffusionDecoderConfig(BaseModel):
     timestep_sampler: str = Field("uniform", description="how t is drawn in training: uniform or loss-aware (L_vlb)")
     clip_range: float | None = Field(1.0, description="clamp predicted x0 to [-c, c] when sampling; null for unbounded data")
     cond_drop: float = Field(0.0, ge=0, le=1, description="probability of dropping the condition in training (for CFG)")
+    image_size: int | None = Field(None, ge=1, description="image side it draws; None: the dataset's (a cascade's base model is smaller)")
     denoiser: dict[str, Any] = Field(
         default_factory=lambda: {"type": "unet"},
         description="the network: {type: unet | mlp-denoiser | ..., fields}",
@@ -113,6 +116,10 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
     if ctx.data is None:
         raise RegistryError("decoder 'diffusion-decoder' needs a dataset to size its denoiser")
     spec = dict(cfg.denoiser)
+    shape = tuple(ctx.data.image_shape)
+    if cfg.image_size is not None:
+        shape = (shape[0], cfg.image_size, cfg.image_size)
+        spec.setdefault("image_size", cfg.image_size)
     if spec.get("learn_sigma") is not None and spec["learn_sigma"] != learn_sigma:
         raise RegistryError(
             f"decoder 'diffusion-decoder': denoiser.learn_sigma is {spec['learn_sigma']} but var_type is "
@@ -122,7 +129,7 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
         spec["learn_sigma"] = True
     denoiser = ctx.registry.build("network", spec, data=ctx.data, where="decoder 'diffusion-decoder': denoiser: ")
     return DiffusionDecoder(
-        denoiser=denoiser, diffusion=diffusion, shape=tuple(ctx.data.image_shape), cond_drop=cfg.cond_drop,
+        denoiser=denoiser, diffusion=diffusion, shape=shape, cond_drop=cfg.cond_drop,
         timestep_sampler=create_timestep_sampler(cfg.timestep_sampler, diffusion),
     )
 
@@ -132,31 +139,76 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
 
 class DiffusionPipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    condition: Conditioning = Field(Conditioning.none, description="none, or class: the dataset's label is the condition y")
+    condition: Conditioning = Field(Conditioning.none, description="none; class (the dataset's label is y); caption (through the text encoder)")
 
 
 class DiffusionPipeline(LabelledPipeline):
-    """Trains the denoiser, then (when the guidance has weights, as ADM's noisy classifier) the guidance.
+    """Trains the denoiser (with the text encoder, for captions), then an upsampler, then a trainable guidance.
 
-    Stages: ``decoder``, then ``guidance`` if the guidance is trainable. The guidance is trained on
-    inputs noised by the decoder's own process, so its t means the same (Dhariwal & Nichol 2021, Sec. 4).
+    Stages, in order and only those that apply: ``decoder``; ``upsampler`` when the recipe has an
+    ``upsampler_decoder`` (a cascade: the base draws at its own smaller size, the upsampler brings
+    the image to the dataset's size from the bilinearly upsampled low-resolution image, GLIDE Sec. 2.3);
+    ``clip`` when the recipe has a ``clip`` (GLIDE's noised CLIP, which any CLIP guidance swapped in uses);
+    ``guidance`` when the guidance has weights (ADM's noisy classifier, GLIDE's noised CLIP), trained
+    on inputs noised by the decoder's own process, so its t means the same (Dhariwal & Nichol 2021, Sec. 4).
     """
 
     def __init__(self, components: Mapping[str, Any], *, condition: Conditioning, num_classes: int | None) -> None:
         super().__init__(components, condition=condition, num_classes=num_classes)
-        trainable_guidance = callable(getattr(components.get("guidance"), "training_losses", None))
-        self.stages = ("decoder", "guidance") if trainable_guidance else ("decoder",)
+        guidance = components.get("guidance")
+        trainable_guidance = callable(getattr(guidance, "training_losses", None)) and any(True for _ in guidance.parameters())
+        self.base_size = components["decoder"].produces.shape[-1]
+        self.stages = ("decoder",) + (("upsampler",) if self.upsampler is not None else ()) + (
+            ("clip",) if components.get("clip") is not None else ()) + (("guidance",) if trainable_guidance else ())
+
+    @property
+    def upsampler(self) -> DiffusionDecoder | None:
+        return self.components.get("upsampler_decoder")
+
+    def low_res(self, images: Tensor) -> Tensor:
+        """The base model's view of full-size images: area-downsampled to its size."""
+        return images if images.shape[-1] == self.base_size else F.interpolate(images, size=self.base_size, mode="area")
 
     def optimizer_groups(self, stage: str = "decoder") -> dict[str, list[nn.Parameter]]:
-        module = self.components["guidance" if stage == "guidance" else "decoder"]
-        return {"main": [p for p in module.parameters() if p.requires_grad]}
+        modules = {"decoder": [self.components["decoder"], self.components.get("encoder")],
+                   "upsampler": [self.upsampler], "clip": [self.components.get("clip")], "guidance": [self.components.get("guidance")]}[stage]
+        return {"main": [p for m in modules if isinstance(m, nn.Module) for p in m.parameters() if p.requires_grad]}
 
     def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "decoder") -> dict[str, Tensor]:
         x0 = batch["image"]
+        if stage == "upsampler":
+            return self.upsampler.training_losses(x0, {"low_res": self.low_res(x0)})
+        diffusion = self.components["decoder"].diffusion
+        if stage == "clip":  # the recipe's CLIP, noised by the base decoder's process, for CLIP guidance
+            return noised_clip_losses(self.components["clip"], self.low_res(x0), self.condition_of(batch, encode=False), diffusion)
         if stage == "guidance":
-            return self.components["guidance"].training_losses(x0, self.condition_of(batch), self.components["decoder"].diffusion)
-        return self.components["decoder"].training_losses(x0, self.condition_of(batch))
+            return self.components["guidance"].training_losses(self.low_res(x0), self.condition_of(batch, encode=False), diffusion)
+        return self.components["decoder"].training_losses(self.low_res(x0), self.condition_of(batch))
+
+    @torch.no_grad()
+    def upsample(self, low: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """The upsampler stage alone: full-size images from low-resolution ones in [-1, 1]."""
+        c, size = low.shape[1], self.upsampler.produces.shape[-1]
+        noise = torch.randn(len(low), c, size, size, generator=generator, device=low.device)
+        return self.upsampler.decode(noise, {"low_res": low}, generator=generator, sampler=self.components.get("upsampler_sampler"))
+
+    @torch.no_grad()
+    def sample(self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        x = super().sample(n, condition, generator=generator)
+        return self.upsample(x.clamp(-1, 1), generator=generator) if self.upsampler is not None else x
 
 
 def make_diffusion_pipeline(cfg: DiffusionPipelineConfig, ctx) -> DiffusionPipeline:
-    return DiffusionPipeline(ctx.components, **labelled_args("diffusion", cfg.condition, ctx))
+    args = labelled_args("diffusion", cfg.condition, ctx)
+    denoiser = getattr(ctx.components.get("decoder"), "denoiser", None)
+    encoder = ctx.components.get("encoder")
+    if cfg.condition is Conditioning.caption and denoiser is not None and hasattr(encoder, "width"):
+        for field in ("context_dim", "emb_dim_in"):
+            got = getattr(getattr(denoiser, "cfg", None), field, "n/a")
+            if got != encoder.width:
+                raise RegistryError(f"pipeline 'diffusion': decoder.denoiser.{field} is {got} but the text encoder's width is "
+                                    f"{encoder.width}; set denoiser {field}: {encoder.width}")
+    up = ctx.components.get("upsampler_decoder")
+    if up is not None and ctx.components.get("upsampler_sampler") is None:
+        raise RegistryError("pipeline 'diffusion': an upsampler_decoder needs an upsampler_sampler (e.g. {type: ddim, steps: 25})")
+    return DiffusionPipeline(ctx.components, **args)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, Model, Prediction
+from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Guidance, SamplerKind, with_null_condition
 
 
@@ -102,14 +103,86 @@ class ClassifierGuidance(nn.Module, GradientGuidance):
         """Cross-entropy on x_t ~ q(x_t | x0), t uniform over the decoder's own schedule."""
         if not cond or "y" not in cond:
             raise ValueError("training the noisy classifier needs labels: set the pipeline's condition to 'class'")
-        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
-        logits = self.classifier(diffusion.q_sample(x0, t), diffusion.model_t(t))
+        logits = self.classifier(*noised(x0, diffusion))
         return {"loss": F.cross_entropy(logits, cond["y"]), "accuracy": (logits.argmax(-1) == cond["y"]).float().mean()}
+
+
+def noised(x0: Tensor, diffusion: GaussianDiffusion) -> tuple[Tensor, Tensor]:
+    """(x_t ~ q(x_t | x0), t) at t uniform over the decoder's own schedule: the inputs a guidance model meets."""
+    t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+    return diffusion.q_sample(x0, t), diffusion.model_t(t)
 
 
 def make_classifier_guidance(cfg: ClassifierGuidanceConfig, ctx) -> ClassifierGuidance:
     net = ctx.registry.build("network", dict(cfg.classifier), data=ctx.data, where="guidance 'classifier': classifier: ")
     return ClassifierGuidance(net, scale=cfg.scale)
+
+
+class ClipGuidanceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scale: float = Field(3.0, description="gradient scale s on the CLIP logit exp(tau) <f(x_t, t), g(c)>")
+    clip: dict[str, Any] | None = Field(
+        None,
+        description="null: the recipe's own `clip` component (a noised CLIP trained in the pipeline's clip stage); "
+                    "or a CLIP spec of its own, trained in the guidance stage ({type: clip, noised: true}); a clean "
+                    "CLIP (noised: false) is allowed but adversarial (GLIDE Sec. 2.4)",
+        json_schema_extra={"kind": "clip"},
+    )
+
+
+class ClipGuidance(nn.Module, GradientGuidance):
+    """CLIP guidance (GLIDE Sec. 2.4): mu' = mu + s Sigma grad_x exp(tau) <f(x_t, t), g(c)>.
+
+    The caption arrives as ``cond["tokens"]`` (the text encoder passes them on) and is embedded by the
+    CLIP's own text tower. With ``clip: null`` it uses the recipe's ``clip`` component, so one trained
+    noised CLIP serves whichever guidance is swapped in at sampling time.
+    """
+
+    def __init__(self, clip: nn.Module | None, *, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.needs_condition = frozenset({"tokens"})
+        if clip is not None:
+            self.clip = clip  # owned: trained in the guidance stage
+        else:
+            self.__dict__["clip"] = None  # borrowed from the recipe (bind_siblings), not saved twice
+
+    def bind_siblings(self, components: Mapping[str, Any], *, where: str = "") -> None:
+        if self.clip is None:
+            if components.get("clip") is None:
+                raise RegistryError(f"{where}guidance 'clip' has no CLIP: add components.clip: {{type: clip, noised: true}} "
+                                    "to the recipe, or give the guidance its own (clip: {type: clip, noised: true})")
+            self.__dict__["clip"] = components["clip"]
+
+    def grad_log_p(self, x_t: Tensor, t: Tensor, cond: Condition | None) -> Tensor:
+        if not cond or "tokens" not in cond:
+            raise ValueError("CLIP guidance needs a caption: pass condition {'caption': [...]} (CLI: --prompt TEXT)")
+        with torch.no_grad():
+            text = self.clip.encode_tokens(cond["tokens"])
+        x = x_t.detach().requires_grad_(True)
+        logit = self.clip.logit_scale.exp() * (self.clip.encode_image(x, t) * text).sum()
+        return torch.autograd.grad(logit, x)[0]
+
+    def training_losses(self, x0: Tensor, cond: Condition | None, diffusion: GaussianDiffusion) -> dict[str, Tensor]:
+        return noised_clip_losses(self.clip, x0, cond, diffusion)
+
+
+def noised_clip_losses(clip: Any, x0: Tensor, cond: Condition | None, diffusion: GaussianDiffusion) -> dict[str, Tensor]:
+    """CLIP's contrastive loss (Radford et al. 2021, Fig. 3) on x_t at t uniform over the decoder's
+    schedule when the CLIP is noised (GLIDE Sec. 2.4), on x0 otherwise."""
+    from genzoo.text.clip import contrastive_loss
+
+    if not cond or "tokens" not in cond:
+        raise ValueError("training a CLIP in a diffusion recipe needs captions: set the pipeline's condition to 'caption'")
+    clip.clamp_()
+    x_t, t = noised(x0, diffusion) if clip.noised else (x0, None)
+    loss, acc = contrastive_loss(clip.encode_image(x_t, t), clip.encode_tokens(cond["tokens"]), clip.logit_scale)
+    return {"loss": loss, "accuracy": acc}
+
+
+def make_clip_guidance(cfg: ClipGuidanceConfig, ctx) -> ClipGuidance:
+    clip = None if cfg.clip is None else ctx.registry.build("clip", dict(cfg.clip), data=ctx.data, where="guidance 'clip': clip: ")
+    return ClipGuidance(clip, scale=cfg.scale)
 
 
 class CFGConfig(BaseModel):

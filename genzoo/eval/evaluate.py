@@ -65,10 +65,19 @@ class EvalContext:
     # ----------------------------------------------------------------- fake
     @cached_property
     def requested(self) -> dict[str, Any] | None:
-        """The condition asked of sample i: class i mod K for a class-conditional model, else None."""
-        if getattr(self.model, "condition", None) is None or getattr(self.model.condition, "value", "none") != "class":
-            return None
-        return {"y": torch.arange(self.settings.samples) % self.model.num_classes}
+        """The condition asked of sample i: class i mod K for a class-conditional model; the caption of
+        the split's image i mod N (and its attributes, to judge by) for a caption model; else None."""
+        kind = getattr(getattr(self.model, "condition", None), "value", "none")
+        if kind == "class":
+            return {"y": torch.arange(self.settings.samples) % self.model.num_classes}
+        if kind == "caption":
+            tensors = self.source.split(self.settings.split).tensors()
+            idx = torch.arange(self.settings.samples) % len(tensors["caption"])
+            out = {"caption": [tensors["caption"][i] for i in idx.tolist()]}
+            if "attributes" in tensors:
+                out["attributes"] = tensors["attributes"][idx]
+            return out
+        return None
 
     @cached_property
     def samples(self) -> Tensor:
@@ -78,8 +87,9 @@ class EvalContext:
             n = min(s.batch_size, s.samples - lo)
             g = torch.Generator(device=self.device).manual_seed(s.seed * 1_000_003 + i)
             cond = None
-            if self.requested is not None:
-                cond = {k: v[lo:lo + n].to(self.device) for k, v in self.requested.items()}
+            if self.requested is not None:  # attributes are for the judge, not the model
+                cond = {k: v[lo:lo + n].to(self.device) if isinstance(v, Tensor) else v[lo:lo + n]
+                        for k, v in self.requested.items() if k != "attributes"}
             out.append(self.model.sample(n, cond, generator=g).float().clamp(-1, 1).cpu())
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -174,7 +184,17 @@ def _attribute_accuracy(cfg: NoConfig) -> MetricFn:
     def run(ev: EvalContext) -> dict[str, float]:
         if ev.requested is None:
             return {}
-        y, pred = ev.requested["y"], ev.fake_predictions
+        pred = ev.fake_predictions
+        if "attributes" in ev.requested:  # a caption model: every attribute the caption names
+            want = ev.requested["attributes"]
+            names = list(ev.source.spec.attributes)
+            hits = torch.stack([pred[a] == want[:, j] for j, a in enumerate(names) if a in pred], 1)
+            out = {f"{a}_accuracy": float(h.double().mean()) for a, h in zip([a for a in names if a in pred], hits.T)}
+            out["caption_accuracy"] = float(hits.all(1).double().mean())
+            return out
+        if "y" not in ev.requested:
+            return {}
+        y = ev.requested["y"]
         out = {"label_accuracy": float((pred["label"] == y).double().mean())}
         attrs = ev.source.spec.attributes
         if "shape" in attrs and "colour" in attrs and "shape" in pred:  # shapes: label = shape * |colours| + colour
@@ -217,6 +237,36 @@ def _codebook(cfg: NoConfig) -> MetricFn:
             return {}
         u = fn(ev.real["image"].to(ev.device))
         return {"code_perplexity": u["perplexity"], "codes_used": u["used_fraction"]}
+    return run
+
+
+def _zero_shot(cfg: NoConfig) -> MetricFn:
+    """Zero-shot attribute accuracy of a CLIP on the split's images (shapes)."""
+    def run(ev: EvalContext) -> dict[str, float]:
+        fn = getattr(ev.model, "zero_shot", None)
+        if fn is None or "attributes" not in ev.real or ev.source.spec.name != "shapes":
+            return {}
+        return fn(ev.real["image"], ev.real["attributes"])
+    return run
+
+
+def _upsampler(cfg: NoConfig) -> MetricFn:
+    """A cascade's upsampler against bilinear upsampling, on the split's images brought down to the base size:
+    FD in judge features and MSE to the full-size originals, for both."""
+    def run(ev: EvalContext) -> dict[str, float]:
+        if getattr(ev.model, "upsampler", None) is None:
+            return {}
+        real = ev.real["image"]
+        low = torch.nn.functional.interpolate(real, size=ev.model.base_size, mode="area")
+        g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
+        up = torch.cat([ev.model.upsample(low[i:i + ev.settings.batch_size].to(ev.device), generator=g).float().clamp(-1, 1).cpu()
+                        for i in range(0, len(low), ev.settings.batch_size)])
+        bilinear = torch.nn.functional.interpolate(low, size=real.shape[-1], mode="bilinear", align_corners=False).clamp(-1, 1)
+        out = {}
+        for name, x in (("upsampler", up), ("bilinear", bilinear)):
+            out[f"{name}_fd"] = M.fd(ev.real_features, ev.judge.features(x).float().cpu())
+            out[f"{name}_mse"] = float(torch.mean((x - real) ** 2))
+        return out
     return run
 
 
@@ -284,7 +334,12 @@ def _clip_score(cfg: ClipScoreConfig) -> MetricFn:
                               "it downloads the weights once with network access, or pass a local file as pretrained") from None
         tok = open_clip.get_tokenizer(cfg.model)
         names = ev.source.spec.class_names
-        texts = [names[int(y)] for y in ev.requested["y"]] if ev.requested is not None and names else ev.real["caption"]
+        if ev.requested is not None and "caption" in ev.requested:
+            texts = ev.requested["caption"]
+        elif ev.requested is not None and names:
+            texts = [names[int(y)] for y in ev.requested["y"]]
+        else:
+            texts = ev.real["caption"]
         size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
         img = torch.nn.functional.interpolate((ev.samples + 1) / 2, size=(size, size), mode="bicubic").clamp(0, 1)
         mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
@@ -309,6 +364,8 @@ METRICS: dict[str, tuple[type[BaseModel], Callable[..., MetricFn], str]] = {
     "reconstruction": (NoConfig, _reconstruction, "test-set reconstruction MSE of models that encode (AE, VAE, VQ-VAE)"),
     "codebook": (NoConfig, _codebook, "codebook perplexity and share of codes used on the test set (VQ models)"),
     "throughput": (NoConfig, _throughput, "sampling images/s and network evaluations per sample"),
+    "zero-shot": (NoConfig, _zero_shot, "zero-shot attribute accuracy of a CLIP on shapes (every attribute combination's caption)"),
+    "upsampler": (NoConfig, _upsampler, "a cascade's upsampler against bilinear upsampling: FD and MSE to the originals"),
     "inception": (NoConfig, _torch_fidelity, "Inception FID and IS through torch-fidelity (weights downloaded once)"),
     "clip-score": (ClipScoreConfig, _clip_score, "CLIP score through open_clip (pretrained weights downloaded once)"),
 }

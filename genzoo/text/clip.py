@@ -1,0 +1,226 @@
+"""CLIP (Radford et al. 2021): paired image and text encoders into one embedding space.
+
+Two implementations behind one interface (``encode_image(x, t=None)``, ``encode_text(captions)``,
+``encode_tokens(tokens)``, ``logit_scale``; embeddings unit-norm, images in [-1, 1]):
+
+* ``clip``: trained by genzoo (symmetric cross-entropy over the in-batch similarity matrix with a
+  learned temperature, Sec. 2.5 and Fig. 3). Its image tower is any registered network that maps an
+  image to a vector: the ADM encoder (``noisy-classifier``), which takes ``t``, or a timm model.
+  ``noised: true`` trains it on x_t at every t of a diffusion (GLIDE Sec. 2.4) for CLIP guidance.
+* ``open-clip``: any open_clip architecture by name, with pretrained weights fetched by open_clip
+  (huggingface_hub) or read from a local ``.safetensors`` file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from genzoo.errors import GenzooError, RegistryError
+from genzoo.interfaces import Pipeline
+from genzoo.text.transformer import TextTransformer, TextTransformerConfig
+
+
+def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric InfoNCE over the batch (CLIP Fig. 3): pair i is the positive of row and column i.
+
+    Returns the loss and the image-to-text top-1 accuracy.
+    """
+    logits = logit_scale.exp() * image.float() @ text.float().T
+    labels = torch.arange(len(logits), device=logits.device)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return loss, (logits.argmax(-1) == labels).float().mean()
+
+
+class ClipConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    embed_dim: int = Field(64, ge=2, description="dimension of the joint embedding space")
+    image_tower: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "noisy-classifier", "channel_mult": [1, 2, 2], "attention_resolutions": []},
+        description="network from image to vector (its num_classes is set to embed_dim): noisy-classifier (takes t) or timm",
+        json_schema_extra={"kind": "network"},
+    )
+    text_tower: TextTransformerConfig = Field(default_factory=TextTransformerConfig, description="the text transformer")
+    noised: bool = Field(False, description="the image tower sees x_t and t (GLIDE's noised CLIP, for CLIP guidance)")
+    init_temperature: float = Field(0.07, gt=0, description="initial softmax temperature (CLIP: 0.07); learned, floored at 0.01")
+
+
+class CLIP(nn.Module):
+    """genzoo's CLIP; see the module doc for the interface shared with :class:`OpenCLIP`."""
+
+    def __init__(self, cfg: ClipConfig, image_tower: nn.Module) -> None:
+        super().__init__()
+        self.cfg, self.noised = cfg, cfg.noised
+        self.image_tower = image_tower
+        self.takes_t = "t" in inspect.signature(image_tower.forward).parameters
+        if cfg.noised and not self.takes_t:
+            raise RegistryError(f"clip: field 'noised' is true but image_tower '{type(image_tower).__name__}' takes no t; "
+                                "use image_tower: {type: noisy-classifier}")
+        self.text = TextTransformer(cfg.text_tower)
+        self.text_projection = nn.Linear(cfg.text_tower.width, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def encode_image(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        """Unit-norm embeddings of images in [-1, 1]; ``t`` (noised CLIP) is the diffusion step of ``x``."""
+        if self.takes_t:
+            out = self.image_tower(x, t if t is not None and self.noised else torch.zeros(len(x), device=x.device))
+        else:
+            out = self.image_tower(x)
+        return F.normalize(out.float(), dim=-1)
+
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
+        pooled, _, _ = self.text(tokens.to(self.device))
+        return F.normalize(self.text_projection(pooled).float(), dim=-1)
+
+    def encode_text(self, captions: list[str]) -> Tensor:
+        return self.encode_tokens(self.text.tokenize(list(captions)))
+
+    def clamp_(self) -> None:
+        with torch.no_grad():  # CLIP clips the learned logit scale at 100 (temperature 0.01)
+            self.logit_scale.clamp_(0, math.log(100))
+
+
+def build_clip(cfg: ClipConfig, ctx: Any) -> CLIP:
+    spec = dict(cfg.image_tower)
+    if spec.get("num_classes") is None:  # the tower's head is the image projection
+        spec["num_classes"] = cfg.embed_dim
+    tower = ctx.registry.build("network", spec, data=ctx.data, where="clip: image_tower: ")
+    return CLIP(cfg, tower)
+
+
+# --------------------------------------------------------------------------- open_clip
+
+
+class OpenClipConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field("ViT-B-32", description="an open_clip architecture (open_clip.list_models())")
+    pretrained: str | None = Field(None, description="a pretrained tag (open_clip.list_pretrained()), downloaded through huggingface_hub")
+    checkpoint: str | None = Field(None, description="local .safetensors weights instead of a download (offline use)")
+
+
+class OpenCLIP(nn.Module):
+    """An open_clip model behind genzoo's CLIP interface: [-1, 1] images are resized and normalised
+    with the model's own preprocessing statistics."""
+
+    noised = False
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model, self.tokenizer, self.image_size = model, tokenizer, image_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.logit_scale = model.logit_scale
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def encode_image(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        x = F.interpolate((x.float() + 1) / 2, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        return F.normalize(self.model.encode_image((x - self.mean) / self.std).float(), dim=-1)
+
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
+        length = getattr(self.tokenizer, "context_length", 77)
+        tokens = F.pad(tokens, (0, max(0, length - tokens.shape[1])))[:, :length]
+        return F.normalize(self.model.encode_text(tokens.to(self.device)).float(), dim=-1)
+
+    def encode_text(self, captions: list[str]) -> Tensor:
+        return F.normalize(self.model.encode_text(self.tokenizer(list(captions)).to(self.device)).float(), dim=-1)
+
+
+def build_open_clip(cfg: OpenClipConfig, ctx: Any = None) -> OpenCLIP:
+    import open_clip
+
+    if cfg.model not in open_clip.list_models():
+        near = [m for m in open_clip.list_models() if cfg.model.lower()[:4] in m.lower()][:8]
+        raise RegistryError(f"clip 'open-clip': field 'model': '{cfg.model}' is not an open_clip architecture; "
+                            f"close ones: {near or open_clip.list_models()[:8]}")
+    if cfg.pretrained and cfg.checkpoint:
+        raise RegistryError("clip 'open-clip': set 'pretrained' (a tag to download) or 'checkpoint' (a local file), not both")
+    weights = cfg.pretrained
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint).expanduser()
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise RegistryError(f"clip 'open-clip': field 'checkpoint': {path} is not a .safetensors file; "
+                                "genzoo never unpickles weights: convert it with safetensors.torch.save_file")
+        weights = str(path)
+    elif cfg.pretrained and cfg.pretrained not in open_clip.list_pretrained_tags_by_model(cfg.model):
+        raise RegistryError(f"clip 'open-clip': field 'pretrained': '{cfg.pretrained}' is not a tag of {cfg.model}; "
+                            f"tags: {open_clip.list_pretrained_tags_by_model(cfg.model)}")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=weights, weights_only=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        if cfg.checkpoint:
+            raise GenzooError(f"clip 'open-clip': could not load {weights} into {cfg.model}: {e}") from e
+        raise GenzooError(f"clip 'open-clip': could not fetch pretrained weights '{cfg.pretrained}' for {cfg.model} "
+                          f"(no network?): {type(e).__name__}; download them where there is a network, or pass "
+                          "checkpoint: /path/to/open_clip_model.safetensors") from e
+    model.eval()
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return OpenCLIP(model, open_clip.get_tokenizer(cfg.model), image_size=size, mean=tuple(mean), std=tuple(std))
+
+
+# --------------------------------------------------------------------------- training a CLIP
+
+
+class ClipPipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClipPipeline(Pipeline):
+    """Trains ``components['clip']`` on the dataset's (image, caption) pairs. It draws no images."""
+
+    def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "main") -> dict[str, Tensor]:
+        clip = self.components["clip"]
+        clip.clamp_()
+        loss, acc = contrastive_loss(clip.encode_image(batch["image"]), clip.encode_text(batch["caption"]), clip.logit_scale)
+        return {"loss": loss, "accuracy": acc, "temperature": clip.logit_scale.detach().neg().exp()}
+
+    def sample(self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        raise GenzooError("a CLIP draws no images; measure it with `genzoo eval DIR --metrics zero-shot`, "
+                          "or use it in a recipe (guidance, reranking, DALL·E 2)")
+
+    @torch.no_grad()
+    def zero_shot(self, images: Tensor, attributes: Tensor, *, batch_size: int = 500) -> dict[str, float]:
+        return zero_shot_shapes(self.components["clip"], images, attributes, batch_size=batch_size)
+
+
+def make_clip_pipeline(cfg: ClipPipelineConfig, ctx: Any) -> ClipPipeline:
+    if "clip" not in ctx.components:
+        raise RegistryError("pipeline 'clip' needs a component 'clip' (e.g. clip: {type: clip})")
+    if ctx.data is not None and not ctx.data.has_captions:
+        raise RegistryError(f"pipeline 'clip' trains on captions, and dataset '{ctx.data.name}' has none; use shapes or an imagefolder with captions")
+    return ClipPipeline(ctx.components)
+
+
+@torch.no_grad()
+def zero_shot_shapes(clip: Any, images: Tensor, attributes: Tensor, *, batch_size: int = 500) -> dict[str, float]:
+    """Zero-shot attribute accuracy on ``shapes`` (CLIP Sec. 3.1.2): score every attribute combination's
+    caption (one phrasing), and read each attribute off the argmax caption. ``attributes``: (N, 4)."""
+    from itertools import product
+
+    from genzoo.data.shapes import ATTRIBUTES, caption
+
+    combos = list(product(*(range(len(v)) for v in ATTRIBUTES.values())))
+    text = torch.cat([clip.encode_text([caption(c, 0) for c in combos[i:i + 256]]) for i in range(0, len(combos), 256)])
+    table = torch.tensor(combos, device=text.device)
+    best = torch.cat([(clip.encode_image(images[i:i + batch_size].to(text.device)) @ text.T).argmax(-1)
+                      for i in range(0, len(images), batch_size)])
+    pred, attributes = table[best].cpu(), attributes.cpu()
+    out = {f"zero_shot_{name}": float((pred[:, j] == attributes[:, j]).double().mean()) for j, name in enumerate(ATTRIBUTES)}
+    out["zero_shot_all"] = float((pred == attributes).all(-1).double().mean())
+    return out
