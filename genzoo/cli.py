@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--save", metavar="FILE.safetensors", help="also save the raw samples")
+    p.add_argument("--rerank", type=int, help="draw N candidates per prompt, keep the one the recipe's CLIP ranks first (DALL·E)")
     _add_swap_args(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE")
 
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     _add_swap_args(p)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a sampling-time field, e.g. --set pipeline.rerank=8 or --set prior_guidance.scale=3")
 
     p = sub.add_parser("compare", help="train/evaluate several recipes on the same data, metrics and sample stream")
     p.add_argument("recipes", nargs="+", help="RECIPE or RECIPE@SAMPLER:STEPS (e.g. ddpm-shapes@ddim:25)")
@@ -242,7 +245,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from genzoo.training.images import save_grid
 
     device = resolve_device(args.device)
-    model = api.load_model(args.dir, device=device, sets=args.sets, **_swaps(args))
+    sets = args.sets + ([f"pipeline.rerank={args.rerank}"] if args.rerank else [])
+    model = api.load_model(args.dir, device=device, sets=sets, **_swaps(args))
     g = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
     cond = _condition(args, args.n)
@@ -274,7 +278,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     registry = default_registry()
     metrics = {m: registry.build("metric", {"type": m}, where="--metrics: ") for m in _metric_names(args.metrics)}
-    model = api.load_model(args.dir, device=device, **_swaps(args))
+    model = api.load_model(args.dir, device=device, sets=args.sets, **_swaps(args))
     source = api.build_data(load_checkpoint(args.dir).recipe)
     judge = load_judge(source.spec.name, source.cfg.model_dump(), device=device)
     figures = evaluate(model, source, metrics=metrics, judge=judge, settings=EvalSettings(samples=args.samples, seed=args.seed, split=args.split),

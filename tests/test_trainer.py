@@ -196,3 +196,15 @@ def test_minutes_budget_stops_at_a_step_boundary_and_checkpoints(tmp_path: Path)
     _, r = train(Slow, tmp_path, cfg(steps=None, minutes=0.2 / 60))  # a 0.2 s budget, 0.05 s steps
     assert r.stopped_early and 3 <= r.step <= 8
     assert load_checkpoint(tmp_path).meta["step"] == r.step
+
+
+def test_each_stage_starts_its_own_ema_warm_up(tmp_path: Path) -> None:
+    """A stage trained after a long one is saved as its trained weights, not as a blend with its initialisation."""
+    torch.manual_seed(123)
+    init = {k: v.clone() for k, v in TwoPlayer().components["discriminator"].state_dict().items()}
+    train(TwoPlayer, tmp_path, cfg(stages={"pre": 300, "game": 40}, ema_decay=0.999, warmup_steps=0))
+    w = weights(tmp_path)
+    for k in ("weight", "bias"):
+        saved, raw = w[f"discriminator.{k}"], w[f"raw.discriminator.{k}"]
+        # with one warm-up count for the whole run the decay would be 0.97 here: 0.97^40 = 30% initialisation
+        assert (saved - raw).norm() < 0.2 * (init[k] - raw).norm(), k

@@ -40,3 +40,19 @@ class BPETokenizer:
             ids = ids[: ids.index(self.eot_id)] if self.eot_id in ids else ids
             texts.append(self._tok.decode(ids).strip())
         return texts
+
+
+class CaptionTokens:
+    """``captions -> (B, L)`` through a :class:`BPETokenizer`, running BPE once per distinct caption
+    (datasets repeat their captions, so training pays for tokenising only at the start)."""
+
+    def __init__(self, context_length: int) -> None:
+        self.tokenizer = BPETokenizer(BPETokenizerConfig(context_length=context_length))
+        self._cache: dict[str, Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        if missing:
+            for c, row in zip(missing, self.tokenizer.encode(missing)):
+                self._cache[c] = row
+        return torch.stack([self._cache[c] for c in captions])

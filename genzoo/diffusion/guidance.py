@@ -168,16 +168,12 @@ class ClipGuidance(nn.Module, GradientGuidance):
 
 
 def noised_clip_losses(clip: Any, x0: Tensor, cond: Condition | None, diffusion: GaussianDiffusion) -> dict[str, Tensor]:
-    """CLIP's contrastive loss (Radford et al. 2021, Fig. 3) on x_t at t uniform over the decoder's
-    schedule when the CLIP is noised (GLIDE Sec. 2.4), on x0 otherwise."""
-    from genzoo.text.clip import contrastive_loss
+    """CLIP's contrastive loss on x_t at t uniform over the decoder's schedule when the CLIP is noised
+    (GLIDE Sec. 2.4), on x0 otherwise."""
+    from genzoo.text.clip import clip_losses
 
-    if not cond or "tokens" not in cond:
-        raise ValueError("training a CLIP in a diffusion recipe needs captions: set the pipeline's condition to 'caption'")
-    clip.clamp_()
     x_t, t = noised(x0, diffusion) if clip.noised else (x0, None)
-    loss, acc = contrastive_loss(clip.encode_image(x_t, t), clip.encode_tokens(cond["tokens"]), clip.logit_scale)
-    return {"loss": loss, "accuracy": acc}
+    return clip_losses(clip, x_t, cond, t)
 
 
 def make_clip_guidance(cfg: ClipGuidanceConfig, ctx) -> ClipGuidance:

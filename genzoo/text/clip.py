@@ -39,6 +39,16 @@ def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> tuple[
     return loss, (logits.argmax(-1) == labels).float().mean()
 
 
+def clip_losses(clip: Any, images: Tensor, cond: Mapping[str, Tensor] | None, t: Tensor | None = None) -> dict[str, Tensor]:
+    """The contrastive loss of ``clip`` on images (at diffusion step ``t`` for a noised CLIP) and the
+    caption ``tokens`` of ``cond``: how a recipe's own CLIP trains in its ``clip`` stage."""
+    if not cond or "tokens" not in cond:
+        raise ValueError("training a CLIP needs captions: set the pipeline's condition to 'caption'")
+    clip.clamp_()
+    loss, acc = contrastive_loss(clip.encode_image(images, t), clip.encode_tokens(cond["tokens"]), clip.logit_scale)
+    return {"loss": loss, "accuracy": acc}
+
+
 class ClipConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     embed_dim: int = Field(64, ge=2, description="dimension of the joint embedding space")

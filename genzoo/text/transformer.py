@@ -8,14 +8,13 @@ the padding after EOT can never reach the pooled output, so no padding mask is n
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from genzoo.data.tokenizer import BPETokenizer, BPETokenizerConfig
+from genzoo.data.tokenizer import CaptionTokens
 from genzoo.interfaces import Condition, Encoder, Spec
 from genzoo.nn.gpt import GPT, Block, GPTConfig
 
@@ -28,19 +27,14 @@ class TextTransformerConfig(BaseModel):
     heads: int = Field(4, ge=1, description="attention heads; must divide width")
 
 
-@lru_cache(maxsize=8)
-def _tokenizer(context_length: int) -> BPETokenizer:
-    return BPETokenizer(BPETokenizerConfig(context_length=context_length))
-
-
 class TextTransformer(nn.Module):
-    """``forward(tokens) -> (pooled (B, W), sequence (B, L, W), mask (B, L))``; ``tokenize(list[str])``."""
+    """``forward(tokens) -> (pooled (B, W), sequence (B, L, W), mask (B, L))``; ``tokenize(list[str]) -> tokens``."""
 
     def __init__(self, cfg: TextTransformerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = _tokenizer(cfg.context_length)
-        gpt = GPTConfig(vocab_size=self.tokenizer.vocab_size, block_size=cfg.context_length, n_layer=cfg.layers,
+        self.tokenize = CaptionTokens(cfg.context_length)
+        gpt = GPTConfig(vocab_size=self.tokenize.tokenizer.vocab_size, block_size=cfg.context_length, n_layer=cfg.layers,
                         n_head=cfg.heads, n_embd=cfg.width)
         self.token_embedding = nn.Embedding(gpt.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
@@ -48,19 +42,10 @@ class TextTransformer(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width)
         self.apply(GPT._init_weights)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        self._cache: dict[str, Tensor] = {}
 
     @property
     def width(self) -> int:
         return self.cfg.width
-
-    def tokenize(self, captions: list[str]) -> Tensor:
-        """(B, L) token ids; BPE runs once per distinct caption (datasets repeat captions)."""
-        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
-        if missing:
-            for c, row in zip(missing, self.tokenizer.encode(missing)):
-                self._cache[c] = row
-        return torch.stack([self._cache[c] for c in captions])
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         tokens = tokens[:, : self.cfg.context_length]

@@ -279,6 +279,9 @@ class Trainer:
                         break
                     if self.ema:  # the next stage builds on the averaged weights, the ones saved and sampled with
                         self.ema.copy_to(self.pipeline)
+                        # and its own weights start a fresh warm-up: with the global count at decay 0.999, a
+                        # 1000-step stage would be saved as 37% its initialisation
+                        self.ema.updates = 0
                     self.stage_index, self.stage_step = self.stage_index + 1, 0
                     self._setup_stage()
                     continue

@@ -1,0 +1,1 @@
+"""DALL·E (Ramesh et al. 2021): the discrete VAE tokenizer and the transformer over [text; image] tokens."""

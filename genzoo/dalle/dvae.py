@@ -1,0 +1,100 @@
+"""DALL·E's discrete VAE (Ramesh et al. 2021, Sec. 2.1 and App. A): an image tokenizer trained with
+the gumbel-softmax relaxation (Jang et al. 2017; Maddison et al. 2017).
+
+The encoder gives logits over K codes at each grid position; in training the decoder sees the
+relaxed one-hot ``softmax((logits + g) / tau)`` times the codebook, tau annealed from 1 to 1/16,
+and the ELBO's KL to the uniform prior over codes, ``sum q log q + log K`` per position, has its
+weight ramped up from 0 (the term that is easy to drop by mistake). Tokens are the argmax codes.
+Reconstruction is MSE (a Gaussian likelihood); DALL·E's logit-Laplace is not implemented.
+The schedules follow the tokenizer's own step counter, a buffer, so a resumed run continues them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from genzoo.errors import RegistryError
+from genzoo.interfaces import Condition, Decoder, Spec
+
+
+class DiscreteVAEConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    codebook_size: int = Field(128, ge=2, description="number of codes K (DALL·E: 8192)")
+    code_dim: int = Field(32, ge=1, description="dimension of each code's embedding")
+    downsample: int = Field(4, description="image side / token-grid side: 2, 4 or 8 (DALL·E: 8)")
+    temperature_start: float = Field(1.0, gt=0, description="gumbel-softmax temperature at step 0")
+    temperature_end: float = Field(1 / 16, gt=0, description="temperature reached at temperature_steps (DALL·E: 1/16)")
+    temperature_steps: int = Field(2000, ge=1, description="steps of the exponential temperature anneal")
+    kl_weight: float = Field(1e-2, ge=0, description="weight of the KL to the uniform prior (per position, against per-pixel MSE); "
+                                                     "on shapes 1e-3 let the codebook collapse to 2 codes (DALL·E also raised it, to 6.6)")
+    kl_warmup_steps: int = Field(1000, ge=0, description="steps over which the KL weight rises linearly from 0")
+    encoder: dict[str, Any] = Field(default_factory=lambda: {"type": "grid-encoder"}, description="image -> logits grid network",
+                                    json_schema_extra={"kind": "network"})
+    decoder: dict[str, Any] = Field(default_factory=lambda: {"type": "grid-decoder"}, description="code-embedding grid -> image network",
+                                    json_schema_extra={"kind": "network"})
+
+
+class DiscreteVAE(Decoder):
+    """``training_losses(x)``, ``encode_codes(x)`` (argmax tokens), ``decode(codes)``; consumes a (h, w) grid of codes."""
+
+    def __init__(self, cfg: DiscreteVAEConfig, encoder: nn.Module, decoder: nn.Module, grid: tuple[int, int], image_shape) -> None:
+        super().__init__()
+        self.cfg, self.encoder, self.decoder = cfg, encoder, decoder
+        self.codebook = nn.Embedding(cfg.codebook_size, cfg.code_dim)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.consumes = Spec(shape=grid, dtype="long", vocab_size=cfg.codebook_size)
+        self.produces = Spec(shape=tuple(image_shape))
+
+    @property
+    def num_codes(self) -> int:
+        return self.cfg.codebook_size
+
+    def temperature(self) -> float:
+        c, frac = self.cfg, min(1.0, int(self.step) / self.cfg.temperature_steps)
+        return c.temperature_start * (c.temperature_end / c.temperature_start) ** frac
+
+    def kl_weight(self) -> float:
+        c = self.cfg
+        return c.kl_weight * (min(1.0, int(self.step) / c.kl_warmup_steps) if c.kl_warmup_steps else 1.0)
+
+    def training_losses(self, x: Tensor) -> dict[str, Tensor]:
+        logits = self.encoder(x)  # (B, K, h, w)
+        tau, beta = self.temperature(), self.kl_weight()
+        soft = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1)
+        recon = self.decoder(torch.einsum("bkhw,kd->bdhw", soft, self.codebook.weight))
+        mse = F.mse_loss(recon, x)
+        log_q = F.log_softmax(logits.float(), dim=1)
+        kl = (log_q.exp() * log_q).sum(1).mean() + math.log(self.num_codes)  # KL(q || uniform) per position, nats
+        with torch.no_grad():
+            self.step += 1
+            counts = torch.bincount(logits.argmax(1).flatten(), minlength=self.num_codes).float()
+            p = counts / counts.sum()
+            perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
+        return {"loss": mse + beta * kl, "mse": mse.detach(), "kl": kl.detach(), "perplexity": perplexity,
+                "temperature": torch.tensor(tau), "kl_weight": torch.tensor(beta)}
+
+    @torch.no_grad()
+    def encode_codes(self, x: Tensor) -> Tensor:
+        return self.encoder(x).argmax(1)
+
+    def decode(self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
+        return self.decoder(self.codebook(z).permute(0, 3, 1, 2)).clamp(-1, 1)
+
+
+def make_dvae(cfg: DiscreteVAEConfig, ctx) -> DiscreteVAE:
+    if ctx.data is None:
+        raise RegistryError("decoder 'dvae' needs a dataset to size its networks")
+    c, h, w = ctx.data.image_shape
+    if h % cfg.downsample or w % cfg.downsample:
+        raise RegistryError(f"decoder 'dvae': field 'downsample' ({cfg.downsample}) must divide the image side {h}")
+    nets = []
+    for role, dim in (("encoder", cfg.codebook_size), ("decoder", cfg.code_dim)):
+        spec = {**getattr(cfg, role), "dim": dim, "downsample": cfg.downsample}
+        nets.append(ctx.registry.build("network", spec, data=ctx.data, where=f"decoder 'dvae': {role}: "))
+    return DiscreteVAE(cfg, *nets, (h // cfg.downsample, w // cfg.downsample), ctx.data.image_shape)
