@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec
-from genzoo.nn.quantize import VectorQuantizer
+from genzoo.nn.quantize import VectorQuantizer, perplexity
 from genzoo.pipelines import Conditioning, LabelledPipeline, labelled_args
 from genzoo.text.clip import clip_losses
 
@@ -151,10 +151,8 @@ class VQVAEPipeline(LabelledPipeline):
         """Over ``images``: the perplexity of the code histogram and the fraction of codes used at least once."""
         vq = self.components["decoder"]
         codes = torch.cat([vq.encode_codes(images[i:i + batch]) for i in range(0, len(images), batch)]).flatten()
-        counts = torch.bincount(codes, minlength=vq.num_codes).double()
-        p = counts / counts.sum()
-        perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
-        return {"perplexity": float(perplexity), "used_fraction": float((counts > 0).double().mean()),
+        counts = torch.bincount(codes, minlength=vq.num_codes)
+        return {"perplexity": float(perplexity(counts)), "used_fraction": float((counts > 0).double().mean()),
                 "codebook_size": vq.num_codes}
 
 

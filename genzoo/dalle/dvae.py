@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec
+from genzoo.nn.quantize import perplexity
 
 
 class DiscreteVAEConfig(BaseModel):
@@ -73,10 +74,8 @@ class DiscreteVAE(Decoder):
         kl = (log_q.exp() * log_q).sum(1).mean() + math.log(self.num_codes)  # KL(q || uniform) per position, nats
         with torch.no_grad():
             self.step += 1
-            counts = torch.bincount(logits.argmax(1).flatten(), minlength=self.num_codes).float()
-            p = counts / counts.sum()
-            perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
-        return {"loss": mse + beta * kl, "mse": mse.detach(), "kl": kl.detach(), "perplexity": perplexity,
+            usage = perplexity(torch.bincount(logits.argmax(1).flatten(), minlength=self.num_codes))
+        return {"loss": mse + beta * kl, "mse": mse.detach(), "kl": kl.detach(), "perplexity": usage,
                 "temperature": torch.tensor(tau), "kl_weight": torch.tensor(beta)}
 
     @torch.no_grad()

@@ -15,6 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def perplexity(counts: Tensor) -> Tensor:
+    """exp(entropy) of a code histogram: the number of equally used codes it is worth (1 to K)."""
+    p = counts.double() / counts.sum()
+    p = p[p > 0]
+    return torch.exp(-(p * p.log()).sum()).float()
+
+
 class VectorQuantizer(nn.Module):
     """``forward(z_e) -> (z_q, codes, terms)`` for z_e (B, D, H, W); ``terms`` holds ``codebook``,
     ``commitment`` (already times beta) and ``perplexity`` of this batch's code histogram."""
@@ -57,8 +64,7 @@ class VectorQuantizer(nn.Module):
         e = F.embedding(codes, self.codebook)
         terms = {"commitment": self.beta * F.mse_loss(flat, e.detach())}
         terms["codebook"] = F.mse_loss(e, flat.detach()) if not self.ema else flat.new_zeros(())
-        p = counts / counts.sum()
-        terms["perplexity"] = torch.exp(-(p * torch.log(p + 1e-10)).sum()).detach()
+        terms["perplexity"] = perplexity(counts.detach())
         z_q = flat + (e - flat).detach()  # straight-through estimator
         return z_q.view(b, h, w, d).permute(0, 3, 1, 2), codes.view(b, h, w), terms
 

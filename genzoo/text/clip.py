@@ -196,9 +196,8 @@ class ClipPipeline(Pipeline):
 
     def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "main") -> dict[str, Tensor]:
         clip = self.components["clip"]
-        clip.clamp_()
-        loss, acc = contrastive_loss(clip.encode_image(batch["image"]), clip.encode_text(batch["caption"]), clip.logit_scale)
-        return {"loss": loss, "accuracy": acc, "temperature": clip.logit_scale.detach().neg().exp()}
+        out = clip_losses(clip, batch["image"], {"tokens": clip.text.tokenize(batch["caption"]).to(clip.device)})
+        return {**out, "temperature": clip.logit_scale.detach().neg().exp()}
 
     def sample(self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None) -> Tensor:
         raise GenzooError("a CLIP draws no images; measure it with `genzoo eval DIR --metrics zero-shot`, "
