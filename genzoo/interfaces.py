@@ -113,7 +113,9 @@ def check_composition(components: Mapping[str, Any]) -> None:
     """
     c = components
     enc, prior, dec = c.get("encoder"), c.get("prior"), c.get("decoder")
-    if prior is not None and dec is not None and hasattr(prior, "produces") and hasattr(dec, "consumes"):
+    # a prior with a ``condition_key`` feeds the decoder a condition (unCLIP's z_i), not its latent
+    if prior is not None and dec is not None and hasattr(prior, "produces") and hasattr(dec, "consumes") \
+            and getattr(prior, "condition_key", None) is None:
         check_link(describe_component("prior", prior), prior.produces, describe_component("decoder", dec), dec.consumes)
     if enc is not None and hasattr(enc, "produces"):
         for role, user in (("prior", prior), ("decoder", dec), ("guidance", c.get("guidance"))):
@@ -287,6 +289,11 @@ class Pipeline(nn.Module, ABC):
     @abstractmethod
     def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "main") -> dict[str, Tensor]:
         """Scalar losses for one batch; ``loss`` is what the named optimiser minimises."""
+
+    def begin_stage(self, stage: str, data: Mapping[str, Any]) -> None:
+        """Hook run once before a stage's first step, with the whole training split (the unCLIP prior
+        fits its embedding statistics here). What it sets must live in buffers: a resumed run restores
+        them from the checkpoint and does not call it again. No-op by default."""
 
     def fit_after_training(self, data: Mapping[str, Tensor]) -> None:
         """Hook for post-hoc fitting (an AE's latent prior); no-op by default."""

@@ -60,6 +60,8 @@ class DiffusionDecoderConfig(BaseModel):
     timestep_sampler: str = Field("uniform", description="how t is drawn in training: uniform or loss-aware (L_vlb)")
     clip_range: float | None = Field(1.0, description="clamp predicted x0 to [-c, c] when sampling; null for unbounded data")
     cond_drop: float = Field(0.0, ge=0, le=1, description="probability of dropping the condition in training (for CFG)")
+    emb_drop: float = Field(0.0, ge=0, le=1, description="probability of dropping only cond['emb'] (unCLIP's CLIP embedding: 0.1)")
+    context_drop: float = Field(0.0, ge=0, le=1, description="probability of dropping only the caption tokens, independently of emb_drop (unCLIP: 0.5)")
     image_size: int | None = Field(None, ge=1, description="image side it draws; None: the dataset's (a cascade's base model is smaller)")
     denoiser: dict[str, Any] = Field(
         default_factory=lambda: {"type": "unet"},
@@ -74,11 +76,11 @@ class DiffusionDecoder(Decoder):
     sampler_kind = SamplerKind.DIFFUSION
 
     def __init__(self, *, denoiser: nn.Module, diffusion: GaussianDiffusion, shape: tuple[int, ...], cond_drop: float,
-                 timestep_sampler: Any, needs_condition: frozenset[str] = frozenset()) -> None:
+                 timestep_sampler: Any, needs_condition: frozenset[str] = frozenset(), emb_drop: float = 0.0, context_drop: float = 0.0) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.diffusion = diffusion
-        self.cond_drop = cond_drop
+        self.drops = {"drop": cond_drop, "drop_emb": emb_drop, "drop_context": context_drop}
         self.timestep_sampler = timestep_sampler
         self.consumes = Spec(shape=shape)
         self.produces = Spec(shape=shape)
@@ -93,8 +95,8 @@ class DiffusionDecoder(Decoder):
     def training_losses(self, x0: Tensor, cond: Condition | None = None) -> dict[str, Tensor]:
         """The per-batch diffusion loss at a t drawn by the timestep sampler (importance weights applied)."""
         t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
-        if cond and self.cond_drop > 0:  # classifier-free guidance's null-condition dropout (Ho & Salimans 2021)
-            cond = {**cond, "drop": torch.rand(x0.shape[0], device=x0.device) < self.cond_drop}
+        if cond:  # classifier-free guidance's null-condition dropout (Ho & Salimans 2021), each mask drawn independently
+            cond = {**cond, **{k: torch.rand(x0.shape[0], device=x0.device) < p for k, p in self.drops.items() if p > 0}}
         terms = self.diffusion.training_losses(self.denoiser, x0, t, cond=cond)
         if hasattr(self.timestep_sampler, "update_with_local_losses") and "vlb" in terms:
             self.timestep_sampler.update_with_local_losses(t, terms["vlb"].detach())
@@ -129,7 +131,7 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
         spec["learn_sigma"] = True
     denoiser = ctx.registry.build("network", spec, data=ctx.data, where="decoder 'diffusion-decoder': denoiser: ")
     return DiffusionDecoder(
-        denoiser=denoiser, diffusion=diffusion, shape=shape, cond_drop=cfg.cond_drop,
+        denoiser=denoiser, diffusion=diffusion, shape=shape, cond_drop=cfg.cond_drop, emb_drop=cfg.emb_drop, context_drop=cfg.context_drop,
         timestep_sampler=create_timestep_sampler(cfg.timestep_sampler, diffusion),
     )
 

@@ -51,5 +51,16 @@ def condition_embedding(
         null_y = torch.full((), class_emb.num_embeddings - 1, dtype=torch.long, device=emb.device)
         emb = emb + class_emb(with_null(cond.get("y"), null_y, drop, batch))
     if emb_proj is not None:
-        emb = emb + emb_proj(with_null(cond.get("emb"), null_emb, drop, batch).to(emb.dtype))
+        emb = emb + emb_proj(pooled_or_null(cond, null_emb, batch).to(emb.dtype))
     return emb
+
+
+def either(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """The union of two optional per-sample drop masks."""
+    return b if a is None else a if b is None else a | b
+
+
+def pooled_or_null(cond: Mapping[str, Tensor], null_emb: Tensor, batch: int) -> Tensor:
+    """``cond['emb']``, or the learned null where ``drop`` or ``drop_emb`` is set: unCLIP drops its CLIP
+    embedding and its caption independently (Sec. 2.1), so each has its own mask."""
+    return with_null(cond.get("emb"), null_emb, either(cond.get("drop"), cond.get("drop_emb")), batch)

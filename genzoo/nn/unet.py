@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from genzoo.nn.embeddings import condition_embedding, timestep_embedding
+from genzoo.nn.embeddings import condition_embedding, either, pooled_or_null, timestep_embedding
 
 
 class UNetConfig(BaseModel):
@@ -41,12 +41,16 @@ class UNetConfig(BaseModel):
     context_dim: int | None = Field(None, ge=1, description="dim of cond['context'] tokens, projected to extra keys/values of every attention layer (GLIDE)")
     emb_dim_in: int | None = Field(None, ge=1, description="dim of cond['emb'], projected and added to the time embedding (GLIDE's last text token, unCLIP's z_i)")
     cond_channels: int = Field(0, ge=0, description="channels of cond['low_res'], bilinearly upsampled and concatenated to x_t (upsamplers)")
+    emb_tokens: int = Field(0, ge=0, description="also project cond['emb'] into this many extra context tokens (unCLIP Sec. 2.1: 4); "
+                                                 "needs context_dim and emb_dim_in")
 
     @model_validator(mode="after")
     def _check(self) -> UNetConfig:
         halvings = len(self.channel_mult) - 1
         if self.image_size is not None and self.image_size % 2**halvings:
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^{halvings} (len(channel_mult) - 1 halvings)")
+        if self.emb_tokens and not (self.context_dim and self.emb_dim_in):
+            raise ValueError(f"emb_tokens={self.emb_tokens} projects cond['emb'] into context tokens: set context_dim and emb_dim_in too")
         return self
 
 
@@ -181,6 +185,7 @@ class UNet(nn.Module):
         self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
         self.emb_proj = nn.Linear(cfg.emb_dim_in, emb_dim) if cfg.emb_dim_in else None
         self.null_emb = nn.Parameter(torch.zeros(cfg.emb_dim_in)) if cfg.emb_dim_in else None
+        self.emb_to_tokens = nn.Linear(cfg.emb_dim_in, cfg.emb_tokens * cfg.context_dim) if cfg.emb_tokens else None
         block = dict(dropout=cfg.dropout, scale_shift=cfg.use_scale_shift_norm)
 
         def res(ch: int, out: int) -> ResBlock:
@@ -221,10 +226,17 @@ class UNet(nn.Module):
         cond = cond or {}
         emb = self.time_mlp(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
         emb = condition_embedding(emb, cond, class_emb=self.class_emb, emb_proj=self.emb_proj, null_emb=self.null_emb)
-        context, mask, drop = cond.get("context"), cond.get("context_mask"), cond.get("drop")
+        context, mask = cond.get("context"), cond.get("context_mask")
+        drop = either(cond.get("drop"), cond.get("drop_context"))
         if context is not None and drop is not None:  # a dropped caption contributes no tokens, as a missing one
             keep = ~drop[:, None].expand(-1, context.shape[1])
             mask = keep if mask is None else mask & keep
+        if self.emb_to_tokens is not None:  # unCLIP's z_i as extra tokens; the null embedding where it is dropped
+            extra = self.emb_to_tokens(pooled_or_null(cond, self.null_emb, x.shape[0]).to(x.dtype)).view(x.shape[0], self.cfg.emb_tokens, -1)
+            if context is not None:
+                mask = torch.cat([mask if mask is not None else context.new_ones(context.shape[:2], dtype=torch.bool),
+                                  extra.new_ones(extra.shape[:2], dtype=torch.bool)], dim=1)
+            context = extra if context is None else torch.cat([context.to(x.dtype), extra], dim=1)
         h = x
         if self.cfg.cond_channels:
             if "low_res" not in cond:

@@ -60,6 +60,8 @@ class ClipConfig(BaseModel):
     text_tower: TextTransformerConfig = Field(default_factory=TextTransformerConfig, description="the text transformer")
     noised: bool = Field(False, description="the image tower sees x_t and t (GLIDE's noised CLIP, for CLIP guidance)")
     init_temperature: float = Field(0.07, gt=0, description="initial softmax temperature (CLIP: 0.07); learned, floored at 0.01")
+    weights: str | None = Field(None, description="a genzoo run or checkpoint directory whose `clip` weights are loaded "
+                                                   "(e.g. runs/clip-shapes); the CLIP is then pretrained and a recipe does not train it again")
 
 
 class CLIP(nn.Module):
@@ -67,7 +69,7 @@ class CLIP(nn.Module):
 
     def __init__(self, cfg: ClipConfig, image_tower: nn.Module) -> None:
         super().__init__()
-        self.cfg, self.noised = cfg, cfg.noised
+        self.cfg, self.noised, self.pretrained = cfg, cfg.noised, cfg.weights is not None
         self.image_tower = image_tower
         self.takes_t = "t" in inspect.signature(image_tower.forward).parameters
         if cfg.noised and not self.takes_t:
@@ -89,12 +91,32 @@ class CLIP(nn.Module):
             out = self.image_tower(x)
         return F.normalize(out.float(), dim=-1)
 
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    @property
+    def text_width(self) -> int:
+        return self.cfg.text_tower.width
+
+    @property
+    def context_length(self) -> int:
+        return self.cfg.text_tower.context_length
+
+    def tokenize(self, captions: list[str]) -> Tensor:
+        return self.text.tokenize(list(captions)).to(self.device)
+
     def encode_tokens(self, tokens: Tensor) -> Tensor:
-        pooled, _, _ = self.text(tokens.to(self.device))
-        return F.normalize(self.text_projection(pooled).float(), dim=-1)
+        return self.encode_text_sequence(tokens)[0]
+
+    def encode_text_sequence(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(unit-norm text embedding, per-token outputs (B, L, text_width), mask (B, L)): the pooled
+        embedding is z_t, the tokens are what unCLIP's prior and decoder attend to."""
+        pooled, seq, mask = self.text(tokens.to(self.device))
+        return F.normalize(self.text_projection(pooled).float(), dim=-1), seq, mask
 
     def encode_text(self, captions: list[str]) -> Tensor:
-        return self.encode_tokens(self.text.tokenize(list(captions)))
+        return self.encode_tokens(self.tokenize(captions))
 
     def clamp_(self) -> None:
         with torch.no_grad():  # CLIP clips the learned logit scale at 100 (temperature 0.01)
@@ -106,7 +128,18 @@ def build_clip(cfg: ClipConfig, ctx: Any) -> CLIP:
     if spec.get("num_classes") is None:  # the tower's head is the image projection
         spec["num_classes"] = cfg.embed_dim
     tower = ctx.registry.build("network", spec, data=ctx.data, where="clip: image_tower: ")
-    return CLIP(cfg, tower)
+    clip = CLIP(cfg, tower)
+    if cfg.weights is not None:
+        from genzoo.checkpoint import has_checkpoint, load_checkpoint, load_state_into
+
+        if not has_checkpoint(Path(cfg.weights).expanduser()):
+            raise RegistryError(f"clip: field 'weights': {cfg.weights} is not a genzoo run or checkpoint directory; "
+                                "train one with `genzoo train clip-shapes --out DIR` and pass DIR")
+        ckpt = load_checkpoint(Path(cfg.weights).expanduser())
+        if "clip" not in ckpt.components:
+            raise RegistryError(f"clip: field 'weights': {ckpt.path} holds no 'clip' component (it has {sorted(ckpt.components)})")
+        load_state_into(clip, ckpt.components["clip"], role="clip", where=ckpt.path)
+    return clip
 
 
 # --------------------------------------------------------------------------- open_clip
@@ -124,6 +157,7 @@ class OpenCLIP(nn.Module):
     with the model's own preprocessing statistics."""
 
     noised = False
+    pretrained = True  # genzoo never trains an open_clip model
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
@@ -140,10 +174,40 @@ class OpenCLIP(nn.Module):
         x = F.interpolate((x.float() + 1) / 2, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
         return F.normalize(self.model.encode_image((x - self.mean) / self.std).float(), dim=-1)
 
-    def encode_tokens(self, tokens: Tensor) -> Tensor:
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[-1] if isinstance(self.model.text_projection, Tensor) else self.model.text_projection.out_features)
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.transformer.width)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", 77))
+
+    def tokenize(self, captions: list[str]) -> Tensor:
+        return self.tokenizer(list(captions)).to(self.device)
+
+    def _fit_length(self, tokens: Tensor) -> Tensor:
         length = getattr(self.tokenizer, "context_length", 77)
-        tokens = F.pad(tokens, (0, max(0, length - tokens.shape[1])))[:, :length]
-        return F.normalize(self.model.encode_text(tokens.to(self.device)).float(), dim=-1)
+        return F.pad(tokens, (0, max(0, length - tokens.shape[1])))[:, :length].to(self.device)
+
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
+        return F.normalize(self.model.encode_text(self._fit_length(tokens)).float(), dim=-1)
+
+    def encode_text_sequence(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """As :meth:`CLIP.encode_text_sequence`, reading the per-token outputs of open_clip's text
+        transformer (the steps of ``open_clip.CLIP.encode_text`` before pooling)."""
+        m, tokens = self.model, self._fit_length(tokens)
+        if not all(hasattr(m, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
+            raise GenzooError(f"clip 'open-clip': {type(m).__name__} has no text transformer whose tokens genzoo can read; "
+                              "use an OpenAI-style CLIP architecture (e.g. ViT-B-32, RN50)")
+        x = m.token_embedding(tokens) + m.positional_embedding
+        seq = m.ln_final(m.transformer(x, attn_mask=m.attn_mask)).float()
+        eot = tokens.argmax(dim=-1)
+        mask = torch.arange(tokens.shape[1], device=tokens.device) <= eot[:, None]
+        return self.encode_tokens(tokens), seq, mask
 
     def encode_text(self, captions: list[str]) -> Tensor:
         return F.normalize(self.model.encode_text(self.tokenizer(list(captions)).to(self.device)).float(), dim=-1)

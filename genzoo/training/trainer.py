@@ -259,6 +259,7 @@ class Trainer:
                 torch.manual_seed(cfg.seed + self.dist.rank + 1_000_003 * self.step)
         else:
             self._setup_stage()
+            self.pipeline.begin_stage(self.stages[0][0], self.data)
         model: nn.Module = _Losses(self.pipeline)
         if self.dist.enabled:
             model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -284,6 +285,7 @@ class Trainer:
                         self.ema.updates = 0
                     self.stage_index, self.stage_step = self.stage_index + 1, 0
                     self._setup_stage()
+                    self.pipeline.begin_stage(self.stages[self.stage_index][0], self.data)
                     continue
                 last = self._train_step(model, stage, autocast)
                 self.step, self.stage_step, steps_done = self.step + 1, self.stage_step + 1, steps_done + 1

@@ -1,0 +1,1 @@
+"""DALL·E 2 / unCLIP (Ramesh et al. 2022): CLIP-embedding priors and the unCLIP pipeline."""

@@ -1,0 +1,20 @@
+"""Built-in plugin: DALL·E 2 / unCLIP (Ramesh et al. 2022): the CLIP text encoder, the diffusion and
+autoregressive priors over CLIP image embeddings, and the `dalle2` pipeline (decoder and upsampler are
+the shared diffusion decoder). See docs/dalle2.md."""
+
+from __future__ import annotations
+
+import genzoo
+from genzoo.plugins import hookimpl
+
+__version__ = genzoo.__version__
+
+
+@hookimpl
+def register_components(registry) -> None:
+    from genzoo.unclip import pipeline, prior
+
+    registry.register("encoder", "clip-text", config=pipeline.ClipTextEncoderConfig, factory=pipeline.ClipTextEncoder)
+    for name, (config, factory) in prior.PRIORS.items():
+        registry.register("prior", name, config=config, factory=factory)
+    registry.register("pipeline", "dalle2", config=pipeline.UnCLIPConfig, factory=pipeline.make_unclip_pipeline)
