@@ -102,6 +102,22 @@ def load_model(
     return pipeline.to(device).eval()
 
 
+def init_from(pipeline: Pipeline, resolved: Mapping[str, Any], path: str | Path) -> list[str]:
+    """Load into ``pipeline`` the weights of every component whose resolved spec equals the one in the
+    checkpoint at ``path`` (the same type and fields, so the same architecture); returns those roles.
+
+    Fine-tuning starts from a trained run this way, and a recipe that differs in one component (the
+    AR prior in place of the diffusion prior) trains only that one with the others' stages set to 0.
+    """
+    ckpt = load_checkpoint(path)
+    theirs = ckpt.recipe.get("components", {})
+    children = dict(pipeline.named_children())
+    roles = [r for r, state in ckpt.components.items() if r in children and theirs.get(r) == resolved["components"].get(r)]
+    for role in roles:
+        load_state_into(children[role], ckpt.components[role], role=role, where=ckpt.path)
+    return roles
+
+
 def _refit_swapped(pipeline: Pipeline, swapped: set[str], ckpt: Checkpoint, registry: Registry) -> None:
     """A swapped-in component fitted after training (an AE's ``gmm`` prior) is fitted now, on the
     training split the checkpoint was trained on (rebuilt from its recipe: bundled data only)."""

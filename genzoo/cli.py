@@ -35,9 +35,15 @@ def _add_swap_args(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
     p.add_argument("--temperature", type=float, help="token sampler temperature")
     p.add_argument("--top-k", dest="top_k", type=int, help="token sampler top-k")
     p.add_argument("--top-p", dest="top_p", type=float, help="token sampler top-p (nucleus)")
+    for stage in ("prior", "upsampler"):  # a cascade's other stages, each set on its own (DALL·E 2, GLIDE)
+        p.add_argument(f"--{stage}-sampler", dest=f"{stage}_sampler", help=f"swap the {stage}_sampler")
+        p.add_argument(f"--{stage}-steps", dest=f"{stage}_steps", type=int, help=f"{stage}_sampler steps")
+        p.add_argument(f"--{stage}-guidance", dest=f"{stage}_guidance", help=f"swap the {stage}_guidance (none to drop it)")
+        p.add_argument(f"--{stage}-scale", dest=f"{stage}_scale", type=float, help=f"{stage}_guidance scale")
 
 
-SWAPS = ("sampler", "steps", "guidance", "scale", "prior", "temperature", "top_k", "top_p")
+SWAPS = ("sampler", "steps", "guidance", "scale", "prior", "temperature", "top_k", "top_p",
+         *(f"{stage}_{what}" for stage in ("prior", "upsampler") for what in ("sampler", "steps", "guidance", "scale")))
 
 
 def _swaps(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--init-from", metavar="DIR", help="start every component whose recipe spec equals DIR's from DIR's weights "
+                   "(fine-tuning; or train a swapped prior on a trained decoder with its stages set to 0)")
     p.add_argument("--no-progress", action="store_true")
     _add_recipe_args(p)
 
@@ -86,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--save", metavar="FILE.safetensors", help="also save the raw samples")
     p.add_argument("--rerank", type=int, help="draw N candidates per prompt, keep the one the recipe's CLIP ranks first (DALL·E)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--image", metavar="FILE", help="draw n variations of this image (DALL·E 2: its CLIP embedding decoded again)")
+    g.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="n images along the slerp between two images' CLIP embeddings (DALL·E 2)")
     _add_swap_args(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE")
 
@@ -218,6 +229,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"data: {resolved['data']['type']} train split, {len(train)} items ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
     config = TrainConfig.model_validate(resolved["train"])
     pipeline = api.create_model(resolved, data_spec=source.spec)
+    if args.init_from:
+        if args.resume:
+            raise GenzooError("--init-from starts a new run; --resume continues one: pass only one of them")
+        roles = api.init_from(pipeline, resolved, args.init_from)
+        print(f"initialised {', '.join(roles) or 'no component'} from {args.init_from}", file=sys.stderr)
     meta = {"data_spec": api.data_spec_dict(source.spec), "data_fingerprint": train.fingerprint(), "recipe_name": args.recipe}
     result = Trainer(pipeline, train.tensors(), config=config, run_dir=args.out, recipe=resolved, meta=meta,
                      progress=not args.no_progress).fit(resume=args.resume)
@@ -249,10 +265,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = api.load_model(args.dir, device=device, sets=sets, **_swaps(args))
     g = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
-    cond = _condition(args, args.n)
-    if cond and "y" in cond:
-        cond["y"] = cond["y"].to(device)
-    x = model.sample(args.n, cond, generator=g)
+    if args.image or args.interpolate:
+        if not hasattr(model, "variations"):
+            raise GenzooError("--image and --interpolate need a model that decodes CLIP image embeddings (a dalle2 recipe)")
+        from genzoo.training.images import load_image
+
+        read = lambda path: load_image(path, size=model.image_size, channels=model.components["decoder"].produces.shape[0]).to(device)  # noqa: E731
+        if args.image:
+            x = model.variations(read(args.image)[None], args.n, generator=g)
+        else:
+            x = model.interpolate(read(args.interpolate[0]), read(args.interpolate[1]), args.n, generator=g)
+    else:
+        cond = _condition(args, args.n)
+        if cond and "y" in cond:
+            cond["y"] = cond["y"].to(device)
+        x = model.sample(args.n, cond, generator=g)
     dt = time.perf_counter() - t0
     save_grid(x, args.out)
     if args.save:

@@ -153,19 +153,17 @@ def apply_overrides(
     recipe: Recipe,
     sets: Iterable[str] = (),
     *,
-    sampler: str | None = None,
-    steps: int | None = None,
-    guidance: str | None = None,
-    scale: float | None = None,
-    prior: str | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
+    prior: str | None = None,
+    **stage_swaps: Any,
 ) -> Recipe:
     """Apply swap flags, then ``--set`` assignments; a path not starting at a recipe key is a component role.
 
-    ``temperature``, ``top_k`` and ``top_p`` go to every token sampler of the recipe (VQ-VAE's and
-    DALL·E's ``prior_sampler``).
+    ``sampler``, ``steps``, ``guidance``, ``scale`` act on the decoder's sampler and guidance; the same
+    with a ``prior_`` or ``upsampler_`` prefix on that stage's (``prior_steps=64``). ``temperature``,
+    ``top_k`` and ``top_p`` go to every token sampler of the recipe (VQ-VAE's and DALL·E's ``prior_sampler``).
     """
     body = recipe.model_dump(mode="json")
     comps = body.setdefault("components", {})
@@ -176,12 +174,26 @@ def apply_overrides(
         current = comps.get(role)
         return current if current and current.get("type") == name else {"type": name}
 
-    if sampler is not None:
-        comps["sampler"] = swap("sampler", sampler)
-    if guidance is not None:
-        comps["guidance"] = swap("guidance", guidance)
     if prior is not None:
         comps["prior"] = swap("prior", prior)
+    for stage in ("", "prior_", "upsampler_"):
+        sampler, steps, guidance, scale = (stage_swaps.pop(f"{stage}{k}", None) for k in ("sampler", "steps", "guidance", "scale"))
+        if sampler is not None:
+            comps[f"{stage}sampler"] = swap(f"{stage}sampler", sampler)
+        if guidance is not None:
+            comps[f"{stage}guidance"] = swap(f"{stage}guidance", guidance)
+        if steps is not None:
+            if not comps.get(f"{stage}sampler"):
+                raise RecipeError(f"recipe '{name}' has no {stage}sampler to take --{stage.replace('_', '-')}steps; "
+                                  f"add --{stage.replace('_', '-')}sampler NAME")
+            comps[f"{stage}sampler"]["steps"] = steps
+        if scale is not None:
+            if not comps.get(f"{stage}guidance"):
+                raise RecipeError(f"recipe '{name}' has no {stage}guidance to take --{stage.replace('_', '-')}scale; "
+                                  f"add --{stage.replace('_', '-')}guidance NAME")
+            comps[f"{stage}guidance"]["scale"] = scale
+    if stage_swaps:
+        raise TypeError(f"apply_overrides: unknown swaps {sorted(stage_swaps)}")
     token = {k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)) if v is not None}
     if token:
         roles = [r for r, c in comps.items() if c and c.get("type") == "token"]
@@ -189,14 +201,6 @@ def apply_overrides(
             raise RecipeError(f"recipe '{name}' has no token sampler to take --temperature/--top-k/--top-p")
         for r in roles:
             comps[r].update(token)
-    if steps is not None:
-        if not comps.get("sampler"):
-            raise RecipeError(f"recipe '{name}' has no sampler to take --steps; add --sampler NAME")
-        comps["sampler"]["steps"] = steps
-    if scale is not None:
-        if not comps.get("guidance"):
-            raise RecipeError(f"recipe '{name}' has no guidance to take --scale; add --guidance NAME")
-        comps["guidance"]["scale"] = scale
     for text in sets:
         keys, value = parse_assignment(text)
         if keys[0] not in Recipe.model_fields:

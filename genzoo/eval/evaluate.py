@@ -270,15 +270,58 @@ def _upsampler(cfg: NoConfig) -> MetricFn:
     return run
 
 
+class PairsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: int = Field(500, ge=1, description="split images (and their captions) used, at most --samples")
+
+
+def _embedding_prior(cfg: PairsConfig) -> MetricFn:
+    """unCLIP's prior against the truth: mean cosine of the z_i it draws for a caption to the CLIP embedding
+    of that caption's image, beside the baseline of taking the caption's z_t as the image embedding."""
+    def run(ev: EvalContext) -> dict[str, float]:
+        fn = getattr(ev.model, "prior_cosine", None)
+        if fn is None or "caption" not in ev.real:
+            return {}
+        n = min(cfg.images, len(ev.real["image"]))
+        g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
+        return fn(ev.real["image"][:n], list(ev.real["caption"][:n]), generator=g)
+    return run
+
+
+def _variations(cfg: PairsConfig) -> MetricFn:
+    """Attribute preservation of variations (unCLIP Sec. 3.1): one variation per split image, judged;
+    the share whose attribute (and all four, ``variation_all``) matches the original's."""
+    def run(ev: EvalContext) -> dict[str, float]:
+        fn = getattr(ev.model, "variations", None)
+        if fn is None or "attributes" not in ev.real:
+            return {}
+        n = min(cfg.images, len(ev.real["image"]))
+        g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
+        x = torch.cat([fn(ev.real["image"][i:i + ev.settings.batch_size].to(ev.device), generator=g).float().clamp(-1, 1).cpu()
+                       for i in range(0, n, ev.settings.batch_size)])
+        pred, want = ev.judge.predict(x), ev.real["attributes"][:n]
+        names = [a for a in ev.source.spec.attributes if a in pred]
+        hits = torch.stack([pred[a].cpu() == want[:, j] for j, a in enumerate(ev.source.spec.attributes) if a in pred], 1)
+        out = {f"variation_{a}": float(h.double().mean()) for a, h in zip(names, hits.T)}
+        out["variation_all"] = float(hits.all(1).double().mean())
+        return out
+    return run
+
+
 def _throughput(cfg: NoConfig) -> MetricFn:
     def run(ev: EvalContext) -> dict[str, float]:
         _ = ev.samples
         out = {"images_per_s": ev.settings.samples / max(ev.sample_seconds, 1e-9)}
-        nfe = 0
-        for role in ("sampler", "prior_sampler"):
+        nfe, prior = 0, ev.model.components.get("prior")
+        for role in ("sampler", "prior_sampler", "upsampler_sampler"):
             s = ev.model.components.get(role)
-            if s is not None:
-                nfe += s.nfe() * (math.prod(ev.model.components["prior"].shape) if role == "prior_sampler" else 1)
+            if s is None:
+                continue
+            if role == "prior_sampler":  # per token for a token prior; each best-of draw counts
+                per = getattr(prior, "tokens_per_sample", None) or (math.prod(prior.shape) if s.kind.value == "token" else 1)
+                nfe += s.nfe() * per * getattr(prior, "best_of", 1)
+            else:
+                nfe += s.nfe()
         out["nfe"] = float(nfe or 1)
         return out
     return run
@@ -366,6 +409,8 @@ METRICS: dict[str, tuple[type[BaseModel], Callable[..., MetricFn], str]] = {
     "throughput": (NoConfig, _throughput, "sampling images/s and network evaluations per sample"),
     "zero-shot": (NoConfig, _zero_shot, "zero-shot attribute accuracy of a CLIP on shapes (every attribute combination's caption)"),
     "upsampler": (NoConfig, _upsampler, "a cascade's upsampler against bilinear upsampling: FD and MSE to the originals"),
+    "embedding-prior": (PairsConfig, _embedding_prior, "DALL·E 2: cosine of prior-drawn to true CLIP image embeddings, and of the text-embedding baseline"),
+    "variations": (PairsConfig, _variations, "DALL·E 2: do variations of a test image keep its attributes (judged)"),
     "inception": (NoConfig, _torch_fidelity, "Inception FID and IS through torch-fidelity (weights downloaded once)"),
     "clip-score": (ClipScoreConfig, _clip_score, "CLIP score through open_clip (pretrained weights downloaded once)"),
 }

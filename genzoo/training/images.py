@@ -9,6 +9,20 @@ import torch
 from torch import Tensor
 
 
+def load_image(path: str | Path, *, size: int, channels: int) -> Tensor:
+    """A PNG/JPEG file as a (C, size, size) float tensor in [-1, 1] (resized with bicubic filtering)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from genzoo.errors import GenzooError
+
+    try:
+        img = Image.open(path).convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
+    except (OSError, UnidentifiedImageError) as e:
+        raise GenzooError(f"could not read image {path}: {e}; pass a PNG or JPEG file") from None
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, channels)
+    return x.permute(2, 0, 1).float() / 127.5 - 1
+
+
 def to_uint8(images: Tensor) -> Tensor:
     """[-1, 1] float (B, C, H, W) -> uint8 (B, H, W, C)."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
