@@ -106,6 +106,11 @@ if __name__ == "__main__":
         results["ddim20_ratio_vs_diffusers"] = results["ddim20_images_per_s_fp32"] / peer["images_per_s"]
         results["flops_ratio_vs_diffusers"] = results["unet_forward_fp32"]["gflop"] / peer["gflop_forward"]
     results["trainer_overhead"] = measure(400)
+    from families import markdown as families_markdown
+    from families import run as families_run
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results.update(families_run(32, results["matmul_fp32_gflop_s"], results["bf16_usable_on_cpu"], device, quick="--quick" in sys.argv))
     (HERE / "results.json").write_text(json.dumps(results, indent=2))
     u = results["unet_forward_fp32"]
     lines = ["| measure | value |", "|---|---|",
@@ -116,5 +121,6 @@ if __name__ == "__main__":
              f"| DDIM-20 images/s (diffusers UNet2DModel, {peer['gflop_forward']:.1f} GFLOP/forward) | {peer['images_per_s']:.2f}: genzoo is {results['ddim20_ratio_vs_diffusers']:.2f}x |" if isinstance(peer, dict) else f"| diffusers | {peer} |",
              *(f"| trainer / bare loop steps/s, MLP width {k[6:]} ({v['bare_steps_per_s']:.0f} bare steps/s) | {v['trainer_over_bare']:.2f} |"
                for k, v in results["trainer_overhead"].items() if k.startswith("width_"))]
-    (HERE / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = "\n".join(lines) + "\n\n" + families_markdown(results)
+    (HERE / "results.md").write_text(text)
+    print(text)

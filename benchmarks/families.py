@@ -1,0 +1,277 @@
+"""Every family's training step and sampling, and the peers, measured in one run (part of `make bench`).
+
+For each recipe on shapes 32x32: steps/s of each training stage and images/s of sampling (at reduced
+sampler steps, given in the table), the FLOPs of one step / one sample call counted by
+torch.utils.flop_counter and the achieved FLOP/s as a fraction of the measured matmul peak. Peers
+in the same process: diffusers' UNet2DModel of equal FLOPs with its DDPM, DDIM and DPM-Solver++
+schedulers (sampling) and in a training step; open_clip's CLIP with the same timm image tower and
+text transformer (training step). Only ratios within one run mean anything.
+
+    python benchmarks/families.py [--batch 32] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from typing import Any, Callable
+
+import torch
+
+from genzoo import api
+from genzoo.nn.unet import flop_counter
+
+# recipe -> sampling swaps (fewer steps than the recipes' defaults, so the run stays short on a CPU)
+FAMILIES: dict[str, dict[str, Any]] = {
+    "gan-shapes": {},
+    "vae-shapes": {},
+    "vqvae-shapes": {},
+    "dalle-shapes": {},
+    "ddpm-shapes": {"sampler": "ddim", "steps": 20},
+    "iddpm-shapes": {"steps": 20},
+    "adm-shapes": {"sampler": "ddim", "steps": 20},
+    "glide-shapes": {"steps": 20, "upsampler_steps": 10},
+    "dalle2-shapes": {"prior_steps": 16, "steps": 20, "upsampler_steps": 10},
+    "clip-shapes": None,  # draws no images
+}
+
+
+def best_time(fn: Callable[[], Any], repeat: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def flops(fn: Callable[[], Any]) -> int:
+    with flop_counter() as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def peak_rss_mb() -> float:
+    """The process's resident-memory high-water mark so far (CPU: cumulative over the run)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _batch(tensors: dict[str, Any], n: int, device: torch.device) -> dict[str, Any]:
+    return {k: (v[:n].to(device) if isinstance(v, torch.Tensor) else list(v[:n])) for k, v in tensors.items()}
+
+
+def train_step_fn(model, stage: str, batch: dict[str, Any]) -> Callable[[], None]:
+    """One optimisation step of ``stage`` (every optimiser of the stage, as the trainer does)."""
+    groups = model.optimizer_groups(stage)
+    opts = {name: torch.optim.AdamW(params, lr=1e-4) for name, params in groups.items() if params}
+
+    def step() -> None:
+        for name, opt in opts.items():
+            opt.zero_grad(set_to_none=True)
+            model.training_losses(batch, optimizer=name, stage=stage)["loss"].backward()
+            opt.step()
+    return step
+
+
+def family_rows(batch: int, peak: float, device: torch.device, names: list[str]) -> list[dict[str, Any]]:
+    rows, sources = [], {}
+    for name in names:
+        swaps = FAMILIES[name]
+        resolved = api.resolve_recipe(name, **(swaps or {}))
+        key = repr(resolved["data"])
+        if key not in sources:
+            sources[key] = api.build_data(resolved).split("train").tensors()
+        data = sources[key]
+        torch.manual_seed(0)
+        model = api.create_model(resolved, data_spec=api.build_data(resolved).spec, device=device).train()
+        b = _batch(data, batch, device)
+        for stage in model.stages:
+            model.begin_stage(stage, _batch(data, 2000, device))
+            step = train_step_fn(model, stage, b)
+            dt, f = best_time(step), flops(step)
+            rows.append({"recipe": name, "what": f"train: {stage}", "per_s": batch / dt, "unit": "images/s", "gflop": f / 1e9,
+                         "fraction_of_peak": f / dt / 1e9 / peak, "peak_rss_mb": peak_rss_mb()})
+        if swaps is None:
+            continue
+        model.eval()
+        cond = {"caption": list(data["caption"][:batch])} if getattr(getattr(model, "condition", None), "value", "") == "caption" else None
+        g = torch.Generator(device=device)
+        with torch.inference_mode():
+            sample = lambda: model.sample(batch, cond, generator=g.manual_seed(0))  # noqa: E731
+            dt, f = best_time(sample, 1), flops(sample)
+        what = "sample" + "".join(f", {k}={v}" for k, v in swaps.items())
+        rows.append({"recipe": name, "what": what, "per_s": batch / dt, "unit": "images/s", "gflop": f / 1e9,
+                     "fraction_of_peak": f / dt / 1e9 / peak, "peak_rss_mb": peak_rss_mb()})
+    return rows
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def diffusers_peers(batch: int, steps: int, device: torch.device) -> list[dict[str, Any]] | str:
+    """Ours vs diffusers' UNet2DModel of equal FLOPs: each of the three samplers, and a training step."""
+    try:
+        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+    except ImportError:
+        return "diffusers is not installed (pip install -e '.[bench]')"
+    from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
+    from genzoo.diffusion.samplers import SAMPLERS
+    from genzoo.nn import UNet, UNetConfig
+
+    cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2,
+                     attention_resolutions=[16, 8], resblock_updown=False)  # conv resampling, as UNet2DModel: equal FLOPs
+    ours = UNet(cfg).to(device).to(memory_format=torch.channels_last)
+    theirs = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128), layers_per_block=2,
+                         down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")).to(device)
+    x, t = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 1000, (batch,), device=device)
+    with torch.inference_mode():
+        f_ours, f_theirs = flops(lambda: ours(x, t)), flops(lambda: theirs(x, t))
+    d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type=ModelMeanType.EPSILON,
+                          model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.SIMPLE)
+    pairs = {"ddpm": DDPMScheduler(num_train_timesteps=1000), "ddim": DDIMScheduler(num_train_timesteps=1000),
+             "dpm-solver++": DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2)}
+    rows = []
+    for name, sched in pairs.items():
+        sampler_cls = SAMPLERS[name]
+        sampler = sampler_cls(sampler_cls.Config(steps=steps))
+
+        @torch.inference_mode()
+        def peer() -> None:
+            sched.set_timesteps(steps)
+            y = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+            for tt in sched.timesteps:
+                y = sched.step(theirs(y, tt).sample, tt, y).prev_sample
+
+        @torch.inference_mode()
+        def mine() -> None:
+            sampler.sample(d, ours, (batch, 3, 32, 32), generator=torch.Generator(device=device).manual_seed(0))
+
+        a, b = batch / best_time(mine, 1), batch / best_time(peer, 1)
+        rows.append({"what": f"sample {name} {steps} steps, batch {batch}", "genzoo": a, "peer": b, "ratio": a / b, "unit": "images/s"})
+
+    def train_step(net: torch.nn.Module, out: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(out(net(x, t)), x).backward()
+            opt.step()
+        return step
+
+    a = batch / best_time(train_step(ours, lambda o: o))
+    b = batch / best_time(train_step(theirs, lambda o: o.sample))
+    rows.append({"what": f"U-Net training step, batch {batch}", "genzoo": a, "peer": b, "ratio": a / b, "unit": "images/s"})
+    for r in rows:
+        r["flops_ratio"] = f_ours / f_theirs
+    return rows
+
+
+def open_clip_peer(batch: int, device: torch.device) -> dict[str, Any] | str:
+    """A CLIP training step: genzoo's `clip` with a timm resnet10t tower vs open_clip's CLIP with the same
+    tower and the same text transformer (width 128, 3 layers, 32 tokens)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    from genzoo.text.clip import contrastive_loss
+
+    resolved = api.resolve_recipe("clip-shapes-timm")
+    source = api.build_data(resolved)
+    ours = api.create_model(resolved, data_spec=source.spec, device=device).components["clip"].train()
+    try:
+        theirs = open_clip.CLIP(embed_dim=64, vision_cfg=CLIPVisionCfg(timm_model_name="resnet10t", image_size=32, timm_pool="avg",
+                                                                        timm_proj="linear"),
+                                text_cfg=CLIPTextCfg(context_length=32, vocab_size=49408, width=128, heads=4, layers=3)).to(device).train()
+    except Exception as e:  # an open_clip without timm towers
+        return f"open_clip could not build the equal CLIP: {type(e).__name__}: {e}"
+    data = source.split("train").tensors()
+    images, tokens = data["image"][:batch].to(device), ours.tokenize(list(data["caption"][:batch]))
+
+    def step(model, encode_image, encode_text, scale) -> Callable[[], None]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            img = torch.nn.functional.normalize(encode_image(images), dim=-1)
+            txt = torch.nn.functional.normalize(encode_text(tokens), dim=-1)
+            contrastive_loss(img, txt, scale)[0].backward()
+            opt.step()
+        return run
+
+    mine = step(ours, ours.encode_image, ours.encode_tokens, ours.logit_scale)
+    peer = step(theirs, theirs.encode_image, theirs.encode_text, theirs.logit_scale)
+    a, b = batch / best_time(mine), batch / best_time(peer)
+    return {"what": f"CLIP training step (timm resnet10t + 3-layer text), batch {batch}", "genzoo": a, "peer": b, "ratio": a / b,
+            "unit": "pairs/s", "flops_ratio": flops(mine) / flops(peer)}
+
+
+def options(batch: int, device: torch.device, bf16_usable: bool) -> list[dict[str, Any]]:
+    """The U-Net forward with torch.compile and with bf16 autocast, against plain fp32 in the same run."""
+    from genzoo.nn import UNet, UNetConfig
+
+    net = UNet(UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2,
+                          attention_resolutions=[16, 8])).to(device).eval().to(memory_format=torch.channels_last)
+    x, t = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last), torch.randint(0, 1000, (batch,), device=device)
+    rows = []
+    with torch.inference_mode():
+        base = best_time(lambda: net(x, t))
+        rows.append({"what": "U-Net forward fp32 (eager)", "seconds": base, "speedup": 1.0})
+        if device.type == "cuda" or bf16_usable:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                dt = best_time(lambda: net(x, t))
+            rows.append({"what": "U-Net forward, bf16 autocast", "seconds": dt, "speedup": base / dt})
+        else:
+            rows.append({"what": "U-Net forward, bf16 autocast", "seconds": None, "speedup": None,
+                         "note": "skipped: this CPU has no bf16 units (matmul far slower than fp32)"})
+    try:
+        compiled = torch.compile(net)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            compiled(x, t)
+            warm = time.perf_counter() - t0
+            dt = best_time(lambda: compiled(x, t))
+        rows.append({"what": "U-Net forward, torch.compile", "seconds": dt, "speedup": base / dt, "compile_seconds": warm})
+    except Exception as e:  # no C++ compiler, unsupported platform
+        rows.append({"what": "U-Net forward, torch.compile", "seconds": None, "speedup": None, "note": f"failed: {type(e).__name__}"})
+    return rows
+
+
+def markdown(res: dict[str, Any]) -> str:
+    out = ["### Families (shapes 32×32)", "", "| recipe | measured | throughput | GFLOP | % of fp32 matmul peak | peak RSS (MB, cumulative) |",
+           "|---|---|---|---|---|---|"]
+    out += [f"| {r['recipe']} | {r['what']} | {r['per_s']:.1f} {r['unit']} | {r['gflop']:.2f} | {100 * r['fraction_of_peak']:.0f}% | "
+            f"{r['peak_rss_mb']:.0f} |" for r in res["families"]]
+    out += ["", "### Peers (same run)", "", "| measured | genzoo | peer | genzoo / peer | FLOPs genzoo / peer |", "|---|---|---|---|---|"]
+    peers = res["peers"]["diffusers"] if isinstance(res["peers"]["diffusers"], list) else []
+    if isinstance(res["peers"]["open_clip"], dict):
+        peers = [*peers, res["peers"]["open_clip"]]
+    out += [f"| {r['what']} | {r['genzoo']:.2f} {r['unit']} | {r['peer']:.2f} | {r['ratio']:.2f}x | {r['flops_ratio']:.2f} |" for r in peers]
+    out += [f"| {k} | {v} | | | |" for k, v in res["peers"].items() if isinstance(v, str)]
+    out += ["", "### Options (U-Net forward, batch 16)", "", "| option | seconds | speedup | note |", "|---|---|---|---|"]
+    for r in res["options"]:
+        seconds = "" if r["seconds"] is None else f"{r['seconds']:.4f}"
+        speedup = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        note = r.get("note") or (f"compiling took {r['compile_seconds']:.0f} s" if "compile_seconds" in r else "")
+        out.append(f"| {r['what']} | {seconds} | {speedup} | {note} |")
+    return "\n".join(out) + "\n"
+
+
+def run(batch: int, peak: float, bf16_usable: bool, device: torch.device, quick: bool = False) -> dict[str, Any]:
+    names = ["vae-shapes", "ddpm-shapes"] if quick else list(FAMILIES)
+    return {"families": family_rows(batch, peak, device, names),
+            "peers": {"diffusers": diffusers_peers(16, 20, device), "open_clip": open_clip_peer(batch, device)},
+            "options": options(16, device, bf16_usable)}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    from run import matmul_peak
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = matmul_peak(torch.float32)
+    print(markdown(run(args.batch, peak, False, dev, args.quick)))
