@@ -281,3 +281,27 @@ def test_variation_metric_tells_a_faithful_model_from_one_that_is_not(cheap_judg
     bad = evaluate(VariationOracle(liar=True), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu"))
     assert good["variation_all"] > 0.8 and bad["variation_all"] < 0.2, (good, bad)
     assert math.isclose(sum(good[f"variation_{a}"] > 0.9 for a in ("shape", "colour", "size", "position")), 4)
+
+
+def test_dalle2_takes_an_open_clip_model_in_place_of_its_own_clip() -> None:
+    """The same recipe with an open_clip architecture (random weights: no network in tests): no clip stage,
+    the priors and the decoder sized from it, and its per-token text outputs read before pooling."""
+    torch.manual_seed(0)
+    sets = [*TINY, *TINY_PRIOR["dalle2-shapes"], "components.clip={type: open-clip, model: ViT-S-32}",
+            "decoder.denoiser.emb_dim_in=384", "decoder.denoiser.context_dim=384", "train.stages={prior: 1, decoder: 1, upsampler: 1}"]
+    spec = api.resolve_recipe("dalle2-shapes", sets=sets)
+    source = api.build_data(spec)
+    model = api.create_model(spec, data_spec=source.spec)
+    assert model.stages == ("prior", "decoder", "upsampler")
+    clip = model.components["clip"]
+    text = model.components["encoder"].encode({"caption": CAPTIONS})
+    assert text["context"].shape == (3, 77, 384) and text["text_emb"].shape == (3, 384)
+    eot = text["tokens"].argmax(-1)  # the token outputs are the ones open_clip pools: z_t is their EOT row, projected
+    pooled = text["context"][torch.arange(3), eot] @ clip.model.text_projection
+    assert torch.allclose(torch.nn.functional.normalize(pooled, dim=-1), text["text_emb"], atol=1e-4)
+    data = source.split("train").tensors()
+    model.begin_stage("prior", {"image": data["image"][:64]})
+    batch = {"image": data["image"][:4], "caption": list(data["caption"][:4])}
+    for stage in ("prior", "decoder"):
+        assert torch.isfinite(model.training_losses(batch, stage=stage)["loss"])
+    assert model.sample(2, {"caption": CAPTIONS[:2]}, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 16, 16)
