@@ -92,7 +92,7 @@ def load_model(
         recipe = apply_overrides(name, Recipe.model_validate(body), sets, **{k: v for k, v in swaps.items() if v is not None})
         resolved = resolve(name, recipe, registry)
     data_spec = _data_spec_from(ckpt)
-    pipeline = build_pipeline(resolved, registry, data_spec)
+    pipeline = build_pipeline(_own_weights_only(resolved), registry, data_spec)
     types = lambda r: {role: (s or {}).get("type") for role, s in r.get("components", {}).items()}  # noqa: E731
     before, after = types(ckpt.recipe), types(resolved)
     swapped = {role for role in before if after.get(role) != before[role]}
@@ -100,6 +100,16 @@ def load_model(
     _refit_swapped(pipeline, swapped if (swaps or sets) else set(), ckpt, registry)
     pipeline.checkpoint_meta = ckpt.meta
     return pipeline.to(device).eval()
+
+
+def _own_weights_only(resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe with every component's external ``weights`` path cleared: a checkpoint holds all its weights,
+    so loading it must not depend on the run it was initialised from still being there."""
+    out = copy.deepcopy(dict(resolved))
+    for spec in out.get("components", {}).values():
+        if isinstance(spec, dict) and spec.get("weights") is not None:
+            spec["weights"] = None
+    return out
 
 
 def init_from(pipeline: Pipeline, resolved: Mapping[str, Any], path: str | Path) -> list[str]:

@@ -266,6 +266,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     g = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
     if args.image or args.interpolate:
+        if args.prompt is not None or args.class_ is not None:
+            raise GenzooError("--image and --interpolate decode image embeddings and take no --prompt or --class; drop one")
         if not hasattr(model, "variations"):
             raise GenzooError("--image and --interpolate need a model that decodes CLIP image embeddings (a dalle2 recipe)")
         from genzoo.training.images import load_image

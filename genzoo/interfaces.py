@@ -290,6 +290,11 @@ class Pipeline(nn.Module, ABC):
     def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "main") -> dict[str, Tensor]:
         """Scalar losses for one batch; ``loss`` is what the named optimiser minimises."""
 
+    def ready_to_sample(self) -> bool:
+        """False while sampling cannot work yet (DALL·E 2 before its prior stage); the trainer's sample
+        grids skip those steps."""
+        return True
+
     def begin_stage(self, stage: str, data: Mapping[str, Any]) -> None:
         """Hook run once before a stage's first step, with the whole training split (the unCLIP prior
         fits its embedding statistics here). What it sets must live in buffers: a resumed run restores

@@ -96,11 +96,32 @@ def test_diffusion_prior_with_the_exact_x0_predictor_samples_the_gaussian_it_was
 def test_best_of_keeps_the_draw_closest_to_the_text_embedding() -> None:
     prior = _bound(DiffusionPrior(DiffusionPriorConfig(best_of=3)))
     prior.fit(torch.randn(100, 6))
-    eye = torch.eye(6)
-    prior.draw = lambda n, cond, **kw: torch.stack([eye[0], eye[1], eye[2], eye[3], eye[4], eye[5]])[:n] * 5
-    text = torch.stack([eye[2], eye[3]])  # caption 0's draws are e0, e1, e2; caption 1's e3, e4, e5
-    z = prior.sample(2, {"text_emb": text}, sampler=object())
-    assert torch.equal(z, torch.stack([eye[2], eye[3]]))  # and normalised to unit length
+    g = torch.Generator().manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(4, 6, generator=g), dim=-1)
+    noise = torch.randn(12, 6, generator=g)
+
+    def draw(n, cond, **kw):  # draw j of caption i: its z_t plus noise; the k draws of a caption are consecutive
+        return cond["text_emb"] + 0.5 * noise[:n]
+
+    prior.draw = draw
+    z = prior.sample(4, {"text_emb": text}, sampler=object())
+    cands = torch.nn.functional.normalize((text.repeat_interleave(3, 0) + 0.5 * noise).view(4, 3, 6), dim=-1)
+    best = cands[torch.arange(4), (cands * text[:, None]).sum(-1).argmax(1)]
+    assert torch.allclose(z, best, atol=1e-6) and torch.allclose(z.norm(dim=-1), torch.ones(4))
+
+
+def test_a_dropped_caption_is_the_missing_one_for_both_priors() -> None:
+    from genzoo.unclip.prior import CaptionPrefix
+
+    torch.manual_seed(0)
+    prefix = CaptionPrefix(dim=6, text_width=8, text_length=5, n_embd=16)
+    torch.nn.init.normal_(prefix.null_text)
+    torch.nn.init.normal_(prefix.null_text_emb)
+    cond = {"text_emb": torch.randn(3, 6), "context": torch.randn(3, 4, 8), "context_mask": torch.ones(3, 4, dtype=torch.bool)}
+    dropped = prefix({**cond, "drop": torch.tensor([True, False, True])}, 3)
+    missing, given = prefix(None, 3), prefix(cond, 3)
+    assert torch.equal(dropped[[0, 2]], missing[[0, 2]]) and torch.equal(dropped[1], given[1])
+    assert given.shape == (3, 6, 16) and not torch.allclose(given[0], missing[0])
 
 
 def test_ar_prior_quantisation_round_trips_within_half_a_bin() -> None:
@@ -184,8 +205,12 @@ def test_dalle2_text_to_image_variations_interpolation_and_prior_cosine(dalle2_r
     assert model.variations(test["image"][:2], 3, generator=g).shape == (6, 3, 16, 16)
     frames = model.interpolate(test["image"][0], test["image"][1], 4, generator=g)
     assert frames.shape == (4, 3, 16, 16) and torch.isfinite(frames).all()
-    cos = model.prior_cosine(test["image"][:64], test["caption"][:64], generator=g)
-    assert -1 <= cos["text_cosine"] <= 1 and -1 <= cos["prior_cosine"] <= 1
+    cos = model.prior_cosine(test["image"][:128], test["caption"][:128], generator=g)
+    wrong = model.prior_cosine(test["image"][:128], test["caption"][1:129], generator=g)
+    assert cos["prior_cosine"] > wrong["prior_cosine"] + 0.05, (cos, wrong)  # the drawn z_i belong to their captions' images
+    stats = model.components["prior"].mean.clone()
+    model.begin_stage("prior", {"image": test["image"][:100]})  # statistics already there stay (--init-from)
+    assert torch.equal(model.components["prior"].mean, stats)
     with pytest.raises(GenzooError, match="--prompt"):
         model.sample(2, {"y": torch.zeros(2, dtype=torch.long)})
 
@@ -194,7 +219,7 @@ def test_dalle2_resumes_exactly_across_the_prior_statistics(tmp_path: Path) -> N
     from genzoo.training import Trainer, TrainConfig
 
     sets = [*TINY, *TINY_PRIOR["dalle2-shapes"], "train.stages={clip: 4, prior: 6, decoder: 4, upsampler: 0}", "train.log_every=1",
-            "train.checkpoint_every=7", "train.sample_every=0", "data.num_train=200", "pipeline.fit_images=100"]
+            "train.checkpoint_every=7", "train.sample_every=2", "train.sample_n=4", "data.num_train=200", "pipeline.fit_images=100"]
     resolved = api.resolve_recipe("dalle2-shapes", sets=sets)
     source = api.build_data(resolved)
     data, config = source.split("train").tensors(), TrainConfig.model_validate(resolved["train"])
@@ -210,6 +235,8 @@ def test_dalle2_resumes_exactly_across_the_prior_statistics(tmp_path: Path) -> N
     resumed = run(tmp_path / "cut", resume=True)
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # grids from step 6 on: none while the prior had no statistics (the clip stage), no error either
+    assert sorted(p.name for p in (tmp_path / "straight" / "samples").iterdir())[0] == "step-00000006.png"
 
 
 def test_dalle2_from_the_command_line_with_each_stage_set_on_its_own(dalle2_run, tmp_path: Path) -> None:
@@ -251,7 +278,7 @@ def test_the_ar_prior_swaps_in_and_trains_alone_on_the_trained_decoder(dalle2_ru
 
 def test_a_dalle2_recipe_checks_its_parts() -> None:
     spec = api.resolve_recipe("dalle2-shapes", sets=[*TINY, "decoder.denoiser.emb_dim_in=32"])
-    with pytest.raises(RegistryError, match="emb_dim_in is 32 but the CLIP gives 16"):
+    with pytest.raises(RegistryError, match="emb_dim_in is 32 but the CLIP needs 16"):
         api.create_model(spec, data_spec=api.build_data(spec).spec)
     spec = api.resolve_recipe("dalle2-shapes", sets=[*TINY, "components.clip=null"])
     with pytest.raises(RegistryError, match="components.clip"):

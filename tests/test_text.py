@@ -216,7 +216,7 @@ def test_glide_from_the_command_line(glide_run, tmp_path: Path) -> None:
 
 def test_a_caption_model_needs_a_text_encoder_of_the_denoisers_width() -> None:
     spec = api.resolve_recipe("glide-shapes", sets=[*TINY_GLIDE, "encoder.width=48"])
-    with pytest.raises(RegistryError, match="context_dim is 32 but the text encoder's width is 48"):
+    with pytest.raises(RegistryError, match="context_dim is 32 but the text encoder needs 48"):
         api.create_model(spec, data_spec=api.build_data(spec).spec)
     spec = api.resolve_recipe("glide-shapes", sets=[*TINY_GLIDE, "components.encoder=null"])
     with pytest.raises(RegistryError, match="needs a text encoder"):

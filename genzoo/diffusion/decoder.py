@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from genzoo.diffusion.guidance import noised_clip_losses
+from genzoo.diffusion.samplers import randn
 from genzoo.diffusion.schedules import get_named_beta_schedule
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, SamplerKind, Spec
@@ -188,10 +189,11 @@ class DiffusionPipeline(LabelledPipeline):
         return self.components["decoder"].training_losses(self.low_res(x0), self.condition_of(batch))
 
     @torch.no_grad()
-    def upsample(self, low: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        """The upsampler stage alone: full-size images from low-resolution ones in [-1, 1]."""
+    def upsample(self, low: Tensor, *, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """The upsampler stage alone: full-size images from low-resolution ones in [-1, 1] (``noise``: its x_T)."""
         c, size = low.shape[1], self.upsampler.produces.shape[-1]
-        noise = torch.randn(len(low), c, size, size, generator=generator, device=low.device)
+        if noise is None:
+            noise = randn((len(low), c, size, size), low, generator=generator)
         return self.upsampler.decode(noise, {"low_res": low}, generator=generator, sampler=self.components.get("upsampler_sampler"))
 
     @torch.no_grad()
@@ -200,17 +202,21 @@ class DiffusionPipeline(LabelledPipeline):
         return self.upsample(x.clamp(-1, 1), generator=generator) if self.upsampler is not None else x
 
 
+def check_denoiser(pipeline: str, components: Mapping[str, Any], want: Mapping[str, int], source: str) -> None:
+    """The decoder's denoiser has the condition widths its conditioner gives (``want``: field -> width),
+    and a cascade's upsampler has its sampler; errors name the field and the value to set."""
+    cfg = getattr(getattr(components.get("decoder"), "denoiser", None), "cfg", None)
+    for field, value in want.items():
+        got = getattr(cfg, field, "n/a")
+        if cfg is not None and got != value:
+            raise RegistryError(f"pipeline '{pipeline}': decoder.denoiser.{field} is {got} but {source} needs {value}; set {field}: {value}")
+    if components.get("upsampler_decoder") is not None and components.get("upsampler_sampler") is None:
+        raise RegistryError(f"pipeline '{pipeline}': an upsampler_decoder needs an upsampler_sampler (e.g. {{type: ddim, steps: 25}})")
+
+
 def make_diffusion_pipeline(cfg: DiffusionPipelineConfig, ctx) -> DiffusionPipeline:
     args = labelled_args("diffusion", cfg.condition, ctx)
-    denoiser = getattr(ctx.components.get("decoder"), "denoiser", None)
     encoder = ctx.components.get("encoder")
-    if cfg.condition is Conditioning.caption and denoiser is not None and hasattr(encoder, "width"):
-        for field in ("context_dim", "emb_dim_in"):
-            got = getattr(getattr(denoiser, "cfg", None), field, "n/a")
-            if got != encoder.width:
-                raise RegistryError(f"pipeline 'diffusion': decoder.denoiser.{field} is {got} but the text encoder's width is "
-                                    f"{encoder.width}; set denoiser {field}: {encoder.width}")
-    up = ctx.components.get("upsampler_decoder")
-    if up is not None and ctx.components.get("upsampler_sampler") is None:
-        raise RegistryError("pipeline 'diffusion': an upsampler_decoder needs an upsampler_sampler (e.g. {type: ddim, steps: 25})")
+    width = getattr(encoder, "width", None) if cfg.condition is Conditioning.caption else None
+    check_denoiser("diffusion", ctx.components, {"context_dim": width, "emb_dim_in": width} if width else {}, "the text encoder")
     return DiffusionPipeline(ctx.components, **args)

@@ -297,10 +297,12 @@ def _variations(cfg: PairsConfig) -> MetricFn:
             return {}
         n = min(cfg.images, len(ev.real["image"]))
         g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
-        x = torch.cat([fn(ev.real["image"][i:i + ev.settings.batch_size].to(ev.device), generator=g).float().clamp(-1, 1).cpu()
-                       for i in range(0, n, ev.settings.batch_size)])
+        bs = ev.settings.batch_size
+        x = torch.cat([fn(ev.real["image"][i:min(i + bs, n)].to(ev.device), generator=g).float().clamp(-1, 1).cpu() for i in range(0, n, bs)])
         pred, want = ev.judge.predict(x), ev.real["attributes"][:n]
         names = [a for a in ev.source.spec.attributes if a in pred]
+        if not names:
+            return {}
         hits = torch.stack([pred[a].cpu() == want[:, j] for j, a in enumerate(ev.source.spec.attributes) if a in pred], 1)
         out = {f"variation_{a}": float(h.double().mean()) for a, h in zip(names, hits.T)}
         out["variation_all"] = float(hits.all(1).double().mean())

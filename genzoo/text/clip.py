@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from genzoo.errors import GenzooError, RegistryError
@@ -61,7 +61,13 @@ class ClipConfig(BaseModel):
     noised: bool = Field(False, description="the image tower sees x_t and t (GLIDE's noised CLIP, for CLIP guidance)")
     init_temperature: float = Field(0.07, gt=0, description="initial softmax temperature (CLIP: 0.07); learned, floored at 0.01")
     weights: str | None = Field(None, description="a genzoo run or checkpoint directory whose `clip` weights are loaded "
-                                                   "(e.g. runs/clip-shapes); the CLIP is then pretrained and a recipe does not train it again")
+                                                   "(e.g. runs/clip-shapes); the CLIP is then pretrained and a recipe does not train it again. "
+                                                   "A run trained with it holds its own copy: loading that run does not read this path")
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:  # a recipe resolved here still means the same run from another directory
+        return None if v is None else str(Path(v).expanduser().resolve())
 
 
 class CLIP(nn.Module):
@@ -203,8 +209,11 @@ class OpenCLIP(nn.Module):
         if not all(hasattr(m, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
             raise GenzooError(f"clip 'open-clip': {type(m).__name__} has no text transformer whose tokens genzoo can read; "
                               "use an OpenAI-style CLIP architecture (e.g. ViT-B-32, RN50)")
-        x = m.token_embedding(tokens) + m.positional_embedding
-        seq = m.ln_final(m.transformer(x, attn_mask=m.attn_mask)).float()
+        cast = m.transformer.get_cast_dtype()
+        x = (m.token_embedding(tokens) + m.positional_embedding).to(cast)
+        batch_first = getattr(m.transformer, "batch_first", True)  # open_clip < 2.24 ran the text transformer sequence-first
+        x = m.transformer(x if batch_first else x.transpose(0, 1), attn_mask=m.attn_mask)
+        seq = m.ln_final(x if batch_first else x.transpose(0, 1)).float()
         eot = tokens.argmax(dim=-1)
         mask = torch.arange(tokens.shape[1], device=tokens.device) <= eot[:, None]
         return self.encode_tokens(tokens), seq, mask

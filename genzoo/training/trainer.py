@@ -295,7 +295,7 @@ class Trainer:
                     self._log({"step": self.step, "stage": stage, **last, **lrs, "it_s": steps_done / elapsed, "time": elapsed})
                 bar.update(1)
                 bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}", stage=stage)
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.pipeline.ready_to_sample():
                     self._sample_grid()
                 if self.step % cfg.checkpoint_every == 0:
                     self._save()

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from genzoo.diffusion.decoder import DiffusionPipeline
+from contextlib import contextmanager
+
+from genzoo.diffusion.decoder import DiffusionPipeline, check_denoiser
 from genzoo.diffusion.samplers import randn
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Encoder, Spec
@@ -93,19 +95,31 @@ class UnCLIPPipeline(DiffusionPipeline):
     def image_size(self) -> int:
         return (self.upsampler or self.components["decoder"]).produces.shape[-1]
 
-    @torch.no_grad()
-    def image_embeddings(self, images: Tensor, *, batch: int = 500) -> Tensor:
-        """Unit-norm CLIP embeddings z_i of full-size images in [-1, 1]."""
+    @contextmanager
+    def frozen_clip(self):
+        """The CLIP in eval mode (a BatchNorm tower must not update its statistics after its stage), no gradients."""
         was = self.clip.training
         self.clip.eval()
         try:
-            return torch.cat([self.clip.encode_image(images[i:i + batch].to(self.device)) for i in range(0, len(images), batch)])
+            with torch.no_grad():
+                yield self.clip
         finally:
             self.clip.train(was)
 
+    def image_embeddings(self, images: Tensor, *, batch: int = 500) -> Tensor:
+        """Unit-norm CLIP embeddings z_i of full-size images in [-1, 1], in fp32 (as at sampling)."""
+        with self.frozen_clip() as clip, torch.autocast(self.device.type, enabled=False):
+            return torch.cat([clip.encode_image(images[i:i + batch].to(self.device).float()) for i in range(0, len(images), batch)])
+
+    def ready_to_sample(self) -> bool:
+        return bool(getattr(self.components["prior"], "stats_fitted", True))
+
     def begin_stage(self, stage: str, data: Mapping[str, Any]) -> None:
-        if stage == "prior":  # standardisation (and PCA) from the frozen CLIP, before the prior's first step
-            self.components["prior"].fit(self.image_embeddings(data["image"][: self.fit_images]))
+        """Before the prior's first step: its standardisation (and PCA) from the frozen CLIP's embeddings of
+        ``fit_images`` training images. Statistics already there (a prior taken over with --init-from) stay."""
+        prior = self.components["prior"]
+        if stage == "prior" and not bool(prior.stats_fitted):
+            prior.fit(self.image_embeddings(data["image"][: self.fit_images]))
 
     def optimizer_groups(self, stage: str = "prior") -> dict[str, list[nn.Parameter]]:
         role = {"clip": "clip", "prior": "prior", "decoder": "decoder", "upsampler": "upsampler_decoder"}[stage]
@@ -117,9 +131,9 @@ class UnCLIPPipeline(DiffusionPipeline):
             return clip_losses(self.clip, x, {"tokens": self.components["encoder"].tokenize(captions)})
         if stage == "upsampler":
             return super().training_losses(batch, optimizer=optimizer, stage=stage)
-        with torch.no_grad():
+        with self.frozen_clip(), torch.autocast(self.device.type, enabled=False):
             text = self.components["encoder"].encode({"caption": captions})
-            z_i = self.clip.encode_image(x)
+        z_i = self.image_embeddings(x)
         if stage == "prior":
             return self.components["prior"].training_losses(z_i, text)
         return self.components["decoder"].training_losses(self.low_res(x), {"emb": z_i, "context": text["context"],
@@ -137,18 +151,25 @@ class UnCLIPPipeline(DiffusionPipeline):
             z_i = condition["emb"].to(self.device)
         else:
             z_i = c["prior"].sample(n, text or None, generator=generator, sampler=c.get("prior_sampler"), guidance=c.get("prior_guidance"))
-        return self.decode_embeddings(z_i, text, generator=generator, noise=condition.get("noise"))
+        return self.decode_embeddings(z_i, text, generator=generator)
 
     @torch.no_grad()
     def decode_embeddings(self, z_i: Tensor, text: Mapping[str, Tensor] | None = None, *, generator: torch.Generator | None = None,
-                          noise: Tensor | None = None) -> Tensor:
-        """Images from image embeddings (and the caption's tokens, when given): the decoder, then the upsampler."""
-        c = self.components
+                          shared_noise: bool = False) -> Tensor:
+        """Images from image embeddings (and the caption's tokens, when given): the decoder, then the upsampler;
+        ``shared_noise``: one x_T for every image (and one for the upsampler)."""
+        c, n = self.components, len(z_i)
+
+        def noise(shape: tuple[int, ...]) -> Tensor:
+            x_t = randn((1 if shared_noise else n, *shape), None, generator=generator, device=self.device, dtype=torch.float32)
+            return x_t.expand(n, *shape) if shared_noise else x_t
+
         cond = {"emb": z_i.float(), **{k: text[k] for k in ("context", "context_mask") if text and k in text}}
-        shape = (len(z_i), *c["decoder"].produces.shape)
-        noise = randn(shape, None, generator=generator, device=self.device, dtype=torch.float32) if noise is None else noise.to(self.device)
-        x = c["decoder"].decode(noise, cond, generator=generator, sampler=c.get("sampler"), guidance=c.get("guidance"))
-        return self.upsample(x.clamp(-1, 1), generator=generator) if self.upsampler is not None else x
+        x = c["decoder"].decode(noise(c["decoder"].produces.shape), cond, generator=generator, sampler=c.get("sampler"),
+                                guidance=c.get("guidance"))
+        if self.upsampler is None:
+            return x
+        return self.upsample(x.clamp(-1, 1), generator=generator, noise=noise(self.upsampler.produces.shape))
 
     @torch.no_grad()
     def variations(self, images: Tensor, k: int = 1, *, generator: torch.Generator | None = None) -> Tensor:
@@ -157,11 +178,11 @@ class UnCLIPPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def interpolate(self, a: Tensor, b: Tensor, steps: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """``steps`` images along the slerp from image ``a``'s z_i to ``b``'s, one decoder noise for all (Sec. 3.2)."""
+        """``steps`` images along the slerp from image ``a``'s z_i to ``b``'s (Sec. 3.2). Every frame starts from the
+        same decoder and upsampler noise, so with deterministic samplers (DDIM, eta 0) only z_i changes along the path."""
         z = self.image_embeddings(torch.stack([a, b]))
         z_path = slerp(z[0], z[1], torch.linspace(0, 1, steps, device=z.device))
-        noise = randn((1, *self.components["decoder"].produces.shape), None, generator=generator, device=self.device, dtype=torch.float32)
-        return self.decode_embeddings(z_path, generator=generator, noise=noise.expand(steps, *noise.shape[1:]))
+        return self.decode_embeddings(z_path, generator=generator, shared_noise=True)
 
     @torch.no_grad()
     def prior_cosine(self, images: Tensor, captions: list[str], *, generator: torch.Generator | None = None,
@@ -188,13 +209,5 @@ def make_unclip_pipeline(cfg: UnCLIPConfig, ctx: Any) -> UnCLIPPipeline:
         raise RegistryError(f"pipeline 'dalle2' trains on captions, and dataset '{ctx.data.name}' has none; use shapes or an imagefolder with captions")
     if getattr(comps["prior"], "condition_key", None) != "emb":
         raise RegistryError("pipeline 'dalle2': the prior must draw CLIP image embeddings: {type: diffusion-prior} or {type: ar-prior}")
-    clip, unet_cfg = comps["clip"], getattr(getattr(comps["decoder"], "denoiser", None), "cfg", None)
-    want = {"emb_dim_in": clip.embed_dim, "context_dim": clip.text_width}
-    for field, value in want.items():
-        got = getattr(unet_cfg, field, None)
-        if got != value:
-            raise RegistryError(f"pipeline 'dalle2': decoder.denoiser.{field} is {got} but the CLIP gives {value}; set {field}: {value}")
-    up = comps.get("upsampler_decoder")
-    if up is not None and comps.get("upsampler_sampler") is None:
-        raise RegistryError("pipeline 'dalle2': an upsampler_decoder needs an upsampler_sampler (e.g. {type: ddim, steps: 25})")
+    check_denoiser("dalle2", comps, {"emb_dim_in": comps["clip"].embed_dim, "context_dim": comps["clip"].text_width}, "the CLIP")
     return UnCLIPPipeline(comps, fit_images=cfg.fit_images)

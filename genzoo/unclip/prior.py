@@ -262,16 +262,18 @@ class ARPrior(EmbeddingPrior):
         self.scale.copy_((centred @ self.basis.T).std(0).clamp_min(1e-6))
 
     def quantize(self, z: Tensor) -> Tensor:
-        """(N, d) embeddings -> (N, pca_dims) bin indices."""
+        """(N, d) embeddings -> (N, pca_dims) bin indices (in fp32 under any autocast: bf16 would move bin edges)."""
         c = self.cfg
-        u = ((z.float() - self.mean) @ self.basis.T / self.scale).clamp(-c.bin_range, c.bin_range)
+        with torch.autocast(z.device.type, enabled=False):
+            u = ((z.float() - self.mean) @ self.basis.T / self.scale).clamp(-c.bin_range, c.bin_range)
         return ((u + c.bin_range) / (2 * c.bin_range) * c.bins).long().clamp(0, c.bins - 1)
 
     def dequantize(self, codes: Tensor) -> Tensor:
         """Bin centres back to the embedding space (the discarded components at their mean)."""
         c = self.cfg
         u = (codes.float() + 0.5) / c.bins * 2 * c.bin_range - c.bin_range
-        return (u * self.scale) @ self.basis + self.mean
+        with torch.autocast(codes.device.type, enabled=False):
+            return (u * self.scale) @ self.basis + self.mean
 
     def training_losses(self, z: Tensor, condition: Condition | None = None) -> dict[str, Tensor]:
         codes, cond = self.quantize(z), dict(condition or {})
