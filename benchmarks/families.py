@@ -208,23 +208,42 @@ def open_clip_peer(batch: int, device: torch.device) -> dict[str, Any] | str:
 
 
 def options(batch: int, device: torch.device, bf16_usable: bool) -> list[dict[str, Any]]:
-    """The U-Net forward with torch.compile and with bf16 autocast, against plain fp32 in the same run."""
+    """The U-Net forward contiguous, channels_last (the default), with torch.compile and with bf16 autocast;
+    and a training step contiguous against channels_last, all in the same run."""
     from genzoo.nn import UNet, UNetConfig
 
-    net = UNet(UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2,
-                          attention_resolutions=[16, 8])).to(device).eval().to(memory_format=torch.channels_last)
-    x, t = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last), torch.randint(0, 1000, (batch,), device=device)
+    def make(fmt: torch.memory_format) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        net = UNet(UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2,
+                              attention_resolutions=[16, 8])).to(device).to(memory_format=fmt)
+        x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+        return net, x, torch.randint(0, 1000, (batch,), device=device)
+
     rows = []
-    with torch.inference_mode():
-        base = best_time(lambda: net(x, t))
-        rows.append({"what": "U-Net forward fp32 (eager)", "seconds": base, "speedup": 1.0})
-        if device.type == "cuda" or bf16_usable:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                dt = best_time(lambda: net(x, t))
-            rows.append({"what": "U-Net forward, bf16 autocast", "seconds": dt, "speedup": base / dt})
-        else:
-            rows.append({"what": "U-Net forward, bf16 autocast", "seconds": None, "speedup": None,
-                         "note": "skipped: this CPU has no bf16 units (matmul far slower than fp32)"})
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        net, x, t = make(fmt)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            net(x, t).square().mean().backward()
+            opt.step()
+        with torch.inference_mode():
+            fwd = best_time(lambda: net(x, t))
+        rows.append({"what": f"U-Net forward fp32, {str(fmt)[6:]}", "seconds": fwd})
+        rows.append({"what": f"U-Net training step fp32, {str(fmt)[6:]}", "seconds": best_time(step)})
+    base = rows[2]["seconds"]  # channels_last forward: the reference for the options below
+    for r in rows:
+        r["speedup"] = (rows[0] if "forward" in r["what"] else rows[1])["seconds"] / r["seconds"]
+    net, x, t = make(torch.channels_last)
+    net.eval()
+    if device.type == "cuda" or bf16_usable:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+            dt = best_time(lambda: net(x, t))
+        rows.append({"what": "U-Net forward, channels_last + bf16 autocast", "seconds": dt, "speedup": base / dt})
+    else:
+        rows.append({"what": "U-Net forward, channels_last + bf16 autocast", "seconds": None, "speedup": None,
+                     "note": "skipped: this CPU has no bf16 units (matmul far slower than fp32)"})
     try:
         compiled = torch.compile(net)
         with torch.inference_mode():
@@ -232,9 +251,9 @@ def options(batch: int, device: torch.device, bf16_usable: bool) -> list[dict[st
             compiled(x, t)
             warm = time.perf_counter() - t0
             dt = best_time(lambda: compiled(x, t))
-        rows.append({"what": "U-Net forward, torch.compile", "seconds": dt, "speedup": base / dt, "compile_seconds": warm})
+        rows.append({"what": "U-Net forward, channels_last + torch.compile", "seconds": dt, "speedup": base / dt, "compile_seconds": warm})
     except Exception as e:  # no C++ compiler, unsupported platform
-        rows.append({"what": "U-Net forward, torch.compile", "seconds": None, "speedup": None, "note": f"failed: {type(e).__name__}"})
+        rows.append({"what": "U-Net forward, channels_last + torch.compile", "seconds": None, "speedup": None, "note": f"failed: {type(e).__name__}"})
     return rows
 
 
@@ -249,7 +268,8 @@ def markdown(res: dict[str, Any]) -> str:
         peers = [*peers, res["peers"]["open_clip"]]
     out += [f"| {r['what']} | {r['genzoo']:.2f} {r['unit']} | {r['peer']:.2f} | {r['ratio']:.2f}x | {r['flops_ratio']:.2f} |" for r in peers]
     out += [f"| {k} | {v} | | | |" for k, v in res["peers"].items() if isinstance(v, str)]
-    out += ["", "### Options (U-Net forward, batch 16)", "", "| option | seconds | speedup | note |", "|---|---|---|---|"]
+    out += ["", "### Options (U-Net of the DDIM row, batch 16; speedup against the contiguous fp32 row of its kind, "
+            "and against channels_last fp32 for bf16 and compile)", "", "| option | seconds | speedup | note |", "|---|---|---|---|"]
     for r in res["options"]:
         seconds = "" if r["seconds"] is None else f"{r['seconds']:.4f}"
         speedup = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
