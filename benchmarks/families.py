@@ -96,7 +96,7 @@ def family_rows(batch: int, peak: float, device: torch.device, names: list[str])
                          "fraction_of_peak": f / dt / 1e9 / peak, "peak_rss_mb": peak_rss_mb()})
         if swaps is None:
             continue
-        model.eval()
+        model = api.for_inference(model, device)  # what load_model returns: eval mode, NHWC conv weights
         cond = {"caption": list(data["caption"][:batch])} if getattr(getattr(model, "condition", None), "value", "") == "caption" else None
         g = torch.Generator(device=device)
         with torch.inference_mode():
@@ -126,7 +126,7 @@ def diffusers_peers(batch: int, steps: int, device: torch.device) -> list[dict[s
 
     cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2,
                      attention_resolutions=[16, 8], resblock_updown=False)  # conv resampling, as UNet2DModel: equal FLOPs
-    ours = UNet(cfg).to(device).to(memory_format=torch.channels_last)
+    ours = UNet(cfg).to(device, memory_format=api.INFERENCE_MEMORY_FORMAT)  # each library at its defaults
     theirs = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128), layers_per_block=2,
                          down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                          up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")).to(device)
@@ -165,7 +165,7 @@ def diffusers_peers(batch: int, steps: int, device: torch.device) -> list[dict[s
             opt.step()
         return step
 
-    a = batch / best_time(train_step(ours, lambda o: o))
+    a = batch / best_time(train_step(ours.to(memory_format=torch.contiguous_format), lambda o: o))  # the trainer's default layout
     b = batch / best_time(train_step(theirs, lambda o: o.sample))
     rows.append({"what": f"U-Net training step, batch {batch}", "genzoo": a, "peer": b, "ratio": a / b, "unit": "images/s"})
     for r in rows:
@@ -212,7 +212,7 @@ def open_clip_peer(batch: int, device: torch.device) -> dict[str, Any] | str:
 
 
 def options(batch: int, device: torch.device, bf16_usable: bool) -> list[dict[str, Any]]:
-    """The U-Net forward contiguous, channels_last (the default), with torch.compile and with bf16 autocast;
+    """The U-Net forward contiguous, channels_last (the inference default), with torch.compile and with bf16 autocast;
     and a training step contiguous against channels_last, all in the same run."""
     from genzoo.nn import UNet, UNetConfig
 
@@ -245,6 +245,18 @@ def options(batch: int, device: torch.device, bf16_usable: bool) -> list[dict[st
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
             dt = best_time(lambda: net(x, t))
         rows.append({"what": "U-Net forward, channels_last + bf16 autocast", "seconds": dt, "speedup": base / dt})
+        train_net, tx, tt = make(torch.contiguous_format)
+        opt = torch.optim.AdamW(train_net.parameters(), lr=1e-4)
+
+        def bf16_step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = train_net(tx, tt).float().square().mean()
+            loss.backward()
+            opt.step()
+        dt = best_time(bf16_step)
+        rows.append({"what": "U-Net training step, contiguous + bf16 autocast", "seconds": dt, "speedup": rows[1]["seconds"] / dt,
+                     "note": "speedup against the contiguous fp32 step"})
     else:
         rows.append({"what": "U-Net forward, channels_last + bf16 autocast", "seconds": None, "speedup": None,
                      "note": "skipped: this CPU has no bf16 units (matmul far slower than fp32)"})

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from genzoo import api
 from genzoo.diffusion import DDIMSampler, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 from genzoo.diffusion.samplers import DDIMConfig
 from genzoo.nn import UNet, UNetConfig
@@ -39,8 +40,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024) -> float:
 def unet_forward(batch: int = 16) -> dict:
     cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8],
                      resblock_updown=False)  # conv resampling, as diffusers' UNet2DModel: equal FLOPs
-    net = UNet(cfg).eval().to(memory_format=torch.channels_last)
-    x, t = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.randint(0, 1000, (batch,))
+    net = api.for_inference(UNet(cfg))  # genzoo's inference default (NHWC)
+    x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
     with torch.inference_mode():
         with flop_counter() as fc:
             net(x, t)
@@ -53,7 +54,7 @@ def unet_forward(batch: int = 16) -> dict:
 def ddim_images_per_s(batch: int = 16, steps: int = 20) -> float:
     cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8],
                      resblock_updown=False)  # conv resampling, as diffusers' UNet2DModel: equal FLOPs
-    net = UNet(cfg).eval().to(memory_format=torch.channels_last)
+    net = api.for_inference(UNet(cfg))  # genzoo's inference default (NHWC)
     d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type=ModelMeanType.EPSILON,
                           model_var_type=ModelVarType.FIXED_LARGE, loss_type=LossType.SIMPLE)
     sampler = DDIMSampler(DDIMConfig(steps=steps))

@@ -208,3 +208,41 @@ def test_each_stage_starts_its_own_ema_warm_up(tmp_path: Path) -> None:
         saved, raw = w[f"discriminator.{k}"], w[f"raw.discriminator.{k}"]
         # with one warm-up count for the whole run the decay would be 0.97 here: 0.97^40 = 30% initialisation
         assert (saved - raw).norm() < 0.2 * (init[k] - raw).norm(), k
+
+
+class ConvNoisy(Noisy):
+    """Noisy with a convolution, so that the memory format matters."""
+
+    def __init__(self) -> None:
+        Pipeline.__init__(self, {"decoder": nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Dropout(0.2), nn.ReLU(), nn.Conv2d(8, 1, 1))})
+        self.nan_at, self.calls = None, 0
+
+    def training_losses(self, batch, *, optimizer="main", stage="main"):
+        x = batch["image"]
+        loss = (self.components["decoder"](x + torch.randn_like(x)) - x).pow(2).mean()
+        return {"loss": loss, "mse": loss.detach()}
+
+
+def test_channels_last_training_resumes_exactly_and_saves_plain_tensors(tmp_path: Path) -> None:
+    config = cfg(channels_last=True)
+    p, _ = train(ConvNoisy, tmp_path / "straight", config)
+    assert p.components["decoder"][0].weight.is_contiguous(memory_format=torch.channels_last)
+    train(ConvNoisy, tmp_path / "resumed", config, stop_at=5)
+    train(ConvNoisy, tmp_path / "resumed", config, resume=True)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(v.is_contiguous() for v in a.values())  # checkpoints are NCHW whatever the training layout
+
+
+def test_for_inference_stores_conv_weights_nhwc_with_the_same_outputs() -> None:
+    from genzoo import api
+    from genzoo.nn import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(in_channels=3, image_size=8, model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4]))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 500])
+    with torch.no_grad():
+        want = net.eval()(x, t)
+        fast = api.for_inference(net)
+        assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in fast.parameters())
+        torch.testing.assert_close(fast(x, t), want, rtol=1e-4, atol=1e-5)

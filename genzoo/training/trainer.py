@@ -260,6 +260,8 @@ class Trainer:
         else:
             self._setup_stage()
             self.pipeline.begin_stage(self.stages[0][0], self.data)
+        if cfg.channels_last:  # in place: the optimisers keep their parameters
+            self.pipeline.to(memory_format=torch.channels_last)
         model: nn.Module = _Losses(self.pipeline)
         if self.dist.enabled:
             model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
