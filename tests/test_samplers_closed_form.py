@@ -247,6 +247,30 @@ def test_classifier_gradient_is_the_closed_form_one_even_under_inference_mode() 
         guidance.gradient(d, x, t, None)
 
 
+class _LinearClassifier(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 3, dtype=F64)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def test_guided_sampling_can_be_profiled() -> None:
+    """FlopCounterMode hooks every module and refuses autograd.grad; the guidance gradient still works under it."""
+    from genzoo.nn.unet import flop_counter
+
+    torch.manual_seed(0)
+    d, guidance = diffusion(), ClassifierGuidance(_LinearClassifier(), scale=1.0)
+    x, t, y = torch.randn(4, 2, dtype=F64), torch.tensor([1, 10, 100, 500]), torch.tensor([0, 1, 2, 0])
+    want = guidance.gradient(d, x, t, {"y": y})
+    with flop_counter() as fc:
+        got = guidance.gradient(d, x, t, {"y": y})
+    torch.testing.assert_close(got, want)
+    assert fc.get_total_flops() > 0
+    assert all(p.grad is None for p in guidance.parameters())  # only the input's gradient is taken
+
+
 @pytest.mark.parametrize(("sampler", "bias"), [
     (AncestralSampler(SamplerConfig(steps=250, clip=False)), 0.03), (DDIMSampler(DDIMConfig(steps=50, clip=False)), 0.02),
 ], ids=["ancestral", "ddim"])
