@@ -165,7 +165,7 @@ def diffusers_peers(batch: int, steps: int, device: torch.device) -> list[dict[s
             opt.step()
         return step
 
-    a = batch / best_time(train_step(ours.to(memory_format=torch.contiguous_format), lambda o: o))  # the trainer's default layout
+    a = batch / best_time(train_step(ours, lambda o: o))  # NHWC: the trainer's default layout too (train.channels_last)
     b = batch / best_time(train_step(theirs, lambda o: o.sample))
     rows.append({"what": f"U-Net training step, batch {batch}", "genzoo": a, "peer": b, "ratio": a / b, "unit": "images/s"})
     for r in rows:
@@ -211,7 +211,7 @@ def open_clip_peer(batch: int, device: torch.device) -> dict[str, Any] | str:
             "unit": "pairs/s", "flops_ratio": flops(mine) / flops(peer)}
 
 
-def options(batch: int, device: torch.device, bf16_usable: bool) -> list[dict[str, Any]]:
+def options(batch: int, device: torch.device, bf16_usable: bool, peaks: dict[str, float]) -> list[dict[str, Any]]:
     """The U-Net forward contiguous, channels_last (the inference default), with torch.compile and with bf16 autocast;
     and a training step contiguous against channels_last, all in the same run."""
     from genzoo.nn import UNet, UNetConfig
@@ -234,8 +234,9 @@ def options(batch: int, device: torch.device, bf16_usable: bool) -> list[dict[st
             opt.step()
         with torch.inference_mode():
             fwd = best_time(lambda: net(x, t))
-        rows.append({"what": f"U-Net forward fp32, {str(fmt)[6:]}", "seconds": fwd})
-        rows.append({"what": f"U-Net training step fp32, {str(fmt)[6:]}", "seconds": best_time(step)})
+            fwd_flops = flops(lambda: net(x, t))
+        rows.append({"what": f"U-Net forward fp32, {str(fmt)[6:]}", "seconds": fwd, "gflop": fwd_flops / 1e9, "peak": "fp32"})
+        rows.append({"what": f"U-Net training step fp32, {str(fmt)[6:]}", "seconds": best_time(step), "gflop": flops(step) / 1e9, "peak": "fp32"})
     base = rows[2]["seconds"]  # channels_last forward: the reference for the options below
     for r in rows:
         r["speedup"] = (rows[0] if "forward" in r["what"] else rows[1])["seconds"] / r["seconds"]
@@ -244,7 +245,8 @@ def options(batch: int, device: torch.device, bf16_usable: bool) -> list[dict[st
     if device.type == "cuda" or bf16_usable:
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
             dt = best_time(lambda: net(x, t))
-        rows.append({"what": "U-Net forward, channels_last + bf16 autocast", "seconds": dt, "speedup": base / dt})
+        rows.append({"what": "U-Net forward, channels_last + bf16 autocast", "seconds": dt, "speedup": base / dt,
+                     "gflop": rows[2]["gflop"], "peak": "bf16"})
         train_net, tx, tt = make(torch.contiguous_format)
         opt = torch.optim.AdamW(train_net.parameters(), lr=1e-4)
 
@@ -256,7 +258,7 @@ def options(batch: int, device: torch.device, bf16_usable: bool) -> list[dict[st
             opt.step()
         dt = best_time(bf16_step)
         rows.append({"what": "U-Net training step, contiguous + bf16 autocast", "seconds": dt, "speedup": rows[1]["seconds"] / dt,
-                     "note": "speedup against the contiguous fp32 step"})
+                     "gflop": rows[1]["gflop"], "peak": "bf16", "note": "speedup against the contiguous fp32 step"})
     else:
         rows.append({"what": "U-Net forward, channels_last + bf16 autocast", "seconds": None, "speedup": None,
                      "note": "skipped: this CPU has no bf16 units (matmul far slower than fp32)"})
@@ -267,9 +269,14 @@ def options(batch: int, device: torch.device, bf16_usable: bool) -> list[dict[st
             compiled(x, t)
             warm = time.perf_counter() - t0
             dt = best_time(lambda: compiled(x, t))
-        rows.append({"what": "U-Net forward, channels_last + torch.compile", "seconds": dt, "speedup": base / dt, "compile_seconds": warm})
+        rows.append({"what": "U-Net forward, channels_last + torch.compile", "seconds": dt, "speedup": base / dt, "compile_seconds": warm,
+                     "gflop": rows[2]["gflop"], "peak": "fp32"})
     except Exception as e:  # no C++ compiler, unsupported platform
         rows.append({"what": "U-Net forward, channels_last + torch.compile", "seconds": None, "speedup": None, "note": f"failed: {type(e).__name__}"})
+    for r in rows:
+        if r.get("seconds") and r.get("gflop"):
+            r["gflop_per_s"] = r["gflop"] / r["seconds"]
+            r["fraction_of_peak"] = r["gflop_per_s"] / peaks[r["peak"]]
     return rows
 
 
@@ -285,20 +292,22 @@ def markdown(res: dict[str, Any]) -> str:
     out += [f"| {r['what']} | {r['genzoo']:.2f} {r['unit']} | {r['peer']:.2f} | {r['ratio']:.2f}x | {r['flops_ratio']:.2f} |" for r in peers]
     out += [f"| {k} | {v} | | | |" for k, v in res["peers"].items() if isinstance(v, str)]
     out += ["", "### Options (U-Net of the DDIM row, batch 16; speedup against the contiguous fp32 row of its kind, "
-            "and against channels_last fp32 for bf16 and compile)", "", "| option | seconds | speedup | note |", "|---|---|---|---|"]
+            "and against channels_last fp32 for bf16 and compile; % of the matmul peak of the row's precision)", "",
+            "| option | seconds | speedup | GFLOP/s | % of peak | note |", "|---|---|---|---|---|---|"]
     for r in res["options"]:
         seconds = "" if r["seconds"] is None else f"{r['seconds']:.4f}"
         speedup = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         note = r.get("note") or (f"compiling took {r['compile_seconds']:.0f} s" if "compile_seconds" in r else "")
-        out.append(f"| {r['what']} | {seconds} | {speedup} | {note} |")
+        rate = f"{r['gflop_per_s']:.0f} | {100 * r['fraction_of_peak']:.0f}% ({r['peak']})" if "gflop_per_s" in r else " | "
+        out.append(f"| {r['what']} | {seconds} | {speedup} | {rate} | {note} |")
     return "\n".join(out) + "\n"
 
 
-def run(batch: int, peak: float, bf16_usable: bool, device: torch.device, quick: bool = False) -> dict[str, Any]:
+def run(batch: int, peak: float, bf16_usable: bool, device: torch.device, quick: bool = False, bf16_peak: float = float("nan")) -> dict[str, Any]:
     names = ["vae-shapes", "ddpm-shapes"] if quick else list(FAMILIES)
     return {"families": family_rows(batch, peak, device, names),
             "peers": {"diffusers": diffusers_peers(16, 20, device), "open_clip": open_clip_peer(batch, device)},
-            "options": options(16, device, bf16_usable)}
+            "options": options(16, device, bf16_usable, {"fp32": peak, "bf16": bf16_peak})}
 
 
 if __name__ == "__main__":

@@ -62,9 +62,9 @@ def data_spec_dict(spec: Any) -> dict[str, Any]:
     return asdict(spec) if is_dataclass(spec) else dict(spec)
 
 
-# Convolution weights stored NHWC for inference: the U-Net forward measured 1.09x faster than NCHW
-# on CPU (benchmarks/results.md), while its training step was 0.93x, so training keeps NCHW unless
-# `train.channels_last` asks. Activations follow the weights' layout; checkpoints are saved NCHW.
+# Convolution weights stored NHWC: the U-Net forward measured 1.09x and its training step 1.05-1.09x
+# against NCHW on CPU (benchmarks/results.md); `train.channels_last` sets it for training. Activations
+# follow the weights' layout; checkpoints are saved NCHW.
 INFERENCE_MEMORY_FORMAT = torch.channels_last
 
 

@@ -40,8 +40,8 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (on CPU only where the CPU has bf16 units)")
     compile: bool = Field(False, description="torch.compile the training step's model")
-    channels_last: bool = Field(False, description="store conv weights NHWC while training (measured slower for the U-Net step on CPU; "
-                                                    "commonly faster on CUDA); inference always uses it (genzoo.api.for_inference)")
+    channels_last: bool = Field(True, description="store conv weights NHWC while training (the U-Net step measured 1.05-1.09x on CPU, "
+                                                   "benchmarks/results.md); inference always uses it (genzoo.api.for_inference)")
     optimizer_ratio: dict[str, int] = Field(default_factory=dict, description="steps per optimiser per iteration, e.g. {discriminator: 2}")
     stages: dict[str, int] | None = Field(None, description="steps per training stage of a staged pipeline; null: `steps` for each")
     optimizers: dict[str, OptimizerConfig] = Field(default_factory=dict, description="per-optimiser overrides of lr, betas, weight_decay")
