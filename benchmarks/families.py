@@ -13,7 +13,6 @@ text transformer (training step). Only ratios within one run mean anything.
 from __future__ import annotations
 
 import argparse
-import math
 import resource
 import time
 from typing import Any, Callable
@@ -21,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from genzoo import api
+from genzoo.eval.evaluate import prior_tokens_per_sample
 from genzoo.nn.unet import flop_counter
 
 # recipe -> sampling swaps (fewer steps than the recipes' defaults, so the run stays short on a CPU)
@@ -103,9 +103,9 @@ def family_rows(batch: int, peak: float, device: torch.device, names: list[str])
             sample = lambda: model.sample(batch, cond, generator=g.manual_seed(0))  # noqa: E731
             dt, f = best_time(sample, 1), flops(sample)
         what = "sample" + "".join(f", {k}={v}" for k, v in swaps.items())
-        token_sampler, prior = model.components.get("prior_sampler"), model.components.get("prior")
-        if token_sampler is not None and token_sampler.kind.value == "token" and hasattr(prior, "shape"):  # image tokens: tokens/s too
-            what += f" ({batch / dt * math.prod(prior.shape):.0f} tokens/s)"
+        tokens = prior_tokens_per_sample(model)
+        if tokens > 1:  # an autoregressive prior: tokens/s too
+            what += f" ({batch / dt * tokens:.0f} tokens/s)"
         rows.append({"recipe": name, "what": what, "per_s": batch / dt, "unit": "images/s", "gflop": f / 1e9,
                      "fraction_of_peak": f / dt / 1e9 / peak, "peak_rss_mb": peak_rss_mb()})
     return rows

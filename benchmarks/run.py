@@ -116,7 +116,7 @@ if __name__ == "__main__":
     results["matmul_bf16_gflop_s"] = bf16
     results["unet_forward_fp32"] = unet_forward()
     # the peak probe drifts between runs on a shared host (285-480 GFLOP/s seen), so the U-Net's share is
-    # also taken against pairs measured back to back, and the median pair reported
+    # also taken against three peaks each measured just before it
     pairs = []
     for _ in range(3):
         peak_now = matmul_peak(torch.float32)

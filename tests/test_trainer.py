@@ -214,8 +214,8 @@ class ConvNoisy(Noisy):
     """Noisy with a convolution, so that the memory format matters."""
 
     def __init__(self) -> None:
-        Pipeline.__init__(self, {"decoder": nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Dropout(0.2), nn.ReLU(), nn.Conv2d(8, 1, 1))})
-        self.nan_at, self.calls = None, 0
+        super().__init__()
+        self.components["decoder"] = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Dropout(0.2), nn.ReLU(), nn.Conv2d(8, 1, 1))
 
     def training_losses(self, batch, *, optimizer="main", stage="main"):
         x = batch["image"]

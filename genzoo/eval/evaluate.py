@@ -310,6 +310,15 @@ def _variations(cfg: PairsConfig) -> MetricFn:
     return run
 
 
+def prior_tokens_per_sample(model: Any) -> int:
+    """Tokens the prior draws per sample when its sampler is a token sampler (DALL·E's image tokens,
+    the AR prior's embedding tokens); 1 otherwise."""
+    prior, sampler = model.components.get("prior"), model.components.get("prior_sampler")
+    if sampler is None or sampler.kind.value != "token":
+        return getattr(prior, "tokens_per_sample", None) or 1
+    return getattr(prior, "tokens_per_sample", None) or math.prod(prior.shape)
+
+
 def _throughput(cfg: NoConfig) -> MetricFn:
     def run(ev: EvalContext) -> dict[str, float]:
         _ = ev.samples
@@ -320,8 +329,7 @@ def _throughput(cfg: NoConfig) -> MetricFn:
             if s is None:
                 continue
             if role == "prior_sampler":  # per token for a token prior; each best-of draw counts
-                per = getattr(prior, "tokens_per_sample", None) or (math.prod(prior.shape) if s.kind.value == "token" else 1)
-                nfe += s.nfe() * per * getattr(prior, "best_of", 1)
+                nfe += s.nfe() * prior_tokens_per_sample(ev.model) * getattr(prior, "best_of", 1)
             else:
                 nfe += s.nfe()
         out["nfe"] = float(nfe or 1)
