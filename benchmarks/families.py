@@ -21,7 +21,7 @@ import torch
 
 from genzoo import api
 from genzoo.eval.evaluate import prior_tokens_per_sample
-from genzoo.nn.unet import flop_counter
+from common import best_time, flops
 
 # recipe -> sampling swaps (fewer steps than the recipes' defaults, so the run stays short on a CPU)
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -36,22 +36,6 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "dalle2-shapes": {"prior_steps": 16, "steps": 20, "upsampler_steps": 10},
     "clip-shapes": None,  # draws no images
 }
-
-
-def best_time(fn: Callable[[], Any], repeat: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def flops(fn: Callable[[], Any]) -> int:
-    with flop_counter() as fc:
-        fn()
-    return fc.get_total_flops()
 
 
 def peak_rss_mb() -> float:

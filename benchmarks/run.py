@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -19,20 +19,14 @@ from genzoo.diffusion.samplers import DDIMConfig
 from genzoo.nn import UNet, UNetConfig
 from genzoo.nn.unet import flop_counter
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_time  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
+CPU = torch.device("cpu")
 
 
-def best_time(fn, repeat: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096)) -> float:
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096), device: torch.device = CPU) -> float:
     """The machine's practical GEMM peak in GFLOP/s: the best of square matmuls over ``sizes`` and of a
     1x1 convolution (the same GEMM through oneDNN). Both are there because torch's CPU matmul and conv
     kernels come from different libraries (MKL, oneDNN) that do not reach the same rate on every CPU:
@@ -41,50 +35,50 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096))
     (it measured 508 "GFLOP/s")."""
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         best = max(best, 2 * n**3 / best_time(lambda: a @ b, 5) / 1e9)
     if len(sizes) > 1:
-        conv = torch.nn.Conv2d(512, 512, 1, bias=False).to(dtype).to(memory_format=torch.channels_last)
-        x = torch.randn(16, 512, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(512, 512, 1, bias=False).to(device, dtype, memory_format=torch.channels_last)
+        x = torch.randn(16, 512, 32, 32, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             best = max(best, 2 * 16 * 32 * 32 * 512 * 512 / best_time(lambda: conv(x), 5) / 1e9)
     return best
 
 
-def unet_forward(batch: int = 16) -> dict:
+def unet_forward(batch: int = 16, device: torch.device = CPU) -> dict:
     cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8],
                      resblock_updown=False)  # conv resampling, as diffusers' UNet2DModel: equal FLOPs
-    net = api.for_inference(UNet(cfg))  # genzoo's inference default (NHWC)
-    x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
+    net = api.for_inference(UNet(cfg), device)  # genzoo's inference default (NHWC)
+    x, t = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 1000, (batch,), device=device)
     with torch.inference_mode():
         with flop_counter() as fc:
             net(x, t)
         flops = fc.get_total_flops()
-        dt = best_time(lambda: net(x, t))
+        dt = best_time(lambda: net(x, t), 5)
     return {"config": cfg.model_dump(), "batch": batch, "gflop": flops / 1e9, "seconds": dt, "gflop_per_s": flops / dt / 1e9,
             "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
 
 
-def ddim_images_per_s(batch: int = 16, steps: int = 20) -> float:
+def ddim_images_per_s(batch: int = 16, steps: int = 20, device: torch.device = CPU) -> float:
     cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8],
                      resblock_updown=False)  # conv resampling, as diffusers' UNet2DModel: equal FLOPs
-    net = api.for_inference(UNet(cfg))  # genzoo's inference default (NHWC)
+    net = api.for_inference(UNet(cfg), device)  # genzoo's inference default (NHWC)
     d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type=ModelMeanType.EPSILON,
                           model_var_type=ModelVarType.FIXED_LARGE, loss_type=LossType.SIMPLE)
     sampler = DDIMSampler(DDIMConfig(steps=steps))
-    run = lambda: sampler.sample(d, net, (batch, 3, 32, 32), generator=torch.Generator().manual_seed(0))  # noqa: E731
+    run = lambda: sampler.sample(d, net, (batch, 3, 32, 32), generator=torch.Generator(device).manual_seed(0))  # noqa: E731
     return batch / best_time(run, 2)
 
 
-def diffusers_ddim_images_per_s(batch: int = 16, steps: int = 20) -> dict | str:
+def diffusers_ddim_images_per_s(batch: int = 16, steps: int = 20, device: torch.device = CPU) -> dict | str:
     try:
         from diffusers import DDIMScheduler, UNet2DModel
     except ImportError:
         return "diffusers is not installed (pip install -e '.[bench]')"
     net = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128), layers_per_block=2,
                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                      up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")).eval()
-    x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
+                      up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")).to(device).eval()
+    x, t = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 1000, (batch,), device=device)
     with torch.inference_mode(), flop_counter() as fc:  # both libraries counted the same way (CPU SDPA included)
         net(x, t)
     sched = DDIMScheduler(num_train_timesteps=1000)
@@ -92,7 +86,7 @@ def diffusers_ddim_images_per_s(batch: int = 16, steps: int = 20) -> dict | str:
     @torch.inference_mode()
     def run():
         sched.set_timesteps(steps)
-        y = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        y = torch.randn(batch, 3, 32, 32, generator=torch.Generator(device).manual_seed(0), device=device)
         for tt in sched.timesteps:
             y = sched.step(net(y, tt).sample, tt, y).prev_sample
         return y
@@ -101,30 +95,28 @@ def diffusers_ddim_images_per_s(batch: int = 16, steps: int = 20) -> dict | str:
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(HERE))
     from trainer_overhead import measure
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # every figure below on this one device
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "cuda": torch.cuda.is_available()}}
-    results["matmul_fp32_gflop_s"] = matmul_peak(torch.float32)
-    bf16 = matmul_peak(torch.bfloat16, (512,))  # small first: without bf16 units it is hundreds of times slower
+                           "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}}
+    results["matmul_fp32_gflop_s"] = matmul_peak(torch.float32, device=device)
+    bf16 = matmul_peak(torch.bfloat16, (512,), device)  # small first: without bf16 units it is hundreds of times slower
     results["bf16_usable_on_cpu"] = bf16 > 0.5 * results["matmul_fp32_gflop_s"]
-    if results["bf16_usable_on_cpu"] or torch.cuda.is_available():
-        bf16 = max(bf16, matmul_peak(torch.bfloat16))
+    if results["bf16_usable_on_cpu"] or device.type == "cuda":
+        bf16 = max(bf16, matmul_peak(torch.bfloat16, device=device))
     results["matmul_bf16_gflop_s"] = bf16
-    results["unet_forward_fp32"] = unet_forward()
+    results["unet_forward_fp32"] = unet_forward(device=device)
     # the peak probe drifts between runs on a shared host (285-480 GFLOP/s seen), so the U-Net's share is
     # also taken against three peaks each measured just before it
     pairs = []
     for _ in range(3):
-        peak_now = matmul_peak(torch.float32)
-        pairs.append(unet_forward()["gflop_per_s"] / peak_now)
+        peak_now = matmul_peak(torch.float32, device=device)
+        pairs.append(unet_forward(device=device)["gflop_per_s"] / peak_now)
     results["unet_forward_fp32"]["fraction_of_peak_paired"] = sorted(pairs)
     results["unet_forward_fp32"]["fraction_of_matmul_peak"] = results["unet_forward_fp32"]["gflop_per_s"] / results["matmul_fp32_gflop_s"]
-    results["ddim20_images_per_s_fp32"] = ddim_images_per_s()
-    peer = diffusers_ddim_images_per_s()
+    results["ddim20_images_per_s_fp32"] = ddim_images_per_s(device=device)
+    peer = diffusers_ddim_images_per_s(device=device)
     results["diffusers_ddim20"] = peer
     if isinstance(peer, dict):
         results["ddim20_ratio_vs_diffusers"] = results["ddim20_images_per_s_fp32"] / peer["images_per_s"]
@@ -133,7 +125,6 @@ if __name__ == "__main__":
     from families import markdown as families_markdown
     from families import run as families_run
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results.update(families_run(32, results["matmul_fp32_gflop_s"], results["bf16_usable_on_cpu"], device, quick="--quick" in sys.argv,
                                 bf16_peak=results["matmul_bf16_gflop_s"]))
     (HERE / "results.json").write_text(json.dumps(results, indent=2))

@@ -1,0 +1,196 @@
+"""Issue 11's GPU figures in one short run: DDIM-50 images/s at 64x64, and the bf16 U-Net training step's it/s and MFU.
+
+Sized for a 15-minute device lease: every figure is written to ``OUT/gpu.json`` (and printed) as soon as it
+is measured, so a run stopped at its time limit still returns what it finished. MFU (PaLM, Chowdhery et al.
+2022, App. B) = the step's model FLOPs (forward + backward as torch.utils.flop_counter counts them; the
+optimiser's are not model FLOPs) / seconds per step / peak, against the bf16 matmul rate measured in this
+run (8192^3) and against the datasheet's dense bf16 rate where the device is known.
+
+Besides the figures, it checks that the sampling loops never synchronise the host with the GPU
+(``torch.cuda.set_sync_debug_mode``): every sync inside a loop is recorded with its message.
+
+    python benchmarks/gpu.py --out DIR            # on the GPU machine (docs/performance.md: how to run it there)
+    python benchmarks/gpu.py --out DIR --smoke    # tiny sizes on any device: the test suite runs this on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_time, flops, mean_time  # noqa: E402
+from run import matmul_peak  # noqa: E402
+
+from genzoo import api  # noqa: E402
+from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule  # noqa: E402
+from genzoo.diffusion.samplers import SAMPLERS  # noqa: E402
+from genzoo.nn import UNet, UNetConfig  # noqa: E402
+
+# dense bf16 tensor-core rate by the vendors' datasheets, TFLOP/s (sparsity excluded)
+DATASHEET_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
+
+# U-Nets at 64x64: DDPM's shape (Ho et al. 2020, App. B, widened to four resolutions) and ADM's ImageNet-64
+# model (Dhariwal & Nichol 2021, Table 14: 192 channels, 3 blocks, attention at 32/16/8, 64-channel heads)
+MODELS: dict[str, dict[str, Any]] = {
+    "ddpm-64": {"model_channels": 128, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attention_resolutions": [16],
+                "use_scale_shift_norm": False, "resblock_updown": False, "learn_sigma": False},
+    "adm-64": {"model_channels": 192, "channel_mult": [1, 2, 3, 4], "num_res_blocks": 3, "attention_resolutions": [32, 16, 8],
+               "num_head_channels": 64, "learn_sigma": True},
+}
+SMOKE = {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [4], "num_head_channels": 8}
+
+
+class Report:
+    """Results written to disk after every figure: a run cut off at its limit keeps what it measured."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.path, self.data = out / "gpu.json", {}
+
+    def add(self, section: str, key: str, value: Any) -> None:
+        self.data.setdefault(section, {})[key] = value
+        self.path.write_text(json.dumps(self.data, indent=2))
+        print(f"{section} {key}: {json.dumps(value)}", flush=True)
+
+
+def datasheet_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in DATASHEET_BF16_TFLOPS.items() if all(w in name for w in k.split())), None)
+
+
+def build(name: str, image_size: int, smoke: bool, device: torch.device) -> tuple[torch.nn.Module, GaussianDiffusion]:
+    kw = {**MODELS[name], **(SMOKE if smoke else {})}
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(in_channels=3, image_size=image_size, **kw)).to(device, memory_format=api.INFERENCE_MEMORY_FORMAT)
+    learned = kw["learn_sigma"]
+    d = GaussianDiffusion(betas=get_named_beta_schedule("cosine" if learned else "linear", 1000), model_mean_type=ModelMeanType.EPSILON,
+                          model_var_type=ModelVarType.LEARNED_RANGE if learned else ModelVarType.FIXED_SMALL,
+                          loss_type=LossType.HYBRID if learned else LossType.SIMPLE)
+    return net, d
+
+
+def train_step(net: torch.nn.Module, d: GaussianDiffusion, batch: int, image_size: int, device: torch.device) -> Callable[[], None]:
+    """One step as the trainer takes it with train.precision=bf16: the diffusion loss under bf16 autocast, AdamW."""
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+    x0 = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=api.INFERENCE_MEMORY_FORMAT)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        t = torch.randint(0, d.num_timesteps, (batch,), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = d.training_losses(net, x0, t)["loss"].mean()
+        loss.backward()
+        opt.step()
+    return step
+
+
+def model_flops(net: torch.nn.Module, d: GaussianDiffusion, batch: int, image_size: int, device: torch.device) -> int:
+    """Forward + backward FLOPs of the diffusion loss (no optimiser), in bf16 autocast as timed."""
+    x0 = torch.randn(batch, 3, image_size, image_size, device=device)
+    t = torch.randint(0, d.num_timesteps, (batch,), device=device)
+
+    def fwd_bwd() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = d.training_losses(net, x0, t)["loss"].mean()
+        loss.backward()
+    n = flops(fwd_bwd)
+    net.zero_grad(set_to_none=True)
+    return n
+
+
+def sync_check(net: torch.nn.Module, d: GaussianDiffusion, image_size: int, device: torch.device) -> dict[str, Any]:
+    """Host-device synchronisations inside each sampler's loop (CUDA only: the debug mode records nothing on CPU)."""
+    found = {}
+    for name in ("ddpm", "ddim", "dpm-solver++"):
+        sampler = SAMPLERS[name](SAMPLERS[name].Config(steps=5))
+        g = torch.Generator(device).manual_seed(0)
+        noise = torch.randn(2, 3, image_size, image_size, device=device, generator=g)
+        sampler.sample(d, net, noise.shape, noise=noise, generator=g)  # warm: respacing and schedule caches are built once
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with torch.inference_mode():
+                    sampler.sample(d, net, noise.shape, noise=noise, generator=g)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+        msgs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+        found[name] = {"syncs": len(msgs), "first": msgs[:3]}
+    return found
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs, measures nothing useful")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
+    p.add_argument("--sample-batch", type=int, default=64)
+    p.add_argument("--train-batch", type=int, default=64)
+    p.add_argument("--compile", default="adm-64", help="models whose training step is also timed under torch.compile "
+                   "(compiling takes minutes); '' for none")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = args.smoke
+    size, steps, n_train = (8, 3, 2) if smoke else (64, 50, 20)
+    sb, tb = (2, 2) if smoke else (args.sample_batch, args.train_batch)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolution once
+    rep = Report(args.out)
+    rep.add("machine", "torch", torch.__version__)
+    rep.add("machine", "device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+    rep.add("machine", "tf32", {"matmul": torch.backends.cuda.matmul.allow_tf32, "conv": torch.backends.cudnn.allow_tf32})
+    big = (512,) if smoke or device.type != "cuda" else (8192,)
+    peak_bf16 = matmul_peak(torch.bfloat16, big, device)
+    rep.add("matmul_tflops", "bf16", peak_bf16 / 1e3)
+    rep.add("matmul_tflops", "fp32", matmul_peak(torch.float32, big, device) / 1e3)
+    rep.add("matmul_tflops", "bf16_datasheet", datasheet_tflops(device))
+    names = args.models.split(",")
+    for name in names:
+        net, d = build(name, size, smoke, device)
+        rep.add(name, "params_m", sum(p.numel() for p in net.parameters()) / 1e6)
+        if name == names[0]:
+            for sampler, found in sync_check(net.eval(), d, size, device).items():
+                rep.add("sync_check", sampler, found)
+        ddim = SAMPLERS["ddim"](SAMPLERS["ddim"].Config(steps=steps))
+        net.eval()
+        for precision in ("fp32", "bf16"):
+            def sample() -> None:
+                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    ddim.sample(d, net, (sb, 3, size, size), generator=torch.Generator(device).manual_seed(0))
+            rep.add(name, f"ddim{steps}_{size}px_images_per_s_{precision}", sb / best_time(sample, 1 if smoke else 2))
+        rep.add(name, "sample_batch", sb)
+        if device.type == "cuda":
+            rep.add(name, "sample_peak_mem_gb", torch.cuda.max_memory_allocated() / 2**30)
+        net.train()
+        f = model_flops(net, d, tb, size, device)
+        variants = [("eager", net)] + ([("compile", torch.compile(net))] if name in args.compile.split(",") else [])
+        for label, module in variants:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            step = train_step(module, d, tb, size, device)
+            t0 = time.perf_counter()
+            step()  # the first call compiles
+            first = time.perf_counter() - t0
+            dt = mean_time(step, n_train)
+            rep.add(name, f"train_bf16_{label}", {
+                "it_per_s": 1 / dt, "images_per_s": tb / dt, "batch": tb, "model_tflop_per_step": f / 1e12,
+                "mfu_vs_measured": f / dt / (peak_bf16 * 1e9), "first_step_seconds": first,
+                **({"mfu_vs_datasheet": f / dt / (datasheet_tflops(device) * 1e12)} if datasheet_tflops(device) else {}),
+                **({"peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {}),
+            })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""benchmarks/gpu.py, the GPU check of issue 11, run at smoke sizes on this machine so it is known to work
+before a GPU lease is spent on it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genzoo.nn.unet import UNetConfig, unet_flops
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu")
+    subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--out", str(out), "--smoke", "--compile", ""], check=True,
+                   capture_output=True, text=True, timeout=300)
+    return json.loads((out / "gpu.json").read_text())
+
+
+def test_gpu_check_reports_every_figure(report):
+    sys.path.insert(0, str(BENCH))
+    from gpu import MODELS, SMOKE
+
+    peak = report["matmul_tflops"]["bf16"]
+    for name, kw in MODELS.items():
+        fig = report[name]
+        assert fig["ddim3_8px_images_per_s_fp32"] > 0 and fig["ddim3_8px_images_per_s_bf16"] > 0
+        train = fig["train_bf16_eager"]
+        # MFU is the counted model FLOPs at the measured rate over the measured peak
+        assert train["mfu_vs_measured"] == pytest.approx(train["model_tflop_per_step"] * train["it_per_s"] / peak, rel=1e-9)
+        # forward + backward is about three forwards (backward: grads of inputs and of weights)
+        forward = unet_flops(UNetConfig(in_channels=3, image_size=8, **{**kw, **SMOKE}), train["batch"])
+        assert 2.8 < train["model_tflop_per_step"] * 1e12 / forward < 3.05
+
+
+def test_gpu_check_finds_no_sync_in_sampling_loops(report):
+    assert set(report["sync_check"]) == {"ddpm", "ddim", "dpm-solver++"}
+    assert all(v["syncs"] == 0 for v in report["sync_check"].values()), report["sync_check"]
