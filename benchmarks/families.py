@@ -21,6 +21,7 @@ import torch
 
 from genzoo import api
 from genzoo.eval.evaluate import prior_tokens_per_sample
+from genzoo.nn import CONV_MEMORY_FORMAT
 from common import best_time, flops
 
 # recipe -> sampling swaps (fewer steps than the recipes' defaults, so the run stays short on a CPU)
@@ -70,7 +71,8 @@ def family_rows(batch: int, peak: float, device: torch.device, names: list[str])
             sources[key] = api.build_data(resolved).split("train").tensors()
         data = sources[key]
         torch.manual_seed(0)
-        model = api.create_model(resolved, data_spec=api.build_data(resolved).spec, device=device).train()
+        model = api.create_model(resolved, data_spec=api.build_data(resolved).spec, device=device)
+        model = model.to(memory_format=CONV_MEMORY_FORMAT).train()  # as the trainer trains it (train.channels_last)
         b = _batch(data, batch, device)
         for stage in model.stages:
             model.begin_stage(stage, _batch(data, 2000, device))
@@ -110,7 +112,7 @@ def diffusers_peers(batch: int, steps: int, device: torch.device) -> list[dict[s
 
     cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2,
                      attention_resolutions=[16, 8], resblock_updown=False)  # conv resampling, as UNet2DModel: equal FLOPs
-    ours = UNet(cfg).to(device, memory_format=api.INFERENCE_MEMORY_FORMAT)  # each library at its defaults
+    ours = UNet(cfg).to(device, memory_format=CONV_MEMORY_FORMAT)  # each library at its defaults
     theirs = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128), layers_per_block=2,
                          down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                          up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")).to(device)

@@ -29,10 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_time, flops, mean_time  # noqa: E402
 from run import matmul_peak  # noqa: E402
 
-from genzoo import api  # noqa: E402
 from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule  # noqa: E402
 from genzoo.diffusion.samplers import SAMPLERS  # noqa: E402
-from genzoo.nn import UNet, UNetConfig  # noqa: E402
+from genzoo.nn import CONV_MEMORY_FORMAT, UNet, UNetConfig  # noqa: E402
 
 # dense bf16 tensor-core rate by the vendors' datasheets, TFLOP/s (sparsity excluded)
 DATASHEET_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
@@ -71,7 +70,7 @@ def datasheet_tflops(device: torch.device) -> float | None:
 def build(name: str, image_size: int, smoke: bool, device: torch.device) -> tuple[torch.nn.Module, GaussianDiffusion]:
     kw = {**MODELS[name], **(SMOKE if smoke else {})}
     torch.manual_seed(0)
-    net = UNet(UNetConfig(in_channels=3, image_size=image_size, **kw)).to(device, memory_format=api.INFERENCE_MEMORY_FORMAT)
+    net = UNet(UNetConfig(in_channels=3, image_size=image_size, **kw)).to(device, memory_format=CONV_MEMORY_FORMAT)
     learned = kw["learn_sigma"]
     d = GaussianDiffusion(betas=get_named_beta_schedule("cosine" if learned else "linear", 1000), model_mean_type=ModelMeanType.EPSILON,
                           model_var_type=ModelVarType.LEARNED_RANGE if learned else ModelVarType.FIXED_SMALL,
@@ -82,7 +81,7 @@ def build(name: str, image_size: int, smoke: bool, device: torch.device) -> tupl
 def train_step(net: torch.nn.Module, d: GaussianDiffusion, batch: int, image_size: int, device: torch.device) -> Callable[[], None]:
     """One step as the trainer takes it with train.precision=bf16: the diffusion loss under bf16 autocast, AdamW."""
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
-    x0 = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=api.INFERENCE_MEMORY_FORMAT)
+    x0 = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=CONV_MEMORY_FORMAT)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

@@ -18,6 +18,7 @@ import torch
 from genzoo.checkpoint import Checkpoint, load_checkpoint, load_state_into
 from genzoo.errors import GenzooError
 from genzoo.interfaces import Pipeline
+from genzoo.nn import CONV_MEMORY_FORMAT
 from genzoo.plugins import default_registry, plugin_infos
 from genzoo.recipes import Recipe, apply_overrides, build_pipeline, get_recipe, load_recipes, resolve
 from genzoo.registry import Entry, Registry
@@ -62,15 +63,9 @@ def data_spec_dict(spec: Any) -> dict[str, Any]:
     return asdict(spec) if is_dataclass(spec) else dict(spec)
 
 
-# Convolution weights stored NHWC: the U-Net forward measured 1.09x and its training step 1.05-1.09x
-# against NCHW on CPU (benchmarks/results.md); `train.channels_last` sets it for training. Activations
-# follow the weights' layout; checkpoints are saved NCHW.
-INFERENCE_MEMORY_FORMAT = torch.channels_last
-
-
 def for_inference(pipeline: Pipeline, device: str | torch.device = "cpu") -> Pipeline:
     """``pipeline`` on ``device`` in eval mode with the inference memory format (what `load_model` returns)."""
-    return pipeline.to(device, memory_format=INFERENCE_MEMORY_FORMAT).eval()
+    return pipeline.to(device, memory_format=CONV_MEMORY_FORMAT).eval()
 
 
 def create_model(

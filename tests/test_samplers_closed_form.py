@@ -22,7 +22,7 @@ from genzoo.diffusion import (
     LossType, ModelMeanType, ModelVarType, get_named_beta_schedule, space_timesteps,
 )
 from genzoo.diffusion.gmm import GaussianMixture, exact_classifier, exact_eps_model
-from genzoo.diffusion.guidance import CFGConfig
+from genzoo.diffusion.guidance import CFGConfig, DiffusionGuidance, GradientGuidance
 from genzoo.interfaces import with_null_condition
 from genzoo.diffusion.samplers import DDIMConfig, SamplerConfig
 
@@ -196,6 +196,39 @@ def test_clipping_and_dynamic_thresholding_bound_x0() -> None:
     s = torch.quantile(x0.abs(), 0.9, dim=1, keepdim=True)
     torch.testing.assert_close(out, x0.clamp(-s, s) / s)
     assert out.abs().max() == 1.0 and (out.diff(dim=1) >= 0).all()
+
+
+class _Push(GradientGuidance):
+    """A constant guidance gradient: s grad log p(y | x_t) = g everywhere."""
+
+    def __init__(self, g: float) -> None:
+        self.scale, self.g = 1.0, g
+
+    def grad_log_p(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        return torch.full_like(x_t, self.g)
+
+
+def test_eps_form_guidance_moves_x0_by_the_closed_form_and_a_clipping_sampler_clamps_it() -> None:
+    """eps' = eps - sqrt(1 - abar) s g moves x0_hat by (1 - abar) / sqrt(abar) s g: 2e4 s g at t = T of the cosine
+    schedule (abar_T = 2.4e-9). A clipping sampler clamps the guided x0_hat as it clamps the unguided one, eps following."""
+    d = GaussianDiffusion(betas=get_named_beta_schedule("cosine", 1000), model_mean_type=ModelMeanType.EPSILON,
+                          model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.SIMPLE)
+    at_zero = lambda x, t, c: x / d.extract("sqrt_one_minus_abar", t, x)  # noqa: E731  the exact eps of data at 0
+    free, clipped = DDIMSampler(DDIMConfig(steps=10, clip=False)), DDIMSampler(DDIMConfig(steps=10))
+    proc = free.respaced(d)
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    for i, g in ((proc.num_timesteps - 1, 0.01), (2, 0.01)):
+        t = torch.full((3,), i)
+        abar = proc.extract("abar", t, x)
+        pushed = free.predict_eps_form(proc, proc.wrap(at_zero), x, t, None, _Push(g))
+        torch.testing.assert_close(pushed.pred_xstart, ((1 - abar) / abar.sqrt() * g).expand_as(x))
+        kept = clipped.predict_eps_form(proc, proc.wrap(at_zero), x, t, None, _Push(g))
+        torch.testing.assert_close(kept.pred_xstart, pushed.pred_xstart.clamp(-1, 1))
+        torch.testing.assert_close(abar.sqrt() * kept.pred_xstart + (1 - abar).sqrt() * kept.pred_eps, x)
+    top = torch.full((3,), proc.num_timesteps - 1)
+    assert free.predict_eps_form(proc, proc.wrap(at_zero), x, top, None, _Push(0.01)).pred_xstart.min() > 100
+    unguided = clipped.predict_eps_form(proc, proc.wrap(at_zero), x, top, None, DiffusionGuidance())
+    assert unguided.pred_xstart.abs().max() < 1e-6
 
 
 def test_generator_makes_sampling_reproducible() -> None:

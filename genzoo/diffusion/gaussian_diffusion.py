@@ -248,6 +248,11 @@ class GaussianDiffusion:
         mean, _, _ = self.q_posterior_mean_variance(x0, x_t, t)
         return replace(pred, mean=mean, pred_xstart=x0, pred_eps=eps)
 
+    def prediction_from_xstart(self, pred: Prediction, x_t: Tensor, t: Tensor, x0: Tensor) -> Prediction:
+        """``pred`` with x0_hat replaced (a guided x0_hat post-processed again): eps and the mean follow."""
+        mean, _, _ = self.q_posterior_mean_variance(x0, x_t, t)
+        return replace(pred, mean=mean, pred_xstart=x0, pred_eps=self._predict_eps_from_xstart(x_t, t, x0))
+
     # ------------------------------------------------------------------ losses
     def vb_terms_bpd(
         self, model_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, *, process_xstart: Callable[[Tensor], Tensor] | None = None

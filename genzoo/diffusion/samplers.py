@@ -109,6 +109,19 @@ class DiffusionSampler(Sampler):
         """The reverse step at (x, t) as the guidance shapes the model's output."""
         return proc.p_mean_variance(guidance.model_output(net, x, t, cond), x, t, process_xstart=self.process_xstart(proc))
 
+    def predict_eps_form(
+        self, proc: GaussianDiffusion, net: Model, x: Tensor, t: Tensor, cond: Condition | None, guidance: DiffusionGuidance
+    ) -> Prediction:
+        """The prediction with the guidance's eps-form shift (DDIM, DPM-Solver++). A guided x0_hat is
+        post-processed again, as the unguided one was: the shift (1 - abar)/sqrt(abar) s grad is ~100 per
+        pixel at t = T of the cosine schedule (abar_T = 2.4e-9, docs/text.md), which unclamped ruins the sample."""
+        pred = self.predict(proc, net, x, t, cond, guidance)
+        guided = guidance.condition_eps(proc, pred, x, t, cond)
+        process = self.process_xstart(proc)
+        if guided is pred or process is None:  # unguided (or guidance in the model output): already processed
+            return guided
+        return proc.prediction_from_xstart(guided, x, t, process(guided.pred_xstart))
+
     @torch.no_grad()
     def sample(
         self, diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ...], *, cond: Condition | None = None,
@@ -159,7 +172,7 @@ class DDIMSampler(DiffusionSampler):
     Config = DDIMConfig
 
     def step(self, proc, net, x, t, i, *, cond, guidance, generator, state):
-        pred = guidance.condition_eps(proc, self.predict(proc, net, x, t, cond, guidance), x, t, cond)
+        pred = self.predict_eps_form(proc, net, x, t, cond, guidance)
         abar, abar_prev = proc.extract("abar", t, x), proc.extract("abar_prev", t, x)
         sigma = self.cfg.eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
         x = abar_prev.sqrt() * pred.pred_xstart + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * pred.pred_eps
@@ -185,7 +198,7 @@ class DPMSolverPlusPlus2M(DiffusionSampler):
     last_index = 1
 
     def step(self, proc, net, x, t, i, *, cond, guidance, generator, state):
-        pred = guidance.condition_eps(proc, self.predict(proc, net, x, t, cond, guidance), x, t, cond)
+        pred = self.predict_eps_form(proc, net, x, t, cond, guidance)
         d = pred.pred_xstart
         if i == self.last_index:
             return d

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from genzoo.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from genzoo.errors import TrainingError
+from genzoo.nn import CONV_MEMORY_FORMAT
 from genzoo.training import distributed
 from genzoo.training.config import TrainConfig
 from genzoo.training.ema import EMA
@@ -263,7 +264,7 @@ class Trainer:
             self._setup_stage()
             self.pipeline.begin_stage(self.stages[0][0], self.data)
         if cfg.channels_last:  # in place: the optimisers keep their parameters
-            self.pipeline.to(memory_format=torch.channels_last)
+            self.pipeline.to(memory_format=CONV_MEMORY_FORMAT)
         model: nn.Module = _Losses(self.pipeline)
         if self.dist.enabled:
             model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
