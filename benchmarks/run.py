@@ -17,12 +17,11 @@ from genzoo import api
 from genzoo.diffusion import DDIMSampler, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 from genzoo.diffusion.samplers import DDIMConfig
 from genzoo.nn import UNet, UNetConfig
-from genzoo.nn.unet import flop_counter
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_time  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import best_time, flops  # noqa: E402
+
 CPU = torch.device("cpu")
 
 
@@ -51,11 +50,9 @@ def unet_forward(batch: int = 16, device: torch.device = CPU) -> dict:
     net = api.for_inference(UNet(cfg), device)  # genzoo's inference default (NHWC)
     x, t = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 1000, (batch,), device=device)
     with torch.inference_mode():
-        with flop_counter() as fc:
-            net(x, t)
-        flops = fc.get_total_flops()
+        f = flops(lambda: net(x, t))
         dt = best_time(lambda: net(x, t), 5)
-    return {"config": cfg.model_dump(), "batch": batch, "gflop": flops / 1e9, "seconds": dt, "gflop_per_s": flops / dt / 1e9,
+    return {"config": cfg.model_dump(), "batch": batch, "gflop": f / 1e9, "seconds": dt, "gflop_per_s": f / dt / 1e9,
             "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
 
 
@@ -79,8 +76,8 @@ def diffusers_ddim_images_per_s(batch: int = 16, steps: int = 20, device: torch.
                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")).to(device).eval()
     x, t = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 1000, (batch,), device=device)
-    with torch.inference_mode(), flop_counter() as fc:  # both libraries counted the same way (CPU SDPA included)
-        net(x, t)
+    with torch.inference_mode():
+        f = flops(lambda: net(x, t))  # both libraries counted the same way (CPU SDPA included)
     sched = DDIMScheduler(num_train_timesteps=1000)
 
     @torch.inference_mode()
@@ -91,7 +88,7 @@ def diffusers_ddim_images_per_s(batch: int = 16, steps: int = 20, device: torch.
             y = sched.step(net(y, tt).sample, tt, y).prev_sample
         return y
 
-    return {"images_per_s": batch / best_time(run, 2), "gflop_forward": fc.get_total_flops() / 1e9}
+    return {"images_per_s": batch / best_time(run, 2), "gflop_forward": f / 1e9}
 
 
 if __name__ == "__main__":
