@@ -35,6 +35,8 @@ def test_gpu_check_reports_every_figure(report):
         # forward + backward is about three forwards (backward: grads of inputs and of weights)
         forward = unet_flops(UNetConfig(in_channels=3, image_size=8, **{**kw, **SMOKE}), train["batch"])
         assert 2.8 < train["model_tflop_per_step"] * 1e12 / forward < 3.05
+    first = report[next(iter(MODELS))]["train_bf16_trainer"]  # the same step through genzoo's Trainer
+    assert first["it_per_s"] > 0 and first["trainer_over_bare"] == pytest.approx(first["it_per_s"] / report[next(iter(MODELS))]["train_bf16_eager"]["it_per_s"], rel=1e-9)
 
 
 def test_gpu_check_finds_no_sync_in_sampling_loops(report):

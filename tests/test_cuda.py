@@ -1,0 +1,107 @@
+"""The CUDA paths, run where a GPU is present (skipped elsewhere): sampling agrees with the CPU, the
+sampling loops never synchronise with the host, training resumes exactly and its checkpoints load
+on a CPU. docs/performance.md gives the one device command that runs this with benchmarks/gpu.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from genzoo import api
+from genzoo.checkpoint import load_checkpoint
+from genzoo.diffusion import ClassifierFreeGuidance, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
+from genzoo.diffusion.guidance import CFGConfig
+from genzoo.diffusion.samplers import SAMPLERS
+from genzoo.interfaces import Pipeline
+from genzoo.nn import UNet, UNetConfig
+from genzoo.training import TrainConfig, Trainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    # TF32 convolutions (cuDNN's default) differ from the CPU by ~1e-3; these tests compare at fp32
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
+def small_unet(**kw) -> UNet:
+    torch.manual_seed(0)
+    return UNet(UNetConfig(in_channels=3, image_size=16, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                           attention_resolutions=[8], **kw))
+
+
+def diffusion() -> GaussianDiffusion:
+    return GaussianDiffusion(betas=get_named_beta_schedule("cosine", 1000), model_mean_type=ModelMeanType.EPSILON,
+                             model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.SIMPLE)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_sampling_on_cuda_matches_the_cpu(name: str) -> None:
+    """The same noise (drawn by a CPU generator) gives the same samples on both devices."""
+    sampler, net, d = SAMPLERS[name](SAMPLERS[name].Config(steps=10)), small_unet(), diffusion()
+    noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    want = sampler.sample(d, api.for_inference(net, "cpu"), noise.shape, noise=noise, generator=torch.Generator().manual_seed(1))
+    got = sampler.sample(d, api.for_inference(net, CUDA), noise.shape, noise=noise.to(CUDA), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_guided_sampling_loops_never_synchronise(name: str) -> None:
+    """No .item(), no host copies, no data-dependent shapes inside the loop: the GPU is never waited on."""
+    sampler, net, d = SAMPLERS[name](SAMPLERS[name].Config(steps=5)), api.for_inference(small_unet(num_classes=3), CUDA), diffusion()
+    g = torch.Generator(CUDA).manual_seed(0)
+    noise = torch.randn(4, 3, 16, 16, device=CUDA, generator=g)
+    cond, cfg = {"y": torch.tensor([0, 1, 2, 0], device=CUDA)}, ClassifierFreeGuidance(CFGConfig(scale=3.0))
+    sampler.sample(d, net, noise.shape, noise=noise, cond=cond, guidance=cfg, generator=g)  # builds the respacing once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            out = sampler.sample(d, net, noise.shape, noise=noise, cond=cond, guidance=cfg, generator=g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == noise.shape and out.device.type == "cuda"
+
+
+class Denoiser(Pipeline):
+    def __init__(self) -> None:
+        super().__init__({"decoder": small_unet()})
+        self.diffusion = diffusion()
+
+    def training_losses(self, batch, *, optimizer="main", stage="main"):
+        x0 = batch["image"]
+        t = torch.randint(0, 1000, (len(x0),), device=x0.device)
+        return {"loss": self.diffusion.training_losses(self.components["decoder"], x0, t)["loss"].mean()}
+
+
+DATA = {"image": torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1}
+
+
+def train(run: Path, precision: str, **fit) -> Pipeline:
+    torch.manual_seed(0)
+    p = Denoiser()
+    cfg = TrainConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, checkpoint_every=100, device="cuda", precision=precision)
+    Trainer(p, DATA, config=cfg, run_dir=run, recipe={"name": "cuda-test"}, progress=False).fit(**fit)
+    return p
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_on_cuda_resumes_exactly_and_loads_on_cpu(tmp_path: Path, precision: str) -> None:
+    torch.backends.cudnn.deterministic = True  # the comparison below is of two runs of the same kernels
+    try:
+        train(tmp_path / "straight", precision)
+        train(tmp_path / "resumed", precision, stop_at=4)
+        train(tmp_path / "resumed", precision, resume=True)
+    finally:
+        torch.backends.cudnn.deterministic = False
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    for role in a.components:
+        for k, v in a.components[role].items():
+            assert v.device.type == "cpu", k  # a CUDA run's checkpoint loads on a machine without one
+            torch.testing.assert_close(b.components[role][k], v, rtol=0, atol=0, msg=f"{role}.{k} differs after resume")
