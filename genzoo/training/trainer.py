@@ -324,29 +324,33 @@ class Trainer:
                            checkpoint=path, stopped_early=not finished)
 
     def _train_step(self, model: nn.Module, stage: str, autocast) -> dict[str, float]:
-        cfg, logged = self.cfg, {}
+        # Every logged scalar stays on the device until the step's end and then crosses in one transfer: on a
+        # GPU each read-back stalls the host until the queue drains, so it is done once per step, not per term.
+        cfg, names, values = self.cfg, [], []
         for name, opt in self.opts.items():
+            prefix = f"{name}/" if len(self.opts) > 1 else ""
             for _ in range(cfg.optimizer_ratio.get(name, 1)):
                 batch = self._batch()
                 with autocast():
                     losses = model(batch, name, stage)
                 terms = {k: v for k, v in losses.items() if v.dim() == 0}
-                values = torch.stack([v.detach().float() for v in terms.values()])
-                if not bool(torch.isfinite(values).all()):
-                    bad = next(k for k, v in zip(terms, values.tolist()) if not math.isfinite(v))
-                    where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
-                    raise TrainingError(f"step {self.step + 1} ({stage}/{name}): loss term '{bad}' is {values[list(terms).index(bad)].item()}; "
-                                        f"training stopped without saving the bad state{where}; lower train.lr or set train.grad_clip")
+                names += [(name, prefix + k) for k in terms]
+                values += [v.detach().float() for v in terms.values()]
                 self.pipeline.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 params = [p for g in opt.param_groups for p in g["params"]]
                 if cfg.grad_clip:
-                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    logged[f"grad_norm/{name}" if len(self.opts) > 1 else "grad_norm"] = float(norm)
+                    names.append((name, f"grad_norm/{name}" if len(self.opts) > 1 else "grad_norm"))
+                    values.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).float())
                 opt.step()
                 self.scheds[name].step()
-                prefix = f"{name}/" if len(self.opts) > 1 else ""
-                logged.update({prefix + k: float(v) for k, v in zip(terms, values.tolist())})
+        flat = torch.stack(values).tolist()
+        bad = next(((opt, k, v) for (opt, k), v in zip(names, flat) if not k.startswith("grad_norm") and not math.isfinite(v)), None)
+        if bad:  # raised before the EMA and any checkpoint see this step, so nothing written holds it
+            where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+            opt, key, value = bad
+            raise TrainingError(f"step {self.step + 1} ({stage}/{opt}): loss term '{key.split('/')[-1]}' is {value}; "
+                                f"training stopped without saving the bad state{where}; lower train.lr or set train.grad_clip")
         if self.ema:
             self.ema.update(self.pipeline)
-        return logged
+        return dict(zip((k for _, k in names), flat))
