@@ -39,8 +39,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def peak_rss_mb() -> float:
-    """The process's resident-memory high-water mark so far (CPU: cumulative over the run)."""
+def peak_memory_mb(device: torch.device) -> float:
+    """CPU: the process's resident-memory high-water mark so far (cumulative over the run). CUDA: the
+    allocator's high-water mark since the previous row (reset after each read)."""
+    if device.type == "cuda":
+        mb = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return mb
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -79,7 +84,7 @@ def family_rows(batch: int, peak: float, device: torch.device, names: list[str])
             step = train_step_fn(model, stage, b)
             dt, f = best_time(step), flops(step)
             rows.append({"recipe": name, "what": f"train: {stage}", "per_s": batch / dt, "unit": "images/s", "gflop": f / 1e9,
-                         "fraction_of_peak": f / dt / 1e9 / peak, "peak_rss_mb": peak_rss_mb()})
+                         "fraction_of_peak": f / dt / 1e9 / peak, "peak_memory_mb": peak_memory_mb(device)})
         if swaps is None:
             continue
         model = api.for_inference(model, device)  # what load_model returns: eval mode, NHWC conv weights
@@ -93,7 +98,7 @@ def family_rows(batch: int, peak: float, device: torch.device, names: list[str])
         if tokens > 1:  # an autoregressive prior: tokens/s too
             what += f" ({batch / dt * tokens:.0f} tokens/s)"
         rows.append({"recipe": name, "what": what, "per_s": batch / dt, "unit": "images/s", "gflop": f / 1e9,
-                     "fraction_of_peak": f / dt / 1e9 / peak, "peak_rss_mb": peak_rss_mb()})
+                     "fraction_of_peak": f / dt / 1e9 / peak, "peak_memory_mb": peak_memory_mb(device)})
     return rows
 
 
@@ -267,10 +272,10 @@ def options(batch: int, device: torch.device, bf16_usable: bool, peaks: dict[str
 
 
 def markdown(res: dict[str, Any]) -> str:
-    out = ["### Families (shapes 32×32)", "", "| recipe | measured | throughput | GFLOP | % of fp32 matmul peak | peak RSS (MB, cumulative) |",
+    out = ["### Families (shapes 32×32)", "", "| recipe | measured | throughput | GFLOP | % of fp32 matmul peak | peak memory (MB; CPU: RSS, cumulative) |",
            "|---|---|---|---|---|---|"]
     out += [f"| {r['recipe']} | {r['what']} | {r['per_s']:.1f} {r['unit']} | {r['gflop']:.2f} | {100 * r['fraction_of_peak']:.0f}% | "
-            f"{r['peak_rss_mb']:.0f} |" for r in res["families"]]
+            f"{r['peak_memory_mb']:.0f} |" for r in res["families"]]
     out += ["", "### Peers (same run)", "", "| measured | genzoo | peer | genzoo / peer | FLOPs genzoo / peer |", "|---|---|---|---|---|"]
     peers = res["peers"]["diffusers"] if isinstance(res["peers"]["diffusers"], list) else []
     if isinstance(res["peers"]["open_clip"], dict):
