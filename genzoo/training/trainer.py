@@ -130,7 +130,7 @@ class Trainer:
             lr = (o and o.lr) or self.cfg.lr
             betas = (o and o.betas) or self.cfg.betas
             wd = self.cfg.weight_decay if (o is None or o.weight_decay is None) else o.weight_decay
-            # one fused kernel per step on CUDA rather than foreach launches; CPU keeps the default (resume is bitwise there)
+            # on CUDA one fused kernel per step rather than a launch per tensor list; the CPU keeps torch's default
             fused = bool(params) and all(p.is_cuda for p in params)
             opts[name] = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd, fused=fused or None)
             f = lambda s: lr_factor(s, warmup=self.cfg.warmup_steps, total=total, schedule=self.cfg.lr_schedule,  # noqa: E731
@@ -345,11 +345,11 @@ class Trainer:
                 opt.step()
                 self.scheds[name].step()
         flat = torch.stack(values).tolist()
-        bad = next(((opt, k, v) for (opt, k), v in zip(names, flat) if not k.startswith("grad_norm") and not math.isfinite(v)), None)
+        bad = next(((o, k, v) for (o, k), v in zip(names, flat) if not k.startswith("grad_norm") and not math.isfinite(v)), None)
         if bad:  # raised before the EMA and any checkpoint see this step, so nothing written holds it
             where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
-            opt, key, value = bad
-            raise TrainingError(f"step {self.step + 1} ({stage}/{opt}): loss term '{key.split('/')[-1]}' is {value}; "
+            optimizer, key, value = bad
+            raise TrainingError(f"step {self.step + 1} ({stage}/{optimizer}): loss term '{key.split('/')[-1]}' is {value}; "
                                 f"training stopped without saving the bad state{where}; lower train.lr or set train.grad_clip")
         if self.ema:
             self.ema.update(self.pipeline)
