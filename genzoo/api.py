@@ -18,7 +18,7 @@ import torch
 from genzoo.checkpoint import Checkpoint, load_checkpoint, load_state_into
 from genzoo.errors import GenzooError
 from genzoo.interfaces import Pipeline
-from genzoo.nn import CONV_MEMORY_FORMAT
+from genzoo.nn import CONV_MEMORY_FORMAT, MLPDenoiser, UNet
 from genzoo.plugins import default_registry, plugin_infos
 from genzoo.recipes import Recipe, apply_overrides, build_pipeline, get_recipe, load_recipes, resolve
 from genzoo.registry import Entry, Registry
@@ -66,6 +66,16 @@ def data_spec_dict(spec: Any) -> dict[str, Any]:
 def for_inference(pipeline: Pipeline, device: str | torch.device = "cpu") -> Pipeline:
     """``pipeline`` on ``device`` in eval mode with the inference memory format (what `load_model` returns)."""
     return pipeline.to(device, memory_format=CONV_MEMORY_FORMAT).eval()
+
+
+def compile_denoisers(pipeline: Pipeline) -> list[str]:
+    """``torch.compile`` in place every fixed-shape denoiser network of ``pipeline`` (U-Nets, MLP denoisers):
+    the modules a diffusion sampler calls once per step. Token models are left alone (their sequence length
+    grows each step, which would recompile). Returns the names compiled; the first call compiles."""
+    names = [name for name, m in pipeline.named_modules() if isinstance(m, (UNet, MLPDenoiser))]
+    for name in names:
+        pipeline.get_submodule(name).compile()
+    return names
 
 
 def create_model(

@@ -42,6 +42,12 @@ def _add_swap_args(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
         p.add_argument(f"--{stage}-scale", dest=f"{stage}_scale", type=float, help=f"{stage}_guidance scale")
 
 
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: generate under bf16 autocast (on a CPU only where it has bf16 units; docs/performance.md)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser networks (the first batch compiles)")
+
+
 SWAPS = ("sampler", "steps", "guidance", "scale", "prior", "temperature", "top_k", "top_p",
          *(f"{stage}_{what}" for stage in ("prior", "upsampler") for what in ("sampler", "steps", "guidance", "scale")))
 
@@ -98,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", metavar="FILE", help="draw n variations of this image (DALL·E 2: its CLIP embedding decoded again)")
     g.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="n images along the slerp between two images' CLIP embeddings (DALL·E 2)")
     _add_swap_args(p)
+    _add_inference_args(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE")
 
     p = sub.add_parser("eval", help="evaluate a trained model against its data's test split")
@@ -111,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     _add_swap_args(p)
+    _add_inference_args(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
                    help="override a sampling-time field, e.g. --set pipeline.rerank=8 or --set prior_guidance.scale=3")
 
@@ -257,14 +265,29 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from genzoo import api
+    from genzoo.precision import autocast
     from genzoo.training import resolve_device
     from genzoo.training.images import save_grid
 
     device = resolve_device(args.device)
     sets = args.sets + ([f"pipeline.rerank={args.rerank}"] if args.rerank else [])
     model = api.load_model(args.dir, device=device, sets=sets, **_swaps(args))
+    if args.compile:
+        api.compile_denoisers(model)
     g = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
+    with autocast(device, args.precision):
+        x = _generate(args, model, device, g)
+    dt = time.perf_counter() - t0
+    save_grid(x.float(), args.out)
+    if args.save:
+        save_file({"samples": x.float().cpu().contiguous()}, args.save)
+    print(f"wrote {args.n} samples to {args.out} in {dt:.2f}s ({args.n / dt:.2f} images/s)")
+    return 0
+
+
+def _generate(args: argparse.Namespace, model: Any, device: Any, g: Any) -> Any:
+    """What `genzoo sample` draws: variations or an interpolation of images, or samples for a condition."""
     if args.image or args.interpolate:
         if args.prompt is not None or args.class_ is not None:
             raise GenzooError("--image and --interpolate decode image embeddings and take no --prompt or --class; drop one")
@@ -274,20 +297,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         read = lambda path: load_image(path, size=model.image_size, channels=model.components["decoder"].produces.shape[0]).to(device)  # noqa: E731
         if args.image:
-            x = model.variations(read(args.image)[None], args.n, generator=g)
-        else:
-            x = model.interpolate(read(args.interpolate[0]), read(args.interpolate[1]), args.n, generator=g)
-    else:
-        cond = _condition(args, args.n)
-        if cond and "y" in cond:
-            cond["y"] = cond["y"].to(device)
-        x = model.sample(args.n, cond, generator=g)
-    dt = time.perf_counter() - t0
-    save_grid(x, args.out)
-    if args.save:
-        save_file({"samples": x.float().cpu().contiguous()}, args.save)
-    print(f"wrote {args.n} samples to {args.out} in {dt:.2f}s ({args.n / dt:.2f} images/s)")
-    return 0
+            return model.variations(read(args.image)[None], args.n, generator=g)
+        return model.interpolate(read(args.interpolate[0]), read(args.interpolate[1]), args.n, generator=g)
+    cond = _condition(args, args.n)
+    if cond and "y" in cond:
+        cond["y"] = cond["y"].to(device)
+    return model.sample(args.n, cond, generator=g)
 
 
 def _metric_names(text: str) -> list[str]:
@@ -308,10 +323,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     registry = default_registry()
     metrics = {m: registry.build("metric", {"type": m}, where="--metrics: ") for m in _metric_names(args.metrics)}
     model = api.load_model(args.dir, device=device, sets=args.sets, **_swaps(args))
+    if args.compile:
+        api.compile_denoisers(model)
     source = api.build_data(load_checkpoint(args.dir).recipe)
     judge = load_judge(source.spec.name, source.cfg.model_dump(), device=device)
-    figures = evaluate(model, source, metrics=metrics, judge=judge, settings=EvalSettings(samples=args.samples, seed=args.seed, split=args.split),
-                       device=device)
+    settings = EvalSettings(samples=args.samples, seed=args.seed, split=args.split, precision=args.precision)
+    figures = evaluate(model, source, metrics=metrics, judge=judge, settings=settings, device=device)
     if args.json:
         print(json.dumps(figures, indent=1))
     else:

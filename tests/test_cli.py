@@ -111,6 +111,14 @@ def test_train_sample_resume(recipes: Path, tmp_path: Path) -> None:
     x = load_file(tmp_path / "x.safetensors")["samples"]
     assert tuple(x.shape) == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
     assert (tmp_path / "g.png").stat().st_size > 0
+    # the same draw under bf16 autocast, and with the U-Net compiled: close to fp32, bf16 not bitwise
+    for flags, name in ((["--precision", "bf16"], "bf16"), (["--compile"], "compiled")):
+        r = genzoo("sample", str(run), "-n", "3", "--sampler", "ddim", "--steps", "5", "--out", str(tmp_path / f"{name}.png"),
+                   "--save", str(tmp_path / f"{name}.safetensors"), "--device", "cpu", *flags)
+        assert r.returncode == 0, r.stderr
+    bf16, compiled = (load_file(tmp_path / f"{n}.safetensors")["samples"] for n in ("bf16", "compiled"))
+    assert 0 < (bf16 - x).abs().max() < 0.25
+    assert (compiled - x).abs().max() < 1e-3
 
     r = genzoo("sample", str(run), "--prompt", "a red circle", "--out", str(tmp_path / "p.png"))
     assert r.returncode == 2 and "has no text encoder, so it cannot take a prompt" in r.stderr

@@ -75,6 +75,29 @@ def test_same_stream_for_every_model_and_cached_real_features(cheap_judges) -> N
     assert torch.equal(b.real_features, feats)
 
 
+class _AutocastProbe:
+    """A model that reports the autocast state its sample() runs under, as the pixel value."""
+
+    def sample(self, n, cond=None, *, generator=None):
+        on = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return torch.full((n, 1, 8, 8), 0.5 if on else -0.5)
+
+
+@pytest.mark.parametrize("precision, pixel", [("fp32", -0.5), ("bf16", 0.5)])
+def test_settings_precision_is_the_autocast_the_model_generates_in(precision: str, pixel: float) -> None:
+    s = EvalSettings(samples=4, batch_size=2, precision=precision)
+    ev = EvalContext(_AutocastProbe(), None, None, s, device=torch.device("cpu"))
+    assert torch.equal(ev.samples, torch.full((4, 1, 8, 8), pixel))
+    assert not torch.is_autocast_enabled("cpu")  # and only while it generates
+
+
+def test_unknown_precision_names_the_choices() -> None:
+    from genzoo.precision import autocast
+
+    with pytest.raises(ValueError, match="precision 'fp16' is unknown; use one of fp32, bf16"):
+        autocast("cpu", "fp16")
+
+
 def test_every_metric_is_registered_and_unavailable_ones_say_how_to_enable(monkeypatch) -> None:
     names = {e.name for e in api.list_components("metric")}
     assert set(METRICS) <= names

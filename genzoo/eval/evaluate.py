@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,16 +26,19 @@ from torch import Tensor
 
 from genzoo.errors import GenzooError
 from genzoo.eval import metrics as M
+from genzoo.precision import autocast
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What fixes the sample stream: count, seed, batch size, and the real split compared against."""
+    """What fixes the sample stream: count, seed, batch size, the real split compared against, and the
+    precision the model generates in (``bf16``: under autocast; the judge always runs in fp32)."""
 
     samples: int = 1000
     seed: int = 0
     batch_size: int = 250
     split: str = "test"
+    precision: str = "fp32"
 
 
 class EvalContext:
@@ -43,6 +47,10 @@ class EvalContext:
     def __init__(self, model: Any, source: Any, judge: Any, settings: EvalSettings, *, device: torch.device) -> None:
         self.model, self.source, self.judge, self.settings, self.device = model, source, judge, settings, device
         self.sample_seconds = 0.0
+
+    def generating(self) -> AbstractContextManager:
+        """The context every call that makes images runs in (the settings' precision)."""
+        return autocast(self.device, self.settings.precision)
 
     # ----------------------------------------------------------------- real
     @cached_property
@@ -90,7 +98,8 @@ class EvalContext:
             if self.requested is not None:  # attributes are for the judge, not the model
                 cond = {k: v[lo:lo + n].to(self.device) if isinstance(v, Tensor) else v[lo:lo + n]
                         for k, v in self.requested.items() if k != "attributes"}
-            out.append(self.model.sample(n, cond, generator=g).float().clamp(-1, 1).cpu())
+            with self.generating():
+                out.append(self.model.sample(n, cond, generator=g).float().clamp(-1, 1).cpu())
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.sample_seconds = time.perf_counter() - start
@@ -259,8 +268,9 @@ def _upsampler(cfg: NoConfig) -> MetricFn:
         real = ev.real["image"]
         low = torch.nn.functional.interpolate(real, size=ev.model.base_size, mode="area")
         g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
-        up = torch.cat([ev.model.upsample(low[i:i + ev.settings.batch_size].to(ev.device), generator=g).float().clamp(-1, 1).cpu()
-                        for i in range(0, len(low), ev.settings.batch_size)])
+        with ev.generating():
+            up = torch.cat([ev.model.upsample(low[i:i + ev.settings.batch_size].to(ev.device), generator=g).float().clamp(-1, 1).cpu()
+                            for i in range(0, len(low), ev.settings.batch_size)])
         bilinear = torch.nn.functional.interpolate(low, size=real.shape[-1], mode="bilinear", align_corners=False).clamp(-1, 1)
         out = {}
         for name, x in (("upsampler", up), ("bilinear", bilinear)):
@@ -284,7 +294,8 @@ def _embedding_prior(cfg: PairsConfig) -> MetricFn:
             return {}
         n = min(cfg.images, len(ev.real["image"]))
         g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
-        return fn(ev.real["image"][:n], list(ev.real["caption"][:n]), generator=g)
+        with ev.generating():
+            return fn(ev.real["image"][:n], list(ev.real["caption"][:n]), generator=g)
     return run
 
 
@@ -298,7 +309,8 @@ def _variations(cfg: PairsConfig) -> MetricFn:
         n = min(cfg.images, len(ev.real["image"]))
         g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
         bs = ev.settings.batch_size
-        x = torch.cat([fn(ev.real["image"][i:min(i + bs, n)].to(ev.device), generator=g).float().clamp(-1, 1).cpu() for i in range(0, n, bs)])
+        with ev.generating():
+            x = torch.cat([fn(ev.real["image"][i:min(i + bs, n)].to(ev.device), generator=g).float().clamp(-1, 1).cpu() for i in range(0, n, bs)])
         pred, want = ev.judge.predict(x), ev.real["attributes"][:n]
         names = [a for a in ev.source.spec.attributes if a in pred]
         if not names:

@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from genzoo import precision
 from genzoo.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from genzoo.errors import TrainingError
 from genzoo.nn import CONV_MEMORY_FORMAT
@@ -270,7 +270,7 @@ class Trainer:
             model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         if cfg.compile:
             model = torch.compile(model)
-        autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
+        autocast = lambda: precision.autocast(self.device, cfg.precision)  # noqa: E731
         previous = self._install_signals()
         deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
         total = sum(s for _, s in self.stages) if cfg.steps or cfg.stages else None
