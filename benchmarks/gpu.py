@@ -161,14 +161,15 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs, measures nothing useful")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
     p.add_argument("--sample-batch", type=int, default=64)
-    p.add_argument("--train-batch", type=int, default=64)
+    p.add_argument("--train-batch", default="64,128", help="comma-separated batch sizes of the eager training step "
+                   "(the first also compiled and run through the Trainer)")
     p.add_argument("--compile", default="adm-64", help="models whose training step is also timed under torch.compile "
                    "(compiling takes minutes); '' for none")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke
     size, steps, n_train = (8, 3, 2) if smoke else (64, 50, 20)
-    sb, tb = (2, 2) if smoke else (args.sample_batch, args.train_batch)
+    sb, batches = (2, [2]) if smoke else (args.sample_batch, [int(b) for b in args.train_batch.split(",")])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolution once
     rep = Report(args.out)
@@ -198,25 +199,38 @@ def main() -> None:
         if device.type == "cuda":
             rep.add(name, "sample_peak_mem_gb", torch.cuda.max_memory_allocated() / 2**30)
         net.train()
-        f = model_flops(net, d, tb, size, device)
-        variants = [("eager", net)] + ([("compile", torch.compile(net))] if name in args.compile.split(",") else [])
-        for label, module in variants:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            step = train_step(module, d, tb, size, device)
-            t0 = time.perf_counter()
-            step()  # the first call compiles
-            first = time.perf_counter() - t0
-            dt = mean_time(step, n_train)
-            if label == "eager" and name == names[0]:  # the same step through the Trainer, once the kernels are tuned
-                trainer = through_trainer(net, d, tb, size, 2 * n_train, device)
-                rep.add(name, "train_bf16_trainer", {"it_per_s": trainer, "trainer_over_bare": trainer * dt})
-            rep.add(name, f"train_bf16_{label}", {
-                "it_per_s": 1 / dt, "images_per_s": tb / dt, "batch": tb, "model_tflop_per_step": f / 1e12,
-                "mfu_vs_measured": f / dt / (peak_bf16 * 1e9), "first_step_seconds": first,
-                **({"mfu_vs_datasheet": f / dt / (datasheet_tflops(device) * 1e12)} if datasheet_tflops(device) else {}),
-                **({"peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {}),
-            })
+        # eager at every batch size first, compiling last: a run cut off by its time limit loses only that
+        runs = [(tb, False) for tb in batches] + ([(batches[0], True)] if name in args.compile.split(",") else [])
+        for tb, compiled in runs:
+            try:
+                train_figures(rep, name, net, d, tb, size, n_train, device, peak_bf16, compiled=compiled,
+                              trainer_too=not compiled and tb == batches[0] and name == names[0])
+            except torch.cuda.OutOfMemoryError:
+                rep.add(name, f"train_bf16_{'compile' if compiled else 'eager'}_b{tb}", "out of memory")
+                torch.cuda.empty_cache()
+
+
+def train_figures(rep: Report, name: str, net: torch.nn.Module, d: GaussianDiffusion, tb: int, size: int, n_train: int,
+                  device: torch.device, peak_bf16: float, *, compiled: bool, trainer_too: bool) -> None:
+    """it/s and MFU of the bf16 training step at batch ``tb``, eager or compiled; optionally through the Trainer too."""
+    f = model_flops(net, d, tb, size, device)
+    for label, module in [("compile", torch.compile(net))] if compiled else [("eager", net)]:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        step = train_step(module, d, tb, size, device)
+        t0 = time.perf_counter()
+        step()  # the first call compiles
+        first = time.perf_counter() - t0
+        dt = mean_time(step, n_train)
+        if label == "eager" and trainer_too:  # the same step through the Trainer, once the kernels are tuned
+            trainer = through_trainer(net, d, tb, size, 2 * n_train, device)
+            rep.add(name, f"train_bf16_trainer_b{tb}", {"it_per_s": trainer, "trainer_over_bare": trainer * dt})
+        rep.add(name, f"train_bf16_{label}_b{tb}", {
+            "it_per_s": 1 / dt, "images_per_s": tb / dt, "batch": tb, "model_tflop_per_step": f / 1e12,
+            "mfu_vs_measured": f / dt / (peak_bf16 * 1e9), "first_step_seconds": first,
+            **({"mfu_vs_datasheet": f / dt / (datasheet_tflops(device) * 1e12)} if datasheet_tflops(device) else {}),
+            **({"peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {}),
+        })
 
 
 if __name__ == "__main__":
