@@ -96,7 +96,7 @@ def test_training_on_cuda_resumes_exactly_and_loads_on_cpu(tmp_path: Path, preci
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # deterministic kernels (cuDNN's, the math attention), so that two runs can agree; a tolerance of
-    # 1e-6 still catches a lost RNG or optimiser state, which moves weights by ~1e-3 after 4 steps
+    # 1e-6 still catches a lost RNG or optimiser state: Adam moves each weight by about lr = 1e-3 a step
     torch.backends.cudnn.deterministic = True
     try:
         with sdpa_kernel(SDPBackend.MATH):
