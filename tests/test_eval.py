@@ -91,11 +91,14 @@ def test_settings_precision_is_the_autocast_the_model_generates_in(precision: st
     assert not torch.is_autocast_enabled("cpu")  # and only while it generates
 
 
-def test_unknown_precision_names_the_choices() -> None:
-    from genzoo.precision import autocast
+def test_unknown_precision_names_the_choices_and_slow_cpu_bf16_warns(monkeypatch) -> None:
+    from genzoo import precision
 
     with pytest.raises(ValueError, match="precision 'fp16' is unknown; use one of fp32, bf16"):
-        autocast("cpu", "fp16")
+        precision.autocast("cpu", "fp16")
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="bf16 on this CPU is far slower than fp32"):
+        precision.autocast("cpu", "bf16")
 
 
 def test_every_metric_is_registered_and_unavailable_ones_say_how_to_enable(monkeypatch) -> None:
