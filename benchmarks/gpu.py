@@ -163,12 +163,14 @@ def main() -> None:
     p.add_argument("--sample-batch", type=int, default=64)
     p.add_argument("--train-batch", default="64,128", help="comma-separated batch sizes of the eager training step "
                    "(the first also compiled and run through the Trainer)")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sampling figure")
+    p.add_argument("--train-steps", type=int, default=20, help="timed training steps per figure (after 3 warm-up steps)")
     p.add_argument("--compile", default="adm-64", help="models whose training step is also timed under torch.compile "
                    "(compiling takes minutes); '' for none")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke
-    size, steps, n_train = (8, 3, 2) if smoke else (64, 50, 20)
+    size, steps, n_train = (8, 3, 2) if smoke else (64, args.sample_steps, args.train_steps)
     sb, batches = (2, [2]) if smoke else (args.sample_batch, [int(b) for b in args.train_batch.split(",")])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolution once
