@@ -2,7 +2,8 @@
 
 For each recipe on shapes 32x32: steps/s of each training stage and images/s of sampling (at reduced
 sampler steps, given in the table), the FLOPs of one step / one sample call counted by
-torch.utils.flop_counter and the achieved FLOP/s as a fraction of the measured matmul peak. Peers
+torch.utils.flop_counter and the achieved FLOP/s as a fraction of the measured fp32 matmul peak; where
+bf16 is usable (bf16 units, or a GPU), the same again under bf16 autocast against the bf16 peak. Peers
 in the same process: diffusers' UNet2DModel of equal FLOPs with its DDPM, DDIM and DPM-Solver++
 schedulers (sampling) and in a training step; open_clip's CLIP with the same timm image tower and
 text transformer (training step). Only ratios within one run mean anything.
@@ -22,6 +23,7 @@ import torch
 from genzoo import api
 from genzoo.eval.evaluate import prior_tokens_per_sample
 from genzoo.nn import CONV_MEMORY_FORMAT
+from genzoo.precision import autocast
 from common import best_time, flops
 
 # recipe -> sampling swaps (fewer steps than the recipes' defaults, so the run stays short on a CPU)
@@ -66,7 +68,20 @@ def train_step_fn(model, stage: str, batch: dict[str, Any]) -> Callable[[], None
     return step
 
 
-def family_rows(batch: int, peak: float, device: torch.device, names: list[str]) -> list[dict[str, Any]]:
+def measure(recipe: str, what: str, batch: int, fn: Callable[[], Any], repeat: int, device: torch.device, peak: float,
+            bf16_peak: float | None) -> dict[str, Any]:
+    """One row: images/s and the share of the fp32 peak; under bf16 autocast too when bf16 is usable (same FLOPs)."""
+    dt, f = best_time(fn, repeat), flops(fn)
+    row = {"recipe": recipe, "what": what, "per_s": batch / dt, "unit": "images/s", "gflop": f / 1e9, "fraction_of_peak": f / dt / 1e9 / peak}
+    if bf16_peak:
+        with autocast(device, "bf16"):
+            dt = best_time(fn, repeat)
+        row.update(bf16_per_s=batch / dt, bf16_fraction_of_peak=f / dt / 1e9 / bf16_peak)
+    row["peak_memory_mb"] = peak_memory_mb(device)
+    return row
+
+
+def family_rows(batch: int, peak: float, device: torch.device, names: list[str], bf16_peak: float | None = None) -> list[dict[str, Any]]:
     rows, sources = [], {}
     for name in names:
         swaps = FAMILIES[name]
@@ -81,24 +96,21 @@ def family_rows(batch: int, peak: float, device: torch.device, names: list[str])
         b = _batch(data, batch, device)
         for stage in model.stages:
             model.begin_stage(stage, _batch(data, 2000, device))
-            step = train_step_fn(model, stage, b)
-            dt, f = best_time(step), flops(step)
-            rows.append({"recipe": name, "what": f"train: {stage}", "per_s": batch / dt, "unit": "images/s", "gflop": f / 1e9,
-                         "fraction_of_peak": f / dt / 1e9 / peak, "peak_memory_mb": peak_memory_mb(device)})
+            rows.append(measure(name, f"train: {stage}", batch, train_step_fn(model, stage, b), 3, device, peak, bf16_peak))
         if swaps is None:
             continue
         model = api.for_inference(model, device)  # what load_model returns: eval mode, NHWC conv weights
         cond = {"caption": list(data["caption"][:batch])} if getattr(getattr(model, "condition", None), "value", "") == "caption" else None
         g = torch.Generator(device=device)
-        with torch.inference_mode():
-            sample = lambda: model.sample(batch, cond, generator=g.manual_seed(0))  # noqa: E731
-            dt, f = best_time(sample, 1), flops(sample)
-        what = "sample" + "".join(f", {k}={v}" for k, v in swaps.items())
+
+        @torch.inference_mode()
+        def sample() -> None:
+            model.sample(batch, cond, generator=g.manual_seed(0))
+        row = measure(name, "sample" + "".join(f", {k}={v}" for k, v in swaps.items()), batch, sample, 1, device, peak, bf16_peak)
         tokens = prior_tokens_per_sample(model)
         if tokens > 1:  # an autoregressive prior: tokens/s too
-            what += f" ({batch / dt * tokens:.0f} tokens/s)"
-        rows.append({"recipe": name, "what": what, "per_s": batch / dt, "unit": "images/s", "gflop": f / 1e9,
-                     "fraction_of_peak": f / dt / 1e9 / peak, "peak_memory_mb": peak_memory_mb(device)})
+            row["what"] += f" ({row['per_s'] * tokens:.0f} tokens/s)"
+        rows.append(row)
     return rows
 
 
@@ -272,10 +284,12 @@ def options(batch: int, device: torch.device, bf16_usable: bool, peaks: dict[str
 
 
 def markdown(res: dict[str, Any]) -> str:
-    out = ["### Families (shapes 32×32)", "", "| recipe | measured | throughput | GFLOP | % of fp32 matmul peak | peak memory (MB; CPU: RSS, cumulative) |",
-           "|---|---|---|---|---|---|"]
+    out = ["### Families (shapes 32×32)", "", "| recipe | measured | throughput fp32 | GFLOP | % of fp32 matmul peak | "
+           "throughput bf16 autocast | % of bf16 matmul peak | peak memory (MB; CPU: RSS, cumulative) |", "|---|---|---|---|---|---|---|---|"]
+    bf16 = lambda r: (f"{r['bf16_per_s']:.1f} | {100 * r['bf16_fraction_of_peak']:.0f}%" if "bf16_per_s" in r  # noqa: E731
+                      else "not measured: no bf16 units | ")
     out += [f"| {r['recipe']} | {r['what']} | {r['per_s']:.1f} {r['unit']} | {r['gflop']:.2f} | {100 * r['fraction_of_peak']:.0f}% | "
-            f"{r['peak_memory_mb']:.0f} |" for r in res["families"]]
+            f"{bf16(r)} | {r['peak_memory_mb']:.0f} |" for r in res["families"]]
     out += ["", "### Peers (same run)", "", "| measured | genzoo | peer | genzoo / peer | FLOPs genzoo / peer |", "|---|---|---|---|---|"]
     peers = res["peers"]["diffusers"] if isinstance(res["peers"]["diffusers"], list) else []
     if isinstance(res["peers"]["open_clip"], dict):
@@ -296,7 +310,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 def run(batch: int, peak: float, bf16_usable: bool, device: torch.device, quick: bool = False, bf16_peak: float = float("nan")) -> dict[str, Any]:
     names = ["vae-shapes", "ddpm-shapes"] if quick else list(FAMILIES)
-    return {"families": family_rows(batch, peak, device, names),
+    return {"families": family_rows(batch, peak, device, names, bf16_peak if bf16_usable or device.type == "cuda" else None),
             "peers": {"diffusers": diffusers_peers(16, 20, device), "open_clip": open_clip_peer(batch, device)},
             "options": options(16, device, bf16_usable, {"fp32": peak, "bf16": bf16_peak})}
 
@@ -306,8 +320,8 @@ if __name__ == "__main__":
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
-    from run import matmul_peak
+    from run import peaks
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak = matmul_peak(torch.float32)
-    print(markdown(run(args.batch, peak, False, dev, args.quick)))
+    fp32, bf16, usable = peaks(dev)
+    print(markdown(run(args.batch, fp32, usable, dev, args.quick, bf16_peak=bf16)))

@@ -44,6 +44,14 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096),
     return best
 
 
+def peaks(device: torch.device) -> tuple[float, float, bool]:
+    """(fp32 peak, bf16 peak, whether bf16 is usable) in GFLOP/s. bf16 is probed at 512² first: without bf16
+    units it is hundreds of times slower, and then its full probe is skipped."""
+    fp32, bf16 = matmul_peak(torch.float32, device=device), matmul_peak(torch.bfloat16, (512,), device)
+    usable = bf16 > 0.5 * fp32 or device.type == "cuda"
+    return fp32, max(bf16, matmul_peak(torch.bfloat16, device=device)) if usable else bf16, usable
+
+
 def unet_forward(batch: int = 16, device: torch.device = CPU) -> dict:
     cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8],
                      resblock_updown=False)  # conv resampling, as diffusers' UNet2DModel: equal FLOPs
@@ -97,11 +105,7 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # every figure below on this one device
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                            "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}}
-    results["matmul_fp32_gflop_s"] = matmul_peak(torch.float32, device=device)
-    bf16 = matmul_peak(torch.bfloat16, (512,), device)  # small first: without bf16 units it is hundreds of times slower
-    results["bf16_usable_on_cpu"] = bf16 > 0.5 * results["matmul_fp32_gflop_s"]
-    if results["bf16_usable_on_cpu"] or device.type == "cuda":
-        bf16 = max(bf16, matmul_peak(torch.bfloat16, device=device))
+    results["matmul_fp32_gflop_s"], bf16, results["bf16_usable"] = peaks(device)
     results["matmul_bf16_gflop_s"] = bf16
     results["unet_forward_fp32"] = unet_forward(device=device)
     # the peak probe drifts between runs on a shared host (285-480 GFLOP/s seen), so the U-Net's share is
@@ -122,13 +126,13 @@ if __name__ == "__main__":
     from families import markdown as families_markdown
     from families import run as families_run
 
-    results.update(families_run(32, results["matmul_fp32_gflop_s"], results["bf16_usable_on_cpu"], device, quick="--quick" in sys.argv,
+    results.update(families_run(32, results["matmul_fp32_gflop_s"], results["bf16_usable"], device, quick="--quick" in sys.argv,
                                 bf16_peak=results["matmul_bf16_gflop_s"]))
     (HERE / "results.json").write_text(json.dumps(results, indent=2))
     u = results["unet_forward_fp32"]
     lines = ["| measure | value |", "|---|---|",
              f"| fp32 GEMM peak (best of matmul 1024², 2048², 4096² and a 512-channel 1×1 conv) | {results['matmul_fp32_gflop_s']:.1f} GFLOP/s |",
-             f"| bf16 matmul peak | {bf16:.1f} GFLOP/s ({'usable' if results['bf16_usable_on_cpu'] else 'no bf16 units: slow'}) |",
+             f"| bf16 matmul peak | {bf16:.1f} GFLOP/s ({'usable' if results['bf16_usable'] else 'no bf16 units: slow'}) |",
              f"| U-Net forward, batch 16, 32×32 ({u['gflop']:.1f} GFLOP) | {u['gflop_per_s']:.1f} GFLOP/s = {u['fraction_of_matmul_peak']:.0%} of peak; "
              f"back-to-back pairs {', '.join(f'{f:.0%}' for f in u['fraction_of_peak_paired'])} |",
              f"| DDIM-20 images/s, batch 16, 32×32 (genzoo) | {results['ddim20_images_per_s_fp32']:.2f} |",
