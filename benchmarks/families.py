@@ -310,7 +310,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 def run(batch: int, peak: float, bf16_usable: bool, device: torch.device, quick: bool = False, bf16_peak: float = float("nan")) -> dict[str, Any]:
     names = ["vae-shapes", "ddpm-shapes"] if quick else list(FAMILIES)
-    return {"families": family_rows(batch, peak, device, names, bf16_peak if bf16_usable or device.type == "cuda" else None),
+    return {"families": family_rows(batch, peak, device, names, bf16_peak if bf16_usable else None),
             "peers": {"diffusers": diffusers_peers(16, 20, device), "open_clip": open_clip_peer(batch, device)},
             "options": options(16, device, bf16_usable, {"fp32": peak, "bf16": bf16_peak})}
 
