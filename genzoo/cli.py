@@ -42,8 +42,11 @@ def _add_swap_args(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
         p.add_argument(f"--{stage}-scale", dest=f"{stage}_scale", type=float, help=f"{stage}_guidance scale")
 
 
+PRECISIONS = ("fp32", "bf16")  # genzoo.precision.PRECISIONS; not imported, so that building the parser needs no torch
+
+
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: generate under bf16 autocast (on a CPU only where it has bf16 units; docs/performance.md)")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser networks (the first batch compiles)")
 
@@ -132,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", default=[], metavar="SAMPLER:S1,S2,...",
                    help="also evaluate each diffusion model at these sampler steps (repeatable), e.g. ddim:10,25,50")
     p.add_argument("--segments", type=int, default=3, help="evaluations along training (quality vs training time)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16: every model generates under bf16 autocast when evaluated (train with --set train.precision=bf16)")
     p.add_argument("--device", default="auto")
     p.add_argument("--recipes", dest="recipe_files", action="append", default=[], metavar="FILE", help="extra recipe YAML file")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
@@ -339,6 +344,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from genzoo.eval.compare import compare
+    from genzoo.eval.evaluate import EvalSettings
     from genzoo.training import resolve_device
 
     sweep = {}
@@ -349,7 +355,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         except ValueError:
             raise GenzooError(f"--sweep {text!r}: expected SAMPLER:S1,S2 with integer steps, e.g. ddim:10,25,50") from None
     t0 = time.perf_counter()
-    rows = compare(args.recipes, out=Path(args.out), budget_minutes=args.budget_minutes, samples=args.samples, seed=args.seed,
+    settings = EvalSettings(samples=args.samples, seed=args.seed, precision=args.precision)
+    rows = compare(args.recipes, out=Path(args.out), settings=settings, budget_minutes=args.budget_minutes,
                    metric_names=_metric_names(args.metrics), sweep=sweep or None, segments=args.segments,
                    device=resolve_device(args.device), files=args.recipe_files, sets=args.sets, log=lambda m: print(m, file=sys.stderr))
     print((Path(args.out) / "leaderboard.md").read_text())

@@ -159,9 +159,12 @@ def test_compare_writes_the_leaderboard_grids_plots_and_error_rows(tmp_path: Pat
     out = tmp_path / "cmp"
     rc = main(["compare", "tiny-vae", "tiny-ae", "tiny-ddpm", "tiny-ddpm@ddpm:5", "no-such-recipe", "--out", str(out), "--recipes",
                str(recipes), "--samples", "64", "--sweep", "ddim:2,4", "--segments", "2", "--budget-minutes", "0.02",
-               "--metrics", "fd,precision-recall,reconstruction,throughput"])
+               "--metrics", "fd,precision-recall,reconstruction,throughput", "--precision", "bf16"])
     assert rc == 0
-    rows = json.loads((out / "leaderboard.json").read_text())["rows"]
+    board = json.loads((out / "leaderboard.json").read_text())
+    rows = board["rows"]
+    assert board["settings"]["precision"] == "bf16"  # what fixed the sample stream is recorded with it
+    assert "generated in bf16" in (out / "leaderboard.md").read_text().splitlines()[0]
     by = {r["name"]: r for r in rows}
     assert set(by) == {"tiny-vae", "tiny-ae", "tiny-ddpm", "tiny-ddpm@ddpm:5", "no-such-recipe"}
     assert "no-such-recipe" in by["no-such-recipe"]["error"] and rows[-1]["name"] == "no-such-recipe"  # errors last

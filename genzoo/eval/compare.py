@@ -14,7 +14,7 @@ import json
 import math
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -58,7 +58,7 @@ COLUMNS = ["fd", "kid", "precision", "recall", "density", "coverage", "class_cov
            "images_per_s", "nfe"]
 
 
-def compare(entries: Sequence[str], *, out: Path, budget_minutes: float | None = None, samples: int = 1000, seed: int = 0,
+def compare(entries: Sequence[str], *, out: Path, settings: EvalSettings = EvalSettings(), budget_minutes: float | None = None,
             metric_names: Sequence[str] = DEFAULT_METRICS, sweep: dict[str, list[int]] | None = None, segments: int = 3,
             device: torch.device | None = None, files: Sequence[str | Path] = (), sets: Sequence[str] = (), log: Callable[[str], None] = print) -> list[Row]:
     from genzoo import api
@@ -72,7 +72,6 @@ def compare(entries: Sequence[str], *, out: Path, budget_minutes: float | None =
     fd_only = {"fd": registry.build("metric", {"type": "fd"})}
     out.mkdir(parents=True, exist_ok=True)
     (out / "grids").mkdir(exist_ok=True)
-    settings = EvalSettings(samples=samples, seed=seed)
     rows: list[Row] = []
     curves: dict[str, list[tuple[float, float]]] = {}
     step_curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
@@ -143,7 +142,7 @@ def _train(recipe: str, run_dir: Path, *, files, sets, budget_minutes, segments,
         config = config.model_copy(update={"stages": {s: per for s in pipeline.stages}, "minutes": None})
         segments = 1
     judge = load_judge(source.spec.name, source.cfg.model_dump(), device=device)
-    quick = EvalSettings(samples=min(settings.samples, 256), seed=settings.seed)
+    quick = replace(settings, samples=min(settings.samples, 256))
     for i in range(segments):
         result = Trainer(pipeline, train.tensors(), config=config, run_dir=run_dir, recipe=resolved, meta=meta,
                          progress=False).fit(resume=i > 0)
@@ -209,10 +208,12 @@ def write_leaderboard(rows: Sequence[Row], out: Path, *, settings: EvalSettings,
         w.writerow(head)
         w.writerows([[_fmt(v) for v in t] for t in table])
     (out / "leaderboard.json").write_text(json.dumps({
-        "settings": {"samples": settings.samples, "seed": settings.seed, "split": settings.split, "budget_minutes": budget_minutes},
+        "settings": {"samples": settings.samples, "seed": settings.seed, "split": settings.split, "precision": settings.precision,
+                     "budget_minutes": budget_minutes},
         "rows": [{**{k: v for k, v in r.__dict__.items() if k != "figures"}, **r.figures} for r in rows],
     }, indent=1, default=str))
-    lines = [f"# Leaderboard ({settings.samples} samples per model against the {settings.split} split, seed {settings.seed}; "
+    generated = "" if settings.precision == "fp32" else f", generated in {settings.precision}"
+    lines = [f"# Leaderboard ({settings.samples} samples per model against the {settings.split} split, seed {settings.seed}{generated}; "
              f"FD, KID, precision/recall, density/coverage in judge features; lower FD is better)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_fmt(v) for v in t) + " |" for t in table]
