@@ -96,6 +96,10 @@ def test_unknown_precision_names_the_choices_and_slow_cpu_bf16_warns(monkeypatch
 
     with pytest.raises(ValueError, match="precision 'fp16' is unknown; use one of fp32, bf16"):
         precision.autocast("cpu", "fp16")
+    precision.cpu_has_fast_bf16.cache_clear()
+    before = torch.get_rng_state()
+    precision.cpu_has_fast_bf16()  # the probe draws from its own generator: training's random stream is untouched
+    assert torch.equal(torch.get_rng_state(), before)
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     with pytest.warns(UserWarning, match="bf16 on this CPU is far slower than fp32"):
         precision.autocast("cpu", "bf16")
