@@ -6,8 +6,8 @@ is measured, so a run stopped at its time limit still returns what it finished. 
 optimiser's are not model FLOPs) / seconds per step / peak, against the bf16 matmul rate measured in this
 run (8192^3) and against the datasheet's dense bf16 rate where the device is known.
 
-Besides the figures, it checks that the sampling loops never synchronise the host with the GPU
-(``torch.cuda.set_sync_debug_mode``): every sync inside a loop is recorded with its message.
+That the sampling loops never synchronise with the GPU is checked by tests/test_cuda.py, which
+benchmarks/gpu_check.sh runs first.
 
     python benchmarks/gpu.py --out DIR            # on the GPU machine (docs/performance.md: how to run it there)
     python benchmarks/gpu.py --out DIR --smoke    # tiny sizes on any device: the test suite runs this on CPU
@@ -20,7 +20,6 @@ import json
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +33,7 @@ from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVa
 from genzoo.diffusion.samplers import SAMPLERS  # noqa: E402
 from genzoo.interfaces import Pipeline  # noqa: E402
 from genzoo.nn import CONV_MEMORY_FORMAT, UNet, UNetConfig  # noqa: E402
+from genzoo.precision import autocast  # noqa: E402
 from genzoo.training import TrainConfig, Trainer  # noqa: E402
 
 # dense bf16 tensor-core rate by the vendors' datasheets, TFLOP/s (sparsity excluded)
@@ -81,23 +81,8 @@ def build(name: str, image_size: int, smoke: bool, device: torch.device) -> tupl
     return net, d
 
 
-def train_step(net: torch.nn.Module, d: GaussianDiffusion, batch: int, image_size: int, device: torch.device) -> Callable[[], None]:
-    """One step as the trainer takes it with train.precision=bf16: the diffusion loss under bf16 autocast, AdamW."""
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
-    x0 = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=CONV_MEMORY_FORMAT)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        t = torch.randint(0, d.num_timesteps, (batch,), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = d.training_losses(net, x0, t)["loss"].mean()
-        loss.backward()
-        opt.step()
-    return step
-
-
 class Denoiser(Pipeline):
-    """The U-Net and its diffusion loss as a pipeline, so that the Trainer runs the step timed bare above."""
+    """The U-Net and its diffusion loss as a pipeline: the step timed bare below, and what the Trainer runs."""
 
     def __init__(self, net: torch.nn.Module, d: GaussianDiffusion) -> None:
         super().__init__({"decoder": net})
@@ -109,50 +94,42 @@ class Denoiser(Pipeline):
         return {"loss": self.diffusion.training_losses(self.components["decoder"], x0, t)["loss"].mean()}
 
 
-def through_trainer(net: torch.nn.Module, d: GaussianDiffusion, batch: int, image_size: int, steps: int, device: torch.device) -> float:
-    """Steps/s of `genzoo train` on this U-Net: bf16, NHWC, EMA, grad clipping, the per-step NaN check and logging."""
-    data = {"image": torch.randn(4 * batch, 3, image_size, image_size)}
-    cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-4, precision="bf16", device=str(device), log_every=10**6,
-                      checkpoint_every=10**9)
-    with tempfile.TemporaryDirectory() as run:
-        return Trainer(Denoiser(net, d), data, config=cfg, run_dir=run, recipe={"name": "gpu-bench"}, progress=False).fit().steps_per_sec
+def images(batch: int, image_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    return {"image": torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=CONV_MEMORY_FORMAT)}
 
 
-def model_flops(net: torch.nn.Module, d: GaussianDiffusion, batch: int, image_size: int, device: torch.device) -> int:
+def train_step(pipe: Denoiser, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One step as the trainer takes it with train.precision=bf16: the loss under bf16 autocast, fused AdamW on CUDA."""
+    device = batch["image"].device
+    opt = torch.optim.AdamW(pipe.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, "bf16"):
+            loss = pipe.training_losses(batch)["loss"]
+        loss.backward()
+        opt.step()
+    return step
+
+
+def model_flops(pipe: Denoiser, batch: dict[str, torch.Tensor]) -> int:
     """Forward + backward FLOPs of the diffusion loss (no optimiser), in bf16 autocast as timed."""
-    x0 = torch.randn(batch, 3, image_size, image_size, device=device)
-    t = torch.randint(0, d.num_timesteps, (batch,), device=device)
-
     def fwd_bwd() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = d.training_losses(net, x0, t)["loss"].mean()
+        with autocast(batch["image"].device, "bf16"):
+            loss = pipe.training_losses(batch)["loss"]
         loss.backward()
     n = flops(fwd_bwd)
-    net.zero_grad(set_to_none=True)
+    pipe.zero_grad(set_to_none=True)
     return n
 
 
-def sync_check(net: torch.nn.Module, d: GaussianDiffusion, image_size: int, device: torch.device) -> dict[str, Any]:
-    """Host-device synchronisations inside each sampler's loop (CUDA only: the debug mode records nothing on CPU)."""
-    found = {}
-    for name in ("ddpm", "ddim", "dpm-solver++"):
-        sampler = SAMPLERS[name](SAMPLERS[name].Config(steps=5))
-        g = torch.Generator(device).manual_seed(0)
-        noise = torch.randn(2, 3, image_size, image_size, device=device, generator=g)
-        sampler.sample(d, net, noise.shape, noise=noise, generator=g)  # warm: respacing and schedule caches are built once
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if device.type == "cuda":
-                torch.cuda.set_sync_debug_mode("warn")
-            try:
-                with torch.inference_mode():
-                    sampler.sample(d, net, noise.shape, noise=noise, generator=g)
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.set_sync_debug_mode("default")
-        msgs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
-        found[name] = {"syncs": len(msgs), "first": msgs[:3]}
-    return found
+def through_trainer(pipe: Denoiser, batch: int, image_size: int, steps: int, device: torch.device) -> float:
+    """Steps/s of `genzoo train` on this U-Net: bf16, NHWC, EMA, grad clipping, the per-step NaN check and logging."""
+    cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-4, precision="bf16", device=str(device), log_every=10**6,
+                      checkpoint_every=10**9)
+    with tempfile.TemporaryDirectory() as run:
+        return Trainer(pipe, images(4 * batch, image_size, torch.device("cpu")), config=cfg, run_dir=run, recipe={"name": "gpu-bench"},
+                       progress=False).fit().steps_per_sec
 
 
 def main() -> None:
@@ -187,14 +164,11 @@ def main() -> None:
     for name in names:
         net, d = build(name, size, smoke, device)
         rep.add(name, "params_m", sum(p.numel() for p in net.parameters()) / 1e6)
-        if name == names[0]:
-            for sampler, found in sync_check(net.eval(), d, size, device).items():
-                rep.add("sync_check", sampler, found)
         ddim = SAMPLERS["ddim"](SAMPLERS["ddim"].Config(steps=steps))
         net.eval()
         for precision in ("fp32", "bf16"):
             def sample() -> None:
-                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                with torch.inference_mode(), autocast(device, precision):
                     ddim.sample(d, net, (sb, 3, size, size), generator=torch.Generator(device).manual_seed(0))
             rep.add(name, f"ddim{steps}_{size}px_images_per_s_{precision}", sb / best_time(sample, 1 if smoke else 2))
         rep.add(name, "sample_batch", sb)
@@ -215,24 +189,24 @@ def main() -> None:
 def train_figures(rep: Report, name: str, net: torch.nn.Module, d: GaussianDiffusion, tb: int, size: int, n_train: int,
                   device: torch.device, peak_bf16: float, *, compiled: bool, trainer_too: bool) -> None:
     """it/s and MFU of the bf16 training step at batch ``tb``, eager or compiled; optionally through the Trainer too."""
-    f = model_flops(net, d, tb, size, device)
-    for label, module in [("compile", torch.compile(net))] if compiled else [("eager", net)]:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        step = train_step(module, d, tb, size, device)
-        t0 = time.perf_counter()
-        step()  # the first call compiles
-        first = time.perf_counter() - t0
-        dt = mean_time(step, n_train)
-        if label == "eager" and trainer_too:  # the same step through the Trainer, once the kernels are tuned
-            trainer = through_trainer(net, d, tb, size, 2 * n_train, device)
-            rep.add(name, f"train_bf16_trainer_b{tb}", {"it_per_s": trainer, "trainer_over_bare": trainer * dt})
-        rep.add(name, f"train_bf16_{label}_b{tb}", {
-            "it_per_s": 1 / dt, "images_per_s": tb / dt, "batch": tb, "model_tflop_per_step": f / 1e12,
-            "mfu_vs_measured": f / dt / (peak_bf16 * 1e9), "first_step_seconds": first,
-            **({"mfu_vs_datasheet": f / dt / (datasheet_tflops(device) * 1e12)} if datasheet_tflops(device) else {}),
-            **({"peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {}),
-        })
+    pipe, batch, label = Denoiser(torch.compile(net) if compiled else net, d), images(tb, size, device), "compile" if compiled else "eager"
+    f = model_flops(pipe, batch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step = train_step(pipe, batch)
+    t0 = time.perf_counter()
+    step()  # the first call compiles
+    first = time.perf_counter() - t0
+    dt = mean_time(step, n_train)
+    if trainer_too:  # the same step through the Trainer, once the kernels are tuned
+        trainer = through_trainer(pipe, tb, size, 2 * n_train, device)
+        rep.add(name, f"train_bf16_trainer_b{tb}", {"it_per_s": trainer, "trainer_over_bare": trainer * dt})
+    rep.add(name, f"train_bf16_{label}_b{tb}", {
+        "it_per_s": 1 / dt, "images_per_s": tb / dt, "batch": tb, "model_tflop_per_step": f / 1e12,
+        "mfu_vs_measured": f / dt / (peak_bf16 * 1e9), "first_step_seconds": first,
+        **({"mfu_vs_datasheet": f / dt / (datasheet_tflops(device) * 1e12)} if datasheet_tflops(device) else {}),
+        **({"peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {}),
+    })
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ on a CPU. docs/performance.md gives the one device command that runs this with b
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,11 @@ from genzoo.checkpoint import load_checkpoint
 from genzoo.diffusion import ClassifierFreeGuidance, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 from genzoo.diffusion.guidance import CFGConfig
 from genzoo.diffusion.samplers import SAMPLERS
-from genzoo.interfaces import Pipeline
 from genzoo.nn import UNet, UNetConfig
 from genzoo.training import TrainConfig, Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from gpu import Denoiser  # noqa: E402  the U-Net and its diffusion loss as a pipeline, as the GPU benchmark trains it
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -69,23 +72,11 @@ def test_guided_sampling_loops_never_synchronise(name: str) -> None:
     assert out.shape == noise.shape and out.device.type == "cuda"
 
 
-class Denoiser(Pipeline):
-    def __init__(self) -> None:
-        super().__init__({"decoder": small_unet()})
-        self.diffusion = diffusion()
-
-    def training_losses(self, batch, *, optimizer="main", stage="main"):
-        x0 = batch["image"]
-        t = torch.randint(0, 1000, (len(x0),), device=x0.device)
-        return {"loss": self.diffusion.training_losses(self.components["decoder"], x0, t)["loss"].mean()}
-
-
 DATA = {"image": torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1}
 
 
 def train(run: Path, precision: str, **fit) -> Pipeline:
-    torch.manual_seed(0)
-    p = Denoiser()
+    p = Denoiser(small_unet(), diffusion())  # small_unet seeds the init
     cfg = TrainConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, checkpoint_every=100, device="cuda", precision=precision)
     Trainer(p, DATA, config=cfg, run_dir=run, recipe={"name": "cuda-test"}, progress=False).fit(**fit)
     return p

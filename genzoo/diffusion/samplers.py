@@ -117,10 +117,10 @@ class DiffusionSampler(Sampler):
         pixel at t = T of the cosine schedule (abar_T = 2.4e-9, docs/text.md), which unclamped ruins the sample."""
         pred = self.predict(proc, net, x, t, cond, guidance)
         guided = guidance.condition_eps(proc, pred, x, t, cond)
+        if guided is pred:  # unguided, or guidance in the model output (CFG): already processed
+            return pred
         process = self.process_xstart(proc)
-        if guided is pred or process is None:  # unguided (or guidance in the model output): already processed
-            return guided
-        return proc.prediction_from_xstart(guided, x, t, process(guided.pred_xstart))
+        return guided if process is None else proc.prediction_from_xstart(guided, x, t, process(guided.pred_xstart))
 
     @torch.no_grad()
     def sample(
