@@ -217,16 +217,15 @@ def test_eps_form_guidance_moves_x0_by_the_closed_form_and_a_clipping_sampler_cl
     free, clipped = DDIMSampler(DDIMConfig(steps=10, clip=False)), DDIMSampler(DDIMConfig(steps=10))
     proc = free.respaced(d)
     x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
-    for i, g in ((proc.num_timesteps - 1, 0.01), (2, 0.01)):
-        t = torch.full((3,), i)
+    g, top = 0.01, torch.full((3,), proc.num_timesteps - 1)
+    for t in (top, torch.full((3,), 2)):  # where the clamp binds, and where it does not
         abar = proc.extract("abar", t, x)
         pushed = free.predict_eps_form(proc, proc.wrap(at_zero), x, t, None, _Push(g))
         torch.testing.assert_close(pushed.pred_xstart, ((1 - abar) / abar.sqrt() * g).expand_as(x))
         kept = clipped.predict_eps_form(proc, proc.wrap(at_zero), x, t, None, _Push(g))
         torch.testing.assert_close(kept.pred_xstart, pushed.pred_xstart.clamp(-1, 1))
         torch.testing.assert_close(abar.sqrt() * kept.pred_xstart + (1 - abar).sqrt() * kept.pred_eps, x)
-    top = torch.full((3,), proc.num_timesteps - 1)
-    assert free.predict_eps_form(proc, proc.wrap(at_zero), x, top, None, _Push(0.01)).pred_xstart.min() > 100
+    assert free.predict_eps_form(proc, proc.wrap(at_zero), x, top, None, _Push(g)).pred_xstart.min() > 100
     unguided = clipped.predict_eps_form(proc, proc.wrap(at_zero), x, top, None, DiffusionGuidance())
     assert unguided.pred_xstart.abs().max() < 1e-6
 
