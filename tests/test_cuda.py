@@ -75,6 +75,20 @@ def test_guided_sampling_loops_never_synchronise(name: str) -> None:
 DATA = {"image": torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1}
 
 
+def test_the_trainer_keeps_a_small_data_set_on_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    batches, batch = {}, Trainer._batch
+    monkeypatch.setattr(Trainer, "_batch", lambda self: batches.setdefault(self.device.type, batch(self)))
+    trainers = {}
+    for device in ("cuda", "cpu"):
+        cfg = TrainConfig(steps=1, batch_size=8, checkpoint_every=100, device=device)
+        trainers[device] = Trainer(Denoiser(small_unet(), diffusion()), DATA, config=cfg, run_dir=tmp_path / device,
+                                   recipe={"name": "cuda-test"}, progress=False)
+        trainers[device].fit()
+    assert trainers["cuda"].data["image"].is_cuda and not DATA["image"].is_cuda  # moved once; the caller's untouched
+    assert batches["cuda"]["image"].is_cuda
+    torch.testing.assert_close(batches["cuda"]["image"].cpu(), batches["cpu"]["image"], rtol=0, atol=0)  # same order
+
+
 def train(run: Path, precision: str, **fit) -> Pipeline:
     p = Denoiser(small_unet(), diffusion())  # small_unet seeds the init
     cfg = TrainConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, checkpoint_every=100, device="cuda", precision=precision)

@@ -90,6 +90,8 @@ class Trainer:
         if config.batch_size % self.dist.world_size:
             raise TrainingError(f"train.batch_size {config.batch_size} is not divisible by the {self.dist.world_size} processes")
         self.n = len(self.data["image"])
+        if self.device.type == "cuda":
+            self._keep_data_on_device()
         if self.n < config.batch_size:
             raise TrainingError(f"train.batch_size {config.batch_size} exceeds the {self.n} training items; lower it")
         self._stop_reason: str | None = None
@@ -104,11 +106,22 @@ class Trainer:
         self.pos += b
         return idx[self.dist.rank:: self.dist.world_size]  # each rank a disjoint shard of the global batch
 
+    def _keep_data_on_device(self) -> None:
+        """Move the data set to the GPU once when it fits in a quarter of the free memory (a zoo data set does:
+        shapes 32x32 is 123 MB), so a step gathers on the device instead of copying from pageable host memory."""
+        tensors = {k: v for k, v in self.data.items() if isinstance(v, Tensor)}
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if sum(v.nbytes for v in tensors.values()) <= free // 4:
+            self.data.update({k: v.to(self.device) for k, v in tensors.items()})
+
     def _batch(self) -> dict[str, Any]:
         idx = self._next_indices()
         out = {}
         for k, v in self.data.items():
-            out[k] = v[idx].to(self.device, non_blocking=True) if isinstance(v, Tensor) else [v[i] for i in idx.tolist()]
+            if isinstance(v, Tensor):  # a no-op .to when the data lives on the device already
+                out[k] = v[idx.to(v.device)].to(self.device, non_blocking=True)
+            else:
+                out[k] = [v[i] for i in idx.tolist()]
         return out
 
     # ------------------------------------------------------------------ stages and optimisers
