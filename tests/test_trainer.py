@@ -154,6 +154,44 @@ def test_ema_matches_closed_form() -> None:
     assert ema.shadow["weight"].item() == pytest.approx(shadow)
 
 
+def test_ema_averages_a_tied_weight_under_both_of_its_names() -> None:
+    m = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    m[1].weight = m[0].weight  # GPT ties lm_head to wte: two state-dict keys, one parameter
+    ema = EMA(m, decay=0.5)
+    start = m[0].weight.detach().clone()
+    m[0].weight.data.add_(1.0)
+    ema.updates = 100  # past the warm-up, so d = 0.5
+    ema.update(m)
+    sd = ema.weights_for(m)
+    torch.testing.assert_close(sd["0.weight"], start + 0.5)
+    torch.testing.assert_close(sd["1.weight"], start + 0.5)  # was the raw weight, start + 1
+    fresh = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    fresh[1].weight = fresh[0].weight
+    fresh.load_state_dict(sd)
+    torch.testing.assert_close(fresh[0].weight.detach(), start + 0.5)
+
+
+class FitsAPrior(Noisy):
+    """Fits a 'prior' to its decoder after training, like an autoencoder's latent GMM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.components["prior"] = nn.Module()
+        self.components["prior"].register_buffer("fitted_to", torch.zeros(16, 4))
+        self.add_module("prior", self.components["prior"])
+
+    def fit_after_training(self, data) -> None:
+        self.components["prior"].fitted_to.copy_(self.components["decoder"][0].weight.detach())
+
+
+def test_the_latent_prior_is_fitted_to_the_averaged_weights_it_is_saved_with(tmp_path: Path) -> None:
+    p, _ = train(FitsAPrior, tmp_path, cfg())
+    w = weights(tmp_path)
+    assert not torch.equal(w["decoder.0.weight"], w["raw.decoder.0.weight"])  # EMA and raw differ after 12 steps
+    torch.testing.assert_close(w["prior.fitted_to"], w["decoder.0.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(p.components["decoder"][0].weight.detach(), w["raw.decoder.0.weight"])  # training goes on raw
+
+
 def test_errors(tmp_path: Path) -> None:
     train(Noisy, tmp_path, cfg(steps=2))
     with pytest.raises(TrainingError, match="already holds a checkpoint; pass --resume"):

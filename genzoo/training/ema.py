@@ -40,5 +40,7 @@ class EMA:
 
     def weights_for(self, model: nn.Module) -> dict[str, Tensor]:
         """The model's full state dict with the averaged parameters in place of the raw ones."""
-        sd = model.state_dict()
-        return {k: self.shadow.get(k, v) for k, v in sd.items()}
+        # by identity, not name: a tied weight (GPT's lm_head = wte) has two state-dict keys but one parameter name
+        name = {id(p): k for k, p in model.named_parameters()}
+        return {k: self.shadow[name[id(v)]] if id(v) in name else v.detach()
+                for k, v in model.state_dict(keep_vars=True).items()}

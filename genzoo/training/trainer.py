@@ -8,6 +8,7 @@ optimiser, scheduler and EMA states, the data order and every RNG, so on CPU ``N
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -17,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -210,23 +211,35 @@ class Trainer:
                                                meta=meta, trainer_state=self._state(), keep=self.cfg.keep_checkpoints)
         return self.last_checkpoint
 
+    @contextlib.contextmanager
+    def _averaged_weights(self) -> Iterator[None]:
+        """The EMA weights in the pipeline for a block, the raw ones again after it. Buffers written inside stay
+        (a latent prior fitted here belongs with the averaged encoder that the checkpoint saves)."""
+        if not self.ema:
+            yield
+            return
+        raw = [p.detach().clone() for p in self.pipeline.parameters()]
+        self.ema.copy_to(self.pipeline)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(self.pipeline.parameters(), raw):
+                    p.copy_(r)
+
     def _sample_grid(self) -> None:
         if not self.dist.is_main:
             return
-        raw = {k: v.clone() for k, v in self.pipeline.state_dict().items()} if self.ema else None
-        if self.ema:
-            self.pipeline.load_state_dict(self.ema.weights_for(self.pipeline))
-        self.pipeline.eval()
         rng = torch.get_rng_state()
-        try:
-            g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-            x = self.pipeline.sample(self.cfg.sample_n, generator=g)
-            save_grid(x, self.run_dir / "samples" / f"step-{self.step:08d}.png")
-        finally:
-            torch.set_rng_state(rng)  # sampling must not change the training's random stream
-            if raw is not None:
-                self.pipeline.load_state_dict(raw)
-            self.pipeline.train()
+        with self._averaged_weights():
+            self.pipeline.eval()
+            try:
+                g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+                x = self.pipeline.sample(self.cfg.sample_n, generator=g)
+                save_grid(x, self.run_dir / "samples" / f"step-{self.step:08d}.png")
+            finally:
+                torch.set_rng_state(rng)  # sampling must not change the training's random stream
+                self.pipeline.train()
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
@@ -327,7 +340,8 @@ class Trainer:
                 signal.signal(s, h)
         finished = self.stage_index == len(self.stages) - 1 and self.stage_step >= self.stages[-1][1]
         if finished or (timed_out and self._stop_reason is None):  # a spent --minutes budget ends a run normally; a signal does not
-            self.pipeline.fit_after_training(self.data)
+            with self._averaged_weights():
+                self.pipeline.fit_after_training(self.data)
         wall = time.perf_counter() - t0
         self.wall_time += wall
         path = self._save()
