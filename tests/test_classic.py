@@ -198,6 +198,33 @@ def test_vector_quantizer_terms_straight_through_and_ema() -> None:
     assert torch.allclose(ema.codebook.flatten(), torch.tensor([1.0, 9.5]))
 
 
+def test_a_fresh_ema_codebook_leaves_unused_codes_where_they_are() -> None:
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 2, ema=True, restart_threshold=0.0)
+    init = vq.codebook.clone()
+    z = init[0].view(1, 2, 1, 1).repeat(1, 1, 2, 2) + 0.01  # every vector nearest code 0
+    _, codes, _ = vq(z)
+    assert (codes == 0).all()
+    torch.testing.assert_close(vq.codebook[1:], init[1:], rtol=1e-3, atol=0)  # was ~1e5 x init: never chosen again
+    assert (vq.codebook[0] - init[0]).abs().max() < 0.011  # code 0 moved toward its vectors, by at most 0.01
+
+
+def test_quantizer_assigns_and_averages_in_fp32_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    vq = VectorQuantizer(64, 8, ema=True, restart_threshold=0.0)
+    with torch.no_grad():
+        vq.codebook.mul_(2000.0)  # codes of norm ~17, where bf16 distances mis-assign most vectors
+        vq.embed_sum.copy_(vq.codebook)
+    twin = VectorQuantizer(64, 8, ema=True, restart_threshold=0.0)
+    twin.load_state_dict(vq.state_dict())
+    z = (vq.codebook[torch.randint(0, 64, (128,))] + 0.5 * torch.randn(128, 8)).view(2, 8, 8, 8).permute(0, 3, 1, 2)  # near codes
+    _, want, _ = twin(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, got, _ = vq(z)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(vq.embed_sum, twin.embed_sum)
+
+
 def test_dead_codes_restart_on_encoder_outputs() -> None:
     torch.manual_seed(0)
     vq = VectorQuantizer(16, 2)

@@ -37,7 +37,9 @@ class VectorQuantizer(nn.Module):
         init = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)
         if ema:
             self.register_buffer("codebook", init)
-            self.register_buffer("cluster_size", torch.zeros(num_codes))
+            # one pseudo-count at each initial code (as a restart sets): with zero counts the first update would
+            # divide an unused code's sum, 0.99 x init, by the smoothing constant and throw it ~1e5 x away
+            self.register_buffer("cluster_size", torch.ones(num_codes))
             self.register_buffer("embed_sum", init.clone())
         else:
             self.codebook = nn.Parameter(init)
@@ -45,8 +47,9 @@ class VectorQuantizer(nn.Module):
 
     def quantize(self, flat: Tensor) -> Tensor:
         """Nearest code index for each row of ``flat`` (N, D): argmin ||x||^2 - 2 x.e + ||e||^2."""
-        e = self.codebook
-        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
+        with torch.autocast(flat.device.type, enabled=False):  # in bf16 the distances pick other codes
+            flat, e = flat.float(), self.codebook.float()
+            d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
         return d.argmin(1)
 
     def embed(self, codes: Tensor) -> Tensor:
@@ -56,11 +59,11 @@ class VectorQuantizer(nn.Module):
     def forward(self, z_e: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         b, d, h, w = z_e.shape
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, d)
-        codes = self.quantize(flat.detach().float())
-        onehot = F.one_hot(codes, self.num_codes).to(flat.dtype)
+        codes = self.quantize(flat.detach())
+        onehot = F.one_hot(codes, self.num_codes).float()
         counts = onehot.sum(0)
         if self.training:
-            self._update(flat.detach(), onehot, counts)
+            self._update(flat.detach().float(), onehot, counts)
         e = F.embedding(codes, self.codebook)
         terms = {"commitment": self.beta * F.mse_loss(flat, e.detach())}
         terms["codebook"] = F.mse_loss(e, flat.detach()) if not self.ema else flat.new_zeros(())
@@ -74,7 +77,8 @@ class VectorQuantizer(nn.Module):
         self.usage.mul_(self.usage_decay).add_(share, alpha=1 - self.usage_decay)
         if self.ema:
             self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-            self.embed_sum.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+            with torch.autocast(flat.device.type, enabled=False):  # the cluster sums, like the distances, in fp32
+                self.embed_sum.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
             n = self.cluster_size.sum()
             smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n  # Laplace smoothing
             self.codebook.copy_(self.embed_sum / smoothed[:, None])
