@@ -115,7 +115,7 @@ class FittedGaussian(_Sized):
     def fit(self, z: Tensor, *, generator: torch.Generator | None = None) -> None:
         z = z.flatten(1).double()
         cov = torch.cov(z.t()).reshape(z.shape[1], z.shape[1])
-        cov = cov + self.jitter * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+        cov = cov + self.jitter * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
         self.mean.copy_(z.mean(0))
         self.scale_tril.copy_(torch.linalg.cholesky(cov))
         self.fitted.fill_(True)

@@ -12,10 +12,12 @@ import torch
 
 from genzoo import api
 from genzoo.checkpoint import load_checkpoint
+from genzoo.eval import metrics
 from genzoo.diffusion import ClassifierFreeGuidance, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 from genzoo.diffusion.guidance import CFGConfig
 from genzoo.diffusion.samplers import SAMPLERS
 from genzoo.nn import UNet, UNetConfig
+from genzoo.priors import FittedGaussian
 from genzoo.training import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -73,6 +75,17 @@ def test_guided_sampling_loops_never_synchronise(name: str) -> None:
 
 
 DATA = {"image": torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1}
+
+
+def test_knn_metrics_and_the_fitted_gaussian_take_cuda_tensors() -> None:
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(300, 8, generator=g), torch.randn(300, 8, generator=g) + 0.3
+    for metric in (metrics.precision_recall, metrics.density_coverage):
+        assert metric(real.to(CUDA), fake.to(CUDA)) == pytest.approx(metric(real, fake), abs=1e-9)
+    on_cpu, on_cuda = FittedGaussian((8,), 1e-5), FittedGaussian((8,), 1e-5).to(CUDA)
+    on_cpu.fit(real)
+    on_cuda.fit(real.to(CUDA))  # an autoencoder's latents are encoded on its device
+    torch.testing.assert_close(on_cuda.scale_tril.cpu(), on_cpu.scale_tril)
 
 
 def test_the_trainer_keeps_a_small_data_set_on_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -184,7 +184,7 @@ def _knn_radii(x: Tensor, k: int) -> Tensor:
     n = x.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} samples, got {k}")
-    radii = torch.empty(n, dtype=torch.float64)
+    radii = torch.empty(n, dtype=torch.float64, device=x.device)
     for start in range(0, n, _CHUNK):
         d = torch.cdist(x[start : start + _CHUNK], x)
         # k+1 smallest: the first is the point itself (distance ~0); the last is the k-th neighbour.
@@ -194,7 +194,7 @@ def _knn_radii(x: Tensor, k: int) -> Tensor:
 
 def _ball_counts(query: Tensor, centres: Tensor, radii: Tensor) -> Tensor:
     """For each query row, how many balls ``B(centres_i, radii_i)`` (closed) contain it."""
-    counts = torch.empty(query.shape[0], dtype=torch.int64)
+    counts = torch.empty(query.shape[0], dtype=torch.int64, device=query.device)
     for start in range(0, query.shape[0], _CHUNK):
         d = torch.cdist(query[start : start + _CHUNK], centres)
         counts[start : start + _CHUNK] = (d <= radii[None, :]).sum(1)
@@ -203,7 +203,7 @@ def _ball_counts(query: Tensor, centres: Tensor, radii: Tensor) -> Tensor:
 
 def _nearest_distance(query: Tensor, others: Tensor) -> Tensor:
     """Distance from each query row to its nearest row of ``others``."""
-    out = torch.empty(query.shape[0], dtype=torch.float64)
+    out = torch.empty(query.shape[0], dtype=torch.float64, device=query.device)
     for start in range(0, query.shape[0], _CHUNK):
         out[start : start + _CHUNK] = torch.cdist(query[start : start + _CHUNK], others).min(1).values
     return out
