@@ -227,13 +227,16 @@ def save_checkpoint(
                 f.flush()
                 os.fsync(f.fileno())
         final = ckpts / name
-        if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
-            shutil.rmtree(final)
+        if final.exists():  # re-saving a step (SIGTERM right after a periodic save): a second folder, so that
+            final = ckpts / f"{name}.{tmp.name.rsplit('.', 1)[1]}"  # `latest` never names a removed one
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_atomic(run_dir / "latest", (name + "\n").encode())
+    write_atomic(run_dir / "latest", (final.name + "\n").encode())
+    for older in ckpts.glob(f"{name}*"):  # the folders this save replaced (none unless the step was saved before)
+        if older != final:
+            shutil.rmtree(older, ignore_errors=True)
     if keep > 0:
         for old in sorted(p for p in ckpts.iterdir() if p.name.startswith("step-"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

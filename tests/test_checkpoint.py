@@ -82,6 +82,24 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]  # no temp dir left
 
 
+def test_resaving_a_step_never_leaves_latest_naming_a_removed_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import genzoo.checkpoint as ckmod
+
+    save_checkpoint(tmp_path, step=1, recipe=RECIPE, components=components(1))
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckmod.os, "replace", crash)  # dies while the re-save of step 1 moves in
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, step=1, recipe=RECIPE, components=components(2))
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(tmp_path).components["decoder"]["w"], components(1)["decoder"]["w"])
+    save_checkpoint(tmp_path, step=1, recipe=RECIPE, components=components(2))  # the re-save, uninterrupted
+    assert torch.equal(load_checkpoint(tmp_path).components["decoder"]["w"], components(2)["decoder"]["w"])
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 1  # the replaced folder is gone
+
+
 def _ckpt_dir(tmp_path: Path) -> Path:
     return save_checkpoint(tmp_path, step=1, recipe=RECIPE, components=components())
 
