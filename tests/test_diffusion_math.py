@@ -120,6 +120,15 @@ def test_eps_x0_v_round_trips(shape: tuple[int, ...]) -> None:
         torch.testing.assert_close(pred.mean, true_mean)
 
 
+def test_a_learned_variance_without_the_vlb_is_refused() -> None:
+    from genzoo.diffusion.decoder import DiffusionDecoderConfig, make_diffusion_decoder
+    from genzoo.errors import RegistryError
+
+    cfg = DiffusionDecoderConfig(var_type="learned-range", loss="simple")
+    with pytest.raises(RegistryError, match="learned-range trains its variance only through L_vlb; set loss: hybrid"):
+        make_diffusion_decoder(cfg, None)
+
+
 def test_learned_range_interpolates_between_the_two_fixed_variances() -> None:
     d = make(var=ModelVarType.LEARNED_RANGE)
     x, t = torch.zeros(2, 3, dtype=F64), torch.tensor([5, 700])  # (B, D) vectors: channels are dim 1

@@ -161,6 +161,10 @@ def test_respaced_process_is_cached_and_too_many_steps_are_refused() -> None:
         DDIMSampler(DDIMConfig(steps=1001)).respaced(d)
     with pytest.raises(ValueError, match="steps=1000 needs 1001 timesteps"):  # DPM-Solver++ needs one more grid point
         DPMSolverPlusPlus2M(SamplerConfig(steps=1000)).respaced(d)
+    for one in (1, "1"):  # one step keeps only t = 1: the "sample" would be the noise, clamped
+        with pytest.raises(ValueError, match="starts the chain at t = 1 of 1000, but x_T is pure noise; use steps >= 2"):
+            DDIMSampler(DDIMConfig(steps=one)).respaced(d)
+    assert DPMSolverPlusPlus2M(SamplerConfig(steps=1)).respaced(d).timestep_map[-1] == 999  # its grid has a second point
 
 
 @pytest.mark.parametrize("sampler", [

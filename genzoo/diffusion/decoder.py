@@ -116,6 +116,9 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
         clip_range=cfg.clip_range,
     )
     learn_sigma = cfg.var_type is VarType.learned_range
+    if learn_sigma and cfg.loss is Loss.simple:  # L_simple has no gradient for the variance channels
+        raise RegistryError("decoder 'diffusion-decoder': var_type learned-range trains its variance only through L_vlb; "
+                            "set loss: hybrid (Improved DDPM) or vlb, or var_type: fixed-small/fixed-large")
     if ctx.data is None:
         raise RegistryError("decoder 'diffusion-decoder' needs a dataset to size its denoiser")
     spec = dict(cfg.denoiser)

@@ -82,7 +82,11 @@ class DiffusionSampler(Sampler):
                 raise ValueError(
                     f"sampler steps={self.cfg.steps} needs {grid} timesteps but the model has {diffusion.num_timesteps}; use fewer steps"
                 )
-            hit = (diffusion, diffusion.respace(space_timesteps(diffusion.num_timesteps, grid)))
+            kept = space_timesteps(diffusion.num_timesteps, grid)
+            if max(kept) < diffusion.num_timesteps // 2:  # one section of one step keeps only t = 1 (as improved-diffusion)
+                raise ValueError(f"sampler steps={self.cfg.steps!r} starts the chain at t = {max(kept) + 1} of "
+                                 f"{diffusion.num_timesteps}, but x_T is pure noise; use steps >= 2")
+            hit = (diffusion, diffusion.respace(kept))
             self._respaced[key] = hit
         return hit[1]
 
