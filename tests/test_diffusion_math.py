@@ -120,13 +120,15 @@ def test_eps_x0_v_round_trips(shape: tuple[int, ...]) -> None:
         torch.testing.assert_close(pred.mean, true_mean)
 
 
-def test_a_learned_variance_without_the_vlb_is_refused() -> None:
+def test_a_learned_variance_without_the_vlb_and_a_reversed_blur_range_are_refused() -> None:
     from genzoo.diffusion.decoder import DiffusionDecoderConfig, make_diffusion_decoder
     from genzoo.errors import RegistryError
 
     cfg = DiffusionDecoderConfig(var_type="learned-range", loss="simple")
     with pytest.raises(RegistryError, match="learned-range trains its variance only through L_vlb; set loss: hybrid"):
         make_diffusion_decoder(cfg, None)
+    with pytest.raises(RegistryError, match=r"low_res_blur \[0.6, 0.2\] must be \[lo, hi\] with 0 <= lo <= hi"):
+        make_diffusion_decoder(DiffusionDecoderConfig(low_res_blur=(0.6, 0.2)), None)
 
 
 def test_learned_range_interpolates_between_the_two_fixed_variances() -> None:
@@ -273,3 +275,44 @@ def test_loss_aware_sampler_weights() -> None:
     torch.testing.assert_close(w, (1 / (4 * want[t])).float())  # importance weights keep the loss unbiased
     t, w = UniformSampler(7).sample(5, torch.device("cpu"))
     assert t.max() < 7 and torch.equal(w, torch.ones(5))
+
+
+# --------------------------------------------------------------------------- an upsampler's low-res blur
+
+
+def test_gaussian_blur_against_the_separable_kernel() -> None:
+    from genzoo.diffusion.decoder import gaussian_blur
+
+    x = torch.zeros(2, 3, 15, 15, dtype=F64)
+    x[:, :, 7, 7] = 1.0  # an impulse in the middle: the output is the 2-D kernel itself
+    sigma = torch.tensor([0.6, 1.5], dtype=F64)
+    y = gaussian_blur(x, sigma, radius=5)
+    for i, s in enumerate(sigma.tolist()):
+        k1 = torch.exp(-torch.arange(-5.0, 6.0, dtype=F64) ** 2 / (2 * s * s))
+        k1 = k1 / k1.sum()
+        torch.testing.assert_close(y[i, 1, 2:13, 2:13], torch.outer(k1, k1))
+    assert torch.allclose(y.sum((2, 3)), torch.ones(2, 3, dtype=F64))  # mass kept
+    flat = torch.full((2, 3, 6, 6), 0.3, dtype=F64)
+    torch.testing.assert_close(gaussian_blur(flat, sigma, radius=4), flat)  # replicated edges: a constant stays
+    noise = torch.randn(2, 3, 6, 6, dtype=F64)
+    torch.testing.assert_close(gaussian_blur(noise, torch.zeros(2, dtype=F64), radius=2), noise)  # std 0: identity
+
+
+def test_an_upsampler_sees_a_blurred_low_res_image_in_training_only() -> None:
+    from genzoo.diffusion.decoder import DiffusionDecoder, gaussian_blur
+    from genzoo.diffusion.samplers import DDIMConfig, DDIMSampler
+
+    seen = []
+
+    def net(x, t, cond):
+        seen.append(cond["low_res"])
+        return torch.zeros_like(x)
+
+    d = make(T=10, schedule="cosine")
+    dec = DiffusionDecoder(denoiser=net, diffusion=d, shape=(3, 8, 8), cond_drop=0.0, timestep_sampler=UniformSampler(10),
+                           low_res_blur=(0.5, 0.5))
+    low = torch.randn(2, 3, 4, 4)
+    dec.training_losses(torch.zeros(2, 3, 8, 8), {"low_res": low})
+    torch.testing.assert_close(seen[-1], gaussian_blur(low, torch.full((2,), 0.5), radius=2))
+    dec.decode(torch.zeros(2, 3, 8, 8), {"low_res": low}, sampler=DDIMSampler(DDIMConfig(steps=2)))
+    assert torch.equal(seen[-1], low)  # sampling conditions on the base model's output as it is

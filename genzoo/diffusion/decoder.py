@@ -7,6 +7,7 @@ loss, denoiser and condition; the pipeline adds the family's training objective.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Any, Mapping
 
@@ -64,11 +65,27 @@ class DiffusionDecoderConfig(BaseModel):
     emb_drop: float = Field(0.0, ge=0, le=1, description="probability of dropping only cond['emb'] (unCLIP's CLIP embedding: 0.1)")
     context_drop: float = Field(0.0, ge=0, le=1, description="probability of dropping only the caption tokens, independently of emb_drop (unCLIP: 0.5)")
     image_size: int | None = Field(None, ge=1, description="image side it draws; None: the dataset's (a cascade's base model is smaller)")
+    low_res_blur: tuple[float, float] | None = Field(
+        None, description="upsamplers: in training, blur cond['low_res'] with a Gaussian whose std (pixels of the low-res image) is "
+                          "drawn per image uniformly from [lo, hi], so that it learns to sharpen a base model's soft output (unCLIP Sec. 2.1)")
     denoiser: dict[str, Any] = Field(
         default_factory=lambda: {"type": "unet"},
         description="the network: {type: unet | mlp-denoiser | ..., fields}",
         json_schema_extra={"kind": "network"},
     )
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, *, radius: int) -> Tensor:
+    """Blur each image of ``x`` (B, C, H, W) with an isotropic Gaussian of its own std ``sigma`` (B,), in pixels:
+    one separable depthwise convolution, the kernel cut at ``radius`` and renormalised, edges replicated."""
+    b, c, h, w = x.shape
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-offsets[None] ** 2 / (2 * sigma.to(x.dtype)[:, None].clamp(min=1e-3) ** 2))  # std 0: a delta
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B * C, 2r + 1)
+    y = F.pad(x.reshape(1, b * c, h, w), (radius,) * 4, mode="replicate")
+    y = F.conv2d(y, k[:, None, None, :], groups=b * c)  # along the width
+    y = F.conv2d(y, k[:, None, :, None], groups=b * c)  # along the height
+    return y.view(b, c, h, w)
 
 
 class DiffusionDecoder(Decoder):
@@ -77,8 +94,10 @@ class DiffusionDecoder(Decoder):
     sampler_kind = SamplerKind.DIFFUSION
 
     def __init__(self, *, denoiser: nn.Module, diffusion: GaussianDiffusion, shape: tuple[int, ...], cond_drop: float,
-                 timestep_sampler: Any, needs_condition: frozenset[str] = frozenset(), emb_drop: float = 0.0, context_drop: float = 0.0) -> None:
+                 timestep_sampler: Any, needs_condition: frozenset[str] = frozenset(), emb_drop: float = 0.0, context_drop: float = 0.0,
+                 low_res_blur: tuple[float, float] | None = None) -> None:
         super().__init__()
+        self.low_res_blur = low_res_blur
         self.denoiser = denoiser
         self.diffusion = diffusion
         self.drops = {"drop": cond_drop, "drop_emb": emb_drop, "drop_context": context_drop}
@@ -96,6 +115,10 @@ class DiffusionDecoder(Decoder):
     def training_losses(self, x0: Tensor, cond: Condition | None = None) -> dict[str, Tensor]:
         """The per-batch diffusion loss at a t drawn by the timestep sampler (importance weights applied)."""
         t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
+        if self.low_res_blur is not None and cond and "low_res" in cond:
+            lo, hi = self.low_res_blur
+            sigma = lo + (hi - lo) * torch.rand(x0.shape[0], device=x0.device)
+            cond = {**cond, "low_res": gaussian_blur(cond["low_res"], sigma, radius=max(1, math.ceil(3 * hi)))}
         if cond:  # classifier-free guidance's null-condition dropout (Ho & Salimans 2021), each mask drawn independently
             cond = {**cond, **{k: torch.rand(x0.shape[0], device=x0.device) < p for k, p in self.drops.items() if p > 0}}
         terms = self.diffusion.training_losses(self.denoiser, x0, t, cond=cond)
@@ -116,6 +139,8 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
         clip_range=cfg.clip_range,
     )
     learn_sigma = cfg.var_type is VarType.learned_range
+    if cfg.low_res_blur is not None and not 0 <= cfg.low_res_blur[0] <= cfg.low_res_blur[1]:
+        raise RegistryError(f"decoder 'diffusion-decoder': low_res_blur {list(cfg.low_res_blur)} must be [lo, hi] with 0 <= lo <= hi")
     if learn_sigma and cfg.loss is Loss.simple:  # L_simple has no gradient for the variance channels
         raise RegistryError("decoder 'diffusion-decoder': var_type learned-range trains its variance only through L_vlb; "
                             "set loss: hybrid (Improved DDPM) or vlb, or var_type: fixed-small/fixed-large")
@@ -136,7 +161,7 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
     denoiser = ctx.registry.build("network", spec, data=ctx.data, where="decoder 'diffusion-decoder': denoiser: ")
     return DiffusionDecoder(
         denoiser=denoiser, diffusion=diffusion, shape=shape, cond_drop=cfg.cond_drop, emb_drop=cfg.emb_drop, context_drop=cfg.context_drop,
-        timestep_sampler=create_timestep_sampler(cfg.timestep_sampler, diffusion),
+        timestep_sampler=create_timestep_sampler(cfg.timestep_sampler, diffusion), low_res_blur=cfg.low_res_blur,
     )
 
 
