@@ -20,7 +20,7 @@ from genzoo.errors import GenzooError
 from genzoo.interfaces import Pipeline
 from genzoo.nn import CONV_MEMORY_FORMAT, MLPDenoiser, UNet
 from genzoo.plugins import default_registry, plugin_infos
-from genzoo.recipes import Recipe, apply_overrides, build_pipeline, get_recipe, load_recipes, resolve
+from genzoo.recipes import Recipe, apply_overrides, build_pipeline, get_recipe, load_recipes, refresh, resolve
 from genzoo.registry import Entry, Registry
 
 
@@ -128,7 +128,7 @@ def _own_weights_only(resolved: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def init_from(pipeline: Pipeline, resolved: Mapping[str, Any], path: str | Path) -> list[str]:
+def init_from(pipeline: Pipeline, resolved: Mapping[str, Any], path: str | Path, *, registry: Registry | None = None) -> list[str]:
     """Load into ``pipeline`` the weights of every component whose resolved spec equals the one in the
     checkpoint at ``path`` (the same type and fields, so the same architecture); returns those roles.
 
@@ -136,7 +136,7 @@ def init_from(pipeline: Pipeline, resolved: Mapping[str, Any], path: str | Path)
     AR prior in place of the diffusion prior) trains only that one with the others' stages set to 0.
     """
     ckpt = load_checkpoint(path)
-    theirs = ckpt.recipe.get("components", {})
+    theirs = refresh(ckpt.recipe, registry or default_registry())["components"]  # fields added since it was saved: defaults
     children = dict(pipeline.named_children())
     roles = [r for r, state in ckpt.components.items() if r in children and theirs.get(r) == resolved["components"].get(r)]
     for role in roles:

@@ -230,26 +230,29 @@ def nested_kinds(config: type[BaseModel]) -> dict[str, str]:
     return out
 
 
+def resolve_spec(kind: str, s: Any, registry: Registry, where: str) -> dict[str, Any]:
+    """One component spec validated against its config, every default (nested ones too) filled in."""
+    try:
+        cfg = registry.config(kind, s, where=f"{where}: ")
+    except GenzooError as e:
+        raise RecipeError(str(e)) from None
+    out = {"type": s["type"] if isinstance(s, Mapping) else s, **cfg.model_dump(mode="json")}
+    for field, sub_kind in nested_kinds(type(cfg)).items():
+        if isinstance(out.get(field), Mapping):
+            out[field] = resolve_spec(sub_kind, out[field], registry, f"{where}.{field}")
+    return out
+
+
 def resolve(name: str, recipe: Recipe, registry: Registry) -> dict[str, Any]:
     """Validate every spec against its component config and fill all defaults."""
     from genzoo.training.config import TrainConfig
 
-    def spec(kind: str, s: Mapping[str, Any], where: str) -> dict[str, Any]:
-        try:
-            cfg = registry.config(kind, s, where=f"recipe '{name}': {where}: ")
-        except GenzooError as e:
-            raise RecipeError(str(e)) from None
-        out = {"type": s["type"] if isinstance(s, Mapping) else s, **cfg.model_dump(mode="json")}
-        for field, sub_kind in nested_kinds(type(cfg)).items():
-            if isinstance(out.get(field), Mapping):
-                out[field] = spec(sub_kind, out[field], f"{where}.{field}")
-        return out
-
     out: dict[str, Any] = {"name": name, "description": recipe.description}
-    out["pipeline"] = spec("pipeline", recipe.pipeline, "pipeline")
-    out["data"] = spec("dataset", recipe.data, "data")
+    out["pipeline"] = resolve_spec("pipeline", recipe.pipeline, registry, f"recipe '{name}': pipeline")
+    out["data"] = resolve_spec("dataset", recipe.data, registry, f"recipe '{name}': data")
     out["components"] = {
-        role: spec(role_kind(role), s, f"components.{role}") for role, s in recipe.components.items() if s is not None
+        role: resolve_spec(role_kind(role), s, registry, f"recipe '{name}': components.{role}")
+        for role, s in recipe.components.items() if s is not None
     }
     try:
         out["train"] = TrainConfig.model_validate(recipe.train).model_dump(mode="json")
@@ -259,6 +262,23 @@ def resolve(name: str, recipe: Recipe, registry: Registry) -> dict[str, Any]:
         msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
         raise RecipeError(f"recipe '{name}': field 'train.{loc}': {msg}") from None
     out["sample"] = recipe.sample.model_dump(mode="json")
+    return out
+
+
+def refresh(resolved: Mapping[str, Any], registry: Registry) -> dict[str, Any]:
+    """A stored resolved recipe (a checkpoint's) resolved again by today's registry, so that fields added to a
+    component since it was saved hold their defaults and it compares equal to today's resolution of the same
+    recipe. A spec today's registry rejects (a type or field since removed) is kept as stored: it differs."""
+    out = copy.deepcopy(dict(resolved))
+
+    def again(s: Any, role: str) -> Any:
+        try:
+            return resolve_spec(role_kind(role), s, registry, "stored recipe") if isinstance(s, Mapping) else s
+        except GenzooError:
+            return s
+
+    out["pipeline"], out["data"] = again(out.get("pipeline"), "pipeline"), again(out.get("data"), "dataset")
+    out["components"] = {role: again(s, role) for role, s in out.get("components", {}).items()}
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from genzoo.errors import RecipeError
-from genzoo.recipes import apply_overrides, get_recipe, load_recipes, parse_recipe, read_recipe_file, resolve, role_kind
+from genzoo.recipes import apply_overrides, get_recipe, load_recipes, parse_recipe, read_recipe_file, refresh, resolve, role_kind
 from genzoo.registry import Registry
 
 
@@ -59,6 +59,15 @@ def test_resolve_fills_defaults_at_every_depth(reg: Registry) -> None:
     assert out["components"]["decoder"] == {"type": "dec", "schedule": "linear", "net": {"type": "mlp", "width": 4, "depth": 2}}
     assert out["components"]["sampler"] == {"type": "ddim", "steps": 10}
     assert out["train"]["steps"] == 5 and "batch_size" in out["train"]
+
+
+def test_refresh_fills_fields_added_since_a_recipe_was_stored(reg: Registry) -> None:
+    today = resolve("toy", parse_recipe("toy", BODY), reg)
+    stored = resolve("toy", parse_recipe("toy", BODY), reg)
+    del stored["components"]["decoder"]["schedule"], stored["components"]["decoder"]["net"]["depth"]  # an older config
+    assert stored != today and refresh(stored, reg) == today
+    stored["components"]["decoder"]["removed_since"] = 1  # a field today's config rejects: kept, so it differs
+    assert refresh(stored, reg)["components"]["decoder"]["removed_since"] == 1
 
 
 def test_nested_spec_errors_name_the_path(reg: Registry) -> None:

@@ -192,6 +192,27 @@ def test_the_latent_prior_is_fitted_to_the_averaged_weights_it_is_saved_with(tmp
     torch.testing.assert_close(p.components["decoder"][0].weight.detach(), w["raw.decoder.0.weight"])  # training goes on raw
 
 
+def test_a_run_saved_before_a_config_field_existed_resumes_and_inits(tmp_path: Path) -> None:
+    from genzoo import api
+    from genzoo.plugins import default_registry
+
+    resolved = api.resolve_recipe("ddpm-digits", sets=["decoder.denoiser.model_channels=8", "decoder.denoiser.attention_resolutions=[]"])
+    source = api.build_data(resolved)
+    older = {**resolved, "components": {**resolved["components"], "decoder": dict(resolved["components"]["decoder"])}}
+    del older["components"]["decoder"]["low_res_blur"]  # as a genzoo before that field would have stored it
+
+    def trainer(recipe, steps: int, **kw) -> Trainer:
+        config = TrainConfig(steps=steps, batch_size=8, checkpoint_every=100, device="cpu")
+        return Trainer(api.create_model(resolved, data_spec=source.spec), source.split("train").tensors(), config=config,
+                       run_dir=tmp_path, recipe=recipe, progress=False, **kw)
+
+    trainer(older, 2).fit()
+    assert "decoder" in api.init_from(api.create_model(resolved, data_spec=source.spec), resolved, tmp_path)  # --init-from too
+    with pytest.raises(TrainingError, match="the recipe's 'components' differs from the checkpoint's"):
+        trainer(resolved, 3).fit(resume=True)  # compared as stored
+    assert trainer(resolved, 3, registry=default_registry()).fit(resume=True).step == 3  # as today's registry resolves it
+
+
 def test_errors(tmp_path: Path) -> None:
     train(Noisy, tmp_path, cfg(steps=2))
     with pytest.raises(TrainingError, match="already holds a checkpoint; pass --resume"):

@@ -29,6 +29,8 @@ from genzoo import precision
 from genzoo.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from genzoo.errors import TrainingError
 from genzoo.nn import CONV_MEMORY_FORMAT
+from genzoo.recipes import refresh
+from genzoo.registry import Registry
 from genzoo.training import distributed
 from genzoo.training.config import TrainConfig
 from genzoo.training.ema import EMA
@@ -81,9 +83,11 @@ class _Losses(nn.Module):
 
 class Trainer:
     def __init__(self, pipeline: nn.Module, train_data: Mapping[str, Any], *, config: TrainConfig, run_dir: str | Path,
-                 recipe: Mapping[str, Any], meta: Mapping[str, Any] | None = None, progress: bool = True) -> None:
+                 recipe: Mapping[str, Any], meta: Mapping[str, Any] | None = None, progress: bool = True,
+                 registry: Registry | None = None) -> None:
         self.pipeline, self.data, self.cfg = pipeline, dict(train_data), config
         self.run_dir, self.recipe, self.meta, self.progress = Path(run_dir), dict(recipe), dict(meta or {}), progress
+        self.registry = registry  # when given, --resume compares a checkpoint's recipe as today's registry resolves it
         self.device = resolve_device(config.device)
         self.dist = distributed.setup(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
@@ -278,8 +282,9 @@ class Trainer:
             if not has_checkpoint(self.run_dir):
                 raise TrainingError(f"--resume: {self.run_dir} holds no checkpoint; train without --resume first")
             ck = load_checkpoint(self.run_dir, with_trainer_state=True)
+            theirs = refresh(ck.recipe, self.registry) if self.registry is not None else ck.recipe
             for key in ("pipeline", "data", "components"):
-                if ck.recipe.get(key) != self.recipe.get(key):
+                if theirs.get(key) != self.recipe.get(key):
                     raise TrainingError(f"--resume: the recipe's '{key}' differs from the checkpoint's in {self.run_dir}; "
                                         "resume with the same recipe or train into a new --out")
             self._restore(ck.trainer_state)
