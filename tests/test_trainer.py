@@ -141,6 +141,16 @@ def test_lr_schedule_and_log(tmp_path: Path) -> None:
     assert lr_factor(0, warmup=0, total=10, schedule="constant", min_ratio=0.1) == 1.0
 
 
+def test_an_optimiser_stepped_twice_a_step_follows_the_same_lr_schedule(tmp_path: Path) -> None:
+    config = cfg(stages={"pre": 0, "game": 6}, optimizer_ratio={"discriminator": 2}, warmup_steps=2, lr_schedule="cosine",
+                 min_lr_ratio=0.0, ema_decay=None)
+    train(TwoPlayer, tmp_path, config)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    want = [config.lr * lr_factor(s, warmup=2, total=6, schedule="cosine", min_ratio=0.0) for s in range(1, 7)]
+    assert [r["lr/discriminator"] for r in rows] == pytest.approx(want)  # was twice as far along: the cosine ended at step 3
+    assert [r["lr/generator"] for r in rows] == pytest.approx(want)
+
+
 def test_ema_matches_closed_form() -> None:
     m = nn.Linear(1, 1, bias=False)
     nn.init.zeros_(m.weight)

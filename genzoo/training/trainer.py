@@ -375,7 +375,7 @@ class Trainer:
                     names.append((name, f"grad_norm/{name}" if len(self.opts) > 1 else "grad_norm"))
                     values.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).float())
                 opt.step()
-                self.scheds[name].step()
+            self.scheds[name].step()  # once per global step, however often its optimiser stepped: the schedule counts steps
         flat = torch.stack(values).tolist()
         bad = next(((o, k, v) for (o, k), v in zip(names, flat) if not k.startswith("grad_norm") and not math.isfinite(v)), None)
         if bad:  # raised before the EMA and any checkpoint see this step, so nothing written holds it
