@@ -81,6 +81,12 @@ def test_log_variances_at_the_first_step_are_clipped() -> None:
     assert post[0] == 0  # btilde_1 = 0 exactly: its log is clipped to log btilde_2
     np.testing.assert_allclose(d.tables["posterior_log_variance_clipped"], np.log(np.append(post[1], post[1:])), rtol=1e-12)
     np.testing.assert_allclose(d.tables["log_betas_large"], np.log(np.append(post[1], b[1:])), rtol=1e-12)
+    # the variance a fixed-small prediction carries (what guidance scales its gradient by) is the exact btilde:
+    # 0 at t = 1, so classifier guidance does not move the last step (guided-diffusion's condition_mean)
+    x, t = torch.zeros(2, 3, dtype=F64), torch.tensor([0, 500])
+    pred = d.p_mean_variance(torch.zeros_like(x), x, t)
+    torch.testing.assert_close(pred.variance[:, 0], torch.tensor(post[[0, 500]]))
+    torch.testing.assert_close(pred.log_variance[:, 0], torch.tensor(np.log(post[[1, 500]])))
 
 
 # ------------------------------------------------------------------ forward process and parameterisations

@@ -223,9 +223,13 @@ class GaussianDiffusion:
             frac = (v + 1) / 2
             max_log, min_log = torch.log(self.extract("betas", t, x_t)), self.extract("posterior_log_variance_clipped", t, x_t)
             log_variance = frac * max_log + (1 - frac) * min_log
-        else:
-            name = "log_betas_large" if self.model_var_type is ModelVarType.FIXED_LARGE else "posterior_log_variance_clipped"
-            log_variance = self.extract(name, t, x_t).expand_as(x_t)
+            variance = torch.exp(log_variance)
+        elif self.model_var_type is ModelVarType.FIXED_LARGE:
+            log_variance = self.extract("log_betas_large", t, x_t).expand_as(x_t)
+            variance = torch.exp(log_variance)
+        else:  # the exact btilde_t, 0 at t = 1 (only its log is clipped), so guidance leaves the last step alone
+            log_variance = self.extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+            variance = self.extract("posterior_variance", t, x_t).expand_as(x_t)
         if self.model_mean_type is ModelMeanType.EPSILON:
             pred_xstart = self._predict_xstart_from_eps(x_t, t, out)
         elif self.model_mean_type is ModelMeanType.START_X:
@@ -239,7 +243,7 @@ class GaussianDiffusion:
         else:
             pred_eps = self._predict_eps_from_xstart(x_t, t, pred_xstart)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
-        return Prediction(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance,
+        return Prediction(mean=mean, variance=variance, log_variance=log_variance,
                           pred_xstart=pred_xstart, pred_eps=pred_eps)
 
     def prediction_from_eps(self, pred: Prediction, x_t: Tensor, t: Tensor, eps: Tensor) -> Prediction:
