@@ -194,6 +194,19 @@ class FitsAPrior(Noisy):
         self.components["prior"].fitted_to.copy_(self.components["decoder"][0].weight.detach())
 
 
+class FitFails(Noisy):
+    def fit_after_training(self, data) -> None:
+        raise RuntimeError("EM did not converge")
+
+
+def test_the_last_step_is_saved_once_and_even_when_the_fit_after_training_fails(tmp_path: Path) -> None:
+    train(Noisy, tmp_path / "ok", cfg(steps=8, checkpoint_every=4, keep_checkpoints=5))
+    assert sorted(p.name for p in (tmp_path / "ok" / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]
+    with pytest.raises(RuntimeError, match="EM did not converge"):
+        train(FitFails, tmp_path / "fails", cfg(steps=8, checkpoint_every=100))
+    assert load_checkpoint(tmp_path / "fails").step == 8  # eight steps of training are not lost with it
+
+
 def test_the_latent_prior_is_fitted_to_the_averaged_weights_it_is_saved_with(tmp_path: Path) -> None:
     p, _ = train(FitsAPrior, tmp_path, cfg())
     w = weights(tmp_path)

@@ -333,10 +333,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}", stage=stage)
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and self.pipeline.ready_to_sample():
                     self._sample_grid()
-                if self.step % cfg.checkpoint_every == 0:
-                    self._save()
                 timed_out = deadline is not None and time.monotonic() > deadline
                 stop = distributed.any_flag(self._stop_reason is not None or timed_out or self.step == stop_at, self.dist, self.device)
+                ends = stop or (self.stage_index == len(self.stages) - 1 and self.stage_step >= stage_total)
+                if self.step % cfg.checkpoint_every == 0 and not ends:  # the last step is saved once, below
+                    self._save()
                 if stop:
                     break
         finally:
@@ -344,12 +345,14 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
         finished = self.stage_index == len(self.stages) - 1 and self.stage_step >= self.stages[-1][1]
-        if finished or (timed_out and self._stop_reason is None):  # a spent --minutes budget ends a run normally; a signal does not
-            with self._averaged_weights():
-                self.pipeline.fit_after_training(self.data)
-        wall = time.perf_counter() - t0
-        self.wall_time += wall
-        path = self._save()
+        try:
+            if finished or (timed_out and self._stop_reason is None):  # a spent --minutes budget ends a run normally; a signal does not
+                with self._averaged_weights():
+                    self.pipeline.fit_after_training(self.data)
+        finally:  # the trained weights are saved even if fitting the latent prior fails
+            wall = time.perf_counter() - t0
+            self.wall_time += wall
+            path = self._save()
         if self._stop_reason:
             print(f"genzoo train: {self._stop_reason} received; checkpoint written at step {self.step}; continue with --resume")
         return TrainResult(step=self.step, losses=last, wall_time=wall, steps_per_sec=steps_done / max(wall, 1e-9),
