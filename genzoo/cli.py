@@ -225,7 +225,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from genzoo import api
-    from genzoo.plugins import default_registry
     from genzoo.training import Trainer, TrainConfig
 
     sets = list(args.sets)
@@ -250,7 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"initialised {', '.join(roles) or 'no component'} from {args.init_from}", file=sys.stderr)
     meta = {"data_spec": api.data_spec_dict(source.spec), "data_fingerprint": train.fingerprint(), "recipe_name": args.recipe}
     result = Trainer(pipeline, train.tensors(), config=config, run_dir=args.out, recipe=resolved, meta=meta,
-                     progress=not args.no_progress, registry=default_registry()).fit(resume=args.resume)
+                     progress=not args.no_progress).fit(resume=args.resume)
     print(f"trained {args.recipe} to step {result.step} in {result.wall_time:.1f}s; checkpoint {result.checkpoint}")
     return 0
 

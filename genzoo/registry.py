@@ -86,6 +86,8 @@ def _format_validation(kind: str, name: str, err: ValidationError, where: str = 
     inp = first.get("input")
     got = "" if first["type"] in ("missing", "extra_forbidden") else f" (got {inp!r})"
     more = f" and {len(err.errors()) - 1} more problem(s)" if len(err.errors()) > 1 else ""
+    if not first["loc"] and first["type"] == "value_error":  # a check across fields: its own sentence names them
+        return f"{where}{kind} '{name}': {first['ctx']['error']}{more}; see `genzoo info {kind}:{name}` for its fields"
     return f"{where}{kind} '{name}': field '{loc}': {msg}{got}{more}; see `genzoo info {kind}:{name}` for its fields"
 
 

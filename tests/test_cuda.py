@@ -12,10 +12,10 @@ import torch
 
 from genzoo import api
 from genzoo.checkpoint import load_checkpoint
-from genzoo.eval import metrics
 from genzoo.diffusion import ClassifierFreeGuidance, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 from genzoo.diffusion.guidance import CFGConfig
 from genzoo.diffusion.samplers import SAMPLERS
+from genzoo.eval import metrics
 from genzoo.nn import UNet, UNetConfig
 from genzoo.priors import FittedGaussian
 from genzoo.training import TrainConfig, Trainer

@@ -126,15 +126,15 @@ def test_eps_x0_v_round_trips(shape: tuple[int, ...]) -> None:
         torch.testing.assert_close(pred.mean, true_mean)
 
 
-def test_a_learned_variance_without_the_vlb_and_a_reversed_blur_range_are_refused() -> None:
-    from genzoo.diffusion.decoder import DiffusionDecoderConfig, make_diffusion_decoder
-    from genzoo.errors import RegistryError
+def test_a_learned_variance_without_the_vlb_and_a_reversed_blur_range_are_refused_when_resolved() -> None:
+    from genzoo import api
+    from genzoo.errors import RecipeError
 
-    cfg = DiffusionDecoderConfig(var_type="learned-range", loss="simple")
-    with pytest.raises(RegistryError, match="learned-range trains its variance only through L_vlb; set loss: hybrid"):
-        make_diffusion_decoder(cfg, None)
-    with pytest.raises(RegistryError, match=r"low_res_blur \[0.6, 0.2\] must be \[lo, hi\] with 0 <= lo <= hi"):
-        make_diffusion_decoder(DiffusionDecoderConfig(low_res_blur=(0.6, 0.2)), None)
+    with pytest.raises(RecipeError, match="recipe 'iddpm-digits': components.decoder: decoder 'diffusion-decoder': var_type "
+                                          "learned-range trains its variance only through L_vlb; set loss: hybrid"):
+        api.resolve_recipe("iddpm-digits", sets=["decoder.loss=simple"])
+    with pytest.raises(RecipeError, match=r"'diffusion-decoder': low_res_blur \[0.6, 0.2\] must be \[lo, hi\] with 0 <= lo <= hi; see"):
+        api.resolve_recipe("ddpm-digits", sets=["decoder.low_res_blur=[0.6, 0.2]"])
 
 
 def test_learned_range_interpolates_between_the_two_fixed_variances() -> None:

@@ -164,6 +164,10 @@ def test_respaced_process_is_cached_and_too_many_steps_are_refused() -> None:
     for one in (1, "1"):  # one step keeps only t = 1: the "sample" would be the noise, clamped
         with pytest.raises(ValueError, match="starts the chain at t = 1 of 1000, but x_T is pure noise; use steps >= 2"):
             DDIMSampler(DDIMConfig(steps=one)).respaced(d)
+    with pytest.raises(ValueError, match="steps='5,0' starts the chain at t = 500 of 1000"):
+        DDIMSampler(DDIMConfig(steps="5,0")).respaced(d)
+    with pytest.raises(ValueError, match="steps=0 keeps no step of 1000"):
+        DDIMSampler(DDIMConfig(steps=0)).respaced(d)
     assert DPMSolverPlusPlus2M(SamplerConfig(steps=1)).respaced(d).timestep_map[-1] == 999  # its grid has a second point
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
@@ -73,6 +73,15 @@ class DiffusionDecoderConfig(BaseModel):
         description="the network: {type: unet | mlp-denoiser | ..., fields}",
         json_schema_extra={"kind": "network"},
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusionDecoderConfig:
+        if self.low_res_blur is not None and not 0 <= self.low_res_blur[0] <= self.low_res_blur[1]:
+            raise ValueError(f"low_res_blur {list(self.low_res_blur)} must be [lo, hi] with 0 <= lo <= hi")
+        if self.var_type is VarType.learned_range and self.loss is Loss.simple:  # L_simple gives the variance no gradient
+            raise ValueError("var_type learned-range trains its variance only through L_vlb; set loss: hybrid (Improved DDPM) "
+                             "or vlb, or var_type: fixed-small/fixed-large")
+        return self
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor, *, radius: int) -> Tensor:
@@ -139,11 +148,6 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
         clip_range=cfg.clip_range,
     )
     learn_sigma = cfg.var_type is VarType.learned_range
-    if cfg.low_res_blur is not None and not 0 <= cfg.low_res_blur[0] <= cfg.low_res_blur[1]:
-        raise RegistryError(f"decoder 'diffusion-decoder': low_res_blur {list(cfg.low_res_blur)} must be [lo, hi] with 0 <= lo <= hi")
-    if learn_sigma and cfg.loss is Loss.simple:  # L_simple has no gradient for the variance channels
-        raise RegistryError("decoder 'diffusion-decoder': var_type learned-range trains its variance only through L_vlb; "
-                            "set loss: hybrid (Improved DDPM) or vlb, or var_type: fixed-small/fixed-large")
     if ctx.data is None:
         raise RegistryError("decoder 'diffusion-decoder' needs a dataset to size its denoiser")
     spec = dict(cfg.denoiser)

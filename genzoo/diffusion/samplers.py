@@ -83,9 +83,10 @@ class DiffusionSampler(Sampler):
                     f"sampler steps={self.cfg.steps} needs {grid} timesteps but the model has {diffusion.num_timesteps}; use fewer steps"
                 )
             kept = space_timesteps(diffusion.num_timesteps, grid)
-            if max(kept) < diffusion.num_timesteps // 2:  # one section of one step keeps only t = 1 (as improved-diffusion)
-                raise ValueError(f"sampler steps={self.cfg.steps!r} starts the chain at t = {max(kept) + 1} of "
-                                 f"{diffusion.num_timesteps}, but x_T is pure noise; use steps >= 2")
+            if not kept or max(kept) < diffusion.num_timesteps // 2:  # one section of one step keeps only t = 1 (as improved-diffusion)
+                start = f"starts the chain at t = {max(kept) + 1}" if kept else "keeps no step"
+                raise ValueError(f"sampler steps={self.cfg.steps!r} {start} of {diffusion.num_timesteps}, but x_T is pure "
+                                 "noise; use steps >= 2 (in every section of a '10,10,3' string)")
             hit = (diffusion, diffusion.respace(kept))
             self._respaced[key] = hit
         return hit[1]

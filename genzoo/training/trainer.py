@@ -29,6 +29,7 @@ from genzoo import precision
 from genzoo.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from genzoo.errors import TrainingError
 from genzoo.nn import CONV_MEMORY_FORMAT
+from genzoo.plugins import default_registry
 from genzoo.recipes import refresh
 from genzoo.registry import Registry
 from genzoo.training import distributed
@@ -87,7 +88,7 @@ class Trainer:
                  registry: Registry | None = None) -> None:
         self.pipeline, self.data, self.cfg = pipeline, dict(train_data), config
         self.run_dir, self.recipe, self.meta, self.progress = Path(run_dir), dict(recipe), dict(meta or {}), progress
-        self.registry = registry  # when given, --resume compares a checkpoint's recipe as today's registry resolves it
+        self.registry = registry  # --resume compares a checkpoint's recipe as this (default: the plugins') resolves it
         self.device = resolve_device(config.device)
         self.dist = distributed.setup(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
@@ -95,6 +96,7 @@ class Trainer:
         if config.batch_size % self.dist.world_size:
             raise TrainingError(f"train.batch_size {config.batch_size} is not divisible by the {self.dist.world_size} processes")
         self.n = len(self.data["image"])
+        self._pin_indices = False
         if self.device.type == "cuda":
             self._keep_data_on_device()
         if self.n < config.batch_size:
@@ -118,13 +120,16 @@ class Trainer:
         free, _ = torch.cuda.mem_get_info(self.device)
         if sum(v.nbytes for v in tensors.values()) <= free // 4:
             self.data.update({k: v.to(self.device) for k, v in tensors.items()})
+            self._pin_indices = True
 
     def _batch(self) -> dict[str, Any]:
         idx = self._next_indices()
+        # indices for device-resident data cross from pinned memory without waiting for the queue to drain
+        on_device = idx.pin_memory().to(self.device, non_blocking=True) if self._pin_indices else idx
         out = {}
         for k, v in self.data.items():
             if isinstance(v, Tensor):  # a no-op .to when the data lives on the device already
-                out[k] = v[idx.to(v.device)].to(self.device, non_blocking=True)
+                out[k] = v[on_device if v.device == on_device.device else idx].to(self.device, non_blocking=True)
             else:
                 out[k] = [v[i] for i in idx.tolist()]
         return out
@@ -282,7 +287,7 @@ class Trainer:
             if not has_checkpoint(self.run_dir):
                 raise TrainingError(f"--resume: {self.run_dir} holds no checkpoint; train without --resume first")
             ck = load_checkpoint(self.run_dir, with_trainer_state=True)
-            theirs = refresh(ck.recipe, self.registry) if self.registry is not None else ck.recipe
+            theirs = refresh(ck.recipe, self.registry or default_registry())
             for key in ("pipeline", "data", "components"):
                 if theirs.get(key) != self.recipe.get(key):
                     raise TrainingError(f"--resume: the recipe's '{key}' differs from the checkpoint's in {self.run_dir}; "
@@ -335,7 +340,7 @@ class Trainer:
                     self._sample_grid()
                 timed_out = deadline is not None and time.monotonic() > deadline
                 stop = distributed.any_flag(self._stop_reason is not None or timed_out or self.step == stop_at, self.dist, self.device)
-                ends = stop or (self.stage_index == len(self.stages) - 1 and self.stage_step >= stage_total)
+                ends = stop or (self.stage_step >= stage_total and all(n == 0 for _, n in self.stages[self.stage_index + 1:]))
                 if self.step % cfg.checkpoint_every == 0 and not ends:  # the last step is saved once, below
                     self._save()
                 if stop:
