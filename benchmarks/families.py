@@ -24,7 +24,7 @@ from genzoo import api
 from genzoo.eval.evaluate import prior_tokens_per_sample
 from genzoo.nn import CONV_MEMORY_FORMAT
 from genzoo.precision import autocast
-from common import best_time, flops
+from common import PEER_UNET, best_time, diffusers_unet, flops
 
 # recipe -> sampling swaps (fewer steps than the recipes' defaults, so the run stays short on a CPU)
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -120,19 +120,15 @@ def family_rows(batch: int, peak: float, device: torch.device, names: list[str],
 def diffusers_peers(batch: int, steps: int, device: torch.device) -> list[dict[str, Any]] | str:
     """Ours vs diffusers' UNet2DModel of equal FLOPs: each of the three samplers, and a training step."""
     try:
-        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
     except ImportError:
         return "diffusers is not installed (pip install -e '.[bench]')"
     from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
     from genzoo.diffusion.samplers import SAMPLERS
-    from genzoo.nn import UNet, UNetConfig
+    from genzoo.nn import UNet
 
-    cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2,
-                     attention_resolutions=[16, 8], resblock_updown=False)  # conv resampling, as UNet2DModel: equal FLOPs
-    ours = UNet(cfg).to(device, memory_format=CONV_MEMORY_FORMAT)  # each library at its defaults
-    theirs = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128), layers_per_block=2,
-                         down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")).to(device)
+    ours = UNet(PEER_UNET).to(device, memory_format=CONV_MEMORY_FORMAT)  # each library at its defaults
+    theirs = diffusers_unet().to(device)
     x, t = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 1000, (batch,), device=device)
     with torch.inference_mode():
         f_ours, f_theirs = flops(lambda: ours(x, t)), flops(lambda: theirs(x, t))

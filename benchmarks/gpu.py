@@ -98,27 +98,27 @@ def images(batch: int, image_size: int, device: torch.device) -> dict[str, torch
     return {"image": torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=CONV_MEMORY_FORMAT)}
 
 
+def forward_backward(pipe: Denoiser, batch: dict[str, torch.Tensor]) -> None:
+    """The diffusion loss under bf16 autocast (train.precision=bf16) and its backward: the model FLOPs of a step."""
+    with autocast(batch["image"].device, "bf16"):
+        loss = pipe.training_losses(batch)["loss"]
+    loss.backward()
+
+
 def train_step(pipe: Denoiser, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    """One step as the trainer takes it with train.precision=bf16: the loss under bf16 autocast, fused AdamW on CUDA."""
-    device = batch["image"].device
-    opt = torch.optim.AdamW(pipe.parameters(), lr=1e-4, fused=device.type == "cuda")
+    """One step as the trainer takes it: forward and backward in bf16, then fused AdamW on CUDA."""
+    opt = torch.optim.AdamW(pipe.parameters(), lr=1e-4, fused=batch["image"].is_cuda)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with autocast(device, "bf16"):
-            loss = pipe.training_losses(batch)["loss"]
-        loss.backward()
+        forward_backward(pipe, batch)
         opt.step()
     return step
 
 
 def model_flops(pipe: Denoiser, batch: dict[str, torch.Tensor]) -> int:
-    """Forward + backward FLOPs of the diffusion loss (no optimiser), in bf16 autocast as timed."""
-    def fwd_bwd() -> None:
-        with autocast(batch["image"].device, "bf16"):
-            loss = pipe.training_losses(batch)["loss"]
-        loss.backward()
-    n = flops(fwd_bwd)
+    """Forward + backward FLOPs of the diffusion loss (no optimiser), as timed."""
+    n = flops(lambda: forward_backward(pipe, batch))
     pipe.zero_grad(set_to_none=True)
     return n
 

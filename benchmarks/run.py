@@ -16,11 +16,11 @@ import torch
 from genzoo import api
 from genzoo.diffusion import DDIMSampler, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 from genzoo.diffusion.samplers import DDIMConfig
-from genzoo.nn import UNet, UNetConfig
+from genzoo.nn import UNet
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import best_time, flops  # noqa: E402
+from common import PEER_UNET, best_time, diffusers_unet, flops  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -53,21 +53,17 @@ def peaks(device: torch.device) -> tuple[float, float, bool]:
 
 
 def unet_forward(batch: int = 16, device: torch.device = CPU) -> dict:
-    cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8],
-                     resblock_updown=False)  # conv resampling, as diffusers' UNet2DModel: equal FLOPs
-    net = api.for_inference(UNet(cfg), device)  # genzoo's inference default (NHWC)
+    net = api.for_inference(UNet(PEER_UNET), device)  # genzoo's inference default (NHWC)
     x, t = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 1000, (batch,), device=device)
     with torch.inference_mode():
         f = flops(lambda: net(x, t))
         dt = best_time(lambda: net(x, t), 5)
-    return {"config": cfg.model_dump(), "batch": batch, "gflop": f / 1e9, "seconds": dt, "gflop_per_s": f / dt / 1e9,
+    return {"config": PEER_UNET.model_dump(), "batch": batch, "gflop": f / 1e9, "seconds": dt, "gflop_per_s": f / dt / 1e9,
             "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
 
 
 def ddim_images_per_s(batch: int = 16, steps: int = 20, device: torch.device = CPU) -> float:
-    cfg = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 8],
-                     resblock_updown=False)  # conv resampling, as diffusers' UNet2DModel: equal FLOPs
-    net = api.for_inference(UNet(cfg), device)  # genzoo's inference default (NHWC)
+    net = api.for_inference(UNet(PEER_UNET), device)  # genzoo's inference default (NHWC)
     d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type=ModelMeanType.EPSILON,
                           model_var_type=ModelVarType.FIXED_LARGE, loss_type=LossType.SIMPLE)
     sampler = DDIMSampler(DDIMConfig(steps=steps))
@@ -77,12 +73,10 @@ def ddim_images_per_s(batch: int = 16, steps: int = 20, device: torch.device = C
 
 def diffusers_ddim_images_per_s(batch: int = 16, steps: int = 20, device: torch.device = CPU) -> dict | str:
     try:
-        from diffusers import DDIMScheduler, UNet2DModel
+        from diffusers import DDIMScheduler
     except ImportError:
         return "diffusers is not installed (pip install -e '.[bench]')"
-    net = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128), layers_per_block=2,
-                      down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                      up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")).to(device).eval()
+    net = diffusers_unet().to(device).eval()
     x, t = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 1000, (batch,), device=device)
     with torch.inference_mode():
         f = flops(lambda: net(x, t))  # both libraries counted the same way (CPU SDPA included)

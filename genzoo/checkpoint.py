@@ -234,8 +234,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_atomic(run_dir / "latest", (final.name + "\n").encode())
-    for older in ckpts.glob(f"{name}*"):  # the folders this save replaced (none unless the step was saved before)
-        if older != final:
+    for older in ckpts.iterdir():  # the folders this save replaced (none unless the step was saved before)
+        if older != final and (older.name == name or older.name.startswith(name + ".")):
             shutil.rmtree(older, ignore_errors=True)
     if keep > 0:
         for old in sorted(p for p in ckpts.iterdir() if p.name.startswith("step-"))[:-keep]:

@@ -96,7 +96,6 @@ class Trainer:
         if config.batch_size % self.dist.world_size:
             raise TrainingError(f"train.batch_size {config.batch_size} is not divisible by the {self.dist.world_size} processes")
         self.n = len(self.data["image"])
-        self._pin_indices = False
         if self.device.type == "cuda":
             self._keep_data_on_device()
         if self.n < config.batch_size:
@@ -120,19 +119,15 @@ class Trainer:
         free, _ = torch.cuda.mem_get_info(self.device)
         if sum(v.nbytes for v in tensors.values()) <= free // 4:
             self.data.update({k: v.to(self.device) for k, v in tensors.items()})
-            self._pin_indices = True
 
     def _batch(self) -> dict[str, Any]:
         idx = self._next_indices()
-        # indices for device-resident data cross from pinned memory without waiting for the queue to drain
-        on_device = idx.pin_memory().to(self.device, non_blocking=True) if self._pin_indices else idx
-        out = {}
-        for k, v in self.data.items():
-            if isinstance(v, Tensor):  # a no-op .to when the data lives on the device already
-                out[k] = v[on_device if v.device == on_device.device else idx].to(self.device, non_blocking=True)
-            else:
-                out[k] = [v[i] for i in idx.tolist()]
-        return out
+        if self.data["image"].is_cuda:  # device-resident data: the indices cross from pinned memory, without a sync
+            gather = idx.pin_memory().to(self.device, non_blocking=True)
+        else:
+            gather = idx
+        return {k: v[gather].to(self.device, non_blocking=True) if isinstance(v, Tensor) else [v[i] for i in idx.tolist()]
+                for k, v in self.data.items()}
 
     # ------------------------------------------------------------------ stages and optimisers
     def _stage_steps(self) -> list[tuple[str, int]]:
