@@ -124,7 +124,7 @@ def diffusers_peers(batch: int, steps: int, device: torch.device) -> list[dict[s
     except ImportError:
         return "diffusers is not installed (pip install -e '.[bench]')"
     from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
-    from genzoo.diffusion.samplers import SAMPLERS
+    from genzoo.plugins import default_registry
     from genzoo.nn import UNet
 
     ours = UNet(PEER_UNET).to(device, memory_format=CONV_MEMORY_FORMAT)  # each library at its defaults
@@ -138,8 +138,7 @@ def diffusers_peers(batch: int, steps: int, device: torch.device) -> list[dict[s
              "dpm-solver++": DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2)}
     rows = []
     for name, sched in pairs.items():
-        sampler_cls = SAMPLERS[name]
-        sampler = sampler_cls(sampler_cls.Config(steps=steps))
+        sampler = default_registry().build("sampler", {"type": name, "steps": steps})
 
         @torch.inference_mode()
         def peer() -> None:

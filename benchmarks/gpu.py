@@ -30,7 +30,7 @@ from common import best_time, flops, mean_time  # noqa: E402
 from run import matmul_peak  # noqa: E402
 
 from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule  # noqa: E402
-from genzoo.diffusion.samplers import SAMPLERS  # noqa: E402
+from genzoo.plugins import default_registry  # noqa: E402
 from genzoo.interfaces import Pipeline  # noqa: E402
 from genzoo.nn import CONV_MEMORY_FORMAT, UNet, UNetConfig  # noqa: E402
 from genzoo.precision import autocast  # noqa: E402
@@ -164,7 +164,7 @@ def main() -> None:
     for name in names:
         net, d = build(name, size, smoke, device)
         rep.add(name, "params_m", sum(p.numel() for p in net.parameters()) / 1e6)
-        ddim = SAMPLERS["ddim"](SAMPLERS["ddim"].Config(steps=steps))
+        ddim = default_registry().build("sampler", {"type": "ddim", "steps": steps})
         net.eval()
         for precision in ("fp32", "bf16"):
             def sample() -> None:

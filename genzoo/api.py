@@ -186,3 +186,34 @@ def _data_spec_from(ckpt: Checkpoint) -> Any:
     if raw is None:
         raise GenzooError(f"{ckpt.path}/meta.json has no data_spec; it was not written by `genzoo train`")
     return DataSpec.from_dict(raw)
+
+
+def import_model(
+    source: str | Path,
+    out: str | Path,
+    *,
+    format: str | None = None,
+    adapter: bool = False,
+    data: Mapping[str, Any] | None = None,
+    registry: Registry | None = None,
+) -> Path:
+    """Turn a foreign checkpoint or pipeline (a folder or a hub id) into the genzoo run directory ``out``.
+
+    The importer is the registered ``importer`` named ``format`` (``genzoo list --kind importer``), or the first whose
+    ``detect(source)`` accepts it. ``adapter`` keeps the foreign network behind an adapter even where it maps onto
+    genzoo's own; ``data`` is the dataset spec the model is evaluated against (default: the importer's choice).
+    Returns the checkpoint folder written (``load_model(out)`` rebuilds it).
+    """
+    registry = registry or default_registry()
+    names = registry.names("importer")
+    if not names:
+        raise GenzooError("no importer is installed; install the diffusers one with pip install 'genzoo[diffusers]'")
+    if format is None:
+        found = [n for n in names if registry.build("importer", {"type": n}).detect(str(source))]
+        if not found:
+            raise GenzooError(f"no importer recognises {source}; pass --format with one of: {', '.join(names)}")
+        format = found[0]
+    elif format not in names:
+        raise GenzooError(f"unknown import format '{format}'; installed: {', '.join(names)}")
+    importer = registry.build("importer", {"type": format})
+    return Path(importer.run(str(source), Path(out), adapter=adapter, data=data))

@@ -1,4 +1,4 @@
-"""``genzoo``: list | info | plugins | train | sample | eval | compare | push | pull.
+"""``genzoo``: list | info | plugins | train | sample | eval | compare | push | pull | import.
 
 A user error prints one line and exits with status 2; ``--debug`` shows the traceback.
 """
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id")
     p.add_argument("dir", nargs="?")
     p.add_argument("--revision")
+    add_import_parser(sub)
     return parser
 
 
@@ -381,9 +382,34 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- import (foreign checkpoints; docs/interop.md)
+
+
+def add_import_parser(sub: Any) -> None:
+    p = sub.add_parser("import", help="turn a foreign pipeline (a diffusers folder or hub id) into a genzoo run directory")
+    p.add_argument("source", help="a folder or a hub id, e.g. google/ddpm-cifar10-32 (safetensors only)")
+    p.add_argument("out", help="the run directory to write")
+    p.add_argument("--format", help="the importer (`genzoo list --kind importer`); default: the one that recognises SOURCE")
+    p.add_argument("--adapter", action="store_true", help="keep the foreign network behind its adapter, even where it maps "
+                                                          "exactly onto genzoo's own (which samples faster)")
+    p.add_argument("--data", metavar="SPEC", help="the dataset to evaluate against, as YAML, e.g. '{type: shapes, image_size: 32}'")
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from genzoo import api
+
+    data = yaml.safe_load(args.data) if args.data else None
+    if data is not None and not (isinstance(data, dict) and "type" in data):
+        raise GenzooError(f"--data {args.data!r}: expected a dataset spec mapping with a type, e.g. '{{type: shapes, image_size: 32}}'")
+    path = api.import_model(args.source, args.out, format=args.format, adapter=args.adapter, data=data)
+    how = json.loads((path / "meta.json").read_text()).get("imported_from", {})
+    print(f"imported {args.source} ({how.get('pipeline', '?')}, {how.get('unet', '?')}) to {args.out}")
+    return 0
+
+
 COMMANDS = {
     "list": cmd_list, "info": cmd_info, "plugins": cmd_plugins, "train": cmd_train, "sample": cmd_sample,
-    "eval": cmd_eval, "compare": cmd_compare, "push": cmd_push, "pull": cmd_pull,
+    "eval": cmd_eval, "compare": cmd_compare, "push": cmd_push, "pull": cmd_pull, "import": cmd_import,
 }
 
 

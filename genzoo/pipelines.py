@@ -6,10 +6,12 @@ from enum import Enum
 from typing import Any, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Pipeline
+from genzoo.nn.quantize import perplexity
+from genzoo.text.clip import clip_losses
 
 
 class Conditioning(str, Enum):
@@ -76,3 +78,65 @@ def labelled_args(name: str, condition: Conditioning, ctx: Any) -> dict[str, Any
             raise RegistryError(f"pipeline '{name}': field 'condition' is 'caption' and needs a text encoder; "
                                 "add components.encoder: {type: text-transformer}")
     return {"condition": condition, "num_classes": num_classes}
+
+
+class TokenPipeline(LabelledPipeline):
+    """Stages ``tokenizer`` (VQ-VAE or dVAE), then ``prior`` on the frozen tokenizer's codes, then
+    ``clip`` when the recipe has one (DALL·E's reranker); logs reconstruction MSE and code perplexity.
+
+    With ``rerank`` N > 1 and a caption, every prompt gets N candidates and the recipe's CLIP keeps
+    the best (DALL·E Sec. 2.5, which drew 512).
+    """
+
+    def __init__(self, components, *, rerank: int = 1, **kw) -> None:
+        super().__init__(components, **kw)
+        self.rerank = rerank
+        trainable_prior = callable(getattr(components.get("prior"), "training_losses", None))
+        self.stages = ("tokenizer",) + (("prior",) if trainable_prior else ()) + (("clip",) if components.get("clip") is not None else ())
+
+    def optimizer_groups(self, stage: str = "tokenizer") -> dict[str, list[nn.Parameter]]:
+        module = self.components[{"prior": "prior", "clip": "clip"}.get(stage, "decoder")]
+        return {"main": [p for p in module.parameters() if p.requires_grad]}
+
+    @torch.no_grad()
+    def sample(self, n: int, condition=None, *, generator=None) -> Tensor:
+        if self.rerank == 1 or not condition or "caption" not in condition:
+            return super().sample(n, condition, generator=generator)
+        if self.components.get("clip") is None:
+            raise GenzooError("rerank needs a CLIP: add components.clip to the recipe (trained in its clip stage), or set rerank: 1")
+        k, captions = self.rerank, list(condition["caption"])
+        many = [c for c in captions for _ in range(k)]
+        x = super().sample(n * k, {**condition, "caption": many}, generator=generator)
+        clip = self.components["clip"]
+        score = (clip.encode_image(x) * clip.encode_text(many)).sum(-1).view(n, k)
+        return x.view(n, k, *x.shape[1:])[torch.arange(n, device=x.device), score.argmax(1).to(x.device)]
+
+    def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "tokenizer") -> dict[str, Tensor]:
+        tokenizer, x = self.components["decoder"], batch["image"]
+        if stage == "prior":
+            return self.components["prior"].training_losses(tokenizer.encode_codes(x), self.condition_of(batch))
+        if stage == "clip":
+            return clip_losses(self.components["clip"], x, self.condition_of(batch, encode=False))
+        return tokenizer.training_losses(x)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        vq = self.components["decoder"]
+        return vq.decode(vq.encode_codes(x))
+
+    @torch.no_grad()
+    def codebook_usage(self, images: Tensor, batch: int = 512) -> dict[str, float]:
+        """Over ``images``: the perplexity of the code histogram and the fraction of codes used at least once."""
+        vq = self.components["decoder"]
+        codes = torch.cat([vq.encode_codes(images[i:i + batch]) for i in range(0, len(images), batch)]).flatten()
+        counts = torch.bincount(codes, minlength=vq.num_codes)
+        return {"perplexity": float(perplexity(counts)), "used_fraction": float((counts > 0).double().mean()),
+                "codebook_size": vq.num_codes}
+
+
+def make_token_pipeline(name: str, condition: Conditioning, ctx: Any, *, rerank: int = 1) -> TokenPipeline:
+    """A :class:`TokenPipeline` for pipeline ``name`` (``vqvae``, ``dalle``), refusing a decoder that is no tokenizer."""
+    dec = ctx.components.get("decoder")
+    if dec is None or not hasattr(dec, "encode_codes"):
+        raise RegistryError(f"pipeline '{name}' needs a tokenizer as its decoder: {{type: vq-autoencoder}} or {{type: dvae}}")
+    return TokenPipeline(ctx.components, rerank=rerank, **labelled_args(name, condition, ctx))

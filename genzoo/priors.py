@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from genzoo.registry import registered_name
 from genzoo.errors import GenzooError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
 from genzoo.nn.embeddings import with_null
@@ -32,10 +33,9 @@ def bind_priors(components: Mapping[str, Any]) -> None:
         prior.bind(decoder.consumes)
 
 
-class _Sized(Prior):
+class SizedPrior(Prior):
     """A prior over tensors of a fixed ``shape`` that may be given late by :meth:`bind`."""
 
-    name = "prior"
 
     def __init__(self, shape: tuple[int, ...] | None, dtype: str = "float") -> None:
         super().__init__()
@@ -57,7 +57,7 @@ class _Sized(Prior):
 
     def _check_bound(self) -> tuple[int, ...]:
         if self.shape is None:
-            raise GenzooError(f"prior '{self.name}' has no shape: set `shape` or compose it with a decoder that has one")
+            raise GenzooError(f"prior '{registered_name(self)}' has no shape: set `shape` or compose it with a decoder that has one")
         return self.shape
 
     @property
@@ -73,10 +73,9 @@ class GaussianPriorConfig(BaseModel):
     shape: list[int] | None = Field(None, description="latent shape without the batch; None takes the decoder's")
 
 
-class GaussianPrior(_Sized):
+class GaussianPrior(SizedPrior):
     """``z ~ N(0, I)``."""
 
-    name = "gaussian"
 
     def sample(self, n, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
         return torch.randn((n, *self._check_bound()), generator=generator, device=self.device)
@@ -87,6 +86,7 @@ class GaussianPrior(_Sized):
 
 
 def make_gaussian_prior(cfg: GaussianPriorConfig, ctx=None) -> GaussianPrior:
+    """z ~ N(0, I)."""
     return GaussianPrior(tuple(cfg.shape) if cfg.shape else None)
 
 
@@ -96,10 +96,9 @@ class FittedGaussianConfig(BaseModel):
     jitter: float = Field(1e-5, ge=0, description="added to the covariance diagonal (relative to its mean) for stability")
 
 
-class FittedGaussian(_Sized):
+class FittedGaussian(SizedPrior):
     """``N(mu, Sigma)`` with the mean and full covariance of the training latents."""
 
-    name = "fitted-gaussian"
 
     def __init__(self, shape: tuple[int, ...] | None, jitter: float) -> None:
         self.jitter = jitter
@@ -127,6 +126,7 @@ class FittedGaussian(_Sized):
 
 
 def make_fitted_gaussian(cfg: FittedGaussianConfig, ctx=None) -> FittedGaussian:
+    """A full-covariance Gaussian fitted to the training latents after training."""
     return FittedGaussian(tuple(cfg.shape) if cfg.shape else None, cfg.jitter)
 
 
@@ -139,10 +139,9 @@ class GMMConfig(BaseModel):
     seed: int = Field(0, description="seed of the k-means++ initialisation")
 
 
-class GaussianMixturePrior(_Sized):
+class GaussianMixturePrior(SizedPrior):
     """A K-component full-covariance Gaussian mixture fitted by EM (Dempster et al. 1977), k-means++ start."""
 
-    name = "gmm"
 
     def __init__(self, shape: tuple[int, ...] | None, cfg: GMMConfig) -> None:
         self.cfg = cfg
@@ -203,12 +202,13 @@ class GaussianMixturePrior(_Sized):
 
 
 def make_gmm(cfg: GMMConfig, ctx=None) -> GaussianMixturePrior:
+    """A Gaussian mixture fitted to the training latents by EM after training."""
     return GaussianMixturePrior(tuple(cfg.shape) if cfg.shape else None, cfg)
 
 
 def _require_fit(prior: Prior) -> None:
     if not bool(prior.fitted):
-        raise GenzooError(f"prior '{prior.name}' has not been fitted to the training latents; train the model to the end "
+        raise GenzooError(f"prior '{registered_name(prior)}' has not been fitted to the training latents; train the model to the end "
                           "(the pipeline fits it after training) or use the gaussian prior")
 
 
@@ -221,10 +221,9 @@ class UniformTokensConfig(BaseModel):
     vocab_size: int | None = Field(None, ge=1, description="number of codes; None takes the decoder's")
 
 
-class UniformTokens(_Sized):
+class UniformTokens(SizedPrior):
     """Codes drawn independently and uniformly: the VQ-VAE's training-time prior (Sec. 3.1), a baseline."""
 
-    name = "uniform-tokens"
 
     def __init__(self, shape: tuple[int, ...] | None, vocab_size: int | None) -> None:
         self.vocab_size = vocab_size
@@ -242,6 +241,7 @@ class UniformTokens(_Sized):
 
 
 def make_uniform_tokens(cfg: UniformTokensConfig, ctx=None) -> UniformTokens:
+    """Codes drawn uniformly at random (a baseline with nothing to train)."""
     return UniformTokens(tuple(cfg.shape) if cfg.shape else None, cfg.vocab_size)
 
 
@@ -257,14 +257,13 @@ class GPTPriorConfig(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout")
 
 
-class GPTPrior(_Sized):
+class GPTPrior(SizedPrior):
     """An autoregressive prior over a code grid in raster order (VQ-VAE Sec. 3.2, with a GPT in place of PixelCNN).
 
     The first position is a learned prefix vector: the class embedding, or the null class, which is
     both the unconditional start token and the null condition of classifier-free guidance on logits.
     """
 
-    name = "gpt"
     sampler_kind = SamplerKind.TOKEN
 
     def __init__(self, cfg: GPTPriorConfig, num_classes: int | None = None) -> None:
@@ -315,19 +314,11 @@ class GPTPrior(_Sized):
 
 
 def make_gpt_prior(cfg: GPTPriorConfig, ctx=None) -> GPTPrior:
+    """An autoregressive GPT over a code grid in raster order (van den Oord et al. 2017, Sec. 3.3)."""
     num_classes = getattr(getattr(ctx, "data", None), "num_classes", None)
     if cfg.class_conditional and not num_classes:
         raise GenzooError("prior 'gpt': field 'class_conditional' is true but the dataset has no classes; set it to false")
     return GPTPrior(cfg, num_classes if cfg.class_conditional else None)
-
-
-PRIORS = {
-    "gaussian": (GaussianPriorConfig, make_gaussian_prior),
-    "fitted-gaussian": (FittedGaussianConfig, make_fitted_gaussian),
-    "gmm": (GMMConfig, make_gmm),
-    "uniform-tokens": (UniformTokensConfig, make_uniform_tokens),
-    "gpt": (GPTPriorConfig, make_gpt_prior),
-}
 
 
 def fit_latent_prior(prior: Prior, latents: Tensor) -> bool:
@@ -340,5 +331,5 @@ def fit_latent_prior(prior: Prior, latents: Tensor) -> bool:
 
 
 __all__ = [
-    "PRIORS", "FittedGaussian", "GPTPrior", "GaussianMixturePrior", "GaussianPrior", "UniformTokens", "bind_priors", "fit_latent_prior",
+    "SizedPrior", "FittedGaussian", "GPTPrior", "GaussianMixturePrior", "GaussianPrior", "UniformTokens", "bind_priors", "fit_latent_prior",
 ]

@@ -30,6 +30,7 @@ KINDS: dict[str, str] = {
     "tokenizer": "turns captions into tokens",
     "clip": "paired image and text encoders into one embedding space (guidance, reranking, DALL·E 2)",
     "metric": "scores samples against data",
+    "importer": "turns a foreign checkpoint or pipeline into a genzoo run directory (`genzoo import`)",
 }
 
 _NAME = re.compile(r"^[a-z0-9]+(?:[-.][a-z0-9]+)*\+*$")  # kebab-case; a trailing "++" is allowed
@@ -72,9 +73,25 @@ class Entry:
         return rows
 
 
+def own_doc(obj: Any) -> str:
+    """``obj``'s own docstring, never one inherited from a base class (pydantic's, torch's)."""
+    doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else getattr(obj, "__doc__", None)
+    return inspect.cleandoc(doc) if isinstance(doc, str) else ""
+
+
 def _summary(obj: Any) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().split("\n\n")[0].replace("\n", " ")
+    return own_doc(obj).split("\n\n")[0].replace("\n", " ")
+
+
+def _summary_of(factory: Callable[..., Any], config: type[BaseModel]) -> str:
+    """The factory's own docstring (a class factory is the component), else the config's."""
+    return _summary(factory) or _summary(config)
+
+
+def registered_name(component: Any) -> str:
+    """The name ``component`` was built under (its spec's ``type``); its class name if it was built by hand."""
+    spec = getattr(component, "genzoo_spec", None)
+    return spec["type"] if isinstance(spec, Mapping) and "type" in spec else type(component).__name__
 
 
 def _format_validation(kind: str, name: str, err: ValidationError, where: str = "") -> str:
@@ -132,7 +149,7 @@ class Registry:
             )
         wants_ctx = "ctx" in inspect.signature(factory).parameters
         self._entries[kind][name] = Entry(
-            kind, name, config, factory, plugin, summary or _summary(factory) or _summary(config), wants_ctx
+            kind, name, config, factory, plugin, summary or _summary_of(factory, config), wants_ctx
         )
 
     def scoped(self, plugin: str) -> "PluginRegistrar":

@@ -14,7 +14,7 @@ from genzoo import api
 from genzoo.checkpoint import load_checkpoint
 from genzoo.diffusion import ClassifierFreeGuidance, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 from genzoo.diffusion.guidance import CFGConfig
-from genzoo.diffusion.samplers import SAMPLERS
+from genzoo.plugins import default_registry
 from genzoo.eval import metrics
 from genzoo.nn import UNet, UNetConfig
 from genzoo.priors import FittedGaussian
@@ -25,6 +25,8 @@ from gpu import Denoiser  # noqa: E402  the U-Net and its diffusion loss as a pi
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
+
+DIFFUSION_SAMPLERS = [e.name for e in default_registry().entries("sampler") if e.plugin == "diffusion"]
 
 
 @pytest.fixture(autouse=True)
@@ -47,20 +49,20 @@ def diffusion() -> GaussianDiffusion:
                              model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.SIMPLE)
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_sampling_on_cuda_matches_the_cpu(name: str) -> None:
     """The same noise (drawn by a CPU generator) gives the same samples on both devices."""
-    sampler, net, d = SAMPLERS[name](SAMPLERS[name].Config(steps=10)), small_unet(), diffusion()
+    sampler, net, d = default_registry().build("sampler", {"type": name, "steps": 10}), small_unet(), diffusion()
     noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     want = sampler.sample(d, api.for_inference(net, "cpu"), noise.shape, noise=noise, generator=torch.Generator().manual_seed(1))
     got = sampler.sample(d, api.for_inference(net, CUDA), noise.shape, noise=noise.to(CUDA), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_guided_sampling_loops_never_synchronise(name: str) -> None:
     """No .item(), no host copies, no data-dependent shapes inside the loop: the GPU is never waited on."""
-    sampler, net, d = SAMPLERS[name](SAMPLERS[name].Config(steps=5)), api.for_inference(small_unet(num_classes=3), CUDA), diffusion()
+    sampler, net, d = default_registry().build("sampler", {"type": name, "steps": 5}), api.for_inference(small_unet(num_classes=3), CUDA), diffusion()
     g = torch.Generator(CUDA).manual_seed(0)
     noise = torch.randn(4, 3, 16, 16, device=CUDA, generator=g)
     cond, cfg = {"y": torch.tensor([0, 1, 2, 0], device=CUDA)}, ClassifierFreeGuidance(CFGConfig(scale=3.0))

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from genzoo import api
-from genzoo.dalle.dvae import DiscreteVAEConfig
-from genzoo.dalle.transformer import DalleTransformer, DalleTransformerConfig
+from genzoo_dalle.dvae import DiscreteVAEConfig
+from genzoo_dalle.transformer import DalleTransformer, DalleTransformerConfig
 from genzoo.interfaces import Spec
 from test_classic import train
 

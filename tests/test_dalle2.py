@@ -13,9 +13,10 @@ import torch
 from genzoo import api
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.eval import judges
-from genzoo.eval.evaluate import METRICS, EvalSettings, evaluate
-from genzoo.unclip.pipeline import slerp
-from genzoo.unclip.prior import ARPrior, ARPriorConfig, DiffusionPrior, DiffusionPriorConfig
+from genzoo.eval.evaluate import EvalSettings, evaluate
+from genzoo.plugins import default_registry
+from genzoo_dalle2.pipeline import slerp
+from genzoo_dalle2.prior import ARPrior, ARPriorConfig, DiffusionPrior, DiffusionPriorConfig
 
 from test_classic import train
 
@@ -111,7 +112,7 @@ def test_best_of_keeps_the_draw_closest_to_the_text_embedding() -> None:
 
 
 def test_a_dropped_caption_is_the_missing_one_for_both_priors() -> None:
-    from genzoo.unclip.prior import CaptionPrefix
+    from genzoo_dalle2.prior import CaptionPrefix
 
     torch.manual_seed(0)
     prefix = CaptionPrefix(dim=6, text_width=8, text_length=5, n_embd=16)
@@ -302,7 +303,7 @@ class VariationOracle(torch.nn.Module):
 def test_variation_metric_tells_a_faithful_model_from_one_that_is_not(cheap_judges) -> None:
     source = api.build_data(api.resolve_recipe("ddpm-shapes"))
     judge = judges.load_judge("shapes", source.cfg.model_dump())
-    metrics = {"variations": METRICS["variations"][1](METRICS["variations"][0](images=300))}
+    metrics = {"variations": default_registry().build("metric", {"type": "variations", "images": 300})}
     settings = EvalSettings(samples=300, seed=0, batch_size=100)
     good = evaluate(VariationOracle(), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu"))
     bad = evaluate(VariationOracle(liar=True), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu"))

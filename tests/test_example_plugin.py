@@ -41,9 +41,7 @@ def test_example_sampler_is_listed_and_works_in_a_recipe(installed) -> None:
     from genzoo.recipes import apply_overrides
 
     r = resolve("cfg-digits", apply_overrides("cfg-digits", recipe, ["decoder.denoiser.model_channels=16"], sampler="heun", steps=4), registry)
-    from genzoo.data import DATASETS
-
-    spec = DATASETS["digits"][1](DATASETS["digits"][0](), "test").spec
+    spec = registry.build("dataset", "digits").split("test").spec
     model = build_pipeline(r, registry, spec).eval()
     x = model.sample(3, {"y": torch.tensor([1, 2, 3])}, generator=torch.Generator().manual_seed(0))
     assert x.shape == (3, 1, 8, 8) and x.abs().max() <= 1

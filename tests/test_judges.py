@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 import genzoo.eval.judges as judges
-from genzoo.data import DATASETS
+from genzoo.plugins import default_registry
 from genzoo.eval.judges import Judge, cache_dir, evaluate_judge, judge_key, load_judge, train_judge
 
 # Cheap settings (the defaults take ~50 s for shapes 32x32, ~12 s for digits; see DEFAULT_TRAIN).
@@ -37,7 +37,7 @@ def test_digits_judge_reaches_floor():
     judge = train_judge("digits", steps=200)
     assert set(judge.accuracy) == {"test"}  # digits has no heldout split
     assert judge.accuracy["test"]["label"] >= 0.95
-    test = DATASETS["digits"][1](DATASETS["digits"][0](), "test")
+    test = default_registry().build("dataset", "digits").split("test")
     assert evaluate_judge(judge, test) == judge.accuracy["test"]
 
 
@@ -88,9 +88,9 @@ def test_key_tracks_what_affects_the_weights(cache):
 
 def test_cheap_fingerprint_matches_the_dataset():
     for name, cfg in (("digits", {}), ("shapes", TINY)):
-        config_cls, make = DATASETS[name]
         full = {**cfg, **judges.JUDGE_DATA.get(name, {})}
-        assert judges._train_fingerprint(name, cfg) == make(config_cls(**full), "train").fingerprint()
+        source = default_registry().build("dataset", {"type": name, **full})
+        assert judges._train_fingerprint(name, cfg) == source.split("train").fingerprint()
 
 
 def test_features_and_predict_api():

@@ -14,7 +14,8 @@ from genzoo.data.shapes import parse_caption, render
 from genzoo.data.tokenizer import BPETokenizer, BPETokenizerConfig
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.eval import judges
-from genzoo.eval.evaluate import METRICS, EvalSettings, evaluate
+from genzoo.eval.evaluate import EvalSettings, evaluate
+from genzoo.plugins import default_registry
 from genzoo.plugins import default_registry
 from genzoo.text.clip import contrastive_loss
 from genzoo.text.transformer import TextTransformer, TextTransformerConfig
@@ -240,7 +241,7 @@ class CaptionOracle(torch.nn.Module):
 def test_caption_attribute_accuracy_tells_an_oracle_from_a_liar(cheap_judges) -> None:
     source = api.build_data(api.resolve_recipe("ddpm-shapes"))
     judge = judges.load_judge("shapes", source.cfg.model_dump())
-    metrics = {"attribute-accuracy": METRICS["attribute-accuracy"][1](METRICS["attribute-accuracy"][0]())}
+    metrics = {"attribute-accuracy": default_registry().build("metric", "attribute-accuracy")}
     settings = EvalSettings(samples=300, seed=0, batch_size=100)
     good = evaluate(CaptionOracle(), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu"))
     bad = evaluate(CaptionOracle(liar=True), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu"))

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
+from pydantic import BaseModel
 from torch.utils.data import Dataset
 
 
@@ -86,3 +88,36 @@ def resize(images: Tensor, size: int) -> Tensor:
     if images.shape[-1] == size:
         return images
     return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+class DataSource:
+    """A dataset config bound to its ``make(cfg, split)``: ``.spec`` and ``.split(name)``, each split built once."""
+
+    def __init__(self, cfg: BaseModel, make: Callable[[BaseModel, str], Any]) -> None:
+        self.cfg = cfg
+        self._make = make
+        self._splits: dict[str, Any] = {}
+
+    def split(self, name: str) -> Any:
+        if name not in self._splits:
+            self._splits[name] = self._make(self.cfg, name)
+        return self._splits[name]
+
+    @property
+    def spec(self) -> Any:
+        return self.split("train").spec
+
+    @property
+    def version(self) -> Any:
+        """The data module's ``VERSION`` when its data are procedural or bundled (fingerprint without rendering)."""
+        return getattr(importlib.import_module(self._make.__module__), "VERSION", None)
+
+
+def data_source(make: Callable[[BaseModel, str], Any]) -> Callable[[BaseModel], DataSource]:
+    """The registry factory of a dataset from its ``make(cfg, split)``; its summary is ``make``'s docstring."""
+
+    def factory(cfg: BaseModel) -> DataSource:
+        return DataSource(cfg, make)
+
+    factory.__doc__ = make.__doc__
+    return factory

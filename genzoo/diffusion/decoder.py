@@ -11,6 +11,7 @@ import math
 from enum import Enum
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -56,6 +57,8 @@ class DiffusionDecoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schedule: str = Field("linear", description="beta schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)")
     timesteps: int = Field(1000, ge=1, description="T, the number of diffusion steps in training")
+    betas: list[float] | None = Field(None, description="explicit b_1..b_T, used instead of the named schedule (an imported "
+                                                        "model's schedule that genzoo does not name); T entries in (0, 1]")
     mean_type: MeanType = Field(MeanType.eps, description="what the denoiser predicts: eps, x0 or v")
     var_type: VarType = Field(VarType.fixed_large, description="reverse variance: fixed-small, fixed-large or learned-range")
     loss: Loss = Field(Loss.simple, description="L_simple, L_hybrid (simple + 0.001 L_vlb) or L_vlb")
@@ -76,6 +79,8 @@ class DiffusionDecoderConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> DiffusionDecoderConfig:
+        if self.betas is not None and (len(self.betas) != self.timesteps or not all(0 < b <= 1 for b in self.betas)):
+            raise ValueError(f"betas must hold timesteps={self.timesteps} values in (0, 1], got {len(self.betas)}")
         if self.low_res_blur is not None and not 0 <= self.low_res_blur[0] <= self.low_res_blur[1]:
             raise ValueError(f"low_res_blur {list(self.low_res_blur)} must be [lo, hi] with 0 <= lo <= hi")
         if self.var_type is VarType.learned_range and self.loss is Loss.simple:  # L_simple gives the variance no gradient
@@ -138,10 +143,11 @@ class DiffusionDecoder(Decoder):
 
 
 def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder:
+    """A denoiser network with its Gaussian diffusion process (schedule, mean and variance type, loss)."""
     from genzoo.diffusion.gaussian_diffusion import create_timestep_sampler
 
     diffusion = GaussianDiffusion(
-        betas=get_named_beta_schedule(cfg.schedule, cfg.timesteps),
+        betas=get_named_beta_schedule(cfg.schedule, cfg.timesteps) if cfg.betas is None else np.asarray(cfg.betas, dtype=np.float64),
         model_mean_type=_MEAN[cfg.mean_type],
         model_var_type=_VAR[cfg.var_type],
         loss_type=_LOSS[cfg.loss],
@@ -247,6 +253,7 @@ def check_denoiser(pipeline: str, components: Mapping[str, Any], want: Mapping[s
 
 
 def make_diffusion_pipeline(cfg: DiffusionPipelineConfig, ctx) -> DiffusionPipeline:
+    """DDPM / Improved DDPM / ADM / GLIDE: a diffusion decoder (+ upsampler), unconditional, class- or caption-conditional."""
     args = labelled_args("diffusion", cfg.condition, ctx)
     encoder = ctx.components.get("encoder")
     width = getattr(encoder, "width", None) if cfg.condition is Conditioning.caption else None

@@ -57,6 +57,7 @@ class Prediction:
     log_variance: Tensor
     pred_xstart: Tensor
     pred_eps: Tensor
+    model_eps: Tensor | None = None  # eps before x0_hat was post-processed (diffusers' DDIM steps with it by default)
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -236,21 +237,26 @@ class GaussianDiffusion:
             pred_xstart = out
         else:
             pred_xstart = self._predict_xstart_from_v(x_t, t, out)
+        raw_xstart = pred_xstart
         if process_xstart is not None:
             pred_xstart = process_xstart(pred_xstart)
         if self.model_mean_type is ModelMeanType.EPSILON and process_xstart is None:
             pred_eps = out
         else:
             pred_eps = self._predict_eps_from_xstart(x_t, t, pred_xstart)
+        if self.model_mean_type is ModelMeanType.EPSILON:
+            model_eps = out
+        else:  # the eps of the unprocessed x0_hat
+            model_eps = pred_eps if process_xstart is None else self._predict_eps_from_xstart(x_t, t, raw_xstart)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return Prediction(mean=mean, variance=variance, log_variance=log_variance,
-                          pred_xstart=pred_xstart, pred_eps=pred_eps)
+                          pred_xstart=pred_xstart, pred_eps=pred_eps, model_eps=model_eps)
 
     def prediction_from_eps(self, pred: Prediction, x_t: Tensor, t: Tensor, eps: Tensor) -> Prediction:
         """``pred`` with eps replaced (guidance in the eps form): x0_hat and the mean follow, the variance stays."""
         x0 = self._predict_xstart_from_eps(x_t, t, eps)
         mean, _, _ = self.q_posterior_mean_variance(x0, x_t, t)
-        return replace(pred, mean=mean, pred_xstart=x0, pred_eps=eps)
+        return replace(pred, mean=mean, pred_xstart=x0, pred_eps=eps, model_eps=eps)
 
     def prediction_from_xstart(self, pred: Prediction, x_t: Tensor, t: Tensor, x0: Tensor) -> Prediction:
         """``pred`` with x0_hat replaced (a guided x0_hat post-processed again): eps and the mean follow."""

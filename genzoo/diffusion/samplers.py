@@ -11,7 +11,7 @@ locally) with no host-device sync.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, Model, Prediction
 from genzoo.diffusion.guidance import DiffusionGuidance
-from genzoo.diffusion.schedules import space_timesteps
+from genzoo.diffusion.schedules import space_timesteps, spaced_grid
 from genzoo.interfaces import Condition, Sampler, SamplerKind
 
 
@@ -33,6 +33,10 @@ class SamplerConfig(BaseModel):
     threshold: float | None = Field(
         None, gt=0.5, le=1, description="dynamic thresholding percentile p (Imagen, e.g. 0.995) instead of the plain clamp; None: off"
     )
+    spacing: Literal["even", "leading", "trailing", "linspace"] = Field(
+        "even", description="grid of integer steps: even (first and last timestep kept), or diffusers' timestep_spacing "
+                            "leading / trailing / linspace (genzoo.diffusion.schedules.spaced_grid)")
+    steps_offset: int = Field(0, ge=0, description="added to every timestep of the leading spacing (diffusers' steps_offset)")
 
 
 def randn(
@@ -82,7 +86,12 @@ class DiffusionSampler(Sampler):
                 raise ValueError(
                     f"sampler steps={self.cfg.steps} needs {grid} timesteps but the model has {diffusion.num_timesteps}; use fewer steps"
                 )
-            kept = space_timesteps(diffusion.num_timesteps, grid)
+            if self.cfg.spacing == "even":
+                kept = space_timesteps(diffusion.num_timesteps, grid)
+            elif isinstance(grid, int):
+                kept = spaced_grid(diffusion.num_timesteps, grid, self.cfg.spacing, self.cfg.steps_offset)
+            else:
+                raise ValueError(f"sampler spacing '{self.cfg.spacing}' takes an integer number of steps, not {grid!r}")
             if not kept or max(kept) < diffusion.num_timesteps // 2:  # one section of one step keeps only t = 1 (as improved-diffusion)
                 start = f"starts the chain at t = {max(kept) + 1}" if kept else "keeps no step"
                 raise ValueError(f"sampler steps={self.cfg.steps!r} {start} of {diffusion.num_timesteps}, but x_T is pure "
@@ -165,6 +174,8 @@ class AncestralSampler(DiffusionSampler):
 
 class DDIMConfig(SamplerConfig):
     eta: float = Field(0.0, ge=0, description="0: deterministic DDIM; 1: the ancestral fixed-small noise (Song et al. 2021, Eq. 16)")
+    clipped_eps: bool = Field(True, description="step with eps recomputed from the clamped x0_hat (improved-diffusion; diffusers' "
+                                                "use_clipped_model_output=True); False: the model's own eps (diffusers' default)")
 
 
 class DDIMSampler(DiffusionSampler):
@@ -180,7 +191,8 @@ class DDIMSampler(DiffusionSampler):
         pred = self.predict_eps_form(proc, net, x, t, cond, guidance)
         abar, abar_prev = proc.extract("abar", t, x), proc.extract("abar_prev", t, x)
         sigma = self.cfg.eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
-        x = abar_prev.sqrt() * pred.pred_xstart + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * pred.pred_eps
+        eps = pred.pred_eps if self.cfg.clipped_eps else pred.model_eps
+        x = abar_prev.sqrt() * pred.pred_xstart + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
         if self.cfg.eta > 0 and i > 0:
             x = x + sigma * randn(x.shape, x, generator=generator)
         return x
@@ -218,6 +230,3 @@ class DPMSolverPlusPlus2M(DiffusionSampler):
             d_used = d
         state["d_prev"], state["h_prev"] = d, h
         return (sigma_next / sigma) * x - alpha_next * torch.expm1(-h) * d_used
-
-
-SAMPLERS: dict[str, type[DiffusionSampler]] = {"ddpm": AncestralSampler, "ddim": DDIMSampler, "dpm-solver++": DPMSolverPlusPlus2M}

@@ -54,3 +54,32 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
         kept |= {start + round(stride * j) for j in range(count)}
         start += section
     return kept
+
+
+SPACINGS = ("even", "leading", "trailing", "linspace")
+
+
+def spaced_grid(num_timesteps: int, steps: int, spacing: str, offset: int = 0) -> set[int]:
+    """The timesteps kept by diffusers' ``timestep_spacing`` (Lin et al. 2023, Table 2), for ``steps`` evaluations.
+
+    ``leading``: k * (T // steps) + offset; ``trailing``: round(T - k T / steps) - 1; ``linspace``: round(linspace(0, T - 1)).
+    diffusers' DDPM and DDIM schedulers step from t to t - T // steps, so a grid is the respaced process they run only
+    when its neighbours are T // steps apart (and its last point is below T // steps); otherwise this raises.
+    """
+    if spacing == "even":
+        return space_timesteps(num_timesteps, steps)
+    ratio = num_timesteps // steps
+    if spacing == "leading":
+        grid = [k * ratio + offset for k in range(steps)]
+    elif spacing == "trailing":
+        grid = sorted(int(t) - 1 for t in np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)))
+    elif spacing == "linspace":
+        grid = sorted(int(t) for t in np.linspace(0, num_timesteps - 1, steps).round())
+    else:
+        raise ValueError(f"unknown timestep spacing '{spacing}'; use one of {', '.join(SPACINGS)}")
+    if len(set(grid)) != steps or grid[0] < 0 or grid[-1] >= num_timesteps:
+        raise ValueError(f"{spacing} spacing of {steps} steps over {num_timesteps} timesteps gives {grid[:3]}...; use fewer steps")
+    if grid[0] >= ratio or any(b - a != ratio for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"{spacing} spacing of {steps} steps over {num_timesteps} timesteps is not evenly {ratio} apart, so "
+                         "diffusers' step (t -> t - T // steps) is not a respaced process; use 'leading' spacing or other steps")
+    return set(grid)

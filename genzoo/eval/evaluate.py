@@ -152,11 +152,13 @@ class NLLConfig(BaseModel):
     images: int = Field(128, ge=1, description="test images the bound is averaged over (the full chain is costly)")
 
 
-def _fd(cfg: NoConfig) -> MetricFn:
+def metric_fd(cfg: NoConfig) -> MetricFn:
+    """Fréchet distance in judge features (Heusel et al. 2017)."""
     return lambda ev: {"fd": M.fd(ev.real_features, ev.fake_features)}
 
 
-def _kid(cfg: KIDConfig) -> MetricFn:
+def metric_kid(cfg: KIDConfig) -> MetricFn:
+    """Kernel inception distance, unbiased, in judge features (Bińkowski et al. 2018)."""
     def run(ev: EvalContext) -> dict[str, float]:
         g = torch.Generator().manual_seed(ev.settings.seed)
         mean, std = M.kid(ev.real_features, ev.fake_features, subsets=cfg.subsets, subset_size=cfg.subset_size, generator=g)
@@ -164,21 +166,24 @@ def _kid(cfg: KIDConfig) -> MetricFn:
     return run
 
 
-def _precision_recall(cfg: KNNConfig) -> MetricFn:
+def metric_precision_recall(cfg: KNNConfig) -> MetricFn:
+    """Improved precision and recall (Kynkäänniemi et al. 2019)."""
     def run(ev: EvalContext) -> dict[str, float]:
         p, r = M.precision_recall(ev.real_features, ev.fake_features, k=cfg.k)
         return {"precision": p, "recall": r}
     return run
 
 
-def _density_coverage(cfg: KNNConfig) -> MetricFn:
+def metric_density_coverage(cfg: KNNConfig) -> MetricFn:
+    """Density and coverage (Naeem et al. 2020)."""
     def run(ev: EvalContext) -> dict[str, float]:
         d, c = M.density_coverage(ev.real_features, ev.fake_features, k=cfg.k)
         return {"density": d, "coverage": c}
     return run
 
 
-def _class_coverage(cfg: NoConfig) -> MetricFn:
+def metric_class_coverage(cfg: NoConfig) -> MetricFn:
+    """Share of classes the judge finds among samples (mode collapse)."""
     def run(ev: EvalContext) -> dict[str, float]:
         num = ev.source.spec.num_classes
         if not num or "label" not in ev.fake_predictions:
@@ -188,7 +193,8 @@ def _class_coverage(cfg: NoConfig) -> MetricFn:
     return run
 
 
-def _attribute_accuracy(cfg: NoConfig) -> MetricFn:
+def metric_attribute_accuracy(cfg: NoConfig) -> MetricFn:
+    """Does a sample show the class/attributes it was asked for."""
     """Does sample i show what its condition asked for? Judged by the judge (label, and each attribute of it)."""
     def run(ev: EvalContext) -> dict[str, float]:
         if ev.requested is None:
@@ -214,7 +220,8 @@ def _attribute_accuracy(cfg: NoConfig) -> MetricFn:
     return run
 
 
-def _nll(cfg: NLLConfig) -> MetricFn:
+def metric_nll(cfg: NLLConfig) -> MetricFn:
+    """Negative log-likelihood bound in bits/dim, where the model has one."""
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "nll_bpd", None)
         if fn is None:
@@ -226,7 +233,8 @@ def _nll(cfg: NLLConfig) -> MetricFn:
     return run
 
 
-def _reconstruction(cfg: NoConfig) -> MetricFn:
+def metric_reconstruction(cfg: NoConfig) -> MetricFn:
+    """Test-set reconstruction MSE of models that encode (AE, VAE, VQ-VAE)."""
     """Test-set reconstruction MSE (images in [-1, 1]) of models that encode (AE, VAE, VQ-VAE)."""
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "reconstruct", None)
@@ -238,7 +246,8 @@ def _reconstruction(cfg: NoConfig) -> MetricFn:
     return run
 
 
-def _codebook(cfg: NoConfig) -> MetricFn:
+def metric_codebook(cfg: NoConfig) -> MetricFn:
+    """Codebook perplexity and share of codes used on the test set (VQ models)."""
     """Codebook perplexity and the fraction of codes used on the test images (VQ models)."""
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "codebook_usage", None)
@@ -249,7 +258,8 @@ def _codebook(cfg: NoConfig) -> MetricFn:
     return run
 
 
-def _zero_shot(cfg: NoConfig) -> MetricFn:
+def metric_zero_shot(cfg: NoConfig) -> MetricFn:
+    """Zero-shot attribute accuracy of a CLIP on shapes (every attribute combination's caption)."""
     """Zero-shot attribute accuracy of a CLIP on the split's images (shapes)."""
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "zero_shot", None)
@@ -259,7 +269,8 @@ def _zero_shot(cfg: NoConfig) -> MetricFn:
     return run
 
 
-def _upsampler(cfg: NoConfig) -> MetricFn:
+def metric_upsampler(cfg: NoConfig) -> MetricFn:
+    """A cascade's upsampler against bilinear upsampling: FD and MSE to the originals."""
     """A cascade's upsampler against bilinear upsampling, on the split's images brought down to the base size:
     FD in judge features and MSE to the full-size originals, for both."""
     def run(ev: EvalContext) -> dict[str, float]:
@@ -285,7 +296,8 @@ class PairsConfig(BaseModel):
     images: int = Field(500, ge=1, description="split images (and their captions) used, at most --samples")
 
 
-def _embedding_prior(cfg: PairsConfig) -> MetricFn:
+def metric_embedding_prior(cfg: PairsConfig) -> MetricFn:
+    """DALL·E 2: cosine of prior-drawn to true CLIP image embeddings, and of the text-embedding baseline."""
     """unCLIP's prior against the truth: mean cosine of the z_i it draws for a caption to the CLIP embedding
     of that caption's image, beside the baseline of taking the caption's z_t as the image embedding."""
     def run(ev: EvalContext) -> dict[str, float]:
@@ -299,7 +311,8 @@ def _embedding_prior(cfg: PairsConfig) -> MetricFn:
     return run
 
 
-def _variations(cfg: PairsConfig) -> MetricFn:
+def metric_variations(cfg: PairsConfig) -> MetricFn:
+    """DALL·E 2: do variations of a test image keep its attributes (judged)."""
     """Attribute preservation of variations (unCLIP Sec. 3.1): one variation per split image, judged;
     the share whose attribute (and all four, ``variation_all``) matches the original's."""
     def run(ev: EvalContext) -> dict[str, float]:
@@ -331,7 +344,8 @@ def prior_tokens_per_sample(model: Any) -> int:
     return getattr(prior, "tokens_per_sample", None) or math.prod(prior.shape)
 
 
-def _throughput(cfg: NoConfig) -> MetricFn:
+def metric_throughput(cfg: NoConfig) -> MetricFn:
+    """Sampling images/s and network evaluations per sample."""
     def run(ev: EvalContext) -> dict[str, float]:
         _ = ev.samples
         out = {"images_per_s": ev.settings.samples / max(ev.sample_seconds, 1e-9)}
@@ -349,7 +363,8 @@ def _throughput(cfg: NoConfig) -> MetricFn:
     return run
 
 
-def _torch_fidelity(cfg: NoConfig) -> MetricFn:
+def metric_torch_fidelity(cfg: NoConfig) -> MetricFn:
+    """Inception FID and IS through torch-fidelity (weights downloaded once)."""
     def run(ev: EvalContext) -> dict[str, float]:
         try:
             import torch_fidelity  # noqa: F401
@@ -386,7 +401,8 @@ class ClipScoreConfig(BaseModel):
     pretrained: str = Field("laion2b_s34b_b79k", description="open_clip pretrained tag (downloaded once)")
 
 
-def _clip_score(cfg: ClipScoreConfig) -> MetricFn:
+def metric_clip_score(cfg: ClipScoreConfig) -> MetricFn:
+    """CLIP score through open_clip (pretrained weights downloaded once)."""
     def run(ev: EvalContext) -> dict[str, float]:
         import open_clip
 
@@ -416,26 +432,6 @@ def _clip_score(cfg: ClipScoreConfig) -> MetricFn:
         return {"clip_score": float(100 * cos.clamp(min=0).mean())}
     return run
 
-
-# name -> (config, factory, summary); registered as kind "metric" by the eval plugin
-METRICS: dict[str, tuple[type[BaseModel], Callable[..., MetricFn], str]] = {
-    "fd": (NoConfig, _fd, "Fréchet distance in judge features (Heusel et al. 2017)"),
-    "kid": (KIDConfig, _kid, "kernel inception distance, unbiased, in judge features (Bińkowski et al. 2018)"),
-    "precision-recall": (KNNConfig, _precision_recall, "improved precision and recall (Kynkäänniemi et al. 2019)"),
-    "density-coverage": (KNNConfig, _density_coverage, "density and coverage (Naeem et al. 2020)"),
-    "class-coverage": (NoConfig, _class_coverage, "share of classes the judge finds among samples (mode collapse)"),
-    "attribute-accuracy": (NoConfig, _attribute_accuracy, "does a sample show the class/attributes it was asked for"),
-    "nll": (NLLConfig, _nll, "negative log-likelihood bound in bits/dim, where the model has one"),
-    "reconstruction": (NoConfig, _reconstruction, "test-set reconstruction MSE of models that encode (AE, VAE, VQ-VAE)"),
-    "codebook": (NoConfig, _codebook, "codebook perplexity and share of codes used on the test set (VQ models)"),
-    "throughput": (NoConfig, _throughput, "sampling images/s and network evaluations per sample"),
-    "zero-shot": (NoConfig, _zero_shot, "zero-shot attribute accuracy of a CLIP on shapes (every attribute combination's caption)"),
-    "upsampler": (NoConfig, _upsampler, "a cascade's upsampler against bilinear upsampling: FD and MSE to the originals"),
-    "embedding-prior": (PairsConfig, _embedding_prior, "DALL·E 2: cosine of prior-drawn to true CLIP image embeddings, and of the text-embedding baseline"),
-    "variations": (PairsConfig, _variations, "DALL·E 2: do variations of a test image keep its attributes (judged)"),
-    "inception": (NoConfig, _torch_fidelity, "Inception FID and IS through torch-fidelity (weights downloaded once)"),
-    "clip-score": (ClipScoreConfig, _clip_score, "CLIP score through open_clip (pretrained weights downloaded once)"),
-}
 
 DEFAULT_METRICS = ("fd", "kid", "precision-recall", "density-coverage", "class-coverage", "attribute-accuracy", "reconstruction",
                    "codebook", "throughput")

@@ -37,7 +37,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from genzoo.checkpoint import dumps_json, load_tensors, read_json, write_atomic
-from genzoo.data import DATASETS, TensorImageDataset
+from genzoo.data import DataSource, TensorImageDataset
 from genzoo.data.base import DataSpec, fingerprint_of
 
 __all__ = [
@@ -213,16 +213,18 @@ def _label_rule(dataset: TensorImageDataset, heads: dict[str, int]) -> tuple[str
 JUDGE_DATA: dict[str, dict[str, Any]] = {"shapes": {"heldout": False}}
 
 
-def _data_config(dataset_name: str, data_config: dict | None) -> BaseModel:
-    """The judge's dataset config: the caller's, with ``JUDGE_DATA`` on top, defaults filled in."""
-    if dataset_name not in DATASETS:
-        raise ValueError(f"unknown dataset '{dataset_name}'; known: {sorted(DATASETS)}")
-    config_cls, _ = DATASETS[dataset_name]
-    return config_cls(**{**(data_config or {}), **JUDGE_DATA.get(dataset_name, {})})
+def _source(dataset_name: str, data_config: dict | None) -> DataSource:
+    """The judge's dataset: the caller's config with ``JUDGE_DATA`` on top, from the plugins' registry."""
+    from genzoo.plugins import default_registry
+
+    registry = default_registry()
+    if dataset_name not in registry.names("dataset"):
+        raise ValueError(f"unknown dataset '{dataset_name}'; known: {registry.names('dataset')}")
+    return registry.build("dataset", {"type": dataset_name, **(data_config or {}), **JUDGE_DATA.get(dataset_name, {})})
 
 
 def _make(dataset_name: str, data_config: dict | None, split: str) -> TensorImageDataset:
-    return DATASETS[dataset_name][1](_data_config(dataset_name, data_config), split)
+    return _source(dataset_name, data_config).split(split)
 
 
 def _eval_splits(dataset_name: str, data_config: dict | None) -> dict[str, TensorImageDataset]:
@@ -335,12 +337,10 @@ def _train_fingerprint(dataset_name: str, data_config: dict | None) -> str:
     split): recomputing that skips seconds of rendering on every cached load. Others (image
     folders) depend on files on disk, so their train split is built and asked.
     """
-    make = DATASETS[dataset_name][1]
-    cfg = _data_config(dataset_name, data_config)
-    version = getattr(importlib.import_module(make.__module__), "VERSION", None)
-    if version is not None:
-        return fingerprint_of(dataset_name, version, cfg.model_dump(), "train")
-    return make(cfg, "train").fingerprint()
+    source = _source(dataset_name, data_config)
+    if source.version is not None:
+        return fingerprint_of(dataset_name, source.version, source.cfg.model_dump(), "train")
+    return source.split("train").fingerprint()
 
 
 def _key_parts(dataset_name: str, data_config: dict | None, seed: int, arch: JudgeConfig,
@@ -348,7 +348,7 @@ def _key_parts(dataset_name: str, data_config: dict | None, seed: int, arch: Jud
     return {
         "judge_version": JUDGE_VERSION,
         "dataset": dataset_name,
-        "data_config": _data_config(dataset_name, data_config).model_dump(mode="json"),
+        "data_config": _source(dataset_name, data_config).cfg.model_dump(mode="json"),
         "train_fingerprint": _train_fingerprint(dataset_name, data_config),
         "arch": arch.model_dump(mode="json"),
         "train": tcfg.model_dump(mode="json"),

@@ -14,18 +14,7 @@ from genzoo.nn.unet import UNet, UNetConfig, build_unet, unet_flops
 # (benchmarks/results.md). Activations follow the weights' layout; checkpoints are saved NCHW.
 CONV_MEMORY_FORMAT = torch.channels_last
 
-# registered as kind "network" by the core plugin; the GPT is built by the token-prior components
-NETWORKS = {
-    "unet": (UNetConfig, build_unet),
-    "mlp-denoiser": (MLPDenoiserConfig, build_mlp_denoiser),
-    "noisy-classifier": (NoisyClassifierConfig, build_noisy_classifier),
-    "conv-encoder": (convnets.ConvNetConfig, convnets.build_conv_encoder),
-    "conv-decoder": (convnets.ConvNetConfig, convnets.build_conv_decoder),
-    "grid-encoder": (convnets.GridNetConfig, convnets.build_grid_encoder),
-    "grid-decoder": (convnets.GridNetConfig, convnets.build_grid_decoder),
-}
-
 __all__ = [
-    "CONV_MEMORY_FORMAT", "NETWORKS", "CachedLogits", "GPT", "GPTConfig", "KVCache", "MLPDenoiser", "MLPDenoiserConfig", "NoisyClassifier",
+    "CONV_MEMORY_FORMAT", "CachedLogits", "GPT", "GPTConfig", "KVCache", "MLPDenoiser", "MLPDenoiserConfig", "NoisyClassifier",
     "NoisyClassifierConfig", "UNet", "UNetConfig", "build_mlp_denoiser", "build_unet", "timestep_embedding", "unet_flops",
 ]

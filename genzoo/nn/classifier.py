@@ -54,6 +54,7 @@ class NoisyClassifier(nn.Module):
 
 
 def build_noisy_classifier(cfg: NoisyClassifierConfig, ctx=None) -> NoisyClassifier:
+    """The ADM encoder half as a classifier of noisy images p(y | x_t, t) (Dhariwal & Nichol 2021)."""
     data = getattr(ctx, "data", None)
     if data is not None:
         c, h, _ = data.image_shape

@@ -132,10 +132,12 @@ def _sized(cfg: ConvNetConfig, ctx: Any) -> ConvNetConfig:
 
 
 def build_conv_encoder(cfg: ConvNetConfig, ctx: Any = None) -> ConvEncoder:
+    """A DCGAN-style encoder: an image through strided convolutions to a vector."""
     return ConvEncoder(_sized(cfg, ctx))
 
 
 def build_conv_decoder(cfg: ConvNetConfig, ctx: Any = None) -> ConvDecoder:
+    """A DCGAN-style decoder: a vector through transposed convolutions to an image."""
     return ConvDecoder(_sized(cfg, ctx))
 
 
@@ -212,8 +214,10 @@ def _grid_sized(cfg: GridNetConfig, ctx: Any) -> GridNetConfig:
 
 
 def build_grid_encoder(cfg: GridNetConfig, ctx: Any = None) -> GridEncoder:
+    """An image to a grid of vectors (VQ-VAE encoder: downsampling, then residual blocks)."""
     return GridEncoder(_grid_sized(cfg, ctx))
 
 
 def build_grid_decoder(cfg: GridNetConfig, ctx: Any = None) -> GridDecoder:
+    """A grid of vectors to an image (VQ-VAE decoder: residual blocks, then upsampling)."""
     return GridDecoder(_grid_sized(cfg, ctx))

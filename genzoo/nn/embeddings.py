@@ -9,16 +9,20 @@ import torch
 from torch import Tensor, nn
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+def timestep_embedding(
+    t: Tensor, dim: int, max_period: float = 10_000.0, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0
+) -> Tensor:
     """Sinusoidal embedding of (possibly fractional) steps (Vaswani et al. 2017, Sec. 3.5; DDPM App. B).
 
-    ``[cos(t w_0..w_{h-1}), sin(t w_0..w_{h-1})]`` with ``h = dim // 2`` and ``w_i = max_period^(-i/h)``
-    (the improved-diffusion layout); a zero column pads an odd ``dim``. float32 whatever ``t`` is.
+    ``[cos(t w_0..w_{h-1}), sin(t w_0..w_{h-1})]`` with ``h = dim // 2`` and ``w_i = max_period^(-i/(h - freq_shift))``
+    (the improved-diffusion layout); ``flip_sin_to_cos=False`` puts sin first and ``freq_shift=1`` divides by
+    h - 1, as the original DDPM code (diffusers' ``Timesteps(flip_sin_to_cos, downscale_freq_shift)``). A zero
+    column pads an odd ``dim``. float32 whatever ``t`` is.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)], dim=-1)
     return torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1) if dim % 2 else emb
 
 

@@ -76,7 +76,10 @@ class MLPDenoiser(nn.Module):
 
 
 def build_mlp_denoiser(cfg: MLPDenoiserConfig, ctx: Any = None) -> MLPDenoiser:
-    """Build for a dataset: ``dim`` defaults to the product of the data's image shape."""
+    """An MLP denoiser for flat data (embeddings, 2-D toy data) with a timestep embedding.
+
+    Build for a dataset: ``dim`` defaults to the product of the data's image shape.
+    """
     data = getattr(ctx, "data", None)
     if cfg.dim is None and data is not None:
         cfg = cfg.model_copy(update={"dim": math.prod(data.image_shape)})

@@ -19,6 +19,7 @@ class TimmConfig(BaseModel):
 
 
 def build_timm(cfg: TimmConfig, ctx: Any = None) -> nn.Module:
+    """Any timm image model by name (Wightman 2019), from scratch or pretrained."""
     import timm
 
     if not timm.list_models(cfg.model):

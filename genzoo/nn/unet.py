@@ -43,6 +43,14 @@ class UNetConfig(BaseModel):
     cond_channels: int = Field(0, ge=0, description="channels of cond['low_res'], bilinearly upsampled and concatenated to x_t (upsamplers)")
     emb_tokens: int = Field(0, ge=0, description="also project cond['emb'] into this many extra context tokens (unCLIP Sec. 2.1: 4); "
                                                  "needs context_dim and emb_dim_in")
+    # the original DDPM layout (Ho et al.'s TF code; diffusers' UNet2DModel of google/ddpm-*): imported weights map exactly
+    flip_sin_to_cos: bool = Field(True, description="time embedding [cos, sin] (improved-diffusion); False: [sin, cos] (DDPM)")
+    freq_shift: float = Field(0.0, ge=0, lt=1.5, description="time embedding frequencies max_period^(-i/(half - freq_shift)); DDPM: 1")
+    norm_groups: int | None = Field(None, ge=1, description="GroupNorm groups of every norm; None: the largest divisor of the "
+                                                            "channels <= 32 leaving >= 2 channels per group")
+    norm_eps: float = Field(1e-5, gt=0, description="GroupNorm epsilon (DDPM: 1e-6)")
+    downsample_padding: int = Field(1, ge=0, le=1, description="padding of the stride-2 conv when resblock_updown is False: 1 on "
+                                                               "every side; 0: pad right and bottom by one (TF 'SAME', DDPM)")
 
     @model_validator(mode="after")
     def _check(self) -> UNetConfig:
@@ -51,6 +59,10 @@ class UNetConfig(BaseModel):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^{halvings} (len(channel_mult) - 1 halvings)")
         if self.emb_tokens and not (self.context_dim and self.emb_dim_in):
             raise ValueError(f"emb_tokens={self.emb_tokens} projects cond['emb'] into context tokens: set context_dim and emb_dim_in too")
+        if self.norm_groups is not None:
+            widths = {self.model_channels * m for m in self.channel_mult}
+            if any(w % self.norm_groups for w in widths):
+                raise ValueError(f"norm_groups {self.norm_groups} does not divide every width {sorted(widths)}")
         return self
 
 
@@ -69,8 +81,8 @@ def num_groups(ch: int) -> int:
     return max(g for g in range(1, min(32, max(1, ch // 2)) + 1) if ch % g == 0)
 
 
-def norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups(ch), ch)
+def norm(ch: int, groups: int | None = None, eps: float = 1e-5) -> nn.GroupNorm:
+    return nn.GroupNorm(groups or num_groups(ch), ch, eps=eps)
 
 
 def zero(module: nn.Module) -> nn.Module:
@@ -92,13 +104,14 @@ class ResBlock(nn.Module):
     """GN-SiLU-conv twice, conditioned on the embedding; optional up/down-sampling (ADM Sec. 3; BigGAN)."""
 
     def __init__(
-        self, ch: int, emb_dim: int, out_ch: int, *, dropout: float, scale_shift: bool, resample: Resample | str = Resample.none
+        self, ch: int, emb_dim: int, out_ch: int, *, dropout: float, scale_shift: bool, resample: Resample | str = Resample.none,
+        groups: int | None = None, eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.scale_shift, self.resample = scale_shift, Resample(resample)
-        self.in_norm, self.in_conv = norm(ch), nn.Conv2d(ch, out_ch, 3, padding=1)
+        self.in_norm, self.in_conv = norm(ch, groups, eps), nn.Conv2d(ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
-        self.out_norm, self.drop = norm(out_ch), nn.Dropout(dropout)
+        self.out_norm, self.drop = norm(out_ch, groups, eps), nn.Dropout(dropout)
         self.out_conv = zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
 
@@ -116,26 +129,35 @@ class ResBlock(nn.Module):
 
 
 class ConvResample(nn.Module):
-    """Plain resampling (DDPM): a stride-2 conv, or nearest upsampling then a conv."""
+    """Plain resampling (DDPM): a stride-2 conv, or nearest upsampling then a conv.
 
-    def __init__(self, ch: int, resample: Resample | str) -> None:
+    ``pad=0`` pads the stride-2 conv's input by one on the right and bottom only, as TF's 'SAME' padding
+    of the original DDPM code does (diffusers' ``downsample_padding=0``).
+    """
+
+    def __init__(self, ch: int, resample: Resample | str, *, pad: int = 1) -> None:
         super().__init__()
         self.resample = Resample(resample)
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2 if self.resample is Resample.down else 1, padding=1)
+        down = self.resample is Resample.down
+        self.pad = (0, 1, 0, 1) if down and pad == 0 else None
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2 if down else 1, padding=1 if self.pad is None else 0)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
         return self.conv(resize(x, Resample.up) if self.resample is Resample.up else x)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention over pixels; context tokens join the keys and values (GLIDE Sec. 2.3)."""
 
-    def __init__(self, ch: int, head_ch: int, context_dim: int | None, *, heads: int | None = None) -> None:
+    def __init__(self, ch: int, head_ch: int, context_dim: int | None, *, heads: int | None = None,
+                 groups: int | None = None, eps: float = 1e-5) -> None:
         super().__init__()
         self.heads = heads or max(1, ch // head_ch)
         if ch % self.heads:
             raise ValueError(f"attention: {ch} channels do not split into {self.heads} heads")
-        self.norm, self.qkv = norm(ch), nn.Linear(ch, 3 * ch)
+        self.norm, self.qkv = norm(ch, groups, eps), nn.Linear(ch, 3 * ch)
         self.context_kv = nn.Linear(context_dim, 2 * ch) if context_dim else None
         self.proj = zero(nn.Linear(ch, ch))
 
@@ -186,18 +208,20 @@ class UNet(nn.Module):
         self.emb_proj = nn.Linear(cfg.emb_dim_in, emb_dim) if cfg.emb_dim_in else None
         self.null_emb = nn.Parameter(torch.zeros(cfg.emb_dim_in)) if cfg.emb_dim_in else None
         self.emb_to_tokens = nn.Linear(cfg.emb_dim_in, cfg.emb_tokens * cfg.context_dim) if cfg.emb_tokens else None
-        block = dict(dropout=cfg.dropout, scale_shift=cfg.use_scale_shift_norm)
+        block = dict(dropout=cfg.dropout, scale_shift=cfg.use_scale_shift_norm, groups=cfg.norm_groups, eps=cfg.norm_eps)
 
         def res(ch: int, out: int) -> ResBlock:
             return ResBlock(ch, emb_dim, out, **block)
 
         def resample(ch: int, mode: Resample) -> nn.Module:
-            return ResBlock(ch, emb_dim, ch, resample=mode, **block) if cfg.resblock_updown else ConvResample(ch, mode)
+            if cfg.resblock_updown:
+                return ResBlock(ch, emb_dim, ch, resample=mode, **block)
+            return ConvResample(ch, mode, pad=cfg.downsample_padding)
 
         def attn(ch: int, size: int | None = None) -> Attention | None:
             if size is not None and size not in cfg.attention_resolutions:
                 return None
-            return Attention(ch, cfg.num_head_channels, cfg.context_dim, heads=cfg.num_heads)
+            return Attention(ch, cfg.num_head_channels, cfg.context_dim, heads=cfg.num_heads, groups=cfg.norm_groups, eps=cfg.norm_eps)
 
         self.input_conv = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch0, 3, padding=1)
         self.down = nn.ModuleList()
@@ -220,11 +244,12 @@ class UNet(nn.Module):
             if i > 0:
                 self.up.append(Level(resample(ch, Resample.up), None))
                 size *= 2
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, out_ch, 3, padding=1)))
+        self.out = nn.Sequential(norm(ch, cfg.norm_groups, cfg.norm_eps), nn.SiLU(), zero(nn.Conv2d(ch, out_ch, 3, padding=1)))
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
         cond = cond or {}
-        emb = self.time_mlp(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
+        temb = timestep_embedding(t, self.cfg.model_channels, flip_sin_to_cos=self.cfg.flip_sin_to_cos, freq_shift=self.cfg.freq_shift)
+        emb = self.time_mlp(temb.to(x.dtype))
         emb = condition_embedding(emb, cond, class_emb=self.class_emb, emb_proj=self.emb_proj, null_emb=self.null_emb)
         context, mask = cond.get("context"), cond.get("context_mask")
         drop = either(cond.get("drop"), cond.get("drop_context"))
@@ -256,7 +281,10 @@ class UNet(nn.Module):
 
 
 def build_unet(cfg: UNetConfig, ctx: Any = None) -> UNet:
-    """Build for a dataset: ``in_channels`` and ``image_size`` default to the data's."""
+    """The ADM U-Net (Dhariwal & Nichol 2021): residual blocks, attention, scale-shift norm; optional text context.
+
+    Build for a dataset: ``in_channels`` and ``image_size`` default to the data's.
+    """
     data = getattr(ctx, "data", None)
     if data is not None:
         c, h, _ = data.image_shape

@@ -130,6 +130,7 @@ class CLIP(nn.Module):
 
 
 def build_clip(cfg: ClipConfig, ctx: Any) -> CLIP:
+    """A CLIP trained by genzoo: any image network (ADM encoder, which takes t; or timm) and the text transformer."""
     spec = dict(cfg.image_tower)
     if spec.get("num_classes") is None:  # the tower's head is the image projection
         spec["num_classes"] = cfg.embed_dim
@@ -223,6 +224,7 @@ class OpenCLIP(nn.Module):
 
 
 def build_open_clip(cfg: OpenClipConfig, ctx: Any = None) -> OpenCLIP:
+    """open_clip's CLIP by model name, with pretrained weights when asked for (downloads through open_clip)."""
     import open_clip
 
     if cfg.model not in open_clip.list_models():
@@ -282,6 +284,7 @@ class ClipPipeline(Pipeline):
 
 
 def make_clip_pipeline(cfg: ClipPipelineConfig, ctx: Any) -> ClipPipeline:
+    """Trains a CLIP alone with the symmetric contrastive loss (Radford et al. 2021)."""
     if "clip" not in ctx.components:
         raise RegistryError("pipeline 'clip' needs a component 'clip' (e.g. clip: {type: clip})")
     if ctx.data is not None and not ctx.data.has_captions:

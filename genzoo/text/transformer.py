@@ -62,6 +62,7 @@ class TextTransformer(nn.Module):
 
 
 def build_text_transformer(cfg: TextTransformerConfig, ctx: Any = None) -> TextTransformer:
+    """A causal transformer over BPE tokens (GLIDE, CLIP text tower): per-token states and a pooled one."""
     return TextTransformer(cfg)
 
 

@@ -10,7 +10,7 @@ __version__ = genzoo.__version__
 
 @hookimpl
 def register_components(registry) -> None:
-    from genzoo.classic import autoencoder as ae
+    from . import autoencoder as ae
 
     registry.register("decoder", "autoencoder", config=ae.AutoencoderConfig, factory=ae.make_autoencoder)
     registry.register("pipeline", "autoencoder", config=ae.AEPipelineConfig, factory=ae.make_ae_pipeline)

@@ -12,9 +12,9 @@ __version__ = genzoo.__version__
 
 @hookimpl
 def register_components(registry) -> None:
-    from genzoo.unclip import pipeline, prior
+    from . import pipeline, prior
 
     registry.register("encoder", "clip-text", config=pipeline.ClipTextEncoderConfig, factory=pipeline.ClipTextEncoder)
-    for name, (config, factory) in prior.PRIORS.items():
-        registry.register("prior", name, config=config, factory=factory)
+    registry.register("prior", "diffusion-prior", config=prior.DiffusionPriorConfig, factory=prior.DiffusionPrior)
+    registry.register("prior", "ar-prior", config=prior.ARPriorConfig, factory=prior.ARPrior)
     registry.register("pipeline", "dalle2", config=pipeline.UnCLIPConfig, factory=pipeline.make_unclip_pipeline)

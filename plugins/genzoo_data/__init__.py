@@ -1,10 +1,6 @@
-"""Built-in plugin: the bundled datasets (shapes, digits, imagefolder) and the BPE tokenizer."""
+"""Built-in plugin: the bundled datasets (shapes, digits, imagefolder, torchvision) and the BPE tokenizer."""
 
 from __future__ import annotations
-
-from typing import Any, Callable
-
-from pydantic import BaseModel
 
 import genzoo
 from genzoo.plugins import hookimpl
@@ -12,30 +8,14 @@ from genzoo.plugins import hookimpl
 __version__ = genzoo.__version__
 
 
-class DataSource:
-    """A dataset config bound to its factory: ``.spec`` and ``.split(name)``, each split built once."""
-
-    def __init__(self, cfg: BaseModel, make: Callable[[BaseModel, str], Any]) -> None:
-        self.cfg = cfg
-        self._make = make
-        self._splits: dict[str, Any] = {}
-
-    def split(self, name: str) -> Any:
-        if name not in self._splits:
-            self._splits[name] = self._make(self.cfg, name)
-        return self._splits[name]
-
-    @property
-    def spec(self) -> Any:
-        return self.split("train").spec
-
-
 @hookimpl
 def register_components(registry) -> None:
-    from genzoo.data import DATASETS
-    from genzoo.data.tokenizer import BPETokenizer, BPETokenizerConfig
+    from genzoo.data import data_source, digits, imagefolder, shapes, tokenizer
 
-    for name, (config, make) in DATASETS.items():
-        registry.register("dataset", name, config=config, factory=lambda cfg, make=make: DataSource(cfg, make),
-                          summary=(make.__doc__ or config.__doc__ or "").strip().split("\n")[0])
-    registry.register("tokenizer", "bpe", config=BPETokenizerConfig, factory=BPETokenizer)
+    registry.register("dataset", "shapes", config=shapes.ShapesConfig, factory=data_source(shapes.make_shapes))
+    registry.register("dataset", "digits", config=digits.DigitsConfig, factory=data_source(digits.make_digits))
+    registry.register("dataset", "imagefolder", config=imagefolder.ImageFolderConfig,
+                      factory=data_source(imagefolder.make_imagefolder))
+    registry.register("dataset", "torchvision", config=imagefolder.TorchvisionConfig,
+                      factory=data_source(imagefolder.make_torchvision))
+    registry.register("tokenizer", "bpe", config=tokenizer.BPETokenizerConfig, factory=tokenizer.BPETokenizer)

@@ -12,9 +12,12 @@ __version__ = genzoo.__version__
 def register_components(registry) -> None:
     from genzoo.diffusion import decoder, guidance, samplers
 
-    registry.register("decoder", "diffusion-decoder", config=decoder.DiffusionDecoderConfig, factory=decoder.make_diffusion_decoder)
+    registry.register("decoder", "diffusion-decoder", config=decoder.DiffusionDecoderConfig,
+                      factory=decoder.make_diffusion_decoder)
     registry.register("pipeline", "diffusion", config=decoder.DiffusionPipelineConfig, factory=decoder.make_diffusion_pipeline)
-    for name, cls in samplers.SAMPLERS.items():
-        registry.register("sampler", name, config=cls.Config, factory=cls)
-    for name, (config, factory) in guidance.GUIDANCES.items():
-        registry.register("guidance", name, config=config, factory=factory)
+    registry.register("sampler", "ddpm", config=samplers.SamplerConfig, factory=samplers.AncestralSampler)
+    registry.register("sampler", "ddim", config=samplers.DDIMConfig, factory=samplers.DDIMSampler)
+    registry.register("sampler", "dpm-solver++", config=samplers.SamplerConfig, factory=samplers.DPMSolverPlusPlus2M)
+    registry.register("guidance", "classifier", config=guidance.ClassifierGuidanceConfig,
+                      factory=guidance.make_classifier_guidance)
+    registry.register("guidance", "cfg", config=guidance.CFGConfig, factory=guidance.ClassifierFreeGuidance)

@@ -10,7 +10,7 @@ __version__ = genzoo.__version__
 
 @hookimpl
 def register_components(registry) -> None:
-    from genzoo.classic import gan
+    from . import gan
 
     registry.register("decoder", "generator", config=gan.GeneratorConfig, factory=gan.make_generator)
     registry.register("pipeline", "gan", config=gan.GANPipelineConfig, factory=gan.make_gan_pipeline)

@@ -10,7 +10,7 @@ __version__ = genzoo.__version__
 
 @hookimpl
 def register_components(registry) -> None:
-    from genzoo.classic import vqvae
+    from . import vqvae
 
     registry.register("decoder", "vq-autoencoder", config=vqvae.VQAutoencoderConfig, factory=vqvae.make_vq_autoencoder)
     registry.register("pipeline", "vqvae", config=vqvae.VQVAEPipelineConfig, factory=vqvae.make_vqvae_pipeline)

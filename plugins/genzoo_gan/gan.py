@@ -43,6 +43,7 @@ class Generator(Decoder):
 
 
 def make_generator(cfg: GeneratorConfig, ctx) -> Generator:
+    """The DCGAN generator: a latent vector through transposed convolutions to an image."""
     if ctx.data is None:
         raise RegistryError("decoder 'generator' needs a dataset to size its output")
     spec = {**cfg.network, "dim": cfg.z_dim, "num_classes": ctx.data.num_classes if cfg.class_conditional else None}
@@ -81,6 +82,7 @@ class GANPipeline(LabelledPipeline):
 
 
 def make_gan_pipeline(cfg: GANPipelineConfig, ctx) -> GANPipeline:
+    """DCGAN (Radford et al. 2016): generator and discriminator trained adversarially (non-saturating loss)."""
     args = labelled_args("gan", cfg.condition, ctx)
     decoder = ctx.components.get("decoder")
     conditional = cfg.condition is Conditioning.class_

@@ -87,6 +87,7 @@ class DiscreteVAE(Decoder):
 
 
 def make_dvae(cfg: DiscreteVAEConfig, ctx) -> DiscreteVAE:
+    """DALL·E's discrete VAE: a Gumbel-softmax relaxed categorical posterior over a code grid (Ramesh et al. 2021, Sec. 2.1)."""
     if ctx.data is None:
         raise RegistryError("decoder 'dvae' needs a dataset to size its networks")
     c, h, w = ctx.data.image_shape

@@ -76,7 +76,6 @@ class EmbeddingPrior(Prior):
     """What both unCLIP priors share: bound to the recipe's CLIP for their sizes, per-dimension
     statistics of z_i fitted on the training set (:meth:`fit`), best-of-k selection."""
 
-    name = "prior"
     condition_key = "emb"  # the decoder's condition, not its latent (interfaces.check_composition)
     needs_condition = TEXT_KEYS
 
@@ -287,9 +286,3 @@ class ARPrior(EmbeddingPrior):
         start = torch.zeros((n, 0), dtype=torch.long, device=self.device)
         codes = sampler.sample(logits_fn, start, self.cfg.pca_dims, condition=condition, guidance=guidance, generator=generator)
         return self.dequantize(codes)
-
-
-PRIORS = {
-    "diffusion-prior": (DiffusionPriorConfig, DiffusionPrior),
-    "ar-prior": (ARPriorConfig, ARPrior),
-}

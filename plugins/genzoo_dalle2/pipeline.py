@@ -25,7 +25,7 @@ from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Encoder, Spec
 from genzoo.pipelines import Conditioning
 from genzoo.text.clip import clip_losses
-from genzoo.unclip.prior import TEXT_KEYS
+from .prior import TEXT_KEYS
 
 
 def slerp(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
@@ -200,6 +200,7 @@ class UnCLIPPipeline(DiffusionPipeline):
 
 
 def make_unclip_pipeline(cfg: UnCLIPConfig, ctx: Any) -> UnCLIPPipeline:
+    """DALL·E 2 / unCLIP (Ramesh et al. 2022): CLIP, a prior over CLIP image embeddings, a diffusion decoder and upsampler."""
     comps = ctx.components
     for role in ("clip", "encoder", "prior", "decoder"):
         if comps.get(role) is None:

@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from genzoo.errors import GenzooError, RegistryError
+from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec
-from genzoo.nn.quantize import VectorQuantizer, perplexity
-from genzoo.pipelines import Conditioning, LabelledPipeline, labelled_args
-from genzoo.text.clip import clip_losses
+from genzoo.nn.quantize import VectorQuantizer
+from genzoo.pipelines import Conditioning, TokenPipeline, make_token_pipeline
 
 
 class VQAutoencoderConfig(BaseModel):
@@ -72,6 +71,7 @@ class VQAutoencoder(Decoder):
 
 
 def make_vq_autoencoder(cfg: VQAutoencoderConfig, ctx) -> VQAutoencoder:
+    """Encoder, vector quantiser (codebook) and decoder over a grid of discrete codes."""
     if ctx.data is None:
         raise RegistryError("decoder 'vq-autoencoder' needs a dataset to size its networks")
     c, h, w = ctx.data.image_shape
@@ -95,70 +95,6 @@ class VQVAEPipelineConfig(BaseModel):
     condition: Conditioning = Field(Conditioning.none, description="none, or class: the prior is conditioned on the label")
 
 
-class DalleConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    condition: Conditioning = Field(Conditioning.caption, description="caption (through the encoder's tokens), class or none")
-    rerank: int = Field(1, ge=1, description="draw this many candidates per prompt and keep the one the recipe's CLIP "
-                                              "scores highest against the caption (DALL·E Sec. 2.5); 1: no reranking")
-
-
-class VQVAEPipeline(LabelledPipeline):
-    """Stages ``tokenizer`` (VQ-VAE or dVAE), then ``prior`` on the frozen tokenizer's codes, then
-    ``clip`` when the recipe has one (DALL·E's reranker); logs reconstruction MSE and code perplexity.
-
-    With ``rerank`` N > 1 and a caption, every prompt gets N candidates and the recipe's CLIP keeps
-    the best (DALL·E Sec. 2.5, which drew 512).
-    """
-
-    def __init__(self, components, *, rerank: int = 1, **kw) -> None:
-        super().__init__(components, **kw)
-        self.rerank = rerank
-        trainable_prior = callable(getattr(components.get("prior"), "training_losses", None))
-        self.stages = ("tokenizer",) + (("prior",) if trainable_prior else ()) + (("clip",) if components.get("clip") is not None else ())
-
-    def optimizer_groups(self, stage: str = "tokenizer") -> dict[str, list[nn.Parameter]]:
-        module = self.components[{"prior": "prior", "clip": "clip"}.get(stage, "decoder")]
-        return {"main": [p for p in module.parameters() if p.requires_grad]}
-
-    @torch.no_grad()
-    def sample(self, n: int, condition=None, *, generator=None) -> Tensor:
-        if self.rerank == 1 or not condition or "caption" not in condition:
-            return super().sample(n, condition, generator=generator)
-        if self.components.get("clip") is None:
-            raise GenzooError("rerank needs a CLIP: add components.clip to the recipe (trained in its clip stage), or set rerank: 1")
-        k, captions = self.rerank, list(condition["caption"])
-        many = [c for c in captions for _ in range(k)]
-        x = super().sample(n * k, {**condition, "caption": many}, generator=generator)
-        clip = self.components["clip"]
-        score = (clip.encode_image(x) * clip.encode_text(many)).sum(-1).view(n, k)
-        return x.view(n, k, *x.shape[1:])[torch.arange(n, device=x.device), score.argmax(1).to(x.device)]
-
-    def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "tokenizer") -> dict[str, Tensor]:
-        tokenizer, x = self.components["decoder"], batch["image"]
-        if stage == "prior":
-            return self.components["prior"].training_losses(tokenizer.encode_codes(x), self.condition_of(batch))
-        if stage == "clip":
-            return clip_losses(self.components["clip"], x, self.condition_of(batch, encode=False))
-        return tokenizer.training_losses(x)
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        vq = self.components["decoder"]
-        return vq.decode(vq.encode_codes(x))
-
-    @torch.no_grad()
-    def codebook_usage(self, images: Tensor, batch: int = 512) -> dict[str, float]:
-        """Over ``images``: the perplexity of the code histogram and the fraction of codes used at least once."""
-        vq = self.components["decoder"]
-        codes = torch.cat([vq.encode_codes(images[i:i + batch]) for i in range(0, len(images), batch)]).flatten()
-        counts = torch.bincount(codes, minlength=vq.num_codes)
-        return {"perplexity": float(perplexity(counts)), "used_fraction": float((counts > 0).double().mean()),
-                "codebook_size": vq.num_codes}
-
-
-def make_vqvae_pipeline(cfg: VQVAEPipelineConfig | DalleConfig, ctx) -> VQVAEPipeline:
-    name = "dalle" if isinstance(cfg, DalleConfig) else "vqvae"
-    dec = ctx.components.get("decoder")
-    if dec is None or not hasattr(dec, "encode_codes"):
-        raise RegistryError(f"pipeline '{name}' needs a tokenizer as its decoder: {{type: vq-autoencoder}} or {{type: dvae}}")
-    return VQVAEPipeline(ctx.components, rerank=getattr(cfg, "rerank", 1), **labelled_args(name, cfg.condition, ctx))
+def make_vqvae_pipeline(cfg: VQVAEPipelineConfig, ctx) -> TokenPipeline:
+    """VQ-VAE (van den Oord et al. 2017): a codebook tokenizer, then a prior over the code grid."""
+    return make_token_pipeline("vqvae", cfg.condition, ctx)

@@ -27,7 +27,7 @@ from genzoo.data.tokenizer import CaptionTokens
 from genzoo.errors import GenzooError
 from genzoo.interfaces import Condition, Encoder, SamplerKind, Spec
 from genzoo.nn.gpt import GPT, CachedLogits, GPTConfig
-from genzoo.priors import _Sized
+from genzoo.priors import SizedPrior
 
 BPE_VOCAB = 49408  # open_clip's SimpleTokenizer
 
@@ -70,10 +70,9 @@ class DalleTransformerConfig(BaseModel):
     vocab_size: int | None = Field(None, description="image codes K; None: the tokenizer's")
 
 
-class DalleTransformer(_Sized):
+class DalleTransformer(SizedPrior):
     """The prior P(image tokens | text tokens) of DALL·E, sampled by any token sampler and guidance."""
 
-    name = "dalle-transformer"
     sampler_kind = SamplerKind.TOKEN
 
     def __init__(self, cfg: DalleTransformerConfig) -> None:
@@ -150,4 +149,5 @@ class DalleTransformer(_Sized):
 
 
 def make_dalle_transformer(cfg: DalleTransformerConfig, ctx: Any = None) -> DalleTransformer:
+    """DALL·E's transformer: P(image tokens | text tokens), one sequence of [text; image] tokens."""
     return DalleTransformer(cfg)

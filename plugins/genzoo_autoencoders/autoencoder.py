@@ -62,6 +62,7 @@ class Autoencoder(Decoder):
 
 
 def make_autoencoder(cfg: AutoencoderConfig, ctx) -> Autoencoder:
+    """Conv encoder and decoder with a latent vector; deterministic (AE/DAE) or Gaussian posterior (VAE)."""
     if ctx.data is None:
         raise RegistryError("decoder 'autoencoder' needs a dataset to size its networks")
     out = cfg.latent_dim * (2 if cfg.variational else 1)
@@ -132,6 +133,7 @@ class AEPipeline(LabelledPipeline):
 
 
 def make_ae_pipeline(cfg: AEPipelineConfig, ctx) -> AEPipeline:
+    """Autoencoder or denoising autoencoder (Vincent et al. 2008): reconstruction loss, a prior fitted to the latents after training."""
     dec = ctx.components.get("decoder")
     if dec is None or not hasattr(dec, "encode_image") or getattr(dec, "variational", False):
         raise RegistryError("pipeline 'autoencoder' needs decoder: {type: autoencoder, variational: false}")
@@ -210,6 +212,7 @@ class VAEPipeline(LabelledPipeline):
 
 
 def make_vae_pipeline(cfg: VAEPipelineConfig, ctx) -> VAEPipeline:
+    """VAE (Kingma & Welling 2014): the ELBO with a Gaussian posterior and the reparameterisation trick."""
     dec = ctx.components.get("decoder")
     if dec is None or not getattr(dec, "variational", False):
         raise RegistryError("pipeline 'vae' needs decoder: {type: autoencoder, variational: true}")

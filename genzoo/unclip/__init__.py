@@ -1,1 +1,0 @@
-"""DALL·E 2 / unCLIP (Ramesh et al. 2022): CLIP-embedding priors and the unCLIP pipeline."""

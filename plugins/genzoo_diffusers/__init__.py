@@ -1,0 +1,32 @@
+"""Built-in plugin: diffusers interop (docs/interop.md). Adapter components that put a diffusers module behind
+genzoo's interfaces (UNet2DModel, UNet2DConditionModel, PriorTransformer networks; VQModel and AutoencoderKL
+decoders), and the ``diffusers`` importer behind `genzoo import` (DDPMPipeline, DDIMPipeline).
+
+Needs the optional extra: ``pip install 'genzoo[diffusers]'``. Without it the hook raises ImportError, which
+``genzoo plugins`` reports, and every other plugin loads. diffusers itself is imported only when a component is
+built or a pipeline imported (importing it costs seconds).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import genzoo
+from genzoo.plugins import hookimpl
+
+__version__ = genzoo.__version__
+
+
+@hookimpl
+def register_components(registry) -> None:
+    if importlib.util.find_spec("diffusers") is None:
+        raise ImportError("the diffusers plugin needs the diffusers package: pip install 'genzoo[diffusers]'")
+    from . import adapters, importer
+
+    registry.register("network", "diffusers-unet2d", config=adapters.UNet2DConfig, factory=adapters.build_unet2d)
+    registry.register("network", "diffusers-unet2d-condition", config=adapters.UNet2DConditionConfig,
+                      factory=adapters.build_unet2d_condition)
+    registry.register("network", "diffusers-prior-transformer", config=adapters.ModuleConfig, factory=adapters.build_prior_transformer)
+    registry.register("decoder", "diffusers-vqmodel", config=adapters.ModuleConfig, factory=adapters.build_vqmodel)
+    registry.register("decoder", "diffusers-autoencoder-kl", config=adapters.AutoencoderKLConfig, factory=adapters.build_autoencoder_kl)
+    registry.register("importer", "diffusers", config=importer.DiffusersImporterConfig, factory=importer.DiffusersImporter)

@@ -1,0 +1,119 @@
+"""A diffusers scheduler config as genzoo's Gaussian process (the diffusion decoder's fields) and sampler.
+
+| diffusers | genzoo |
+|---|---|
+| ``beta_schedule`` linear / squaredcos_cap_v2 | ``schedule`` linear / cosine where the betas coincide in float64, else explicit ``betas`` |
+| ``beta_schedule`` scaled_linear, sigmoid, laplace; ``trained_betas`` | explicit ``betas`` |
+| ``prediction_type`` epsilon / sample / v_prediction | ``mean_type`` eps / x0 / v |
+| ``variance_type`` fixed_small(_log) / fixed_large / learned_range | ``var_type`` fixed-small / fixed-large / learned-range |
+| ``clip_sample``, ``clip_sample_range`` | ``clip_range`` (None when off) |
+| ``thresholding`` with ``sample_max_value`` 1 | ``clip_range`` 1 (diffusers clamps the threshold to [1, 1]) |
+| ``timestep_spacing``, ``steps_offset`` | the sampler's ``spacing``, ``steps_offset`` |
+| DDIM's ``use_clipped_model_output`` (pipeline default False) | the ddim sampler's ``clipped_eps`` |
+
+Refused, each with its field named: ``rescale_betas_zero_snr``, ``variance_type`` learned / fixed_large_log,
+``thresholding`` with ``sample_max_value`` != 1, DDIM's ``set_alpha_to_one`` False, DDPM's ``steps_offset`` > 0 (its last
+step then adds noise), and spacings whose grid diffusers does not step along (``spaced_grid``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from genzoo.diffusion.schedules import get_named_beta_schedule, spaced_grid
+from genzoo.errors import GenzooError
+
+MEAN = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+VAR = {"fixed_small": "fixed-small", "fixed_small_log": "fixed-small", "fixed_large": "fixed-large", "learned_range": "learned-range"}
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+
+
+class SchedulerError(GenzooError):
+    """A scheduler setting genzoo's process or samplers cannot reproduce exactly."""
+
+
+def _refuse(field: str, value: Any, why: str) -> SchedulerError:
+    return SchedulerError(f"scheduler field '{field}' = {value!r}: {why}; genzoo cannot represent it exactly, so it is not imported")
+
+
+def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    """diffusers' ``squaredcos_cap_v2`` (``betas_for_alpha_bar``), in float64."""
+    f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    return np.array([min(1 - f((i + 1) / num_timesteps) / f(i / num_timesteps), max_beta) for i in range(num_timesteps)])
+
+
+def process_fields(cfg: Mapping[str, Any], scheduler: Any) -> dict[str, Any]:
+    """The diffusion decoder's fields (schedule or betas, timesteps, mean, variance, clipping) for a full scheduler config."""
+    t = int(cfg["num_train_timesteps"])
+    out: dict[str, Any] = {"timesteps": t}
+    if cfg.get("rescale_betas_zero_snr"):
+        raise _refuse("rescale_betas_zero_snr", True, "a zero terminal SNR makes abar_T = 0, where genzoo's x0_hat is undefined")
+    schedule, betas = cfg.get("beta_schedule"), None
+    if cfg.get("trained_betas") is not None:
+        betas = np.asarray(cfg["trained_betas"], dtype=np.float64)
+    elif schedule == "linear":
+        betas = np.linspace(cfg["beta_start"], cfg["beta_end"], t, dtype=np.float64)
+        if np.array_equal(betas, get_named_beta_schedule("linear", t)):
+            out["schedule"], betas = "linear", None
+    elif schedule == "scaled_linear":
+        betas = np.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, t, dtype=np.float64) ** 2
+    elif schedule == "squaredcos_cap_v2":
+        betas = cosine_betas(t)
+        if np.allclose(betas, get_named_beta_schedule("cosine", t), rtol=1e-12, atol=0):
+            out["schedule"], betas = "cosine", None
+    else:  # sigmoid, laplace, ...: the betas diffusers computed (float32)
+        betas = scheduler.betas.double().numpy()
+    if betas is not None:
+        out["betas"] = [float(b) for b in betas]
+    pred = cfg.get("prediction_type", "epsilon")
+    if pred not in MEAN:
+        raise _refuse("prediction_type", pred, f"genzoo predicts {', '.join(MEAN)}")
+    out["mean_type"] = MEAN[pred]
+    var = cfg.get("variance_type", "fixed_small")
+    if var not in VAR:
+        raise _refuse("variance_type", var, f"genzoo's variances are {', '.join(VAR)}")
+    out["var_type"] = VAR[var]
+    if var == "learned_range":
+        out["loss"] = "hybrid"  # Improved DDPM trains the range through L_vlb (genzoo requires it of learned-range)
+    if cfg.get("thresholding"):
+        if float(cfg.get("sample_max_value", 1.0)) != 1.0:
+            raise _refuse("thresholding", True, f"dynamic thresholding with sample_max_value {cfg['sample_max_value']} caps the "
+                                                "threshold, which genzoo's sampler threshold does not")
+        out["clip_range"] = 1.0  # the threshold is clamped to [1, 1]: a clamp to [-1, 1]
+    else:
+        out["clip_range"] = float(cfg["clip_sample_range"]) if cfg.get("clip_sample") else None
+    return out
+
+
+def map_scheduler(class_name: str, raw: Mapping[str, Any], *, ddim: bool, steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(decoder fields, sampler spec) for a diffusers scheduler config run by a DDIM (``ddim``) or DDPM pipeline for ``steps``."""
+    import diffusers
+
+    if class_name not in SCHEDULERS:
+        raise SchedulerError(f"scheduler class {class_name} is not imported (genzoo reproduces {', '.join(SCHEDULERS)})")
+    cls = diffusers.DDIMScheduler if ddim else getattr(diffusers, class_name)
+    try:
+        scheduler = cls.from_config(dict(raw))  # what the diffusers pipeline itself runs, every default filled
+    except (NotImplementedError, ValueError, TypeError) as e:
+        raise SchedulerError(f"diffusers cannot build {cls.__name__} from the scheduler config: {e}".splitlines()[0]) from e
+    cfg = dict(scheduler.config)
+    if ddim and "variance_type" in raw:  # DDIM ignores it; the process keeps it for the ancestral sampler
+        cfg["variance_type"] = raw["variance_type"]
+    decoder = process_fields(cfg, scheduler)
+    spacing = cfg.get("timestep_spacing", "leading")
+    offset = int(cfg.get("steps_offset", 0)) if spacing == "leading" else 0
+    if ddim and not cfg.get("set_alpha_to_one", True):
+        raise _refuse("set_alpha_to_one", False, "its last step lands on abar_1 instead of 1, which no respaced process does")
+    if not ddim and offset:
+        raise _refuse("steps_offset", offset, "diffusers' DDPM step then adds noise at its last step (t > 0)")
+    try:
+        spaced_grid(decoder["timesteps"], steps, spacing, offset)
+    except ValueError as e:
+        raise _refuse("timestep_spacing", spacing, str(e)) from None
+    sampler: dict[str, Any] = {"type": "ddim" if ddim else "ddpm", "steps": steps, "spacing": spacing, "steps_offset": offset}
+    if ddim:
+        sampler.update(eta=0.0, clipped_eps=False)  # DDIMPipeline's defaults: eta 0, use_clipped_model_output None (False)
+    return decoder, sampler
