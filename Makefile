@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 	$(VENV)/bin/genzoo compare $(DEMO_RECIPES) --set data.image_size=16 --budget-minutes $(DEMO_MINUTES) \
 		--samples 500 --segments 2 --out runs/demo
 	@echo "leaderboard: runs/demo/leaderboard.md"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP)
 	$(PY) -m pytest -q

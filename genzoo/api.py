@@ -79,10 +79,19 @@ def compile_denoisers(pipeline: Pipeline) -> list[str]:
 
 
 def create_model(
-    resolved: Mapping[str, Any], *, data_spec: Any, registry: Registry | None = None, device: str | torch.device = "cpu"
+    resolved: Mapping[str, Any], *, data_spec: Any, registry: Registry | None = None, device: str | torch.device = "cpu",
+    seed: int | None = None,
 ) -> Pipeline:
-    """Build an untrained pipeline from a resolved recipe for data described by ``data_spec``."""
-    pipeline = build_pipeline(resolved, registry or default_registry(), data_spec)
+    """Build an untrained pipeline from a resolved recipe for data described by ``data_spec``.
+
+    The initial weights are drawn from ``seed`` (default: the recipe's ``train.seed``), not from the process's random
+    state, so the same recipe builds the same weights; the caller's RNG is left as it was.
+    """
+    if seed is None:
+        seed = (resolved.get("train") or {}).get("seed", 0)
+    with torch.random.fork_rng(devices=[]):  # built on the CPU; moved to ``device`` afterwards
+        torch.manual_seed(seed)
+        pipeline = build_pipeline(resolved, registry or default_registry(), data_spec)
     return pipeline.to(device)
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from genzoo import __version__
 from genzoo.errors import GenzooError
+from genzoo.swaps import SWAPS
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -25,21 +26,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="override any recipe field, e.g. --set decoder.denoiser.model_channels=32 (repeatable)")
 
 
-def _add_swap_args(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
-    p.add_argument("--sampler", help="swap the sampler, e.g. ddim")
-    if steps:
-        p.add_argument("--steps", type=int, help="sampler steps")
-    p.add_argument("--guidance", help="swap the guidance, e.g. cfg, classifier, none")
-    p.add_argument("--scale", type=float, help="guidance scale")
-    p.add_argument("--prior", help="swap the prior, e.g. gmm, fitted-gaussian, uniform-tokens")
-    p.add_argument("--temperature", type=float, help="token sampler temperature")
-    p.add_argument("--top-k", dest="top_k", type=int, help="token sampler top-k")
-    p.add_argument("--top-p", dest="top_p", type=float, help="token sampler top-p (nucleus)")
-    for stage in ("prior", "upsampler"):  # a cascade's other stages, each set on its own (DALL·E 2, GLIDE)
-        p.add_argument(f"--{stage}-sampler", dest=f"{stage}_sampler", help=f"swap the {stage}_sampler")
-        p.add_argument(f"--{stage}-steps", dest=f"{stage}_steps", type=int, help=f"{stage}_sampler steps")
-        p.add_argument(f"--{stage}-guidance", dest=f"{stage}_guidance", help=f"swap the {stage}_guidance (none to drop it)")
-        p.add_argument(f"--{stage}-scale", dest=f"{stage}_scale", type=float, help=f"{stage}_guidance scale")
+def _add_swap_args(p: argparse.ArgumentParser) -> None:
+    for s in SWAPS:
+        p.add_argument(s.flag, dest=s.key, type=s.type, help=s.help)
 
 
 PRECISIONS = ("fp32", "bf16")  # genzoo.precision.PRECISIONS; not imported, so that building the parser needs no torch
@@ -51,12 +40,8 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser networks (the first batch compiles)")
 
 
-SWAPS = ("sampler", "steps", "guidance", "scale", "prior", "temperature", "top_k", "top_p",
-         *(f"{stage}_{what}" for stage in ("prior", "upsampler") for what in ("sampler", "steps", "guidance", "scale")))
-
-
 def _swaps(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k, None) for k in SWAPS if getattr(args, k, None) is not None}
+    return {s.key: getattr(args, s.key) for s in SWAPS if getattr(args, s.key, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:

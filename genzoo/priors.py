@@ -23,7 +23,7 @@ from genzoo.registry import registered_name
 from genzoo.errors import GenzooError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
 from genzoo.nn.embeddings import with_null
-from genzoo.nn.gpt import GPT, CachedLogits, GPTConfig
+from genzoo.nn.gpt import GPT, CachedLogits, TransformerSize
 
 
 def bind_priors(components: Mapping[str, Any]) -> None:
@@ -245,16 +245,12 @@ def make_uniform_tokens(cfg: UniformTokensConfig, ctx=None) -> UniformTokens:
     return UniformTokens(tuple(cfg.shape) if cfg.shape else None, cfg.vocab_size)
 
 
-class GPTPriorConfig(BaseModel):
+class GPTPriorConfig(TransformerSize):
     model_config = ConfigDict(extra="forbid")
     shape: list[int] | None = Field(None, description="code grid shape; None takes the decoder's")
     vocab_size: int | None = Field(None, ge=1, description="number of codes; None takes the decoder's")
     class_conditional: bool = Field(False, description="prefix the dataset's class (its label) to the codes")
     cond_drop: float = Field(0.1, ge=0, le=1, description="probability of the null class in training (classifier-free guidance)")
-    n_layer: int = Field(4, ge=1, description="transformer blocks")
-    n_head: int = Field(4, ge=1, description="attention heads")
-    n_embd: int = Field(128, ge=8, description="width")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout")
 
 
 class GPTPrior(SizedPrior):
@@ -281,9 +277,8 @@ class GPTPrior(SizedPrior):
             raise GenzooError("prior 'gpt' has no vocab_size: set it or compose it with a token decoder")
         c = self.cfg
         self.produces = Spec(shape=shape, dtype="long", vocab_size=self.vocab_size)
-        self.gpt = GPT(GPTConfig(vocab_size=self.vocab_size, block_size=math.prod(shape) + 1, n_layer=c.n_layer,
-                                 n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout))
-        self.class_emb = nn.Embedding((self.num_classes or 0) + 1, c.n_embd)  # last row: the null class
+        self.gpt = GPT(c.gpt_config(vocab_size=self.vocab_size, block_size=math.prod(shape) + 1, where="prior 'gpt'"))
+        self.class_emb = nn.Embedding((self.num_classes or 0) + 1, c.width)  # last row: the null class
         nn.init.normal_(self.class_emb.weight, std=0.02)
 
     def _prefix(self, condition: Condition | None, batch: int) -> Tensor:

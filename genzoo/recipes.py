@@ -32,6 +32,7 @@ from genzoo.errors import GenzooError, RecipeError
 from genzoo.interfaces import Pipeline, check_composition
 from genzoo.priors import bind_priors
 from genzoo.registry import KINDS, Registry
+from genzoo.swaps import apply_swaps
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "registry.yaml"
 PACKAGED_RECIPES = Path(__file__).resolve().parent / "registry.yaml"
@@ -148,59 +149,11 @@ def parse_assignment(text: str) -> tuple[list[str], Any]:
         return keys, value
 
 
-def apply_overrides(
-    name: str,
-    recipe: Recipe,
-    sets: Iterable[str] = (),
-    *,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    prior: str | None = None,
-    **stage_swaps: Any,
-) -> Recipe:
-    """Apply swap flags, then ``--set`` assignments; a path not starting at a recipe key is a component role.
-
-    ``sampler``, ``steps``, ``guidance``, ``scale`` act on the decoder's sampler and guidance; the same
-    with a ``prior_`` or ``upsampler_`` prefix on that stage's (``prior_steps=64``). ``temperature``,
-    ``top_k`` and ``top_p`` go to every token sampler of the recipe (VQ-VAE's and DALL·E's ``prior_sampler``).
-    """
+def apply_overrides(name: str, recipe: Recipe, sets: Iterable[str] = (), **swaps: Any) -> Recipe:
+    """Apply swap flags (:data:`genzoo.swaps.SWAPS`: ``sampler=``, ``prior_steps=``, ``temperature=``, ...), then
+    ``--set`` assignments; a ``--set`` path not starting at a recipe key is a component role."""
     body = recipe.model_dump(mode="json")
-    comps = body.setdefault("components", {})
-    def swap(role: str, name: str) -> dict[str, Any] | None:
-        """A new component of that type, or the recipe's own when it is the same type (its trained fields kept)."""
-        if name in ("none", "null"):
-            return None
-        current = comps.get(role)
-        return current if current and current.get("type") == name else {"type": name}
-
-    if prior is not None:
-        comps["prior"] = swap("prior", prior)
-    for stage in ("", "prior_", "upsampler_"):
-        sampler, steps, guidance, scale = (stage_swaps.pop(f"{stage}{k}", None) for k in ("sampler", "steps", "guidance", "scale"))
-        if sampler is not None:
-            comps[f"{stage}sampler"] = swap(f"{stage}sampler", sampler)
-        if guidance is not None:
-            comps[f"{stage}guidance"] = swap(f"{stage}guidance", guidance)
-        if steps is not None:
-            if not comps.get(f"{stage}sampler"):
-                raise RecipeError(f"recipe '{name}' has no {stage}sampler to take --{stage.replace('_', '-')}steps; "
-                                  f"add --{stage.replace('_', '-')}sampler NAME")
-            comps[f"{stage}sampler"]["steps"] = steps
-        if scale is not None:
-            if not comps.get(f"{stage}guidance"):
-                raise RecipeError(f"recipe '{name}' has no {stage}guidance to take --{stage.replace('_', '-')}scale; "
-                                  f"add --{stage.replace('_', '-')}guidance NAME")
-            comps[f"{stage}guidance"]["scale"] = scale
-    if stage_swaps:
-        raise TypeError(f"apply_overrides: unknown swaps {sorted(stage_swaps)}")
-    token = {k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)) if v is not None}
-    if token:
-        roles = [r for r, c in comps.items() if c and c.get("type") == "token"]
-        if not roles:
-            raise RecipeError(f"recipe '{name}' has no token sampler to take --temperature/--top-k/--top-p")
-        for r in roles:
-            comps[r].update(token)
+    apply_swaps(name, body.setdefault("components", {}), swaps)
     for text in sets:
         keys, value = parse_assignment(text)
         if keys[0] not in Recipe.model_fields:

@@ -95,7 +95,7 @@ def test_vqvae_uses_its_codebook_and_the_gpt_prior_beats_uniform(tmp_path: Path)
 
 def test_class_conditional_code_prior_with_logit_cfg(tmp_path: Path) -> None:
     sets = ["train.stages={tokenizer: 2, prior: 3}", "train.batch_size=8", "data.num_train=64", "data.image_size=16",
-            "prior.n_layer=1", "prior.n_embd=32", "decoder.codebook_size=16", "decoder.encoder.channels=8",
+            "prior.layers=1", "prior.width=32", "decoder.codebook_size=16", "decoder.encoder.channels=8",
             "decoder.decoder.channels=8"]
     model, _, _ = train(tmp_path, "cvqvae-shapes", sets)
     prior = model.components["prior"]

@@ -17,7 +17,7 @@ from genzoo.interfaces import Spec
 from test_classic import train
 
 TINY = ["data.image_size=16", "data.num_train=2000", "decoder.codebook_size=32", "decoder.encoder.channels=32",
-        "decoder.decoder.channels=32", "prior.n_layer=2", "prior.n_embd=64", "clip.embed_dim=32", "clip.text_tower.width=32",
+        "decoder.decoder.channels=32", "prior.layers=2", "prior.width=64", "clip.embed_dim=32", "clip.text_tower.width=32",
         "clip.text_tower.layers=1", "clip.image_tower.model_channels=16", "train.batch_size=64", "train.lr=2e-3",
         "train.warmup_steps=20", "decoder.temperature_steps=300", "decoder.kl_warmup_steps=150"]
 LEARN = [*TINY[:-2], "decoder.temperature_steps=1000", "decoder.kl_warmup_steps=500"]
@@ -46,7 +46,7 @@ def test_dvae_schedules_and_kl_match_their_formulas(loaded_registry) -> None:
 
 def test_transformer_text_slots_pads_and_weighted_loss() -> None:
     torch.manual_seed(0)
-    prior = DalleTransformer(DalleTransformerConfig(text_length=6, text_vocab_size=4, n_layer=1, n_embd=32, cond_drop=0.0))
+    prior = DalleTransformer(DalleTransformerConfig(text_length=6, text_vocab_size=4, layers=1, width=32, cond_drop=0.0))
     prior.bind(Spec(shape=(2, 2), dtype="long", vocab_size=8))
     tokens = torch.tensor([[49406, 500, 600, 49407, 0, 0, 0, 0], [49406, 700, 49407, 0, 0, 0, 0, 0]])
     text = prior.text_tokens({"tokens": tokens}, 2, learn=True)
@@ -117,7 +117,7 @@ def test_dalle_from_the_command_line(dalle_run, tmp_path: Path) -> None:
 
 def test_the_vq_tokenizer_swaps_into_the_dalle_recipe(tmp_path: Path) -> None:
     model, source, _ = train(tmp_path, "dalle-shapes-vq", [*TINY[:2], "train.stages={tokenizer: 30, prior: 10, clip: 0}",
-                                                            "decoder.codebook_size=32", "prior.n_layer=1", "prior.n_embd=32"])
+                                                            "decoder.codebook_size=32", "prior.layers=1", "prior.width=32"])
     assert type(model.components["decoder"]).__name__ == "VQAutoencoder"
     out = model.sample(2, {"caption": ["a large red circle in the top left"] * 2}, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 16, 16)

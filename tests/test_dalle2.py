@@ -160,8 +160,8 @@ TINY = [
     "upsampler_decoder.denoiser.model_channels=16", "train.batch_size=32", "train.lr=2e-3", "train.ema_decay=null",
     "train.warmup_steps=20", "sampler.steps=8", "upsampler_sampler.steps=4",
 ]
-TINY_PRIOR = {"dalle2-shapes": ["prior.n_embd=64", "prior.n_layer=2", "prior_sampler.steps=8"],
-              "dalle2-ar-shapes": ["prior.n_embd=64", "prior.n_layer=2", "prior.pca_dims=8", "prior.bins=16"]}
+TINY_PRIOR = {"dalle2-shapes": ["prior.width=64", "prior.layers=2", "prior_sampler.steps=8"],
+              "dalle2-ar-shapes": ["prior.width=64", "prior.layers=2", "prior.pca_dims=8", "prior.bins=16"]}
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ CAPTIONS = ["a large red circle in the top left", "bottom right: a small blue cr
 
 def test_text_transformer_pools_at_the_end_token_and_never_sees_the_padding() -> None:
     torch.manual_seed(0)
-    net = TextTransformer(TextTransformerConfig(context_length=24, width=32, layers=2, heads=4)).eval()
+    net = TextTransformer(TextTransformerConfig(context=24, width=32, layers=2, heads=4)).eval()
     tokens = net.tokenize(CAPTIONS)
     assert torch.equal(tokens, BPETokenizer(BPETokenizerConfig(context_length=24)).encode(CAPTIONS))
     pooled, seq, mask = net(tokens)

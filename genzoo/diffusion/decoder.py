@@ -8,7 +8,6 @@ loss, denoiser and condition; the pipeline adds the family's training objective.
 from __future__ import annotations
 
 import math
-from enum import Enum
 from typing import Any, Mapping
 
 import numpy as np
@@ -20,37 +19,10 @@ from torch import Tensor, nn
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from genzoo.diffusion.guidance import noised_clip_losses
 from genzoo.diffusion.samplers import randn
-from genzoo.diffusion.schedules import get_named_beta_schedule
+from genzoo.diffusion.schedules import betas_with_float32_abar, get_named_beta_schedule
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, SamplerKind, Spec
 from genzoo.pipelines import Conditioning, LabelledPipeline, labelled_args
-
-
-class MeanType(str, Enum):
-    eps = "eps"
-    x0 = "x0"
-    v = "v"
-
-
-class VarType(str, Enum):
-    fixed_small = "fixed-small"
-    fixed_large = "fixed-large"
-    learned_range = "learned-range"
-
-
-class Loss(str, Enum):
-    simple = "simple"
-    hybrid = "hybrid"
-    vlb = "vlb"
-
-
-_MEAN = {MeanType.eps: ModelMeanType.EPSILON, MeanType.x0: ModelMeanType.START_X, MeanType.v: ModelMeanType.VELOCITY}
-_VAR = {
-    VarType.fixed_small: ModelVarType.FIXED_SMALL,
-    VarType.fixed_large: ModelVarType.FIXED_LARGE,
-    VarType.learned_range: ModelVarType.LEARNED_RANGE,
-}
-_LOSS = {Loss.simple: LossType.SIMPLE, Loss.hybrid: LossType.HYBRID, Loss.vlb: LossType.VLB}
 
 
 class DiffusionDecoderConfig(BaseModel):
@@ -59,9 +31,11 @@ class DiffusionDecoderConfig(BaseModel):
     timesteps: int = Field(1000, ge=1, description="T, the number of diffusion steps in training")
     betas: list[float] | None = Field(None, description="explicit b_1..b_T, used instead of the named schedule (an imported "
                                                         "model's schedule that genzoo does not name); T entries in (0, 1]")
-    mean_type: MeanType = Field(MeanType.eps, description="what the denoiser predicts: eps, x0 or v")
-    var_type: VarType = Field(VarType.fixed_large, description="reverse variance: fixed-small, fixed-large or learned-range")
-    loss: Loss = Field(Loss.simple, description="L_simple, L_hybrid (simple + 0.001 L_vlb) or L_vlb")
+    abar_float32: bool = Field(False, description="abar as the float32 cumulative product of float32 alphas, as diffusers' "
+                                                  "schedulers compute it (imported models sample as diffusers does); False: float64")
+    mean_type: ModelMeanType = Field(ModelMeanType.EPSILON, description="what the denoiser predicts: eps, x0 or v")
+    var_type: ModelVarType = Field(ModelVarType.FIXED_LARGE, description="reverse variance: fixed-small, fixed-large or learned-range")
+    loss: LossType = Field(LossType.SIMPLE, description="L_simple, L_hybrid (simple + 0.001 L_vlb) or L_vlb")
     timestep_sampler: str = Field("uniform", description="how t is drawn in training: uniform or loss-aware (L_vlb)")
     clip_range: float | None = Field(1.0, description="clamp predicted x0 to [-c, c] when sampling; null for unbounded data")
     cond_drop: float = Field(0.0, ge=0, le=1, description="probability of dropping the condition in training (for CFG)")
@@ -83,7 +57,7 @@ class DiffusionDecoderConfig(BaseModel):
             raise ValueError(f"betas must hold timesteps={self.timesteps} values in (0, 1], got {len(self.betas)}")
         if self.low_res_blur is not None and not 0 <= self.low_res_blur[0] <= self.low_res_blur[1]:
             raise ValueError(f"low_res_blur {list(self.low_res_blur)} must be [lo, hi] with 0 <= lo <= hi")
-        if self.var_type is VarType.learned_range and self.loss is Loss.simple:  # L_simple gives the variance no gradient
+        if self.var_type is ModelVarType.LEARNED_RANGE and self.loss is LossType.SIMPLE:  # L_simple gives the variance no gradient
             raise ValueError("var_type learned-range trains its variance only through L_vlb; set loss: hybrid (Improved DDPM) "
                              "or vlb, or var_type: fixed-small/fixed-large")
         return self
@@ -146,14 +120,18 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
     """A denoiser network with its Gaussian diffusion process (schedule, mean and variance type, loss)."""
     from genzoo.diffusion.gaussian_diffusion import create_timestep_sampler
 
+    if cfg.abar_float32:
+        betas = betas_with_float32_abar(cfg.schedule, cfg.timesteps, cfg.betas)
+    else:
+        betas = get_named_beta_schedule(cfg.schedule, cfg.timesteps) if cfg.betas is None else np.asarray(cfg.betas, dtype=np.float64)
     diffusion = GaussianDiffusion(
-        betas=get_named_beta_schedule(cfg.schedule, cfg.timesteps) if cfg.betas is None else np.asarray(cfg.betas, dtype=np.float64),
-        model_mean_type=_MEAN[cfg.mean_type],
-        model_var_type=_VAR[cfg.var_type],
-        loss_type=_LOSS[cfg.loss],
+        betas=betas,
+        model_mean_type=cfg.mean_type,
+        model_var_type=cfg.var_type,
+        loss_type=cfg.loss,
         clip_range=cfg.clip_range,
     )
-    learn_sigma = cfg.var_type is VarType.learned_range
+    learn_sigma = cfg.var_type is ModelVarType.LEARNED_RANGE
     if ctx.data is None:
         raise RegistryError("decoder 'diffusion-decoder' needs a dataset to size its denoiser")
     spec = dict(cfg.denoiser)

@@ -83,3 +83,25 @@ def spaced_grid(num_timesteps: int, steps: int, spacing: str, offset: int = 0) -
         raise ValueError(f"{spacing} spacing of {steps} steps over {num_timesteps} timesteps is not evenly {ratio} apart, so "
                          "diffusers' step (t -> t - T // steps) is not a respaced process; use 'leading' spacing or other steps")
     return set(grid)
+
+
+
+def betas_with_float32_abar(name: str, num_timesteps: int, betas: np.ndarray | None = None) -> np.ndarray:
+    """Betas (float64) whose float64 cumulative product of 1 - b is the float32 abar diffusers' schedulers use.
+
+    diffusers makes the betas in float32 (``linear``: ``torch.linspace`` in float32; others: float64 values rounded)
+    and takes ``torch.cumprod`` of the alphas in float32. Its abar then differs from the float64 one by ~4e-7
+    (relative), which a 50-step DDIM run can grow to ~1e-4 in the images. A process built from these betas has
+    diffusers' abar to float64 precision, so the same float32 tables. ``betas``: explicit b_1..b_T instead of ``name``.
+    """
+    import torch
+
+    if betas is not None:
+        b32 = torch.as_tensor(np.asarray(betas, dtype=np.float64)).float()
+    elif name == "linear":
+        scale = 1000 / num_timesteps
+        b32 = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float32)
+    else:
+        b32 = torch.as_tensor(get_named_beta_schedule(name, num_timesteps)).float()
+    abar = torch.cumprod(1 - b32, dim=0).double().numpy()
+    return 1 - abar / np.append(1.0, abar[:-1])

@@ -5,7 +5,7 @@ import torch
 from genzoo.nn import convnets
 from genzoo.nn.classifier import NoisyClassifier, NoisyClassifierConfig, build_noisy_classifier
 from genzoo.nn.embeddings import timestep_embedding
-from genzoo.nn.gpt import GPT, CachedLogits, GPTConfig, KVCache
+from genzoo.nn.gpt import GPT, CachedLogits, GPTConfig, KVCache, TransformerSize
 from genzoo.nn.mlp import MLPDenoiser, MLPDenoiserConfig, build_mlp_denoiser
 from genzoo.nn.unet import UNet, UNetConfig, build_unet, unet_flops
 
@@ -16,5 +16,5 @@ CONV_MEMORY_FORMAT = torch.channels_last
 
 __all__ = [
     "CONV_MEMORY_FORMAT", "CachedLogits", "GPT", "GPTConfig", "KVCache", "MLPDenoiser", "MLPDenoiserConfig", "NoisyClassifier",
-    "NoisyClassifierConfig", "UNet", "UNetConfig", "build_mlp_denoiser", "build_unet", "timestep_embedding", "unet_flops",
+    "NoisyClassifierConfig", "TransformerSize", "UNet", "UNetConfig", "build_mlp_denoiser", "build_unet", "timestep_embedding", "unet_flops",
 ]

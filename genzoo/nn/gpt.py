@@ -35,6 +35,25 @@ class GPTConfig(BaseModel):
     bias: bool = Field(True, description="biases in Linear layers and LayerNorms (False: a little faster, GPT-2 used True)")
 
 
+class TransformerSize(BaseModel):
+    """A transformer's size in one vocabulary for every transformer config (priors, text towers, DALL·E)."""
+
+    model_config = ConfigDict(extra="forbid")
+    layers: int = Field(4, ge=1, description="transformer blocks")
+    heads: int = Field(4, ge=1, description="attention heads; must divide width")
+    width: int = Field(128, ge=8, description="width of the residual stream")
+    context: int | None = Field(None, ge=1, description="positions attended over; None: as many as the data need")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on embeddings, attention and residual branches")
+
+    def gpt_config(self, *, vocab_size: int, block_size: int, where: str) -> GPTConfig:
+        """The :class:`GPTConfig` of this size for sequences of ``block_size``, refusing a context too short for them."""
+        if self.context is not None and self.context < block_size:
+            raise ValueError(f"{where}: field 'context' is {self.context} but the sequence needs {block_size} positions; "
+                             "raise it or leave it unset")
+        return GPTConfig(vocab_size=vocab_size, block_size=self.context or block_size, n_layer=self.layers,
+                         n_head=self.heads, n_embd=self.width, dropout=self.dropout)
+
+
 @dataclass
 class KVCache:
     """Keys and values of every layer for the positions seen so far: ``layers[i] = (k, v)``, (B, H, L, hd)."""

@@ -107,7 +107,7 @@ class CLIP(nn.Module):
 
     @property
     def context_length(self) -> int:
-        return self.cfg.text_tower.context_length
+        return self.cfg.text_tower.context
 
     def tokenize(self, captions: list[str]) -> Tensor:
         return self.text.tokenize(list(captions)).to(self.device)

@@ -16,15 +16,11 @@ from torch import Tensor, nn
 
 from genzoo.data.tokenizer import CaptionTokens
 from genzoo.interfaces import Condition, Encoder, Spec
-from genzoo.nn.gpt import GPT, Block, GPTConfig
+from genzoo.nn.gpt import GPT, Block, TransformerSize
 
 
-class TextTransformerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    context_length: int = Field(32, ge=3, description="tokens per caption incl. start and end; longer captions are cut")
-    width: int = Field(128, ge=8, description="width of the residual stream (and of the outputs)")
-    layers: int = Field(4, ge=1, description="transformer blocks")
-    heads: int = Field(4, ge=1, description="attention heads; must divide width")
+class TextTransformerConfig(TransformerSize):
+    context: int = Field(32, ge=3, description="tokens per caption incl. start and end; longer captions are cut")
 
 
 class TextTransformer(nn.Module):
@@ -33,11 +29,10 @@ class TextTransformer(nn.Module):
     def __init__(self, cfg: TextTransformerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tokenize = CaptionTokens(cfg.context_length)
-        gpt = GPTConfig(vocab_size=self.tokenize.tokenizer.vocab_size, block_size=cfg.context_length, n_layer=cfg.layers,
-                        n_head=cfg.heads, n_embd=cfg.width)
+        self.tokenize = CaptionTokens(cfg.context)
+        gpt = cfg.gpt_config(vocab_size=self.tokenize.tokenizer.vocab_size, block_size=cfg.context, where="text-transformer")
         self.token_embedding = nn.Embedding(gpt.vocab_size, cfg.width)
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context, cfg.width))
         self.blocks = nn.ModuleList(Block(gpt) for _ in range(cfg.layers))
         self.ln_final = nn.LayerNorm(cfg.width)
         self.apply(GPT._init_weights)
@@ -48,7 +43,7 @@ class TextTransformer(nn.Module):
         return self.cfg.width
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        tokens = tokens[:, : self.cfg.context_length]
+        tokens = tokens[:, : self.cfg.context]
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         for block in self.blocks:
             x, _ = block(x)

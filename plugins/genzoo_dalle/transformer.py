@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from genzoo.data.tokenizer import CaptionTokens
 from genzoo.errors import GenzooError
 from genzoo.interfaces import Condition, Encoder, SamplerKind, Spec
-from genzoo.nn.gpt import GPT, CachedLogits, GPTConfig
+from genzoo.nn.gpt import GPT, CachedLogits, TransformerSize
 from genzoo.priors import SizedPrior
 
 BPE_VOCAB = 49408  # open_clip's SimpleTokenizer
@@ -56,16 +56,12 @@ class BPETokensEncoder(Encoder):
         return out
 
 
-class DalleTransformerConfig(BaseModel):
+class DalleTransformerConfig(TransformerSize):
     model_config = ConfigDict(extra="forbid")
     text_length: int = Field(16, ge=2, description="text positions (DALL·E: 256)")
     text_vocab_size: int = Field(256, ge=2, description="text slots incl. the shared unknown slot (see the module doc)")
     text_loss_weight: float = Field(1 / 8, ge=0, le=1, description="weight of the text loss; the image gets 1 - this (DALL·E: 1/8)")
     cond_drop: float = Field(0.1, ge=0, le=1, description="probability of dropping the caption in training (for logit CFG)")
-    n_layer: int = Field(4, ge=1, description="transformer blocks")
-    n_head: int = Field(4, ge=1, description="attention heads")
-    n_embd: int = Field(128, ge=8, description="width")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout")
     shape: list[int] | None = Field(None, description="code grid (h, w); None: the tokenizer's")
     vocab_size: int | None = Field(None, description="image codes K; None: the tokenizer's")
 
@@ -90,8 +86,8 @@ class DalleTransformer(SizedPrior):
         c = self.cfg
         self.produces = Spec(shape=shape, dtype="long", vocab_size=self.vocab_size)
         self.image_offset = c.text_vocab_size + c.text_length
-        self.gpt = GPT(GPTConfig(vocab_size=self.image_offset + self.vocab_size, block_size=c.text_length + math.prod(shape),
-                                 n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout))
+        self.gpt = GPT(c.gpt_config(vocab_size=self.image_offset + self.vocab_size, block_size=c.text_length + math.prod(shape),
+                                    where="prior 'dalle-transformer'"))
         unknown = c.text_vocab_size - 1
         self.register_buffer("slot_of", torch.full((BPE_VOCAB,), unknown, dtype=torch.long))
         self.register_buffer("slots_used", torch.zeros((), dtype=torch.long))

@@ -31,7 +31,7 @@ from genzoo.diffusion.schedules import get_named_beta_schedule
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
 from genzoo.nn.embeddings import timestep_embedding, with_null
-from genzoo.nn.gpt import GPT, Block, CachedLogits, GPTConfig
+from genzoo.nn.gpt import GPT, Block, CachedLogits, TransformerSize
 
 TEXT_KEYS = frozenset({"text_emb", "context", "context_mask"})
 
@@ -144,14 +144,11 @@ class EmbeddingPrior(Prior):
 # --------------------------------------------------------------------------- diffusion prior
 
 
-class DiffusionPriorConfig(BaseModel):
+class DiffusionPriorConfig(TransformerSize):
     model_config = ConfigDict(extra="forbid")
     schedule: str = Field("cosine", description="beta schedule of the prior's diffusion")
     timesteps: int = Field(1000, ge=1, description="T in training; the prior_sampler respaces it (unCLIP samples with 64 steps)")
-    n_layer: int = Field(4, ge=1, description="transformer blocks")
-    n_head: int = Field(4, ge=1, description="attention heads")
-    n_embd: int = Field(256, ge=8, description="width")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout")
+    width: int = Field(256, ge=8, description="width of the residual stream")
     cond_drop: float = Field(0.1, ge=0, le=1, description="probability of dropping the caption (tokens and z_t) in training, for CFG")
     clip_range: float | None = Field(10.0, gt=0, description="clamp x0_hat to +-c in standardised units when sampling; null: off")
     best_of: int = Field(2, ge=1, description="draws per caption; the one with the largest dot product with z_t is kept")
@@ -163,14 +160,14 @@ class PriorTransformer(nn.Module):
 
     def __init__(self, cfg: DiffusionPriorConfig, *, dim: int, text_width: int, text_length: int) -> None:
         super().__init__()
-        e = cfg.n_embd
+        e = cfg.width
         self.prefix = CaptionPrefix(dim=dim, text_width=text_width, text_length=text_length, n_embd=e)
         self.time_mlp = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
         self.x_proj = nn.Linear(dim, e)
         self.query = nn.Parameter(torch.randn(e) * 0.02)
         self.pos = nn.Parameter(torch.randn(text_length + 4, e) * 0.01)
-        gpt = GPTConfig(vocab_size=1, block_size=text_length + 4, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=e, dropout=cfg.dropout)
-        self.blocks = nn.ModuleList(Block(gpt) for _ in range(cfg.n_layer))
+        gpt = cfg.gpt_config(vocab_size=1, block_size=text_length + 4, where="prior 'diffusion-prior'")
+        self.blocks = nn.ModuleList(Block(gpt) for _ in range(cfg.layers))
         self.ln_f, self.out = nn.LayerNorm(e), nn.Linear(e, dim)
         self.apply(GPT._init_weights)
 
@@ -215,15 +212,11 @@ class DiffusionPrior(EmbeddingPrior):
 # --------------------------------------------------------------------------- autoregressive prior
 
 
-class ARPriorConfig(BaseModel):
+class ARPriorConfig(TransformerSize):
     model_config = ConfigDict(extra="forbid")
     pca_dims: int = Field(16, ge=1, description="principal components of z_i kept (unCLIP: 319 of 1024)")
     bins: int = Field(64, ge=2, description="uniform bins per component (unCLIP: 1024)")
     bin_range: float = Field(3.0, gt=0, description="the bins cover +-bin_range standard deviations of each component")
-    n_layer: int = Field(4, ge=1, description="transformer blocks")
-    n_head: int = Field(4, ge=1, description="attention heads")
-    n_embd: int = Field(128, ge=8, description="width")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout")
     cond_drop: float = Field(0.1, ge=0, le=1, description="probability of dropping the caption in training, for logit CFG")
     best_of: int = Field(2, ge=1, description="draws per caption; the one with the largest dot product with z_t is kept")
 
@@ -247,9 +240,8 @@ class ARPrior(EmbeddingPrior):
             raise RegistryError(f"prior 'ar-prior': field 'pca_dims' is {c.pca_dims} but the CLIP embedding has {dim} dims; lower it")
         self.register_buffer("basis", torch.eye(dim)[: c.pca_dims].clone())
         self.register_buffer("scale", torch.ones(c.pca_dims))
-        self.prefix = CaptionPrefix(dim=dim, text_width=text_width, text_length=text_length, n_embd=c.n_embd)
-        self.gpt = GPT(GPTConfig(vocab_size=c.bins, block_size=text_length + 1 + c.pca_dims, n_layer=c.n_layer, n_head=c.n_head,
-                                 n_embd=c.n_embd, dropout=c.dropout))
+        self.prefix = CaptionPrefix(dim=dim, text_width=text_width, text_length=text_length, n_embd=c.width)
+        self.gpt = GPT(c.gpt_config(vocab_size=c.bins, block_size=text_length + 1 + c.pca_dims, where="prior 'ar-prior'"))
 
     @torch.no_grad()
     def fit(self, z: Tensor) -> None:

@@ -65,14 +65,16 @@ def module_config(module: nn.Module) -> dict[str, Any]:
 
 
 class UNet2DAdapter(nn.Module):
-    """diffusers' ``UNet2DModel`` as a genzoo denoiser: ``forward(x_t, t, cond)``, ``cond['y']`` as its class labels."""
+    """diffusers' ``UNet2DModel`` as a genzoo denoiser: ``forward(x_t, t, cond)``, ``cond['y']`` as its class labels
+    when it has a class embedding (a classifier guidance's ``y`` passes an unconditional one by)."""
 
     def __init__(self, *, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: Tensor, t: Tensor, cond: Condition | None = None) -> Tensor:
-        return self.model(x, t, class_labels=(cond or {}).get("y")).sample
+        labels = (cond or {}).get("y") if self.model.class_embedding is not None else None  # an unconditional model ignores y
+        return self.model(x, t, class_labels=labels).sample
 
 
 class UNet2DConfig(ModuleConfig):

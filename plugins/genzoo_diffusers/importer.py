@@ -17,7 +17,7 @@ from genzoo.errors import GenzooError
 
 from .loading import fetch, is_hub_id, read_config, require_safetensors
 
-PIPELINES = {"DDPMPipeline": 1000, "DDIMPipeline": 50}  # -> the pipeline's default num_inference_steps
+PIPELINES = {"DDPMPipeline": 1000, "DDIMPipeline": 50}  # -> the pipeline's default num_inference_steps (at most T)
 NOT_YET = {
     "LDMPipeline": "latent diffusion needs a latent-diffusion composition genzoo does not have yet; its VQModel / AutoencoderKL "
                    "and UNet2DConditionModel load as the adapters diffusers-vqmodel / diffusers-autoencoder-kl and "
@@ -86,8 +86,9 @@ class DiffusersImporter:
             raise GenzooError(f"{folder}: the pipeline's unet is a {unet_cls}; a {pipeline} imports a UNet2DModel")
         sched_cls = (index.get("scheduler") or [None, None])[1]
         ddim = pipeline == "DDIMPipeline" or sched_cls == "DDIMScheduler"
-        decoder, sampler = map_scheduler(sched_cls, read_config(folder / "scheduler", "scheduler_config.json"),
-                                         ddim=ddim, steps=PIPELINES[pipeline])
+        sched_cfg = read_config(folder / "scheduler", "scheduler_config.json")
+        steps = min(PIPELINES[pipeline], int(sched_cfg.get("num_train_timesteps", 1000)))
+        decoder, sampler = map_scheduler(sched_cls, sched_cfg, ddim=ddim, steps=steps)
         require_safetensors(folder / "unet")
         unet = build_module("UNet2DModel", ModuleConfig(pretrained=str(folder), subfolder="unet"))
         native, why = (None, "--adapter") if adapter else native_unet_config(unet.config)

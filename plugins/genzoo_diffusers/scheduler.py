@@ -3,13 +3,14 @@
 | diffusers | genzoo |
 |---|---|
 | ``beta_schedule`` linear / squaredcos_cap_v2 | ``schedule`` linear / cosine where the betas coincide in float64, else explicit ``betas`` |
-| ``beta_schedule`` scaled_linear, sigmoid, laplace; ``trained_betas`` | explicit ``betas`` |
+| ``beta_schedule`` scaled_linear, sigmoid, laplace; ``trained_betas`` | explicit ``betas``: diffusers' float32 values |
 | ``prediction_type`` epsilon / sample / v_prediction | ``mean_type`` eps / x0 / v |
 | ``variance_type`` fixed_small(_log) / fixed_large / learned_range | ``var_type`` fixed-small / fixed-large / learned-range |
 | ``clip_sample``, ``clip_sample_range`` | ``clip_range`` (None when off) |
 | ``thresholding`` with ``sample_max_value`` 1 | ``clip_range`` 1 (diffusers clamps the threshold to [1, 1]) |
 | ``timestep_spacing``, ``steps_offset`` | the sampler's ``spacing``, ``steps_offset`` |
 | DDIM's ``use_clipped_model_output`` (pipeline default False) | the ddim sampler's ``clipped_eps`` |
+| float32 ``alphas_cumprod`` | ``abar_float32: true`` |
 
 Refused, each with its field named: ``rescale_betas_zero_snr``, ``variance_type`` learned / fixed_large_log,
 ``thresholding`` with ``sample_max_value`` != 1, DDIM's ``set_alpha_to_one`` False, DDPM's ``steps_offset`` > 0 (its last
@@ -48,7 +49,7 @@ def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
 def process_fields(cfg: Mapping[str, Any], scheduler: Any) -> dict[str, Any]:
     """The diffusion decoder's fields (schedule or betas, timesteps, mean, variance, clipping) for a full scheduler config."""
     t = int(cfg["num_train_timesteps"])
-    out: dict[str, Any] = {"timesteps": t}
+    out: dict[str, Any] = {"timesteps": t, "abar_float32": True}  # diffusers' float32 tables (schedules.betas_with_float32_abar)
     if cfg.get("rescale_betas_zero_snr"):
         raise _refuse("rescale_betas_zero_snr", True, "a zero terminal SNR makes abar_T = 0, where genzoo's x0_hat is undefined")
     schedule, betas = cfg.get("beta_schedule"), None
@@ -58,16 +59,12 @@ def process_fields(cfg: Mapping[str, Any], scheduler: Any) -> dict[str, Any]:
         betas = np.linspace(cfg["beta_start"], cfg["beta_end"], t, dtype=np.float64)
         if np.array_equal(betas, get_named_beta_schedule("linear", t)):
             out["schedule"], betas = "linear", None
-    elif schedule == "scaled_linear":
-        betas = np.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, t, dtype=np.float64) ** 2
     elif schedule == "squaredcos_cap_v2":
         betas = cosine_betas(t)
         if np.allclose(betas, get_named_beta_schedule("cosine", t), rtol=1e-12, atol=0):
             out["schedule"], betas = "cosine", None
-    else:  # sigmoid, laplace, ...: the betas diffusers computed (float32)
-        betas = scheduler.betas.double().numpy()
-    if betas is not None:
-        out["betas"] = [float(b) for b in betas]
+    if betas is not None:  # the betas diffusers runs with (float32 values): scaled_linear, sigmoid, ..., other linear ranges
+        out["betas"] = [float(b) for b in scheduler.betas.double().numpy()]
     pred = cfg.get("prediction_type", "epsilon")
     if pred not in MEAN:
         raise _refuse("prediction_type", pred, f"genzoo predicts {', '.join(MEAN)}")
