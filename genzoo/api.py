@@ -1,4 +1,12 @@
-"""The Python API behind the command line: list, build, train, load and sample models.
+"""The Python API behind the command line; ``genzoo.create_model`` and friends are these functions.
+
+Discover: :func:`list_components` (the registry, by kind), :func:`list_recipes`, :func:`resolve_recipe`
+(a recipe after swaps and ``--set``s, every default filled). Build: :func:`create_model` (an untrained
+pipeline from a recipe name or a resolved recipe), :func:`build_data` (its dataset). Load:
+:func:`load_model` (a run or checkpoint directory, with swaps), :func:`init_from` (start a new model from a
+run's matching weights), :func:`import_model` (a foreign model through a registered importer, e.g. a
+diffusers pipeline). Run: :func:`for_inference`, :func:`compile_denoisers`. Training is
+:class:`genzoo.training.Trainer`; evaluation :mod:`genzoo.eval`.
 
 >>> import genzoo
 >>> genzoo.list_recipes()                       # doctest: +SKIP
@@ -79,19 +87,24 @@ def compile_denoisers(pipeline: Pipeline) -> list[str]:
 
 
 def create_model(
-    resolved: Mapping[str, Any], *, data_spec: Any, registry: Registry | None = None, device: str | torch.device = "cpu",
-    seed: int | None = None,
+    recipe: str | Mapping[str, Any], *, data_spec: Any = None, registry: Registry | None = None,
+    device: str | torch.device = "cpu", seed: int | None = None,
 ) -> Pipeline:
-    """Build an untrained pipeline from a resolved recipe for data described by ``data_spec``.
+    """An untrained pipeline from a recipe name (``create_model("ddpm-shapes")``, as ``open_clip.create_model``)
+    or a resolved recipe, for data described by ``data_spec`` (default: the recipe's dataset).
 
     The initial weights are drawn from ``seed`` (default: the recipe's ``train.seed``), not from the process's random
     state, so the same recipe builds the same weights; the caller's RNG is left as it was.
     """
+    registry = registry or default_registry()
+    resolved = resolve_recipe(recipe, registry=registry) if isinstance(recipe, str) else recipe
+    if data_spec is None:
+        data_spec = build_data(resolved, registry=registry).spec
     if seed is None:
         seed = (resolved.get("train") or {}).get("seed", 0)
     with torch.random.fork_rng(devices=[]):  # built on the CPU; moved to ``device`` afterwards
         torch.manual_seed(seed)
-        pipeline = build_pipeline(resolved, registry or default_registry(), data_spec)
+        pipeline = build_pipeline(resolved, registry, data_spec)
     return pipeline.to(device)
 
 

@@ -253,15 +253,6 @@ class Guidance(ABC):
     kind: SamplerKind
 
 
-@runtime_checkable
-class Trainable(Protocol):
-    """What the trainer needs from a model (every :class:`Pipeline` satisfies it)."""
-
-    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]: ...
-
-    def training_losses(self, batch: dict[str, Any], *, optimizer: str, stage: str) -> dict[str, Tensor]: ...
-
-
 class Pipeline(nn.Module, ABC):
     """A composed model: the components of a recipe plus the training objective of a family.
 
@@ -315,5 +306,3 @@ class Pipeline(nn.Module, ABC):
         z = c["prior"].sample(n, cond, generator=generator, sampler=c.get("prior_sampler"), guidance=c.get("prior_guidance"))
         return c["decoder"].decode(z, cond, generator=generator, sampler=c.get("sampler"), guidance=c.get("guidance"))
 
-
-ComponentFactory = Callable[..., Any]

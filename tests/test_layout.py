@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from genzoo.plugins import default_registry
 from genzoo.registry import own_doc
@@ -98,3 +99,17 @@ def nested_templates(text: str) -> list[str]:
 def test_recipe_templates_are_one_level_deep() -> None:
     assert nested_templates((ROOT / "registry.yaml").read_text()) == []
     assert nested_templates("t:\n  a: &a {x: 1}\n  b: &b\n    n: {<<: *a, y: 2}\nr: {<<: *b}\n") == ["b"]
+
+
+def test_the_package_exports_a_one_call_api() -> None:
+    import genzoo
+
+    model = genzoo.create_model("ddpm-digits")
+    again = genzoo.create_model(genzoo.resolve_recipe("ddpm-digits"))
+    # drawn from the recipe's seed: the same weights twice, whatever the process's RNG did in between
+    torch.rand(3)
+    for (name, p), q in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert "ddpm-digits" in genzoo.list_recipes() and callable(genzoo.load_model)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        genzoo.nope  # noqa: B018

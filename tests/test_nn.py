@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from genzoo.nn import GPT, CachedLogits, GPTConfig, KVCache, MLPDenoiser, MLPDenoiserConfig, NoisyClassifier, NoisyClassifierConfig, UNet, UNetConfig, unet_flops
 from genzoo.nn.embeddings import timestep_embedding
 from genzoo.nn.unet import flop_counter, num_groups
+from genzoo.tokens import TokenSampler, TokenSamplerConfig
 
 SMALL = dict(in_channels=3, image_size=8, model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4])
 
@@ -225,14 +226,13 @@ def test_kv_cache_logits_equal_full_forward() -> None:
     assert cache.length == 11
 
 
-def test_generate_uses_one_token_steps() -> None:
+def test_cached_logits_feed_one_token_per_step() -> None:
     g = randomise(GPT(TINY)).eval()
     calls: list[int] = []
     g.transformer.wte.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[1]))
-    out = g.generate(torch.randint(0, 11, (2, 3)), 6, generator=torch.Generator().manual_seed(0))
+    sampler = TokenSampler(TokenSamplerConfig())
+    out = sampler.sample(CachedLogits(g), torch.randint(0, 11, (2, 3)), 6, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 6) and calls == [3, 1, 1, 1, 1, 1]
-    with pytest.raises(ValueError, match="at least one token or a prefix_emb"):
-        g.generate(torch.zeros(2, 0, dtype=torch.long), 3)
 
 
 def test_loss_weights_and_ignore_index() -> None:
@@ -264,11 +264,12 @@ def test_gpt_overfits_with_a_prefix() -> None:
         opt.step()
     assert first > 2.0 and loss.item() < 0.05
     g.eval()
-    torch.testing.assert_close(g.generate(seqs[:, :0], 10, prefix_emb=prefix, temperature=0.01), seqs, rtol=0, atol=0)
+    drawn = TokenSampler(TokenSamplerConfig(temperature=0.01)).sample(
+        CachedLogits(g, prefix=lambda c: prefix), seqs[:, :0], 10, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(drawn, seqs, rtol=0, atol=0)
 
 
 def test_cached_logits_drive_the_token_sampler_like_full_passes() -> None:
-    from genzoo.tokens import TokenSampler, TokenSamplerConfig
 
     g = randomise(GPT(TINY)).eval()
     prefix = torch.randn(2, 1, 32)

@@ -182,30 +182,6 @@ class GPT(nn.Module):
             w = w * loss_weights.to(ce.dtype).expand_as(targets)
         return logits, (ce * w.flatten()).sum() / w.sum()
 
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: Tensor,
-        length: int,
-        *,
-        prefix_emb: Tensor | None = None,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Draw ``length`` tokens after ``idx`` (B, T >= 0) with the KV cache: one forward per new token.
-
-        Plain ancestral sampling; genzoo's token sampler adds top-k/p and guidance on the same logits.
-        """
-        if idx.shape[1] == 0 and prefix_emb is None:
-            raise ValueError("GPT.generate: give at least one token or a prefix_emb to condition the first token on")
-        cache, out = KVCache(), []
-        logits, _ = self(idx, prefix_emb=prefix_emb, kv_cache=cache)
-        for i in range(length):
-            out.append(torch.multinomial((logits[:, -1].float() / temperature).softmax(-1), 1, generator=generator))
-            if i + 1 < length:
-                logits, _ = self(out[-1], kv_cache=cache)
-        return torch.cat(out, dim=1) if out else idx.new_zeros(idx.shape[0], 0)
-
 
 class CachedLogits:
     """A logits function for genzoo's ``TokenSampler`` (``(tokens, condition) -> (B, V)``) backed by a

@@ -52,18 +52,16 @@ def process_fields(cfg: Mapping[str, Any], scheduler: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"timesteps": t, "abar_float32": True}  # diffusers' float32 tables (schedules.betas_with_float32_abar)
     if cfg.get("rescale_betas_zero_snr"):
         raise _refuse("rescale_betas_zero_snr", True, "a zero terminal SNR makes abar_T = 0, where genzoo's x0_hat is undefined")
-    schedule, betas = cfg.get("beta_schedule"), None
-    if cfg.get("trained_betas") is not None:
-        betas = np.asarray(cfg["trained_betas"], dtype=np.float64)
-    elif schedule == "linear":
-        betas = np.linspace(cfg["beta_start"], cfg["beta_end"], t, dtype=np.float64)
-        if np.array_equal(betas, get_named_beta_schedule("linear", t)):
-            out["schedule"], betas = "linear", None
-    elif schedule == "squaredcos_cap_v2":
-        betas = cosine_betas(t)
-        if np.allclose(betas, get_named_beta_schedule("cosine", t), rtol=1e-12, atol=0):
-            out["schedule"], betas = "cosine", None
-    if betas is not None:  # the betas diffusers runs with (float32 values): scaled_linear, sigmoid, ..., other linear ranges
+    schedule, named = cfg.get("beta_schedule"), None
+    if cfg.get("trained_betas") is None and schedule == "linear":
+        if np.array_equal(np.linspace(cfg["beta_start"], cfg["beta_end"], t, dtype=np.float64), get_named_beta_schedule("linear", t)):
+            named = "linear"
+    elif cfg.get("trained_betas") is None and schedule == "squaredcos_cap_v2":
+        if np.allclose(cosine_betas(t), get_named_beta_schedule("cosine", t), rtol=1e-12, atol=0):
+            named = "cosine"
+    if named is not None:
+        out["schedule"] = named
+    else:  # the betas diffusers runs with (float32 values): trained, scaled_linear, sigmoid, ..., other linear ranges
         out["betas"] = [float(b) for b in scheduler.betas.double().numpy()]
     pred = cfg.get("prediction_type", "epsilon")
     if pred not in MEAN:
