@@ -262,7 +262,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False, *, stop_at: int | None = None) -> TrainResult:
-        """Train (or continue) to the end of the last stage; ``stop_at`` stops after that global step as an interruption would."""
+        """Train (or continue) to the end of the last stage; ``stop_at`` stops after that global step as an
+        interruption would. The loop of improved-diffusion's ``run_loop``: advance the stage, step, log, decide to
+        save, and finish (fit the latent prior, save the last step once)."""
+        self._begin(resume)
+        model = self._wrap(_Losses(self.pipeline))
+        autocast = lambda: precision.autocast(self.device, self.cfg.precision)  # noqa: E731
+        previous = self._install_signals()
+        deadline = time.monotonic() + self.cfg.minutes * 60 if self.cfg.minutes else None
+        bar = self._progress_bar()
+        t0, steps_done, last, timed_out = time.perf_counter(), 0, {}, False
+        try:
+            while self._advance_stage():
+                stage = self.stages[self.stage_index][0]
+                last = self._train_step(model, stage, autocast)
+                self.step, self.stage_step, steps_done = self.step + 1, self.stage_step + 1, steps_done + 1
+                self._report(stage, last, steps_done, time.perf_counter() - t0, bar)
+                timed_out = deadline is not None and time.monotonic() > deadline
+                stop = distributed.any_flag(self._stop_reason is not None or timed_out or self.step == stop_at, self.dist,
+                                            self.device)
+                if self._save_due(stop):
+                    self._save()
+                if stop:
+                    break
+        finally:
+            bar.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return self._finish(t0, steps_done, last, timed_out)
+
+    # ------------------------------------------------------------------ the loop's steps
+    def _begin(self, resume: bool) -> None:
+        """Seed, build the stages and optimisers (or restore them from the run's checkpoint), place the model."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if has_checkpoint(self.run_dir) and not resume:
@@ -279,71 +310,72 @@ class Trainer:
         self.last_checkpoint = None
         self.ema = EMA(self.pipeline, cfg.ema_decay) if cfg.ema_decay else None
         if resume:
-            if not has_checkpoint(self.run_dir):
-                raise TrainingError(f"--resume: {self.run_dir} holds no checkpoint; train without --resume first")
-            ck = load_checkpoint(self.run_dir, with_trainer_state=True)
-            theirs = refresh(ck.recipe, self.registry or default_registry())
-            for key in ("pipeline", "data", "components"):
-                if theirs.get(key) != self.recipe.get(key):
-                    raise TrainingError(f"--resume: the recipe's '{key}' differs from the checkpoint's in {self.run_dir}; "
-                                        "resume with the same recipe or train into a new --out")
-            self._restore(ck.trainer_state)
-            self.last_checkpoint = ck.path
-            if self.dist.rank:  # the state holds rank 0's RNG; other ranks must not repeat its noise
-                torch.manual_seed(cfg.seed + self.dist.rank + 1_000_003 * self.step)
+            self._resume()
         else:
             self._setup_stage()
             self.pipeline.begin_stage(self.stages[0][0], self.data)
         if cfg.channels_last:  # in place: the optimisers keep their parameters
             self.pipeline.to(memory_format=CONV_MEMORY_FORMAT)
-        model: nn.Module = _Losses(self.pipeline)
+
+    def _resume(self) -> None:
+        if not has_checkpoint(self.run_dir):
+            raise TrainingError(f"--resume: {self.run_dir} holds no checkpoint; train without --resume first")
+        ck = load_checkpoint(self.run_dir, with_trainer_state=True)
+        theirs = refresh(ck.recipe, self.registry or default_registry())
+        for key in ("pipeline", "data", "components"):
+            if theirs.get(key) != self.recipe.get(key):
+                raise TrainingError(f"--resume: the recipe's '{key}' differs from the checkpoint's in {self.run_dir}; "
+                                    "resume with the same recipe or train into a new --out")
+        self._restore(ck.trainer_state)
+        self.last_checkpoint = ck.path
+        if self.dist.rank:  # the state holds rank 0's RNG; other ranks must not repeat its noise
+            torch.manual_seed(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
         if self.dist.enabled:
             model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        if cfg.compile:
+        if self.cfg.compile:
             model = torch.compile(model)
-        autocast = lambda: precision.autocast(self.device, cfg.precision)  # noqa: E731
-        previous = self._install_signals()
-        deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
-        total = sum(s for _, s in self.stages) if cfg.steps or cfg.stages else None
+        return model
+
+    def _progress_bar(self) -> tqdm:
+        total = sum(s for _, s in self.stages) if self.cfg.steps or self.cfg.stages else None
         show = self.progress and self.dist.is_main and sys.stderr.isatty()
-        bar = tqdm(total=total, initial=self.step, disable=not show, dynamic_ncols=True)
-        t0, steps_done, last, timed_out = time.perf_counter(), 0, {}, False
-        try:
-            while True:
-                stage, stage_total = self.stages[self.stage_index]
-                if self.stage_step >= stage_total:
-                    if self.stage_index == len(self.stages) - 1:
-                        break
-                    if self.ema:  # the next stage builds on the averaged weights, the ones saved and sampled with
-                        self.ema.copy_to(self.pipeline)
-                        # and its own weights start a fresh warm-up: with the global count at decay 0.999, a
-                        # 1000-step stage would be saved as 37% its initialisation
-                        self.ema.updates = 0
-                    self.stage_index, self.stage_step = self.stage_index + 1, 0
-                    self._setup_stage()
-                    self.pipeline.begin_stage(self.stages[self.stage_index][0], self.data)
-                    continue
-                last = self._train_step(model, stage, autocast)
-                self.step, self.stage_step, steps_done = self.step + 1, self.stage_step + 1, steps_done + 1
-                elapsed = time.perf_counter() - t0
-                if self.step % cfg.log_every == 0:
-                    lrs = {f"lr/{k}": s.get_last_lr()[0] for k, s in self.scheds.items()}
-                    self._log({"step": self.step, "stage": stage, **last, **lrs, "it_s": steps_done / elapsed, "time": elapsed})
-                bar.update(1)
-                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}", stage=stage)
-                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.pipeline.ready_to_sample():
-                    self._sample_grid()
-                timed_out = deadline is not None and time.monotonic() > deadline
-                stop = distributed.any_flag(self._stop_reason is not None or timed_out or self.step == stop_at, self.dist, self.device)
-                ends = stop or (self.stage_step >= stage_total and all(n == 0 for _, n in self.stages[self.stage_index + 1:]))
-                if self.step % cfg.checkpoint_every == 0 and not ends:  # the last step is saved once, below
-                    self._save()
-                if stop:
-                    break
-        finally:
-            bar.close()
-            for s, h in previous.items():
-                signal.signal(s, h)
+        return tqdm(total=total, initial=self.step, disable=not show, dynamic_ncols=True)
+
+    def _advance_stage(self) -> bool:
+        """Move past finished stages; False when the last one is done."""
+        while self.stage_step >= self.stages[self.stage_index][1]:
+            if self.stage_index == len(self.stages) - 1:
+                return False
+            if self.ema:  # the next stage builds on the averaged weights, the ones saved and sampled with
+                self.ema.copy_to(self.pipeline)
+                # and its own weights start a fresh warm-up: with the global count at decay 0.999, a
+                # 1000-step stage would be saved as 37% its initialisation
+                self.ema.updates = 0
+            self.stage_index, self.stage_step = self.stage_index + 1, 0
+            self._setup_stage()
+            self.pipeline.begin_stage(self.stages[self.stage_index][0], self.data)
+        return True
+
+    def _report(self, stage: str, last: dict[str, float], steps_done: int, elapsed: float, bar: tqdm) -> None:
+        """The metrics log, the progress bar and the periodic sample grid."""
+        if self.step % self.cfg.log_every == 0:
+            lrs = {f"lr/{k}": s.get_last_lr()[0] for k, s in self.scheds.items()}
+            self._log({"step": self.step, "stage": stage, **last, **lrs, "it_s": steps_done / elapsed, "time": elapsed})
+        bar.update(1)
+        bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}", stage=stage)
+        if self.cfg.sample_every and self.step % self.cfg.sample_every == 0 and self.pipeline.ready_to_sample():
+            self._sample_grid()
+
+    def _save_due(self, stop: bool) -> bool:
+        """A periodic save, except at the run's last step, which :meth:`_finish` saves once."""
+        ends = stop or (self.stage_step >= self.stages[self.stage_index][1]
+                        and all(n == 0 for _, n in self.stages[self.stage_index + 1:]))
+        return self.step % self.cfg.checkpoint_every == 0 and not ends
+
+    def _finish(self, t0: float, steps_done: int, last: dict[str, float], timed_out: bool) -> TrainResult:
+        """Fit what is fitted after training (on a finished run), then save the last step."""
         finished = self.stage_index == len(self.stages) - 1 and self.stage_step >= self.stages[-1][1]
         try:
             if finished or (timed_out and self._stop_reason is None):  # a spent --minutes budget ends a run normally; a signal does not
