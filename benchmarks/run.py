@@ -117,11 +117,19 @@ if __name__ == "__main__":
         results["ddim20_ratio_vs_diffusers"] = results["ddim20_images_per_s_fp32"] / peer["images_per_s"]
         results["flops_ratio_vs_diffusers"] = results["unet_forward_fp32"]["gflop"] / peer["gflop_forward"]
     results["trainer_overhead"] = measure(400)
+    from interop import imported_cifar10_ddim
+    from interop import markdown as interop_markdown
+
+    results["imported_ddpm_cifar10"] = imported_cifar10_ddim()  # issue 20: `genzoo sample` on an imported diffusers model
     from families import markdown as families_markdown
     from families import run as families_run
 
     results.update(families_run(32, results["matmul_fp32_gflop_s"], results["bf16_usable"], device, quick="--quick" in sys.argv,
                                 bf16_peak=results["matmul_bf16_gflop_s"]))
+    from sampler_quality import mixture_benchmark, mixture_markdown
+
+    # issue 25: every sampler x time grid at 10 and 20 NFE on the closed-form mixtures (exact denoiser), diffusers beside
+    results["sampler_mixtures"] = mixture_benchmark(n=100_000, nfes=(10, 20), seeds=1, log=lambda m: None)
     (HERE / "results.json").write_text(json.dumps(results, indent=2))
     u = results["unet_forward_fp32"]
     lines = ["| measure | value |", "|---|---|",
@@ -133,6 +141,9 @@ if __name__ == "__main__":
              f"| DDIM-20 images/s (diffusers UNet2DModel, {peer['gflop_forward']:.1f} GFLOP/forward) | {peer['images_per_s']:.2f}: genzoo is {results['ddim20_ratio_vs_diffusers']:.2f}x |" if isinstance(peer, dict) else f"| diffusers | {peer} |",
              *(f"| trainer / bare loop steps/s, MLP width {k[6:]} ({v['bare_steps_per_s']:.0f} bare steps/s) | {v['trainer_over_bare']:.2f} |"
                for k, v in results["trainer_overhead"].items() if k.startswith("width_"))]
+    lines.append(interop_markdown(results["imported_ddpm_cifar10"]))
     text = "\n".join(lines) + "\n\n" + families_markdown(results)
+    text += "\n\n## Samplers x time grids on the closed-form mixtures (docs/diffusion.md)\n\n" + "\n\n".join(
+        mixture_markdown(results["sampler_mixtures"], name) for name in results["sampler_mixtures"]["mixtures"])
     (HERE / "results.md").write_text(text)
     print(text)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -254,6 +255,9 @@ def resolve(path: str | os.PathLike) -> Path:
     latest = path / "latest"
     if latest.exists():
         target = path / "checkpoints" / latest.read_text().strip()
+        if target.is_dir() and not (target / "meta.json").exists():  # the checkpoint is there but not its manifest
+            raise CheckpointError(f"{target / 'meta.json'} is missing, so the checkpoint {target.name} cannot be "
+                                  "verified or loaded; restore meta.json, or copy the checkpoint again")
         if not (target / "meta.json").exists():
             raise CheckpointError(f"{latest} points at {target}, which is missing; the run directory was modified by hand")
         return target
@@ -262,7 +266,61 @@ def resolve(path: str | os.PathLike) -> Path:
     pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         refuse_pickle(path / pickles[0])
+    if (path / "recipe.json").exists() or any(path.glob("*.safetensors")):
+        raise CheckpointError(f"{path / 'meta.json'} is missing, so the checkpoint in {path} cannot be verified or "
+                              "loaded; restore meta.json, or copy the checkpoint again")
     raise CheckpointError(f"{path} holds no genzoo checkpoint (no meta.json and no latest); train one with `genzoo train`")
+
+
+class FileRecord(BaseModel):
+    """One entry of ``meta.json``'s ``files``: what the file must hash to and how long it is."""
+
+    model_config = ConfigDict(extra="forbid")
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the file's bytes")
+    bytes: StrictInt = Field(..., ge=0, description="the file's length")
+
+
+class CheckpointMeta(BaseModel):
+    """The fields of ``meta.json`` that loading reads; the rest (seed, stage, fingerprints, provenance) is free."""
+
+    model_config = ConfigDict(extra="allow")
+    format: StrictInt = Field(FORMAT, ge=0, description="checkpoint format version")
+    step: StrictInt = Field(..., ge=0, description="the training step saved")
+    components: list[str] = Field(default_factory=list, description="roles with a <role>.safetensors file")
+    files: dict[str, FileRecord] = Field(..., description="file name -> sha256 and bytes")
+    data_spec: dict[str, Any] | None = Field(None, description="the DataSpec the model was built for")
+
+    @field_validator("data_spec")
+    @classmethod
+    def _data_spec_fits(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        from genzoo.data.base import DataSpec
+
+        if v is not None:
+            try:
+                DataSpec.from_dict(v)
+            except (ValueError, TypeError, KeyError) as e:
+                raise ValueError(f"not a DataSpec: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _listed(self) -> CheckpointMeta:
+        needed = ["recipe.json", *(f"{role}.safetensors" for role in self.components)]
+        unlisted = [f for f in needed if f not in self.files]
+        if unlisted:
+            raise ValueError(f"'files' has no entry for {unlisted[0]}, which a checkpoint of these components holds")
+        return self
+
+
+def _meta_error(path: Path, err: ValidationError) -> CheckpointError:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    got = repr(first.get("input"))
+    got = "" if first["type"] in ("missing", "extra_forbidden") or not loc or loc == "data_spec" else \
+        f" (got {got[:60] + '...' if len(got) > 60 else got})"
+    field = f"field '{loc}': " if loc else ""
+    return CheckpointError(f"{path}: {field}{msg}{got}; the file was edited or not written by genzoo: restore it, "
+                           "or export the checkpoint again")
 
 
 def has_checkpoint(path: str | os.PathLike) -> bool:
@@ -274,8 +332,13 @@ def load_checkpoint(path: str | os.PathLike, *, with_trainer_state: bool = False
     """Load and verify every file against the sizes and hashes recorded in ``meta.json``."""
     ckpt = resolve(path)
     meta = read_json(ckpt / "meta.json")
-    if not isinstance(meta, dict) or "files" not in meta or "step" not in meta:
-        raise CheckpointError(f"{ckpt / 'meta.json'} lacks 'files' or 'step'; it was not written by genzoo")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{ckpt / 'meta.json'} holds a {type(meta).__name__}, not a mapping; "
+                              "it was not written by genzoo")
+    try:
+        CheckpointMeta.model_validate(meta)
+    except ValidationError as e:
+        raise _meta_error(ckpt / "meta.json", e) from None
     if meta.get("format", 0) > FORMAT:
         raise CheckpointError(f"{ckpt} has checkpoint format {meta['format']}; this genzoo ({__version__}) reads format {FORMAT}: upgrade genzoo")
     for fname in sorted(os.listdir(ckpt)):
@@ -290,8 +353,12 @@ def load_checkpoint(path: str | os.PathLike, *, with_trainer_state: bool = False
             raise CheckpointError(f"{f} is missing; the checkpoint is incomplete")
         refuse_pickle(f)
         data = f.read_bytes()
-        if len(data) != info["bytes"]:
-            raise CheckpointError(f"{f} is truncated: {len(data)} bytes, meta.json recorded {info['bytes']}")
+        if len(data) < info["bytes"]:
+            raise CheckpointError(f"{f} is truncated: {len(data)} bytes, meta.json recorded {info['bytes']}; "
+                                  "copy or download the checkpoint again")
+        if len(data) > info["bytes"]:
+            raise CheckpointError(f"{f} is longer than meta.json records ({len(data)} bytes, recorded "
+                                  f"{info['bytes']}): it was appended to or replaced; copy or download it again")
         if _sha256(data) != info["sha256"]:
             raise CheckpointError(f"{f} does not match the sha256 in meta.json: the file was modified or corrupted")
         blobs[fname] = data

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -111,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a sampling-time field, e.g. --set pipeline.rerank=8 or --set prior_guidance.scale=3")
 
     p = sub.add_parser("compare", help="train/evaluate several recipes on the same data, metrics and sample stream")
-    p.add_argument("recipes", nargs="+", help="RECIPE or RECIPE@SAMPLER:STEPS (e.g. ddpm-shapes@ddim:25)")
+    p.add_argument("recipes", nargs="+", help="RECIPE or RECIPE@SAMPLER:STEPS (e.g. ddpm-shapes@ddim:25); a run directory "
+                   "(an imported model) in place of RECIPE is evaluated as it is")
     p.add_argument("--out", required=True, help="directory for runs/, grids/, leaderboard.{md,csv,json} and plots")
     p.add_argument("--budget-minutes", type=float, help="training budget per recipe (default: the recipe's steps)")
     p.add_argument("--samples", type=int, default=1000, help="samples per model")
@@ -193,17 +195,28 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    from genzoo import api
     from genzoo.plugins import plugin_infos
 
     infos = plugin_infos()
+    recipe_refusals: list[tuple[str, str]] = []
+    try:  # a plugin's recipes refused because registry.yaml (or an earlier plugin) has the name
+        api.recipes(refused=recipe_refusals)
+    except GenzooError:
+        pass  # a broken registry.yaml is what the recipe commands report
+    refused = [i.refused + [why for p, why in recipe_refusals if i.recipes and p == i.name] for i in infos]
     if args.json:
-        print(json.dumps([i.as_dict() for i in infos], indent=2))
+        print(json.dumps([{**i.as_dict(), "refused": r} for i, r in zip(infos, refused)], indent=2))
         return 0
-    for i in infos:
+    for i, r in zip(infos, refused):
         state = "disabled" if i.disabled else ("FAILED" if i.error else "ok")
+        if r and state == "ok":
+            state = f"ok, {len(r)} refused"
         print(f"{i.name} {i.version} ({i.module}) {state}")
         if i.error:
             print(f"  error: {i.error}")
+        for why in r:
+            print(f"  refused: {why}")
         if i.registered:
             print("  " + ", ".join(f"{k}:{n}" for k, n in i.registered))
     return 0
@@ -236,7 +249,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     meta = {"data_spec": api.data_spec_dict(source.spec), "data_fingerprint": train.fingerprint(), "recipe_name": args.recipe}
     result = Trainer(pipeline, train.tensors(), config=config, run_dir=args.out, recipe=resolved, meta=meta,
                      progress=not args.no_progress).fit(resume=args.resume)
-    print(f"trained {args.recipe} to step {result.step} in {result.wall_time:.1f}s; checkpoint {result.checkpoint}")
+    if result.interrupted:  # not a finished run: say so, and exit as the signal asked (130 for SIGINT, 143 for SIGTERM)
+        if result.rank == 0:
+            print(f"genzoo train: interrupted by {result.interrupted} at step {result.step}; checkpoint written to "
+                  f"{result.checkpoint}; continue with --resume", file=sys.stderr)
+        return 128 + int(getattr(signal.Signals, result.interrupted, signal.SIGINT))
+    if result.rank == 0:  # under torchrun only rank 0 saved, and only it reports
+        print(f"trained {args.recipe} to step {result.step} in {result.wall_time:.1f}s; checkpoint {result.checkpoint}")
     return 0
 
 
@@ -260,6 +279,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from genzoo.training import resolve_device
     from genzoo.training.images import save_grid
 
+    if args.n < 1:
+        raise GenzooError(f"-n {args.n}: the number of samples must be at least 1; pass -n 1 or more")
     device = resolve_device(args.device)
     sets = args.sets + ([f"pipeline.rerank={args.rerank}"] if args.rerank else [])
     model = api.load_model(args.dir, device=device, sets=sets, **_swaps(args))
@@ -371,13 +392,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def add_import_parser(sub: Any) -> None:
-    p = sub.add_parser("import", help="turn a foreign pipeline (a diffusers folder or hub id) into a genzoo run directory")
+    p = sub.add_parser("import", help="turn a foreign pipeline (a diffusers folder or hub id) into a genzoo run")
     p.add_argument("source", help="a folder or a hub id, e.g. google/ddpm-cifar10-32 (safetensors only)")
     p.add_argument("out", help="the run directory to write")
-    p.add_argument("--format", help="the importer (`genzoo list --kind importer`); default: the one that recognises SOURCE")
+    p.add_argument("--format", help="the importer (`genzoo list --kind importer`); default: the one recognising SOURCE")
     p.add_argument("--adapter", action="store_true", help="keep the foreign network behind its adapter, even where it maps "
                                                           "exactly onto genzoo's own (which samples faster)")
-    p.add_argument("--data", metavar="SPEC", help="the dataset to evaluate against, as YAML, e.g. '{type: shapes, image_size: 32}'")
+    p.add_argument("--data", metavar="SPEC", help="the dataset to evaluate against, as YAML, e.g. '{type: digits}'")
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -385,7 +406,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     data = yaml.safe_load(args.data) if args.data else None
     if data is not None and not (isinstance(data, dict) and "type" in data):
-        raise GenzooError(f"--data {args.data!r}: expected a dataset spec mapping with a type, e.g. '{{type: shapes, image_size: 32}}'")
+        raise GenzooError(f"--data {args.data!r}: expected a dataset spec with a type, e.g. '{{type: shapes, image_size: 32}}'")
     path = api.import_model(args.source, args.out, format=args.format, adapter=args.adapter, data=data)
     how = json.loads((path / "meta.json").read_text()).get("imported_from", {})
     print(f"imported {args.source} ({how.get('pipeline', '?')}, {how.get('unet', '?')}) to {args.out}")
@@ -406,11 +427,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GenzooError as e:
         if debug:
             raise
-        print(f"genzoo {args.command}: error: {e}", file=sys.stderr)
+        print(f"genzoo {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"genzoo {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `genzoo list | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:  # not the user's input but a bug: still one line, the traceback behind --debug
+        if debug:
+            raise
+        print(f"genzoo {args.command}: error: unexpected {type(e).__name__}: {_one_line(e)[:300]}; a bug in genzoo "
+              "or a plugin: rerun with --debug for the traceback and report it", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line (a YAML or validation error may span several)."""
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -29,3 +29,7 @@ class TrainingError(GenzooError):
 
 class OfflineError(GenzooError):
     """Something needs the network and there is none."""
+
+
+class DataError(GenzooError):
+    """A dataset cannot be read: a missing or empty folder, an unreadable image, a missing captions file."""

@@ -11,16 +11,52 @@ import shutil
 from pathlib import Path
 
 from genzoo.checkpoint import load_checkpoint, resolve
-from genzoo.errors import CheckpointError, OfflineError
+from genzoo.errors import CheckpointError, GenzooError, OfflineError
 
 ALLOW = ["*.json", "*.safetensors", "latest", "README.md"]
 
 
 def _offline_error(what: str, repo_id: str, e: Exception) -> OfflineError:
-    return OfflineError(
-        f"could not reach the Hugging Face Hub to {what} '{repo_id}' ({type(e).__name__}); check the network "
-        "and `huggingface-cli login`, or pass a local directory instead of a repo id"
-    )
+    if what == "pull":
+        hint = "check the network and `huggingface-cli login`, or pass a local directory instead of a repo id"
+    elif "Offline" in type(e).__name__:
+        hint = "HF_HUB_OFFLINE is set: unset it to push"
+    else:  # a local directory is no answer to a failed upload
+        hint = "check the network, and that `huggingface-cli login` holds a token that may write to it"
+    return OfflineError(f"could not reach the Hugging Face Hub to {what} '{repo_id}' ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:100]}); {hint}")
+
+
+def _check_repo_id(repo_id: str, *, local_too: bool) -> None:
+    """A malformed id is the user's typo, not an unreachable Hub: say so before any network call."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        also = "neither an existing local directory nor" if local_too else "not"
+        raise GenzooError(f"'{repo_id}' is {also} a valid Hub repo id (OWNER/NAME of letters, digits, '-', '_' "
+                          "and '.'); fix the id") from None
+
+
+def _copy_verified(src: Path, dest: Path) -> Path:
+    """Copy the checkpoint files of a verified ``src`` (no trainer state) into ``dest``; a failure leaves nothing."""
+    made = not dest.exists()
+    dest.mkdir(parents=True, exist_ok=True)
+    copied: list[Path] = []
+    try:
+        for f in src.iterdir():
+            if f.is_file() and not f.name.startswith("trainer."):
+                shutil.copy2(f, dest / f.name)
+                copied.append(dest / f.name)
+        load_checkpoint(dest)
+    except BaseException:
+        for f in copied:
+            f.unlink(missing_ok=True)
+        if made:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return dest
 
 
 def push(path: str | Path, repo_id: str, *, private: bool = False) -> str:
@@ -29,6 +65,7 @@ def push(path: str | Path, repo_id: str, *, private: bool = False) -> str:
 
     ckpt = resolve(path)
     load_checkpoint(ckpt)  # never publish a corrupt checkpoint
+    _check_repo_id(repo_id, local_too=False)
     api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True, private=private)
@@ -40,19 +77,13 @@ def push(path: str | Path, repo_id: str, *, private: bool = False) -> str:
 
 
 def pull(repo_id: str, dest: str | Path | None = None, *, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
-    """Fetch a checkpoint into ``dest`` (default: the Hub cache, ``HF_HUB_CACHE``) and verify it."""
+    """Fetch a checkpoint into ``dest`` (default: the Hub cache, ``HF_HUB_CACHE``), verified before anything is
+    written to ``dest``: a refused checkpoint leaves nothing there."""
     local = Path(repo_id)
     if local.exists():
         src = resolve(local)
-        if dest is None:
-            out = src
-        else:
-            out = Path(dest)
-            out.mkdir(parents=True, exist_ok=True)
-            for f in src.iterdir():
-                if f.is_file() and not f.name.startswith("trainer."):
-                    shutil.copy2(f, out / f.name)
     else:
+        _check_repo_id(repo_id, local_too=True)
         from huggingface_hub import snapshot_download
 
         try:
@@ -66,11 +97,11 @@ def pull(repo_id: str, dest: str | Path | None = None, *, revision: str | None =
                     "connect to the network (and unset HF_HUB_OFFLINE), or pass a local checkpoint directory"
                 ) from e
             raise _offline_error("pull", repo_id, e) from e
-        if dest is not None:
-            shutil.copytree(out, dest, dirs_exist_ok=True)
-            out = Path(dest)
-    try:
-        load_checkpoint(out)
+        src = out
+    try:  # verified where it was fetched (the Hub cache) or found, before anything is written to dest
+        src = resolve(src)
+        load_checkpoint(src)
     except CheckpointError as e:
-        raise CheckpointError(f"pulled '{repo_id}' but it is not a valid genzoo checkpoint: {e}") from e
-    return out
+        where = f"; nothing was written to {dest}" if dest is not None else ""
+        raise CheckpointError(f"pulled '{repo_id}' but it is not a valid genzoo checkpoint: {e}{where}") from e
+    return src if dest is None else _copy_verified(src, Path(dest))

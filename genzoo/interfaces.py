@@ -221,6 +221,41 @@ class Decoder(nn.Module, ABC):
     ) -> Tensor: ...
 
 
+class LatentAutoencoder(Protocol):
+    """The latent interface: what a decoder offers to be the first stage of latent diffusion (Rombach et al. 2022).
+
+    A decoder that also encodes images to continuous latents and decodes them back implements three members
+    (no base class; a composition checks them with :func:`missing_latent_interface`, never with ``isinstance``):
+
+    * ``latent_shape``: ``tuple[int, ...]``, one latent without the batch: (C, h, w) for a spatial latent
+      (a VQ-VAE's grid, diffusers' ``VQModel`` / ``AutoencoderKL``), (D,) for a vector (genzoo's AE / VAE).
+    * ``encode_latents(x) -> z``: images (B, C, H, W) in [-1, 1] to latents (B, *latent_shape), deterministic
+      and continuous, unscaled: a VAE's posterior mean (``AutoencoderKL``: the mode), a VQ model's
+      pre-quantisation ``z_e`` (LDM's VQ first stages are diffused before quantisation).
+    * ``decode_latents(z) -> x``: latents (B, *latent_shape) to images, about [-1, 1] (the composition
+      clamps); a VQ model first snaps each latent vector to its nearest code.
+
+    Optional: ``training_losses(x) -> dict[str, Tensor]`` with a ``loss`` entry, the first stage's own
+    objective (reconstruction, and a codebook or KL term), for a composition that trains the first stage
+    itself; a decoder without it (a pretrained, imported autoencoder) is used frozen, as it is.
+    """
+
+    latent_shape: tuple[int, ...]
+
+    def encode_latents(self, x: Tensor) -> Tensor: ...
+
+    def decode_latents(self, z: Tensor) -> Tensor: ...
+
+
+LATENT_INTERFACE = ("latent_shape", "encode_latents", "decode_latents")
+
+
+def missing_latent_interface(component: Any) -> list[str]:
+    """The members of :class:`LatentAutoencoder` that ``component`` lacks; empty when it can be a first stage."""
+    return [m for m in LATENT_INTERFACE
+            if not (hasattr(component, m) if m == "latent_shape" else callable(getattr(component, m, None)))]
+
+
 class Sampler(ABC):
     """Drives an iterative model from noise (or a prefix) to a sample.
 

@@ -1,10 +1,12 @@
 """Plugins: pluggy hooks over the ``genzoo`` entry-point group.
 
 Built-in plugins (``plugins/genzoo_*``) are declared as entry points of the group ``genzoo`` in
-our own ``pyproject.toml``, so they load through exactly the same path as third-party ones. The
-loader is tolerant: a plugin that fails to import or to register is recorded (``genzoo plugins``
-shows why) and the rest load. ``GENZOO_STRICT_PLUGINS=1`` makes such failures fatal;
-``GENZOO_DISABLE_PLUGINS=a,b`` skips plugins by entry-point name.
+our own ``pyproject.toml``, so they load through exactly the same path as third-party ones, but
+first: a component or recipe name a later plugin registers again is refused for that plugin alone
+and reported, never taken from the one that had it. The loader is tolerant: a plugin that fails
+to import or to register is recorded (``genzoo plugins`` shows why) and the rest load.
+``GENZOO_STRICT_PLUGINS=1`` makes such failures (and refusals) fatal; ``GENZOO_DISABLE_PLUGINS=a,b``
+skips plugins by entry-point name.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class Hookspecs:
         unique across plugins; ``config`` is a pydantic model with ``extra='forbid'`` whose fields
         are documented; ``factory(config)`` (or ``factory(config, ctx)`` to receive a
         :class:`genzoo.registry.BuildContext`) returns the component. Registrations of one
-        plugin are committed together: if any fails, none is kept.
+        plugin are committed together: if any fails, none is kept. A name that a plugin loaded
+        earlier holds (built-in plugins load first) is refused alone and reported.
         """
 
     @hookspec
@@ -57,14 +60,18 @@ class PluginInfo:
     recipes: list[str] = field(default_factory=list)
     error: str | None = None
     disabled: bool = False
+    builtin: bool = False  # shipped by the genzoo distribution itself; loaded before every other plugin
+    refused: list[str] = field(default_factory=list)  # components (and recipes) refused because the name was taken
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "module": self.module,
             "version": self.version,
+            "builtin": self.builtin,
             "registered": [f"{k}:{n}" for k, n in self.registered],
             "recipes": self.recipes,
+            "refused": self.refused,
             "error": self.error,
             "disabled": self.disabled,
         }
@@ -82,6 +89,15 @@ def _short_error(e: BaseException) -> str:
 
 def _dist_version(ep: md.EntryPoint) -> str:
     return ep.dist.version if getattr(ep, "dist", None) is not None else "unknown"
+
+
+BUILTIN_DIST = "genzoo"  # the distribution whose entry points are the built-in plugins (plugins/genzoo_*)
+
+
+def _dist_name(ep: md.EntryPoint) -> str:
+    """The normalised name of the distribution that declares ``ep`` ("" when unknown)."""
+    dist = getattr(ep, "dist", None)
+    return (getattr(dist, "name", None) or "").lower().replace("_", "-")
 
 
 def load_plugins(
@@ -102,19 +118,27 @@ def load_plugins(
     pm.add_hookspecs(Hookspecs)
     infos: list[PluginInfo] = []
 
-    candidates: list[tuple[str, str, str, Any]] = []  # name, module path, version, loader
+    candidates: list[tuple[str, str, str, Any, bool]] = []  # name, module path, version, loader, built-in
     if entry_points:
-        seen: set[str] = set()
-        for ep in sorted(md.entry_points(group=GROUP), key=lambda e: e.name):
-            if ep.name in seen:  # one distribution found twice on sys.path
-                continue
-            seen.add(ep.name)
-            candidates.append((ep.name, ep.value, _dist_version(ep), ep.load))
+        # built-ins first, so that whatever a third-party plugin registers under a taken name is what is refused
+        eps = sorted(md.entry_points(group=GROUP), key=lambda e: (_dist_name(e) != BUILTIN_DIST, e.name))
+        seen: dict[str, str] = {}
+        for ep in eps:
+            dist = _dist_name(ep)
+            if ep.name in seen:
+                if seen[ep.name] != dist:  # another distribution's plugin under a taken entry-point name
+                    infos.append(PluginInfo(name=ep.name, module=ep.value, version=_dist_version(ep), refused=[
+                        f"entry point '{ep.name}' of distribution '{dist}' is refused: distribution '{seen[ep.name]}' "
+                        f"already has a plugin named '{ep.name}'; rename its entry point"]))
+                continue  # else one distribution found twice on sys.path
+            seen[ep.name] = dist
+            candidates.append((ep.name, ep.value, _dist_version(ep), ep.load, dist == BUILTIN_DIST))
     for name, obj in extra:
-        candidates.append((name, getattr(obj, "__name__", type(obj).__name__), getattr(obj, "__version__", "unknown"), lambda o=obj: o))
+        candidates.append((name, getattr(obj, "__name__", type(obj).__name__), getattr(obj, "__version__", "unknown"),
+                           lambda o=obj: o, False))
 
-    for name, module, version, load in candidates:
-        info = PluginInfo(name=name, module=module, version=version)
+    for name, module, version, load, builtin in candidates:
+        info = PluginInfo(name=name, module=module, version=version, builtin=builtin)
         infos.append(info)
         if name in disabled:
             info.disabled = True
@@ -130,6 +154,7 @@ def load_plugins(
                     registrar = registry.scoped(name)
                     impl.function(registry=registrar)
                     info.registered = registrar.commit()
+                    info.refused += registrar.refused
             for impl in pm.hook.register_recipes.get_hookimpls():
                 if impl.plugin_name == name:
                     info.recipes = [str(p) for p in impl.function()]
@@ -142,6 +167,9 @@ def load_plugins(
                     f"plugin '{name}' ({module}) failed to load: {info.error}; "
                     "fix or uninstall it, or unset GENZOO_STRICT_PLUGINS to skip it"
                 ) from e
+    refused = [(i.name, r) for i in infos for r in i.refused]
+    if strict and refused:
+        raise PluginError(f"plugin '{refused[0][0]}': {refused[0][1]}; unset GENZOO_STRICT_PLUGINS to load the rest")
     return registry, infos
 
 

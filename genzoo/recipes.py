@@ -106,17 +106,39 @@ def parse_recipe(name: str, body: Any, *, source: str = "") -> Recipe:
         raise RecipeError(f"recipe '{name}'{where}: field '{loc}': {msg}") from None
 
 
-def load_recipes(extra_files: Iterable[str | Path] = (), *, plugin_files: Iterable[str | Path] = ()) -> dict[str, Recipe]:
-    """Recipes from ``registry.yaml``, plugins, then user files (later files may not redefine)."""
-    files: list[Path] = []
+def load_recipes(
+    extra_files: Iterable[str | Path] = (),
+    *,
+    plugin_files: Iterable[str | Path | tuple[str, str | Path]] = (),
+    refused: list[tuple[str, str]] | None = None,
+) -> dict[str, Recipe]:
+    """Recipes from ``registry.yaml``, plugins, then user files (later files may not redefine).
+
+    ``plugin_files`` are paths or (plugin name, path) pairs. A plugin's recipe whose name is taken, or a plugin's
+    file that does not parse, is refused alone ((plugin, sentence) appended to ``refused``) so that it cannot break
+    every recipe command; a user's file (``--recipes``) that redefines a name is an error: the user asked for it.
+    """
     main = REPO_RECIPES if REPO_RECIPES.exists() else PACKAGED_RECIPES
-    if main.exists():
-        files.append(main)
-    files += [Path(p) for p in plugin_files] + [Path(p) for p in extra_files]
+    files: list[tuple[str | None, Path]] = [(None, main)] if main.exists() else []
+    files += [(i[0], Path(i[1])) if isinstance(i, tuple) else ("a plugin", Path(i)) for i in plugin_files]
+    files += [(None, Path(p)) for p in extra_files]
     recipes: dict[str, Recipe] = {}
     origin: dict[str, Path] = {}
-    for f in files:
-        for name, r in read_recipe_file(f).items():
+    for plugin, f in files:
+        try:
+            found = read_recipe_file(f)
+        except RecipeError as e:
+            if plugin is None:
+                raise
+            if refused is not None:
+                refused.append((plugin, f"recipes of plugin '{plugin}' are refused: {e}"))
+            continue
+        for name, r in found.items():
+            if name in recipes and plugin is not None:
+                if refused is not None:
+                    refused.append((plugin, f"recipe '{name}' of plugin '{plugin}' ({f}) is refused: {origin[name]} "
+                                            "already defines it; rename it in the plugin"))
+                continue
             if name in recipes:
                 raise RecipeError(f"recipe '{name}' is defined in both {origin[name]} and {f}; rename one")
             recipes[name] = r

@@ -233,25 +233,39 @@ def split_spec(kind: str, spec: Mapping[str, Any] | str, *, where: str = "") -> 
 
 @dataclass
 class PluginRegistrar:
-    """What a plugin's hook receives: registers with the plugin's name, all or nothing."""
+    """What a plugin's hook receives: registers with the plugin's name, all or nothing (but for names already taken)."""
 
     registry: Registry
     plugin: str
     _pending: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # one sentence per component refused because its name was taken
 
     def register(self, kind: str, name: str, *, config: type[BaseModel], factory: Callable[..., Any], summary: str | None = None) -> None:
         self._pending.append((kind, name, dict(config=config, factory=factory, summary=summary)))
 
     def commit(self) -> list[tuple[str, str]]:
-        """Register everything pending; on any error register nothing and raise."""
+        """Register everything pending; on any error register nothing and raise.
+
+        A name another plugin registered first is not an error of this plugin's: that one component is refused
+        (reported in ``refused``) and the rest are registered, so a plugin loaded later never knocks out an earlier
+        one (built-in plugins load first) and loses only what collides.
+        """
         done: list[tuple[str, str]] = []
         try:
             for kind, name, kw in self._pending:
+                owner = self.registry._entries.get(kind, {}).get(name)
+                if owner is not None and owner.plugin != self.plugin:
+                    self.refused.append(
+                        f"{kind} '{name}' is registered by both plugin '{owner.plugin}' and plugin '{self.plugin}'; "
+                        f"the one from '{self.plugin}' is refused (rename it, or disable a plugin with "
+                        f"GENZOO_DISABLE_PLUGINS={self.plugin})")
+                    continue
                 self.registry.register(kind, name, plugin=self.plugin, **kw)
                 done.append((kind, name))
         except Exception:
             for kind, name in done:
                 del self.registry._entries[kind][name]
+            self.refused.clear()
             raise
         return done
 

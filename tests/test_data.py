@@ -17,6 +17,7 @@ from genzoo.data.shapes import (
     COLOURS, PHRASINGS, POSITIONS, SHAPES, SIZES, ShapesConfig, caption, heldout_pairs, make_shapes, parse_caption, render,
 )
 from genzoo.data.tokenizer import BPETokenizer, BPETokenizerConfig
+from genzoo.errors import DataError
 
 SMALL = ShapesConfig(num_train=600, num_test=200)
 
@@ -112,10 +113,27 @@ def test_imagefolder(tmp_path: Path) -> None:
     (tmp_path / "caps.csv").write_text("file,caption\n" + "\n".join(f"{c}/{i}.png,{c} {i}" for c in ("cats", "dogs") for i in range(3)))
     assert make_imagefolder(ImageFolderConfig(root=str(tmp_path), image_size=8, captions="caps.csv"), "train").tensors()["caption"][0] == "cats 0"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no images .* under .*empty"):
+    with pytest.raises(DataError, match="no images .* under .*empty"):
         make_imagefolder(ImageFolderConfig(root=str(tmp_path / "empty")), "train")
-    with pytest.raises(FileNotFoundError, match="field 'root' is .*nowhere, which is not a directory"):
+    with pytest.raises(DataError, match="field 'root' is .*nowhere, which is not a directory"):
         make_imagefolder(ImageFolderConfig(root=str(tmp_path / "nowhere")), "train")
+    with pytest.raises(DataError, match="captions file .*nothere.jsonl does not exist; fix field 'captions'"):
+        make_imagefolder(ImageFolderConfig(root=str(tmp_path), captions="nothere.jsonl"), "train")
+
+
+def test_imagefolder_names_an_unreadable_image_or_skips_it_when_asked(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (12, 12), (0, 255, 0)).save(tmp_path / f"{i}.png")
+    whole = (tmp_path / "0.png").read_bytes()
+    (tmp_path / "1.png").write_bytes(whole[: len(whole) // 2])  # truncated
+    (tmp_path / "2.png").write_bytes(b"not an image")  # corrupt
+    with pytest.raises(DataError, match=r"imagefolder: .*1\.png cannot be read as an image .*set data.skip_bad=true"):
+        make_imagefolder(ImageFolderConfig(root=str(tmp_path), image_size=8), "train")
+    ds = make_imagefolder(ImageFolderConfig(root=str(tmp_path), image_size=8, skip_bad=True), "train")
+    assert len(ds) == 2 and ds.skipped == ["1.png", "2.png"]
+    assert "imagefolder: warning: skipped 2 unreadable image(s) of the train split" in capsys.readouterr().err
 
 
 def test_tokenizer_offline_round_trip() -> None:
@@ -130,5 +148,5 @@ def test_tokenizer_offline_round_trip() -> None:
 def test_torchvision_without_files_says_how_to_get_them(tmp_path: Path) -> None:
     from genzoo.data.imagefolder import TorchvisionConfig, make_torchvision
 
-    with pytest.raises(FileNotFoundError, match=r"torchvision MNIST: not found under .*; set download: true"):
+    with pytest.raises(DataError, match=r"torchvision MNIST: not found under .*; set download: true"):
         make_torchvision(TorchvisionConfig(name="MNIST", root=str(tmp_path)), "train")

@@ -65,3 +65,41 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
     # rank 0 alone wrote the log
     rows = [json.loads(r) for r in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 10]
+    # every parameter has a gradient every step: no search for unused ones (issue 21.4)
+    assert "find_unused_parameters=True" not in ddp.stderr
+
+
+TINY = """
+recipes:
+  tiny:
+    description: a DDPM small enough to train in a second on CPU
+    pipeline: {type: diffusion}
+    data: {type: digits, image_size: 8}
+    components:
+      prior: {type: gaussian}
+      decoder:
+        type: diffusion-decoder
+        timesteps: 20
+        denoiser: {type: unet, model_channels: 8, channel_mult: [1], num_res_blocks: 1, attention_resolutions: []}
+      sampler: {type: ddpm, steps: 20}
+    train: {steps: 3, batch_size: 4, log_every: 1, sample_every: 0, device: cpu}
+"""
+
+
+def test_genzoo_train_under_torchrun_reports_once(tmp_path: Path) -> None:
+    """Issue 21.4: rank 1 printed `checkpoint None`, and every rank warned about find_unused_parameters."""
+    recipes = tmp_path / "tiny.yaml"
+    recipes.write_text(TINY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
+    r = subprocess.run([*torchrun, "-m", "genzoo", "train", "tiny", "--recipes", str(recipes),
+                        "--out", str(tmp_path / "run"), "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = [line for line in r.stdout.splitlines() if line.startswith("trained")]
+    assert len(reports) == 1 and reports[0].startswith("trained tiny to step 3 in "), r.stdout
+    assert reports[0].endswith(f"; checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-00000003'}")
+    assert "None" not in r.stdout and "find_unused_parameters=True" not in r.stderr

@@ -111,8 +111,9 @@ def test_name_collision_names_both_plugins(site: Path) -> None:
     make_dist(site, "zz-a", "zz_a", GOOD.replace("{name}", "same"))
     make_dist(site, "zz-b", "zz_b", GOOD.replace("{name}", "same"))
     reg, infos = load_plugins(strict=False, disabled=[])
-    err = infos_by_name(infos)["zz-b"].error
-    assert "metric 'same' is registered by both plugin 'zz-a' and plugin 'zz-b'" in err
+    b = infos_by_name(infos)["zz-b"]
+    assert b.error is None and b.registered == []  # refused, reported, not a failure of the whole plugin
+    assert "metric 'same' is registered by both plugin 'zz-a' and plugin 'zz-b'" in b.refused[0]
     assert reg.get("metric", "same").plugin == "zz-a"
     with pytest.raises(PluginError, match="registered by both plugin 'zz-a' and plugin 'zz-b'"):
         load_plugins(strict=True, disabled=[])
@@ -141,3 +142,101 @@ def test_plugin_ships_recipes(tmp_path: Path) -> None:
     assert infos[0].recipes == [str(extra)]
     recipes = load_recipes(plugin_files=infos[0].recipes)
     assert recipes["my-ddpm"].description == "from a plugin" and "ddpm-digits" in recipes
+
+
+# --------------------------------------------------------------------------- issue 21.3: built-ins load first
+
+SHADOW = '''
+from pydantic import BaseModel, ConfigDict
+import genzoo.plugins
+from genzoo.diffusion.samplers import DDIMConfig, DDIMSampler
+
+class OwnConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+class Own:
+    """The plugin's own metric."""
+    def __init__(self, cfg):
+        pass
+
+@genzoo.plugins.hookimpl
+def register_components(registry):
+    registry.register("sampler", "ddim", config=DDIMConfig, factory=DDIMSampler)  # the built-in diffusion plugin's name
+    registry.register("metric", "own-metric", config=OwnConfig, factory=Own)
+
+@genzoo.plugins.hookimpl
+def register_recipes():
+    return [RECIPES]
+'''
+
+SHADOW_RECIPES = """
+recipes:
+  ddpm-shapes:
+    description: a plugin's recipe under a built-in's name
+    pipeline: {type: diffusion}
+    data: {type: digits}
+  own-recipe:
+    description: the plugin's own recipe
+    pipeline: {type: diffusion}
+    data: {type: digits}
+"""
+
+
+@pytest.mark.parametrize("entry", ["aa-shadow", "zz-shadow"])  # sorts before and after the built-in `diffusion`
+def test_a_plugin_cannot_knock_out_a_builtin(site: Path, entry: str) -> None:
+    from genzoo.recipes import load_recipes
+
+    recipes = site / "shadow.yaml"
+    recipes.write_text(SHADOW_RECIPES)
+    make_dist(site, "zz-shadow", "zz_shadow", SHADOW.replace("RECIPES", repr(str(recipes))), group_name=entry)
+    reg, infos = load_plugins(strict=False, disabled=[])
+    by = infos_by_name(infos)
+    assert by["diffusion"].builtin and by["diffusion"].error is None and not by["diffusion"].refused
+    assert ("sampler", "ddim") in by["diffusion"].registered and reg.get("sampler", "ddim").plugin == "diffusion"
+    assert [i.name for i in infos].index("diffusion") < [i.name for i in infos].index(entry)
+    shadow = by[entry]
+    assert not shadow.builtin and shadow.error is None
+    assert shadow.registered == [("metric", "own-metric")]  # the rest of the newcomer still loads
+    assert shadow.refused == ["sampler 'ddim' is registered by both plugin 'diffusion' and plugin '" + entry
+                              + "'; the one from '" + entry + "' is refused (rename it, or disable a plugin with "
+                              "GENZOO_DISABLE_PLUGINS=" + entry + ")"]
+    refused: list = []
+    recipes_now = load_recipes(plugin_files=[(i.name, f) for i in infos for f in i.recipes], refused=refused)
+    assert recipes_now["ddpm-shapes"].description.startswith("DDPM") and "own-recipe" in recipes_now
+    assert [(p, why.split(" is refused")[0]) for p, why in refused] == \
+        [(entry, f"recipe 'ddpm-shapes' of plugin '{entry}' ({recipes})")]
+    with pytest.raises(PluginError, match=f"plugin '{entry}': sampler 'ddim' is registered by both"):
+        load_plugins(strict=True, disabled=[])
+
+
+def test_a_third_party_entry_point_under_a_builtin_name_is_refused(site: Path) -> None:
+    make_dist(site, "zz-imposter", "zz_imposter", GOOD.replace("{name}", "imposter"), group_name="diffusion")
+    reg, infos = load_plugins(strict=False, disabled=[])
+    diffusion = [i for i in infos if i.name == "diffusion"]
+    assert sorted(i.builtin for i in diffusion) == [False, True]
+    assert "already has a plugin named 'diffusion'" in next(i for i in diffusion if not i.builtin).refused[0]
+    assert "ddim" in reg.names("sampler") and "imposter" not in reg.names("metric")
+    assert "zz_imposter" not in sys.modules
+
+
+def test_recipe_commands_survive_a_plugin_shipping_a_builtin_recipe_name(site: Path) -> None:
+    """Through the command line: the recipes work and `genzoo plugins` says what was refused."""
+    import os
+    import subprocess
+
+    recipes = site / "shadow.yaml"
+    recipes.write_text(SHADOW_RECIPES)
+    make_dist(site, "zz-shadow", "zz_shadow", SHADOW.replace("RECIPES", repr(str(recipes))), group_name="aa-shadow")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in [str(site), os.environ.get("PYTHONPATH")] if p)}
+    env.pop("GENZOO_STRICT_PLUGINS", None)
+    r = subprocess.run([sys.executable, "-m", "genzoo", "plugins"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "aa-shadow 1.2.3 (zz_shadow) ok, 2 refused" in r.stdout
+    assert "refused: sampler 'ddim' is registered by both plugin 'diffusion' and plugin 'aa-shadow'" in r.stdout
+    assert "refused: recipe 'ddpm-shapes' of plugin 'aa-shadow'" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "genzoo", "info", "ddpm-shapes", "--resolved", "--sampler", "ddim"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert '"type": "ddim"' in r.stdout and "ddpm-shapes" in r.stdout

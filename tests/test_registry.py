@@ -89,13 +89,23 @@ def test_names_must_be_kebab_case_and_config_strict(registry: Registry) -> None:
 
 
 def test_scoped_registration_is_all_or_nothing(registry: Registry) -> None:
+    scoped = registry.scoped("second")
+    scoped.register("sampler", "fresh", config=StepsConfig, factory=Thing)
+    scoped.register("sampler", "Not_Kebab", config=StepsConfig, factory=Thing)
+    with pytest.raises(RegistryError, match="is not kebab-case"):
+        scoped.commit()
+    assert registry.names("sampler") == []  # 'fresh' was rolled back
+
+
+def test_a_taken_name_is_refused_alone(registry: Registry) -> None:
+    """Issue 21.3: a later plugin loses the colliding component only; the earlier one keeps it."""
     registry.register("sampler", "taken", config=StepsConfig, factory=Thing, plugin="first")
     scoped = registry.scoped("second")
     scoped.register("sampler", "fresh", config=StepsConfig, factory=Thing)
     scoped.register("sampler", "taken", config=StepsConfig, factory=Thing)
-    with pytest.raises(RegistryError, match="both plugin 'first' and plugin 'second'"):
-        scoped.commit()
-    assert registry.names("sampler") == ["taken"]  # 'fresh' was rolled back
+    assert scoped.commit() == [("sampler", "fresh")]
+    assert registry.get("sampler", "taken").plugin == "first" and registry.get("sampler", "fresh").plugin == "second"
+    assert len(scoped.refused) == 1 and "both plugin 'first' and plugin 'second'" in scoped.refused[0]
 
 
 def test_describe_fields(registry: Registry) -> None:

@@ -36,6 +36,15 @@ def tiny(name: str, extra: tuple[str, ...] = ()) -> dict:
 _SOURCES: dict[str, object] = {}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread gains nothing and, on a busy machine, costs 30x in spinning."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def source_of(resolved: dict):
     """One data source per data spec in this module (rendering shapes is the slow part)."""
     key = repr(resolved["data"])

@@ -111,6 +111,17 @@ def test_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_pat
     assert all(torch.isfinite(v).all() for sd in ck.components.values() for v in sd.values())
 
 
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_the_nan_advice_fits_the_config(tmp_path: Path, clip: float | None) -> None:
+    """Issue 21.4: no advice to set train.grad_clip when it is set."""
+    with pytest.raises(TrainingError) as e:
+        train(lambda: Noisy(nan_at=2), tmp_path, cfg(grad_clip=clip))
+    if clip:
+        assert str(e.value).endswith("; lower train.lr (train.grad_clip is already 0.5)")
+    else:
+        assert str(e.value).endswith("; lower train.lr or set train.grad_clip")
+
+
 def test_sigterm_checkpoints_and_resume_continues_exactly(tmp_path: Path) -> None:
     train(Noisy, tmp_path / "straight", cfg())
 
@@ -122,7 +133,7 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(tmp_path: Path) -> Non
             return super().training_losses(batch, **kw)
 
     _, r = train(Signalling, tmp_path / "sig", cfg())
-    assert r.stopped_early and 5 <= r.step < 12
+    assert r.stopped_early and 5 <= r.step < 12 and r.interrupted == "SIGTERM"
     assert load_checkpoint(tmp_path / "sig").meta["step"] == r.step
     train(Noisy, tmp_path / "sig", cfg(), resume=True)
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "sig")

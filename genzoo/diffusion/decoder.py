@@ -29,10 +29,12 @@ class DiffusionDecoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schedule: str = Field("linear", description="beta schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)")
     timesteps: int = Field(1000, ge=1, description="T, the number of diffusion steps in training")
-    betas: list[float] | None = Field(None, description="explicit b_1..b_T, used instead of the named schedule (an imported "
-                                                        "model's schedule that genzoo does not name); T entries in (0, 1]")
-    abar_float32: bool = Field(False, description="abar as the float32 cumulative product of float32 alphas, as diffusers' "
-                                                  "schedulers compute it (imported models sample as diffusers does); False: float64")
+    betas: list[float] | None = Field(
+        None, description="explicit b_1..b_T, used instead of the named schedule (an imported model's schedule that "
+                          "genzoo does not name); T entries in (0, 1]")
+    abar_float32: bool = Field(
+        False, description="abar as the float32 cumulative product of float32 alphas, as diffusers' schedulers compute "
+                           "it (imported models then sample as diffusers does); False: float64")
     mean_type: ModelMeanType = Field(ModelMeanType.EPSILON, description="what the denoiser predicts: eps, x0 or v")
     var_type: ModelVarType = Field(ModelVarType.FIXED_LARGE, description="reverse variance: fixed-small, fixed-large or learned-range")
     loss: LossType = Field(LossType.SIMPLE, description="L_simple, L_hybrid (simple + 0.001 L_vlb) or L_vlb")

@@ -14,13 +14,13 @@ from abc import abstractmethod
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, Model, Prediction
 from genzoo.diffusion.guidance import DiffusionGuidance
-from genzoo.diffusion.schedules import space_timesteps, spaced_grid
+from genzoo.diffusion.schedules import solver_grid, space_timesteps, spaced_grid
 from genzoo.interfaces import Condition, Sampler, SamplerKind
 
 
@@ -34,9 +34,26 @@ class SamplerConfig(BaseModel):
         None, gt=0.5, le=1, description="dynamic thresholding percentile p (Imagen, e.g. 0.995) instead of the plain clamp; None: off"
     )
     spacing: Literal["even", "leading", "trailing", "linspace"] = Field(
-        "even", description="grid of integer steps: even (first and last timestep kept), or diffusers' timestep_spacing "
-                            "leading / trailing / linspace (genzoo.diffusion.schedules.spaced_grid)")
-    steps_offset: int = Field(0, ge=0, description="added to every timestep of the leading spacing (diffusers' steps_offset)")
+        "even", description="grid of integer steps: even (first and last timestep kept), or diffusers' "
+                            "timestep_spacing leading / trailing / linspace (genzoo.diffusion.schedules.spaced_grid)")
+    steps_offset: int = Field(
+        0, ge=0, description="added to every timestep of the leading spacing (diffusers' steps_offset)")
+    grid: Literal["uniform", "quadratic", "log-snr", "karras"] = Field(
+        "uniform", description="which timesteps the solver steps on: uniform in t (space_timesteps), quadratic in t, "
+                               "uniform in log-SNR, or Karras et al.'s sigma grid (genzoo.diffusion.schedules.solver_grid)")
+    rho: float = Field(7.0, gt=0, description="the karras grid's exponent (EDM's rho; 1 is uniform in sigma)")
+    sigma_max: float | None = Field(
+        80.0, gt=0, description="karras and log-snr grids: the noisiest target sigma = sqrt((1 - abar) / abar) when t = T "
+                                "is noisier (the chain still starts at t = T); None: sigma_T")
+
+    @model_validator(mode="after")
+    def _grid_takes_even_integer_steps(self) -> SamplerConfig:
+        if self.grid != "uniform" and self.spacing != "even":
+            raise ValueError(f"sampler grid '{self.grid}' picks its own timesteps, so spacing must be 'even' (got "
+                             f"'{self.spacing}'); spacing applies to the uniform grid only")
+        if self.grid != "uniform" and not (isinstance(self.steps, int) or self.steps.isdigit()):
+            raise ValueError(f"sampler grid '{self.grid}' takes an integer number of steps, not steps={self.steps!r}")
+        return self
 
 
 def randn(
@@ -86,7 +103,9 @@ class DiffusionSampler(Sampler):
                 raise ValueError(
                     f"sampler steps={self.cfg.steps} needs {grid} timesteps but the model has {diffusion.num_timesteps}; use fewer steps"
                 )
-            if self.cfg.spacing == "even":
+            if self.cfg.grid != "uniform":  # an integer count and even spacing (SamplerConfig checks both)
+                kept = solver_grid(diffusion.tables["abar"], int(grid), self.cfg.grid, self.cfg.rho, self.cfg.sigma_max)
+            elif self.cfg.spacing == "even":
                 kept = space_timesteps(diffusion.num_timesteps, grid)
             elif isinstance(grid, int):
                 kept = spaced_grid(diffusion.num_timesteps, grid, self.cfg.spacing, self.cfg.steps_offset)
@@ -150,15 +169,20 @@ class DiffusionSampler(Sampler):
             params = next(model.parameters(), None) if isinstance(model, nn.Module) else None
             device = device if device is not None else (params.device if params is not None else None)
             noise = randn(tuple(shape), None, generator=generator, device=device, dtype=torch.get_default_dtype())
-        x, state = noise, {}
+        x, state = noise, self.start(diffusion, model)
         for i in tqdm(range(proc.num_timesteps - 1, self.last_index - 1, -1), disable=not progress, leave=False):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             x = self.step(proc, net, x, t, i, cond=cond, guidance=guidance, generator=generator, state=state)
         return x
 
+    def start(self, diffusion: GaussianDiffusion, model: Model) -> dict[str, Any]:
+        """The ``state`` a run starts with (empty); a sampler that evaluates the model off its grid (EDM's churn)
+        keeps the process and the model there."""
+        return {}
+
     @abstractmethod
     def step(self, proc: GaussianDiffusion, net: Model, x: Tensor, t: Tensor, i: int, *, cond: Condition | None,
-             guidance: DiffusionGuidance, generator: torch.Generator | None, state: dict[str, Tensor]) -> Tensor:
+             guidance: DiffusionGuidance, generator: torch.Generator | None, state: dict[str, Any]) -> Tensor:
         """x at grid index i -> x at i - 1 (x_0 after the last step); ``state`` carries history between steps."""
 
 
@@ -174,8 +198,9 @@ class AncestralSampler(DiffusionSampler):
 
 class DDIMConfig(SamplerConfig):
     eta: float = Field(0.0, ge=0, description="0: deterministic DDIM; 1: the ancestral fixed-small noise (Song et al. 2021, Eq. 16)")
-    clipped_eps: bool = Field(True, description="step with eps recomputed from the clamped x0_hat (improved-diffusion; diffusers' "
-                                                "use_clipped_model_output=True); False: the model's own eps (diffusers' default)")
+    clipped_eps: bool = Field(
+        True, description="step with eps recomputed from the clamped x0_hat (improved-diffusion; diffusers' "
+                          "use_clipped_model_output=True); False: the model's own eps (diffusers' default)")
 
 
 class DDIMSampler(DiffusionSampler):

@@ -62,7 +62,8 @@ SPACINGS = ("even", "leading", "trailing", "linspace")
 def spaced_grid(num_timesteps: int, steps: int, spacing: str, offset: int = 0) -> set[int]:
     """The timesteps kept by diffusers' ``timestep_spacing`` (Lin et al. 2023, Table 2), for ``steps`` evaluations.
 
-    ``leading``: k * (T // steps) + offset; ``trailing``: round(T - k T / steps) - 1; ``linspace``: round(linspace(0, T - 1)).
+    ``leading``: k * (T // steps) + offset; ``trailing``: round(T - k T / steps) - 1; ``linspace``:
+    round(linspace(0, T - 1)).
     diffusers' DDPM and DDIM schedulers step from t to t - T // steps, so a grid is the respaced process they run only
     when its neighbours are T // steps apart (and its last point is below T // steps); otherwise this raises.
     """
@@ -78,12 +79,62 @@ def spaced_grid(num_timesteps: int, steps: int, spacing: str, offset: int = 0) -
     else:
         raise ValueError(f"unknown timestep spacing '{spacing}'; use one of {', '.join(SPACINGS)}")
     if len(set(grid)) != steps or grid[0] < 0 or grid[-1] >= num_timesteps:
-        raise ValueError(f"{spacing} spacing of {steps} steps over {num_timesteps} timesteps gives {grid[:3]}...; use fewer steps")
+        raise ValueError(f"{spacing} spacing of {steps} steps over {num_timesteps} timesteps gives {grid[:3]}...; "
+                         "use fewer steps")
     if grid[0] >= ratio or any(b - a != ratio for a, b in zip(grid, grid[1:])):
-        raise ValueError(f"{spacing} spacing of {steps} steps over {num_timesteps} timesteps is not evenly {ratio} apart, so "
-                         "diffusers' step (t -> t - T // steps) is not a respaced process; use 'leading' spacing or other steps")
+        raise ValueError(f"{spacing} spacing of {steps} steps over {num_timesteps} timesteps is not evenly {ratio} "
+                         "apart, so diffusers' step (t -> t - T // steps) is not a respaced process; use 'leading' "
+                         "spacing or other steps")
     return set(grid)
 
+
+
+GRIDS = ("uniform", "quadratic", "log-snr", "karras")
+
+
+def solver_grid(abar: np.ndarray, points: int, grid: str, rho: float = 7.0, sigma_max: float | None = 80.0) -> list[int]:
+    """``points`` timesteps of a process with cumulative products ``abar`` (index 0 = t 1), ascending, for a solver's grid.
+
+    ``uniform``: ``space_timesteps`` (even in t). ``quadratic``: t_k = (k / (n - 1))^2 (T - 1) (DDIM's "quad", Song et al.
+    2021, Appendix D.2). ``log-snr``: even in lambda = log(alpha / sigma) (DPM-Solver, Lu et al. 2022). ``karras``:
+    sigma_k = (sigma_hi^(1/rho) + k / (n - 1) (sigma_lo^(1/rho) - sigma_hi^(1/rho)))^rho in sigma = sqrt((1 - abar) / abar)
+    (EDM, Karras et al. 2022, Eq. 5). sigma_lo is t = 1's; sigma_hi is t = T's, or ``sigma_max`` when t = T is noisier
+    (the cosine schedule's sigma_T is 2e4, where the data prediction no longer changes): the grid then starts at t = T
+    and spreads its other points from ``sigma_max`` down (EDM's sigma_max is 80). Each target is rounded to the
+    nearest integer timestep in log sigma, the ends are t = T and t = 1, and a collision moves to the next free
+    timestep, so the grid has exactly ``points`` entries and the respaced process has the exact abar of each.
+    """
+    abar = np.asarray(abar, dtype=np.float64)
+    last = len(abar) - 1
+    if grid not in GRIDS:
+        raise ValueError(f"unknown sampler grid '{grid}'; use one of {', '.join(GRIDS)}")
+    if points < 2 or points > len(abar):
+        raise ValueError(f"a {grid} grid of {points} points over {len(abar)} timesteps is impossible; use 2 to {len(abar)} points")
+    if grid == "uniform":
+        return sorted(space_timesteps(len(abar), points))
+    if grid == "quadratic":
+        idx = [int(i) for i in np.round(np.linspace(0.0, 1.0, points) ** 2 * last)]
+    else:
+        log_sigma = 0.5 * (np.log1p(-abar) - np.log(abar))  # -lambda, increasing in t
+        lo, hi = log_sigma[0], log_sigma[-1]
+        capped = sigma_max is not None and hi > math.log(sigma_max)
+        n = points - 1 if capped else points  # capped: t = T, then n targets from sigma_max down
+        hi = math.log(sigma_max) if capped else hi
+        k = np.linspace(0.0, 1.0, n)
+        if grid == "log-snr":
+            target = lo + k * (hi - lo)
+        else:
+            s_lo, s_hi = math.exp(lo / rho), math.exp(hi / rho)
+            target = rho * np.log(s_lo + k * (s_hi - s_lo))
+        j = np.clip(np.searchsorted(log_sigma, target), 1, last)  # the nearest of the neighbours j - 1 and j
+        idx = [int(i) for i in np.where(target - log_sigma[j - 1] <= log_sigma[j] - target, j - 1, j)]
+        idx = idx + [last] if capped else idx
+    idx[0], idx[-1] = 0, last
+    for n in range(1, points - 1):  # strictly increasing: a collision moves up ...
+        idx[n] = max(idx[n], idx[n - 1] + 1)
+    for n in range(points - 2, 0, -1):  # ... and never past the next entry
+        idx[n] = min(idx[n], idx[n + 1] - 1)
+    return idx
 
 
 def betas_with_float32_abar(name: str, num_timesteps: int, betas: np.ndarray | None = None) -> np.ndarray:

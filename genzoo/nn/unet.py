@@ -43,14 +43,18 @@ class UNetConfig(BaseModel):
     cond_channels: int = Field(0, ge=0, description="channels of cond['low_res'], bilinearly upsampled and concatenated to x_t (upsamplers)")
     emb_tokens: int = Field(0, ge=0, description="also project cond['emb'] into this many extra context tokens (unCLIP Sec. 2.1: 4); "
                                                  "needs context_dim and emb_dim_in")
-    # the original DDPM layout (Ho et al.'s TF code; diffusers' UNet2DModel of google/ddpm-*): imported weights map exactly
-    flip_sin_to_cos: bool = Field(True, description="time embedding [cos, sin] (improved-diffusion); False: [sin, cos] (DDPM)")
-    freq_shift: float = Field(0.0, ge=0, lt=1.5, description="time embedding frequencies max_period^(-i/(half - freq_shift)); DDPM: 1")
-    norm_groups: int | None = Field(None, ge=1, description="GroupNorm groups of every norm; None: the largest divisor of the "
-                                                            "channels <= 32 leaving >= 2 channels per group")
+    # the original DDPM layout (Ho et al.'s TF code; diffusers' UNet2DModel of google/ddpm-*): imports map exactly
+    flip_sin_to_cos: bool = Field(
+        True, description="time embedding [cos, sin] (improved-diffusion); False: [sin, cos] (DDPM)")
+    freq_shift: float = Field(
+        0.0, ge=0, lt=1.5, description="time embedding frequencies max_period^(-i/(half - freq_shift)); DDPM: 1")
+    norm_groups: int | None = Field(
+        None, ge=1, description="GroupNorm groups of every norm; None: the largest divisor of the channels <= 32 "
+                                "leaving >= 2 channels per group")
     norm_eps: float = Field(1e-5, gt=0, description="GroupNorm epsilon (DDPM: 1e-6)")
-    downsample_padding: int = Field(1, ge=0, le=1, description="padding of the stride-2 conv when resblock_updown is False: 1 on "
-                                                               "every side; 0: pad right and bottom by one (TF 'SAME', DDPM)")
+    downsample_padding: int = Field(
+        1, ge=0, le=1, description="padding of the stride-2 conv when resblock_updown is False: 1 on every side; "
+                                   "0: pad right and bottom by one (TF 'SAME', DDPM)")
 
     @model_validator(mode="after")
     def _check(self) -> UNetConfig:
@@ -60,7 +64,7 @@ class UNetConfig(BaseModel):
         if self.emb_tokens and not (self.context_dim and self.emb_dim_in):
             raise ValueError(f"emb_tokens={self.emb_tokens} projects cond['emb'] into context tokens: set context_dim and emb_dim_in too")
         if self.norm_groups is not None:
-            widths = {self.model_channels * m for m in self.channel_mult}
+            widths = {self.model_channels * m for m in [1, *self.channel_mult]}  # every sum of them then too
             if any(w % self.norm_groups for w in widths):
                 raise ValueError(f"norm_groups {self.norm_groups} does not divide every width {sorted(widths)}")
         return self
@@ -208,7 +212,8 @@ class UNet(nn.Module):
         self.emb_proj = nn.Linear(cfg.emb_dim_in, emb_dim) if cfg.emb_dim_in else None
         self.null_emb = nn.Parameter(torch.zeros(cfg.emb_dim_in)) if cfg.emb_dim_in else None
         self.emb_to_tokens = nn.Linear(cfg.emb_dim_in, cfg.emb_tokens * cfg.context_dim) if cfg.emb_tokens else None
-        block = dict(dropout=cfg.dropout, scale_shift=cfg.use_scale_shift_norm, groups=cfg.norm_groups, eps=cfg.norm_eps)
+        norms = dict(groups=cfg.norm_groups, eps=cfg.norm_eps)
+        block = dict(dropout=cfg.dropout, scale_shift=cfg.use_scale_shift_norm, **norms)
 
         def res(ch: int, out: int) -> ResBlock:
             return ResBlock(ch, emb_dim, out, **block)
@@ -221,7 +226,7 @@ class UNet(nn.Module):
         def attn(ch: int, size: int | None = None) -> Attention | None:
             if size is not None and size not in cfg.attention_resolutions:
                 return None
-            return Attention(ch, cfg.num_head_channels, cfg.context_dim, heads=cfg.num_heads, groups=cfg.norm_groups, eps=cfg.norm_eps)
+            return Attention(ch, cfg.num_head_channels, cfg.context_dim, heads=cfg.num_heads, **norms)
 
         self.input_conv = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch0, 3, padding=1)
         self.down = nn.ModuleList()
@@ -244,11 +249,12 @@ class UNet(nn.Module):
             if i > 0:
                 self.up.append(Level(resample(ch, Resample.up), None))
                 size *= 2
-        self.out = nn.Sequential(norm(ch, cfg.norm_groups, cfg.norm_eps), nn.SiLU(), zero(nn.Conv2d(ch, out_ch, 3, padding=1)))
+        self.out = nn.Sequential(norm(ch, **norms), nn.SiLU(), zero(nn.Conv2d(ch, out_ch, 3, padding=1)))
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
         cond = cond or {}
-        temb = timestep_embedding(t, self.cfg.model_channels, flip_sin_to_cos=self.cfg.flip_sin_to_cos, freq_shift=self.cfg.freq_shift)
+        temb = timestep_embedding(t, self.cfg.model_channels, flip_sin_to_cos=self.cfg.flip_sin_to_cos,
+                                  freq_shift=self.cfg.freq_shift)
         emb = self.time_mlp(temb.to(x.dtype))
         emb = condition_embedding(emb, cond, class_emb=self.class_emb, emb_proj=self.emb_proj, null_emb=self.null_emb)
         context, mask = cond.get("context"), cond.get("context_mask")

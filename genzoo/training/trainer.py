@@ -59,6 +59,8 @@ class TrainResult:
     checkpoint: Path | None
     stopped_early: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    interrupted: str | None = None  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
+    rank: int = 0  # this process's rank under torchrun; only rank 0 saves (``checkpoint`` is None elsewhere)
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -331,9 +333,23 @@ class Trainer:
         if self.dist.rank:  # the state holds rank 0's RNG; other ranks must not repeat its noise
             torch.manual_seed(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
 
+    def _find_unused_parameters(self) -> bool:
+        """Whether DDP must look for parameters a step leaves without a gradient (an autograd traversal every step):
+        only when some stage has several optimisers (a GAN) or leaves a trainable parameter out of its optimiser (a
+        staged model, an AE's unused likelihood scale). A pipeline may say so itself: ``ddp_find_unused_parameters``."""
+        declared = getattr(self.pipeline, "ddp_find_unused_parameters", None)
+        if declared is not None:
+            return bool(declared)
+        trainable = {id(p) for p in self.pipeline.parameters() if p.requires_grad}
+        for stage, steps in self.stages:
+            groups = self.pipeline.optimizer_groups(stage)
+            if steps and (len(groups) > 1 or trainable - {id(p) for ps in groups.values() for p in ps}):
+                return True
+        return False
+
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.dist.enabled:
-            model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=self._find_unused_parameters())
         if self.cfg.compile:
             model = torch.compile(model)
         return model
@@ -385,10 +401,9 @@ class Trainer:
             wall = time.perf_counter() - t0
             self.wall_time += wall
             path = self._save()
-        if self._stop_reason:
-            print(f"genzoo train: {self._stop_reason} received; checkpoint written at step {self.step}; continue with --resume")
         return TrainResult(step=self.step, losses=last, wall_time=wall, steps_per_sec=steps_done / max(wall, 1e-9),
-                           checkpoint=path, stopped_early=not finished)
+                           checkpoint=path, stopped_early=not finished, interrupted=self._stop_reason,
+                           rank=self.dist.rank)
 
     def _train_step(self, model: nn.Module, stage: str, autocast) -> dict[str, float]:
         # Every logged scalar stays on the device until the step's end and then crosses in one transfer: on a
@@ -416,8 +431,10 @@ class Trainer:
         if bad:  # raised before the EMA and any checkpoint see this step, so nothing written holds it
             where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
             optimizer, key, value = bad
+            fix = f"lower train.lr (train.grad_clip is already {cfg.grad_clip})" if cfg.grad_clip else \
+                "lower train.lr or set train.grad_clip"
             raise TrainingError(f"step {self.step + 1} ({stage}/{optimizer}): loss term '{key.split('/')[-1]}' is {value}; "
-                                f"training stopped without saving the bad state{where}; lower train.lr or set train.grad_clip")
+                                f"training stopped without saving the bad state{where}; {fix}")
         if self.ema:
             self.ema.update(self.pipeline)
         return dict(zip((k for _, k in names), flat))

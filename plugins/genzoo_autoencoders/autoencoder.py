@@ -37,14 +37,25 @@ class AutoencoderConfig(BaseModel):
                                     description="image -> latent network", json_schema_extra={"kind": "network"})
     decoder: dict[str, Any] = Field(default_factory=lambda: {"type": "conv-decoder", "norm": "group"},
                                     description="latent -> image network", json_schema_extra={"kind": "network"})
+    first_stage_kl_weight: float = Field(
+        1e-3, ge=0,
+        description="variational, trained as another family's first stage (latent diffusion) through its own "
+                    "training_losses: weight of the KL per latent dim against the per-pixel MSE (LDM's KL-reg, "
+                    "Rombach et al. 2022 Sec. 3); the vae pipeline trains the ELBO instead")
 
 
 class Autoencoder(Decoder):
-    """``encode_image(x) -> (mu, logvar | None)``; ``decode(z)`` is the decoder network's mean image."""
+    """``encode_image(x) -> (mu, logvar | None)``; ``decode(z)`` is the decoder network's mean image.
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, *, latent_dim: int, variational: bool, image_shape) -> None:
+    Latent interface (``genzoo.interfaces.LatentAutoencoder``): ``latent_shape`` (latent_dim,), ``encode_latents``
+    (the posterior mean), ``decode_latents``, ``training_losses`` (MSE, + the KL for a VAE) as a first stage.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, *, latent_dim: int, variational: bool, image_shape,
+                 first_stage_kl_weight: float = 1e-3) -> None:
         super().__init__()
         self.encoder, self.decoder, self.variational = encoder, decoder, variational
+        self.first_stage_kl_weight = first_stage_kl_weight
         self.consumes, self.produces = Spec(shape=(latent_dim,)), Spec(shape=tuple(image_shape))
         self.log_scale = nn.Parameter(torch.full((image_shape[0],), math.log(0.1)))  # VAE likelihood scale per channel
 
@@ -54,6 +65,28 @@ class Autoencoder(Decoder):
 
     def decode(self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
         return self.decoder(z)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.consumes.shape)
+
+    def encode_latents(self, x: Tensor) -> Tensor:
+        """The latent vector of ``x``: the code (AE) or the posterior mean (VAE)."""
+        return self.encode_image(x)[0]
+
+    def decode_latents(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    def training_losses(self, x: Tensor) -> dict[str, Tensor]:
+        """As a first stage: per-pixel MSE of the reconstruction (from a posterior draw for a VAE) plus
+        ``first_stage_kl_weight`` times the KL to N(0, I) per latent dim."""
+        mu, logvar = self.encode_image(x)
+        z = mu if logvar is None else mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        mse = F.mse_loss(self.decoder(z), x)
+        if logvar is None:
+            return {"loss": mse, "mse": mse.detach()}
+        kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean()
+        return {"loss": mse + self.first_stage_kl_weight * kl, "mse": mse.detach(), "kl": kl.detach()}
 
     def log_likelihood(self, x: Tensor, mean: Tensor) -> Tensor:
         """log p(x | z) in nats per image, discretised to 8 bits."""
@@ -68,7 +101,8 @@ def make_autoencoder(cfg: AutoencoderConfig, ctx) -> Autoencoder:
     out = cfg.latent_dim * (2 if cfg.variational else 1)
     enc = ctx.registry.build("network", {**cfg.encoder, "dim": out}, data=ctx.data, where="decoder 'autoencoder': encoder: ")
     dec = ctx.registry.build("network", {**cfg.decoder, "dim": cfg.latent_dim}, data=ctx.data, where="decoder 'autoencoder': decoder: ")
-    return Autoencoder(enc, dec, latent_dim=cfg.latent_dim, variational=cfg.variational, image_shape=ctx.data.image_shape)
+    return Autoencoder(enc, dec, latent_dim=cfg.latent_dim, variational=cfg.variational, image_shape=ctx.data.image_shape,
+                       first_stage_kl_weight=cfg.first_stage_kl_weight)
 
 
 def _encode_all(ae: Autoencoder, images: Tensor, batch: int = 512) -> Tensor:

@@ -24,9 +24,22 @@ def register_components(registry) -> None:
     from . import adapters, importer
 
     registry.register("network", "diffusers-unet2d", config=adapters.UNet2DConfig, factory=adapters.build_unet2d)
-    registry.register("network", "diffusers-unet2d-condition", config=adapters.UNet2DConditionConfig,
-                      factory=adapters.build_unet2d_condition)
-    registry.register("network", "diffusers-prior-transformer", config=adapters.ModuleConfig, factory=adapters.build_prior_transformer)
+    registry.register(
+        "network",
+        "diffusers-unet2d-condition",
+        config=adapters.UNet2DConditionConfig,
+        factory=adapters.build_unet2d_condition,
+    )
+    registry.register(
+        "network", "diffusers-prior-transformer", config=adapters.ModuleConfig, factory=adapters.build_prior_transformer
+    )
     registry.register("decoder", "diffusers-vqmodel", config=adapters.ModuleConfig, factory=adapters.build_vqmodel)
-    registry.register("decoder", "diffusers-autoencoder-kl", config=adapters.AutoencoderKLConfig, factory=adapters.build_autoencoder_kl)
-    registry.register("importer", "diffusers", config=importer.DiffusersImporterConfig, factory=importer.DiffusersImporter)
+    registry.register(
+        "decoder",
+        "diffusers-autoencoder-kl",
+        config=adapters.AutoencoderKLConfig,
+        factory=adapters.build_autoencoder_kl,
+    )
+    registry.register(
+        "importer", "diffusers", config=importer.DiffusersImporterConfig, factory=importer.DiffusersImporter
+    )

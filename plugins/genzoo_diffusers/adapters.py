@@ -27,11 +27,15 @@ from .loading import from_pretrained
 
 
 class ModuleConfig(BaseModel):
-    """Where the diffusers module comes from: its config (random weights, then a genzoo checkpoint's) or a folder / hub id."""
+    """Where the diffusers module comes from: its config (random weights, then a checkpoint's) or a folder / hub id."""
 
     model_config = ConfigDict(extra="forbid")
-    config: dict[str, Any] | None = Field(None, description="the module's diffusers config (the fields of its config.json)")
-    pretrained: str | None = Field(None, description="a local folder or hub id loaded with from_pretrained (safetensors only)")
+    config: dict[str, Any] | None = Field(
+        None, description="the module's diffusers config (the fields of its config.json)"
+    )
+    pretrained: str | None = Field(
+        None, description="a local folder or hub id loaded with from_pretrained (safetensors only)"
+    )
     subfolder: str | None = Field(None, description="the module's subfolder of a pipeline folder, e.g. unet")
 
     @model_validator(mode="after")
@@ -73,13 +77,18 @@ class UNet2DAdapter(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, t: Tensor, cond: Condition | None = None) -> Tensor:
-        labels = (cond or {}).get("y") if self.model.class_embedding is not None else None  # an unconditional model ignores y
+        labels = (
+            (cond or {}).get("y") if self.model.class_embedding is not None else None
+        )  # an unconditional model ignores y
         return self.model(x, t, class_labels=labels).sample
 
 
 class UNet2DConfig(ModuleConfig):
-    learn_sigma: bool | None = Field(None, description="set by the diffusion decoder for a learned-range variance; the module's "
-                                                       "out_channels must then be twice its in_channels")
+    learn_sigma: bool | None = Field(
+        None,
+        description="set by the diffusion decoder for a learned-range variance; the module's "
+        "out_channels must then be twice its in_channels",
+    )
 
 
 def build_unet2d(cfg: UNet2DConfig) -> UNet2DAdapter:
@@ -87,16 +96,23 @@ def build_unet2d(cfg: UNet2DConfig) -> UNet2DAdapter:
     model = build_module("UNet2DModel", cfg)
     doubled = model.config.out_channels == 2 * model.config.in_channels
     if cfg.learn_sigma is not None and cfg.learn_sigma != doubled:
-        raise RegistryError(f"network 'diffusers-unet2d': learn_sigma is {cfg.learn_sigma} but the UNet2DModel has "
-                            f"{model.config.out_channels} output channels for {model.config.in_channels} input channels")
+        raise RegistryError(
+            f"network 'diffusers-unet2d': learn_sigma is {cfg.learn_sigma} but the UNet2DModel has "
+            f"{model.config.out_channels} output channels for {model.config.in_channels} input channels"
+        )
     return UNet2DAdapter(model=model)
 
 
 class UNet2DConditionConfig(ModuleConfig):
     text_proj: dict[str, Any] | None = Field(
-        None, description="config of unCLIP's UnCLIPTextProjModel (Ramesh et al. 2022, Sec. 2.1): cond['emb'] and cond['text_emb'] "
-                          "become the additive time embedding and extra context tokens; None: cond['context'] as is")
-    text_proj_subfolder: str | None = Field(None, description="with pretrained: the text projection's subfolder, e.g. text_proj")
+        None,
+        description="config of unCLIP's UnCLIPTextProjModel (Ramesh et al. 2022, Sec. 2.1): cond['emb'] and "
+        "cond['text_emb'] "
+        "become the additive time embedding and extra context tokens; None: cond['context'] as is",
+    )
+    text_proj_subfolder: str | None = Field(
+        None, description="with pretrained: the text projection's subfolder, e.g. text_proj"
+    )
 
 
 class UNet2DConditionAdapter(nn.Module):
@@ -118,8 +134,12 @@ class UNet2DConditionAdapter(nn.Module):
             if drop is not None:
                 null = self.text_proj.learned_classifier_free_guidance_embeddings.to(emb.dtype)
                 emb = torch.where(drop[:, None], null, emb)
-            context, labels = self.text_proj(image_embeddings=emb, prompt_embeds=cond["text_emb"],
-                                             text_encoder_hidden_states=context, do_classifier_free_guidance=False)
+            context, labels = self.text_proj(
+                image_embeddings=emb,
+                prompt_embeds=cond["text_emb"],
+                text_encoder_hidden_states=context,
+                do_classifier_free_guidance=False,
+            )
             if mask is not None:
                 mask = F.pad(mask, (self.text_proj.clip_extra_context_tokens, 0), value=True)
         return self.model(x, t, encoder_hidden_states=context, class_labels=labels, attention_mask=mask).sample
@@ -135,9 +155,13 @@ def build_unet2d_condition(cfg: UNet2DConditionConfig) -> UNet2DConditionAdapter
         if cfg.pretrained is not None and cfg.text_proj_subfolder is not None:
             text_proj = from_pretrained(UnCLIPTextProjModel, cfg.pretrained, subfolder=cfg.text_proj_subfolder)
         elif cfg.text_proj is not None:
-            text_proj = UnCLIPTextProjModel.from_config({k: v for k, v in cfg.text_proj.items() if not k.startswith("_")})
+            text_proj = UnCLIPTextProjModel.from_config(
+                {k: v for k, v in cfg.text_proj.items() if not k.startswith("_")}
+            )
         else:
-            raise RegistryError("text_proj_subfolder needs pretrained; with config, give the text projection's config as text_proj")
+            raise RegistryError(
+                "text_proj_subfolder needs pretrained; with config, give the text projection's config as text_proj"
+            )
     return UNet2DConditionAdapter(model=model, text_proj=text_proj)
 
 
@@ -153,8 +177,13 @@ class PriorTransformerAdapter(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Condition | None = None) -> Tensor:
         cond = cond or {}
         mask = cond.get("context_mask")
-        return self.model(x, t, proj_embedding=cond["text_emb"], encoder_hidden_states=cond.get("context"),
-                          attention_mask=None if mask is None else mask.bool()).predicted_image_embedding
+        return self.model(
+            x,
+            t,
+            proj_embedding=cond["text_emb"],
+            encoder_hidden_states=cond.get("context"),
+            attention_mask=None if mask is None else mask.bool(),
+        ).predicted_image_embedding
 
     def unnormalize(self, z: Tensor) -> Tensor:
         """The CLIP image embedding from the prior's normalised output (``post_process_latents``: z std + mean)."""
@@ -195,7 +224,9 @@ class VQModelDecoder(LatentDecoder):
     latents to the nearest codes and decodes them (``VQModel.decode``); ``encode_codes`` gives the code grid and
     ``decode_codes`` decodes one, as genzoo's VQ-VAE decoder does."""
 
-    def decode(self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
+    def decode(
+        self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None
+    ) -> Tensor:
         return self.model.decode(z).sample
 
     def encode_image(self, x: Tensor) -> Tensor:
@@ -221,8 +252,11 @@ def build_vqmodel(cfg: ModuleConfig, ctx: Any = None) -> VQModelDecoder:
 
 
 class AutoencoderKLConfig(ModuleConfig):
-    scale_latents: bool = Field(True, description="latents are multiplied by the model's scaling_factor after encoding and divided "
-                                                  "by it before decoding (Rombach et al. 2022, Sec. 4.3.2), as diffusers' pipelines do")
+    scale_latents: bool = Field(
+        True,
+        description="latents are multiplied by the model's scaling_factor after encoding and divided "
+        "by it before decoding (Rombach et al. 2022, Sec. 4.3.2), as diffusers' pipelines do",
+    )
 
 
 class AutoencoderKLDecoder(LatentDecoder):
@@ -233,7 +267,9 @@ class AutoencoderKLDecoder(LatentDecoder):
         super().__init__(model=model, image_shape=image_shape)
         self.scale = scale
 
-    def decode(self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
+    def decode(
+        self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None
+    ) -> Tensor:
         return self.model.decode(z / self.scale).sample
 
     def encode_image(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:

@@ -8,8 +8,9 @@ safetensors, step 0) that ``genzoo sample``, ``eval``, ``push`` and ``--init-fro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -19,12 +20,14 @@ from .loading import fetch, is_hub_id, read_config, require_safetensors
 
 PIPELINES = {"DDPMPipeline": 1000, "DDIMPipeline": 50}  # -> the pipeline's default num_inference_steps (at most T)
 NOT_YET = {
-    "LDMPipeline": "latent diffusion needs a latent-diffusion composition genzoo does not have yet; its VQModel / AutoencoderKL "
-                   "and UNet2DConditionModel load as the adapters diffusers-vqmodel / diffusers-autoencoder-kl and "
-                   "diffusers-unet2d-condition",
-    "UnCLIPPipeline": "unCLIP needs the prior + decoder + two-upsampler cascade genzoo does not have yet; its PriorTransformer and "
-                      "UNet2DConditionModel (with the text projection) load as the adapters diffusers-prior-transformer and "
-                      "diffusers-unet2d-condition",
+    "LDMPipeline": "latent diffusion needs a latent-diffusion composition genzoo does not have yet; its VQModel / "
+    "AutoencoderKL "
+    "and UNet2DConditionModel load as the adapters diffusers-vqmodel / diffusers-autoencoder-kl and "
+    "diffusers-unet2d-condition",
+    "UnCLIPPipeline": "unCLIP needs the prior + decoder + two-upsampler cascade genzoo does not have yet; its "
+    "PriorTransformer and "
+    "UNet2DConditionModel (with the text projection) load as the adapters diffusers-prior-transformer and "
+    "diffusers-unet2d-condition",
 }
 # the data a published model was trained on, as a genzoo dataset spec (eval compares against it)
 KNOWN_DATA = {"google/ddpm-cifar10-32": {"type": "torchvision", "name": "CIFAR10"}}
@@ -37,12 +40,17 @@ class DiffusersImporterConfig(BaseModel):
 
 
 def default_data(source: str, channels: int, size: int, out: Path) -> dict[str, Any]:
-    """The dataset an imported model is evaluated against: its training data where known, else an image folder to fill."""
+    """The dataset an imported model is evaluated against: its training data where known, else a folder to fill."""
     if source in KNOWN_DATA:
         return {**KNOWN_DATA[source], "image_size": size}
     if channels not in (1, 3):
         raise GenzooError(f"the model draws {channels}-channel images; give the data to evaluate against with --data")
-    return {"type": "imagefolder", "root": str((out / "reference-images").resolve()), "image_size": size, "channels": channels}
+    return {
+        "type": "imagefolder",
+        "root": str((out / "reference-images").resolve()),
+        "image_size": size,
+        "channels": channels,
+    }
 
 
 class DiffusersImporter:
@@ -58,7 +66,9 @@ class DiffusersImporter:
         path = Path(source).expanduser()
         return (path / "model_index.json").exists() if path.exists() else is_hub_id(source)
 
-    def run(self, source: str, out: str | Path, *, adapter: bool = False, data: Mapping[str, Any] | None = None) -> Path:
+    def run(
+        self, source: str, out: str | Path, *, adapter: bool = False, data: Mapping[str, Any] | None = None
+    ) -> Path:
         """Write the run directory ``out`` for the pipeline at ``source``; returns its checkpoint folder."""
         from genzoo import api
         from genzoo.checkpoint import has_checkpoint, load_state_into, save_checkpoint
@@ -79,8 +89,10 @@ class DiffusersImporter:
         if pipeline in NOT_YET:
             raise GenzooError(f"{pipeline} is not yet supported by `genzoo import`: {NOT_YET[pipeline]}")
         if pipeline not in PIPELINES:
-            raise GenzooError(f"{folder} holds a {pipeline}; `genzoo import` reads {', '.join(PIPELINES)} "
-                              f"(and not yet {', '.join(NOT_YET)})")
+            raise GenzooError(
+                f"{folder} holds a {pipeline}; `genzoo import` reads {', '.join(PIPELINES)} "
+                f"(and not yet {', '.join(NOT_YET)})"
+            )
         unet_cls = (index.get("unet") or [None, None])[1]
         if unet_cls != "UNet2DModel":
             raise GenzooError(f"{folder}: the pipeline's unet is a {unet_cls}; a {pipeline} imports a UNet2DModel")
@@ -95,18 +107,26 @@ class DiffusersImporter:
         if native is not None:
             denoiser, state = {"type": "unet", **native}, native_state_dict(unet.state_dict(), native)
         else:
-            denoiser, state = {"type": "diffusers-unet2d", "config": module_config(unet)}, {f"model.{k}": v for k, v in unet.state_dict().items()}
+            denoiser, state = (
+                {"type": "diffusers-unet2d", "config": module_config(unet)},
+                {f"model.{k}": v for k, v in unet.state_dict().items()},
+            )
         size, channels = int(native["image_size"]) if native else _size(unet.config), int(unet.config.in_channels)
         name = f"imported-{Path(str(source).rstrip('/')).name}"
         how = "genzoo's U-Net (native)" if native else f"the diffusers-unet2d adapter ({why})"
-        recipe = Recipe.model_validate({
-            "description": f"{pipeline} {source} imported from diffusers into {how}",
-            "pipeline": {"type": "diffusion"},
-            "data": dict(data) if data else default_data(str(source), channels, size, out),
-            "components": {"prior": {"type": "gaussian"}, "decoder": {"type": "diffusion-decoder", **decoder, "denoiser": denoiser},
-                           "sampler": sampler},
-            "sample": {"n": 16},
-        })
+        recipe = Recipe.model_validate(
+            {
+                "description": f"{pipeline} {source} imported from diffusers into {how}",
+                "pipeline": {"type": "diffusion"},
+                "data": dict(data) if data else default_data(str(source), channels, size, out),
+                "components": {
+                    "prior": {"type": "gaussian"},
+                    "decoder": {"type": "diffusion-decoder", **decoder, "denoiser": denoiser},
+                    "sampler": sampler,
+                },
+                "sample": {"n": 16},
+            }
+        )
         registry = default_registry()
         resolved = resolve(name, recipe, registry)
         spec = DataSpec(name="imported", image_shape=(channels, size, size))
@@ -115,9 +135,19 @@ class DiffusersImporter:
         components = {role: sd for role, child in model.named_children() if (sd := child.state_dict())}
         import diffusers
 
-        meta = {"data_spec": spec.to_dict(), "recipe_name": name,
-                "imported_from": {"format": self.format, "source": str(source), "pipeline": pipeline, "scheduler": sched_cls,
-                                  "unet": "native" if native else "adapter", "adapter_reason": why, "diffusers": diffusers.__version__}}
+        meta = {
+            "data_spec": spec.to_dict(),
+            "recipe_name": name,
+            "imported_from": {
+                "format": self.format,
+                "source": str(source),
+                "pipeline": pipeline,
+                "scheduler": sched_cls,
+                "unet": "native" if native else "adapter",
+                "adapter_reason": why,
+                "diffusers": diffusers.__version__,
+            },
+        }
         return save_checkpoint(out, step=0, recipe=resolved, components=components, meta=meta)
 
 

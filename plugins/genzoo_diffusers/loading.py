@@ -17,8 +17,10 @@ FETCH = ["*.json", "*.safetensors", "*.txt"]  # configs, weights, tokenizer voca
 
 
 def convert_hint(folder: Path | str) -> str:
-    return (f"load it with diffusers once where you trust it and save it again with "
-            f"`.save_pretrained('{folder}-safetensors', safe_serialization=True)`, then pass that folder")
+    return (
+        f"load it with diffusers once where you trust it and save it again with "
+        f"`.save_pretrained('{folder}-safetensors', safe_serialization=True)`, then pass that folder"
+    )
 
 
 def is_hub_id(source: str) -> bool:
@@ -38,8 +40,12 @@ def offline_error(source: str, e: BaseException) -> OfflineError:
 def _network_failure(e: BaseException) -> bool:
     names = " ".join(type(c).__name__ for c in (e, e.__cause__, e.__context__) if c is not None)
     text = str(e).lower()
-    return any(k in names for k in ("Offline", "LocalEntryNotFound", "Connection", "Timeout")) or \
-        "connect" in text or "offline" in text or "cannot find the requested files" in text
+    return (
+        any(k in names for k in ("Offline", "LocalEntryNotFound", "Connection", "Timeout"))
+        or "connect" in text
+        or "offline" in text
+        or "cannot find the requested files" in text
+    )
 
 
 def fetch(source: str) -> Path:
@@ -58,7 +64,9 @@ def fetch(source: str) -> Path:
     except Exception as e:  # huggingface_hub raises many error types for a missing network
         if _network_failure(e):
             raise offline_error(source, e) from e
-        raise GenzooError(f"could not fetch '{source}' from the Hugging Face Hub: {type(e).__name__}: {e}".splitlines()[0]) from e
+        raise GenzooError(
+            f"could not fetch '{source}' from the Hugging Face Hub: {type(e).__name__}: {e}".splitlines()[0]
+        ) from e
 
 
 def read_config(folder: Path, name: str = "config.json") -> dict[str, Any]:

@@ -8,7 +8,8 @@ that differs anywhere else is reported with the field, and the importer uses the
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,9 +18,18 @@ DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
 UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
 # diffusers' field -> the value genzoo's U-Net requires for an exact mapping
 REQUIRED = {
-    "time_embedding_type": "positional", "time_embedding_dim": None, "center_input_sample": False, "act_fn": "silu",
-    "mid_block_type": "UNetMidBlock2D", "mid_block_scale_factor": 1, "downsample_type": "conv", "upsample_type": "conv",
-    "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "center_input_sample": False,
+    "act_fn": "silu",
+    "mid_block_type": "UNetMidBlock2D",
+    "mid_block_scale_factor": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
 }
 
 
@@ -57,12 +67,22 @@ def native_unet_config(cfg: Mapping[str, Any]) -> tuple[dict[str, Any] | None, s
     if full["downsample_padding"] not in (0, 1):
         return None, f"downsample_padding is {full['downsample_padding']} (genzoo's U-Net: 0 or 1)"
     return {
-        "in_channels": full["in_channels"], "out_channels": full["out_channels"], "image_size": size, "model_channels": ch0,
-        "channel_mult": [w // ch0 for w in widths], "num_res_blocks": full["layers_per_block"],
+        "in_channels": full["in_channels"],
+        "out_channels": full["out_channels"],
+        "image_size": size,
+        "model_channels": ch0,
+        "channel_mult": [w // ch0 for w in widths],
+        "num_res_blocks": full["layers_per_block"],
         "attention_resolutions": [size // 2**i for i, a in enumerate(attn) if a],
-        "num_heads": 1 if head is None else None, "num_head_channels": head or ch0, "dropout": full["dropout"],
-        "use_scale_shift_norm": False, "resblock_updown": False, "flip_sin_to_cos": full["flip_sin_to_cos"],
-        "freq_shift": float(full["freq_shift"]), "norm_groups": groups, "norm_eps": full["norm_eps"],
+        "num_heads": 1 if head is None else None,
+        "num_head_channels": head or ch0,
+        "dropout": full["dropout"],
+        "use_scale_shift_norm": False,
+        "resblock_updown": False,
+        "flip_sin_to_cos": full["flip_sin_to_cos"],
+        "freq_shift": float(full["freq_shift"]),
+        "norm_groups": groups,
+        "norm_eps": full["norm_eps"],
         "downsample_padding": full["downsample_padding"],
     }, ""
 
@@ -74,7 +94,7 @@ def _init_params(cls: type) -> dict[str, Any]:
 
 
 def native_state_dict(sd: Mapping[str, Tensor], unet_cfg: Mapping[str, Any]) -> dict[str, Tensor]:
-    """``UNet2DModel.state_dict()`` renamed onto genzoo's ``UNet`` built from ``native_unet_config``; every tensor is used once."""
+    """``UNet2DModel.state_dict()`` renamed onto the ``UNet`` of ``native_unet_config``; every tensor is used once."""
     out: dict[str, Tensor] = {}
     used: set[str] = set()
 
@@ -87,7 +107,13 @@ def native_state_dict(sd: Mapping[str, Tensor], unet_cfg: Mapping[str, Any]) -> 
                 raise KeyError(f"{src}.{p}")
 
     def res(dst: str, src: str) -> None:  # ResnetBlock2D -> ResBlock
-        for a, b in (("in_norm", "norm1"), ("in_conv", "conv1"), ("emb", "time_emb_proj"), ("out_norm", "norm2"), ("out_conv", "conv2")):
+        for a, b in (
+            ("in_norm", "norm1"),
+            ("in_conv", "conv1"),
+            ("emb", "time_emb_proj"),
+            ("out_norm", "norm2"),
+            ("out_conv", "conv2"),
+        ):
             take(f"{dst}.{a}", f"{src}.{b}")
         take(f"{dst}.skip", f"{src}.conv_shortcut", optional=True)
 

@@ -38,7 +38,12 @@ class VQAutoencoderConfig(BaseModel):
 
 
 class VQAutoencoder(Decoder):
-    """``encode_image(x) -> (z_q, codes, terms)``, ``encode_codes(x)`` (no codebook update), ``decode(codes)``."""
+    """``encode_image(x) -> (z_q, codes, terms)``, ``encode_codes(x)`` (no codebook update), ``decode(codes)``.
+
+    Latent interface (``genzoo.interfaces.LatentAutoencoder``), as LDM's VQ first stages: ``latent_shape``
+    (code_dim, h, w), ``encode_latents`` (the pre-quantisation z_e), ``decode_latents`` (nearest codes, then the
+    decoder), ``training_losses``.
+    """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, quantizer: VectorQuantizer, grid: tuple[int, int], image_shape) -> None:
         super().__init__()
@@ -68,6 +73,19 @@ class VQAutoencoder(Decoder):
 
     def decode(self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
         return self.decoder(self.quantizer.embed(z)).clamp(-1, 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.quantizer.dim, *self.consumes.shape)
+
+    def encode_latents(self, x: Tensor) -> Tensor:
+        """The encoder's continuous grid z_e (B, code_dim, h, w), before quantisation."""
+        return self.encoder(x)
+
+    def decode_latents(self, z: Tensor) -> Tensor:
+        """Each vector of ``z`` snapped to its nearest code (no codebook update), then decoded."""
+        b, d, h, w = z.shape
+        return self.decode(self.quantizer.quantize(z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, h, w))
 
 
 def make_vq_autoencoder(cfg: VQAutoencoderConfig, ctx) -> VQAutoencoder:

@@ -1,0 +1,146 @@
+"""Issue 20's measurement: `genzoo sample` on an imported diffusers model against diffusers' own DDIMPipeline.
+
+The model has google/ddpm-cifar10-32's configuration (its config.json) with random weights; both libraries sample
+it in this process with DDIM-50 at batch 16 from the same seed, and the images' max difference is reported with
+the network's own (one forward, t = 999). `python benchmarks/interop.py` runs it alone and writes
+benchmarks/interop.json; `make bench` (run.py) runs it with the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import flops  # noqa: E402
+
+# google/ddpm-cifar10-32's unet/config.json (35.7M parameters)
+CIFAR10_UNET = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(128, 256, 256, 256),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    norm_eps=1e-6,
+    norm_num_groups=32,
+    act_fn="silu",
+    center_input_sample=False,
+    mid_block_scale_factor=1,
+    time_embedding_type="positional",
+)
+# its scheduler: linear 1e-4..0.02 over T = 1000, x0 clipped to [-1, 1] (variance_type plays no part in DDIM)
+CIFAR10_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=True
+)
+
+
+def imported_cifar10_ddim(batch: int = 16, steps: int = 50, seed: int = 0, rounds: int = 2) -> dict | str:
+    """images/s of `genzoo sample` (native import) and of diffusers' DDIMPipeline on the same random model, CPU.
+
+    The two alternate for ``rounds`` rounds and each keeps its best time, so that load from other jobs on the
+    machine does not favour one side. Between the rounds diffusers runs once more with its U-Net in channels_last:
+    the difference of its own two outputs is the floor that float32 rounding sets for the comparison.
+    """
+    try:
+        import diffusers
+    except ImportError:
+        return "diffusers is not installed (pip install -e '.[diffusers]')"
+    from safetensors.torch import load_file
+
+    from genzoo import api
+    from genzoo.checkpoint import load_checkpoint
+    from genzoo.cli import main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(seed)
+        unet = diffusers.UNet2DModel(**CIFAR10_UNET)
+        diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**CIFAR10_SCHEDULER)).save_pretrained(
+            str(tmp / "pipe")
+        )
+        api.import_model(tmp / "pipe", tmp / "run")
+        how = load_checkpoint(tmp / "run").meta["imported_from"]["unet"]
+        pipe = diffusers.DDIMPipeline.from_pretrained(str(tmp / "pipe"))
+        pipe.set_progress_bar_config(disable=True)
+        ours = api.load_model(tmp / "run").components["decoder"].denoiser
+        x, t = torch.randn(batch, 3, 32, 32), torch.full((batch,), 999)
+        with torch.inference_mode():
+            want = pipe.unet(x, t).sample
+            forward_diff = (ours(x.contiguous(memory_format=torch.channels_last), t) - want).abs().max().item()
+            f_ours, f_theirs = flops(lambda: ours(x, t)), flops(lambda: pipe.unet(x, t))
+
+        def genzoo_sample() -> tuple[float, torch.Tensor]:
+            """`genzoo sample` itself; its own timing of the sampling (what it prints), to the millisecond."""
+            out, raw = io.StringIO(), tmp / "x.safetensors"
+            args = ["sample", str(tmp / "run"), "-n", str(batch), "--steps", str(steps), "--seed", str(seed)]
+            with contextlib.redirect_stdout(out):
+                assert main([*args, "--device", "cpu", "--out", str(tmp / "grid.png"), "--save", str(raw)]) == 0
+            seconds = float(re.search(r" in ([\d.]+)s \(", out.getvalue()).group(1))
+            return seconds, (load_file(str(raw))["samples"] / 2 + 0.5).clamp(0, 1)
+
+        def diffusers_sample() -> tuple[float, torch.Tensor]:
+            t0 = time.perf_counter()
+            g = torch.Generator().manual_seed(seed)
+            images = pipe(batch_size=batch, num_inference_steps=steps, generator=g, output_type="pt").images
+            return time.perf_counter() - t0, images
+
+        ours_s, theirs_s = [], []
+        for i in range(rounds):
+            s, x_ours = genzoo_sample()
+            ours_s.append(s)
+            s, x_theirs = diffusers_sample()
+            theirs_s.append(s)
+            if i == 0:
+                pipe.unet.to(memory_format=torch.channels_last)
+                floor_s, x_floor = diffusers_sample()
+                pipe.unet.to(memory_format=torch.contiguous_format)
+    return {
+        "model": "google/ddpm-cifar10-32's configuration, random weights",
+        "import": how,
+        "batch": batch,
+        "sampler": f"DDIM {steps}, eta 0",
+        "threads": torch.get_num_threads(),
+        "seconds": {"genzoo_sample": ours_s, "diffusers_ddim_pipeline": theirs_s, "diffusers_channels_last": floor_s},
+        "genzoo_sample_images_per_s": batch / min(ours_s),
+        "diffusers_ddim_pipeline_images_per_s": batch / min(theirs_s),
+        "ratio": min(theirs_s) / min(ours_s),
+        "gflop_forward": {"genzoo": f_ours / 1e9, "diffusers": f_theirs / 1e9},
+        "max_abs_diff_images_0_1": (x_ours - x_theirs).abs().max().item(),
+        "max_abs_diff_diffusers_vs_itself_channels_last": (x_floor - x_theirs).abs().max().item(),
+        "max_abs_diff_forward_t999": forward_diff,
+    }
+
+
+def markdown(r: dict | str) -> str:
+    if isinstance(r, str):
+        return f"| imported diffusers model | {r} |"
+    return (
+        f"| `genzoo sample`, imported google/ddpm-cifar10-32 configuration ({r['import']}), {r['sampler']}, batch "
+        f"{r['batch']}, {r['threads']} thread(s) | {r['genzoo_sample_images_per_s']:.3f} images/s vs diffusers' "
+        f"DDIMPipeline {r['diffusers_ddim_pipeline_images_per_s']:.3f}: {r['ratio']:.2f}x; max |diff| images "
+        f"{r['max_abs_diff_images_0_1']:.2g} (diffusers against itself in channels_last: "
+        f"{r['max_abs_diff_diffusers_vs_itself_channels_last']:.2g}), one forward "
+        f"{r['max_abs_diff_forward_t999']:.2g} |"
+    )
+
+
+if __name__ == "__main__":
+    result = imported_cifar10_ddim()
+    (HERE / "interop.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(markdown(result))
