@@ -1,4 +1,4 @@
-"""``genzoo``: list | info | plugins | train | sample | eval | compare | push | pull | import.
+"""``genzoo``: list | info | plugins | train | sample | eval | compare | runs | push | pull | import.
 
 A user error prints one line and exits with status 2; ``--debug`` shows the traceback.
 """
@@ -129,10 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
                    help="override a field in every recipe, e.g. --set data.image_size=16 (repeatable)")
 
-    p = sub.add_parser("push", help="upload a checkpoint directory to the Hugging Face Hub")
+    p = sub.add_parser("push", help="upload a checkpoint directory to the Hugging Face Hub, with a model card")
     p.add_argument("dir")
     p.add_argument("repo_id")
     p.add_argument("--private", action="store_true")
+    p.add_argument("--license", default="mit", help="the model card's license (a Hub license id)")
+
+    p = sub.add_parser("runs", help="a table of the runs under a directory: recipe, step, last loss, best FD, size")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("pull", help="download a checkpoint from the Hugging Face Hub (or a local directory)")
     p.add_argument("repo_id")
@@ -341,11 +346,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     judge = load_judge(source.spec.name, source.cfg.model_dump(), device=device)
     settings = EvalSettings(samples=args.samples, seed=args.seed, split=args.split, precision=args.precision)
     figures = evaluate(model, source, metrics=metrics, judge=judge, settings=settings, device=device)
+    from genzoo.runs import record_evaluation
+
+    record_evaluation(args.dir, {"step": model.checkpoint_meta.get("step"), "samples": args.samples, "split": args.split,
+                                 "seed": args.seed, "swaps": _swaps(args), "sets": args.sets, "figures": figures})
     if args.json:
         print(json.dumps(figures, indent=1))
     else:
         for k, v in figures.items():
             print(f"{k:>18}  {v:.4g}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from genzoo import runs
+
+    found = runs.find_runs(args.dir)
+    if not found:
+        raise GenzooError(f"no run directory under {args.dir} (a run holds `latest` and checkpoints/; see `genzoo train`)")
+    rows = [runs.summary(r) for r in found]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    cols = ("run", "recipe", "step", "last_loss", "best_fd", "size_mb")
+    cells = [[("-" if r[c] is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    for row in [list(cols), *cells]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     return 0
 
 
@@ -375,7 +402,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from genzoo.hub import push
 
-    url = push(args.dir, args.repo_id, private=args.private)
+    url = push(args.dir, args.repo_id, private=args.private, license=args.license)
     print(f"pushed {args.dir} to {url}")
     return 0
 
@@ -415,7 +442,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "list": cmd_list, "info": cmd_info, "plugins": cmd_plugins, "train": cmd_train, "sample": cmd_sample,
-    "eval": cmd_eval, "compare": cmd_compare, "push": cmd_push, "pull": cmd_pull, "import": cmd_import,
+    "eval": cmd_eval, "compare": cmd_compare, "push": cmd_push, "pull": cmd_pull, "import": cmd_import, "runs": cmd_runs,
 }
 
 

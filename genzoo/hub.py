@@ -7,6 +7,7 @@ verified (hashes, safetensors only) before it is reported as pulled.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -59,18 +60,71 @@ def _copy_verified(src: Path, dest: Path) -> Path:
     return dest
 
 
-def push(path: str | Path, repo_id: str, *, private: bool = False) -> str:
-    """Upload the checkpoint at ``path`` (run dir or checkpoint dir) to ``repo_id``; returns its URL."""
-    from huggingface_hub import HfApi
+PIPELINE_TAGS = {"caption": "text-to-image", "image": "image-to-image"}  # else unconditional-image-generation
+
+
+def model_card(path: str | Path, repo_id: str, *, license: str = "mit") -> str:
+    """The repo's README.md: the Hub's metadata header (library_name, tags, pipeline_tag, license), then the recipe,
+    data, training steps and time, the run's recorded evaluations, a sample grid and how to load it with genzoo."""
+    from genzoo import runs
+
+    ckpt = load_checkpoint(resolve(path))
+    recipe, meta, run = ckpt.recipe, ckpt.meta, runs.run_dir_of(path)
+    family = (recipe.get("pipeline") or {}).get("type", "?")
+    condition = (recipe.get("pipeline") or {}).get("condition", "none")
+    if family == "dalle2":
+        condition = "caption"
+    data = recipe.get("data") or {}
+    tags = ["genzoo", family, *(["diffusion"] if family in ("diffusion", "dalle2", "latent-diffusion") else [])]
+    header = ["---", "library_name: genzoo", f"license: {license}", "tags:", *[f"- {t}" for t in tags],
+              f"pipeline_tag: {PIPELINE_TAGS.get(condition, 'unconditional-image-generation')}", "---", ""]
+    minutes = float(meta.get("wall_time") or 0) / 60
+    lines = [f"# {repo_id.split('/')[-1]}", "", f"A genzoo `{family}` model: recipe `{recipe.get('name', '?')}`.", ""]
+    if recipe.get("description"):
+        lines += [recipe["description"], ""]
+    lines += ["## Training", "", f"- data: `{json.dumps(data)}`", f"- steps: {meta.get('step')} "
+              f"({minutes:.1f} min of training), seed {meta.get('seed', '?')}",
+              f"- genzoo {meta.get('genzoo_version', '?')}, torch {meta.get('torch_version', '?')}", ""]
+    recorded = runs.evaluations(run) if run else []
+    if recorded:
+        lines += ["## Evaluation", "", "| step | samples | split | swaps | metric | value |", "|---|---|---|---|---|---|"]
+        for e in recorded:
+            swaps = ", ".join(f"{k}={v}" for k, v in (e.get("swaps") or {}).items()) or "-"
+            for k, v in (e.get("figures") or {}).items():
+                lines.append(f"| {e.get('step')} | {e.get('samples')} | {e.get('split')} | {swaps} | {k} | {v:.4g} |")
+        lines.append("")
+    if run and runs.latest_grid(run):
+        lines += ["## Samples", "", "![samples](samples.png)", ""]
+    lines += ["## Use", "", "```bash", "pip install genzoo", f"genzoo pull {repo_id} model", "genzoo sample model -n 16",
+              "```", "", "```python", "import genzoo, huggingface_hub",
+              f"model = genzoo.load_model(huggingface_hub.snapshot_download('{repo_id}'))", "images = model.sample(16)",
+              "```", ""]
+    return "\n".join(header + lines)
+
+
+def push(path: str | Path, repo_id: str, *, private: bool = False, license: str = "mit", api=None) -> str:
+    """Upload the checkpoint at ``path`` (run dir or checkpoint dir) to ``repo_id`` with its model card and latest
+    sample grid; returns its URL. ``api``: an ``HfApi`` (tests pass a stub)."""
+    from genzoo import runs
 
     ckpt = resolve(path)
     load_checkpoint(ckpt)  # never publish a corrupt checkpoint
     _check_repo_id(repo_id, local_too=False)
-    api = HfApi()
+    card = model_card(path, repo_id, license=license).encode()
+    run = runs.run_dir_of(path)
+    grid = runs.latest_grid(run) if run else None
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True, private=private)
         api.upload_folder(folder_path=str(ckpt), repo_id=repo_id, allow_patterns=ALLOW,
-                          ignore_patterns=["trainer.*"], commit_message=f"genzoo checkpoint {ckpt.name}")
+                          ignore_patterns=["trainer.*", "README.md"], commit_message=f"genzoo checkpoint {ckpt.name}")
+        api.upload_file(path_or_fileobj=card, path_in_repo="README.md", repo_id=repo_id, commit_message="model card")
+        if grid is not None:
+            api.upload_file(path_or_fileobj=str(grid), path_in_repo="samples.png", repo_id=repo_id,
+                            commit_message="sample grid")
     except Exception as e:  # huggingface_hub raises many network error types
         raise _offline_error("push to", repo_id, e) from e
     return f"https://huggingface.co/{repo_id}"
