@@ -52,19 +52,26 @@ def _read_captions(path: Path) -> dict[str, str]:
     return {str(Path(r["file"])): r["caption"] for r in rows}
 
 
+def square_image(im, image_size: int, channels: int) -> torch.Tensor:
+    """A PIL image resized (short side) and centre-cropped to ``image_size``, as (C, S, S) floats in [0, 1]."""
+    from PIL import Image
+
+    im = im.convert("RGB" if channels == 3 else "L")
+    scale = image_size / min(im.size)
+    size = (max(image_size, round(im.width * scale)), max(image_size, round(im.height * scale)))
+    im = im.resize(size, Image.BICUBIC)
+    left, top = (im.width - image_size) // 2, (im.height - image_size) // 2
+    im = im.crop((left, top, left + image_size, top + image_size))
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, channels)
+    return x.permute(2, 0, 1).float() / 255
+
+
 def _read_image(p: Path, cfg: ImageFolderConfig) -> torch.Tensor:
-    """One image resized (short side) and centre-cropped, as (C, S, S) floats in [0, 1]."""
     from PIL import Image
 
     with Image.open(p) as im:
-        im = im.convert("RGB" if cfg.channels == 3 else "L")  # decodes the whole file: a truncated one fails here
-    scale = cfg.image_size / min(im.size)
-    size = (max(cfg.image_size, round(im.width * scale)), max(cfg.image_size, round(im.height * scale)))
-    im = im.resize(size, Image.BICUBIC)
-    left, top = (im.width - cfg.image_size) // 2, (im.height - cfg.image_size) // 2
-    im = im.crop((left, top, left + cfg.image_size, top + cfg.image_size))
-    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(cfg.image_size, cfg.image_size, cfg.channels)
-    return x.permute(2, 0, 1).float() / 255
+        im.load()  # decodes the whole file: a truncated one fails here
+        return square_image(im, cfg.image_size, cfg.channels)
 
 
 def make_imagefolder(cfg: ImageFolderConfig, split: str) -> TensorImageDataset:
