@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install clean ui-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,diffusers,hf]'
+	$(PY) -m pip install --quiet -e '.[dev,diffusers,hf,ui]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,6 +35,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) benchmarks/run.py
+
+# The page `genzoo serve` makes, in a real headless browser (docs/ui.md): Debian's Chromium (installed when missing),
+# driven by playwright through its executable path (playwright's own browser download is never used).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+ui-check: $(STAMP)
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+	$(PY) -m pip install --quiet playwright
+	$(PY) benchmarks/ui_check.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,4 +1,4 @@
-"""``genzoo``: list | info | plugins | train | sample | eval | compare | runs | push | pull | import.
+"""``genzoo``: list | info | plugins | train | sample | eval | compare | runs | push | pull | import | serve.
 
 A user error prints one line and exits with status 2; ``--debug`` shows the traceback.
 """
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?")
     p.add_argument("--revision")
     add_import_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -440,9 +441,44 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- serve (a web page for runs; docs/ui.md)
+
+
+def add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="a web page for trained runs: generate with any sampler, read their curves (genzoo[ui])")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run or checkpoint directories")
+    p.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="the port (default: the first free one from 7860)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-samples", type=int, default=16, help="the most images one request may ask for")
+    p.add_argument("--app", default="gradio", help="the app component (`genzoo list --kind app`)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Build the registered ``app`` component and serve until interrupted; genzoo itself imports no web framework."""
+    from genzoo.plugins import default_registry
+
+    registry = default_registry()
+    if not registry.names("app"):
+        raise GenzooError("genzoo serve needs the web UI extra: pip install 'genzoo[ui]' (`genzoo plugins` shows why "
+                          "the ui plugin did not load)")
+    spec = {"type": args.app, "runs": args.runs, "host": args.host, "port": args.port, "device": args.device,
+            "max_samples": args.max_samples}
+    app = registry.build("app", spec, where="genzoo serve: ")
+    try:
+        app.launch()
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:  # the port is taken, or the host is not an address of this machine
+        raise GenzooError(f"cannot serve on {args.host}:{args.port or 'the first free port from 7860'}: {e}; "
+                          "pick another --port or --host") from None
+    return 0
+
+
 COMMANDS = {
     "list": cmd_list, "info": cmd_info, "plugins": cmd_plugins, "train": cmd_train, "sample": cmd_sample,
     "eval": cmd_eval, "compare": cmd_compare, "push": cmd_push, "pull": cmd_pull, "import": cmd_import, "runs": cmd_runs,
+    "serve": cmd_serve,
 }
 
 

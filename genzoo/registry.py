@@ -31,6 +31,7 @@ KINDS: dict[str, str] = {
     "clip": "paired image and text encoders into one embedding space (guidance, reranking, DALL·E 2)",
     "metric": "scores samples against data",
     "importer": "turns a foreign checkpoint or pipeline into a genzoo run directory (`genzoo import`)",
+    "app": "serves trained runs over HTTP (`genzoo serve`: a web page and its API)",
 }
 
 _NAME = re.compile(r"^[a-z0-9]+(?:[-.][a-z0-9]+)*\+*$")  # kebab-case; a trailing "++" is allowed

@@ -361,14 +361,6 @@ def test_a_hub_id_offline_fails_with_one_line_saying_how_to_work_offline(tmp_pat
         )
 
 
-def test_ldm_and_unclip_pipelines_are_refused_as_not_yet_supported(tmp_path) -> None:
-    for cls in ("LDMPipeline", "UnCLIPPipeline"):
-        (tmp_path / cls).mkdir()
-        (tmp_path / cls / "model_index.json").write_text(json.dumps({"_class_name": cls}))
-        with pytest.raises(GenzooError, match=f"{cls} is not yet supported by `genzoo import`"):
-            api.import_model(tmp_path / cls, tmp_path / f"run-{cls}")
-
-
 def test_without_diffusers_the_plugin_reports_its_load_error_and_the_rest_loads(monkeypatch) -> None:
     import importlib.util
 

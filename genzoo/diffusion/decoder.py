@@ -52,6 +52,12 @@ class DiffusionDecoderConfig(BaseModel):
         description="the network: {type: unet | mlp-denoiser | ..., fields}",
         json_schema_extra={"kind": "network"},
     )
+    last_step_denoiser: dict[str, Any] | None = Field(
+        None, description="a second network that replaces the denoiser at the sampler's last model evaluation (Karlo's "
+                          "super_res_last, unCLIP Sec. 2.1's upsamplers); training trains `denoiser` only. null: the "
+                          "denoiser throughout",
+        json_schema_extra={"kind": "network"},
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DiffusionDecoderConfig:
@@ -78,17 +84,45 @@ def gaussian_blur(x: Tensor, sigma: Tensor, *, radius: int) -> Tensor:
     return y.view(b, c, h, w)
 
 
+class LastStepDenoiser(nn.Module):
+    """``denoiser`` everywhere but at the original timestep ``t_last``, where ``last`` predicts instead (per sample)."""
+
+    def __init__(self, denoiser: nn.Module, last: nn.Module, t_last: int) -> None:
+        super().__init__()
+        self.denoiser, self.last, self.t_last = denoiser, last, t_last
+
+    def forward(self, x: Tensor, t: Tensor, cond: Condition | None = None) -> Tensor:
+        at_last = t == self.t_last
+        if bool(at_last.all()):
+            return self.last(x, t, cond)
+        if not bool(at_last.any()):
+            return self.denoiser(x, t, cond)
+        return torch.where(at_last.view(-1, *([1] * (x.dim() - 1))), self.last(x, t, cond), self.denoiser(x, t, cond))
+
+
+def final_timestep(sampler: Any, diffusion: GaussianDiffusion) -> int:
+    """The original timestep of ``sampler``'s last model evaluation on ``diffusion``: its grid point ``last_index``."""
+    respaced = getattr(sampler, "respaced", None)
+    if respaced is None:
+        raise RegistryError(f"a last_step_denoiser needs a sampler with a timestep grid (ddpm, ddim, ...); "
+                            f"{type(sampler).__name__} has none")
+    return int(respaced(diffusion).timestep_map[getattr(sampler, "last_index", 0)])
+
+
 class DiffusionDecoder(Decoder):
-    """Draws x_0 from x_T ~ N(0, I) by running a sampler over ``diffusion`` and ``denoiser``."""
+    """Draws x_0 from x_T ~ N(0, I) by running a sampler over ``diffusion`` and ``denoiser`` (and, with a
+    ``last_denoiser``, that network at the sampler's last model evaluation)."""
 
     sampler_kind = SamplerKind.DIFFUSION
 
     def __init__(self, *, denoiser: nn.Module, diffusion: GaussianDiffusion, shape: tuple[int, ...], cond_drop: float,
                  timestep_sampler: Any, needs_condition: frozenset[str] = frozenset(), emb_drop: float = 0.0, context_drop: float = 0.0,
-                 low_res_blur: tuple[float, float] | None = None) -> None:
+                 low_res_blur: tuple[float, float] | None = None, last_denoiser: nn.Module | None = None) -> None:
         super().__init__()
         self.low_res_blur = low_res_blur
         self.denoiser = denoiser
+        if last_denoiser is not None:  # registered only when there is one: existing checkpoints keep their keys
+            self.last_denoiser = last_denoiser
         self.diffusion = diffusion
         self.drops = {"drop": cond_drop, "drop_emb": emb_drop, "drop_context": context_drop}
         self.timestep_sampler = timestep_sampler
@@ -99,7 +133,11 @@ class DiffusionDecoder(Decoder):
     def decode(self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
         if sampler is None:
             raise RegistryError(f"{type(self).__name__} needs a diffusion sampler; add `sampler: {{type: ddim}}` to the recipe")
-        return sampler.sample(self.diffusion, self.denoiser, tuple(z.shape), cond=condition, guidance=guidance,
+        net = self.denoiser
+        last = getattr(self, "last_denoiser", None)
+        if last is not None:
+            net = LastStepDenoiser(net, last, final_timestep(sampler, self.diffusion))
+        return sampler.sample(self.diffusion, net, tuple(z.shape), cond=condition, guidance=guidance,
                               generator=generator, noise=z, device=z.device)
 
     def training_losses(self, x0: Tensor, cond: Condition | None = None) -> dict[str, Tensor]:
@@ -149,9 +187,17 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
     if learn_sigma:  # the variance interpolation v of Improved DDPM Eq. 15 is the denoiser's second half
         spec["learn_sigma"] = True
     denoiser = ctx.registry.build("network", spec, data=ctx.data, where="decoder 'diffusion-decoder': denoiser: ")
+    last = None
+    if cfg.last_step_denoiser is not None:
+        last_spec = dict(cfg.last_step_denoiser)
+        if cfg.image_size is not None:
+            last_spec.setdefault("image_size", cfg.image_size)
+        if learn_sigma:
+            last_spec["learn_sigma"] = True
+        last = ctx.registry.build("network", last_spec, data=ctx.data, where="decoder 'diffusion-decoder': last_step_denoiser: ")
     return DiffusionDecoder(
         denoiser=denoiser, diffusion=diffusion, shape=shape, cond_drop=cfg.cond_drop, emb_drop=cfg.emb_drop, context_drop=cfg.context_drop,
-        timestep_sampler=create_timestep_sampler(cfg.timestep_sampler, diffusion), low_res_blur=cfg.low_res_blur,
+        timestep_sampler=create_timestep_sampler(cfg.timestep_sampler, diffusion), low_res_blur=cfg.low_res_blur, last_denoiser=last,
     )
 
 

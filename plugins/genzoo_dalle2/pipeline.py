@@ -164,7 +164,8 @@ class UnCLIPPipeline(DiffusionPipeline):
             x_t = randn((1 if shared_noise else n, *shape), None, generator=generator, device=self.device, dtype=torch.float32)
             return x_t.expand(n, *shape) if shared_noise else x_t
 
-        cond = {"emb": z_i.float(), **{k: text[k] for k in ("context", "context_mask") if text and k in text}}
+        # the caption's z_t too, for decoders that read it (Karlo's text projection); genzoo's U-Net ignores it
+        cond = {"emb": z_i.float(), **{k: text[k] for k in ("text_emb", "context", "context_mask") if text and k in text}}
         x = c["decoder"].decode(noise(c["decoder"].produces.shape), cond, generator=generator, sampler=c.get("sampler"),
                                 guidance=c.get("guidance"))
         if self.upsampler is None:
@@ -181,7 +182,9 @@ class UnCLIPPipeline(DiffusionPipeline):
         """``steps`` images along the slerp from image ``a``'s z_i to ``b``'s (Sec. 3.2). Every frame starts from the
         same decoder and upsampler noise, so with deterministic samplers (DDIM, eta 0) only z_i changes along the path."""
         z = self.image_embeddings(torch.stack([a, b]))
-        z_path = slerp(z[0], z[1], torch.linspace(0, 1, steps, device=z.device))
+        w = torch.linspace(0, 1, steps, device=z.device)
+        norm = (1 - w) * z[0].norm() + w * z[1].norm()  # 1 for a unit-norm CLIP; an unnormalised one (Karlo's) keeps its scale
+        z_path = slerp(z[0], z[1], w) * norm[:, None]
         return self.decode_embeddings(z_path, generator=generator, shared_noise=True)
 
     @torch.no_grad()
@@ -194,8 +197,9 @@ class UnCLIPPipeline(DiffusionPipeline):
             text = c["encoder"].encode({"caption": list(captions[i:i + batch])})
             true = self.image_embeddings(images[i:i + batch])
             pred = c["prior"].sample(len(true), text, generator=generator, sampler=c.get("prior_sampler"), guidance=c.get("prior_guidance"))
+            pred, true = F.normalize(pred.float(), dim=-1), F.normalize(true.float(), dim=-1)  # unit already, unless imported
             prior_cos.append((pred * true).sum(-1))
-            text_cos.append((text["text_emb"].to(true) * true).sum(-1))
+            text_cos.append((F.normalize(text["text_emb"].to(true), dim=-1) * true).sum(-1))
         return {"prior_cosine": float(torch.cat(prior_cos).mean()), "text_cosine": float(torch.cat(text_cos).mean())}
 
 

@@ -1,6 +1,7 @@
 """Built-in plugin: diffusers interop (docs/interop.md). Adapter components that put a diffusers module behind
 genzoo's interfaces (UNet2DModel, UNet2DConditionModel, PriorTransformer networks; VQModel and AutoencoderKL
-decoders), and the ``diffusers`` importer behind `genzoo import` (DDPMPipeline, DDIMPipeline).
+decoders; transformers' CLIP as a ``clip``; Karlo's prior as a ``prior``), and the ``diffusers`` importer behind
+`genzoo import` (DDPMPipeline, DDIMPipeline, LDMPipeline, UnCLIPPipeline).
 
 Needs the optional extra: ``pip install 'genzoo[diffusers]'``. Without it the hook raises ImportError, which
 ``genzoo plugins`` reports, and every other plugin loads. diffusers itself is imported only when a component is
@@ -21,7 +22,7 @@ __version__ = genzoo.__version__
 def register_components(registry) -> None:
     if importlib.util.find_spec("diffusers") is None:
         raise ImportError("the diffusers plugin needs the diffusers package: pip install 'genzoo[diffusers]'")
-    from . import adapters, importer
+    from . import adapters, importer, unclip
 
     registry.register("network", "diffusers-unet2d", config=adapters.UNet2DConfig, factory=adapters.build_unet2d)
     registry.register(
@@ -31,7 +32,10 @@ def register_components(registry) -> None:
         factory=adapters.build_unet2d_condition,
     )
     registry.register(
-        "network", "diffusers-prior-transformer", config=adapters.ModuleConfig, factory=adapters.build_prior_transformer
+        "network",
+        "diffusers-prior-transformer",
+        config=adapters.PriorTransformerConfig,
+        factory=adapters.build_prior_transformer,
     )
     registry.register("decoder", "diffusers-vqmodel", config=adapters.ModuleConfig, factory=adapters.build_vqmodel)
     registry.register(
@@ -40,6 +44,10 @@ def register_components(registry) -> None:
         config=adapters.AutoencoderKLConfig,
         factory=adapters.build_autoencoder_kl,
     )
+    registry.register(
+        "clip", "diffusers-clip", config=unclip.TransformersClipConfig, factory=unclip.build_transformers_clip
+    )
+    registry.register("prior", "diffusers-unclip-prior", config=unclip.UnCLIPPriorConfig, factory=unclip.make_unclip_prior)
     registry.register(
         "importer", "diffusers", config=importer.DiffusersImporterConfig, factory=importer.DiffusersImporter
     )

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from genzoo.diffusion.schedules import get_named_beta_schedule, spaced_grid
+from genzoo.diffusion.schedules import get_named_beta_schedule, space_timesteps, spaced_grid
 from genzoo.errors import GenzooError
 
 MEAN = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -148,3 +148,30 @@ def map_scheduler(
             eta=0.0, clipped_eps=False
         )  # DDIMPipeline's defaults: eta 0, use_clipped_model_output None (False)
     return decoder, sampler
+
+
+def map_unclip_scheduler(raw: Mapping[str, Any], *, steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(decoder fields, sampler spec) for an ``UnCLIPScheduler`` (Karlo's modified DDPM) run for ``steps``.
+
+    Its step from grid point t to the next one t' (``prev_timestep``) uses beta = 1 - abar_t / abar_t', the posterior
+    of the respaced process, and no noise at t = 0; its ``learned_range`` interpolates log beta and the log posterior
+    variance of that pair, as Improved DDPM does. So it is genzoo's ancestral ``ddpm`` sampler on the respaced
+    process. Its grid, round(k (T - 1) / (steps - 1)), is genzoo's ``even`` spacing; that is checked here.
+    Its one difference, not copied: a step between neighbours (t' = t - 1) reads the stored float32 beta_t instead
+    of recomputing it from abar, equal to float32 rounding.
+    """
+    import diffusers
+
+    try:
+        scheduler = diffusers.UnCLIPScheduler.from_config(dict(raw))
+    except (NotImplementedError, ValueError, TypeError) as e:
+        raise SchedulerError(f"diffusers cannot build UnCLIPScheduler from the scheduler config: {e}".splitlines()[0]) from e
+    cfg = dict(scheduler.config)
+    decoder = process_fields(cfg, scheduler)
+    t = decoder["timesteps"]
+    if not 2 <= steps <= t:
+        raise _refuse("num_inference_steps", steps, f"an UnCLIPScheduler run takes 2 to {t} steps")
+    scheduler.set_timesteps(steps)
+    if sorted(int(i) for i in scheduler.timesteps) != sorted(space_timesteps(t, steps)):
+        raise _refuse("num_inference_steps", steps, "its grid is not genzoo's even spacing")
+    return decoder, {"type": "ddpm", "steps": steps, "spacing": "even"}

@@ -1,0 +1,32 @@
+"""Built-in plugin: the web page behind `genzoo serve` (docs/ui.md), a Gradio app registered as the ``app``
+component ``gradio``.
+
+Needs the optional extra: ``pip install 'genzoo[ui]'`` (gradio and gradio_client). Without it the hook raises
+ImportError, which ``genzoo plugins`` reports, every other plugin loads, and `genzoo serve` says which extra to
+install. gradio itself is imported only when the app is built (importing it costs seconds).
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+import genzoo
+from genzoo.plugins import hookimpl
+
+__version__ = genzoo.__version__
+
+
+def _build(cfg, ctx):
+    """A web page (Gradio) for trained runs: generate with any registered sampler and guidance, read their curves."""
+    from .app import make_app
+
+    return make_app(cfg, ctx)
+
+
+@hookimpl
+def register_components(registry) -> None:
+    if find_spec("gradio") is None:
+        raise ImportError("the ui plugin needs the gradio package: pip install 'genzoo[ui]'")
+    from .config import GradioAppConfig
+
+    registry.register("app", "gradio", config=GradioAppConfig, factory=_build)
