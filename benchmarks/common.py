@@ -4,15 +4,23 @@ since CUDA launches return before the kernels finish."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from genzoo.nn.unet import UNetConfig, flop_counter
 
 # The pair every peer comparison times: genzoo's U-Net with conv resampling and diffusers' UNet2DModel, equal FLOPs
-PEER_UNET = UNetConfig(in_channels=3, image_size=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2,
-                       attention_resolutions=[16, 8], resblock_updown=False)
+PEER_UNET = UNetConfig(
+    in_channels=3,
+    image_size=32,
+    model_channels=64,
+    channel_mult=[1, 2, 2],
+    num_res_blocks=2,
+    attention_resolutions=[16, 8],
+    resblock_updown=False,
+)
 
 
 def synchronize() -> None:
@@ -56,6 +64,12 @@ def diffusers_unet() -> torch.nn.Module:
     """diffusers' UNet2DModel with PEER_UNET's FLOPs (ImportError without the bench extra)."""
     from diffusers import UNet2DModel
 
-    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128), layers_per_block=2,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    )

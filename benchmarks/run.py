@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 
 from genzoo import api
-from genzoo.diffusion import DDIMSampler, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
+from genzoo.diffusion import (
+    DDIMSampler,
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    get_named_beta_schedule,
+)
 from genzoo.diffusion.samplers import DDIMConfig
 from genzoo.nn import UNet
 
@@ -58,14 +65,24 @@ def unet_forward(batch: int = 16, device: torch.device = CPU) -> dict:
     with torch.inference_mode():
         f = flops(lambda: net(x, t))
         dt = best_time(lambda: net(x, t), 5)
-    return {"config": PEER_UNET.model_dump(), "batch": batch, "gflop": f / 1e9, "seconds": dt, "gflop_per_s": f / dt / 1e9,
-            "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
+    return {
+        "config": PEER_UNET.model_dump(),
+        "batch": batch,
+        "gflop": f / 1e9,
+        "seconds": dt,
+        "gflop_per_s": f / dt / 1e9,
+        "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+    }
 
 
 def ddim_images_per_s(batch: int = 16, steps: int = 20, device: torch.device = CPU) -> float:
     net = api.for_inference(UNet(PEER_UNET), device)  # genzoo's inference default (NHWC)
-    d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type=ModelMeanType.EPSILON,
-                          model_var_type=ModelVarType.FIXED_LARGE, loss_type=LossType.SIMPLE)
+    d = GaussianDiffusion(
+        betas=get_named_beta_schedule("linear", 1000),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_LARGE,
+        loss_type=LossType.SIMPLE,
+    )
     sampler = DDIMSampler(DDIMConfig(steps=steps))
     run = lambda: sampler.sample(d, net, (batch, 3, 32, 32), generator=torch.Generator(device).manual_seed(0))  # noqa: E731
     return batch / best_time(run, 2)
@@ -97,8 +114,14 @@ if __name__ == "__main__":
     from trainer_overhead import measure
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # every figure below on this one device
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}}
+    results = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        }
+    }
     results["matmul_fp32_gflop_s"], bf16, results["bf16_usable"] = peaks(device)
     results["matmul_bf16_gflop_s"] = bf16
     results["unet_forward_fp32"] = unet_forward(device=device)
@@ -109,7 +132,9 @@ if __name__ == "__main__":
         peak_now = matmul_peak(torch.float32, device=device)
         pairs.append(unet_forward(device=device)["gflop_per_s"] / peak_now)
     results["unet_forward_fp32"]["fraction_of_peak_paired"] = sorted(pairs)
-    results["unet_forward_fp32"]["fraction_of_matmul_peak"] = results["unet_forward_fp32"]["gflop_per_s"] / results["matmul_fp32_gflop_s"]
+    results["unet_forward_fp32"]["fraction_of_matmul_peak"] = (
+        results["unet_forward_fp32"]["gflop_per_s"] / results["matmul_fp32_gflop_s"]
+    )
     results["ddim20_images_per_s_fp32"] = ddim_images_per_s(device=device)
     peer = diffusers_ddim_images_per_s(device=device)
     results["diffusers_ddim20"] = peer
@@ -120,30 +145,54 @@ if __name__ == "__main__":
     from interop import imported_cifar10_ddim
     from interop import markdown as interop_markdown
 
-    results["imported_ddpm_cifar10"] = imported_cifar10_ddim()  # issue 20: `genzoo sample` on an imported diffusers model
+    results["imported_ddpm_cifar10"] = (
+        imported_cifar10_ddim()
+    )  # issue 20: `genzoo sample` on an imported diffusers model
     from families import markdown as families_markdown
     from families import run as families_run
 
-    results.update(families_run(32, results["matmul_fp32_gflop_s"], results["bf16_usable"], device, quick="--quick" in sys.argv,
-                                bf16_peak=results["matmul_bf16_gflop_s"]))
+    results.update(
+        families_run(
+            32,
+            results["matmul_fp32_gflop_s"],
+            results["bf16_usable"],
+            device,
+            quick="--quick" in sys.argv,
+            bf16_peak=results["matmul_bf16_gflop_s"],
+        )
+    )
     from sampler_quality import mixture_benchmark, mixture_markdown
 
-    # issue 25: every sampler x time grid at 10 and 20 NFE on the closed-form mixtures (exact denoiser), diffusers beside
+    # issue 25: every sampler x time grid at 10 and 20 NFE on the closed-form mixtures (exact denoiser),
+    # diffusers beside
     results["sampler_mixtures"] = mixture_benchmark(n=100_000, nfes=(10, 20), seeds=1, log=lambda m: None)
     (HERE / "results.json").write_text(json.dumps(results, indent=2))
     u = results["unet_forward_fp32"]
-    lines = ["| measure | value |", "|---|---|",
-             f"| fp32 GEMM peak (best of matmul 1024², 2048², 4096² and a 512-channel 1×1 conv) | {results['matmul_fp32_gflop_s']:.1f} GFLOP/s |",
-             f"| bf16 matmul peak | {bf16:.1f} GFLOP/s ({'usable' if results['bf16_usable'] else 'no bf16 units: slow'}) |",
-             f"| U-Net forward, batch 16, 32×32 ({u['gflop']:.1f} GFLOP) | {u['gflop_per_s']:.1f} GFLOP/s = {u['fraction_of_matmul_peak']:.0%} of peak; "
-             f"back-to-back pairs {', '.join(f'{f:.0%}' for f in u['fraction_of_peak_paired'])} |",
-             f"| DDIM-20 images/s, batch 16, 32×32 (genzoo) | {results['ddim20_images_per_s_fp32']:.2f} |",
-             f"| DDIM-20 images/s (diffusers UNet2DModel, {peer['gflop_forward']:.1f} GFLOP/forward) | {peer['images_per_s']:.2f}: genzoo is {results['ddim20_ratio_vs_diffusers']:.2f}x |" if isinstance(peer, dict) else f"| diffusers | {peer} |",
-             *(f"| trainer / bare loop steps/s, MLP width {k[6:]} ({v['bare_steps_per_s']:.0f} bare steps/s) | {v['trainer_over_bare']:.2f} |"
-               for k, v in results["trainer_overhead"].items() if k.startswith("width_"))]
+    lines = [
+        "| measure | value |",
+        "|---|---|",
+        "| fp32 GEMM peak (best of matmul 1024², 2048², 4096² and a 512-channel 1×1 conv) | "
+        f"{results['matmul_fp32_gflop_s']:.1f} GFLOP/s |",
+        f"| bf16 matmul peak | {bf16:.1f} GFLOP/s ({'usable' if results['bf16_usable'] else 'no bf16 units: slow'}) |",
+        f"| U-Net forward, batch 16, 32×32 ({u['gflop']:.1f} GFLOP) | {u['gflop_per_s']:.1f} GFLOP/s = "
+        f"{u['fraction_of_matmul_peak']:.0%} of peak; "
+        f"back-to-back pairs {', '.join(f'{f:.0%}' for f in u['fraction_of_peak_paired'])} |",
+        f"| DDIM-20 images/s, batch 16, 32×32 (genzoo) | {results['ddim20_images_per_s_fp32']:.2f} |",
+        f"| DDIM-20 images/s (diffusers UNet2DModel, {peer['gflop_forward']:.1f} GFLOP/forward) | "
+        f"{peer['images_per_s']:.2f}: genzoo is {results['ddim20_ratio_vs_diffusers']:.2f}x |"
+        if isinstance(peer, dict)
+        else f"| diffusers | {peer} |",
+        *(
+            f"| trainer / bare loop steps/s, MLP width {k[6:]} ({v['bare_steps_per_s']:.0f} bare steps/s) | "
+            f"{v['trainer_over_bare']:.2f} |"
+            for k, v in results["trainer_overhead"].items()
+            if k.startswith("width_")
+        ),
+    ]
     lines.append(interop_markdown(results["imported_ddpm_cifar10"]))
     text = "\n".join(lines) + "\n\n" + families_markdown(results)
     text += "\n\n## Samplers x time grids on the closed-form mixtures (docs/diffusion.md)\n\n" + "\n\n".join(
-        mixture_markdown(results["sampler_mixtures"], name) for name in results["sampler_mixtures"]["mixtures"])
+        mixture_markdown(results["sampler_mixtures"], name) for name in results["sampler_mixtures"]["mixtures"]
+    )
     (HERE / "results.md").write_text(text)
     print(text)

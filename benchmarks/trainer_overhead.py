@@ -1,6 +1,6 @@
 """Trainer overhead: steps/s of a tiny model through genzoo's Trainer against a bare loop, same run.
 
-    python benchmarks/trainer_overhead.py [--steps 400]
+python benchmarks/trainer_overhead.py [--steps 400]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def bare(data: torch.Tensor, steps: int, batch: int, width: int) -> float:
     for _ in range(steps):
         if pos + batch > len(data):
             perm, pos = torch.randperm(len(data), generator=g), 0
-        x = data[perm[pos:pos + batch]]
+        x = data[perm[pos : pos + batch]]
         pos += batch
         loss = model.training_losses({"image": x})["loss"]
         opt.zero_grad(set_to_none=True)
@@ -47,10 +47,20 @@ def bare(data: torch.Tensor, steps: int, batch: int, width: int) -> float:
 
 def through_trainer(data: torch.Tensor, steps: int, batch: int, width: int) -> float:
     torch.manual_seed(0)
-    cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-3, ema_decay=0.999, grad_clip=1.0, log_every=50,
-                      checkpoint_every=10**9, device="cpu")
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch,
+        lr=1e-3,
+        ema_decay=0.999,
+        grad_clip=1.0,
+        log_every=50,
+        checkpoint_every=10**9,
+        device="cpu",
+    )
     with tempfile.TemporaryDirectory() as d:
-        result = Trainer(Tiny(width), {"image": data}, config=cfg, run_dir=d, recipe={"name": "bench"}, progress=False).fit()
+        result = Trainer(
+            Tiny(width), {"image": data}, config=cfg, run_dir=d, recipe={"name": "bench"}, progress=False
+        ).fit()
     return result.steps_per_sec
 
 

@@ -3,7 +3,8 @@
 Trains a tiny caption-conditioned diffusion model (once; ``--retrain`` again), starts `genzoo serve` on 127.0.0.1 and a
 free port, opens the page in Debian's Chromium driven by playwright (``executable_path``: playwright's own browser
 download is never used), fills the prompt, clicks Generate, waits for the gallery's images and saves a screenshot;
-then clears the prompt, clicks again and waits for the visible error (a second screenshot). The browser may reach
+then clears the prompt, clicks again and waits for the visible error (a second screenshot), and opens the
+training-and-evaluation tab (a third). The browser may reach
 only 127.0.0.1: every other request is aborted, so the page is checked to work offline. The server is stopped at the
 end, whatever happened. Exit status 0 when every step passed.
 
@@ -55,12 +56,14 @@ def log(msg: str) -> None:
 
 
 def chromium_path(given: str | None) -> str:
-    for name in ([given] if given else ["chromium", "chromium-browser", "google-chrome"]):
+    for name in [given] if given else ["chromium", "chromium-browser", "google-chrome"]:
         found = shutil.which(name) if name else None
         if found:
             return found
-    sys.exit("ui-check: no Chromium found; install Debian's (`apt-get install -y chromium`; `make ui-check` does) "
-             "or pass --chromium PATH")
+    sys.exit(
+        "ui-check: no Chromium found; install Debian's (`apt-get install -y chromium`; `make ui-check` does) "
+        "or pass --chromium PATH"
+    )
 
 
 def free_port() -> int:
@@ -78,8 +81,22 @@ def train(run: Path, minutes: float, retrain: bool) -> None:
     recipes = run.parent / "ui-check.yaml"
     recipes.write_text(RECIPE)
     log(f"training glide-tiny for {minutes} min into {run}")
-    cmd = [sys.executable, "-m", "genzoo", "train", "glide-tiny", "--recipes", str(recipes), "--out", str(run),
-           "--minutes", str(minutes), "--device", "cpu", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "genzoo",
+        "train",
+        "glide-tiny",
+        "--recipes",
+        str(recipes),
+        "--out",
+        str(run),
+        "--minutes",
+        str(minutes),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
@@ -111,8 +128,9 @@ def browse(url: str, slug: str, chromium: str, out: Path, timeout_s: float) -> N
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True,
-                                    args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        browser = p.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
+        )
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             blocked: list[str] = []
@@ -136,8 +154,10 @@ def browse(url: str, slug: str, chromium: str, out: Path, timeout_s: float) -> N
             expect(images.first).to_be_visible()
             expect(page.locator(f"#{slug}-status")).to_contain_text("image(s) in")
             count = images.count()
-            log(f"the gallery shows {count} image(s) after {time.monotonic() - t0:.1f}s: "
-                f"{page.locator(f'#{slug}-status').inner_text().strip()}")
+            log(
+                f"the gallery shows {count} image(s) after {time.monotonic() - t0:.1f}s: "
+                f"{page.locator(f'#{slug}-status').inner_text().strip()}"
+            )
             if count < 1:
                 sys.exit("ui-check: the gallery has no image")
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,9 +168,20 @@ def browse(url: str, slug: str, chromium: str, out: Path, timeout_s: float) -> N
             page.locator(f"#{slug}-generate").click()
             toast = page.get_by_text("enter a prompt")
             expect(toast.first).to_be_visible()
+            page.wait_for_timeout(600)  # the toast slides in
             error_shot = out.with_name(out.stem + "-error" + out.suffix)
             page.screenshot(path=str(error_shot))
             log(f"a bad input shows a visible error ({toast.first.inner_text().strip()!r}); screenshot: {error_shot}")
+            close = page.locator("[data-testid='toast-close'], .toast-close")
+            if close.count():
+                close.first.click()
+            page.get_by_role("tab", name="Training & evaluation").click()
+            expect(page.get_by_text("No recorded evaluations yet").first).to_be_visible()
+            expect(page.locator("canvas, svg.marks").first).to_be_visible()  # the loss curve (Vega)
+            page.wait_for_timeout(500)
+            files_shot = out.with_name(out.stem + "-run" + out.suffix)
+            page.screenshot(path=str(files_shot), full_page=True)
+            log(f"the training-and-evaluation tab shows the loss curve; screenshot: {files_shot}")
             if blocked:
                 log(f"blocked {len(blocked)} request(s) that would have left 127.0.0.1, e.g. {blocked[0]}")
         finally:
@@ -175,8 +206,19 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "genzoo", "serve", str(args.run), "--host", "127.0.0.1", "--port", str(port),
-           "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "genzoo",
+        "serve",
+        str(args.run),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
     log("starting " + " ".join(cmd[2:]))
     server = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
     try:

@@ -17,9 +17,10 @@ diffusers pipeline). Run: :func:`for_inference`, :func:`compile_denoisers`. Trai
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -67,7 +68,9 @@ def resolve_recipe(
 def build_data(resolved: Mapping[str, Any], *, registry: Registry | None = None) -> Any:
     """The dataset source of a resolved recipe (``.spec``, ``.split(name)``)."""
     registry = registry or default_registry()
-    return registry.build("dataset", copy.deepcopy(resolved["data"]), where=f"recipe '{resolved.get('name', '?')}': data: ")
+    return registry.build(
+        "dataset", copy.deepcopy(resolved["data"]), where=f"recipe '{resolved.get('name', '?')}': data: "
+    )
 
 
 def data_spec_dict(spec: Any) -> dict[str, Any]:
@@ -90,8 +93,12 @@ def compile_denoisers(pipeline: Pipeline) -> list[str]:
 
 
 def create_model(
-    recipe: str | Mapping[str, Any], *, data_spec: Any = None, registry: Registry | None = None,
-    device: str | torch.device = "cpu", seed: int | None = None,
+    recipe: str | Mapping[str, Any],
+    *,
+    data_spec: Any = None,
+    registry: Registry | None = None,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
 ) -> Pipeline:
     """An untrained pipeline from a recipe name (``create_model("ddpm-shapes")``, as ``open_clip.create_model``)
     or a resolved recipe, for data described by ``data_spec`` (default: the recipe's dataset).
@@ -130,7 +137,9 @@ def load_model(
     if swaps or sets:
         name = resolved.get("name", "checkpoint")
         body = {k: v for k, v in resolved.items() if k not in ("name",)}
-        recipe = apply_overrides(name, Recipe.model_validate(body), sets, **{k: v for k, v in swaps.items() if v is not None})
+        recipe = apply_overrides(
+            name, Recipe.model_validate(body), sets, **{k: v for k, v in swaps.items() if v is not None}
+        )
         resolved = resolve(name, recipe, registry)
     data_spec = _data_spec_from(ckpt)
     pipeline = build_pipeline(_own_weights_only(resolved), registry, data_spec)
@@ -153,7 +162,9 @@ def _own_weights_only(resolved: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def init_from(pipeline: Pipeline, resolved: Mapping[str, Any], path: str | Path, *, registry: Registry | None = None) -> list[str]:
+def init_from(
+    pipeline: Pipeline, resolved: Mapping[str, Any], path: str | Path, *, registry: Registry | None = None
+) -> list[str]:
     """Load into ``pipeline`` the weights of every component whose resolved spec equals the one in the
     checkpoint at ``path`` (the same type and fields, so the same architecture); returns those roles.
 
@@ -161,9 +172,13 @@ def init_from(pipeline: Pipeline, resolved: Mapping[str, Any], path: str | Path,
     AR prior in place of the diffusion prior) trains only that one with the others' stages set to 0.
     """
     ckpt = load_checkpoint(path)
-    theirs = refresh(ckpt.recipe, registry or default_registry())["components"]  # fields added since it was saved: defaults
+    theirs = refresh(ckpt.recipe, registry or default_registry())[
+        "components"
+    ]  # fields added since it was saved: defaults
     children = dict(pipeline.named_children())
-    roles = [r for r, state in ckpt.components.items() if r in children and theirs.get(r) == resolved["components"].get(r)]
+    roles = [
+        r for r, state in ckpt.components.items() if r in children and theirs.get(r) == resolved["components"].get(r)
+    ]
     for role in roles:
         load_state_into(children[role], ckpt.components[role], role=role, where=ckpt.path)
     return roles
@@ -172,18 +187,25 @@ def init_from(pipeline: Pipeline, resolved: Mapping[str, Any], path: str | Path,
 def _refit_swapped(pipeline: Pipeline, swapped: set[str], ckpt: Checkpoint, registry: Registry) -> None:
     """A swapped-in component fitted after training (an AE's ``gmm`` prior) is fitted now, on the
     training split the checkpoint was trained on (rebuilt from its recipe: bundled data only)."""
-    unfitted = [r for r in swapped if getattr(pipeline.components.get(r), "fitted", None) is not None
-                and not bool(pipeline.components[r].fitted)]
+    unfitted = [
+        r
+        for r in swapped
+        if getattr(pipeline.components.get(r), "fitted", None) is not None and not bool(pipeline.components[r].fitted)
+    ]
     if not unfitted:
         return
     train = build_data(ckpt.recipe, registry=registry).split("train")
     if train.fingerprint() != ckpt.meta.get("data_fingerprint", train.fingerprint()):
-        raise GenzooError(f"{ckpt.path}: the swapped-in {unfitted} must be fitted on the training data, which no longer "
-                          "matches the checkpoint's (its fingerprint differs)")
+        raise GenzooError(
+            f"{ckpt.path}: the swapped-in {unfitted} must be fitted on the training data, which no longer "
+            "matches the checkpoint's (its fingerprint differs)"
+        )
     pipeline.fit_after_training(train.tensors())
 
 
-def load_weights(pipeline: Pipeline, ckpt: Checkpoint, *, allow_unused: bool = False, swapped: set[str] = frozenset()) -> None:
+def load_weights(
+    pipeline: Pipeline, ckpt: Checkpoint, *, allow_unused: bool = False, swapped: set[str] = frozenset()
+) -> None:
     """Load every component's weights; a component with weights the checkpoint lacks is an error.
 
     ``allow_unused`` lets a swap drop a trained component (e.g. sample without the classifier) or
@@ -194,7 +216,9 @@ def load_weights(pipeline: Pipeline, ckpt: Checkpoint, *, allow_unused: bool = F
         if role not in children or (allow_unused and role in swapped):
             if allow_unused:
                 continue
-            raise GenzooError(f"{ckpt.path}: the checkpoint has weights for '{role}' but the model has no such component")
+            raise GenzooError(
+                f"{ckpt.path}: the checkpoint has weights for '{role}' but the model has no such component"
+            )
         load_state_into(children[role], state, role=role, where=ckpt.path)
     for role, child in children.items():
         if role not in ckpt.components and any(True for _ in child.parameters()):

@@ -23,9 +23,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
@@ -72,7 +73,9 @@ def read_json(path: str | os.PathLike) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; is this a genzoo checkpoint directory?") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); the file is truncated or corrupt") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); the file is truncated or corrupt"
+        ) from None
 
 
 def refuse_pickle(path: Path) -> None:
@@ -125,7 +128,9 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor]]:
                 return {"__intdict__": items}
             raise TypeError(f"cannot store dict keys of types {sorted({type(k).__name__ for k in x})} at {path}")
         if isinstance(x, (list, tuple)):
-            return {"__tuple__" if isinstance(x, tuple) else "__list__": [walk(v, f"{path}.{i}") for i, v in enumerate(x)]}
+            return {
+                "__tuple__" if isinstance(x, tuple) else "__list__": [walk(v, f"{path}.{i}") for i, v in enumerate(x)]
+            }
         if x is None or isinstance(x, (bool, int, float, str)):
             return x
         raise TypeError(f"cannot store {type(x).__name__} at {path} without pickle")
@@ -140,7 +145,9 @@ def unflatten_state(tree: Any, tensors: Mapping[str, Tensor]) -> Any:
             try:
                 return tensors[tree["__tensor__"]]
             except KeyError:
-                raise CheckpointError(f"trainer state references tensor {tree['__tensor__']!r} that is not stored") from None
+                raise CheckpointError(
+                    f"trainer state references tensor {tree['__tensor__']!r} that is not stored"
+                ) from None
         if "__dict__" in tree or "__intdict__" in tree:
             return {k: unflatten_state(v, tensors) for k, v in tree.get("__dict__", tree.get("__intdict__"))}
         if "__tuple__" in tree:
@@ -202,8 +209,10 @@ def save_checkpoint(
     ckpts = run_dir / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
-    files: dict[str, bytes] = {f"{role}.safetensors": st_save(unshared({k: v.detach().cpu().contiguous() for k, v in sd.items()}))
-                               for role, sd in components.items()}
+    files: dict[str, bytes] = {
+        f"{role}.safetensors": st_save(unshared({k: v.detach().cpu().contiguous() for k, v in sd.items()}))
+        for role, sd in components.items()
+    }
     files["recipe.json"] = dumps_json(dict(recipe))
     if trainer_state is not None:
         tree, tensors = flatten_state(trainer_state)
@@ -256,10 +265,14 @@ def resolve(path: str | os.PathLike) -> Path:
     if latest.exists():
         target = path / "checkpoints" / latest.read_text().strip()
         if target.is_dir() and not (target / "meta.json").exists():  # the checkpoint is there but not its manifest
-            raise CheckpointError(f"{target / 'meta.json'} is missing, so the checkpoint {target.name} cannot be "
-                                  "verified or loaded; restore meta.json, or copy the checkpoint again")
+            raise CheckpointError(
+                f"{target / 'meta.json'} is missing, so the checkpoint {target.name} cannot be "
+                "verified or loaded; restore meta.json, or copy the checkpoint again"
+            )
         if not (target / "meta.json").exists():
-            raise CheckpointError(f"{latest} points at {target}, which is missing; the run directory was modified by hand")
+            raise CheckpointError(
+                f"{latest} points at {target}, which is missing; the run directory was modified by hand"
+            )
         return target
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass a directory written by `genzoo train` or `genzoo pull`")
@@ -267,9 +280,13 @@ def resolve(path: str | os.PathLike) -> Path:
     if pickles:
         refuse_pickle(path / pickles[0])
     if (path / "recipe.json").exists() or any(path.glob("*.safetensors")):
-        raise CheckpointError(f"{path / 'meta.json'} is missing, so the checkpoint in {path} cannot be verified or "
-                              "loaded; restore meta.json, or copy the checkpoint again")
-    raise CheckpointError(f"{path} holds no genzoo checkpoint (no meta.json and no latest); train one with `genzoo train`")
+        raise CheckpointError(
+            f"{path / 'meta.json'} is missing, so the checkpoint in {path} cannot be verified or "
+            "loaded; restore meta.json, or copy the checkpoint again"
+        )
+    raise CheckpointError(
+        f"{path} holds no genzoo checkpoint (no meta.json and no latest); train one with `genzoo train`"
+    )
 
 
 class FileRecord(BaseModel):
@@ -316,11 +333,16 @@ def _meta_error(path: Path, err: ValidationError) -> CheckpointError:
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     got = repr(first.get("input"))
-    got = "" if first["type"] in ("missing", "extra_forbidden") or not loc or loc == "data_spec" else \
-        f" (got {got[:60] + '...' if len(got) > 60 else got})"
+    got = (
+        ""
+        if first["type"] in ("missing", "extra_forbidden") or not loc or loc == "data_spec"
+        else f" (got {got[:60] + '...' if len(got) > 60 else got})"
+    )
     field = f"field '{loc}': " if loc else ""
-    return CheckpointError(f"{path}: {field}{msg}{got}; the file was edited or not written by genzoo: restore it, "
-                           "or export the checkpoint again")
+    return CheckpointError(
+        f"{path}: {field}{msg}{got}; the file was edited or not written by genzoo: restore it, "
+        "or export the checkpoint again"
+    )
 
 
 def has_checkpoint(path: str | os.PathLike) -> bool:
@@ -333,14 +355,18 @@ def load_checkpoint(path: str | os.PathLike, *, with_trainer_state: bool = False
     ckpt = resolve(path)
     meta = read_json(ckpt / "meta.json")
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{ckpt / 'meta.json'} holds a {type(meta).__name__}, not a mapping; "
-                              "it was not written by genzoo")
+        raise CheckpointError(
+            f"{ckpt / 'meta.json'} holds a {type(meta).__name__}, not a mapping; it was not written by genzoo"
+        )
     try:
         CheckpointMeta.model_validate(meta)
     except ValidationError as e:
         raise _meta_error(ckpt / "meta.json", e) from None
     if meta.get("format", 0) > FORMAT:
-        raise CheckpointError(f"{ckpt} has checkpoint format {meta['format']}; this genzoo ({__version__}) reads format {FORMAT}: upgrade genzoo")
+        raise CheckpointError(
+            f"{ckpt} has checkpoint format {meta['format']}; this genzoo ({__version__}) reads format {FORMAT}: "
+            "upgrade genzoo"
+        )
     for fname in sorted(os.listdir(ckpt)):
         if Path(fname).suffix in PICKLE_SUFFIXES:
             refuse_pickle(ckpt / fname)
@@ -354,11 +380,15 @@ def load_checkpoint(path: str | os.PathLike, *, with_trainer_state: bool = False
         refuse_pickle(f)
         data = f.read_bytes()
         if len(data) < info["bytes"]:
-            raise CheckpointError(f"{f} is truncated: {len(data)} bytes, meta.json recorded {info['bytes']}; "
-                                  "copy or download the checkpoint again")
+            raise CheckpointError(
+                f"{f} is truncated: {len(data)} bytes, meta.json recorded {info['bytes']}; "
+                "copy or download the checkpoint again"
+            )
         if len(data) > info["bytes"]:
-            raise CheckpointError(f"{f} is longer than meta.json records ({len(data)} bytes, recorded "
-                                  f"{info['bytes']}): it was appended to or replaced; copy or download it again")
+            raise CheckpointError(
+                f"{f} is longer than meta.json records ({len(data)} bytes, recorded "
+                f"{info['bytes']}): it was appended to or replaced; copy or download it again"
+            )
         if _sha256(data) != info["sha256"]:
             raise CheckpointError(f"{f} does not match the sha256 in meta.json: the file was modified or corrupted")
         blobs[fname] = data
@@ -374,7 +404,9 @@ def load_checkpoint(path: str | os.PathLike, *, with_trainer_state: bool = False
     state = None
     if with_trainer_state:
         if "trainer.json" not in blobs:
-            raise CheckpointError(f"{ckpt} holds no trainer state (it was exported for sampling only); it cannot be resumed")
+            raise CheckpointError(
+                f"{ckpt} holds no trainer state (it was exported for sampling only); it cannot be resumed"
+            )
         state = unflatten_state(json.loads(blobs["trainer.json"]), tensors("trainer.safetensors"))
     return Checkpoint(path=ckpt, meta=meta, recipe=recipe, components=components, trainer_state=state)
 
@@ -393,9 +425,12 @@ def load_state_into(module: torch.nn.Module, state: Mapping[str, Tensor], *, rol
             parts.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
         if shapes:
             k = shapes[0]
-            parts.append(f"{k} has shape {tuple(state[k].shape)} in the checkpoint but {tuple(own[k].shape)} in the model")
+            parts.append(
+                f"{k} has shape {tuple(state[k].shape)} in the checkpoint but {tuple(own[k].shape)} in the model"
+            )
         raise CheckpointError(
-            f"{where}: weights of component '{role}' do not match the model built from the recipe ({'; '.join(parts)}); "
+            f"{where}: weights of component '{role}' do not match the model built from the recipe "
+            f"({'; '.join(parts)}); "
             "the recipe was changed after training (drop the --set overrides that change the architecture)"
         )
     module.load_state_dict(state, strict=True)

@@ -445,7 +445,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def add_serve_parser(sub: Any) -> None:
-    p = sub.add_parser("serve", help="a web page for trained runs: generate with any sampler, read their curves (genzoo[ui])")
+    p = sub.add_parser("serve", help="a web page for trained runs: sample with any sampler, see curves (genzoo[ui])")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run or checkpoint directories")
     p.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, help="the port (default: the first free one from 7860)")

@@ -24,8 +24,10 @@ def _offline_error(what: str, repo_id: str, e: Exception) -> OfflineError:
         hint = "HF_HUB_OFFLINE is set: unset it to push"
     else:  # a local directory is no answer to a failed upload
         hint = "check the network, and that `huggingface-cli login` holds a token that may write to it"
-    return OfflineError(f"could not reach the Hugging Face Hub to {what} '{repo_id}' ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:100]}); {hint}")
+    return OfflineError(
+        f"could not reach the Hugging Face Hub to {what} '{repo_id}' ({type(e).__name__}: "
+        f"{(str(e).splitlines() or [''])[0][:100]}); {hint}"
+    )
 
 
 def _check_repo_id(repo_id: str, *, local_too: bool) -> None:
@@ -36,8 +38,9 @@ def _check_repo_id(repo_id: str, *, local_too: bool) -> None:
         validate_repo_id(repo_id)
     except HFValidationError:
         also = "neither an existing local directory nor" if local_too else "not"
-        raise GenzooError(f"'{repo_id}' is {also} a valid Hub repo id (OWNER/NAME of letters, digits, '-', '_' "
-                          "and '.'); fix the id") from None
+        raise GenzooError(
+            f"'{repo_id}' is {also} a valid Hub repo id (OWNER/NAME of letters, digits, '-', '_' and '.'); fix the id"
+        ) from None
 
 
 def _copy_verified(src: Path, dest: Path) -> Path:
@@ -76,18 +79,36 @@ def model_card(path: str | Path, repo_id: str, *, license: str = "mit") -> str:
         condition = "caption"
     data = recipe.get("data") or {}
     tags = ["genzoo", family, *(["diffusion"] if family in ("diffusion", "dalle2", "latent-diffusion") else [])]
-    header = ["---", "library_name: genzoo", f"license: {license}", "tags:", *[f"- {t}" for t in tags],
-              f"pipeline_tag: {PIPELINE_TAGS.get(condition, 'unconditional-image-generation')}", "---", ""]
+    header = [
+        "---",
+        "library_name: genzoo",
+        f"license: {license}",
+        "tags:",
+        *[f"- {t}" for t in tags],
+        f"pipeline_tag: {PIPELINE_TAGS.get(condition, 'unconditional-image-generation')}",
+        "---",
+        "",
+    ]
     minutes = float(meta.get("wall_time") or 0) / 60
     lines = [f"# {repo_id.split('/')[-1]}", "", f"A genzoo `{family}` model: recipe `{recipe.get('name', '?')}`.", ""]
     if recipe.get("description"):
         lines += [recipe["description"], ""]
-    lines += ["## Training", "", f"- data: `{json.dumps(data)}`", f"- steps: {meta.get('step')} "
-              f"({minutes:.1f} min of training), seed {meta.get('seed', '?')}",
-              f"- genzoo {meta.get('genzoo_version', '?')}, torch {meta.get('torch_version', '?')}", ""]
+    lines += [
+        "## Training",
+        "",
+        f"- data: `{json.dumps(data)}`",
+        f"- steps: {meta.get('step')} ({minutes:.1f} min of training), seed {meta.get('seed', '?')}",
+        f"- genzoo {meta.get('genzoo_version', '?')}, torch {meta.get('torch_version', '?')}",
+        "",
+    ]
     recorded = runs.evaluations(run) if run else []
     if recorded:
-        lines += ["## Evaluation", "", "| step | samples | split | swaps | metric | value |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Evaluation",
+            "",
+            "| step | samples | split | swaps | metric | value |",
+            "|---|---|---|---|---|---|",
+        ]
         for e in recorded:
             swaps = ", ".join(f"{k}={v}" for k, v in (e.get("swaps") or {}).items()) or "-"
             for k, v in (e.get("figures") or {}).items():
@@ -95,10 +116,22 @@ def model_card(path: str | Path, repo_id: str, *, license: str = "mit") -> str:
         lines.append("")
     if run and runs.latest_grid(run):
         lines += ["## Samples", "", "![samples](samples.png)", ""]
-    lines += ["## Use", "", "```bash", "pip install genzoo", f"genzoo pull {repo_id} model", "genzoo sample model -n 16",
-              "```", "", "```python", "import genzoo, huggingface_hub",
-              f"model = genzoo.load_model(huggingface_hub.snapshot_download('{repo_id}'))", "images = model.sample(16)",
-              "```", ""]
+    lines += [
+        "## Use",
+        "",
+        "```bash",
+        "pip install genzoo",
+        f"genzoo pull {repo_id} model",
+        "genzoo sample model -n 16",
+        "```",
+        "",
+        "```python",
+        "import genzoo, huggingface_hub",
+        f"model = genzoo.load_model(huggingface_hub.snapshot_download('{repo_id}'))",
+        "images = model.sample(16)",
+        "```",
+        "",
+    ]
     return "\n".join(header + lines)
 
 
@@ -119,18 +152,26 @@ def push(path: str | Path, repo_id: str, *, private: bool = False, license: str 
         api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True, private=private)
-        api.upload_folder(folder_path=str(ckpt), repo_id=repo_id, allow_patterns=ALLOW,
-                          ignore_patterns=["trainer.*", "README.md"], commit_message=f"genzoo checkpoint {ckpt.name}")
+        api.upload_folder(
+            folder_path=str(ckpt),
+            repo_id=repo_id,
+            allow_patterns=ALLOW,
+            ignore_patterns=["trainer.*", "README.md"],
+            commit_message=f"genzoo checkpoint {ckpt.name}",
+        )
         api.upload_file(path_or_fileobj=card, path_in_repo="README.md", repo_id=repo_id, commit_message="model card")
         if grid is not None:
-            api.upload_file(path_or_fileobj=str(grid), path_in_repo="samples.png", repo_id=repo_id,
-                            commit_message="sample grid")
+            api.upload_file(
+                path_or_fileobj=str(grid), path_in_repo="samples.png", repo_id=repo_id, commit_message="sample grid"
+            )
     except Exception as e:  # huggingface_hub raises many network error types
         raise _offline_error("push to", repo_id, e) from e
     return f"https://huggingface.co/{repo_id}"
 
 
-def pull(repo_id: str, dest: str | Path | None = None, *, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
+def pull(
+    repo_id: str, dest: str | Path | None = None, *, revision: str | None = None, cache_dir: str | Path | None = None
+) -> Path:
     """Fetch a checkpoint into ``dest`` (default: the Hub cache, ``HF_HUB_CACHE``), verified before anything is
     written to ``dest``: a refused checkpoint leaves nothing there."""
     local = Path(repo_id)

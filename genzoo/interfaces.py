@@ -25,9 +25,10 @@ Conventions shared by every component:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -114,8 +115,13 @@ def check_composition(components: Mapping[str, Any]) -> None:
     c = components
     enc, prior, dec = c.get("encoder"), c.get("prior"), c.get("decoder")
     # a prior with a ``condition_key`` feeds the decoder a condition (unCLIP's z_i), not its latent
-    if prior is not None and dec is not None and hasattr(prior, "produces") and hasattr(dec, "consumes") \
-            and getattr(prior, "condition_key", None) is None:
+    if (
+        prior is not None
+        and dec is not None
+        and hasattr(prior, "produces")
+        and hasattr(dec, "consumes")
+        and getattr(prior, "condition_key", None) is None
+    ):
         check_link(describe_component("prior", prior), prior.produces, describe_component("decoder", dec), dec.consumes)
     if enc is not None and hasattr(enc, "produces"):
         for role, user in (("prior", prior), ("decoder", dec), ("guidance", c.get("guidance"))):
@@ -127,8 +133,11 @@ def check_composition(components: Mapping[str, Any]) -> None:
                     f"{describe_component('encoder', enc)} produces {sorted(enc.produces.condition)}; "
                     "use an encoder that produces them"
                 )
-    for user_role, sampler_role, guidance_role in (("decoder", "sampler", "guidance"), ("prior", "prior_sampler", "prior_guidance"),
-                                                   ("upsampler_decoder", "upsampler_sampler", "upsampler_guidance")):
+    for user_role, sampler_role, guidance_role in (
+        ("decoder", "sampler", "guidance"),
+        ("prior", "prior_sampler", "prior_guidance"),
+        ("upsampler_decoder", "upsampler_sampler", "upsampler_guidance"),
+    ):
         user, sampler, guidance = c.get(user_role), c.get(sampler_role), c.get(guidance_role)
         needs = getattr(user, "sampler_kind", None)
         if sampler is not None and needs is not None and sampler.kind != needs:
@@ -140,7 +149,8 @@ def check_composition(components: Mapping[str, Any]) -> None:
         if guidance is not None:
             if sampler is None:
                 raise CompositionError(
-                    f"{describe_component(guidance_role, guidance)} has no {sampler_role} to steer; add a {sampler_role}"
+                    f"{describe_component(guidance_role, guidance)} has no {sampler_role} to steer; add a "
+                    f"{sampler_role}"
                 )
             if guidance.kind != sampler.kind:
                 raise CompositionError(
@@ -158,7 +168,9 @@ def with_null_condition(cond: Condition, n: int, device: torch.device) -> Condit
     """
     doubled = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in cond.items() if k != "drop"}
     keep = cond.get("drop", torch.zeros(n, dtype=torch.bool, device=device))
-    doubled["drop"] = torch.cat([keep.to(device=device, dtype=torch.bool), torch.ones(n, dtype=torch.bool, device=device)])
+    doubled["drop"] = torch.cat(
+        [keep.to(device=device, dtype=torch.bool), torch.ones(n, dtype=torch.bool, device=device)]
+    )
     return doubled
 
 
@@ -194,8 +206,8 @@ class Prior(nn.Module, ABC):
         condition: Condition | None = None,
         *,
         generator: torch.Generator | None = None,
-        sampler: "Sampler | None" = None,
-        guidance: "Guidance | None" = None,
+        sampler: Sampler | None = None,
+        guidance: Guidance | None = None,
     ) -> Tensor: ...
 
 
@@ -216,8 +228,8 @@ class Decoder(nn.Module, ABC):
         condition: Condition | None = None,
         *,
         generator: torch.Generator | None = None,
-        sampler: "Sampler | None" = None,
-        guidance: "Guidance | None" = None,
+        sampler: Sampler | None = None,
+        guidance: Guidance | None = None,
     ) -> Tensor: ...
 
 
@@ -252,8 +264,11 @@ LATENT_INTERFACE = ("latent_shape", "encode_latents", "decode_latents")
 
 def missing_latent_interface(component: Any) -> list[str]:
     """The members of :class:`LatentAutoencoder` that ``component`` lacks; empty when it can be a first stage."""
-    return [m for m in LATENT_INTERFACE
-            if not (hasattr(component, m) if m == "latent_shape" else callable(getattr(component, m, None)))]
+    return [
+        m
+        for m in LATENT_INTERFACE
+        if not (hasattr(component, m) if m == "latent_shape" else callable(getattr(component, m, None)))
+    ]
 
 
 class Sampler(ABC):
@@ -313,7 +328,9 @@ class Pipeline(nn.Module, ABC):
         return {"main": [p for p in self.parameters() if p.requires_grad]}
 
     @abstractmethod
-    def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "main") -> dict[str, Tensor]:
+    def training_losses(
+        self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "main"
+    ) -> dict[str, Tensor]:
         """Scalar losses for one batch; ``loss`` is what the named optimiser minimises."""
 
     def ready_to_sample(self) -> bool:
@@ -335,9 +352,12 @@ class Pipeline(nn.Module, ABC):
     ) -> Tensor:
         """Draw ``n`` images in [-1, 1]: encode the condition, sample the prior, decode."""
         c = self.components
-        cond = c["encoder"].encode(condition) if c.get("encoder") is not None and condition else (
-            dict(condition) if condition else None
+        cond = (
+            c["encoder"].encode(condition)
+            if c.get("encoder") is not None and condition
+            else (dict(condition) if condition else None)
         )
-        z = c["prior"].sample(n, cond, generator=generator, sampler=c.get("prior_sampler"), guidance=c.get("prior_guidance"))
+        z = c["prior"].sample(
+            n, cond, generator=generator, sampler=c.get("prior_sampler"), guidance=c.get("prior_guidance")
+        )
         return c["decoder"].decode(z, cond, generator=generator, sampler=c.get("sampler"), guidance=c.get("guidance"))
-

@@ -14,9 +14,10 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 
@@ -127,15 +128,31 @@ def load_plugins(
             dist = _dist_name(ep)
             if ep.name in seen:
                 if seen[ep.name] != dist:  # another distribution's plugin under a taken entry-point name
-                    infos.append(PluginInfo(name=ep.name, module=ep.value, version=_dist_version(ep), refused=[
-                        f"entry point '{ep.name}' of distribution '{dist}' is refused: distribution '{seen[ep.name]}' "
-                        f"already has a plugin named '{ep.name}'; rename its entry point"]))
+                    infos.append(
+                        PluginInfo(
+                            name=ep.name,
+                            module=ep.value,
+                            version=_dist_version(ep),
+                            refused=[
+                                f"entry point '{ep.name}' of distribution '{dist}' is refused: distribution "
+                                f"'{seen[ep.name]}' "
+                                f"already has a plugin named '{ep.name}'; rename its entry point"
+                            ],
+                        )
+                    )
                 continue  # else one distribution found twice on sys.path
             seen[ep.name] = dist
             candidates.append((ep.name, ep.value, _dist_version(ep), ep.load, dist == BUILTIN_DIST))
     for name, obj in extra:
-        candidates.append((name, getattr(obj, "__name__", type(obj).__name__), getattr(obj, "__version__", "unknown"),
-                           lambda o=obj: o, False))
+        candidates.append(
+            (
+                name,
+                getattr(obj, "__name__", type(obj).__name__),
+                getattr(obj, "__version__", "unknown"),
+                lambda o=obj: o,
+                False,
+            )
+        )
 
     for name, module, version, load, builtin in candidates:
         info = PluginInfo(name=name, module=module, version=version, builtin=builtin)

@@ -16,13 +16,17 @@ PRECISIONS = ("fp32", "bf16")
 def cpu_has_fast_bf16() -> bool:
     """Whether a bf16 matmul on this CPU runs at least half as fast as fp32 (timed once, ~10 ms where it does).
     CPUs without bf16 units emulate it hundreds of times slower than fp32."""
+
     def rate(dtype: torch.dtype) -> float:
-        a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)).to(dtype)  # not the global RNG: resume stays exact
+        a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)).to(
+            dtype
+        )  # not the global RNG: resume stays exact
         a @ a
         t0 = time.perf_counter()
         for _ in range(4):
             a @ a
         return 1 / (time.perf_counter() - t0)
+
     return rate(torch.bfloat16) >= 0.5 * rate(torch.float32)
 
 

@@ -13,17 +13,18 @@ the model is built (:func:`bind_priors`), so swapping a prior never means repeat
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from genzoo.registry import registered_name
 from genzoo.errors import GenzooError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
 from genzoo.nn.embeddings import with_null
 from genzoo.nn.gpt import GPT, CachedLogits, TransformerSize
+from genzoo.registry import registered_name
 
 
 def bind_priors(components: Mapping[str, Any]) -> None:
@@ -35,7 +36,6 @@ def bind_priors(components: Mapping[str, Any]) -> None:
 
 class SizedPrior(Prior):
     """A prior over tensors of a fixed ``shape`` that may be given late by :meth:`bind`."""
-
 
     def __init__(self, shape: tuple[int, ...] | None, dtype: str = "float") -> None:
         super().__init__()
@@ -57,7 +57,9 @@ class SizedPrior(Prior):
 
     def _check_bound(self) -> tuple[int, ...]:
         if self.shape is None:
-            raise GenzooError(f"prior '{registered_name(self)}' has no shape: set `shape` or compose it with a decoder that has one")
+            raise GenzooError(
+                f"prior '{registered_name(self)}' has no shape: set `shape` or compose it with a decoder that has one"
+            )
         return self.shape
 
     @property
@@ -76,7 +78,6 @@ class GaussianPriorConfig(BaseModel):
 class GaussianPrior(SizedPrior):
     """``z ~ N(0, I)``."""
 
-
     def sample(self, n, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
         return torch.randn((n, *self._check_bound()), generator=generator, device=self.device)
 
@@ -93,12 +94,13 @@ def make_gaussian_prior(cfg: GaussianPriorConfig, ctx=None) -> GaussianPrior:
 class FittedGaussianConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     shape: list[int] | None = Field(None, description="latent shape; None takes the decoder's")
-    jitter: float = Field(1e-5, ge=0, description="added to the covariance diagonal (relative to its mean) for stability")
+    jitter: float = Field(
+        1e-5, ge=0, description="added to the covariance diagonal (relative to its mean) for stability"
+    )
 
 
 class FittedGaussian(SizedPrior):
     """``N(mu, Sigma)`` with the mean and full covariance of the training latents."""
-
 
     def __init__(self, shape: tuple[int, ...] | None, jitter: float) -> None:
         self.jitter = jitter
@@ -135,13 +137,14 @@ class GMMConfig(BaseModel):
     shape: list[int] | None = Field(None, description="latent shape; None takes the decoder's")
     components: int = Field(10, ge=1, description="mixture components K")
     iterations: int = Field(100, ge=1, description="EM iterations")
-    jitter: float = Field(1e-4, ge=0, description="added to each covariance diagonal (relative) to keep it positive definite")
+    jitter: float = Field(
+        1e-4, ge=0, description="added to each covariance diagonal (relative) to keep it positive definite"
+    )
     seed: int = Field(0, description="seed of the k-means++ initialisation")
 
 
 class GaussianMixturePrior(SizedPrior):
     """A K-component full-covariance Gaussian mixture fitted by EM (Dempster et al. 1977), k-means++ start."""
-
 
     def __init__(self, shape: tuple[int, ...] | None, cfg: GMMConfig) -> None:
         self.cfg = cfg
@@ -208,8 +211,10 @@ def make_gmm(cfg: GMMConfig, ctx=None) -> GaussianMixturePrior:
 
 def _require_fit(prior: Prior) -> None:
     if not bool(prior.fitted):
-        raise GenzooError(f"prior '{registered_name(prior)}' has not been fitted to the training latents; train the model to the end "
-                          "(the pipeline fits it after training) or use the gaussian prior")
+        raise GenzooError(
+            f"prior '{registered_name(prior)}' has not been fitted to the training latents; train the model to the end "
+            "(the pipeline fits it after training) or use the gaussian prior"
+        )
 
 
 # --------------------------------------------------------------------------- discrete codes
@@ -223,7 +228,6 @@ class UniformTokensConfig(BaseModel):
 
 class UniformTokens(SizedPrior):
     """Codes drawn independently and uniformly: the VQ-VAE's training-time prior (Sec. 3.1), a baseline."""
-
 
     def __init__(self, shape: tuple[int, ...] | None, vocab_size: int | None) -> None:
         self.vocab_size = vocab_size
@@ -250,7 +254,9 @@ class GPTPriorConfig(TransformerSize):
     shape: list[int] | None = Field(None, description="code grid shape; None takes the decoder's")
     vocab_size: int | None = Field(None, ge=1, description="number of codes; None takes the decoder's")
     class_conditional: bool = Field(False, description="prefix the dataset's class (its label) to the codes")
-    cond_drop: float = Field(0.1, ge=0, le=1, description="probability of the null class in training (classifier-free guidance)")
+    cond_drop: float = Field(
+        0.1, ge=0, le=1, description="probability of the null class in training (classifier-free guidance)"
+    )
 
 
 class GPTPrior(SizedPrior):
@@ -304,7 +310,9 @@ class GPTPrior(SizedPrior):
             raise GenzooError("prior 'gpt' needs a token sampler; add `prior_sampler: {type: token}` to the recipe")
         logits_fn = CachedLogits(self.gpt, prefix=lambda c: self._prefix(c, n))
         start = torch.zeros((n, 0), dtype=torch.long, device=self.device)
-        codes = sampler.sample(logits_fn, start, math.prod(shape), condition=condition, guidance=guidance, generator=generator)
+        codes = sampler.sample(
+            logits_fn, start, math.prod(shape), condition=condition, guidance=guidance, generator=generator
+        )
         return codes.view(n, *shape)
 
 
@@ -312,7 +320,9 @@ def make_gpt_prior(cfg: GPTPriorConfig, ctx=None) -> GPTPrior:
     """An autoregressive GPT over a code grid in raster order (van den Oord et al. 2017, Sec. 3.3)."""
     num_classes = getattr(getattr(ctx, "data", None), "num_classes", None)
     if cfg.class_conditional and not num_classes:
-        raise GenzooError("prior 'gpt': field 'class_conditional' is true but the dataset has no classes; set it to false")
+        raise GenzooError(
+            "prior 'gpt': field 'class_conditional' is true but the dataset has no classes; set it to false"
+        )
     return GPTPrior(cfg, num_classes if cfg.class_conditional else None)
 
 
@@ -326,5 +336,12 @@ def fit_latent_prior(prior: Prior, latents: Tensor) -> bool:
 
 
 __all__ = [
-    "SizedPrior", "FittedGaussian", "GPTPrior", "GaussianMixturePrior", "GaussianPrior", "UniformTokens", "bind_priors", "fit_latent_prior",
+    "SizedPrior",
+    "FittedGaussian",
+    "GPTPrior",
+    "GaussianMixturePrior",
+    "GaussianPrior",
+    "UniformTokens",
+    "bind_priors",
+    "fit_latent_prior",
 ]

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -136,8 +137,13 @@ def load_recipes(
         for name, r in found.items():
             if name in recipes and plugin is not None:
                 if refused is not None:
-                    refused.append((plugin, f"recipe '{name}' of plugin '{plugin}' ({f}) is refused: {origin[name]} "
-                                            "already defines it; rename it in the plugin"))
+                    refused.append(
+                        (
+                            plugin,
+                            f"recipe '{name}' of plugin '{plugin}' ({f}) is refused: {origin[name]} "
+                            "already defines it; rename it in the plugin",
+                        )
+                    )
                 continue
             if name in recipes:
                 raise RecipeError(f"recipe '{name}' is defined in both {origin[name]} and {f}; rename one")
@@ -227,7 +233,8 @@ def resolve(name: str, recipe: Recipe, registry: Registry) -> dict[str, Any]:
     out["data"] = resolve_spec("dataset", recipe.data, registry, f"recipe '{name}': data")
     out["components"] = {
         role: resolve_spec(role_kind(role), s, registry, f"recipe '{name}': components.{role}")
-        for role, s in recipe.components.items() if s is not None
+        for role, s in recipe.components.items()
+        if s is not None
     }
     try:
         out["train"] = TrainConfig.model_validate(recipe.train).model_dump(mode="json")
@@ -262,14 +269,20 @@ def build_pipeline(resolved: Mapping[str, Any], registry: Registry, data_spec: A
     name = resolved.get("name", "?")
     components = {}
     for role, s in resolved["components"].items():
-        components[role] = registry.build(role_kind(role), copy.deepcopy(s), data=data_spec, where=f"recipe '{name}': components.{role}: ")
+        components[role] = registry.build(
+            role_kind(role), copy.deepcopy(s), data=data_spec, where=f"recipe '{name}': components.{role}: "
+        )
     bind_priors(components)
     for role, comp in components.items():  # a guidance may use a sibling (CLIP guidance: the recipe's clip)
         if callable(getattr(comp, "bind_siblings", None)):
             comp.bind_siblings(components, where=f"recipe '{name}': components.{role}: ")
     check_composition(components)
     pipeline = registry.build(
-        "pipeline", copy.deepcopy(resolved["pipeline"]), data=data_spec, components=components, where=f"recipe '{name}': pipeline: "
+        "pipeline",
+        copy.deepcopy(resolved["pipeline"]),
+        data=data_spec,
+        components=components,
+        where=f"recipe '{name}': pipeline: ",
     )
     pipeline.resolved_recipe = dict(resolved)
     return pipeline

@@ -60,7 +60,9 @@ def last_loss(run: Path) -> float | None:
 
 def best(run: Path, metric: str = "fd") -> float | None:
     """The lowest ``metric`` among the run's recorded evaluations."""
-    values = [e["figures"][metric] for e in evaluations(run) if isinstance(e.get("figures", {}).get(metric), (int, float))]
+    values = [
+        e["figures"][metric] for e in evaluations(run) if isinstance(e.get("figures", {}).get(metric), (int, float))
+    ]
     values = [v for v in values if not math.isnan(v)]
     return min(values) if values else None
 
@@ -77,8 +79,14 @@ def summary(run: Path) -> dict[str, Any]:
     ckpt = resolve(run)
     meta, recipe = read_json(ckpt / "meta.json"), read_json(ckpt / "recipe.json")
     size = sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file() and not f.name.startswith("trainer."))
-    return {"run": str(run), "recipe": recipe.get("name", "?"), "step": meta.get("step"), "last_loss": last_loss(run),
-            "best_fd": best(run), "size_mb": round(size / 2**20, 2)}
+    return {
+        "run": str(run),
+        "recipe": recipe.get("name", "?"),
+        "step": meta.get("step"),
+        "last_loss": last_loss(run),
+        "best_fd": best(run),
+        "size_mb": round(size / 2**20, 2),
+    }
 
 
 def find_runs(root: str | Path) -> list[Path]:

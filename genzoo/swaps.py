@@ -58,8 +58,13 @@ def apply_swaps(name: str, components: dict[str, Any], swaps: dict[str, Any]) ->
         if s.field == "type":
             current = components.get(s.role)
             # the same type keeps the recipe's own spec (its trained fields); none drops the component
-            components[s.role] = (None if value in ("none", "null") else
-                                  current if current and current.get("type") == value else {"type": value})
+            components[s.role] = (
+                None
+                if value in ("none", "null")
+                else current
+                if current and current.get("type") == value
+                else {"type": value}
+            )
         elif s.role is None:
             roles = [r for r, c in components.items() if c and c.get("type") == "token"]
             if not roles:

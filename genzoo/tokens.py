@@ -8,7 +8,7 @@ logits as in Crowson's and Gafni et al.'s token models: ``l_u + s (l_c - l_u)``)
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,10 +52,14 @@ class TokenSamplerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     temperature: float = Field(1.0, gt=0, description="softmax temperature; < 1 sharpens")
     top_k: int | None = Field(None, ge=1, description="keep only the k most likely tokens (None: all)")
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus: keep the smallest set with mass >= p (None: all)")
+    top_p: float | None = Field(
+        None, gt=0, le=1, description="nucleus: keep the smallest set with mass >= p (None: all)"
+    )
 
 
-def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+def filter_logits(
+    logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
     """Temperature, then top-k, then top-p (Holtzman et al. 2020); removed tokens get -inf."""
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -101,4 +105,4 @@ class TokenSampler(Sampler):
             logits = filter_logits(logits, temperature=self.cfg.temperature, top_k=self.cfg.top_k, top_p=self.cfg.top_p)
             nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
             tokens = torch.cat([tokens, nxt], dim=1)
-        return tokens[:, prefix.shape[1]:]
+        return tokens[:, prefix.shape[1] :]

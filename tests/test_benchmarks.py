@@ -16,8 +16,13 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu")
-    subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--out", str(out), "--smoke", "--compile", ""], check=True,
-                   capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(BENCH / "gpu.py"), "--out", str(out), "--smoke", "--compile", ""],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return json.loads((out / "gpu.json").read_text())
 
 
@@ -31,10 +36,13 @@ def test_gpu_check_reports_every_figure(report):
         assert fig["ddim3_8px_images_per_s_fp32"] > 0 and fig["ddim3_8px_images_per_s_bf16"] > 0
         train = fig["train_bf16_eager_b2"]
         # MFU is the counted model FLOPs at the measured rate over the measured peak
-        assert train["mfu_vs_measured"] == pytest.approx(train["model_tflop_per_step"] * train["it_per_s"] / peak, rel=1e-9)
+        assert train["mfu_vs_measured"] == pytest.approx(
+            train["model_tflop_per_step"] * train["it_per_s"] / peak, rel=1e-9
+        )
         # forward + backward is about three forwards (backward: grads of inputs and of weights)
         forward = unet_flops(UNetConfig(in_channels=3, image_size=8, **{**kw, **SMOKE}), train["batch"])
         assert 2.8 < train["model_tflop_per_step"] * 1e12 / forward < 3.05
     first = report[next(iter(MODELS))]["train_bf16_trainer_b2"]  # the same step through genzoo's Trainer
-    assert first["it_per_s"] > 0 and first["trainer_over_bare"] == pytest.approx(first["it_per_s"] / report[next(iter(MODELS))]["train_bf16_eager_b2"]["it_per_s"], rel=1e-9)
-
+    assert first["it_per_s"] > 0 and first["trainer_over_bare"] == pytest.approx(
+        first["it_per_s"] / report[next(iter(MODELS))]["train_bf16_eager_b2"]["it_per_s"], rel=1e-9
+    )

@@ -82,7 +82,9 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]  # no temp dir left
 
 
-def test_resaving_a_step_never_leaves_latest_naming_a_removed_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resaving_a_step_never_leaves_latest_naming_a_removed_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import genzoo.checkpoint as ckmod
 
     save_checkpoint(tmp_path, step=1, recipe=RECIPE, components=components(1))
@@ -171,7 +173,10 @@ def test_resume_state_required_for_resume(tmp_path: Path) -> None:
 def test_mismatched_weights_name_component_and_shape(tmp_path: Path) -> None:
     model = torch.nn.Linear(3, 4)
     state = {"weight": torch.zeros(5, 3), "bias": torch.zeros(4)}
-    with pytest.raises(CheckpointError, match=r"component 'decoder' .*weight has shape \(5, 3\) in the checkpoint but \(4, 3\) in the model"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"component 'decoder' .*weight has shape \(5, 3\) in the checkpoint but \(4, 3\) in the model",
+    ):
         load_state_into(model, state, role="decoder", where=tmp_path)
     with pytest.raises(CheckpointError, match=r"missing \['bias'\]"):
         load_state_into(model, {"weight": torch.zeros(4, 3)}, role="decoder", where=tmp_path)

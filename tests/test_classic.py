@@ -18,14 +18,23 @@ from genzoo.training import TrainConfig, Trainer
 
 def train(tmp_path: Path, name: str, sets: list[str]) -> tuple[object, object, dict]:
     """Train a recipe through the trainer into tmp_path; returns (pipeline, source, resolved)."""
-    resolved = api.resolve_recipe(name, sets=["train.log_every=10", "train.checkpoint_every=100000", "train.sample_every=0", *sets])
+    resolved = api.resolve_recipe(
+        name, sets=["train.log_every=10", "train.checkpoint_every=100000", "train.sample_every=0", *sets]
+    )
     source = api.build_data(resolved)
     train_split = source.split("train")
     torch.manual_seed(0)
     pipeline = api.create_model(resolved, data_spec=source.spec)
     meta = {"data_spec": api.data_spec_dict(source.spec), "data_fingerprint": train_split.fingerprint()}
-    Trainer(pipeline, train_split.tensors(), config=TrainConfig.model_validate(resolved["train"]), run_dir=tmp_path,
-            recipe=resolved, meta=meta, progress=False).fit()
+    Trainer(
+        pipeline,
+        train_split.tensors(),
+        config=TrainConfig.model_validate(resolved["train"]),
+        run_dir=tmp_path,
+        recipe=resolved,
+        meta=meta,
+        progress=False,
+    ).fit()
     return pipeline.eval(), source, resolved
 
 
@@ -89,14 +98,40 @@ def test_vqvae_uses_its_codebook_and_the_gpt_prior_beats_uniform(tmp_path: Path)
     assert api.load_model(tmp_path, temperature=0.5).components["prior_sampler"].cfg.temperature == 0.5
     from genzoo.cli import main
 
-    assert main(["sample", str(tmp_path), "-n", "2", "--out", str(tmp_path / "g.png"), "--temperature", "0.7", "--top-k", "8",
-                 "--top-p", "0.95"]) == 0 and (tmp_path / "g.png").exists()
+    assert (
+        main(
+            [
+                "sample",
+                str(tmp_path),
+                "-n",
+                "2",
+                "--out",
+                str(tmp_path / "g.png"),
+                "--temperature",
+                "0.7",
+                "--top-k",
+                "8",
+                "--top-p",
+                "0.95",
+            ]
+        )
+        == 0
+        and (tmp_path / "g.png").exists()
+    )
 
 
 def test_class_conditional_code_prior_with_logit_cfg(tmp_path: Path) -> None:
-    sets = ["train.stages={tokenizer: 2, prior: 3}", "train.batch_size=8", "data.num_train=64", "data.image_size=16",
-            "prior.layers=1", "prior.width=32", "decoder.codebook_size=16", "decoder.encoder.channels=8",
-            "decoder.decoder.channels=8"]
+    sets = [
+        "train.stages={tokenizer: 2, prior: 3}",
+        "train.batch_size=8",
+        "data.num_train=64",
+        "data.image_size=16",
+        "prior.layers=1",
+        "prior.width=32",
+        "decoder.codebook_size=16",
+        "decoder.encoder.channels=8",
+        "decoder.decoder.channels=8",
+    ]
     model, _, _ = train(tmp_path, "cvqvae-shapes", sets)
     prior = model.components["prior"]
     assert prior.needs_condition == {"y"} and model.stages == ("tokenizer", "prior")
@@ -123,14 +158,26 @@ def test_gan_samples_move_toward_the_data(tmp_path: Path) -> None:
 
 
 def test_conditional_gan_and_errors(tmp_path: Path) -> None:
-    model, _, _ = train(tmp_path, "cgan-shapes", ["train.steps=2", "train.batch_size=8", "data.num_train=64", "data.image_size=16",
-                                                  "decoder.network.channels=8", "pipeline.discriminator.channels=8"])
+    model, _, _ = train(
+        tmp_path,
+        "cgan-shapes",
+        [
+            "train.steps=2",
+            "train.batch_size=8",
+            "data.num_train=64",
+            "data.image_size=16",
+            "decoder.network.channels=8",
+            "pipeline.discriminator.channels=8",
+        ],
+    )
     z = torch.randn(2, 100)
     dec = model.components["decoder"]
     assert not torch.allclose(dec.decode(z, {"y": torch.tensor([0, 0])}), dec.decode(z, {"y": torch.tensor([5, 5])}))
     with pytest.raises(GenzooError, match="decoder.class_conditional"):
-        api.create_model(api.resolve_recipe("gan-digits", sets=["pipeline.condition=class"]),
-                         data_spec=api.build_data(api.resolve_recipe("gan-digits")).spec)
+        api.create_model(
+            api.resolve_recipe("gan-digits", sets=["pipeline.condition=class"]),
+            data_spec=api.build_data(api.resolve_recipe("gan-digits")).spec,
+        )
     resolved = api.resolve_recipe("ae-digits")
     ae = api.create_model(resolved, data_spec=api.build_data(resolved).spec)
     with pytest.raises(GenzooError, match="unconditional; drop --class"):
@@ -182,7 +229,9 @@ def test_vector_quantizer_terms_straight_through_and_ema() -> None:
     e = vq.codebook[codes].permute(0, 3, 1, 2)
     assert torch.allclose(z_q, e, atol=1e-6)  # forward value: the nearest codes
     mse = torch.mean((z - e) ** 2)
-    assert torch.allclose(terms["commitment"], 0.25 * mse) and torch.allclose(terms["codebook"], mse)  # beta on commitment
+    assert torch.allclose(terms["commitment"], 0.25 * mse) and torch.allclose(
+        terms["codebook"], mse
+    )  # beta on commitment
     (z_q * torch.arange(z_q.numel()).view_as(z_q)).sum().backward()
     assert torch.equal(z.grad, torch.arange(z.numel()).view_as(z).float())  # straight through: identity gradient
     terms["codebook"].backward()

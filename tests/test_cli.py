@@ -37,16 +37,20 @@ recipes:
         timesteps: 100
         var_type: learned-range
         loss: hybrid
-        denoiser: {type: unet, model_channels: 16, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [4], num_classes: 10}
+        denoiser: {type: unet, model_channels: 16, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [4],
+                   num_classes: 10}
       sampler: {type: ddpm, steps: 100}
-      guidance: {type: classifier, scale: 1.0, classifier: {type: noisy-classifier, model_channels: 16, channel_mult: [1, 2]}}
+      guidance: {type: classifier, scale: 1.0,
+                 classifier: {type: noisy-classifier, model_channels: 16, channel_mult: [1, 2]}}
     train: {stages: {decoder: 2, guidance: 2}, batch_size: 8, log_every: 1}
 """
 
 
 def genzoo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GENZOO_STRICT_PLUGINS": "1"}
-    return subprocess.run([sys.executable, "-m", "genzoo", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "genzoo", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,9 @@ def test_list_shows_every_kind_with_its_plugin() -> None:
     assert by[("sampler", "ddim")] == "diffusion"
     assert by[("dataset", "shapes")] == "data"
     assert by[("prior", "gaussian")] == "core"
-    assert {"encoder", "prior", "decoder", "sampler", "guidance", "dataset", "metric"} <= set(json.loads(r.stdout)["kinds"])
+    assert {"encoder", "prior", "decoder", "sampler", "guidance", "dataset", "metric"} <= set(
+        json.loads(r.stdout)["kinds"]
+    )
 
 
 def test_info_resolved_fills_nested_defaults(recipes: Path) -> None:
@@ -105,16 +111,45 @@ def test_train_sample_resume(recipes: Path, tmp_path: Path) -> None:
     assert (run / "latest").read_text().strip() == "step-00000004"
     assert len((run / "metrics.jsonl").read_text().splitlines()) >= 4
 
-    r = genzoo("sample", str(run), "-n", "3", "--sampler", "ddim", "--steps", "5", "--out", str(tmp_path / "g.png"),
-               "--save", str(tmp_path / "x.safetensors"), "--device", "cpu")
+    r = genzoo(
+        "sample",
+        str(run),
+        "-n",
+        "3",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "5",
+        "--out",
+        str(tmp_path / "g.png"),
+        "--save",
+        str(tmp_path / "x.safetensors"),
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     x = load_file(tmp_path / "x.safetensors")["samples"]
     assert tuple(x.shape) == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
     assert (tmp_path / "g.png").stat().st_size > 0
     # the same draw under bf16 autocast, and with the U-Net compiled: close to fp32, bf16 not bitwise
     for flags, name in ((["--precision", "bf16"], "bf16"), (["--compile"], "compiled")):
-        r = genzoo("sample", str(run), "-n", "3", "--sampler", "ddim", "--steps", "5", "--out", str(tmp_path / f"{name}.png"),
-                   "--save", str(tmp_path / f"{name}.safetensors"), "--device", "cpu", *flags)
+        r = genzoo(
+            "sample",
+            str(run),
+            "-n",
+            "3",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "5",
+            "--out",
+            str(tmp_path / f"{name}.png"),
+            "--save",
+            str(tmp_path / f"{name}.safetensors"),
+            "--device",
+            "cpu",
+            *flags,
+        )
         assert r.returncode == 0, r.stderr
     bf16, compiled = (load_file(tmp_path / f"{n}.safetensors")["samples"] for n in ("bf16", "compiled"))
     assert 0 < (bf16 - x).abs().max() < 0.25
@@ -126,7 +161,9 @@ def test_train_sample_resume(recipes: Path, tmp_path: Path) -> None:
     r = genzoo("sample", str(run), "--guidance", "classifier", "--class", "3", "--out", str(tmp_path / "c.png"))
     assert r.returncode == 2 and "has no weights for guidance 'classifier', which needs training" in r.stderr
 
-    r = genzoo("train", "tiny-ddpm", "--recipes", str(recipes), "--out", str(run), "--steps", "6", "--resume", "--no-progress")
+    r = genzoo(
+        "train", "tiny-ddpm", "--recipes", str(recipes), "--out", str(run), "--steps", "6", "--resume", "--no-progress"
+    )
     assert r.returncode == 0, r.stderr
     assert "to step 6" in r.stdout
 
@@ -138,7 +175,25 @@ def test_issue_command_classifier_guided_ddim(recipes: Path, tmp_path: Path) -> 
     assert r.returncode == 0, r.stderr
     stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert stages == ["decoder", "decoder", "guidance", "guidance"]
-    r = genzoo("sample", str(run), "--sampler", "ddim", "--steps", "50", "--guidance", "classifier", "--scale", "2",
-               "--class", "3", "-n", "2", "--out", str(tmp_path / "g.png"), "--save", str(tmp_path / "x.safetensors"))
+    r = genzoo(
+        "sample",
+        str(run),
+        "--sampler",
+        "ddim",
+        "--steps",
+        "50",
+        "--guidance",
+        "classifier",
+        "--scale",
+        "2",
+        "--class",
+        "3",
+        "-n",
+        "2",
+        "--out",
+        str(tmp_path / "g.png"),
+        "--save",
+        str(tmp_path / "x.safetensors"),
+    )
     assert r.returncode == 0, r.stderr
     assert tuple(load_file(tmp_path / "x.safetensors")["samples"].shape) == (2, 1, 8, 8)

@@ -81,8 +81,9 @@ class Probes:
     def __init__(self) -> None:
         env = {**os.environ, **ENV}
         env.pop("GENZOO_DEBUG", None)
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
 
     def run(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         self.proc.stdin.write(json.dumps({"argv": list(argv), "env": env or {}}) + "\n")
@@ -177,19 +178,34 @@ def _append(f: Path, data: bytes) -> None:
 
 META_PROBES = {
     "listed file missing": (None, lambda d: (d / "recipe.json").unlink(), ["recipe.json is missing"]),
-    "component not listed": (lambda m: m["files"].pop("decoder.safetensors"), None,
-                             ["meta.json: ", "'files' has no entry for decoder.safetensors"]),
-    "no bytes": (lambda m: m["files"]["decoder.safetensors"].pop("bytes"), None,
-                 ["meta.json: ", "field 'files.decoder.safetensors.bytes'"]),
+    "component not listed": (
+        lambda m: m["files"].pop("decoder.safetensors"),
+        None,
+        ["meta.json: ", "'files' has no entry for decoder.safetensors"],
+    ),
+    "no bytes": (
+        lambda m: m["files"]["decoder.safetensors"].pop("bytes"),
+        None,
+        ["meta.json: ", "field 'files.decoder.safetensors.bytes'"],
+    ),
     "format a string": (lambda m: m.update(format="1"), None, ["meta.json: ", "field 'format'"]),
     "files a list": (lambda m: m.update(files=sorted(m["files"])), None, ["meta.json: ", "field 'files'"]),
-    "unknown data_spec field": (lambda m: m["data_spec"].update(colour_space="rgb"), None,
-                                ["meta.json: ", "field 'data_spec'", "colour_space"]),
+    "unknown data_spec field": (
+        lambda m: m["data_spec"].update(colour_space="rgb"),
+        None,
+        ["meta.json: ", "field 'data_spec'", "colour_space"],
+    ),
     "step missing": (lambda m: m.pop("step"), None, ["meta.json: ", "field 'step'"]),
-    "file longer than recorded": (None, lambda d: _append(d / "decoder.safetensors", b"\0" * 8),
-                                  ["decoder.safetensors is longer than meta.json records"]),
-    "file truncated": (None, lambda d: (d / "decoder.safetensors").write_bytes(b"\0" * 100),
-                       ["decoder.safetensors is truncated"]),
+    "file longer than recorded": (
+        None,
+        lambda d: _append(d / "decoder.safetensors", b"\0" * 8),
+        ["decoder.safetensors is longer than meta.json records"],
+    ),
+    "file truncated": (
+        None,
+        lambda d: (d / "decoder.safetensors").write_bytes(b"\0" * 100),
+        ["decoder.safetensors is truncated"],
+    ),
     "meta.json deleted": (None, lambda d: (d / "meta.json").unlink(), ["meta.json is missing"]),
 }
 
@@ -198,19 +214,24 @@ META_PROBES = {
 def test_damaged_checkpoint(probes: Probes, run: Path, tmp_path: Path, probe: str) -> None:
     meta, files, needles = META_PROBES[probe]
     ckpt = damaged(run, tmp_path, meta, files)
-    line = assert_one_line(probes.run("sample", str(ckpt), "-n", "1", "--out", str(tmp_path / "g.png")), "sample",
-                           str(ckpt), *needles)
+    line = assert_one_line(
+        probes.run("sample", str(ckpt), "-n", "1", "--out", str(tmp_path / "g.png")), "sample", str(ckpt), *needles
+    )
     if probe == "file longer than recorded":
         assert "truncated" not in line
 
 
-def test_meta_json_deleted_in_a_run_directory_is_not_a_missing_checkpoint(probes: Probes, run: Path,
-                                                                           tmp_path: Path) -> None:
+def test_meta_json_deleted_in_a_run_directory_is_not_a_missing_checkpoint(
+    probes: Probes, run: Path, tmp_path: Path
+) -> None:
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     (checkpoint_of(copy) / "meta.json").unlink()
-    line = assert_one_line(probes.run("sample", str(copy), "--out", str(tmp_path / "g.png")), "sample",
-                           str(checkpoint_of(copy) / "meta.json") + " is missing")
+    line = assert_one_line(
+        probes.run("sample", str(copy), "--out", str(tmp_path / "g.png")),
+        "sample",
+        str(checkpoint_of(copy) / "meta.json") + " is missing",
+    )
     assert "points at" not in line and "holds no genzoo checkpoint" not in line
 
 
@@ -252,30 +273,63 @@ def test_imagefolder(probes: Probes, recipes: Path, tmp_path: Path, probe: str) 
     make, needle = DATA_PROBES[probe]
     root = tmp_path / "images"
     make(root)
-    r = probes.run("train", "tiny", "--recipes", str(recipes), "--out", str(tmp_path / "out"),
-               "--set", f"data={{type: imagefolder, root: '{root}', image_size: 8, channels: 1}}")
+    r = probes.run(
+        "train",
+        "tiny",
+        "--recipes",
+        str(recipes),
+        "--out",
+        str(tmp_path / "out"),
+        "--set",
+        f"data={{type: imagefolder, root: '{root}', image_size: 8, channels: 1}}",
+    )
     assert_one_line(r, "train", "imagefolder: ", needle)
 
 
 def test_imagefolder_missing_captions_file(probes: Probes, recipes: Path, tmp_path: Path) -> None:
     root = _images(tmp_path / "images")
-    r = probes.run("train", "tiny", "--recipes", str(recipes), "--out", str(tmp_path / "out"), "--set",
-               f"data={{type: imagefolder, root: '{root}', image_size: 8, channels: 1, captions: caps.jsonl}}")
+    r = probes.run(
+        "train",
+        "tiny",
+        "--recipes",
+        str(recipes),
+        "--out",
+        str(tmp_path / "out"),
+        "--set",
+        f"data={{type: imagefolder, root: '{root}', image_size: 8, channels: 1, captions: caps.jsonl}}",
+    )
     assert_one_line(r, "train", str(root / "caps.jsonl"), "does not exist", "field 'captions'")
 
 
 def test_imagefolder_skip_bad_trains_on_the_rest(probes: Probes, recipes: Path, tmp_path: Path) -> None:
     root = tmp_path / "images"
     _corrupt(root)
-    r = probes.run("train", "tiny", "--recipes", str(recipes), "--out", str(tmp_path / "out"), "--no-progress", "--set",
-               f"data={{type: imagefolder, root: '{root}', image_size: 8, channels: 1, skip_bad: true}}")
+    r = probes.run(
+        "train",
+        "tiny",
+        "--recipes",
+        str(recipes),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "--set",
+        f"data={{type: imagefolder, root: '{root}', image_size: 8, channels: 1, skip_bad: true}}",
+    )
     assert r.returncode == 0, r.stderr
     assert "imagefolder: warning: skipped 1 unreadable image(s) of the train split" in r.stderr and "3.png" in r.stderr
 
 
 def test_torchvision_dataset_not_downloaded(probes: Probes, recipes: Path, tmp_path: Path) -> None:
-    r = probes.run("train", "tiny", "--recipes", str(recipes), "--out", str(tmp_path / "out"),
-               "--set", f"data={{type: torchvision, name: MNIST, root: '{tmp_path / 'tv'}'}}")
+    r = probes.run(
+        "train",
+        "tiny",
+        "--recipes",
+        str(recipes),
+        "--out",
+        str(tmp_path / "out"),
+        "--set",
+        f"data={{type: torchvision, name: MNIST, root: '{tmp_path / 'tv'}'}}",
+    )
     assert_one_line(r, "train", "torchvision MNIST: not found under", "set download: true")
 
 
@@ -285,14 +339,21 @@ def test_torchvision_dataset_not_downloaded(probes: Probes, recipes: Path, tmp_p
 def test_refused_pull_leaves_nothing_in_the_destination(probes: Probes, run: Path, tmp_path: Path) -> None:
     src = damaged(run, tmp_path, files=lambda d: _append(d / "decoder.safetensors", b"\0"))
     dest = tmp_path / "pulled"
-    assert_one_line(probes.run("pull", str(src), str(dest)), "pull", "not a valid genzoo checkpoint",
-                    f"nothing was written to {dest}")
+    assert_one_line(
+        probes.run("pull", str(src), str(dest)),
+        "pull",
+        "not a valid genzoo checkpoint",
+        f"nothing was written to {dest}",
+    )
     assert not dest.exists()
 
 
 def test_pull_of_an_invalid_repo_id_is_not_an_unreachable_hub(probes: Probes, tmp_path: Path) -> None:
-    line = assert_one_line(probes.run("pull", "not a repo!!", str(tmp_path / "out")), "pull",
-                           "'not a repo!!' is neither an existing local directory nor a valid Hub repo id")
+    line = assert_one_line(
+        probes.run("pull", "not a repo!!", str(tmp_path / "out")),
+        "pull",
+        "'not a repo!!' is neither an existing local directory nor a valid Hub repo id",
+    )
     assert "reach" not in line
 
 
@@ -309,9 +370,26 @@ def test_push_errors(probes: Probes, run: Path) -> None:
 def test_sigint_stopped_run_exits_non_zero_and_says_it_was_interrupted(recipes: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "genzoo", "train", "tiny", "--recipes", str(recipes), "--out", str(out),
-                          "--steps", "1000000", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "genzoo",
+            "train",
+            "tiny",
+            "--recipes",
+            str(recipes),
+            "--out",
+            str(out),
+            "--steps",
+            "1000000",
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / "metrics.jsonl").exists() and p.poll() is None and time.monotonic() < deadline:

@@ -41,8 +41,13 @@ class TextEncoder(Encoder):
 
 
 def _diffusion() -> GaussianDiffusion:
-    return GaussianDiffusion(betas=get_named_beta_schedule("cosine", 100), model_mean_type=ModelMeanType.START_X,
-                             model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.SIMPLE, clip_range=None)
+    return GaussianDiffusion(
+        betas=get_named_beta_schedule("cosine", 100),
+        model_mean_type=ModelMeanType.START_X,
+        model_var_type=ModelVarType.FIXED_SMALL,
+        loss_type=LossType.SIMPLE,
+        clip_range=None,
+    )
 
 
 class DiffusionPrior(Prior):
@@ -63,8 +68,14 @@ class DiffusionPrior(Prior):
             self.calls.append(x.shape[0])
             return self.denoiser(x, t, cond)
 
-        return sampler.sample(self.diffusion, model, (n, self.produces.shape[0]), cond={"emb": condition["emb"]},
-                              guidance=guidance, generator=generator)
+        return sampler.sample(
+            self.diffusion,
+            model,
+            (n, self.produces.shape[0]),
+            cond={"emb": condition["emb"]},
+            guidance=guidance,
+            generator=generator,
+        )
 
 
 class EmbeddingDecoder(Decoder):
@@ -82,8 +93,14 @@ class EmbeddingDecoder(Decoder):
 
     def decode(self, z, condition=None, *, generator=None, sampler=None, guidance=None):
         self.seen = z
-        return sampler.sample(self.diffusion, self.denoiser, (z.shape[0], 1, 4, 4), cond={"emb": z}, guidance=guidance,
-                              generator=generator)
+        return sampler.sample(
+            self.diffusion,
+            self.denoiser,
+            (z.shape[0], 1, 4, 4),
+            cond={"emb": z},
+            guidance=guidance,
+            generator=generator,
+        )
 
 
 class TokenPrior(Prior):
@@ -103,7 +120,9 @@ class TokenPrior(Prior):
 
     def sample(self, n, condition=None, *, generator=None, sampler=None, guidance=None):
         start = torch.full((n, 1), VOCAB, dtype=torch.long)
-        return sampler.sample(self.logits, start, CODES, condition={"emb": condition["emb"]}, guidance=guidance, generator=generator)
+        return sampler.sample(
+            self.logits, start, CODES, condition={"emb": condition["emb"]}, guidance=guidance, generator=generator
+        )
 
 
 class TokenDecoder(Decoder):
@@ -132,9 +151,13 @@ class TestPlugin:
 
     @hookimpl
     def register_components(self, registry):
-        for kind, name, cls in (("encoder", "toy-text", TextEncoder), ("prior", "toy-diffusion-prior", DiffusionPrior),
-                                ("decoder", "toy-embedding-decoder", EmbeddingDecoder), ("prior", "toy-token-prior", TokenPrior),
-                                ("decoder", "toy-token-decoder", TokenDecoder)):
+        for kind, name, cls in (
+            ("encoder", "toy-text", TextEncoder),
+            ("prior", "toy-diffusion-prior", DiffusionPrior),
+            ("decoder", "toy-embedding-decoder", EmbeddingDecoder),
+            ("prior", "toy-token-prior", TokenPrior),
+            ("decoder", "toy-token-decoder", TokenDecoder),
+        ):
             registry.register(kind, name, config=Dim, factory=cls)
         registry.register("pipeline", "plain", config=Empty, factory=lambda cfg, ctx: Plain(ctx.components))
 
@@ -180,8 +203,13 @@ def test_dalle2_shaped_composition_samples_end_to_end(reg) -> None:
     assert not torch.allclose(one.sample(3, CAPTIONS, generator=torch.Generator().manual_seed(1)), x)
 
 
-TOKENS = {"encoder": {"type": "toy-text"}, "prior": {"type": "toy-token-prior"}, "prior_sampler": {"type": "token", "top_k": 4},
-          "prior_guidance": {"type": "logit-cfg", "scale": 2.0}, "decoder": {"type": "toy-token-decoder"}}
+TOKENS = {
+    "encoder": {"type": "toy-text"},
+    "prior": {"type": "toy-token-prior"},
+    "prior_sampler": {"type": "token", "top_k": 4},
+    "prior_guidance": {"type": "logit-cfg", "scale": 2.0},
+    "decoder": {"type": "toy-token-decoder"},
+}
 
 
 def test_dalle_shaped_token_composition(reg) -> None:
@@ -193,10 +221,19 @@ def test_dalle_shaped_token_composition(reg) -> None:
 
 def test_composition_errors_name_both_components(reg) -> None:
     bad = {**DALLE2, "decoder": {"type": "toy-embedding-decoder", "dim": 12}}
-    with pytest.raises(CompositionError, match=r"prior 'toy-diffusion-prior' produces shape \(8\) float but decoder "
-                                               r"'toy-embedding-decoder' consumes shape \(12\) float: shapes differ"):
+    with pytest.raises(
+        CompositionError,
+        match=r"prior 'toy-diffusion-prior' produces shape \(8\) float but decoder "
+        r"'toy-embedding-decoder' consumes shape \(12\) float: shapes differ",
+    ):
         build_pipeline(resolved(bad), reg, None)
-    with pytest.raises(CompositionError, match="guidance 'logit-cfg' is a token guidance but sampler 'dpm-solver\\+\\+' is a diffusion sampler"):
+    with pytest.raises(
+        CompositionError,
+        match="guidance 'logit-cfg' is a token guidance but sampler 'dpm-solver\\+\\+' is a diffusion sampler",
+    ):
         build_pipeline(resolved({**DALLE2, "guidance": {"type": "logit-cfg"}}), reg, None)
-    with pytest.raises(CompositionError, match="prior 'toy-token-prior' needs a token sampler but prior_sampler 'ddim' is a diffusion sampler"):
+    with pytest.raises(
+        CompositionError,
+        match="prior 'toy-token-prior' needs a token sampler but prior_sampler 'ddim' is a diffusion sampler",
+    ):
         build_pipeline(resolved({**TOKENS, "prior_sampler": {"type": "ddim"}, "prior_guidance": None}), reg, None)

@@ -12,11 +12,19 @@ import torch
 
 from genzoo import api
 from genzoo.checkpoint import load_checkpoint
-from genzoo.diffusion import ClassifierFreeGuidance, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
+from genzoo.diffusion import (
+    ClassifierFreeGuidance,
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    get_named_beta_schedule,
+)
 from genzoo.diffusion.guidance import CFGConfig
-from genzoo.plugins import default_registry
 from genzoo.eval import metrics
+from genzoo.interfaces import Pipeline
 from genzoo.nn import UNet, UNetConfig
+from genzoo.plugins import default_registry
 from genzoo.priors import FittedGaussian
 from genzoo.training import TrainConfig, Trainer
 
@@ -40,13 +48,26 @@ def exact_fp32():
 
 def small_unet(**kw) -> UNet:
     torch.manual_seed(0)
-    return UNet(UNetConfig(in_channels=3, image_size=16, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-                           attention_resolutions=[8], **kw))
+    return UNet(
+        UNetConfig(
+            in_channels=3,
+            image_size=16,
+            model_channels=32,
+            channel_mult=[1, 2],
+            num_res_blocks=1,
+            attention_resolutions=[8],
+            **kw,
+        )
+    )
 
 
 def diffusion() -> GaussianDiffusion:
-    return GaussianDiffusion(betas=get_named_beta_schedule("cosine", 1000), model_mean_type=ModelMeanType.EPSILON,
-                             model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.SIMPLE)
+    return GaussianDiffusion(
+        betas=get_named_beta_schedule("cosine", 1000),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_SMALL,
+        loss_type=LossType.SIMPLE,
+    )
 
 
 @pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
@@ -54,15 +75,23 @@ def test_sampling_on_cuda_matches_the_cpu(name: str) -> None:
     """The same noise (drawn by a CPU generator) gives the same samples on both devices."""
     sampler, net, d = default_registry().build("sampler", {"type": name, "steps": 10}), small_unet(), diffusion()
     noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    want = sampler.sample(d, api.for_inference(net, "cpu"), noise.shape, noise=noise, generator=torch.Generator().manual_seed(1))
-    got = sampler.sample(d, api.for_inference(net, CUDA), noise.shape, noise=noise.to(CUDA), generator=torch.Generator().manual_seed(1))
+    want = sampler.sample(
+        d, api.for_inference(net, "cpu"), noise.shape, noise=noise, generator=torch.Generator().manual_seed(1)
+    )
+    got = sampler.sample(
+        d, api.for_inference(net, CUDA), noise.shape, noise=noise.to(CUDA), generator=torch.Generator().manual_seed(1)
+    )
     torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_guided_sampling_loops_never_synchronise(name: str) -> None:
     """No .item(), no host copies, no data-dependent shapes inside the loop: the GPU is never waited on."""
-    sampler, net, d = default_registry().build("sampler", {"type": name, "steps": 5}), api.for_inference(small_unet(num_classes=3), CUDA), diffusion()
+    sampler, net, d = (
+        default_registry().build("sampler", {"type": name, "steps": 5}),
+        api.for_inference(small_unet(num_classes=3), CUDA),
+        diffusion(),
+    )
     g = torch.Generator(CUDA).manual_seed(0)
     noise = torch.randn(4, 3, 16, 16, device=CUDA, generator=g)
     cond, cfg = {"y": torch.tensor([0, 1, 2, 0], device=CUDA)}, ClassifierFreeGuidance(CFGConfig(scale=3.0))
@@ -96,8 +125,14 @@ def test_the_trainer_keeps_a_small_data_set_on_the_device(tmp_path: Path, monkey
     trainers = {}
     for device in ("cuda", "cpu"):
         cfg = TrainConfig(steps=1, batch_size=8, checkpoint_every=100, device=device)
-        trainers[device] = Trainer(Denoiser(small_unet(), diffusion()), DATA, config=cfg, run_dir=tmp_path / device,
-                                   recipe={"name": "cuda-test"}, progress=False)
+        trainers[device] = Trainer(
+            Denoiser(small_unet(), diffusion()),
+            DATA,
+            config=cfg,
+            run_dir=tmp_path / device,
+            recipe={"name": "cuda-test"},
+            progress=False,
+        )
         trainers[device].fit()
     assert trainers["cuda"].data["image"].is_cuda and not DATA["image"].is_cuda  # moved once; the caller's untouched
     assert batches["cuda"]["image"].is_cuda
@@ -106,7 +141,16 @@ def test_the_trainer_keeps_a_small_data_set_on_the_device(tmp_path: Path, monkey
 
 def train(run: Path, precision: str, **fit) -> Pipeline:
     p = Denoiser(small_unet(), diffusion())  # small_unet seeds the init
-    cfg = TrainConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, checkpoint_every=100, device="cuda", precision=precision)
+    cfg = TrainConfig(
+        steps=8,
+        batch_size=8,
+        lr=1e-3,
+        warmup_steps=2,
+        ema_decay=0.9,
+        checkpoint_every=100,
+        device="cuda",
+        precision=precision,
+    )
     Trainer(p, DATA, config=cfg, run_dir=run, recipe={"name": "cuda-test"}, progress=False).fit(**fit)
     return p
 
@@ -129,4 +173,6 @@ def test_training_on_cuda_resumes_exactly_and_loads_on_cpu(tmp_path: Path, preci
     for role in a.components:
         for k, v in a.components[role].items():
             assert v.device.type == "cpu", k  # a CUDA run's checkpoint loads on a machine without one
-            torch.testing.assert_close(b.components[role][k], v, rtol=1e-6, atol=1e-6, msg=f"{role}.{k} differs after resume")
+            torch.testing.assert_close(
+                b.components[role][k], v, rtol=1e-6, atol=1e-6, msg=f"{role}.{k} differs after resume"
+            )

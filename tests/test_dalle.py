@@ -9,17 +9,31 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from genzoo import api
 from genzoo_dalle.dvae import DiscreteVAEConfig
 from genzoo_dalle.transformer import DalleTransformer, DalleTransformerConfig
-from genzoo.interfaces import Spec
 from test_classic import train
 
-TINY = ["data.image_size=16", "data.num_train=2000", "decoder.codebook_size=32", "decoder.encoder.channels=32",
-        "decoder.decoder.channels=32", "prior.layers=2", "prior.width=64", "clip.embed_dim=32", "clip.text_tower.width=32",
-        "clip.text_tower.layers=1", "clip.image_tower.model_channels=16", "train.batch_size=64", "train.lr=2e-3",
-        "train.warmup_steps=20", "decoder.temperature_steps=300", "decoder.kl_warmup_steps=150"]
+from genzoo import api
+from genzoo.interfaces import Spec
+
+TINY = [
+    "data.image_size=16",
+    "data.num_train=2000",
+    "decoder.codebook_size=32",
+    "decoder.encoder.channels=32",
+    "decoder.decoder.channels=32",
+    "prior.layers=2",
+    "prior.width=64",
+    "clip.embed_dim=32",
+    "clip.text_tower.width=32",
+    "clip.text_tower.layers=1",
+    "clip.image_tower.model_channels=16",
+    "train.batch_size=64",
+    "train.lr=2e-3",
+    "train.warmup_steps=20",
+    "decoder.temperature_steps=300",
+    "decoder.kl_warmup_steps=150",
+]
 LEARN = [*TINY[:-2], "decoder.temperature_steps=1000", "decoder.kl_warmup_steps=500"]
 
 
@@ -27,7 +41,12 @@ def test_dvae_schedules_and_kl_match_their_formulas(loaded_registry) -> None:
     spec = api.resolve_recipe("dalle-shapes", sets=TINY)
     dvae = api.create_model(spec, data_spec=api.build_data(spec).spec).components["decoder"]
     cfg: DiscreteVAEConfig = dvae.cfg
-    for step, tau in ((0, 1.0), (150, 0.25), (300, 1 / 16), (10_000, 1 / 16)):  # exponential: the midpoint is the geometric mean
+    for step, tau in (
+        (0, 1.0),
+        (150, 0.25),
+        (300, 1 / 16),
+        (10_000, 1 / 16),
+    ):  # exponential: the midpoint is the geometric mean
         dvae.step.fill_(step)
         assert dvae.temperature() == pytest.approx(tau)
     dvae.step.fill_(75)
@@ -46,7 +65,9 @@ def test_dvae_schedules_and_kl_match_their_formulas(loaded_registry) -> None:
 
 def test_transformer_text_slots_pads_and_weighted_loss() -> None:
     torch.manual_seed(0)
-    prior = DalleTransformer(DalleTransformerConfig(text_length=6, text_vocab_size=4, layers=1, width=32, cond_drop=0.0))
+    prior = DalleTransformer(
+        DalleTransformerConfig(text_length=6, text_vocab_size=4, layers=1, width=32, cond_drop=0.0)
+    )
     prior.bind(Spec(shape=(2, 2), dtype="long", vocab_size=8))
     tokens = torch.tensor([[49406, 500, 600, 49407, 0, 0, 0, 0], [49406, 700, 49407, 0, 0, 0, 0, 0]])
     text = prior.text_tokens({"tokens": tokens}, 2, learn=True)
@@ -98,10 +119,16 @@ def test_dalle_samples_with_logit_cfg_and_clip_reranking(dalle_run) -> None:
     out = m.sample(2, {"caption": prompts}, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 16, 16) and out.abs().max() <= 1
     plain = api.load_model(run)
-    candidates = plain.sample(2 * 4, {"caption": [p for p in prompts for _ in range(4)]}, generator=torch.Generator().manual_seed(1))
-    ranked = api.load_model(run, sets=["pipeline.rerank=4"]).sample(2, {"caption": prompts}, generator=torch.Generator().manual_seed(1))
+    candidates = plain.sample(
+        2 * 4, {"caption": [p for p in prompts for _ in range(4)]}, generator=torch.Generator().manual_seed(1)
+    )
+    ranked = api.load_model(run, sets=["pipeline.rerank=4"]).sample(
+        2, {"caption": prompts}, generator=torch.Generator().manual_seed(1)
+    )
     clip = plain.components["clip"]
-    scores = (clip.encode_image(candidates) * clip.encode_text([p for p in prompts for _ in range(4)])).sum(-1).view(2, 4)
+    scores = (
+        (clip.encode_image(candidates) * clip.encode_text([p for p in prompts for _ in range(4)])).sum(-1).view(2, 4)
+    )
     best = candidates.view(2, 4, 3, 16, 16)[torch.arange(2), scores.argmax(1)]
     assert torch.allclose(ranked, best, atol=1e-5)  # the same stream of candidates, the CLIP's favourite kept
 
@@ -110,14 +137,42 @@ def test_dalle_from_the_command_line(dalle_run, tmp_path: Path) -> None:
     from genzoo.cli import main
 
     out = tmp_path / "grid.png"
-    assert main(["sample", str(dalle_run[0]), "-n", "2", "--prompt", "a large red circle in the top left", "--rerank", "2",
-                 "--top-k", "8", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(dalle_run[0]),
+                "-n",
+                "2",
+                "--prompt",
+                "a large red circle in the top left",
+                "--rerank",
+                "2",
+                "--top-k",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.stat().st_size > 0
 
 
 def test_the_vq_tokenizer_swaps_into_the_dalle_recipe(tmp_path: Path) -> None:
-    model, source, _ = train(tmp_path, "dalle-shapes-vq", [*TINY[:2], "train.stages={tokenizer: 30, prior: 10, clip: 0}",
-                                                            "decoder.codebook_size=32", "prior.layers=1", "prior.width=32"])
+    model, source, _ = train(
+        tmp_path,
+        "dalle-shapes-vq",
+        [
+            *TINY[:2],
+            "train.stages={tokenizer: 30, prior: 10, clip: 0}",
+            "decoder.codebook_size=32",
+            "prior.layers=1",
+            "prior.width=32",
+        ],
+    )
     assert type(model.components["decoder"]).__name__ == "VQAutoencoder"
-    out = model.sample(2, {"caption": ["a large red circle in the top left"] * 2}, generator=torch.Generator().manual_seed(0))
+    out = model.sample(
+        2, {"caption": ["a large red circle in the top left"] * 2}, generator=torch.Generator().manual_seed(0)
+    )
     assert out.shape == (2, 3, 16, 16)

@@ -9,18 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from genzoo_dalle2.pipeline import slerp
+from genzoo_dalle2.prior import ARPrior, ARPriorConfig, DiffusionPrior, DiffusionPriorConfig
+from test_classic import train
 
 from genzoo import api
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.eval import judges
 from genzoo.eval.evaluate import EvalSettings, evaluate
 from genzoo.plugins import default_registry
-from genzoo_dalle2.pipeline import slerp
-from genzoo_dalle2.prior import ARPrior, ARPriorConfig, DiffusionPrior, DiffusionPriorConfig
 
-from test_classic import train
-
-CAPTIONS = ["a large red circle in the top left", "bottom right: a small blue cross", "a green square, big, at the centre"]
+CAPTIONS = [
+    "a large red circle in the top left",
+    "bottom right: a small blue cross",
+    "a green square, big, at the centre",
+]
 
 
 def test_slerp_keeps_unit_norm_and_moves_at_constant_angular_speed() -> None:
@@ -38,16 +41,33 @@ def test_unclip_unet_reads_z_i_as_tokens_and_drops_embedding_and_caption_indepen
     from genzoo.nn.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
-    net = UNet(UNetConfig(in_channels=3, image_size=8, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
-                          attention_resolutions=[4], context_dim=12, emb_dim_in=10, emb_tokens=4))
+    net = UNet(
+        UNetConfig(
+            in_channels=3,
+            image_size=8,
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_res_blocks=1,
+            attention_resolutions=[4],
+            context_dim=12,
+            emb_dim_in=10,
+            emb_tokens=4,
+        )
+    )
     for p in net.parameters():  # leave the zero-initialised output: make every path matter
         torch.nn.init.normal_(p, std=0.05)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])
-    emb, ctx, mask = torch.randn(2, 10), torch.randn(2, 5, 12), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    emb, ctx, mask = (
+        torch.randn(2, 10),
+        torch.randn(2, 5, 12),
+        torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool),
+    )
     both = {"emb": emb, "context": ctx, "context_mask": mask}
     yes, no = torch.tensor([True, True]), torch.tensor([False, False])
     # a dropped embedding is the missing one (the learned null, in the time embedding and the 4 tokens alike) ...
-    assert torch.allclose(net(x, t, {**both, "drop_emb": yes}), net(x, t, {"context": ctx, "context_mask": mask}), atol=1e-5)
+    assert torch.allclose(
+        net(x, t, {**both, "drop_emb": yes}), net(x, t, {"context": ctx, "context_mask": mask}), atol=1e-5
+    )
     # ... a dropped caption the missing caption, and ``drop`` removes both
     assert torch.allclose(net(x, t, {**both, "drop_context": yes}), net(x, t, {"emb": emb}), atol=1e-5)
     assert torch.allclose(net(x, t, {**both, "drop": yes}), net(x, t, None), atol=1e-5)
@@ -118,7 +138,11 @@ def test_a_dropped_caption_is_the_missing_one_for_both_priors() -> None:
     prefix = CaptionPrefix(dim=6, text_width=8, text_length=5, n_embd=16)
     torch.nn.init.normal_(prefix.null_text)
     torch.nn.init.normal_(prefix.null_text_emb)
-    cond = {"text_emb": torch.randn(3, 6), "context": torch.randn(3, 4, 8), "context_mask": torch.ones(3, 4, dtype=torch.bool)}
+    cond = {
+        "text_emb": torch.randn(3, 6),
+        "context": torch.randn(3, 4, 8),
+        "context_mask": torch.ones(3, 4, dtype=torch.bool),
+    }
     dropped = prefix({**cond, "drop": torch.tensor([True, False, True])}, 3)
     missing, given = prefix(None, 3), prefix(cond, 3)
     assert torch.equal(dropped[[0, 2]], missing[[0, 2]]) and torch.equal(dropped[1], given[1])
@@ -153,22 +177,42 @@ def test_an_unfitted_or_unbound_prior_says_what_to_do() -> None:
 
 
 TINY = [
-    "data.image_size=16", "data.num_train=2000", "decoder.image_size=8", "pipeline.fit_images=1000",
-    "clip.text_tower.width=32", "clip.text_tower.layers=1", "clip.image_tower.model_channels=16", "clip.embed_dim=16",
-    "decoder.denoiser.model_channels=16", "decoder.denoiser.num_res_blocks=1", "decoder.denoiser.context_dim=32",
-    "decoder.denoiser.emb_dim_in=16", "decoder.denoiser.attention_resolutions=[4]", "decoder.denoiser.dropout=0.0",
-    "upsampler_decoder.denoiser.model_channels=16", "train.batch_size=32", "train.lr=2e-3", "train.ema_decay=null",
-    "train.warmup_steps=20", "sampler.steps=8", "upsampler_sampler.steps=4",
+    "data.image_size=16",
+    "data.num_train=2000",
+    "decoder.image_size=8",
+    "pipeline.fit_images=1000",
+    "clip.text_tower.width=32",
+    "clip.text_tower.layers=1",
+    "clip.image_tower.model_channels=16",
+    "clip.embed_dim=16",
+    "decoder.denoiser.model_channels=16",
+    "decoder.denoiser.num_res_blocks=1",
+    "decoder.denoiser.context_dim=32",
+    "decoder.denoiser.emb_dim_in=16",
+    "decoder.denoiser.attention_resolutions=[4]",
+    "decoder.denoiser.dropout=0.0",
+    "upsampler_decoder.denoiser.model_channels=16",
+    "train.batch_size=32",
+    "train.lr=2e-3",
+    "train.ema_decay=null",
+    "train.warmup_steps=20",
+    "sampler.steps=8",
+    "upsampler_sampler.steps=4",
 ]
-TINY_PRIOR = {"dalle2-shapes": ["prior.width=64", "prior.layers=2", "prior_sampler.steps=8"],
-              "dalle2-ar-shapes": ["prior.width=64", "prior.layers=2", "prior.pca_dims=8", "prior.bins=16"]}
+TINY_PRIOR = {
+    "dalle2-shapes": ["prior.width=64", "prior.layers=2", "prior_sampler.steps=8"],
+    "dalle2-ar-shapes": ["prior.width=64", "prior.layers=2", "prior.pca_dims=8", "prior.bins=16"],
+}
 
 
 @pytest.fixture(scope="module")
 def dalle2_run(tmp_path_factory) -> tuple[Path, object, object]:
     run = tmp_path_factory.mktemp("dalle2")
-    model, source, _ = train(run, "dalle2-shapes", [*TINY, *TINY_PRIOR["dalle2-shapes"],
-                                                    "train.stages={clip: 80, prior: 150, decoder: 150, upsampler: 20}"])
+    model, source, _ = train(
+        run,
+        "dalle2-shapes",
+        [*TINY, *TINY_PRIOR["dalle2-shapes"], "train.stages={clip: 80, prior: 150, decoder: 150, upsampler: 20}"],
+    )
     return run, model, source
 
 
@@ -208,7 +252,10 @@ def test_dalle2_text_to_image_variations_interpolation_and_prior_cosine(dalle2_r
     assert frames.shape == (4, 3, 16, 16) and torch.isfinite(frames).all()
     cos = model.prior_cosine(test["image"][:128], test["caption"][:128], generator=g)
     wrong = model.prior_cosine(test["image"][:128], test["caption"][1:129], generator=g)
-    assert cos["prior_cosine"] > wrong["prior_cosine"] + 0.05, (cos, wrong)  # the drawn z_i belong to their captions' images
+    assert cos["prior_cosine"] > wrong["prior_cosine"] + 0.05, (
+        cos,
+        wrong,
+    )  # the drawn z_i belong to their captions' images
     stats = model.components["prior"].mean.clone()
     model.begin_stage("prior", {"image": test["image"][:100]})  # statistics already there stay (--init-from)
     assert torch.equal(model.components["prior"].mean, stats)
@@ -217,10 +264,19 @@ def test_dalle2_text_to_image_variations_interpolation_and_prior_cosine(dalle2_r
 
 
 def test_dalle2_resumes_exactly_across_the_prior_statistics(tmp_path: Path) -> None:
-    from genzoo.training import Trainer, TrainConfig
+    from genzoo.training import TrainConfig, Trainer
 
-    sets = [*TINY, *TINY_PRIOR["dalle2-shapes"], "train.stages={clip: 4, prior: 6, decoder: 4, upsampler: 0}", "train.log_every=1",
-            "train.checkpoint_every=7", "train.sample_every=2", "train.sample_n=4", "data.num_train=200", "pipeline.fit_images=100"]
+    sets = [
+        *TINY,
+        *TINY_PRIOR["dalle2-shapes"],
+        "train.stages={clip: 4, prior: 6, decoder: 4, upsampler: 0}",
+        "train.log_every=1",
+        "train.checkpoint_every=7",
+        "train.sample_every=2",
+        "train.sample_n=4",
+        "data.num_train=200",
+        "pipeline.fit_images=100",
+    ]
     resolved = api.resolve_recipe("dalle2-shapes", sets=sets)
     source = api.build_data(resolved)
     data, config = source.split("train").tensors(), TrainConfig.model_validate(resolved["train"])
@@ -228,7 +284,9 @@ def test_dalle2_resumes_exactly_across_the_prior_statistics(tmp_path: Path) -> N
     def run(out: Path, stop_at: int | None = None, resume: bool = False):
         torch.manual_seed(0)
         model = api.create_model(resolved, data_spec=source.spec)
-        Trainer(model, data, config=config, run_dir=out, recipe=resolved, progress=False).fit(resume=resume, stop_at=stop_at)
+        Trainer(model, data, config=config, run_dir=out, recipe=resolved, progress=False).fit(
+            resume=resume, stop_at=stop_at
+        )
         return model
 
     straight = run(tmp_path / "straight")
@@ -246,8 +304,31 @@ def test_dalle2_from_the_command_line_with_each_stage_set_on_its_own(dalle2_run,
 
     run, _, source = dalle2_run
     out = tmp_path / "grid.png"
-    assert main(["sample", str(run), "-n", "2", "--prompt", CAPTIONS[0], "--prior-steps", "4", "--prior-scale", "1.5",
-                 "--steps", "4", "--scale", "2", "--upsampler-steps", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(run),
+                "-n",
+                "2",
+                "--prompt",
+                CAPTIONS[0],
+                "--prior-steps",
+                "4",
+                "--prior-scale",
+                "1.5",
+                "--steps",
+                "4",
+                "--scale",
+                "2",
+                "--upsampler-steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = api.load_model(run, prior_steps=4, prior_guidance="none", upsampler_steps=2, steps=3)
     assert m.components["prior_sampler"].cfg.steps == 4 and m.components.get("prior_guidance") is None
     assert m.components["upsampler_sampler"].cfg.steps == 2 and m.components["sampler"].cfg.steps == 3
@@ -256,9 +337,13 @@ def test_dalle2_from_the_command_line_with_each_stage_set_on_its_own(dalle2_run,
     save_grid(test[:1], a, min_side=1)
     save_grid(test[1:2], b, min_side=1)
     assert main(["sample", str(run), "-n", "3", "--image", str(a), "--steps", "3", "--out", str(out)]) == 0
-    assert main(["sample", str(run), "-n", "3", "--interpolate", str(a), str(b), "--steps", "3", "--out", str(out)]) == 0
+    assert (
+        main(["sample", str(run), "-n", "3", "--interpolate", str(a), str(b), "--steps", "3", "--out", str(out)]) == 0
+    )
     assert main(["sample", str(run), "-n", "2", "--image", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
-    assert main(["sample", str(run), "-n", "2", "--upsampler-scale", "2", "--out", str(out)]) == 2  # no upsampler guidance
+    assert (
+        main(["sample", str(run), "-n", "2", "--upsampler-scale", "2", "--out", str(out)]) == 2
+    )  # no upsampler guidance
 
 
 def test_the_ar_prior_swaps_in_and_trains_alone_on_the_trained_decoder(dalle2_run, tmp_path: Path) -> None:
@@ -266,10 +351,28 @@ def test_the_ar_prior_swaps_in_and_trains_alone_on_the_trained_decoder(dalle2_ru
 
     run, model, _ = dalle2_run
     ar = tmp_path / "ar"
-    sets = [*TINY, *TINY_PRIOR["dalle2-ar-shapes"], "train.stages={clip: 0, prior: 30, decoder: 0, upsampler: 0}",
-            "train.checkpoint_every=100000", "train.sample_every=0"]
-    assert main(["train", "dalle2-ar-shapes", "--out", str(ar), "--init-from", str(run), "--no-progress",
-                 *[a for s in sets for a in ("--set", s)]]) == 0
+    sets = [
+        *TINY,
+        *TINY_PRIOR["dalle2-ar-shapes"],
+        "train.stages={clip: 0, prior: 30, decoder: 0, upsampler: 0}",
+        "train.checkpoint_every=100000",
+        "train.sample_every=0",
+    ]
+    assert (
+        main(
+            [
+                "train",
+                "dalle2-ar-shapes",
+                "--out",
+                str(ar),
+                "--init-from",
+                str(run),
+                "--no-progress",
+                *[a for s in sets for a in ("--set", s)],
+            ]
+        )
+        == 0
+    )
     m = api.load_model(ar)
     for role in ("clip", "decoder", "upsampler_decoder"):  # taken from the diffusion-prior run, not retrained
         mine, theirs = m.components[role].state_dict(), model.components[role].state_dict()
@@ -305,8 +408,12 @@ def test_variation_metric_tells_a_faithful_model_from_one_that_is_not(cheap_judg
     judge = judges.load_judge("shapes", source.cfg.model_dump())
     metrics = {"variations": default_registry().build("metric", {"type": "variations", "images": 300})}
     settings = EvalSettings(samples=300, seed=0, batch_size=100)
-    good = evaluate(VariationOracle(), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu"))
-    bad = evaluate(VariationOracle(liar=True), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu"))
+    good = evaluate(
+        VariationOracle(), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu")
+    )
+    bad = evaluate(
+        VariationOracle(liar=True), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu")
+    )
     assert good["variation_all"] > 0.8 and bad["variation_all"] < 0.2, (good, bad)
     assert math.isclose(sum(good[f"variation_{a}"] > 0.9 for a in ("shape", "colour", "size", "position")), 4)
 
@@ -315,8 +422,14 @@ def test_dalle2_takes_an_open_clip_model_in_place_of_its_own_clip() -> None:
     """The same recipe with an open_clip architecture (random weights: no network in tests): no clip stage,
     the priors and the decoder sized from it, and its per-token text outputs read before pooling."""
     torch.manual_seed(0)
-    sets = [*TINY, *TINY_PRIOR["dalle2-shapes"], "components.clip={type: open-clip, model: ViT-S-32}",
-            "decoder.denoiser.emb_dim_in=384", "decoder.denoiser.context_dim=384", "train.stages={prior: 1, decoder: 1, upsampler: 1}"]
+    sets = [
+        *TINY,
+        *TINY_PRIOR["dalle2-shapes"],
+        "components.clip={type: open-clip, model: ViT-S-32}",
+        "decoder.denoiser.emb_dim_in=384",
+        "decoder.denoiser.context_dim=384",
+        "train.stages={prior: 1, decoder: 1, upsampler: 1}",
+    ]
     spec = api.resolve_recipe("dalle2-shapes", sets=sets)
     source = api.build_data(spec)
     model = api.create_model(spec, data_spec=source.spec)
@@ -332,4 +445,9 @@ def test_dalle2_takes_an_open_clip_model_in_place_of_its_own_clip() -> None:
     batch = {"image": data["image"][:4], "caption": list(data["caption"][:4])}
     for stage in ("prior", "decoder"):
         assert torch.isfinite(model.training_losses(batch, stage=stage)["loss"])
-    assert model.sample(2, {"caption": CAPTIONS[:2]}, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 16, 16)
+    assert model.sample(2, {"caption": CAPTIONS[:2]}, generator=torch.Generator().manual_seed(0)).shape == (
+        2,
+        3,
+        16,
+        16,
+    )

@@ -14,7 +14,17 @@ from genzoo.data import DataSpec
 from genzoo.data.digits import DigitsConfig, make_digits
 from genzoo.data.imagefolder import ImageFolderConfig, make_imagefolder
 from genzoo.data.shapes import (
-    COLOURS, PHRASINGS, POSITIONS, SHAPES, SIZES, ShapesConfig, caption, heldout_pairs, make_shapes, parse_caption, render,
+    COLOURS,
+    PHRASINGS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    ShapesConfig,
+    caption,
+    heldout_pairs,
+    make_shapes,
+    parse_caption,
+    render,
 )
 from genzoo.data.tokenizer import BPETokenizer, BPETokenizerConfig
 from genzoo.errors import DataError
@@ -103,15 +113,29 @@ def test_imagefolder(tmp_path: Path) -> None:
         (tmp_path / cls).mkdir()
         for i in range(3):
             Image.new("RGB", (40, 30), colour).save(tmp_path / cls / f"{i}.png")
-    (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps({"file": f"{c}/{i}.png", "caption": f"a {c[:-1]} {i}"})
-                                                   for c in ("cats", "dogs") for i in range(3)))
+    (tmp_path / "caps.jsonl").write_text(
+        "\n".join(
+            json.dumps({"file": f"{c}/{i}.png", "caption": f"a {c[:-1]} {i}"})
+            for c in ("cats", "dogs")
+            for i in range(3)
+        )
+    )
     ds = make_imagefolder(ImageFolderConfig(root=str(tmp_path), image_size=16, captions="caps.jsonl"), "train")
     t = ds.tensors()
     assert t["image"].shape == (6, 3, 16, 16) and ds.spec.class_names == ("cats", "dogs")
     assert t["label"].tolist() == [0, 0, 0, 1, 1, 1] and t["caption"][3] == "a dog 0"
-    assert t["image"][0, 0].mean().item() == pytest.approx(1.0) and t["image"][0, 2].mean().item() == pytest.approx(-1.0)
-    (tmp_path / "caps.csv").write_text("file,caption\n" + "\n".join(f"{c}/{i}.png,{c} {i}" for c in ("cats", "dogs") for i in range(3)))
-    assert make_imagefolder(ImageFolderConfig(root=str(tmp_path), image_size=8, captions="caps.csv"), "train").tensors()["caption"][0] == "cats 0"
+    assert t["image"][0, 0].mean().item() == pytest.approx(1.0) and t["image"][0, 2].mean().item() == pytest.approx(
+        -1.0
+    )
+    (tmp_path / "caps.csv").write_text(
+        "file,caption\n" + "\n".join(f"{c}/{i}.png,{c} {i}" for c in ("cats", "dogs") for i in range(3))
+    )
+    assert (
+        make_imagefolder(ImageFolderConfig(root=str(tmp_path), image_size=8, captions="caps.csv"), "train").tensors()[
+            "caption"
+        ][0]
+        == "cats 0"
+    )
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images .* under .*empty"):
         make_imagefolder(ImageFolderConfig(root=str(tmp_path / "empty")), "train")

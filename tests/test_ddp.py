@@ -49,12 +49,30 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single")], env=env, capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "single")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert single.returncode == 0, single.stderr
     t0 = time.perf_counter()
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                          "--master_port", str(free_port()), str(script), str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(script),
+            str(tmp_path / "ddp"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     print(f"2-process DDP run: {time.perf_counter() - t0:.1f}s")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a = load_checkpoint(tmp_path / "single").components["decoder"]
@@ -93,11 +111,35 @@ def test_genzoo_train_under_torchrun_reports_once(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port())]
-    r = subprocess.run([*torchrun, "-m", "genzoo", "train", "tiny", "--recipes", str(recipes),
-                        "--out", str(tmp_path / "run"), "--no-progress"],
-                       env=env, capture_output=True, text=True, timeout=300)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+    ]
+    r = subprocess.run(
+        [
+            *torchrun,
+            "-m",
+            "genzoo",
+            "train",
+            "tiny",
+            "--recipes",
+            str(recipes),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     reports = [line for line in r.stdout.splitlines() if line.startswith("trained")]
     assert len(reports) == 1 and reports[0].startswith("trained tiny to step 3 in "), r.stdout

@@ -279,37 +279,304 @@ def test_unclip_import_is_the_dalle2_pipeline(unclip) -> None:
     assert model.stages == ("prior", "decoder", "upsampler") and model.image_size == 16
 
 
-@pytest.mark.parametrize("scales", [(4.0, 8.0), (1.0, 1.0), (2.0, 3.0)])
-def test_unclip_run_equals_unclip_pipeline(unclip, scales) -> None:
-    """End to end from the same generator: prior (CFG), decoder (CFG, learned range), super-resolution whose last
-    step is super_res_last. Scales (1, 1) are diffusers without CFG: genzoo then runs with both guidances swapped out."""
-    _, run, pipe = unclip
+def unclip_images(pipe, seed: int, scales: tuple[float, float]) -> np.ndarray:
     prior_scale, scale = scales
-    want = pipe(
-        prompt=CAPTIONS, generator=torch.Generator().manual_seed(0), output_type="np",
+    return pipe(
+        prompt=CAPTIONS, generator=torch.Generator().manual_seed(seed), output_type="np",
         prior_guidance_scale=prior_scale, decoder_guidance_scale=scale,
     ).images
-    if scales == (1.0, 1.0):
-        model = api.load_model(run, guidance="none", prior_guidance="none")
-    else:
-        model = api.load_model(run, scale=scale, prior_scale=prior_scale)
+
+
+def test_unclip_run_equals_unclip_pipeline(unclip) -> None:
+    """End to end from the same generator (prior, decoder with its learned range, super-resolution whose last step
+    is super_res_last), float32: without CFG (diffusers at scales 1, 1; genzoo with both guidances swapped out)
+    within 1e-4 (3e-5 measured over 5 seeds)."""
+    _, run, pipe = unclip
+    want = unclip_images(pipe, 0, (1.0, 1.0))
+    model = api.load_model(run, guidance="none", prior_guidance="none")
     got = nhwc(model.sample(2, {"caption": CAPTIONS}, generator=torch.Generator().manual_seed(0)))
     assert got.shape == want.shape == (2, 16, 16, 3)
     assert np.abs(got - want).max() < 1e-4
 
 
-def test_the_float32_last_step_quirk_is_the_only_difference(unclip) -> None:
-    """With diffusers' own super-resolution scheduler (the quirk kept there), its images are genzoo's with the last
-    step's x0_hat scaled by beta_0 / (1 - abar_0) in float32."""
+@pytest.mark.parametrize("scales", [(4.0, 8.0), (2.0, 3.0)])
+def test_unclip_run_with_cfg_follows_unclip_pipeline(unclip, scales) -> None:
+    """With CFG on the prior and the decoder (diffusers' defaults 4 and 8, and 2 and 3), float32, end to end: within
+    1e-3 (5e-5 to 3.4e-4 measured over 5 seeds). The first step of each cosine chain divides the network's float32
+    rounding by sqrt(abar_T) (1/2000 at T = 100) and the guidance scale multiplies it; the float64 test below shows
+    each stage exact."""
     _, run, pipe = unclip
+    want = unclip_images(pipe, 0, scales)
+    got = api.load_model(run, prior_scale=scales[0], scale=scales[1]).sample(
+        2, {"caption": CAPTIONS}, generator=torch.Generator().manual_seed(0)
+    )
+    assert np.abs(nhwc(got) - want).max() < 1e-3
+
+
+class float64:
+    """Default dtype float64 inside the block (diffusers then draws float64 noise, as genzoo's stages do)."""
+
+    def __enter__(self):
+        self.before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.before)
+
+
+def reference_prior(pipe, text, g, scale, steps=25):
+    """UnCLIPPipeline.__call__'s prior loop, given the caption's encoding and the generator."""
+    emb, hid, mask = text
+    n, cfg = len(emb), scale > 1
+    if cfg:
+        u = uncond(pipe, n)
+        emb, hid, mask = torch.cat([u[0], emb]), torch.cat([u[1], hid]), torch.cat([u[2], mask])
+    s = pipe.prior_scheduler
+    s.set_timesteps(steps)
+    x = torch.randn((n, pipe.prior.config.embedding_dim), generator=g)
+    for i, t in enumerate(s.timesteps):
+        out = pipe.prior(
+            torch.cat([x] * 2) if cfg else x, timestep=t, proj_embedding=emb, encoder_hidden_states=hid,
+            attention_mask=mask,
+        ).predicted_image_embedding
+        if cfg:
+            u, c = out.chunk(2)
+            out = u + scale * (c - u)
+        prev = None if i + 1 == len(s.timesteps) else s.timesteps[i + 1]
+        x = s.step(out, timestep=t, sample=x, generator=g, prev_timestep=prev).prev_sample
+    return pipe.prior.post_process_latents(x)
+
+
+def reference_decoder(pipe, z_i, text, g, scale, steps=25):
+    """UnCLIPPipeline.__call__'s decoder loop (text projection, CFG on the eps half, learned range)."""
+    emb, hid, mask = text
+    cfg = scale > 1
+    if cfg:
+        u = uncond(pipe, len(emb))
+        emb, hid, mask = torch.cat([u[0], emb]), torch.cat([u[1], hid]), torch.cat([u[2], mask])
+    hid, add = pipe.text_proj(
+        image_embeddings=z_i, prompt_embeds=emb, text_encoder_hidden_states=hid, do_classifier_free_guidance=cfg
+    )
+    mask = torch.nn.functional.pad(mask, (pipe.text_proj.clip_extra_context_tokens, 0), value=True)
+    s = pipe.decoder_scheduler
+    s.set_timesteps(steps)
+    size = pipe.decoder.config.sample_size
+    x = torch.randn((len(z_i), 3, size, size), generator=g)
+    for i, t in enumerate(s.timesteps):
+        out = pipe.decoder(
+            sample=torch.cat([x] * 2) if cfg else x, timestep=t, encoder_hidden_states=hid, class_labels=add,
+            attention_mask=mask,
+        ).sample
+        if cfg:
+            u, c = out.chunk(2)
+            (u, _), (c, v) = u.split(3, dim=1), c.split(3, dim=1)
+            out = torch.cat([u + scale * (c - u), v], dim=1)
+        prev = None if i + 1 == len(s.timesteps) else s.timesteps[i + 1]
+        x = s.step(out, t, x, prev_timestep=prev, generator=g).prev_sample
+    return x.clamp(-1, 1)
+
+
+def reference_super_res(pipe, low, g, steps=7):
+    """UnCLIPPipeline.__call__'s super-resolution loop: super_res_first, then super_res_last for the last step."""
+    s = pipe.super_res_scheduler
+    s.set_timesteps(steps)
+    size = pipe.super_res_first.config.sample_size
+    x = torch.randn((len(low), 3, size, size), generator=g)
+    up = torch.nn.functional.interpolate(low, size=[size, size], mode="bicubic", align_corners=False, antialias=True)
+    for i, t in enumerate(s.timesteps):
+        unet = pipe.super_res_last if i == len(s.timesteps) - 1 else pipe.super_res_first
+        eps = unet(sample=torch.cat([x, up], dim=1), timestep=t).sample
+        prev = None if i + 1 == len(s.timesteps) else s.timesteps[i + 1]
+        x = s.step(eps, t, x, prev_timestep=prev, generator=g).prev_sample
+    return x
+
+
+def uncond(pipe, n):
+    ids = pipe.tokenizer([""] * n, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt")
+    out = pipe.text_encoder(ids.input_ids)
+    return out.text_embeds, out.last_hidden_state, ids.attention_mask.bool()
+
+
+@pytest.fixture(scope="module")
+def unclip64(tmp_path_factory):
+    """The same layout built, imported and loaded in float64, the reference schedulers' tables in float64 too."""
+    root = tmp_path_factory.mktemp("unclip64")
+    with float64():
+        pipe = diffusers.UnCLIPPipeline(**unclip_parts(seed=1))
+        pipe.save_pretrained(str(root / "pipe"))
+        model = api.load_model(api.import_model(root / "pipe", root / "run"))
+    for name in ("prior_scheduler", "decoder_scheduler", "super_res_scheduler"):
+        s = getattr(pipe, name)
+        s.alphas_cumprod, s.one = s.alphas_cumprod.double(), s.one.double()  # the float32 products, as genzoo's abar
+        consistent_betas(s)
+    return pipe, model
+
+
+@pytest.mark.parametrize("stage", ["prior", "decoder", "super_res"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_each_unclip_stage_equals_diffusers_in_float64(unclip64, stage, guided) -> None:
+    """Stage by stage from the same inputs and generator: the prior's embeddings (CFG 4), the decoder's images from
+    the same z_i and latents (CFG 8, learned range), the super-resolution from the same low-res images (its last
+    step super_res_last; no guidance there, as in diffusers). In float64 the mapping is exact to rounding."""
+    if stage == "super_res" and guided:
+        pytest.skip("UnCLIPPipeline's super-resolution is unguided")
+    pipe, model = unclip64
+    c = model.components
+    with float64(), torch.no_grad():
+        tokens = c["clip"].tokenize(CAPTIONS)
+        z_t, hid, mask = c["clip"].encode_text_sequence(tokens)
+        ids = pipe.tokenizer(CAPTIONS, padding="max_length", max_length=10, truncation=True, return_tensors="pt")
+        ref = pipe.text_encoder(ids.input_ids)
+        assert torch.equal(mask, ids.attention_mask.bool()) and (z_t - ref.text_embeds).abs().max() < 1e-12
+        text = (z_t, hid, mask)
+        cond = {"text_emb": z_t, "context": hid, "context_mask": mask}
+        z_i = reference_prior(pipe, text, torch.Generator().manual_seed(1), 1.0)
+        if stage == "prior":
+            want = reference_prior(pipe, text, torch.Generator().manual_seed(2), 4.0 if guided else 1.0)
+            got = c["prior"].sample(2, cond, generator=torch.Generator().manual_seed(2), sampler=c["prior_sampler"],
+                                    guidance=c["prior_guidance"] if guided else None)
+        elif stage == "decoder":
+            want = reference_decoder(pipe, z_i, text, torch.Generator().manual_seed(3), 8.0 if guided else 1.0)
+            g = torch.Generator().manual_seed(3)
+            x_t = torch.randn((2, 3, 8, 8), generator=g)
+            got = c["decoder"].decode(x_t, {"emb": z_i, **cond}, generator=g, sampler=c["sampler"],
+                                      guidance=c["guidance"] if guided else None).clamp(-1, 1)
+        else:
+            low = reference_decoder(pipe, z_i, text, torch.Generator().manual_seed(3), 1.0)
+            want = reference_super_res(pipe, low, torch.Generator().manual_seed(4))
+            got = model.upsample(low, generator=torch.Generator().manual_seed(4))
+    assert got.dtype == torch.float64 and (got - want).abs().max() < 1e-9
+
+
+def test_the_float32_beta_quirk_is_the_only_difference(unclip64) -> None:
+    """With diffusers' own UnCLIPScheduler (the quirk kept: its tables as it makes them, in float64 arithmetic), the
+    super-resolution stage is genzoo's with the last step's x0_hat scaled by beta_0 / (1 - abar_0)."""
+    pipe, model = unclip64
     kept = pipe.super_res_scheduler
-    pipe.super_res_scheduler = diffusers.UnCLIPScheduler.from_config(kept.config)
+    s = diffusers.UnCLIPScheduler.from_config(kept.config)
+    s.betas, s.alphas, s.alphas_cumprod, s.one = (s.betas.double(), s.alphas.double(), s.alphas_cumprod.double(),
+                                                  s.one.double())
+    factor = float(s.betas[0] / (1 - s.alphas_cumprod[0]))
+    pipe.super_res_scheduler = s
     try:
-        want = pipe(prompt=CAPTIONS, generator=torch.Generator().manual_seed(0), output_type="np").images
+        with float64(), torch.no_grad():
+            low = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+            want = reference_super_res(pipe, low, torch.Generator().manual_seed(4))
+            got = model.upsample(low, generator=torch.Generator().manual_seed(4))
     finally:
         pipe.super_res_scheduler = kept
-    s = diffusers.UnCLIPScheduler.from_config(kept.config)
-    factor = float(s.betas[0] / (1 - s.alphas_cumprod[0]))
-    assert 1e-6 < abs(factor - 1) < 1e-4
-    x = api.load_model(run).sample(2, {"caption": CAPTIONS}, generator=torch.Generator().manual_seed(0))
-    assert np.abs(nhwc(x * factor) - want).max() < 1e-5
+    assert 1e-6 < abs(factor - 1) < 1e-4 and (got - want).abs().max() > 1e-6
+    assert (got * factor - want).abs().max() < 1e-9
+
+
+def test_unclip_from_the_command_line_with_a_prompt(unclip, tmp_path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    from genzoo.cli import main
+
+    folder, _, _ = unclip
+    run = tmp_path / "run"
+    assert main(["import", str(folder), str(run)]) == 0
+    assert "UnCLIPPipeline, adapter" in capsys.readouterr().out
+    out = ["--out", str(tmp_path / "g.png"), "--save", str(tmp_path / "x.safetensors"), "--device", "cpu"]
+    assert main(["sample", str(run), "--prompt", "a red cab", "-n", "2", "--steps", "5", "--prior-steps", "4",
+                 "--upsampler-steps", "3", *out]) == 0
+    x = load_file(str(tmp_path / "x.safetensors"))["samples"]
+    want = api.load_model(run, steps=5, prior_steps=4, upsampler_steps=3).sample(
+        2, {"caption": ["a red cab"] * 2}, generator=torch.Generator().manual_seed(0)
+    )
+    assert x.shape == (2, 3, 16, 16) and torch.allclose(x, want)
+    with pytest.raises(Exception, match="no image tower"):  # UnCLIPPipeline has no image encoder: no variations
+        api.load_model(run).variations(torch.zeros(1, 3, 16, 16), 2)
+
+
+def test_every_sampler_and_guidance_runs_on_the_imported_unclip(unclip) -> None:
+    """Each diffusion sampler on each stage (the super-resolution's last model evaluation, wherever the sampler puts
+    it, is super_res_last's), and CFG swapped in on the prior and the decoder of a run imported without it."""
+    _, run, _ = unclip
+    registry = default_registry()
+    names = [n for n in registry.names("sampler") if registry.build("sampler", n).kind.value == "diffusion"]
+    for name in names:
+        model = api.load_model(run, sampler=name, steps=4, prior_sampler=name, prior_steps=4,
+                               upsampler_sampler=name, upsampler_steps=3)
+        x = model.sample(1, {"caption": CAPTIONS[:1]}, generator=torch.Generator().manual_seed(0))
+        assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all(), name
+    plain = dict(guidance="none", prior_guidance="none", steps=4, prior_steps=4, upsampler_steps=3)
+    cond, g = {"caption": CAPTIONS}, lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    base = api.load_model(run, **plain).sample(2, cond, generator=g())
+    for swap in (dict(guidance="cfg", scale=5.0), dict(prior_guidance="cfg", prior_scale=5.0)):
+        guided = api.load_model(run, **{**plain, **swap}).sample(2, cond, generator=g())
+        assert torch.isfinite(guided).all() and (guided - base).abs().max() > 1e-3, swap
+    # CFG at scale 1 is the conditional model, stage by stage (the cascade amplifies a 5e-7 difference in z_i, the
+    # rounding of a batch twice as large, about 1600 times by the last image: stages are compared, not images)
+    off = api.load_model(run, **plain).components
+    on = api.load_model(run, **{**plain, "guidance": "cfg", "scale": 1.0, "prior_guidance": "cfg", "prior_scale": 1.0})
+    on = on.components
+    with torch.no_grad():
+        text = off["encoder"].encode(cond)
+        z = [c["prior"].sample(2, text, generator=g(), sampler=c["prior_sampler"], guidance=c.get("prior_guidance"))
+             for c in (off, on)]
+        assert (z[0] - z[1]).abs().max() < 1e-5
+        x = [c["decoder"].decode(torch.randn(2, 3, 8, 8, generator=g()), {"emb": z[0], **text}, generator=g(),
+                                 sampler=c["sampler"], guidance=c.get("guidance")) for c in (off, on)]
+        assert (x[0] - x[1]).abs().max() < 1e-4
+
+
+def test_unclip_with_an_image_encoder_gives_variations_and_interpolations(tmp_path) -> None:
+    """A folder that also holds image_encoder/ and feature_extractor/ (UnCLIPImageVariationPipeline's) gives the
+    run's CLIP an image tower: its embeddings are CLIPVisionModelWithProjection's, and variations run."""
+    import transformers
+
+    pipe = diffusers.UnCLIPPipeline(**unclip_parts(seed=2))
+    pipe.save_pretrained(str(tmp_path / "pipe"))
+    torch.manual_seed(3)
+    vision = transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(hidden_size=16, projection_dim=16, intermediate_size=37, num_attention_heads=4,
+                                      num_hidden_layers=2, image_size=16, patch_size=4)
+    ).eval()
+    vision.save_pretrained(str(tmp_path / "pipe" / "image_encoder"))
+    processor = transformers.CLIPImageProcessor(crop_size=16, size=16, image_mean=[0.5, 0.4, 0.3],
+                                                image_std=[0.2, 0.3, 0.25])
+    processor.save_pretrained(str(tmp_path / "pipe" / "feature_extractor"))
+    run = api.import_model(tmp_path / "pipe", tmp_path / "run")
+    assert load_checkpoint(run).meta["imported_from"]["image_encoder"] is True
+    model = api.load_model(run, steps=3, prior_steps=3, upsampler_steps=2)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        pixels = ((x + 1) / 2 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.3, 0.25]).view(
+            1, 3, 1, 1
+        )
+        want = vision(pixel_values=pixels).image_embeds
+        assert (model.image_embeddings(x) - want).abs().max() < 1e-5
+    v = model.variations(x, 2, generator=torch.Generator().manual_seed(0))
+    path = model.interpolate(x[0], x[1], 3, generator=torch.Generator().manual_seed(0))
+    assert v.shape == (4, 3, 16, 16) and path.shape == (3, 3, 16, 16)
+    assert torch.isfinite(v).all() and torch.isfinite(path).all()
+
+
+def test_unclip_folder_with_pickled_weights_is_refused_and_nothing_is_unpickled(tmp_path, monkeypatch) -> None:
+    from genzoo.errors import CheckpointError
+
+    diffusers.UnCLIPPipeline(**unclip_parts()).save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
+    assert list((tmp_path / "bin" / "prior").glob("*.bin"))  # transformers 5 writes the text encoder as safetensors
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("genzoo import unpickled a file")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(CheckpointError, match=r"only pickled weights .*safe_serialization=True"):
+        api.import_model(tmp_path / "bin", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_pipeline_genzoo_does_not_import_is_refused_naming_what_it_reads(tmp_path) -> None:
+    import json
+
+    from genzoo.errors import GenzooError
+
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(GenzooError, match="holds a StableDiffusionPipeline; `genzoo import` reads DDPMPipeline, "
+                       "DDIMPipeline, LDMPipeline, UnCLIPPipeline"):
+        api.import_model(tmp_path / "sd", tmp_path / "run")

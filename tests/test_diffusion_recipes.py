@@ -11,16 +11,28 @@ import torch
 from genzoo import api
 from genzoo.training import TrainConfig, Trainer
 
-TINY = ["decoder.denoiser.model_channels=16", "decoder.denoiser.num_res_blocks=1", "train.batch_size=16",
-        "train.log_every=1", "train.checkpoint_every=100"]
+TINY = [
+    "decoder.denoiser.model_channels=16",
+    "decoder.denoiser.num_res_blocks=1",
+    "train.batch_size=16",
+    "train.log_every=1",
+    "train.checkpoint_every=100",
+]
 
 
-@pytest.mark.parametrize("name, sets, stages", [
-    ("ddpm-digits", ["train.steps=3"], ["decoder"]),
-    ("iddpm-digits", ["train.steps=3"], ["decoder"]),
-    ("cfg-digits", ["train.steps=3"], ["decoder"]),
-    ("adm-digits", ["train.stages={decoder: 2, guidance: 3}", "guidance.classifier.model_channels=16"], ["decoder", "guidance"]),
-])
+@pytest.mark.parametrize(
+    "name, sets, stages",
+    [
+        ("ddpm-digits", ["train.steps=3"], ["decoder"]),
+        ("iddpm-digits", ["train.steps=3"], ["decoder"]),
+        ("cfg-digits", ["train.steps=3"], ["decoder"]),
+        (
+            "adm-digits",
+            ["train.stages={decoder: 2, guidance: 3}", "guidance.classifier.model_channels=16"],
+            ["decoder", "guidance"],
+        ),
+    ],
+)
 def test_recipe_trains_reloads_and_samples(tmp_path: Path, name: str, sets: list[str], stages: list[str]) -> None:
     resolved = api.resolve_recipe(name, sets=TINY + sets)
     source = api.build_data(resolved)
@@ -28,10 +40,19 @@ def test_recipe_trains_reloads_and_samples(tmp_path: Path, name: str, sets: list
     torch.manual_seed(0)
     pipeline = api.create_model(resolved, data_spec=source.spec)
     meta = {"data_spec": api.data_spec_dict(source.spec), "data_fingerprint": train.fingerprint()}
-    result = Trainer(pipeline, train.tensors(), config=TrainConfig.model_validate(resolved["train"]), run_dir=tmp_path,
-                     recipe=resolved, meta=meta, progress=False).fit()
+    result = Trainer(
+        pipeline,
+        train.tensors(),
+        config=TrainConfig.model_validate(resolved["train"]),
+        run_dir=tmp_path,
+        recipe=resolved,
+        meta=meta,
+        progress=False,
+    ).fit()
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows] == [s for s in stages for _ in range(2 if s == "decoder" and len(stages) > 1 else 3)]
+    assert [r["stage"] for r in rows] == [
+        s for s in stages for _ in range(2 if s == "decoder" and len(stages) > 1 else 3)
+    ]
     if "iddpm" in name:
         assert all("vlb" in r and r["loss"] > r["mse"] for r in rows)  # L_hybrid
     if name.startswith("adm"):

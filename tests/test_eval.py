@@ -18,7 +18,9 @@ from genzoo.plugins import default_registry
 class Oracle(torch.nn.Module):
     """A 'model' that returns real images of the requested class (or noise): metrics must tell them apart."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, noise: bool = False, num_classes: int | None = None):
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, *, noise: bool = False, num_classes: int | None = None
+    ):
         super().__init__()
         self.images, self.labels, self.noise = images, labels, noise
         self.components = {}
@@ -33,15 +35,31 @@ class Oracle(torch.nn.Module):
         if condition is None:
             idx = torch.randint(0, len(self.images), (n,), generator=generator)
         else:
-            idx = torch.stack([torch.nonzero(self.labels == y)[torch.randint(0, int((self.labels == y).sum()), (1,),
-                                                                            generator=generator)].squeeze() for y in condition["y"]])
+            idx = torch.stack(
+                [
+                    torch.nonzero(self.labels == y)[
+                        torch.randint(0, int((self.labels == y).sum()), (1,), generator=generator)
+                    ].squeeze()
+                    for y in condition["y"]
+                ]
+            )
         return self.images[idx]
 
 
 def _all_metrics():
     reg = default_registry()
-    return {m: reg.build("metric", {"type": m}) for m in ("fd", "kid", "precision-recall", "density-coverage",
-                                                           "class-coverage", "attribute-accuracy", "throughput")}
+    return {
+        m: reg.build("metric", {"type": m})
+        for m in (
+            "fd",
+            "kid",
+            "precision-recall",
+            "density-coverage",
+            "class-coverage",
+            "attribute-accuracy",
+            "throughput",
+        )
+    }
 
 
 def test_metrics_separate_real_images_from_noise_and_score_conditions(cheap_judges) -> None:
@@ -49,10 +67,22 @@ def test_metrics_separate_real_images_from_noise_and_score_conditions(cheap_judg
     judge = judges.load_judge("digits", source.cfg.model_dump())
     train = source.split("train").tensors()
     settings = EvalSettings(samples=400, seed=0, batch_size=100)
-    real = evaluate(Oracle(train["image"], train["label"], num_classes=10), source, metrics=_all_metrics(), judge=judge,
-                    settings=settings, device=torch.device("cpu"))
-    noise = evaluate(Oracle(train["image"], train["label"], noise=True), source, metrics=_all_metrics(), judge=judge,
-                     settings=settings, device=torch.device("cpu"))
+    real = evaluate(
+        Oracle(train["image"], train["label"], num_classes=10),
+        source,
+        metrics=_all_metrics(),
+        judge=judge,
+        settings=settings,
+        device=torch.device("cpu"),
+    )
+    noise = evaluate(
+        Oracle(train["image"], train["label"], noise=True),
+        source,
+        metrics=_all_metrics(),
+        judge=judge,
+        settings=settings,
+        device=torch.device("cpu"),
+    )
     assert real["fd"] < 0.1 * noise["fd"] and real["kid"] < 0.1 * noise["kid"]
     assert real["precision"] > 0.6 and noise["precision"] < 0.1
     assert real["class_coverage"] == 1.0 and real["max_class_share"] < 0.2
@@ -133,7 +163,9 @@ recipes:
     data: {type: digits, image_size: 8}
     components:
       prior: {type: gaussian}
-      decoder: {type: autoencoder, latent_dim: 4, variational: true, encoder: {type: conv-encoder, channels: 8, norm: group}, decoder: {type: conv-decoder, channels: 8, norm: group}}
+      decoder: {type: autoencoder, latent_dim: 4, variational: true,
+                encoder: {type: conv-encoder, channels: 8, norm: group},
+                decoder: {type: conv-decoder, channels: 8, norm: group}}
     train: {steps: 20, batch_size: 32, lr: 1.0e-3, ema_decay: null, log_every: 5}
   tiny-ae:
     description: tiny AE whose mixture prior is fitted when the minutes budget runs out
@@ -141,7 +173,8 @@ recipes:
     data: {type: digits, image_size: 8}
     components:
       prior: {type: gmm, components: 3}
-      decoder: {type: autoencoder, latent_dim: 4, encoder: {type: conv-encoder, channels: 8, norm: group}, decoder: {type: conv-decoder, channels: 8, norm: group}}
+      decoder: {type: autoencoder, latent_dim: 4, encoder: {type: conv-encoder, channels: 8, norm: group},
+                decoder: {type: conv-decoder, channels: 8, norm: group}}
     train: {steps: 20, batch_size: 32, lr: 1.0e-3, ema_decay: null, log_every: 5}
   tiny-ddpm:
     description: tiny DDPM for the compare test
@@ -149,7 +182,9 @@ recipes:
     data: {type: digits, image_size: 8}
     components:
       prior: {type: gaussian}
-      decoder: {type: diffusion-decoder, denoiser: {type: unet, model_channels: 8, channel_mult: [1], num_res_blocks: 1, attention_resolutions: []}}
+      decoder: {type: diffusion-decoder,
+                denoiser: {type: unet, model_channels: 8, channel_mult: [1], num_res_blocks: 1,
+                           attention_resolutions: []}}
       sampler: {type: ddim, steps: 4}
     train: {steps: 20, batch_size: 32, lr: 1.0e-3, log_every: 5}
 """
@@ -161,9 +196,32 @@ def test_compare_writes_the_leaderboard_grids_plots_and_error_rows(tmp_path: Pat
     recipes = tmp_path / "tiny.yaml"
     recipes.write_text(TINY)
     out = tmp_path / "cmp"
-    rc = main(["compare", "tiny-vae", "tiny-ae", "tiny-ddpm", "tiny-ddpm@ddpm:5", "no-such-recipe", "--out", str(out), "--recipes",
-               str(recipes), "--samples", "64", "--sweep", "ddim:2,4", "--segments", "2", "--budget-minutes", "0.02",
-               "--metrics", "fd,precision-recall,reconstruction,throughput", "--precision", "bf16"])
+    rc = main(
+        [
+            "compare",
+            "tiny-vae",
+            "tiny-ae",
+            "tiny-ddpm",
+            "tiny-ddpm@ddpm:5",
+            "no-such-recipe",
+            "--out",
+            str(out),
+            "--recipes",
+            str(recipes),
+            "--samples",
+            "64",
+            "--sweep",
+            "ddim:2,4",
+            "--segments",
+            "2",
+            "--budget-minutes",
+            "0.02",
+            "--metrics",
+            "fd,precision-recall,reconstruction,throughput",
+            "--precision",
+            "bf16",
+        ]
+    )
     assert rc == 0
     board = json.loads((out / "leaderboard.json").read_text())
     rows = board["rows"]
@@ -180,7 +238,12 @@ def test_compare_writes_the_leaderboard_grids_plots_and_error_rows(tmp_path: Pat
     assert table[0][0] == "model" and len(table) == 6
     assert not by["tiny-ae"]["error"] and by["tiny-ae"]["fd"] > 0  # a spent budget still fits the AE's prior
     assert "| tiny-vae |" in (out / "leaderboard.md").read_text().replace("| tiny-vae | vae", "| tiny-vae |")
-    for f in ("grids/tiny-vae.png", "grids/tiny-ddpm_ddpm-5.png", "fd_vs_training_time.png", "fd_vs_steps_tiny-ddpm.png"):
+    for f in (
+        "grids/tiny-vae.png",
+        "grids/tiny-ddpm_ddpm-5.png",
+        "fd_vs_training_time.png",
+        "fd_vs_steps_tiny-ddpm.png",
+    ):
         assert (out / f).stat().st_size > 0, f
     curves = json.loads((out / "curves.json").read_text())
     assert len(curves["training"]["tiny-vae"]) == 2 and [s for s, _ in curves["steps"]["tiny-ddpm"]["ddim"]] == [2, 4]

@@ -40,7 +40,11 @@ def test_example_sampler_is_listed_and_works_in_a_recipe(installed) -> None:
     recipe = load_recipes()["cfg-digits"]
     from genzoo.recipes import apply_overrides
 
-    r = resolve("cfg-digits", apply_overrides("cfg-digits", recipe, ["decoder.denoiser.model_channels=16"], sampler="heun", steps=4), registry)
+    r = resolve(
+        "cfg-digits",
+        apply_overrides("cfg-digits", recipe, ["decoder.denoiser.model_channels=16"], sampler="heun", steps=4),
+        registry,
+    )
     spec = registry.build("dataset", "digits").split("test").spec
     model = build_pipeline(r, registry, spec).eval()
     x = model.sample(3, {"y": torch.tensor([1, 2, 3])}, generator=torch.Generator().manual_seed(0))

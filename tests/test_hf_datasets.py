@@ -22,14 +22,20 @@ def pil(colour: tuple[int, int, int], size: tuple[int, int] = (12, 10)):
 @pytest.fixture
 def saved(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("GENZOO_CACHE", str(tmp_path / "cache"))
-    features = datasets.Features({"img": datasets.Image(), "y": datasets.ClassLabel(names=["red", "blue"]),
-                                  "text": datasets.Value("string")})
+    features = datasets.Features(
+        {"img": datasets.Image(), "y": datasets.ClassLabel(names=["red", "blue"]), "text": datasets.Value("string")}
+    )
     colours = [(255, 0, 0), (0, 0, 255)]
 
     def split(n: int) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({"img": [pil(colours[i % 2]) for i in range(n)], "y": [i % 2 for i in range(n)],
-                                           "text": [f"a {['red', 'blue'][i % 2]} square" for i in range(n)]},
-                                          features=features)
+        return datasets.Dataset.from_dict(
+            {
+                "img": [pil(colours[i % 2]) for i in range(n)],
+                "y": [i % 2 for i in range(n)],
+                "text": [f"a {['red', 'blue'][i % 2]} square" for i in range(n)],
+            },
+            features=features,
+        )
 
     out = tmp_path / "toy"
     datasets.DatasetDict({"train": split(6), "test": split(4)}).save_to_disk(str(out))
@@ -84,22 +90,42 @@ def test_a_hub_id_offline_fails_with_one_line(tmp_path: Path, monkeypatch) -> No
 def test_a_model_trains_on_it(saved: Path) -> None:
     from genzoo import api
     from genzoo.recipes import parse_recipe, resolve
-    from genzoo.training import Trainer, TrainConfig
+    from genzoo.training import TrainConfig, Trainer
 
-    body = {"description": "a tiny class-conditional DDPM", "pipeline": {"type": "diffusion", "condition": "class"},
-            "data": {"type": "hf-dataset", "path": str(saved), "image_column": "img", "label_column": "y", "image_size": 8},
-            "components": {"prior": {"type": "gaussian"},
-                           "decoder": {"type": "diffusion-decoder", "timesteps": 100, "denoiser": {
-                               "type": "unet", "model_channels": 8, "channel_mult": [1], "num_res_blocks": 1,
-                               "attention_resolutions": [], "num_classes": 2}},
-                           "sampler": {"type": "ddim", "steps": 4}}}
+    body = {
+        "description": "a tiny class-conditional DDPM",
+        "pipeline": {"type": "diffusion", "condition": "class"},
+        "data": {"type": "hf-dataset", "path": str(saved), "image_column": "img", "label_column": "y", "image_size": 8},
+        "components": {
+            "prior": {"type": "gaussian"},
+            "decoder": {
+                "type": "diffusion-decoder",
+                "timesteps": 100,
+                "denoiser": {
+                    "type": "unet",
+                    "model_channels": 8,
+                    "channel_mult": [1],
+                    "num_res_blocks": 1,
+                    "attention_resolutions": [],
+                    "num_classes": 2,
+                },
+            },
+            "sampler": {"type": "ddim", "steps": 4},
+        },
+    }
     registry = default_registry()
     resolved = resolve("toy", parse_recipe("toy", body), registry)
     source = api.build_data(resolved)
     model = api.create_model(resolved, data_spec=source.spec)
     cfg = TrainConfig(steps=2, batch_size=2, sample_every=0, checkpoint_every=2, ema_decay=None)
-    result = Trainer(model, source.split("train").tensors(), config=cfg, run_dir=saved.parent / "run", recipe=resolved,
-                     progress=False).fit()
+    result = Trainer(
+        model,
+        source.split("train").tensors(),
+        config=cfg,
+        run_dir=saved.parent / "run",
+        recipe=resolved,
+        progress=False,
+    ).fit()
     assert result.step == 2 and torch.isfinite(torch.tensor(result.losses["loss"]))
     x = model.eval().sample(2, {"y": torch.tensor([0, 1])}, generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 8, 8)

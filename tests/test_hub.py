@@ -57,13 +57,23 @@ def test_pull_from_prepopulated_cache_offline(ckpt: Path, tmp_path: Path) -> Non
     cache = tmp_path / "hub"
     fake_hub_cache(cache, "someone/genzoo-toy", ckpt)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    r = subprocess.run([sys.executable, "-m", "genzoo", "pull", "someone/genzoo-toy", str(tmp_path / "out")],
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "genzoo", "pull", "someone/genzoo-toy", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert torch.equal(load_checkpoint(tmp_path / "out").components["decoder"]["w"], torch.arange(6.0).reshape(2, 3))
 
-    r = subprocess.run([sys.executable, "-m", "genzoo", "pull", "someone/not-cached"],
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "genzoo", "pull", "someone/not-cached"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "not in the local Hub cache" in r.stderr and "pass a local checkpoint directory" in r.stderr
 

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 
 import genzoo.eval.judges as judges
-from genzoo.plugins import default_registry
 from genzoo.eval.judges import Judge, cache_dir, evaluate_judge, judge_key, load_judge, train_judge
+from genzoo.plugins import default_registry
 
 # Cheap settings (the defaults take ~50 s for shapes 32x32, ~12 s for digits; see DEFAULT_TRAIN).
 SHAPES_SMALL = {"image_size": 16, "num_train": 3000, "num_test": 1000}
@@ -110,7 +110,10 @@ def test_features_and_predict_api():
     with pytest.raises(ValueError, match="expects images"):
         judge.features(torch.zeros(2, 3, 32, 32))
     for side, channels in ((8, 1), (32, 3), (64, 3)):  # every size the bundled datasets come in
-        assert Judge((channels, side, side), {"label": 10}).features(torch.zeros(2, channels, side, side)).shape == (2, 128)
+        assert Judge((channels, side, side), {"label": 10}).features(torch.zeros(2, channels, side, side)).shape == (
+            2,
+            128,
+        )
 
 
 def test_cache_dir_precedence(monkeypatch, tmp_path):

@@ -31,8 +31,12 @@ def imports(path: Path) -> list[tuple[str, list[str], int]]:
 
 def test_the_framework_never_imports_a_plugin() -> None:
     plugin_names = {p.name for p in PLUGINS}
-    bad = [f"{f.relative_to(ROOT)}:{line} imports {mod}" for f in (ROOT / "genzoo").rglob("*.py")
-           for mod, _, line in imports(f) if mod.split(".")[0] in plugin_names or mod.startswith("genzoo_")]
+    bad = [
+        f"{f.relative_to(ROOT)}:{line} imports {mod}"
+        for f in (ROOT / "genzoo").rglob("*.py")
+        for mod, _, line in imports(f)
+        if mod.split(".")[0] in plugin_names or mod.startswith("genzoo_")
+    ]
     assert not bad, bad
 
 
@@ -45,8 +49,9 @@ def test_a_plugin_imports_no_other_plugin_and_only_public_genzoo_names(plugin: P
             top = mod.split(".")[0]
             if top.startswith("genzoo_") and top != plugin.name:
                 bad.append(f"{where} imports another plugin, {mod}")
-            if top == "genzoo" and (any(part.startswith("_") for part in mod.split(".")[1:])
-                                    or any(n.startswith("_") for n in names)):
+            if top == "genzoo" and (
+                any(part.startswith("_") for part in mod.split(".")[1:]) or any(n.startswith("_") for n in names)
+            ):
                 bad.append(f"{where} imports a private name: from {mod} import {', '.join(names)}")
     assert not bad, bad
 
@@ -62,7 +67,11 @@ def test_every_summary_is_a_genzoo_docstring_never_a_library_one() -> None:
     the plugin that registers it (pydantic's BaseModel and torch's Module docstrings used to leak in)."""
     for e in default_registry().entries():
         assert e.summary, f"{e.kind} '{e.name}' has no summary: give its factory or config a docstring"
-        sources = [o for o in (e.factory, e.config) if own_doc(o) and e.summary == own_doc(o).split("\n\n")[0].replace("\n", " ")]
+        sources = [
+            o
+            for o in (e.factory, e.config)
+            if own_doc(o) and e.summary == own_doc(o).split("\n\n")[0].replace("\n", " ")
+        ]
         if not sources:  # an explicit summary= at registration
             continue
         module = getattr(sources[0], "__module__", "")
@@ -90,7 +99,9 @@ def nested_templates(text: str) -> list[str]:
         if not anchor:
             continue
         indent = len(line) - len(line.lstrip())
-        block = [line] + list(itertools.takewhile(lambda s: not s.strip() or len(s) - len(s.lstrip()) > indent, lines[i + 1:]))
+        block = [line] + list(
+            itertools.takewhile(lambda s, d=indent: not s.strip() or len(s) - len(s.lstrip()) > d, lines[i + 1 :])
+        )
         if any("<<: *" in b for b in block) and f"*{anchor.group(1)}" in text:
             bad.append(anchor.group(1))
     return bad

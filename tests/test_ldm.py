@@ -23,13 +23,27 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-TINY = ["data.image_size=16", "data.num_train=96", "data.num_test=32", "decoder.autoencoder.codebook_size=16",
-        "decoder.autoencoder.encoder.channels=16", "decoder.autoencoder.decoder.channels=16",
-        "decoder.autoencoder.encoder.num_res_blocks=1", "decoder.autoencoder.decoder.num_res_blocks=1",
-        "decoder.diffusion.denoiser.model_channels=16", "train.batch_size=8", "train.log_every=1",
-        "train.checkpoint_every=100", "train.sample_every=0"]
-CLASS = ["pipeline.condition=class", "decoder.diffusion.denoiser.num_classes=24", "decoder.diffusion.cond_drop=0.2",
-         "guidance={type: cfg, scale: 3.0}"]
+TINY = [
+    "data.image_size=16",
+    "data.num_train=96",
+    "data.num_test=32",
+    "decoder.autoencoder.codebook_size=16",
+    "decoder.autoencoder.encoder.channels=16",
+    "decoder.autoencoder.decoder.channels=16",
+    "decoder.autoencoder.encoder.num_res_blocks=1",
+    "decoder.autoencoder.decoder.num_res_blocks=1",
+    "decoder.diffusion.denoiser.model_channels=16",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.checkpoint_every=100",
+    "train.sample_every=0",
+]
+CLASS = [
+    "pipeline.condition=class",
+    "decoder.diffusion.denoiser.num_classes=24",
+    "decoder.diffusion.cond_drop=0.2",
+    "guidance={type: cfg, scale: 3.0}",
+]
 DIFFUSION_SAMPLERS = [e.name for e in default_registry().entries("sampler") if e.plugin == "diffusion"]
 
 
@@ -98,8 +112,9 @@ def test_both_stages_train_and_the_first_is_frozen_in_the_second(tmp_path: Path)
     assert not torch.equal(before[first], after[first])
     for k, v in seen["decoder"].items():  # the autoencoder at the start of the diffusion stage is the one it ends with
         assert torch.equal(v, model.components["decoder"].autoencoder.state_dict()[k]), k
-    moved = [k for k in after if k.startswith("decoder.diffusion_decoder.denoiser")
-             and not torch.equal(before[k], after[k])]
+    moved = [
+        k for k in after if k.startswith("decoder.diffusion_decoder.denoiser") and not torch.equal(before[k], after[k])
+    ]
     assert moved and bool(model.components["decoder"].scale_fitted)
 
 
@@ -147,23 +162,36 @@ def test_a_checkpoint_reloads_to_identical_samples(tmp_path: Path) -> None:
 
 
 def test_a_first_stage_without_the_latent_interface_is_refused_naming_the_field() -> None:
-    with pytest.raises(GenzooError, match=r"field 'autoencoder': decoder 'generator' has no latent interface "
-                                          r"\(no latent_shape, encode_latents, decode_latents\)"):
+    with pytest.raises(
+        GenzooError,
+        match=r"field 'autoencoder': decoder 'generator' has no latent interface "
+        r"\(no latent_shape, encode_latents, decode_latents\)",
+    ):
         build(["decoder.autoencoder={type: generator}"])
     with pytest.raises(GenzooError, match=r"field 'diffusion': image_size is 8"):
         build(["decoder.diffusion.image_size=8"])
     with pytest.raises(GenzooError, match=r"components.guidance 'classifier' trains on images"):
-        build(["pipeline.condition=class", "decoder.diffusion.denoiser.num_classes=24",
-               "guidance={type: classifier, classifier: {type: noisy-classifier, model_channels: 16}}"])
+        build(
+            [
+                "pipeline.condition=class",
+                "decoder.diffusion.denoiser.num_classes=24",
+                "guidance={type: classifier, classifier: {type: noisy-classifier, model_channels: 16}}",
+            ]
+        )
 
 
 def test_a_vae_first_stage_gives_vector_latents_for_an_mlp_denoiser(tmp_path: Path) -> None:
-    vae = ["decoder.autoencoder={type: autoencoder, latent_dim: 8, variational: true, "
-           "encoder: {type: conv-encoder, channels: 16}, decoder: {type: conv-decoder, channels: 16}}"]
+    vae = [
+        "decoder.autoencoder={type: autoencoder, latent_dim: 8, variational: true, "
+        "encoder: {type: conv-encoder, channels: 16}, decoder: {type: conv-decoder, channels: 16}}"
+    ]
     with pytest.raises(GenzooError, match=r"latent shape \(8,\).*mlp-denoiser"):
         build(vae)
-    model, data = train(tmp_path, vae + ["decoder.diffusion.denoiser={type: mlp-denoiser, hidden: 32, depth: 1}"],
-                        stages="{autoencoder: 2, decoder: 2}")
+    model, data = train(
+        tmp_path,
+        vae + ["decoder.diffusion.denoiser={type: mlp-denoiser, hidden: 32, depth: 1}"],
+        stages="{autoencoder: 2, decoder: 2}",
+    )
     dec = model.components["decoder"]
     assert dec.consumes.shape == (8,) and model.components["prior"].produces.shape == (8,)
     assert abs(dec.encode(data.tensors()["image"]).std().item() - 1) < 0.05  # fitted on the first 1024 (all 96 here)

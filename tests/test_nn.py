@@ -9,12 +9,26 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from genzoo.nn import GPT, CachedLogits, GPTConfig, KVCache, MLPDenoiser, MLPDenoiserConfig, NoisyClassifier, NoisyClassifierConfig, UNet, UNetConfig, unet_flops
+from genzoo.nn import (
+    GPT,
+    CachedLogits,
+    GPTConfig,
+    KVCache,
+    MLPDenoiser,
+    MLPDenoiserConfig,
+    NoisyClassifier,
+    NoisyClassifierConfig,
+    UNet,
+    UNetConfig,
+    unet_flops,
+)
 from genzoo.nn.embeddings import timestep_embedding
 from genzoo.nn.unet import flop_counter, num_groups
 from genzoo.tokens import TokenSampler, TokenSamplerConfig
 
-SMALL = dict(in_channels=3, image_size=8, model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4])
+SMALL = dict(
+    in_channels=3, image_size=8, model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4]
+)
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +107,9 @@ def test_dropped_condition_equals_missing_condition() -> None:
     x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 2, 3])
     cond = {"y": torch.tensor([0, 1, 2]), "emb": torch.randn(3, 6), "context": torch.randn(3, 4, 12)}
     missing = u(x, t, None)
-    torch.testing.assert_close(u(x, t, {**cond, "drop": torch.ones(3, dtype=torch.bool)}), missing, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        u(x, t, {**cond, "drop": torch.ones(3, dtype=torch.bool)}), missing, rtol=1e-5, atol=1e-6
+    )
     # per-sample: only the dropped row equals the unconditional output
     partial = u(x, t, {**cond, "drop": torch.tensor([False, True, False])})
     torch.testing.assert_close(partial[1], missing[1], rtol=1e-5, atol=1e-6)
@@ -116,7 +132,11 @@ def test_class_embedding_changes_output_after_a_training_step() -> None:
 def test_context_tokens_are_attended_to() -> None:
     u = UNet(UNetConfig(**SMALL, context_dim=12, emb_dim_in=6))
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 20])
-    base = {"context": torch.randn(2, 5, 12), "context_mask": torch.ones(2, 5, dtype=torch.bool), "emb": torch.randn(2, 6)}
+    base = {
+        "context": torch.randn(2, 5, 12),
+        "context_mask": torch.ones(2, 5, dtype=torch.bool),
+        "emb": torch.randn(2, 6),
+    }
     target = torch.randn(2, 3, 8, 8)
     # the zero-initialised attention output projection blocks the gradient at first
     train(u, lambda: (u(x, t, base) - target).pow(2).mean(), steps=3)
@@ -265,7 +285,8 @@ def test_gpt_overfits_with_a_prefix() -> None:
     assert first > 2.0 and loss.item() < 0.05
     g.eval()
     drawn = TokenSampler(TokenSamplerConfig(temperature=0.01)).sample(
-        CachedLogits(g, prefix=lambda c: prefix), seqs[:, :0], 10, generator=torch.Generator().manual_seed(0))
+        CachedLogits(g, prefix=lambda c: prefix), seqs[:, :0], 10, generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(drawn, seqs, rtol=0, atol=0)
 
 
@@ -279,5 +300,7 @@ def test_cached_logits_drive_the_token_sampler_like_full_passes() -> None:
     want = sampler.sample(full, prompt, 8, generator=torch.Generator().manual_seed(3))
     calls: list[int] = []
     g.transformer.wte.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[1]))
-    got = sampler.sample(CachedLogits(g, prefix=lambda cond: prefix), prompt, 8, generator=torch.Generator().manual_seed(3))
+    got = sampler.sample(
+        CachedLogits(g, prefix=lambda cond: prefix), prompt, 8, generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(got, want) and calls == [2] + [1] * 7

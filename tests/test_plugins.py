@@ -80,11 +80,14 @@ def test_broken_plugin_is_recorded_and_others_load(site: Path) -> None:
 
 
 def test_plugin_whose_hook_raises_registers_nothing(site: Path) -> None:
-    src = GOOD.replace("{name}", "half-ok") + '''
+    src = (
+        GOOD.replace("{name}", "half-ok")
+        + """
 @genzoo.plugins.hookimpl
 def register_recipes():
     raise RuntimeError("boom in recipes")
-'''
+"""
+    )
     make_dist(site, "zz-halfway", "zz_halfway", src)
     reg, infos = load_plugins(strict=False, disabled=[])
     assert "RuntimeError: boom in recipes" in infos_by_name(infos)["zz-halfway"].error
@@ -131,7 +134,10 @@ def test_plugin_ships_recipes(tmp_path: Path) -> None:
     from genzoo.recipes import load_recipes
 
     extra = tmp_path / "extra.yaml"
-    extra.write_text("recipes:\n  my-ddpm:\n    description: from a plugin\n    pipeline: {type: diffusion}\n    data: {type: digits}\n")
+    extra.write_text(
+        "recipes:\n  my-ddpm:\n    description: from a plugin\n    pipeline: {type: diffusion}\n    data: "
+        "{type: digits}\n"
+    )
 
     class Shipping:
         @hookimpl
@@ -197,14 +203,20 @@ def test_a_plugin_cannot_knock_out_a_builtin(site: Path, entry: str) -> None:
     shadow = by[entry]
     assert not shadow.builtin and shadow.error is None
     assert shadow.registered == [("metric", "own-metric")]  # the rest of the newcomer still loads
-    assert shadow.refused == ["sampler 'ddim' is registered by both plugin 'diffusion' and plugin '" + entry
-                              + "'; the one from '" + entry + "' is refused (rename it, or disable a plugin with "
-                              "GENZOO_DISABLE_PLUGINS=" + entry + ")"]
+    assert shadow.refused == [
+        "sampler 'ddim' is registered by both plugin 'diffusion' and plugin '"
+        + entry
+        + "'; the one from '"
+        + entry
+        + "' is refused (rename it, or disable a plugin with "
+        "GENZOO_DISABLE_PLUGINS=" + entry + ")"
+    ]
     refused: list = []
     recipes_now = load_recipes(plugin_files=[(i.name, f) for i in infos for f in i.recipes], refused=refused)
     assert recipes_now["ddpm-shapes"].description.startswith("DDPM") and "own-recipe" in recipes_now
-    assert [(p, why.split(" is refused")[0]) for p, why in refused] == \
-        [(entry, f"recipe 'ddpm-shapes' of plugin '{entry}' ({recipes})")]
+    assert [(p, why.split(" is refused")[0]) for p, why in refused] == [
+        (entry, f"recipe 'ddpm-shapes' of plugin '{entry}' ({recipes})")
+    ]
     with pytest.raises(PluginError, match=f"plugin '{entry}': sampler 'ddim' is registered by both"):
         load_plugins(strict=True, disabled=[])
 
@@ -227,16 +239,25 @@ def test_recipe_commands_survive_a_plugin_shipping_a_builtin_recipe_name(site: P
     recipes = site / "shadow.yaml"
     recipes.write_text(SHADOW_RECIPES)
     make_dist(site, "zz-shadow", "zz_shadow", SHADOW.replace("RECIPES", repr(str(recipes))), group_name="aa-shadow")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in [str(site), os.environ.get("PYTHONPATH")] if p)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in [str(site), os.environ.get("PYTHONPATH")] if p),
+    }
     env.pop("GENZOO_STRICT_PLUGINS", None)
-    r = subprocess.run([sys.executable, "-m", "genzoo", "plugins"], capture_output=True, text=True, env=env,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "genzoo", "plugins"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     assert "aa-shadow 1.2.3 (zz_shadow) ok, 2 refused" in r.stdout
     assert "refused: sampler 'ddim' is registered by both plugin 'diffusion' and plugin 'aa-shadow'" in r.stdout
     assert "refused: recipe 'ddpm-shapes' of plugin 'aa-shadow'" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "genzoo", "info", "ddpm-shapes", "--resolved", "--sampler", "ddim"],
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "genzoo", "info", "ddpm-shapes", "--resolved", "--sampler", "ddim"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert '"type": "ddim"' in r.stdout and "ddpm-shapes" in r.stdout

@@ -8,7 +8,16 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from genzoo.errors import RecipeError
-from genzoo.recipes import apply_overrides, get_recipe, load_recipes, parse_recipe, read_recipe_file, refresh, resolve, role_kind
+from genzoo.recipes import (
+    apply_overrides,
+    get_recipe,
+    load_recipes,
+    parse_recipe,
+    read_recipe_file,
+    refresh,
+    resolve,
+    role_kind,
+)
 from genzoo.registry import Registry
 
 
@@ -21,7 +30,9 @@ class NetConfig(BaseModel):
 class DecConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schedule: str = Field("linear", description="schedule")
-    net: dict = Field(default_factory=lambda: {"type": "mlp"}, description="nested", json_schema_extra={"kind": "network"})
+    net: dict = Field(
+        default_factory=lambda: {"type": "mlp"}, description="nested", json_schema_extra={"kind": "network"}
+    )
 
 
 class SamplerConfig(BaseModel):
@@ -56,7 +67,11 @@ BODY = {
 
 def test_resolve_fills_defaults_at_every_depth(reg: Registry) -> None:
     out = resolve("toy", parse_recipe("toy", BODY), reg)
-    assert out["components"]["decoder"] == {"type": "dec", "schedule": "linear", "net": {"type": "mlp", "width": 4, "depth": 2}}
+    assert out["components"]["decoder"] == {
+        "type": "dec",
+        "schedule": "linear",
+        "net": {"type": "mlp", "width": 4, "depth": 2},
+    }
     assert out["components"]["sampler"] == {"type": "ddim", "steps": 10}
     assert out["train"]["steps"] == 5 and "batch_size" in out["train"]
 
@@ -89,7 +104,14 @@ def test_train_field_errors(reg: Registry) -> None:
 
 
 def test_overrides_swaps_and_sets(reg: Registry) -> None:
-    r = apply_overrides("toy", parse_recipe("toy", BODY), ["decoder.net.depth=5", "train.lr=0.5"], sampler="ddim", steps=7, guidance="cfg")
+    r = apply_overrides(
+        "toy",
+        parse_recipe("toy", BODY),
+        ["decoder.net.depth=5", "train.lr=0.5"],
+        sampler="ddim",
+        steps=7,
+        guidance="cfg",
+    )
     out = resolve("toy", r, reg)
     assert out["components"]["decoder"]["net"]["depth"] == 5
     assert out["components"]["sampler"]["steps"] == 7 and out["components"]["guidance"] == {"type": "cfg"}
@@ -111,7 +133,9 @@ def test_role_kinds() -> None:
 def test_files_duplicates_and_bad_yaml(tmp_path: Path) -> None:
     a = tmp_path / "a.yaml"
     a.write_text("recipes:\n  ddpm-digits:\n    description: x\n    pipeline: {type: toy}\n    data: {type: toyset}\n")
-    with pytest.raises(RecipeError, match=r"recipe 'ddpm-digits' is defined in both .*registry.yaml and .*a.yaml; rename one"):
+    with pytest.raises(
+        RecipeError, match=r"recipe 'ddpm-digits' is defined in both .*registry.yaml and .*a.yaml; rename one"
+    ):
         load_recipes([a])
     b = tmp_path / "b.yaml"
     b.write_text("recipes: [1, 2")
@@ -134,6 +158,8 @@ def test_every_shipped_recipe_resolves(loaded_registry: Registry) -> None:
 def test_swapping_to_the_same_type_keeps_its_fields(reg: Registry) -> None:
     body = {**BODY, "components": {**BODY["components"], "sampler": {"type": "ddim", "steps": 33}}}
     same = resolve("toy", apply_overrides("toy", parse_recipe("toy", body), [], sampler="ddim"), reg)
-    assert same["components"]["sampler"]["steps"] == 33  # e.g. a trained classifier's config survives --guidance classifier
+    assert (
+        same["components"]["sampler"]["steps"] == 33
+    )  # e.g. a trained classifier's config survives --guidance classifier
     other = apply_overrides("toy", parse_recipe("toy", body), [], sampler="ddim", guidance="none")
     assert "guidance" not in resolve("toy", other, reg)["components"]

@@ -17,12 +17,28 @@ import torch
 from genzoo import api
 from genzoo.training import TrainConfig, Trainer
 
-TINY_TRAIN = ["train.steps=2", "train.stages=null", "train.batch_size=4", "train.checkpoint_every=1000",
-              "train.sample_every=0", "train.log_every=1"]
+TINY_TRAIN = [
+    "train.steps=2",
+    "train.stages=null",
+    "train.batch_size=4",
+    "train.checkpoint_every=1000",
+    "train.sample_every=0",
+    "train.log_every=1",
+]
 # one or two of each family, trained in process; the fitted mixture priors take 3 EM iterations (100 cost seconds)
-TRAINED = {"gan-digits": (), "ae-digits": ("prior.iterations=3",), "vae-digits": (), "vqvae-digits": (),
-           "ddpm-digits": (), "iddpm-digits": (), "cfg-digits": (), "adm-digits": (), "cgan-shapes": (),
-           "dae-shapes": ("prior.iterations=3",), "cvqvae-shapes": ()}
+TRAINED = {
+    "gan-digits": (),
+    "ae-digits": ("prior.iterations=3",),
+    "vae-digits": (),
+    "vqvae-digits": (),
+    "ddpm-digits": (),
+    "iddpm-digits": (),
+    "cfg-digits": (),
+    "adm-digits": (),
+    "cgan-shapes": (),
+    "dae-shapes": ("prior.iterations=3",),
+    "cvqvae-shapes": (),
+}
 
 
 def tiny(name: str, extra: tuple[str, ...] = ()) -> dict:
@@ -85,8 +101,15 @@ def _train(name: str, run_dir: Path) -> dict[str, bytes]:
     source = source_of(resolved)
     torch.manual_seed(len(str(run_dir)))  # each run starts from a different process RNG state
     pipeline = api.create_model(resolved, data_spec=source.spec)
-    result = Trainer(pipeline, source.split("train").tensors(), config=TrainConfig.model_validate(resolved["train"]),
-                     run_dir=run_dir, recipe=resolved, meta={}, progress=False).fit()
+    result = Trainer(
+        pipeline,
+        source.split("train").tensors(),
+        config=TrainConfig.model_validate(resolved["train"]),
+        run_dir=run_dir,
+        recipe=resolved,
+        meta={},
+        progress=False,
+    ).fit()
     return {f.name: f.read_bytes() for f in sorted(Path(result.checkpoint).glob("*.safetensors"))}
 
 
@@ -101,9 +124,28 @@ def test_the_same_train_command_twice_writes_the_same_checkpoint(tmp_path: Path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GENZOO_STRICT_PLUGINS": "1"}
     files = []
     for run in ("a", "b"):
-        r = subprocess.run([sys.executable, "-m", "genzoo", "train", "vae-digits", "--steps", "3", "--seed", "0",
-                            "--out", str(tmp_path / run), "--no-progress", "--set", "train.batch_size=8"],
-                           capture_output=True, text=True, env=env, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "genzoo",
+                "train",
+                "vae-digits",
+                "--steps",
+                "3",
+                "--seed",
+                "0",
+                "--out",
+                str(tmp_path / run),
+                "--no-progress",
+                "--set",
+                "train.batch_size=8",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr
         ckpt = tmp_path / run / "checkpoints" / (tmp_path / run / "latest").read_text().strip()
         files.append({f.name: f.read_bytes() for f in sorted(ckpt.glob("*.safetensors"))})

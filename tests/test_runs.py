@@ -16,19 +16,36 @@ from genzoo.errors import GenzooError
 from genzoo.hub import model_card, push
 from genzoo.training.images import save_grid
 
-RECIPE = {"name": "tiny-ddpm", "description": "A DDPM small enough for a test.",
-          "pipeline": {"type": "diffusion", "condition": "none"}, "data": {"type": "digits", "image_size": 8}}
+RECIPE = {
+    "name": "tiny-ddpm",
+    "description": "A DDPM small enough for a test.",
+    "pipeline": {"type": "diffusion", "condition": "none"},
+    "data": {"type": "digits", "image_size": 8},
+}
 
 
 def make_run(root: Path, name: str, *, losses: list[float], fds: list[float]) -> Path:
     run = root / name
     w = {"decoder": {"w": torch.arange(6.0).reshape(2, 3)}}
     ckpt = save_checkpoint(run, step=len(losses), recipe=RECIPE, components=w, meta={"seed": 7, "wall_time": 90.0})
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(losses)))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(losses))
+    )
     save_grid(torch.zeros(4, 1, 8, 8), run / "samples" / f"step-{len(losses):08d}.png")
     for fd in fds:
-        assert runs.record_evaluation(ckpt, {"step": len(losses), "samples": 64, "split": "test", "swaps": {"sampler": "ddim"},
-                                             "figures": {"fd": fd, "precision": 0.5}}) == run / runs.EVALUATIONS
+        assert (
+            runs.record_evaluation(
+                ckpt,
+                {
+                    "step": len(losses),
+                    "samples": 64,
+                    "split": "test",
+                    "swaps": {"sampler": "ddim"},
+                    "figures": {"fd": fd, "precision": 0.5},
+                },
+            )
+            == run / runs.EVALUATIONS
+        )
     return run
 
 

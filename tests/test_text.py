@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_classic import train
 
 from genzoo import api
 from genzoo.data.shapes import parse_caption, render
@@ -16,13 +17,14 @@ from genzoo.errors import GenzooError, RegistryError
 from genzoo.eval import judges
 from genzoo.eval.evaluate import EvalSettings, evaluate
 from genzoo.plugins import default_registry
-from genzoo.plugins import default_registry
 from genzoo.text.clip import contrastive_loss
 from genzoo.text.transformer import TextTransformer, TextTransformerConfig
 
-from test_classic import train
-
-CAPTIONS = ["a large red circle in the top left", "bottom right: a small blue cross", "a green square, big, at the centre"]
+CAPTIONS = [
+    "a large red circle in the top left",
+    "bottom right: a small blue cross",
+    "a green square, big, at the centre",
+]
 
 
 def test_text_transformer_pools_at_the_end_token_and_never_sees_the_padding() -> None:
@@ -50,11 +52,23 @@ def test_contrastive_loss_matches_its_closed_forms() -> None:
     # logits 100 on the diagonal, 0 elsewhere: -log(e^100 / (e^100 + b - 1))
     assert loss.item() == pytest.approx(math.log1p((b - 1) * math.exp(-100)), abs=1e-6) and acc.item() == 1.0
     x, y = torch.nn.functional.normalize(torch.randn(2, b, 4), dim=-1)
-    assert contrastive_loss(x, y, torch.tensor(1.0))[0].item() == pytest.approx(contrastive_loss(y, x, torch.tensor(1.0))[0].item())
+    assert contrastive_loss(x, y, torch.tensor(1.0))[0].item() == pytest.approx(
+        contrastive_loss(y, x, torch.tensor(1.0))[0].item()
+    )
 
 
-TINY_CLIP = ["data.image_size=16", "data.num_train=3000", "clip.embed_dim=32", "clip.text_tower.width=32", "clip.text_tower.layers=1",
-             "clip.image_tower.model_channels=16", "train.batch_size=64", "train.steps=150", "train.lr=3e-3", "train.warmup_steps=10"]
+TINY_CLIP = [
+    "data.image_size=16",
+    "data.num_train=3000",
+    "clip.embed_dim=32",
+    "clip.text_tower.width=32",
+    "clip.text_tower.layers=1",
+    "clip.image_tower.model_channels=16",
+    "train.batch_size=64",
+    "train.steps=150",
+    "train.lr=3e-3",
+    "train.warmup_steps=10",
+]
 
 
 def test_small_clip_learns_attributes_it_can_name_zero_shot(tmp_path: Path) -> None:
@@ -63,11 +77,17 @@ def test_small_clip_learns_attributes_it_can_name_zero_shot(tmp_path: Path) -> N
     acc = model.zero_shot(test["image"][:500], test["attributes"][:500])
     # chance: colour 1/6, size 1/2; 150 steps learn colour well and size somewhat
     assert acc["zero_shot_colour"] > 0.6, acc
-    assert acc["zero_shot_colour"] > 3 * (1 / 6) and set(acc) >= {"zero_shot_shape", "zero_shot_position", "zero_shot_all"}
+    assert acc["zero_shot_colour"] > 3 * (1 / 6) and set(acc) >= {
+        "zero_shot_shape",
+        "zero_shot_position",
+        "zero_shot_all",
+    }
     with pytest.raises(GenzooError, match="draws no images"):
         model.sample(2)
     reloaded = api.load_model(tmp_path)
-    assert reloaded.zero_shot(test["image"][:100], test["attributes"][:100]) == model.zero_shot(test["image"][:100], test["attributes"][:100])
+    assert reloaded.zero_shot(test["image"][:100], test["attributes"][:100]) == model.zero_shot(
+        test["image"][:100], test["attributes"][:100]
+    )
 
 
 def test_clip_with_a_timm_image_tower_builds_and_encodes() -> None:
@@ -77,8 +97,11 @@ def test_clip_with_a_timm_image_tower_builds_and_encodes() -> None:
     img = clip.encode_image(torch.rand(2, 3, 16, 16) * 2 - 1)
     assert img.shape == (2, 32) and torch.allclose(img.norm(dim=-1), torch.ones(2), atol=1e-5)
     with pytest.raises(RegistryError, match="takes no t"):
-        reg.build("clip", {"type": "clip", "noised": True, "image_tower": {"type": "timm", "model": "resnet10t"}},
-                  data=api.build_data(spec).spec)
+        reg.build(
+            "clip",
+            {"type": "clip", "noised": True, "image_tower": {"type": "timm", "model": "resnet10t"}},
+            data=api.build_data(spec).spec,
+        )
     with pytest.raises(RegistryError, match="not a timm model"):
         reg.build("network", {"type": "timm", "model": "no-such-net"}, data=api.build_data(spec).spec)
 
@@ -88,7 +111,9 @@ def test_open_clip_by_name_offline_and_from_a_local_safetensors_file(tmp_path: P
 
     reg = default_registry()
     torch.manual_seed(0)
-    clip = reg.build("clip", {"type": "open-clip", "model": "ViT-S-32"})  # architecture only: random weights, no network
+    clip = reg.build(
+        "clip", {"type": "open-clip", "model": "ViT-S-32"}
+    )  # architecture only: random weights, no network
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     img, txt = clip.encode_image(x), clip.encode_text(CAPTIONS[:2])
     assert img.shape == txt.shape and torch.allclose(img.norm(dim=-1), torch.ones(2), atol=1e-5)
@@ -112,8 +137,18 @@ def test_a_dropped_caption_is_the_unconditional_input() -> None:
     from genzoo.nn.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
-    net = UNet(UNetConfig(in_channels=3, image_size=8, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
-                          attention_resolutions=[4], context_dim=32, emb_dim_in=32))
+    net = UNet(
+        UNetConfig(
+            in_channels=3,
+            image_size=8,
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_res_blocks=1,
+            attention_resolutions=[4],
+            context_dim=32,
+            emb_dim_in=32,
+        )
+    )
     for p in net.parameters():  # leave the zero-initialised output: make every path matter
         torch.nn.init.normal_(p, std=0.05)
     text = TextTransformer(TextTransformerConfig(width=32, layers=1))
@@ -126,13 +161,29 @@ def test_a_dropped_caption_is_the_unconditional_input() -> None:
 
 
 TINY_GLIDE = [
-    "data.image_size=16", "data.num_train=2000", "decoder.image_size=8", "encoder.width=32", "encoder.layers=2",
-    "decoder.denoiser.model_channels=16", "decoder.denoiser.num_res_blocks=1", "decoder.denoiser.context_dim=32",
-    "decoder.denoiser.emb_dim_in=32", "decoder.denoiser.attention_resolutions=[4]", "decoder.denoiser.dropout=0.0",
-    "upsampler_decoder.denoiser.model_channels=16", "clip.text_tower.width=32", "clip.text_tower.layers=1",
-    "clip.image_tower.image_size=8", "clip.image_tower.model_channels=16", "train.batch_size=32",
-    "train.stages={decoder: 300, upsampler: 100, clip: 60}", "train.lr=2e-3", "train.ema_decay=null", "train.warmup_steps=20",
-    "sampler.steps=10", "upsampler_sampler.steps=5",
+    "data.image_size=16",
+    "data.num_train=2000",
+    "decoder.image_size=8",
+    "encoder.width=32",
+    "encoder.layers=2",
+    "decoder.denoiser.model_channels=16",
+    "decoder.denoiser.num_res_blocks=1",
+    "decoder.denoiser.context_dim=32",
+    "decoder.denoiser.emb_dim_in=32",
+    "decoder.denoiser.attention_resolutions=[4]",
+    "decoder.denoiser.dropout=0.0",
+    "upsampler_decoder.denoiser.model_channels=16",
+    "clip.text_tower.width=32",
+    "clip.text_tower.layers=1",
+    "clip.image_tower.image_size=8",
+    "clip.image_tower.model_channels=16",
+    "train.batch_size=32",
+    "train.stages={decoder: 300, upsampler: 100, clip: 60}",
+    "train.lr=2e-3",
+    "train.ema_decay=null",
+    "train.warmup_steps=20",
+    "sampler.steps=10",
+    "upsampler_sampler.steps=5",
 ]
 
 
@@ -174,13 +225,20 @@ def test_glide_upsampler_reads_its_low_resolution_input(glide_run) -> None:
     _, model, source = glide_run
     real = source.split("test").tensors()["image"][:256]
     low = model.low_res(real)
-    assert low.shape[-1] == 8 and model.upsample(low[:4], generator=torch.Generator().manual_seed(0)).shape == real[:4].shape
+    assert (
+        low.shape[-1] == 8
+        and model.upsample(low[:4], generator=torch.Generator().manual_seed(0)).shape == real[:4].shape
+    )
     up = model.upsampler
     torch.manual_seed(0)
     t, noise = torch.randint(0, 1000, (len(real),)), torch.randn_like(real)
 
     def loss(low_res: torch.Tensor) -> float:
-        return up.diffusion.training_losses(up.denoiser, real, t, cond={"low_res": low_res}, noise=noise)["mse"].mean().item()
+        return (
+            up.diffusion.training_losses(up.denoiser, real, t, cond={"low_res": low_res}, noise=noise)["mse"]
+            .mean()
+            .item()
+        )
 
     assert loss(low) < 0.8 * loss(low.roll(1, 0))  # the right low-resolution image explains much of x_0
 
@@ -209,8 +267,27 @@ def test_glide_from_the_command_line(glide_run, tmp_path: Path) -> None:
     from genzoo.cli import main
 
     out = tmp_path / "grid.png"
-    assert main(["sample", str(glide_run[0]), "-n", "2", "--prompt", "a large red circle in the top left",
-                 "--guidance", "cfg", "--scale", "3", "--steps", "5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(glide_run[0]),
+                "-n",
+                "2",
+                "--prompt",
+                "a large red circle in the top left",
+                "--guidance",
+                "cfg",
+                "--scale",
+                "3",
+                "--steps",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.stat().st_size > 0
     assert main(["sample", str(glide_run[0]), "-n", "2", "--class", "3", "--out", str(out)]) == 2
 
@@ -243,10 +320,20 @@ def test_caption_attribute_accuracy_tells_an_oracle_from_a_liar(cheap_judges) ->
     judge = judges.load_judge("shapes", source.cfg.model_dump())
     metrics = {"attribute-accuracy": default_registry().build("metric", "attribute-accuracy")}
     settings = EvalSettings(samples=300, seed=0, batch_size=100)
-    good = evaluate(CaptionOracle(), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu"))
-    bad = evaluate(CaptionOracle(liar=True), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu"))
+    good = evaluate(
+        CaptionOracle(), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu")
+    )
+    bad = evaluate(
+        CaptionOracle(liar=True), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu")
+    )
     assert good["caption_accuracy"] > 0.8 and bad["caption_accuracy"] < 0.2, (good, bad)
     assert all(good[f"{a}_accuracy"] > 0.9 for a in ("shape", "colour", "size", "position")), good
-    held = evaluate(CaptionOracle(), source, metrics=metrics, judge=judge, settings=EvalSettings(samples=200, batch_size=100, split="heldout"),
-                    device=torch.device("cpu"))
+    held = evaluate(
+        CaptionOracle(),
+        source,
+        metrics=metrics,
+        judge=judge,
+        settings=EvalSettings(samples=200, batch_size=100, split="heldout"),
+        device=torch.device("cpu"),
+    )
     assert held["caption_accuracy"] > 0.5  # unseen colour x shape pairs: the cheap judge generalises less

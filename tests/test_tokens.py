@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -67,7 +65,9 @@ def test_logit_cfg_batches_and_mixes() -> None:
     out = g.logits(logits_fn, torch.zeros(2, 1, dtype=torch.long), {"y": torch.tensor([1, 1])})
     assert calls == [4]  # one batched forward for both passes
     assert torch.allclose(out, torch.tensor([[4.0, -2.0]] * 2))  # l_u + 3 (l_c - l_u)
-    scale_one = LogitCFG(LogitCFGConfig(scale=1.0)).logits(logits_fn, torch.zeros(2, 1, dtype=torch.long), {"y": torch.tensor([0, 0])})
+    scale_one = LogitCFG(LogitCFGConfig(scale=1.0)).logits(
+        logits_fn, torch.zeros(2, 1, dtype=torch.long), {"y": torch.tensor([0, 0])}
+    )
     assert torch.allclose(scale_one, torch.tensor([[2.0, 0.0]] * 2))  # s = 1 is the conditional model
 
 

@@ -53,27 +53,36 @@ class TwoPlayer(Pipeline):
     def optimizer_groups(self, stage="pre"):
         if stage == "pre":
             return {"main": list(self.components["decoder"].parameters())}
-        return {"discriminator": list(self.components["discriminator"].parameters()),
-                "generator": list(self.components["decoder"].parameters())}
+        return {
+            "discriminator": list(self.components["discriminator"].parameters()),
+            "generator": list(self.components["decoder"].parameters()),
+        }
 
     def training_losses(self, batch, *, optimizer="main", stage="pre"):
         x = batch["image"].flatten(1)
         fake = self.components["decoder"](torch.randn_like(x))
         if optimizer == "discriminator":
-            return {"loss": nn.functional.softplus(self.components["discriminator"](fake.detach())).mean()
-                    + nn.functional.softplus(-self.components["discriminator"](x)).mean()}
+            return {
+                "loss": nn.functional.softplus(self.components["discriminator"](fake.detach())).mean()
+                + nn.functional.softplus(-self.components["discriminator"](x)).mean()
+            }
         if optimizer == "generator":
             return {"loss": nn.functional.softplus(-self.components["discriminator"](fake)).mean()}
         return {"loss": (fake - x).pow(2).mean()}
 
 
-DATA = {"image": torch.randn(40, 1, 2, 2, generator=torch.Generator().manual_seed(1)), "label": torch.arange(40) % 3,
-        "caption": [f"item {i}" for i in range(40)]}
+DATA = {
+    "image": torch.randn(40, 1, 2, 2, generator=torch.Generator().manual_seed(1)),
+    "label": torch.arange(40) % 3,
+    "caption": [f"item {i}" for i in range(40)],
+}
 RECIPE = {"name": "toy", "pipeline": {"type": "toy"}, "data": {"type": "toy"}, "components": {}}
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(steps=12, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, checkpoint_every=100, log_every=1, device="cpu")
+    base = dict(
+        steps=12, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, checkpoint_every=100, log_every=1, device="cpu"
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -85,12 +94,17 @@ def train(make, run: Path, config: TrainConfig, **fit) -> tuple[Pipeline, object
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
     ck = load_checkpoint(run, with_trainer_state=True)
-    return {**{f"{r}.{k}": v for r, sd in ck.components.items() for k, v in sd.items()},
-            **{f"raw.{k}": v for k, v in ck.trainer_state["model"].items()}}
+    return {
+        **{f"{r}.{k}": v for r, sd in ck.components.items() for k, v in sd.items()},
+        **{f"raw.{k}": v for k, v in ck.trainer_state["model"].items()},
+    }
 
 
-@pytest.mark.parametrize("make, config", [(Noisy, cfg()), (TwoPlayer, cfg(stages={"pre": 5, "game": 7}, optimizer_ratio={"discriminator": 2}))],
-                         ids=["dropout-noise-ema", "two-stages-two-optimisers"])
+@pytest.mark.parametrize(
+    "make, config",
+    [(Noisy, cfg()), (TwoPlayer, cfg(stages={"pre": 5, "game": 7}, optimizer_ratio={"discriminator": 2}))],
+    ids=["dropout-noise-ema", "two-stages-two-optimisers"],
+)
 def test_resume_is_bitwise_exact(tmp_path: Path, make, config) -> None:
     train(make, tmp_path / "straight", config)
     _, first = train(make, tmp_path / "resumed", config, stop_at=6)
@@ -104,7 +118,9 @@ def test_resume_is_bitwise_exact(tmp_path: Path, make, config) -> None:
 
 
 def test_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(TrainingError, match=r"step 7 \(main/main\): loss term 'loss' is nan; .*last good checkpoint is .*step-00000005"):
+    with pytest.raises(
+        TrainingError, match=r"step 7 \(main/main\): loss term 'loss' is nan; .*last good checkpoint is .*step-00000005"
+    ):
         train(lambda: Noisy(nan_at=7), tmp_path, cfg(checkpoint_every=5))
     ck = load_checkpoint(tmp_path, with_trainer_state=True)
     assert ck.meta["step"] == 5
@@ -153,12 +169,20 @@ def test_lr_schedule_and_log(tmp_path: Path) -> None:
 
 
 def test_an_optimiser_stepped_twice_a_step_follows_the_same_lr_schedule(tmp_path: Path) -> None:
-    config = cfg(stages={"pre": 0, "game": 6}, optimizer_ratio={"discriminator": 2}, warmup_steps=2, lr_schedule="cosine",
-                 min_lr_ratio=0.0, ema_decay=None)
+    config = cfg(
+        stages={"pre": 0, "game": 6},
+        optimizer_ratio={"discriminator": 2},
+        warmup_steps=2,
+        lr_schedule="cosine",
+        min_lr_ratio=0.0,
+        ema_decay=None,
+    )
     train(TwoPlayer, tmp_path, config)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     want = [config.lr * lr_factor(s, warmup=2, total=6, schedule="cosine", min_ratio=0.0) for s in range(1, 7)]
-    assert [r["lr/discriminator"] for r in rows] == pytest.approx(want)  # was twice as far along: the cosine ended at step 3
+    assert [r["lr/discriminator"] for r in rows] == pytest.approx(
+        want
+    )  # was twice as far along: the cosine ended at step 3
     assert [r["lr/generator"] for r in rows] == pytest.approx(want)
 
 
@@ -225,26 +249,42 @@ def test_the_latent_prior_is_fitted_to_the_averaged_weights_it_is_saved_with(tmp
     w = weights(tmp_path)
     assert not torch.equal(w["decoder.0.weight"], w["raw.decoder.0.weight"])  # EMA and raw differ after 12 steps
     torch.testing.assert_close(w["prior.fitted_to"], w["decoder.0.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(p.components["decoder"][0].weight.detach(), w["raw.decoder.0.weight"])  # training goes on raw
+    torch.testing.assert_close(
+        p.components["decoder"][0].weight.detach(), w["raw.decoder.0.weight"]
+    )  # training goes on raw
 
 
 def test_a_run_saved_before_a_config_field_existed_resumes_and_inits(tmp_path: Path) -> None:
     from genzoo import api
 
-    resolved = api.resolve_recipe("ddpm-digits", sets=["decoder.denoiser.model_channels=8", "decoder.denoiser.attention_resolutions=[]"])
+    resolved = api.resolve_recipe(
+        "ddpm-digits", sets=["decoder.denoiser.model_channels=8", "decoder.denoiser.attention_resolutions=[]"]
+    )
     source = api.build_data(resolved)
     older = {**resolved, "components": {**resolved["components"], "decoder": dict(resolved["components"]["decoder"])}}
     del older["components"]["decoder"]["low_res_blur"]  # as a genzoo before that field would have stored it
 
     def trainer(recipe, steps: int, **kw) -> Trainer:
         config = TrainConfig(steps=steps, batch_size=8, checkpoint_every=100, device="cpu")
-        return Trainer(api.create_model(resolved, data_spec=source.spec), source.split("train").tensors(), config=config,
-                       run_dir=tmp_path, recipe=recipe, progress=False, **kw)
+        return Trainer(
+            api.create_model(resolved, data_spec=source.spec),
+            source.split("train").tensors(),
+            config=config,
+            run_dir=tmp_path,
+            recipe=recipe,
+            progress=False,
+            **kw,
+        )
 
     trainer(older, 2).fit()
-    assert "decoder" in api.init_from(api.create_model(resolved, data_spec=source.spec), resolved, tmp_path)  # --init-from too
+    assert "decoder" in api.init_from(
+        api.create_model(resolved, data_spec=source.spec), resolved, tmp_path
+    )  # --init-from too
     assert trainer(resolved, 3).fit(resume=True).step == 3  # compared as today's registry resolves it
-    changed = {**resolved, "components": {**resolved["components"], "decoder": {**resolved["components"]["decoder"], "timesteps": 500}}}
+    changed = {
+        **resolved,
+        "components": {**resolved["components"], "decoder": {**resolved["components"]["decoder"], "timesteps": 500}},
+    }
     with pytest.raises(TrainingError, match="the recipe's 'components' differs from the checkpoint's"):
         trainer(changed, 4).fit(resume=True)  # a real difference is still refused
 
@@ -279,7 +319,9 @@ def test_bf16_autocast_runs_the_loss_in_bf16(tmp_path: Path) -> None:
 
     _, r = train(Recording, tmp_path, cfg(steps=2, precision="bf16"))
     assert seen == [torch.bfloat16, torch.bfloat16] and math.isfinite(r.losses["loss"])
-    assert all(v.dtype == torch.float32 for v in load_checkpoint(tmp_path).components["decoder"].values())  # weights stay fp32
+    assert all(
+        v.dtype == torch.float32 for v in load_checkpoint(tmp_path).components["decoder"].values()
+    )  # weights stay fp32
 
 
 def test_minutes_budget_stops_at_a_step_boundary_and_checkpoints(tmp_path: Path) -> None:
@@ -310,7 +352,9 @@ class ConvNoisy(Noisy):
 
     def __init__(self) -> None:
         super().__init__()
-        self.components["decoder"] = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Dropout(0.2), nn.ReLU(), nn.Conv2d(8, 1, 1))
+        self.components["decoder"] = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.Dropout(0.2), nn.ReLU(), nn.Conv2d(8, 1, 1)
+        )
 
     def training_losses(self, batch, *, optimizer="main", stage="main"):
         x = batch["image"]
@@ -334,10 +378,22 @@ def test_for_inference_stores_conv_weights_nhwc_with_the_same_outputs() -> None:
     from genzoo.nn import UNet, UNetConfig
 
     torch.manual_seed(0)
-    net = UNet(UNetConfig(in_channels=3, image_size=8, model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4]))
+    net = UNet(
+        UNetConfig(
+            in_channels=3,
+            image_size=8,
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_res_blocks=1,
+            attention_resolutions=[4],
+        )
+    )
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 500])
     with torch.no_grad():
         want = net.eval()(x, t)
         fast = api.for_inference(net)
-        assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in fast.parameters())
+        assert any(
+            p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            for p in fast.parameters()
+        )
         torch.testing.assert_close(fast(x, t), want, rtol=1e-4, atol=1e-5)

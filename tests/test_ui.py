@@ -66,10 +66,20 @@ def served(tmp_path_factory):
     runs = {}
     for name in ("tiny-ddpm", "tiny-cfg"):
         runs[name] = root / "runs" / name
-        assert main(["train", name, "--recipes", str(root / "tiny.yaml"), "--out", str(runs[name]), "--no-progress"]) == 0
+        assert (
+            main(["train", name, "--recipes", str(root / "tiny.yaml"), "--out", str(runs[name]), "--no-progress"]) == 0
+        )
     (root / "runs" / "leaderboard.md").write_text(LEADERBOARD)  # as `genzoo compare` leaves beside its runs
-    app = default_registry().build("app", {"type": "gradio", "runs": [str(p) for p in runs.values()], "device": "cpu",
-                                           "port": free_port(), "max_samples": 8})
+    app = default_registry().build(
+        "app",
+        {
+            "type": "gradio",
+            "runs": [str(p) for p in runs.values()],
+            "device": "cpu",
+            "port": free_port(),
+            "max_samples": 8,
+        },
+    )
     url = app.launch(block=False)
     assert url.startswith("http://127.0.0.1:")
     client = gradio_client.Client(url, verbose=False)
@@ -114,8 +124,9 @@ def test_changing_the_sampler_and_guidance_loads_the_swapped_model_once(served) 
     ddpm = read_gallery(client.predict(n=2, seed=0, sampler="ddpm", steps=20, api_name="/generate_tiny_ddpm")[0])
     assert not all((a == b).all() for a, b in zip(ddim, ddpm))
     assert len(app.cache) == before + 1  # the swapped model is cached per (run, swaps)
-    gallery, _, status = client.predict(n=2, class_id=3, guidance="none", sampler="dpm-solver++", steps=5,
-                                        api_name="/generate_tiny_cfg")
+    gallery, _, status = client.predict(
+        n=2, class_id=3, guidance="none", sampler="dpm-solver++", steps=5, api_name="/generate_tiny_cfg"
+    )
     assert len(read_gallery(gallery)) == 2 and "--guidance none" in status and "--scale" not in status
     _, _, status = client.predict(n=1, class_id=7, scale=1.5, api_name="/generate_tiny_cfg")
     assert "--scale 1.5" in status
@@ -125,20 +136,34 @@ def test_the_controls_come_from_the_registry(served) -> None:
     app, client, runs = served
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     names = lambda ep: [p["parameter_name"] for p in api[ep]["parameters"]]  # noqa: E731
-    assert names("/generate_tiny_ddpm") == ["prompt", "class_id", "mode", "image", "image_b", "n", "seed", "sampler", "steps"]
+    assert names("/generate_tiny_ddpm") == [
+        "prompt",
+        "class_id",
+        "mode",
+        "image",
+        "image_b",
+        "n",
+        "seed",
+        "sampler",
+        "steps",
+    ]
     assert names("/generate_tiny_cfg")[-4:] == ["sampler", "steps", "guidance", "scale"]
     view = app.views[1]
     diffusion_samplers = {e.name for e in default_registry().entries("sampler")} - {"token"}
     assert set(view.control("sampler").choices) == diffusion_samplers
     assert {"none", "cfg", "classifier"} <= set(view.control("guidance").choices) and "logit-cfg" not in view.control(
-        "guidance").choices
+        "guidance"
+    ).choices
     assert view.control("steps").maximum == 100 and view.control("scale").value == 3.0
 
     class TestSampler(AncestralSampler):
         """A sampler a third-party plugin adds."""
 
-    plugin = types.SimpleNamespace(register_components=hookimpl(lambda registry: registry.register(
-        "sampler", "test-ancestral", config=SamplerConfig, factory=TestSampler)))
+    plugin = types.SimpleNamespace(
+        register_components=hookimpl(
+            lambda registry: registry.register("sampler", "test-ancestral", config=SamplerConfig, factory=TestSampler)
+        )
+    )
     reg, _ = load_plugins(extra=[("third-party", plugin)])
     from genzoo_ui.controls import controls_for
 
@@ -147,10 +172,13 @@ def test_the_controls_come_from_the_registry(served) -> None:
 
 
 def test_token_models_get_temperature_and_token_samplers_only() -> None:
-    import genzoo.api as gz
     from genzoo_ui.controls import controls_for
 
-    controls = {c.key: c for c in controls_for(gz.resolve_recipe("vqvae-shapes"), default_registry(), conditional=False)}
+    import genzoo.api as gz
+
+    controls = {
+        c.key: c for c in controls_for(gz.resolve_recipe("vqvae-shapes"), default_registry(), conditional=False)
+    }
     assert controls["prior_sampler"].choices == ["token"] and "prior_steps" not in controls
     assert {"temperature", "top_k", "top_p"} <= set(controls)
     dalle2 = {c.key: c for c in controls_for(gz.resolve_recipe("dalle2-shapes"), default_registry(), conditional=True)}
@@ -158,15 +186,18 @@ def test_token_models_get_temperature_and_token_samplers_only() -> None:
     assert "temperature" not in dalle2 and "ddim" in dalle2["prior_sampler"].choices
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"steps": 0}, "minimum"),                                      # the slider's own check
-    ({"steps": 500}, "greater than maximum value 100"),            # the slider's range: the model's timesteps
-    ({"prompt": "a red circle"}, "unconditional; it takes no prompt"),
-    ({"class_id": 3}, "not class-conditional"),
-    ({"sampler": "token"}, "not in the list of choices"),           # a token sampler for a diffusion model
-    ({"n": 9}, "greater than maximum value 8"),                    # --max-samples
-    ({"mode": "variations"}, "not in the list of choices"),        # an image mode of a model without one
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "minimum"),  # the slider's own check
+        ({"steps": 500}, "greater than maximum value 100"),  # the slider's range: the model's timesteps
+        ({"prompt": "a red circle"}, "unconditional; it takes no prompt"),
+        ({"class_id": 3}, "not class-conditional"),
+        ({"sampler": "token"}, "not in the list of choices"),  # a token sampler for a diffusion model
+        ({"n": 9}, "greater than maximum value 8"),  # --max-samples
+        ({"mode": "variations"}, "not in the list of choices"),  # an image mode of a model without one
+    ],
+)
 def test_bad_input_is_a_visible_error_and_the_server_keeps_serving(served, kwargs, message) -> None:
     app, client, runs = served
     with pytest.raises(gradio_client.exceptions.AppError) as err:
@@ -177,9 +208,11 @@ def test_bad_input_is_a_visible_error_and_the_server_keeps_serving(served, kwarg
 
 def test_bad_input_to_the_class_conditional_run(served) -> None:
     app, client, runs = served
-    for kwargs, message in (({"class_id": 42}, "not one of the run's classes 0..9"),
-                            ({"class_id": None}, "pick a class"),
-                            ({"guidance": "classifier", "class_id": 1}, "no weights for guidance 'classifier'")):
+    for kwargs, message in (
+        ({"class_id": 42}, "not one of the run's classes 0..9"),
+        ({"class_id": None}, "pick a class"),
+        ({"guidance": "classifier", "class_id": 1}, "no weights for guidance 'classifier'"),
+    ):
         with pytest.raises(gradio_client.exceptions.AppError) as err:
             client.predict(**kwargs, api_name="/generate_tiny_cfg")
         assert message in str(err.value), str(err.value)
@@ -190,8 +223,14 @@ def test_progress_counts_each_samplers_model_calls(served) -> None:
 
     app, client, runs = served
     seen = []
-    C.generate(app.views[0], {"n": 1, "sampler": "ddpm", "steps": 25}, app.cache, device=torch.device("cpu"),
-               max_samples=8, report=lambda done, total, what: seen.append((done, total, what)))
+    C.generate(
+        app.views[0],
+        {"n": 1, "sampler": "ddpm", "steps": 25},
+        app.cache,
+        device=torch.device("cpu"),
+        max_samples=8,
+        report=lambda done, total, what: seen.append((done, total, what)),
+    )
     assert seen[0] == (0, 25, "sampler") and seen[-1] == (25, 25, "sampler") and len(seen) == 26
     job = client.submit(n=2, sampler="ddpm", steps=100, api_name="/generate_tiny_ddpm")
     job.result()
@@ -202,16 +241,19 @@ def test_the_run_files_tab_shows_the_curve_evaluations_and_leaderboard(served) -
     from genzoo.runs import record_evaluation
 
     app, client, runs = served
-    record_evaluation(runs["tiny-ddpm"], {"step": 4, "samples": 64, "split": "test", "swaps": {"sampler": "ddpm"},
-                                          "figures": {"fd": 31.5, "kid": 0.02}})
+    record_evaluation(
+        runs["tiny-ddpm"],
+        {"step": 4, "samples": 64, "split": "test", "swaps": {"sampler": "ddpm"}, "figures": {"fd": 31.5, "kid": 0.02}},
+    )
     summary, plot, table, board, grid = client.predict(api_name="/run_files_tiny_ddpm")
     assert "tiny-ddpm" in summary and "**step** 4" in summary
     assert plot["columns"] == ["step", "loss", "stage"] and [row[0] for row in plot["data"]] == [1, 2, 3, 4]
     assert {"fd", "kid", "swaps"} <= set(table["headers"]) and table["data"][0][table["headers"].index("fd")] == 31.5
     assert "tiny-ddpm | 12.5" in board
-    assert grid and Path(grid).is_file()
+    assert grid["visible"] and Path(grid["value"]).is_file()  # an update: the image is shown when the run has a grid
     summary, plot, table, board, grid = client.predict(api_name="/run_files_tiny_cfg")
-    assert table["headers"] == ["evaluations"] and grid is None  # nothing recorded, no sample grid written
+    assert table["headers"] == ["evaluations"]  # nothing recorded
+    assert grid["value"] is None and not grid["visible"]  # no sample grid written: the image is hidden
 
 
 def test_image_modes_need_their_images(served) -> None:
@@ -235,16 +277,24 @@ def test_image_modes_need_their_images(served) -> None:
     cache = C.ModelCache(lambda path, **swaps: Stub())
     view = C.RunView(Path("stub"), "stub", {}, {}, "caption", ["sample", "variations", "interpolate"], [], 8, 3, [])
     read = lambda value: torch.full((3, 8, 8), float(value))  # noqa: E731
-    gen = lambda **values: C.generate(view, values, cache, device=torch.device("cpu"), max_samples=8,  # noqa: E731
-                                      read_image=read)
+    gen = lambda **values: C.generate(
+        view,
+        values,
+        cache,
+        device=torch.device("cpu"),
+        max_samples=8,  # noqa: E731
+        read_image=read,
+    )
     assert gen(mode="variations", image=0.5, n=2).shape == (2, 3, 8, 8)
     path = gen(mode="interpolate", image=-1.0, image_b=1.0, n=3)
     assert torch.allclose(path[:, 0, 0, 0], torch.tensor([-1.0, 0.0, 1.0]))
-    for values, message in (({"mode": "variations"}, "needs an image"),
-                            ({"mode": "interpolate", "image": 0.0}, "the second image"),
-                            ({"mode": "interpolate", "image": 0.0, "image_b": 1.0, "n": 1}, "at least 2"),
-                            ({"mode": "variations", "image": 0.0, "prompt": "x"}, "takes no prompt"),
-                            ({"mode": "sample"}, "enter a prompt")):
+    for values, message in (
+        ({"mode": "variations"}, "needs an image"),
+        ({"mode": "interpolate", "image": 0.0}, "the second image"),
+        ({"mode": "interpolate", "image": 0.0, "image_b": 1.0, "n": 1}, "at least 2"),
+        ({"mode": "variations", "image": 0.0, "prompt": "x"}, "takes no prompt"),
+        ({"mode": "sample"}, "enter a prompt"),
+    ):
         with pytest.raises(Exception, match=message):
             gen(**values)
 
@@ -261,8 +311,9 @@ def test_serve_errors_are_one_line(served, monkeypatch, capsys) -> None:
     assert main(["serve", str(runs["tiny-ddpm"].parent / "missing")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     # without the extra: the ui plugin's hook fails (as `genzoo plugins` shows) and `genzoo serve` says what to install
-    import genzoo.plugins
     import genzoo_ui
+
+    import genzoo.plugins
 
     monkeypatch.setattr(genzoo_ui, "find_spec", lambda name: None)
     reg, infos = load_plugins()

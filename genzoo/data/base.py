@@ -10,12 +10,13 @@ import dataclasses
 import hashlib
 import importlib
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
-from torch import Tensor
 from pydantic import BaseModel
+from torch import Tensor
 from torch.utils.data import Dataset
 
 
@@ -34,7 +35,7 @@ class DataSpec:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DataSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
         """Inverse of ``to_dict`` (JSON turns tuples into lists)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
@@ -87,7 +88,9 @@ def to_unit_range(x: Tensor) -> Tensor:
 def resize(images: Tensor, size: int) -> Tensor:
     if images.shape[-1] == size:
         return images
-    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return torch.nn.functional.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
 
 
 class DataSource:

@@ -30,11 +30,16 @@ def make_digits(cfg: DigitsConfig, split: str) -> TensorImageDataset:
     images = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(raw.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.split_seed))
-    idx = order[: cfg.num_test] if split == "test" else order[cfg.num_test:]
+    idx = order[: cfg.num_test] if split == "test" else order[cfg.num_test :]
     images = to_unit_range(resize(images[idx], cfg.image_size))
     labels = labels[idx]
-    spec = DataSpec(name="digits", image_shape=(1, cfg.image_size, cfg.image_size), num_classes=10, has_captions=True,
-                    class_names=tuple(str(d) for d in range(10)))
+    spec = DataSpec(
+        name="digits",
+        image_shape=(1, cfg.image_size, cfg.image_size),
+        num_classes=10,
+        has_captions=True,
+        class_names=tuple(str(d) for d in range(10)),
+    )
     captions = [f"a handwritten digit {int(d)}" for d in labels]
     tensors = {"image": images.contiguous(), "label": labels, "caption": captions}
     return TensorImageDataset(spec, tensors, fingerprint_of("digits", VERSION, cfg.model_dump(), split))

@@ -25,22 +25,28 @@ class ImageFolderConfig(BaseModel):
     captions: str | None = Field(None, description="JSONL {file, caption} or CSV file,caption; paths relative to root")
     num_test: int = Field(0, ge=0, description="images held out as the test split (a fixed seeded choice)")
     split_seed: int = Field(0, description="seed of the train/test choice")
-    skip_bad: bool = Field(False, description="skip images that cannot be read (a warning counts them) instead of "
-                                              "stopping at the first with its name")
+    skip_bad: bool = Field(
+        False,
+        description="skip images that cannot be read (a warning counts them) instead of "
+        "stopping at the first with its name",
+    )
 
 
 def _read_captions(path: Path) -> dict[str, str]:
     if not path.is_file():
-        raise DataError(f"imagefolder: captions file {path} does not exist; fix field 'captions' (a path relative to "
-                        "'root') or drop it")
+        raise DataError(
+            f"imagefolder: captions file {path} does not exist; fix field 'captions' (a path relative to "
+            "'root') or drop it"
+        )
     if path.suffix == ".jsonl":
         rows = []
         for i, line in enumerate(path.read_text().splitlines(), 1):
             try:
                 rows += [json.loads(line)] if line.strip() else []
             except json.JSONDecodeError as e:
-                raise DataError(f"imagefolder: {path} line {i} is not JSON ({e.msg}); write one {{file, caption}} "
-                                "object per line") from None
+                raise DataError(
+                    f"imagefolder: {path} line {i} is not JSON ({e.msg}); write one {{file, caption}} object per line"
+                ) from None
     elif path.suffix == ".csv":
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
@@ -78,14 +84,15 @@ def make_imagefolder(cfg: ImageFolderConfig, split: str) -> TensorImageDataset:
     """Load, resize and centre-crop every image under ``root`` into memory."""
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise DataError(f"imagefolder: field 'root' is {root}, which is not a directory; point data.root at a folder "
-                        "of images")
+        raise DataError(
+            f"imagefolder: field 'root' is {root}, which is not a directory; point data.root at a folder of images"
+        )
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES)
     if not files:
         raise DataError(f"imagefolder: no images ({', '.join(sorted(SUFFIXES))}) under {root}; fix field 'root'")
     classes = sorted({p.parent.relative_to(root).as_posix() for p in files} - {"."})
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
-    chosen = order[: cfg.num_test] if split == "test" else order[cfg.num_test:]
+    chosen = order[: cfg.num_test] if split == "test" else order[cfg.num_test :]
     if split not in ("train", "test"):
         raise DataError(f"imagefolder has splits ('train', 'test'), not '{split}'")
     captions = _read_captions(root / cfg.captions) if cfg.captions else None
@@ -97,8 +104,10 @@ def make_imagefolder(cfg: ImageFolderConfig, split: str) -> TensorImageDataset:
             x = _read_image(p, cfg)
         except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unknown, corrupt and truncated files
             if not cfg.skip_bad:
-                raise DataError(f"imagefolder: {p} cannot be read as an image ({type(e).__name__}: {e}); fix or "
-                                "remove it, or set data.skip_bad=true to skip unreadable images") from None
+                raise DataError(
+                    f"imagefolder: {p} cannot be read as an image ({type(e).__name__}: {e}); fix or "
+                    "remove it, or set data.skip_bad=true to skip unreadable images"
+                ) from None
             skipped.append(rel.as_posix())
             continue
         images.append(x)
@@ -108,17 +117,26 @@ def make_imagefolder(cfg: ImageFolderConfig, split: str) -> TensorImageDataset:
                 raise DataError(f"imagefolder: {cfg.captions} has no caption for {rel.as_posix()}; add one")
             texts.append(captions[rel.as_posix()])
     if skipped:  # the user asked for it: a warning, and the count on the dataset
-        print(f"imagefolder: warning: skipped {len(skipped)} unreadable image(s) of the {split} split under {root}: "
-              f"{', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}", file=sys.stderr)
+        print(
+            f"imagefolder: warning: skipped {len(skipped)} unreadable image(s) of the {split} split under {root}: "
+            f"{', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}",
+            file=sys.stderr,
+        )
     if not images:
         raise DataError(f"imagefolder: none of the {len(chosen)} images of the {split} split under {root} can be read")
-    spec = DataSpec(name="imagefolder", image_shape=(cfg.channels, cfg.image_size, cfg.image_size),
-                    num_classes=len(classes) or None, has_captions=captions is not None, class_names=tuple(classes))
+    spec = DataSpec(
+        name="imagefolder",
+        image_shape=(cfg.channels, cfg.image_size, cfg.image_size),
+        num_classes=len(classes) or None,
+        has_captions=captions is not None,
+        class_names=tuple(classes),
+    )
     tensors = {"image": to_unit_range(torch.stack(images)), "label": torch.tensor(labels, dtype=torch.long)}
     if captions is not None:
         tensors["caption"] = texts
-    ds = TensorImageDataset(spec, tensors, fingerprint_of("imagefolder", cfg.model_dump(), split,
-                                                          [str(f) for f in files], skipped))
+    ds = TensorImageDataset(
+        spec, tensors, fingerprint_of("imagefolder", cfg.model_dump(), split, [str(f) for f in files], skipped)
+    )
     ds.skipped = skipped
     return ds
 
@@ -144,8 +162,9 @@ def make_torchvision(cfg: TorchvisionConfig, split: str) -> TensorImageDataset:
         hint = "set download: true" if not cfg.download else "check the network, or place the files there by hand"
         raise DataError(f"torchvision {cfg.name}: not found under {root} ({e}); {hint}") from None
     except OSError as e:
-        raise DataError(f"torchvision {cfg.name}: could not download to {root} ({e}); no network? place the files "
-                        "there by hand") from None
+        raise DataError(
+            f"torchvision {cfg.name}: could not download to {root} ({e}); no network? place the files there by hand"
+        ) from None
     data = torch.as_tensor(ds.data)
     x = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
     x = x.float() / 255
@@ -154,6 +173,8 @@ def make_torchvision(cfg: TorchvisionConfig, split: str) -> TensorImageDataset:
 
         x = resize(x, cfg.image_size)
     classes = tuple(ds.classes)
-    spec = DataSpec(name=f"torchvision-{cfg.name}", image_shape=tuple(x.shape[1:]), num_classes=len(classes), class_names=classes)
+    spec = DataSpec(
+        name=f"torchvision-{cfg.name}", image_shape=tuple(x.shape[1:]), num_classes=len(classes), class_names=classes
+    )
     tensors = {"image": to_unit_range(x), "label": torch.as_tensor(ds.targets, dtype=torch.long)}
     return TensorImageDataset(spec, tensors, fingerprint_of("torchvision", cfg.model_dump(), split))

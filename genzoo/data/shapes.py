@@ -23,8 +23,17 @@ SPLITS = ("train", "test", "heldout")
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 SIZES = ("small", "large")
-POSITIONS = ("top left", "top centre", "top right", "centre left", "centre", "centre right",
-             "bottom left", "bottom centre", "bottom right")
+POSITIONS = (
+    "top left",
+    "top centre",
+    "top right",
+    "centre left",
+    "centre",
+    "centre right",
+    "bottom left",
+    "bottom centre",
+    "bottom right",
+)
 ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
 HELDOUT = (("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square"))
 RGB = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=torch.float32)
@@ -116,22 +125,27 @@ def make_shapes(cfg: ShapesConfig, split: str) -> TensorImageDataset:
     n = cfg.num_train if split == "train" else cfg.num_test
     g = torch.Generator().manual_seed(cfg.seed * 7_919 + _SPLIT_OFFSET[split])
     attrs = _draw_attributes(n, split, cfg, g)
-    chunks = [render(attrs[i:i + 1024], cfg.image_size, g) for i in range(0, n, 1024)]
+    chunks = [render(attrs[i : i + 1024], cfg.image_size, g) for i in range(0, n, 1024)]
     phrasing = torch.randint(len(PHRASINGS), (n,), generator=g).tolist()
     synonym = torch.randint(2, (n,), generator=g).tolist()
     captions = [caption(tuple(a), p, s) for a, p, s in zip(attrs.tolist(), phrasing, synonym)]
     spec = DataSpec(
-        name="shapes", image_shape=(3, cfg.image_size, cfg.image_size), num_classes=len(SHAPES) * len(COLOURS),
-        has_captions=True, attributes={k: tuple(v) for k, v in ATTRIBUTES.items()},
+        name="shapes",
+        image_shape=(3, cfg.image_size, cfg.image_size),
+        num_classes=len(SHAPES) * len(COLOURS),
+        has_captions=True,
+        attributes={k: tuple(v) for k, v in ATTRIBUTES.items()},
         class_names=tuple(f"{c} {s}" for s in SHAPES for c in COLOURS),
     )
-    tensors = {"image": torch.cat(chunks).contiguous(), "label": attrs[:, 0] * len(COLOURS) + attrs[:, 1],
-               "attributes": attrs, "caption": captions}
+    tensors = {
+        "image": torch.cat(chunks).contiguous(),
+        "label": attrs[:, 0] * len(COLOURS) + attrs[:, 1],
+        "attributes": attrs,
+        "caption": captions,
+    }
     return TensorImageDataset(spec, tensors, fingerprint_of("shapes", VERSION, cfg.model_dump(), split))
 
 
 def heldout_pairs() -> list[tuple[int, int]]:
     """The held-out (shape, colour) index pairs."""
     return [(SHAPES.index(s), COLOURS.index(c)) for c, s in HELDOUT]
-
-

@@ -14,9 +14,10 @@ import json
 import math
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ class Entry:
     steps: int | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Entry":
+    def parse(cls, text: str) -> Entry:
         recipe, _, rest = text.partition("@")
         sampler, _, steps = rest.partition(":")
         return cls(text, recipe, sampler or None, int(steps) if steps else None)
@@ -53,14 +54,41 @@ class Row:
     error: str = ""
 
 
-COLUMNS = ["fd", "kid", "precision", "recall", "density", "coverage", "class_coverage", "label_accuracy",
-           "shape_accuracy", "colour_accuracy", "recon_mse", "code_perplexity", "codes_used", "iw_bpd", "elbo_bpd",
-           "images_per_s", "nfe"]
+COLUMNS = [
+    "fd",
+    "kid",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "class_coverage",
+    "label_accuracy",
+    "shape_accuracy",
+    "colour_accuracy",
+    "recon_mse",
+    "code_perplexity",
+    "codes_used",
+    "iw_bpd",
+    "elbo_bpd",
+    "images_per_s",
+    "nfe",
+]
 
 
-def compare(entries: Sequence[str], *, out: Path, settings: EvalSettings = EvalSettings(), budget_minutes: float | None = None,
-            metric_names: Sequence[str] = DEFAULT_METRICS, sweep: dict[str, list[int]] | None = None, segments: int = 3,
-            device: torch.device | None = None, files: Sequence[str | Path] = (), sets: Sequence[str] = (), log: Callable[[str], None] = print) -> list[Row]:
+def compare(
+    entries: Sequence[str],
+    *,
+    out: Path,
+    settings: EvalSettings = EvalSettings(),
+    budget_minutes: float | None = None,
+    metric_names: Sequence[str] = DEFAULT_METRICS,
+    sweep: dict[str, list[int]] | None = None,
+    segments: int = 3,
+    device: torch.device | None = None,
+    files: Sequence[str | Path] = (),
+    sets: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> list[Row]:
     from genzoo import api
     from genzoo.checkpoint import has_checkpoint, load_checkpoint
     from genzoo.eval.judges import load_judge
@@ -87,8 +115,19 @@ def compare(entries: Sequence[str], *, out: Path, settings: EvalSettings = EvalS
                 trained[e.recipe] = (Path(e.recipe), api.build_data(ckpt_recipe), ckpt_recipe["pipeline"]["type"])
             if e.recipe not in trained:
                 run_dir = out / "runs" / e.recipe
-                source, family = _train(e.recipe, run_dir, files=files, sets=sets, budget_minutes=budget_minutes, segments=segments, settings=settings,
-                                        fd_only=fd_only, curve=curves.setdefault(e.recipe, []), device=device, log=log)
+                source, family = _train(
+                    e.recipe,
+                    run_dir,
+                    files=files,
+                    sets=sets,
+                    budget_minutes=budget_minutes,
+                    segments=segments,
+                    settings=settings,
+                    fd_only=fd_only,
+                    curve=curves.setdefault(e.recipe, []),
+                    device=device,
+                    log=log,
+                )
                 trained[e.recipe] = (run_dir, source, family)
             run_dir, source, family = trained[e.recipe]
             model = api.load_model(run_dir, device=device, sampler=e.sampler, steps=e.steps)
@@ -102,11 +141,18 @@ def compare(entries: Sequence[str], *, out: Path, settings: EvalSettings = EvalS
             row.train_minutes, row.train_steps = meta.get("wall_time", float("nan")) / 60, int(meta.get("step", 0))
             from genzoo.training.images import save_grid
 
-            grid = out / "grids" / (text.replace("@", "_").replace(":", "-").replace("+", "p").replace("/", "_") + ".png")
+            grid = (
+                out / "grids" / (text.replace("@", "_").replace(":", "-").replace("+", "p").replace("/", "_") + ".png")
+            )
             save_grid(ev.samples[:64], grid)
             row.grid = str(grid.relative_to(out))
-            if sweep and model.components.get("sampler") is not None and getattr(model.components["sampler"], "kind", None) is not None \
-                    and model.components["sampler"].kind.value == "diffusion" and e.sampler is None:
+            if (
+                sweep
+                and model.components.get("sampler") is not None
+                and getattr(model.components["sampler"], "kind", None) is not None
+                and model.components["sampler"].kind.value == "diffusion"
+                and e.sampler is None
+            ):
                 step_curves[e.recipe] = _sweep(run_dir, source, judge, sweep, settings, fd_only, device, log)
         except Exception as exc:  # a failing model is a row, not a crash
             row.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -120,7 +166,9 @@ def compare(entries: Sequence[str], *, out: Path, settings: EvalSettings = EvalS
     return rows
 
 
-def _train(recipe: str, run_dir: Path, *, files, sets, budget_minutes, segments, settings, fd_only, curve, device, log) -> tuple[Any, str]:
+def _train(
+    recipe: str, run_dir: Path, *, files, sets, budget_minutes, segments, settings, fd_only, curve, device, log
+) -> tuple[Any, str]:
     """Train (or reuse) a recipe in ``run_dir``; under a budget, in segments with a quick FD after each."""
     from genzoo import api
     from genzoo.checkpoint import has_checkpoint
@@ -129,7 +177,12 @@ def _train(recipe: str, run_dir: Path, *, files, sets, budget_minutes, segments,
 
     sets = list(sets)  # the same --set for every recipe, e.g. data.image_size=16: one dataset for all
     if budget_minutes:
-        sets += [f"train.minutes={budget_minutes / segments}", "train.steps=null", "train.stages=null", "train.sample_every=0"]
+        sets += [
+            f"train.minutes={budget_minutes / segments}",
+            "train.steps=null",
+            "train.stages=null",
+            "train.sample_every=0",
+        ]
     resolved = api.resolve_recipe(recipe, files=files, sets=sets)
     source = api.build_data(resolved)
     family = resolved["pipeline"]["type"]
@@ -138,7 +191,11 @@ def _train(recipe: str, run_dir: Path, *, files, sets, budget_minutes, segments,
         return source, family
     train = source.split("train")
     pipeline = api.create_model(resolved, data_spec=source.spec)
-    meta = {"data_spec": api.data_spec_dict(source.spec), "data_fingerprint": train.fingerprint(), "recipe_name": recipe}
+    meta = {
+        "data_spec": api.data_spec_dict(source.spec),
+        "data_fingerprint": train.fingerprint(),
+        "recipe_name": recipe,
+    }
     config = TrainConfig.model_validate(resolved["train"])
     if budget_minutes and len(getattr(pipeline, "stages", ("main",))) > 1:
         # a staged model splits the budget between stages instead of spending it all on the first
@@ -148,8 +205,9 @@ def _train(recipe: str, run_dir: Path, *, files, sets, budget_minutes, segments,
     judge = load_judge(source.spec.name, source.cfg.model_dump(), device=device)
     quick = replace(settings, samples=min(settings.samples, 256))
     for i in range(segments):
-        result = Trainer(pipeline, train.tensors(), config=config, run_dir=run_dir, recipe=resolved, meta=meta,
-                         progress=False).fit(resume=i > 0)
+        result = Trainer(
+            pipeline, train.tensors(), config=config, run_dir=run_dir, recipe=resolved, meta=meta, progress=False
+        ).fit(resume=i > 0)
         if result.interrupted:  # Ctrl-C stops the comparison (the checkpoint is saved), not just this segment
             raise KeyboardInterrupt(result.interrupted)
         model = api.load_model(run_dir, device=device)
@@ -175,8 +233,16 @@ def _steps_in(pipeline, train, config, minutes: float, device, probe_steps: int 
     probe = copy.deepcopy(pipeline)
     stages = list(getattr(pipeline, "stages", ("main",)))
     with tempfile.TemporaryDirectory() as d:
-        cfg = config.model_copy(update={"steps": None, "stages": {s: probe_steps for s in stages}, "minutes": None,
-                                        "checkpoint_every": 10**9, "log_every": 1, "sample_every": 0})
+        cfg = config.model_copy(
+            update={
+                "steps": None,
+                "stages": {s: probe_steps for s in stages},
+                "minutes": None,
+                "checkpoint_every": 10**9,
+                "log_every": 1,
+                "sample_every": 0,
+            }
+        )
         trainer = Trainer(probe, train.tensors(), config=cfg, run_dir=d, recipe={}, meta={}, progress=False)
         trainer.fit(stop_at=probe_steps * len(stages))
         rows = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
@@ -204,7 +270,9 @@ def _sweep(run_dir, source, judge, sweep, settings, fd_only, device, log) -> dic
 def _summary(row: Row) -> str:
     if row.error:
         return f"ERROR {row.error}"
-    return ", ".join(f"{k} {row.figures[k]:.3g}" for k in ("fd", "precision", "recall", "images_per_s") if k in row.figures)
+    return ", ".join(
+        f"{k} {row.figures[k]:.3g}" for k in ("fd", "precision", "recall", "images_per_s") if k in row.figures
+    )
 
 
 def _fmt(v: Any) -> str:
@@ -219,21 +287,48 @@ def write_leaderboard(rows: Sequence[Row], out: Path, *, settings: EvalSettings,
     """``leaderboard.md`` / ``.csv`` / ``.json``: one row per entry, sorted by FD (errors last)."""
     cols = [c for c in COLUMNS if any(c in r.figures for r in rows)]
     head = ["model", "family", "data", *cols, "params_M", "train_min", "train_steps", "error"]
-    table = [[r.name, r.family, r.data, *[r.figures.get(c, float("nan")) for c in cols], r.params_m, r.train_minutes,
-              r.train_steps, r.error] for r in rows]
+    table = [
+        [
+            r.name,
+            r.family,
+            r.data,
+            *[r.figures.get(c, float("nan")) for c in cols],
+            r.params_m,
+            r.train_minutes,
+            r.train_steps,
+            r.error,
+        ]
+        for r in rows
+    ]
     with open(out / "leaderboard.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(head)
         w.writerows([[_fmt(v) for v in t] for t in table])
-    (out / "leaderboard.json").write_text(json.dumps({
-        "settings": {"samples": settings.samples, "seed": settings.seed, "split": settings.split, "precision": settings.precision,
-                     "budget_minutes": budget_minutes},
-        "rows": [{**{k: v for k, v in r.__dict__.items() if k != "figures"}, **r.figures} for r in rows],
-    }, indent=1, default=str))
+    (out / "leaderboard.json").write_text(
+        json.dumps(
+            {
+                "settings": {
+                    "samples": settings.samples,
+                    "seed": settings.seed,
+                    "split": settings.split,
+                    "precision": settings.precision,
+                    "budget_minutes": budget_minutes,
+                },
+                "rows": [{**{k: v for k, v in r.__dict__.items() if k != "figures"}, **r.figures} for r in rows],
+            },
+            indent=1,
+            default=str,
+        )
+    )
     generated = "" if settings.precision == "fp32" else f", generated in {settings.precision}"
-    lines = [f"# Leaderboard ({settings.samples} samples per model against the {settings.split} split, seed {settings.seed}{generated}; "
-             f"FD, KID, precision/recall, density/coverage in judge features; lower FD is better)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"# Leaderboard ({settings.samples} samples per model against the {settings.split} split, seed "
+        f"{settings.seed}{generated}; "
+        f"FD, KID, precision/recall, density/coverage in judge features; lower FD is better)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     lines += ["| " + " | ".join(_fmt(v) for v in t) + " |" for t in table]
     lines += ["", *[f"![{r.name}]({r.grid})" for r in rows if r.grid]]
     (out / "leaderboard.md").write_text("\n".join(lines) + "\n")
@@ -250,7 +345,12 @@ def _plots(out: Path, curves: dict, step_curves: dict) -> None:
         for name, pts in curves.items():
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set(xlabel="training time (min)", ylabel="FD (judge features, quick)", yscale="log", title="quality vs training time")
+        ax.set(
+            xlabel="training time (min)",
+            ylabel="FD (judge features, quick)",
+            yscale="log",
+            title="quality vs training time",
+        )
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "fd_vs_training_time.png", dpi=120)
@@ -259,7 +359,13 @@ def _plots(out: Path, curves: dict, step_curves: dict) -> None:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for sampler, pts in per_sampler.items():
             ax.plot(*zip(*pts), marker="o", label=sampler)
-        ax.set(xlabel="sampling steps", ylabel="FD (judge features)", xscale="log", yscale="log", title=f"{name}: quality vs steps")
+        ax.set(
+            xlabel="sampling steps",
+            ylabel="FD (judge features)",
+            xscale="log",
+            yscale="log",
+            title=f"{name}: quality vs steps",
+        )
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"fd_vs_steps_{name}.png", dpi=120)

@@ -13,11 +13,12 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,7 +63,9 @@ class EvalContext:
     @cached_property
     def real_features(self) -> Tensor:
         split = self.source.split(self.settings.split)
-        key = hashlib.sha256(json.dumps([self.judge.key, split.fingerprint(), len(self.real["image"])]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            json.dumps([self.judge.key, split.fingerprint(), len(self.real["image"])]).encode()
+        ).hexdigest()[:16]
         path = _cache_root() / "features" / f"{key}.safetensors"
         if path.exists():
             return load_file(str(path))["features"]
@@ -96,8 +99,11 @@ class EvalContext:
             g = torch.Generator(device=self.device).manual_seed(s.seed * 1_000_003 + i)
             cond = None
             if self.requested is not None:  # attributes are for the judge, not the model
-                cond = {k: v[lo:lo + n].to(self.device) if isinstance(v, Tensor) else v[lo:lo + n]
-                        for k, v in self.requested.items() if k != "attributes"}
+                cond = {
+                    k: v[lo : lo + n].to(self.device) if isinstance(v, Tensor) else v[lo : lo + n]
+                    for k, v in self.requested.items()
+                    if k != "attributes"
+                }
             with self.generating():
                 out.append(self.model.sample(n, cond, generator=g).float().clamp(-1, 1).cpu())
         if self.device.type == "cuda":
@@ -159,43 +165,54 @@ def metric_fd(cfg: NoConfig) -> MetricFn:
 
 def metric_kid(cfg: KIDConfig) -> MetricFn:
     """Kernel inception distance, unbiased, in judge features (Bińkowski et al. 2018)."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         g = torch.Generator().manual_seed(ev.settings.seed)
-        mean, std = M.kid(ev.real_features, ev.fake_features, subsets=cfg.subsets, subset_size=cfg.subset_size, generator=g)
+        mean, std = M.kid(
+            ev.real_features, ev.fake_features, subsets=cfg.subsets, subset_size=cfg.subset_size, generator=g
+        )
         return {"kid": mean, "kid_std": std}
+
     return run
 
 
 def metric_precision_recall(cfg: KNNConfig) -> MetricFn:
     """Improved precision and recall (Kynkäänniemi et al. 2019)."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         p, r = M.precision_recall(ev.real_features, ev.fake_features, k=cfg.k)
         return {"precision": p, "recall": r}
+
     return run
 
 
 def metric_density_coverage(cfg: KNNConfig) -> MetricFn:
     """Density and coverage (Naeem et al. 2020)."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         d, c = M.density_coverage(ev.real_features, ev.fake_features, k=cfg.k)
         return {"density": d, "coverage": c}
+
     return run
 
 
 def metric_class_coverage(cfg: NoConfig) -> MetricFn:
     """Share of classes the judge finds among samples (mode collapse)."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         num = ev.source.spec.num_classes
         if not num or "label" not in ev.fake_predictions:
             return {}
         c = M.class_coverage(ev.fake_predictions["label"], num)
         return {"class_coverage": c["coverage"], "class_entropy": c["entropy_ratio"], "max_class_share": c["max_share"]}
+
     return run
 
 
 def metric_attribute_accuracy(cfg: NoConfig) -> MetricFn:
     """Does a sample show the class/attributes it was asked for."""
     """Does sample i show what its condition asked for? Judged by the judge (label, and each attribute of it)."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         if ev.requested is None:
             return {}
@@ -217,11 +234,13 @@ def metric_attribute_accuracy(cfg: NoConfig) -> MetricFn:
             out["shape_accuracy"] = float((pred["shape"] == y // k).double().mean())
             out["colour_accuracy"] = float((pred["colour"] == y % k).double().mean())
         return out
+
     return run
 
 
 def metric_nll(cfg: NLLConfig) -> MetricFn:
     """Negative log-likelihood bound in bits/dim, where the model has one."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "nll_bpd", None)
         if fn is None:
@@ -230,42 +249,49 @@ def metric_nll(cfg: NLLConfig) -> MetricFn:
         g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
         out = fn(x, generator=g)
         return {k: float(v.mean()) for k, v in out.items()}
+
     return run
 
 
 def metric_reconstruction(cfg: NoConfig) -> MetricFn:
     """Test-set reconstruction MSE of models that encode (AE, VAE, VQ-VAE)."""
     """Test-set reconstruction MSE (images in [-1, 1]) of models that encode (AE, VAE, VQ-VAE)."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "reconstruct", None)
         if fn is None:
             return {}
         x = ev.real["image"]
-        rec = torch.cat([fn(x[i:i + 256].to(ev.device)).float().cpu() for i in range(0, len(x), 256)])
+        rec = torch.cat([fn(x[i : i + 256].to(ev.device)).float().cpu() for i in range(0, len(x), 256)])
         return {"recon_mse": float(torch.mean((rec - x) ** 2))}
+
     return run
 
 
 def metric_codebook(cfg: NoConfig) -> MetricFn:
     """Codebook perplexity and share of codes used on the test set (VQ models)."""
     """Codebook perplexity and the fraction of codes used on the test images (VQ models)."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "codebook_usage", None)
         if fn is None:
             return {}
         u = fn(ev.real["image"].to(ev.device))
         return {"code_perplexity": u["perplexity"], "codes_used": u["used_fraction"]}
+
     return run
 
 
 def metric_zero_shot(cfg: NoConfig) -> MetricFn:
     """Zero-shot attribute accuracy of a CLIP on shapes (every attribute combination's caption)."""
     """Zero-shot attribute accuracy of a CLIP on the split's images (shapes)."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "zero_shot", None)
         if fn is None or "attributes" not in ev.real or ev.source.spec.name != "shapes":
             return {}
         return fn(ev.real["image"], ev.real["attributes"])
+
     return run
 
 
@@ -273,6 +299,7 @@ def metric_upsampler(cfg: NoConfig) -> MetricFn:
     """A cascade's upsampler against bilinear upsampling: FD and MSE to the originals."""
     """A cascade's upsampler against bilinear upsampling, on the split's images brought down to the base size:
     FD in judge features and MSE to the full-size originals, for both."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         if getattr(ev.model, "upsampler", None) is None:
             return {}
@@ -280,14 +307,24 @@ def metric_upsampler(cfg: NoConfig) -> MetricFn:
         low = torch.nn.functional.interpolate(real, size=ev.model.base_size, mode="area")
         g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
         with ev.generating():
-            up = torch.cat([ev.model.upsample(low[i:i + ev.settings.batch_size].to(ev.device), generator=g).float().clamp(-1, 1).cpu()
-                            for i in range(0, len(low), ev.settings.batch_size)])
-        bilinear = torch.nn.functional.interpolate(low, size=real.shape[-1], mode="bilinear", align_corners=False).clamp(-1, 1)
+            up = torch.cat(
+                [
+                    ev.model.upsample(low[i : i + ev.settings.batch_size].to(ev.device), generator=g)
+                    .float()
+                    .clamp(-1, 1)
+                    .cpu()
+                    for i in range(0, len(low), ev.settings.batch_size)
+                ]
+            )
+        bilinear = torch.nn.functional.interpolate(
+            low, size=real.shape[-1], mode="bilinear", align_corners=False
+        ).clamp(-1, 1)
         out = {}
         for name, x in (("upsampler", up), ("bilinear", bilinear)):
             out[f"{name}_fd"] = M.fd(ev.real_features, ev.judge.features(x).float().cpu())
             out[f"{name}_mse"] = float(torch.mean((x - real) ** 2))
         return out
+
     return run
 
 
@@ -300,6 +337,7 @@ def metric_embedding_prior(cfg: PairsConfig) -> MetricFn:
     """DALL·E 2: cosine of prior-drawn to true CLIP image embeddings, and of the text-embedding baseline."""
     """unCLIP's prior against the truth: mean cosine of the z_i it draws for a caption to the CLIP embedding
     of that caption's image, beside the baseline of taking the caption's z_t as the image embedding."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "prior_cosine", None)
         if fn is None or "caption" not in ev.real:
@@ -308,6 +346,7 @@ def metric_embedding_prior(cfg: PairsConfig) -> MetricFn:
         g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
         with ev.generating():
             return fn(ev.real["image"][:n], list(ev.real["caption"][:n]), generator=g)
+
     return run
 
 
@@ -315,6 +354,7 @@ def metric_variations(cfg: PairsConfig) -> MetricFn:
     """DALL·E 2: do variations of a test image keep its attributes (judged)."""
     """Attribute preservation of variations (unCLIP Sec. 3.1): one variation per split image, judged;
     the share whose attribute (and all four, ``variation_all``) matches the original's."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "variations", None)
         if fn is None or "attributes" not in ev.real:
@@ -323,15 +363,23 @@ def metric_variations(cfg: PairsConfig) -> MetricFn:
         g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
         bs = ev.settings.batch_size
         with ev.generating():
-            x = torch.cat([fn(ev.real["image"][i:min(i + bs, n)].to(ev.device), generator=g).float().clamp(-1, 1).cpu() for i in range(0, n, bs)])
+            x = torch.cat(
+                [
+                    fn(ev.real["image"][i : min(i + bs, n)].to(ev.device), generator=g).float().clamp(-1, 1).cpu()
+                    for i in range(0, n, bs)
+                ]
+            )
         pred, want = ev.judge.predict(x), ev.real["attributes"][:n]
         names = [a for a in ev.source.spec.attributes if a in pred]
         if not names:
             return {}
-        hits = torch.stack([pred[a].cpu() == want[:, j] for j, a in enumerate(ev.source.spec.attributes) if a in pred], 1)
+        hits = torch.stack(
+            [pred[a].cpu() == want[:, j] for j, a in enumerate(ev.source.spec.attributes) if a in pred], 1
+        )
         out = {f"variation_{a}": float(h.double().mean()) for a, h in zip(names, hits.T)}
         out["variation_all"] = float(hits.all(1).double().mean())
         return out
+
     return run
 
 
@@ -346,6 +394,7 @@ def prior_tokens_per_sample(model: Any) -> int:
 
 def metric_throughput(cfg: NoConfig) -> MetricFn:
     """Sampling images/s and network evaluations per sample."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         _ = ev.samples
         out = {"images_per_s": ev.settings.samples / max(ev.sample_seconds, 1e-9)}
@@ -360,27 +409,39 @@ def metric_throughput(cfg: NoConfig) -> MetricFn:
                 nfe += s.nfe()
         out["nfe"] = float(nfe or 1)
         return out
+
     return run
 
 
 def metric_torch_fidelity(cfg: NoConfig) -> MetricFn:
     """Inception FID and IS through torch-fidelity (weights downloaded once)."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         try:
             import torch_fidelity  # noqa: F401
         except ImportError:
-            raise GenzooError("metric 'inception': install torch-fidelity (pip install torch-fidelity) and let it download the "
-                              "Inception weights once (it needs the network); the judge-based 'fd' needs neither") from None
+            raise GenzooError(
+                "metric 'inception': install torch-fidelity (pip install torch-fidelity) and let it download the "
+                "Inception weights once (it needs the network); the judge-based 'fd' needs neither"
+            ) from None
         real = ((ev.real["image"] + 1) * 127.5).round().to(torch.uint8)
         fake = ((ev.samples + 1) * 127.5).round().to(torch.uint8)
         if real.shape[1] == 1:
             real, fake = real.repeat(1, 3, 1, 1), fake.repeat(1, 3, 1, 1)
         try:
-            res = torch_fidelity.calculate_metrics(input1=_U8(fake), input2=_U8(real), fid=True, isc=True, verbose=False)
+            res = torch_fidelity.calculate_metrics(
+                input1=_U8(fake), input2=_U8(real), fid=True, isc=True, verbose=False
+            )
         except Exception as e:  # the weight download is the usual failure offline
-            raise GenzooError(f"metric 'inception': torch-fidelity could not compute FID/IS ({type(e).__name__}: {e}); "
-                              "it needs its Inception weights, downloaded once with network access") from None
-        return {"inception_fid": float(res["frechet_inception_distance"]), "inception_score": float(res["inception_score_mean"])}
+            raise GenzooError(
+                f"metric 'inception': torch-fidelity could not compute FID/IS ({type(e).__name__}: {e}); "
+                "it needs its Inception weights, downloaded once with network access"
+            ) from None
+        return {
+            "inception_fid": float(res["frechet_inception_distance"]),
+            "inception_score": float(res["inception_score_mean"]),
+        }
+
     return run
 
 
@@ -403,6 +464,7 @@ class ClipScoreConfig(BaseModel):
 
 def metric_clip_score(cfg: ClipScoreConfig) -> MetricFn:
     """CLIP score through open_clip (pretrained weights downloaded once)."""
+
     def run(ev: EvalContext) -> dict[str, float]:
         import open_clip
 
@@ -411,8 +473,10 @@ def metric_clip_score(cfg: ClipScoreConfig) -> MetricFn:
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=cfg.pretrained)
         except Exception as e:
-            raise GenzooError(f"metric 'clip-score': open_clip could not load {cfg.model}/{cfg.pretrained} ({type(e).__name__}); "
-                              "it downloads the weights once with network access, or pass a local file as pretrained") from None
+            raise GenzooError(
+                f"metric 'clip-score': open_clip could not load {cfg.model}/{cfg.pretrained} ({type(e).__name__}); "
+                "it downloads the weights once with network access, or pass a local file as pretrained"
+            ) from None
         tok = open_clip.get_tokenizer(cfg.model)
         names = ev.source.spec.class_names
         if ev.requested is not None and "caption" in ev.requested:
@@ -430,15 +494,32 @@ def metric_clip_score(cfg: ClipScoreConfig) -> MetricFn:
             te = model.encode_text(tok(list(texts[: len(ie)])))
         cos = torch.nn.functional.cosine_similarity(ie, te)
         return {"clip_score": float(100 * cos.clamp(min=0).mean())}
+
     return run
 
 
-DEFAULT_METRICS = ("fd", "kid", "precision-recall", "density-coverage", "class-coverage", "attribute-accuracy", "reconstruction",
-                   "codebook", "throughput")
+DEFAULT_METRICS = (
+    "fd",
+    "kid",
+    "precision-recall",
+    "density-coverage",
+    "class-coverage",
+    "attribute-accuracy",
+    "reconstruction",
+    "codebook",
+    "throughput",
+)
 
 
-def evaluate(model: Any, source: Any, *, metrics: Mapping[str, MetricFn], judge: Any, settings: EvalSettings,
-             device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: Any,
+    source: Any,
+    *,
+    metrics: Mapping[str, MetricFn],
+    judge: Any,
+    settings: EvalSettings,
+    device: torch.device,
+) -> dict[str, float]:
     """Run ``metrics`` on one shared :class:`EvalContext`; returns the merged figures."""
     ev = EvalContext(model, source, judge, settings, device=device)
     out: dict[str, float] = {}

@@ -21,7 +21,6 @@ same weights on any machine with the same torch build and thread count.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -62,7 +61,9 @@ class JudgeConfig(BaseModel):
     """Architecture of a judge."""
 
     model_config = ConfigDict(extra="forbid")
-    widths: list[int] = Field([32, 64, 128], description="channels per stage; every stage after the first halves the side")
+    widths: list[int] = Field(
+        [32, 64, 128], description="channels per stage; every stage after the first halves the side"
+    )
     stem_side: int = Field(16, ge=4, description="stride-2 stem convolutions shrink the side to at most this first")
     coords: bool = Field(True, description="append (x, y) coordinate channels to the input")
 
@@ -97,8 +98,13 @@ class Judge(nn.Module):
     ``predict(x) -> {head: LongTensor}`` batch internally and run in eval mode without autograd.
     """
 
-    def __init__(self, image_shape: tuple[int, int, int], heads: dict[str, int], cfg: JudgeConfig | None = None,
-                 label_from: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        heads: dict[str, int],
+        cfg: JudgeConfig | None = None,
+        label_from: tuple[str, str] | None = None,
+    ) -> None:
         super().__init__()
         cfg = cfg or JudgeConfig()
         c, h, w = image_shape
@@ -115,8 +121,9 @@ class Judge(nn.Module):
         # channels (CoordConv, Liu et al. 2018) let the pooled features say where the object was.
         if cfg.coords:
             ramp = torch.linspace(-1, 1, h)
-            self.register_buffer("grid", torch.stack([ramp.view(h, 1).expand(h, w), ramp.view(1, w).expand(h, w)]),
-                                 persistent=False)
+            self.register_buffer(
+                "grid", torch.stack([ramp.view(h, 1).expand(h, w), ramp.view(1, w).expand(h, w)]), persistent=False
+            )
         layers: list[nn.Module] = []
         ch, side = c + (2 if cfg.coords else 0), h
         # The stem spends stride-2 convolutions on large images, so 32x32 and 64x64 cost little more than 16x16.
@@ -149,7 +156,7 @@ class Judge(nn.Module):
         self.eval()
         try:
             with torch.inference_mode():
-                return [fn(x[i:i + _CHUNK].to(device, torch.float32)).to(x.device) for i in range(0, len(x), _CHUNK)]
+                return [fn(x[i : i + _CHUNK].to(device, torch.float32)).to(x.device) for i in range(0, len(x), _CHUNK)]
         finally:
             self.train(was_training)
 
@@ -291,7 +298,7 @@ def train_judge(
     for step in range(tcfg.steps):
         if pos + tcfg.batch_size > len(order):  # a fresh permutation each epoch; no image seen twice in one
             order, pos = torch.randperm(len(images), generator=g), 0
-        idx = order[pos:pos + tcfg.batch_size].to(device)
+        idx = order[pos : pos + tcfg.batch_size].to(device)
         pos += tcfg.batch_size
         x, y = images[idx], targets[idx]
         if tcfg.translate:
@@ -343,8 +350,9 @@ def _train_fingerprint(dataset_name: str, data_config: dict | None) -> str:
     return source.split("train").fingerprint()
 
 
-def _key_parts(dataset_name: str, data_config: dict | None, seed: int, arch: JudgeConfig,
-               tcfg: JudgeTrainConfig) -> dict[str, Any]:
+def _key_parts(
+    dataset_name: str, data_config: dict | None, seed: int, arch: JudgeConfig, tcfg: JudgeTrainConfig
+) -> dict[str, Any]:
     return {
         "judge_version": JUDGE_VERSION,
         "dataset": dataset_name,
@@ -356,10 +364,19 @@ def _key_parts(dataset_name: str, data_config: dict | None, seed: int, arch: Jud
     }
 
 
-def judge_key(dataset_name: str, data_config: dict | None = None, *, steps: int | None = None, seed: int = 0,
-              arch: JudgeConfig | None = None, train: JudgeTrainConfig | None = None) -> str:
+def judge_key(
+    dataset_name: str,
+    data_config: dict | None = None,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    arch: JudgeConfig | None = None,
+    train: JudgeTrainConfig | None = None,
+) -> str:
     """16 hex digits of sha256 over everything that affects a judge's weights."""
-    parts = _key_parts(dataset_name, data_config, seed, arch or JudgeConfig(), _train_config(dataset_name, train, steps))
+    parts = _key_parts(
+        dataset_name, data_config, seed, arch or JudgeConfig(), _train_config(dataset_name, train, steps)
+    )
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -387,22 +404,38 @@ def load_judge(
 
     if weights.exists() and meta_path.exists():
         meta = read_json(meta_path)
-        judge = Judge(tuple(meta["image_shape"]), meta["heads"], JudgeConfig(**meta["arch"]),
-                      label_from=tuple(meta["label_from"]) if meta["label_from"] else None)
+        judge = Judge(
+            tuple(meta["image_shape"]),
+            meta["heads"],
+            JudgeConfig(**meta["arch"]),
+            label_from=tuple(meta["label_from"]) if meta["label_from"] else None,
+        )
         judge.load_state_dict(load_tensors(weights))  # safetensors only: never unpickles
         judge.accuracy = meta["accuracy"]
     elif not train_if_missing:
-        raise FileNotFoundError(f"no cached judge {weights} for {dataset_name} {data_config or {}} (train_if_missing=False)")
+        raise FileNotFoundError(
+            f"no cached judge {weights} for {dataset_name} {data_config or {}} (train_if_missing=False)"
+        )
     else:
         judge = train_judge(dataset_name, data_config, seed=seed, device="cpu", arch=arch, train=tcfg)
         seconds = judge.train_seconds  # type: ignore[attr-defined]
-        meta = {**parts, "key": key, "image_shape": list(judge.image_shape), "heads": judge.heads_spec,
-                "label_from": list(judge.label_from) if judge.label_from else None, "feature_dim": judge.feature_dim,
-                "accuracy": judge.accuracy, "train_seconds": round(seconds, 1), "torch_version": torch.__version__}
+        meta = {
+            **parts,
+            "key": key,
+            "image_shape": list(judge.image_shape),
+            "heads": judge.heads_spec,
+            "label_from": list(judge.label_from) if judge.label_from else None,
+            "feature_dim": judge.feature_dim,
+            "accuracy": judge.accuracy,
+            "train_seconds": round(seconds, 1),
+            "torch_version": torch.__version__,
+        }
         # weights first: the .json is the marker that a complete judge exists
         write_atomic(weights, st_save({k: v.detach().cpu().contiguous() for k, v in judge.state_dict().items()}))
         write_atomic(meta_path, dumps_json(meta))
-        acc = "; ".join(f"{split} " + " ".join(f"{k} {v:.4f}" for k, v in a.items()) for split, a in judge.accuracy.items())
+        acc = "; ".join(
+            f"{split} " + " ".join(f"{k} {v:.4f}" for k, v in a.items()) for split, a in judge.accuracy.items()
+        )
         print(f"genzoo: trained judge {dataset_name} {key} in {seconds:.0f}s ({acc}) -> {weights}", file=sys.stderr)
     judge.key = key
     return judge.to(device or "cpu").eval()

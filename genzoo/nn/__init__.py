@@ -1,9 +1,8 @@
-"""Networks shared by the families: the ADM U-Net, an MLP denoiser, a GPT, a noisy classifier, conv encoders/decoders."""
+"""Networks shared by the families: the ADM U-Net, an MLP denoiser, a GPT, a noisy classifier, conv nets."""
 
 import torch
 
-from genzoo.nn import convnets
-from genzoo.nn.classifier import NoisyClassifier, NoisyClassifierConfig, build_noisy_classifier
+from genzoo.nn.classifier import NoisyClassifier, NoisyClassifierConfig
 from genzoo.nn.embeddings import timestep_embedding
 from genzoo.nn.gpt import GPT, CachedLogits, GPTConfig, KVCache, TransformerSize
 from genzoo.nn.mlp import MLPDenoiser, MLPDenoiserConfig, build_mlp_denoiser
@@ -15,6 +14,20 @@ from genzoo.nn.unet import UNet, UNetConfig, build_unet, unet_flops
 CONV_MEMORY_FORMAT = torch.channels_last
 
 __all__ = [
-    "CONV_MEMORY_FORMAT", "CachedLogits", "GPT", "GPTConfig", "KVCache", "MLPDenoiser", "MLPDenoiserConfig", "NoisyClassifier",
-    "NoisyClassifierConfig", "TransformerSize", "UNet", "UNetConfig", "build_mlp_denoiser", "build_unet", "timestep_embedding", "unet_flops",
+    "CONV_MEMORY_FORMAT",
+    "CachedLogits",
+    "GPT",
+    "GPTConfig",
+    "KVCache",
+    "MLPDenoiser",
+    "MLPDenoiserConfig",
+    "NoisyClassifier",
+    "NoisyClassifierConfig",
+    "TransformerSize",
+    "UNet",
+    "UNetConfig",
+    "build_mlp_denoiser",
+    "build_unet",
+    "timestep_embedding",
+    "unet_flops",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -27,7 +26,9 @@ class NoisyClassifier(nn.Module):
     def __init__(self, cfg: NoisyClassifierConfig) -> None:
         super().__init__()
         if None in (cfg.num_classes, cfg.in_channels, cfg.image_size):
-            raise ValueError("NoisyClassifierConfig: num_classes, in_channels and image_size must be set (or built for a dataset)")
+            raise ValueError(
+                "NoisyClassifierConfig: num_classes, in_channels and image_size must be set (or built for a dataset)"
+            )
         self.cfg = cfg
         ch0, emb_dim = cfg.model_channels, 4 * cfg.model_channels
         self.time_mlp = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -43,7 +44,9 @@ class NoisyClassifier(nn.Module):
                 levels.append(Level(ResBlock(ch, emb_dim, ch, resample="down", **block), None))
                 res //= 2
         self.levels = nn.ModuleList(levels)
-        self.head = nn.Sequential(norm(ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, cfg.num_classes))
+        self.head = nn.Sequential(
+            norm(ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, cfg.num_classes)
+        )
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
@@ -58,6 +61,11 @@ def build_noisy_classifier(cfg: NoisyClassifierConfig, ctx=None) -> NoisyClassif
     data = getattr(ctx, "data", None)
     if data is not None:
         c, h, _ = data.image_shape
-        cfg = cfg.model_copy(update={"in_channels": cfg.in_channels or c, "image_size": cfg.image_size or h,
-                                     "num_classes": cfg.num_classes or data.num_classes})
+        cfg = cfg.model_copy(
+            update={
+                "in_channels": cfg.in_channels or c,
+                "image_size": cfg.image_size or h,
+                "num_classes": cfg.num_classes or data.num_classes,
+            }
+        )
     return NoisyClassifier(cfg)

@@ -57,8 +57,12 @@ class ConvNetConfig(BaseModel):
     channels: int = Field(64, ge=4, description="width at the full-resolution end; doubles at each halving")
     max_channels: int = Field(512, ge=4, description="cap on the width")
     norm: Norm = Field("batch", description="batch (DCGAN), group or none")
-    dim: int | None = Field(None, description="vector size: the encoder's output / the decoder's input (set by the component)")
-    num_classes: int | None = Field(None, description="class-conditional when set: an embedding (decoder) or a projection (encoder)")
+    dim: int | None = Field(
+        None, description="vector size: the encoder's output / the decoder's input (set by the component)"
+    )
+    num_classes: int | None = Field(
+        None, description="class-conditional when set: an embedding (decoder) or a projection (encoder)"
+    )
     image_channels: int | None = Field(None, description="image channels; None takes the dataset's")
     image_size: int | None = Field(None, description="image side; None takes the dataset's")
 
@@ -69,7 +73,7 @@ def _widths(cfg: ConvNetConfig, n: int) -> list[int]:
 
 
 class ConvEncoder(nn.Module):
-    """``forward(x, y=None) -> (B, dim)``; with classes, adds the projection ``<embed(y), h>`` (Miyato & Koyama 2018)."""
+    """``forward(x, y=None) -> (B, dim)``; with classes, adds ``<embed(y), h>`` (Miyato & Koyama 2018)."""
 
     def __init__(self, cfg: ConvNetConfig) -> None:
         super().__init__()
@@ -77,8 +81,11 @@ class ConvEncoder(nn.Module):
         w = _widths(cfg, n)
         layers: list[nn.Module] = [nn.Conv2d(cfg.image_channels, w[0], 3, padding=1), nn.LeakyReLU(0.2)]
         for i in range(n):  # the input block has no norm (DCGAN Sec. 3)
-            layers += [nn.Conv2d(w[i], w[i + 1], 4, stride=2, padding=1, bias=cfg.norm == "none"), _norm(cfg.norm, w[i + 1]),
-                       nn.LeakyReLU(0.2)]
+            layers += [
+                nn.Conv2d(w[i], w[i + 1], 4, stride=2, padding=1, bias=cfg.norm == "none"),
+                _norm(cfg.norm, w[i + 1]),
+                nn.LeakyReLU(0.2),
+            ]
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.out = nn.Linear(w[n] * 16, cfg.dim)
         self.embed = nn.Embedding(cfg.num_classes, w[n] * 16) if cfg.num_classes else None
@@ -105,8 +112,11 @@ class ConvDecoder(nn.Module):
         self.norm0 = _norm(cfg.norm, w[n])
         layers: list[nn.Module] = [nn.ReLU()]
         for i in reversed(range(n)):
-            layers += [nn.ConvTranspose2d(w[i + 1], w[i], 4, stride=2, padding=1, bias=cfg.norm == "none"), _norm(cfg.norm, w[i]),
-                       nn.ReLU()]
+            layers += [
+                nn.ConvTranspose2d(w[i + 1], w[i], 4, stride=2, padding=1, bias=cfg.norm == "none"),
+                _norm(cfg.norm, w[i]),
+                nn.ReLU(),
+            ]
         layers += [nn.Conv2d(w[0], cfg.image_channels, 3, padding=1), nn.Tanh()]  # no norm on the output (DCGAN Sec. 3)
         self.body = nn.Sequential(*layers)
         self.apply(dcgan_init)
@@ -176,7 +186,7 @@ class GridEncoder(nn.Module):
     def __init__(self, cfg: GridNetConfig) -> None:
         super().__init__()
         ch, layers, c_in = cfg.channels, [], cfg.image_channels
-        for i in range(_halvings(cfg.downsample)):
+        for _ in range(_halvings(cfg.downsample)):
             layers += [nn.Conv2d(c_in, ch, 4, stride=2, padding=1), nn.ReLU()]
             c_in = ch
         layers += [nn.Conv2d(ch, ch, 3, padding=1)] + [_Res(ch) for _ in range(cfg.num_res_blocks)]
@@ -209,7 +219,9 @@ def _grid_sized(cfg: GridNetConfig, ctx: Any) -> GridNetConfig:
     if data is not None and cfg.image_channels is None:
         cfg = cfg.model_copy(update={"image_channels": data.image_shape[0]})
     if cfg.dim is None or cfg.image_channels is None:
-        raise ValueError("grid network: dim and image_channels must be set (the owning component or the dataset sets them)")
+        raise ValueError(
+            "grid network: dim and image_channels must be set (the owning component or the dataset sets them)"
+        )
     return cfg
 
 

@@ -32,7 +32,9 @@ class GPTConfig(BaseModel):
     n_head: int = Field(4, ge=1, description="attention heads; must divide n_embd")
     n_embd: int = Field(128, ge=1, description="width of the residual stream")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on embeddings, attention and residual branches")
-    bias: bool = Field(True, description="biases in Linear layers and LayerNorms (False: a little faster, GPT-2 used True)")
+    bias: bool = Field(
+        True, description="biases in Linear layers and LayerNorms (False: a little faster, GPT-2 used True)"
+    )
 
 
 class TransformerSize(BaseModel):
@@ -46,12 +48,20 @@ class TransformerSize(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on embeddings, attention and residual branches")
 
     def gpt_config(self, *, vocab_size: int, block_size: int, where: str) -> GPTConfig:
-        """The :class:`GPTConfig` of this size for sequences of ``block_size``, refusing a context too short for them."""
+        """The :class:`GPTConfig` of this size for ``block_size`` positions; refuses a context shorter than that."""
         if self.context is not None and self.context < block_size:
-            raise ValueError(f"{where}: field 'context' is {self.context} but the sequence needs {block_size} positions; "
-                             "raise it or leave it unset")
-        return GPTConfig(vocab_size=vocab_size, block_size=self.context or block_size, n_layer=self.layers,
-                         n_head=self.heads, n_embd=self.width, dropout=self.dropout)
+            raise ValueError(
+                f"{where}: field 'context' is {self.context} but the sequence needs {block_size} positions; "
+                "raise it or leave it unset"
+            )
+        return GPTConfig(
+            vocab_size=vocab_size,
+            block_size=self.context or block_size,
+            n_layer=self.layers,
+            n_head=self.heads,
+            n_embd=self.width,
+            dropout=self.dropout,
+        )
 
 
 @dataclass
@@ -87,8 +97,9 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if offset and t > 1:
             mask = torch.arange(k.shape[2], device=x.device) <= offset + torch.arange(t, device=x.device)[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not offset and t > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=not offset and t > 1, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, t, c))), (k, v)
 
 
@@ -123,13 +134,15 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            )
+        )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
         self.apply(self._init_weights)
@@ -164,7 +177,9 @@ class GPT(nn.Module):
             x = torch.cat([prefix_emb.to(x.dtype), x], dim=1)
         start = kv_cache.length if kv_cache is not None else 0
         if start + x.shape[1] > self.cfg.block_size:
-            raise ValueError(f"GPT: sequence of {start + x.shape[1]} positions exceeds block_size={self.cfg.block_size}")
+            raise ValueError(
+                f"GPT: sequence of {start + x.shape[1]} positions exceeds block_size={self.cfg.block_size}"
+            )
         x = self.transformer.drop(x + self.transformer.wpe(torch.arange(start, start + x.shape[1], device=idx.device)))
         new_layers = []
         for i, block in enumerate(self.transformer.h):
@@ -173,10 +188,12 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.layers = new_layers
         n_prefix = 0 if prefix_emb is None else prefix_emb.shape[1]
-        logits = self.lm_head(self.transformer.ln_f(x[:, max(n_prefix - 1, 0):]))
+        logits = self.lm_head(self.transformer.ln_f(x[:, max(n_prefix - 1, 0) :]))
         if targets is None:
             return logits, None
-        ce = F.cross_entropy(logits[:, : targets.shape[1]].flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none")
+        ce = F.cross_entropy(
+            logits[:, : targets.shape[1]].flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none"
+        )
         w = (targets != -1).to(ce.dtype)
         if loss_weights is not None:
             w = w * loss_weights.to(ce.dtype).expand_as(targets)
@@ -192,7 +209,9 @@ class CachedLogits:
     ``prefix_emb`` (None: no prefix).
     """
 
-    def __init__(self, gpt: GPT, *, prefix: Callable[[Mapping[str, Tensor] | None], Tensor | None] | None = None) -> None:
+    def __init__(
+        self, gpt: GPT, *, prefix: Callable[[Mapping[str, Tensor] | None], Tensor | None] | None = None
+    ) -> None:
         self.gpt, self.prefix = gpt, prefix
         self.cache, self.seen, self.batch = KVCache(), -1, -1
 

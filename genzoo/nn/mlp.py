@@ -19,12 +19,24 @@ from genzoo.nn.embeddings import condition_embedding, timestep_embedding
 
 class MLPDenoiserConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    dim: int | None = Field(None, ge=1, description="vector size D; None takes the product of the dataset's image shape")
+    dim: int | None = Field(
+        None, ge=1, description="vector size D; None takes the product of the dataset's image shape"
+    )
     hidden: int = Field(256, ge=8, description="width of the residual blocks")
     depth: int = Field(3, ge=1, description="number of residual blocks")
-    num_classes: int | None = Field(None, ge=1, description="class-conditional with this many classes; index num_classes is the learned null")
-    emb_dim_in: int | None = Field(None, ge=1, description="dim of cond['emb'] (e.g. a CLIP text embedding), projected and added to the time embedding")
-    learn_sigma: bool | None = Field(None, description="also output the variance interpolation v (Improved DDPM Eq. 15); None: set by the diffusion decoder's var_type")
+    num_classes: int | None = Field(
+        None, ge=1, description="class-conditional with this many classes; index num_classes is the learned null"
+    )
+    emb_dim_in: int | None = Field(
+        None,
+        ge=1,
+        description="dim of cond['emb'] (e.g. a CLIP text embedding), projected and added to the time embedding",
+    )
+    learn_sigma: bool | None = Field(
+        None,
+        description="also output the variance interpolation v (Improved DDPM Eq. 15); None: set by the "
+        "diffusion decoder's var_type",
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout in the blocks")
 
 
@@ -33,7 +45,11 @@ class Block(nn.Module):
 
     def __init__(self, hidden: int, dropout: float) -> None:
         super().__init__()
-        self.norm, self.fc1, self.fc2 = nn.LayerNorm(hidden), nn.Linear(hidden, 2 * hidden), nn.Linear(2 * hidden, hidden)
+        self.norm, self.fc1, self.fc2 = (
+            nn.LayerNorm(hidden),
+            nn.Linear(hidden, 2 * hidden),
+            nn.Linear(2 * hidden, hidden),
+        )
         self.emb, self.drop = nn.Linear(hidden, hidden), nn.Dropout(dropout)
         nn.init.zeros_(self.fc2.weight)  # each block starts as the identity, as ADM's zero-initialised convs
         nn.init.zeros_(self.fc2.bias)
@@ -67,7 +83,9 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.cfg.hidden).to(x.dtype))
-        emb = condition_embedding(emb, cond or {}, class_emb=self.class_emb, emb_proj=self.emb_proj, null_emb=self.null_emb)
+        emb = condition_embedding(
+            emb, cond or {}, class_emb=self.class_emb, emb_proj=self.emb_proj, null_emb=self.null_emb
+        )
         h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = block(h, emb)

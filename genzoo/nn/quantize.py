@@ -26,8 +26,18 @@ class VectorQuantizer(nn.Module):
     """``forward(z_e) -> (z_q, codes, terms)`` for z_e (B, D, H, W); ``terms`` holds ``codebook``,
     ``commitment`` (already times beta) and ``perplexity`` of this batch's code histogram."""
 
-    def __init__(self, num_codes: int, dim: int, *, beta: float = 0.25, ema: bool = False, decay: float = 0.99,
-                 eps: float = 1e-5, restart_threshold: float = 0.03, usage_decay: float = 0.95) -> None:
+    def __init__(
+        self,
+        num_codes: int,
+        dim: int,
+        *,
+        beta: float = 0.25,
+        ema: bool = False,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        restart_threshold: float = 0.03,
+        usage_decay: float = 0.95,
+    ) -> None:
         super().__init__()
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.ema, self.decay, self.eps = ema, decay, eps

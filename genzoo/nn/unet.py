@@ -28,41 +28,88 @@ class UNetConfig(BaseModel):
     image_size: int | None = Field(None, ge=1, description="image side; None takes the dataset's")
     out_channels: int | None = Field(None, ge=1, description="None: in_channels, doubled when learn_sigma")
     model_channels: int = Field(64, ge=8, description="channels at the first resolution")
-    channel_mult: list[int] = Field([1, 2, 2], min_length=1, description="channel multiplier per resolution; len - 1 halvings")
+    channel_mult: list[int] = Field(
+        [1, 2, 2], min_length=1, description="channel multiplier per resolution; len - 1 halvings"
+    )
     num_res_blocks: int = Field(2, ge=1, description="residual blocks per resolution")
     attention_resolutions: list[int] = Field([16, 8], description="resolutions (in pixels) with self-attention")
-    num_heads: int | None = Field(None, ge=1, description="attention heads per layer; None: channels // num_head_channels")
-    num_head_channels: int = Field(32, ge=1, description="channels per attention head when num_heads is None (ADM uses 64)")
+    num_heads: int | None = Field(
+        None, ge=1, description="attention heads per layer; None: channels // num_head_channels"
+    )
+    num_head_channels: int = Field(
+        32, ge=1, description="channels per attention head when num_heads is None (ADM uses 64)"
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout in residual blocks")
-    num_classes: int | None = Field(None, ge=1, description="class-conditional with this many classes (ADM); index num_classes is the learned null")
-    learn_sigma: bool | None = Field(None, description="also output the variance interpolation v (Improved DDPM Eq. 15); None: set by the diffusion decoder's var_type")
-    use_scale_shift_norm: bool = Field(True, description="condition by GroupNorm scale and shift (ADM) rather than by addition (DDPM)")
-    resblock_updown: bool = Field(True, description="down/up-sample inside residual blocks (BigGAN style, ADM); False: strided conv / nearest+conv (DDPM)")
-    context_dim: int | None = Field(None, ge=1, description="dim of cond['context'] tokens, projected to extra keys/values of every attention layer (GLIDE)")
-    emb_dim_in: int | None = Field(None, ge=1, description="dim of cond['emb'], projected and added to the time embedding (GLIDE's last text token, unCLIP's z_i)")
-    cond_channels: int = Field(0, ge=0, description="channels of cond['low_res'], bilinearly upsampled and concatenated to x_t (upsamplers)")
-    emb_tokens: int = Field(0, ge=0, description="also project cond['emb'] into this many extra context tokens (unCLIP Sec. 2.1: 4); "
-                                                 "needs context_dim and emb_dim_in")
+    num_classes: int | None = Field(
+        None, ge=1, description="class-conditional with this many classes (ADM); index num_classes is the learned null"
+    )
+    learn_sigma: bool | None = Field(
+        None,
+        description="also output the variance interpolation v (Improved DDPM Eq. 15); None: set by the "
+        "diffusion decoder's var_type",
+    )
+    use_scale_shift_norm: bool = Field(
+        True, description="condition by GroupNorm scale and shift (ADM) rather than by addition (DDPM)"
+    )
+    resblock_updown: bool = Field(
+        True,
+        description="down/up-sample inside residual blocks (BigGAN style, ADM); False: strided conv / "
+        "nearest+conv (DDPM)",
+    )
+    context_dim: int | None = Field(
+        None,
+        ge=1,
+        description="dim of cond['context'] tokens, projected to extra keys/values of every attention layer (GLIDE)",
+    )
+    emb_dim_in: int | None = Field(
+        None,
+        ge=1,
+        description="dim of cond['emb'], projected and added to the time embedding (GLIDE's last text token, "
+        "unCLIP's z_i)",
+    )
+    cond_channels: int = Field(
+        0, ge=0, description="channels of cond['low_res'], bilinearly upsampled and concatenated to x_t (upsamplers)"
+    )
+    emb_tokens: int = Field(
+        0,
+        ge=0,
+        description="also project cond['emb'] into this many extra context tokens (unCLIP Sec. 2.1: 4); "
+        "needs context_dim and emb_dim_in",
+    )
     # the original DDPM layout (Ho et al.'s TF code; diffusers' UNet2DModel of google/ddpm-*): imports map exactly
     flip_sin_to_cos: bool = Field(
-        True, description="time embedding [cos, sin] (improved-diffusion); False: [sin, cos] (DDPM)")
+        True, description="time embedding [cos, sin] (improved-diffusion); False: [sin, cos] (DDPM)"
+    )
     freq_shift: float = Field(
-        0.0, ge=0, lt=1.5, description="time embedding frequencies max_period^(-i/(half - freq_shift)); DDPM: 1")
+        0.0, ge=0, lt=1.5, description="time embedding frequencies max_period^(-i/(half - freq_shift)); DDPM: 1"
+    )
     norm_groups: int | None = Field(
-        None, ge=1, description="GroupNorm groups of every norm; None: the largest divisor of the channels <= 32 "
-                                "leaving >= 2 channels per group")
+        None,
+        ge=1,
+        description="GroupNorm groups of every norm; None: the largest divisor of the channels <= 32 "
+        "leaving >= 2 channels per group",
+    )
     norm_eps: float = Field(1e-5, gt=0, description="GroupNorm epsilon (DDPM: 1e-6)")
     downsample_padding: int = Field(
-        1, ge=0, le=1, description="padding of the stride-2 conv when resblock_updown is False: 1 on every side; "
-                                   "0: pad right and bottom by one (TF 'SAME', DDPM)")
+        1,
+        ge=0,
+        le=1,
+        description="padding of the stride-2 conv when resblock_updown is False: 1 on every side; "
+        "0: pad right and bottom by one (TF 'SAME', DDPM)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> UNetConfig:
         halvings = len(self.channel_mult) - 1
         if self.image_size is not None and self.image_size % 2**halvings:
-            raise ValueError(f"image_size {self.image_size} is not divisible by 2^{halvings} (len(channel_mult) - 1 halvings)")
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by 2^{halvings} (len(channel_mult) - 1 halvings)"
+            )
         if self.emb_tokens and not (self.context_dim and self.emb_dim_in):
-            raise ValueError(f"emb_tokens={self.emb_tokens} projects cond['emb'] into context tokens: set context_dim and emb_dim_in too")
+            raise ValueError(
+                f"emb_tokens={self.emb_tokens} projects cond['emb'] into context tokens: set context_dim and "
+                "emb_dim_in too"
+            )
         if self.norm_groups is not None:
             widths = {self.model_channels * m for m in [1, *self.channel_mult]}  # every sum of them then too
             if any(w % self.norm_groups for w in widths):
@@ -108,8 +155,16 @@ class ResBlock(nn.Module):
     """GN-SiLU-conv twice, conditioned on the embedding; optional up/down-sampling (ADM Sec. 3; BigGAN)."""
 
     def __init__(
-        self, ch: int, emb_dim: int, out_ch: int, *, dropout: float, scale_shift: bool, resample: Resample | str = Resample.none,
-        groups: int | None = None, eps: float = 1e-5,
+        self,
+        ch: int,
+        emb_dim: int,
+        out_ch: int,
+        *,
+        dropout: float,
+        scale_shift: bool,
+        resample: Resample | str = Resample.none,
+        groups: int | None = None,
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.scale_shift, self.resample = scale_shift, Resample(resample)
@@ -155,8 +210,16 @@ class ConvResample(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over pixels; context tokens join the keys and values (GLIDE Sec. 2.3)."""
 
-    def __init__(self, ch: int, head_ch: int, context_dim: int | None, *, heads: int | None = None,
-                 groups: int | None = None, eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        ch: int,
+        head_ch: int,
+        context_dim: int | None,
+        *,
+        heads: int | None = None,
+        groups: int | None = None,
+        eps: float = 1e-5,
+    ) -> None:
         super().__init__()
         self.heads = heads or max(1, ch // head_ch)
         if ch % self.heads:
@@ -253,8 +316,9 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
         cond = cond or {}
-        temb = timestep_embedding(t, self.cfg.model_channels, flip_sin_to_cos=self.cfg.flip_sin_to_cos,
-                                  freq_shift=self.cfg.freq_shift)
+        temb = timestep_embedding(
+            t, self.cfg.model_channels, flip_sin_to_cos=self.cfg.flip_sin_to_cos, freq_shift=self.cfg.freq_shift
+        )
         emb = self.time_mlp(temb.to(x.dtype))
         emb = condition_embedding(emb, cond, class_emb=self.class_emb, emb_proj=self.emb_proj, null_emb=self.null_emb)
         context, mask = cond.get("context"), cond.get("context_mask")
@@ -263,15 +327,24 @@ class UNet(nn.Module):
             keep = ~drop[:, None].expand(-1, context.shape[1])
             mask = keep if mask is None else mask & keep
         if self.emb_to_tokens is not None:  # unCLIP's z_i as extra tokens; the null embedding where it is dropped
-            extra = self.emb_to_tokens(pooled_or_null(cond, self.null_emb, x.shape[0]).to(x.dtype)).view(x.shape[0], self.cfg.emb_tokens, -1)
+            extra = self.emb_to_tokens(pooled_or_null(cond, self.null_emb, x.shape[0]).to(x.dtype)).view(
+                x.shape[0], self.cfg.emb_tokens, -1
+            )
             if context is not None:
-                mask = torch.cat([mask if mask is not None else context.new_ones(context.shape[:2], dtype=torch.bool),
-                                  extra.new_ones(extra.shape[:2], dtype=torch.bool)], dim=1)
+                mask = torch.cat(
+                    [
+                        mask if mask is not None else context.new_ones(context.shape[:2], dtype=torch.bool),
+                        extra.new_ones(extra.shape[:2], dtype=torch.bool),
+                    ],
+                    dim=1,
+                )
             context = extra if context is None else torch.cat([context.to(x.dtype), extra], dim=1)
         h = x
         if self.cfg.cond_channels:
             if "low_res" not in cond:
-                raise ValueError(f"UNet: cond_channels={self.cfg.cond_channels} needs cond['low_res'] (the low-resolution image)")
+                raise ValueError(
+                    f"UNet: cond_channels={self.cfg.cond_channels} needs cond['low_res'] (the low-resolution image)"
+                )
             low = F.interpolate(cond["low_res"].to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False)
             h = torch.cat([x, low], dim=1)
         h = self.input_conv(h)
@@ -304,10 +377,13 @@ def flop_counter() -> FlopCounterMode:
     torch's registry knows the CUDA SDPA kernels but not ``_scaled_dot_product_flash_attention_for_cpu``,
     so on CPU attention would silently count as zero; it is counted here as on CUDA (QK^T and AV).
     """
+
     def sdpa_cpu(q: torch.Size, k: torch.Size, v: torch.Size, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
         return sdpa_flop_count(q, k, v)
 
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu})
+    return FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu}
+    )
 
 
 def unet_flops(cfg: UNetConfig, batch: int, cond: dict[str, Tensor] | None = None) -> int:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,9 @@ def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> tuple[
     return loss, (logits.argmax(-1) == labels).float().mean()
 
 
-def clip_losses(clip: Any, images: Tensor, cond: Mapping[str, Tensor] | None, t: Tensor | None = None) -> dict[str, Tensor]:
+def clip_losses(
+    clip: Any, images: Tensor, cond: Mapping[str, Tensor] | None, t: Tensor | None = None
+) -> dict[str, Tensor]:
     """The contrastive loss of ``clip`` on images (at diffusion step ``t`` for a noised CLIP) and the
     caption ``tokens`` of ``cond``: how a recipe's own CLIP trains in its ``clip`` stage."""
     if not cond or "tokens" not in cond:
@@ -54,19 +57,27 @@ class ClipConfig(BaseModel):
     embed_dim: int = Field(64, ge=2, description="dimension of the joint embedding space")
     image_tower: dict[str, Any] = Field(
         default_factory=lambda: {"type": "noisy-classifier", "channel_mult": [1, 2, 2], "attention_resolutions": []},
-        description="network from image to vector (its num_classes is set to embed_dim): noisy-classifier (takes t) or timm",
+        description="network from image to vector (its num_classes is set to embed_dim): noisy-classifier "
+        "(takes t) or timm",
         json_schema_extra={"kind": "network"},
     )
     text_tower: TextTransformerConfig = Field(default_factory=TextTransformerConfig, description="the text transformer")
     noised: bool = Field(False, description="the image tower sees x_t and t (GLIDE's noised CLIP, for CLIP guidance)")
-    init_temperature: float = Field(0.07, gt=0, description="initial softmax temperature (CLIP: 0.07); learned, floored at 0.01")
-    weights: str | None = Field(None, description="a genzoo run or checkpoint directory whose `clip` weights are loaded "
-                                                   "(e.g. runs/clip-shapes); the CLIP is then pretrained and a recipe does not train it again. "
-                                                   "A run trained with it holds its own copy: loading that run does not read this path")
+    init_temperature: float = Field(
+        0.07, gt=0, description="initial softmax temperature (CLIP: 0.07); learned, floored at 0.01"
+    )
+    weights: str | None = Field(
+        None,
+        description="a genzoo run or checkpoint directory whose `clip` weights are loaded "
+        "(e.g. runs/clip-shapes); the CLIP is then pretrained and a recipe does not train it again. "
+        "A run trained with it holds its own copy: loading that run does not read this path",
+    )
 
     @field_validator("weights")
     @classmethod
-    def _absolute(cls, v: str | None) -> str | None:  # a recipe resolved here still means the same run from another directory
+    def _absolute(
+        cls, v: str | None
+    ) -> str | None:  # a recipe resolved here still means the same run from another directory
         return None if v is None else str(Path(v).expanduser().resolve())
 
 
@@ -79,8 +90,10 @@ class CLIP(nn.Module):
         self.image_tower = image_tower
         self.takes_t = "t" in inspect.signature(image_tower.forward).parameters
         if cfg.noised and not self.takes_t:
-            raise RegistryError(f"clip: field 'noised' is true but image_tower '{type(image_tower).__name__}' takes no t; "
-                                "use image_tower: {type: noisy-classifier}")
+            raise RegistryError(
+                f"clip: field 'noised' is true but image_tower '{type(image_tower).__name__}' takes no t; "
+                "use image_tower: {type: noisy-classifier}"
+            )
         self.text = TextTransformer(cfg.text_tower)
         self.text_projection = nn.Linear(cfg.text_tower.width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
@@ -140,11 +153,15 @@ def build_clip(cfg: ClipConfig, ctx: Any) -> CLIP:
         from genzoo.checkpoint import has_checkpoint, load_checkpoint, load_state_into
 
         if not has_checkpoint(Path(cfg.weights).expanduser()):
-            raise RegistryError(f"clip: field 'weights': {cfg.weights} is not a genzoo run or checkpoint directory; "
-                                "train one with `genzoo train clip-shapes --out DIR` and pass DIR")
+            raise RegistryError(
+                f"clip: field 'weights': {cfg.weights} is not a genzoo run or checkpoint directory; "
+                "train one with `genzoo train clip-shapes --out DIR` and pass DIR"
+            )
         ckpt = load_checkpoint(Path(cfg.weights).expanduser())
         if "clip" not in ckpt.components:
-            raise RegistryError(f"clip: field 'weights': {ckpt.path} holds no 'clip' component (it has {sorted(ckpt.components)})")
+            raise RegistryError(
+                f"clip: field 'weights': {ckpt.path} holds no 'clip' component (it has {sorted(ckpt.components)})"
+            )
         load_state_into(clip, ckpt.components["clip"], role="clip", where=ckpt.path)
     return clip
 
@@ -155,7 +172,9 @@ def build_clip(cfg: ClipConfig, ctx: Any) -> CLIP:
 class OpenClipConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field("ViT-B-32", description="an open_clip architecture (open_clip.list_models())")
-    pretrained: str | None = Field(None, description="a pretrained tag (open_clip.list_pretrained()), downloaded through huggingface_hub")
+    pretrained: str | None = Field(
+        None, description="a pretrained tag (open_clip.list_pretrained()), downloaded through huggingface_hub"
+    )
     checkpoint: str | None = Field(None, description="local .safetensors weights instead of a download (offline use)")
 
 
@@ -166,7 +185,9 @@ class OpenCLIP(nn.Module):
     noised = False
     pretrained = True  # genzoo never trains an open_clip model
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, *, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+    ) -> None:
         super().__init__()
         self.model, self.tokenizer, self.image_size = model, tokenizer, image_size
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
@@ -178,12 +199,18 @@ class OpenCLIP(nn.Module):
         return self.mean.device
 
     def encode_image(self, x: Tensor, t: Tensor | None = None) -> Tensor:
-        x = F.interpolate((x.float() + 1) / 2, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        x = F.interpolate(
+            (x.float() + 1) / 2, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False
+        )
         return F.normalize(self.model.encode_image((x - self.mean) / self.std).float(), dim=-1)
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[-1] if isinstance(self.model.text_projection, Tensor) else self.model.text_projection.out_features)
+        return int(
+            self.model.text_projection.shape[-1]
+            if isinstance(self.model.text_projection, Tensor)
+            else self.model.text_projection.out_features
+        )
 
     @property
     def text_width(self) -> int:
@@ -208,11 +235,15 @@ class OpenCLIP(nn.Module):
         transformer (the steps of ``open_clip.CLIP.encode_text`` before pooling)."""
         m, tokens = self.model, self._fit_length(tokens)
         if not all(hasattr(m, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
-            raise GenzooError(f"clip 'open-clip': {type(m).__name__} has no text transformer whose tokens genzoo can read; "
-                              "use an OpenAI-style CLIP architecture (e.g. ViT-B-32, RN50)")
+            raise GenzooError(
+                f"clip 'open-clip': {type(m).__name__} has no text transformer whose tokens genzoo can read; "
+                "use an OpenAI-style CLIP architecture (e.g. ViT-B-32, RN50)"
+            )
         cast = m.transformer.get_cast_dtype()
         x = (m.token_embedding(tokens) + m.positional_embedding).to(cast)
-        batch_first = getattr(m.transformer, "batch_first", True)  # open_clip < 2.24 ran the text transformer sequence-first
+        batch_first = getattr(
+            m.transformer, "batch_first", True
+        )  # open_clip < 2.24 ran the text transformer sequence-first
         x = m.transformer(x if batch_first else x.transpose(0, 1), attn_mask=m.attn_mask)
         seq = m.ln_final(x if batch_first else x.transpose(0, 1)).float()
         eot = tokens.argmax(dim=-1)
@@ -229,28 +260,38 @@ def build_open_clip(cfg: OpenClipConfig, ctx: Any = None) -> OpenCLIP:
 
     if cfg.model not in open_clip.list_models():
         near = [m for m in open_clip.list_models() if cfg.model.lower()[:4] in m.lower()][:8]
-        raise RegistryError(f"clip 'open-clip': field 'model': '{cfg.model}' is not an open_clip architecture; "
-                            f"close ones: {near or open_clip.list_models()[:8]}")
+        raise RegistryError(
+            f"clip 'open-clip': field 'model': '{cfg.model}' is not an open_clip architecture; "
+            f"close ones: {near or open_clip.list_models()[:8]}"
+        )
     if cfg.pretrained and cfg.checkpoint:
-        raise RegistryError("clip 'open-clip': set 'pretrained' (a tag to download) or 'checkpoint' (a local file), not both")
+        raise RegistryError(
+            "clip 'open-clip': set 'pretrained' (a tag to download) or 'checkpoint' (a local file), not both"
+        )
     weights = cfg.pretrained
     if cfg.checkpoint:
         path = Path(cfg.checkpoint).expanduser()
         if path.suffix != ".safetensors" or not path.is_file():
-            raise RegistryError(f"clip 'open-clip': field 'checkpoint': {path} is not a .safetensors file; "
-                                "genzoo never unpickles weights: convert it with safetensors.torch.save_file")
+            raise RegistryError(
+                f"clip 'open-clip': field 'checkpoint': {path} is not a .safetensors file; "
+                "genzoo never unpickles weights: convert it with safetensors.torch.save_file"
+            )
         weights = str(path)
     elif cfg.pretrained and cfg.pretrained not in open_clip.list_pretrained_tags_by_model(cfg.model):
-        raise RegistryError(f"clip 'open-clip': field 'pretrained': '{cfg.pretrained}' is not a tag of {cfg.model}; "
-                            f"tags: {open_clip.list_pretrained_tags_by_model(cfg.model)}")
+        raise RegistryError(
+            f"clip 'open-clip': field 'pretrained': '{cfg.pretrained}' is not a tag of {cfg.model}; "
+            f"tags: {open_clip.list_pretrained_tags_by_model(cfg.model)}"
+        )
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=weights, weights_only=True)
     except (OSError, RuntimeError, ValueError) as e:
         if cfg.checkpoint:
             raise GenzooError(f"clip 'open-clip': could not load {weights} into {cfg.model}: {e}") from e
-        raise GenzooError(f"clip 'open-clip': could not fetch pretrained weights '{cfg.pretrained}' for {cfg.model} "
-                          f"(no network?): {type(e).__name__}; download them where there is a network, or pass "
-                          "checkpoint: /path/to/open_clip_model.safetensors") from e
+        raise GenzooError(
+            f"clip 'open-clip': could not fetch pretrained weights '{cfg.pretrained}' for {cfg.model} "
+            f"(no network?): {type(e).__name__}; download them where there is a network, or pass "
+            "checkpoint: /path/to/open_clip_model.safetensors"
+        ) from e
     model.eval()
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -269,14 +310,20 @@ class ClipPipelineConfig(BaseModel):
 class ClipPipeline(Pipeline):
     """Trains ``components['clip']`` on the dataset's (image, caption) pairs. It draws no images."""
 
-    def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "main") -> dict[str, Tensor]:
+    def training_losses(
+        self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "main"
+    ) -> dict[str, Tensor]:
         clip = self.components["clip"]
         out = clip_losses(clip, batch["image"], {"tokens": clip.text.tokenize(batch["caption"]).to(clip.device)})
         return {**out, "temperature": clip.logit_scale.detach().neg().exp()}
 
-    def sample(self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None) -> Tensor:
-        raise GenzooError("a CLIP draws no images; measure it with `genzoo eval DIR --metrics zero-shot`, "
-                          "or use it in a recipe (guidance, reranking, DALL·E 2)")
+    def sample(
+        self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        raise GenzooError(
+            "a CLIP draws no images; measure it with `genzoo eval DIR --metrics zero-shot`, "
+            "or use it in a recipe (guidance, reranking, DALL·E 2)"
+        )
 
     @torch.no_grad()
     def zero_shot(self, images: Tensor, attributes: Tensor, *, batch_size: int = 500) -> dict[str, float]:
@@ -288,7 +335,10 @@ def make_clip_pipeline(cfg: ClipPipelineConfig, ctx: Any) -> ClipPipeline:
     if "clip" not in ctx.components:
         raise RegistryError("pipeline 'clip' needs a component 'clip' (e.g. clip: {type: clip})")
     if ctx.data is not None and not ctx.data.has_captions:
-        raise RegistryError(f"pipeline 'clip' trains on captions, and dataset '{ctx.data.name}' has none; use shapes or an imagefolder with captions")
+        raise RegistryError(
+            f"pipeline 'clip' trains on captions, and dataset '{ctx.data.name}' has none; use shapes or an "
+            "imagefolder with captions"
+        )
     return ClipPipeline(ctx.components)
 
 
@@ -301,11 +351,20 @@ def zero_shot_shapes(clip: Any, images: Tensor, attributes: Tensor, *, batch_siz
     from genzoo.data.shapes import ATTRIBUTES, caption
 
     combos = list(product(*(range(len(v)) for v in ATTRIBUTES.values())))
-    text = torch.cat([clip.encode_text([caption(c, 0) for c in combos[i:i + 256]]) for i in range(0, len(combos), 256)])
+    text = torch.cat(
+        [clip.encode_text([caption(c, 0) for c in combos[i : i + 256]]) for i in range(0, len(combos), 256)]
+    )
     table = torch.tensor(combos, device=text.device)
-    best = torch.cat([(clip.encode_image(images[i:i + batch_size].to(text.device)) @ text.T).argmax(-1)
-                      for i in range(0, len(images), batch_size)])
+    best = torch.cat(
+        [
+            (clip.encode_image(images[i : i + batch_size].to(text.device)) @ text.T).argmax(-1)
+            for i in range(0, len(images), batch_size)
+        ]
+    )
     pred, attributes = table[best].cpu(), attributes.cpu()
-    out = {f"zero_shot_{name}": float((pred[:, j] == attributes[:, j]).double().mean()) for j, name in enumerate(ATTRIBUTES)}
+    out = {
+        f"zero_shot_{name}": float((pred[:, j] == attributes[:, j]).double().mean())
+        for j, name in enumerate(ATTRIBUTES)
+    }
     out["zero_shot_all"] = float((pred == attributes).all(-1).double().mean())
     return out

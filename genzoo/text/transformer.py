@@ -8,10 +8,11 @@ the padding after EOT can never reach the pooled output, so no padding mask is n
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 from genzoo.data.tokenizer import CaptionTokens
@@ -30,7 +31,9 @@ class TextTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tokenize = CaptionTokens(cfg.context)
-        gpt = cfg.gpt_config(vocab_size=self.tokenize.tokenizer.vocab_size, block_size=cfg.context, where="text-transformer")
+        gpt = cfg.gpt_config(
+            vocab_size=self.tokenize.tokenizer.vocab_size, block_size=cfg.context, where="text-transformer"
+        )
         self.token_embedding = nn.Embedding(gpt.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context, cfg.width))
         self.blocks = nn.ModuleList(Block(gpt) for _ in range(cfg.layers))

@@ -42,5 +42,7 @@ class EMA:
         """The model's full state dict with the averaged parameters in place of the raw ones."""
         # by identity, not name: a tied weight (GPT's lm_head = wte) has two state-dict keys but one parameter name
         name = {id(p): k for k, p in model.named_parameters()}
-        return {k: self.shadow[name[id(v)]] if id(v) in name else v.detach()
-                for k, v in model.state_dict(keep_vars=True).items()}
+        return {
+            k: self.shadow[name[id(v)]] if id(v) in name else v.detach()
+            for k, v in model.state_dict(keep_vars=True).items()
+        }

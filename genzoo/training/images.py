@@ -47,7 +47,7 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: in
     grid = torch.zeros(rows * (h + pad) + pad, nrow * (w + pad) + pad, c, dtype=torch.uint8)
     for i in range(b):
         r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = x[i]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = grid.numpy()

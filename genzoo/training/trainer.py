@@ -16,9 +16,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,9 +86,18 @@ class _Losses(nn.Module):
 
 
 class Trainer:
-    def __init__(self, pipeline: nn.Module, train_data: Mapping[str, Any], *, config: TrainConfig, run_dir: str | Path,
-                 recipe: Mapping[str, Any], meta: Mapping[str, Any] | None = None, progress: bool = True,
-                 registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: nn.Module,
+        train_data: Mapping[str, Any],
+        *,
+        config: TrainConfig,
+        run_dir: str | Path,
+        recipe: Mapping[str, Any],
+        meta: Mapping[str, Any] | None = None,
+        progress: bool = True,
+        registry: Registry | None = None,
+    ) -> None:
         self.pipeline, self.data, self.cfg = pipeline, dict(train_data), config
         self.run_dir, self.recipe, self.meta, self.progress = Path(run_dir), dict(recipe), dict(meta or {}), progress
         self.registry = registry  # --resume compares a checkpoint's recipe as this (default: the plugins') resolves it
@@ -96,7 +106,9 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         if config.batch_size % self.dist.world_size:
-            raise TrainingError(f"train.batch_size {config.batch_size} is not divisible by the {self.dist.world_size} processes")
+            raise TrainingError(
+                f"train.batch_size {config.batch_size} is not divisible by the {self.dist.world_size} processes"
+            )
         self.n = len(self.data["image"])
         if self.device.type == "cuda":
             self._keep_data_on_device()
@@ -110,9 +122,9 @@ class Trainer:
         if self.perm is None or self.pos + b > self.n:  # a new epoch; the remainder is dropped
             self.perm = torch.randperm(self.n, generator=self.data_gen)
             self.pos, self.epoch = 0, self.epoch + 1
-        idx = self.perm[self.pos: self.pos + b]
+        idx = self.perm[self.pos : self.pos + b]
         self.pos += b
-        return idx[self.dist.rank:: self.dist.world_size]  # each rank a disjoint shard of the global batch
+        return idx[self.dist.rank :: self.dist.world_size]  # each rank a disjoint shard of the global batch
 
     def _keep_data_on_device(self) -> None:
         """Move the data set to the GPU once when it fits in a quarter of the free memory (a zoo data set does:
@@ -128,8 +140,10 @@ class Trainer:
             gather = idx.pin_memory().to(self.device, non_blocking=True)
         else:
             gather = idx
-        return {k: v[gather].to(self.device, non_blocking=True) if isinstance(v, Tensor) else [v[i] for i in idx.tolist()]
-                for k, v in self.data.items()}
+        return {
+            k: v[gather].to(self.device, non_blocking=True) if isinstance(v, Tensor) else [v[i] for i in idx.tolist()]
+            for k, v in self.data.items()
+        }
 
     # ------------------------------------------------------------------ stages and optimisers
     def _stage_steps(self) -> list[tuple[str, int]]:
@@ -153,8 +167,13 @@ class Trainer:
             # on CUDA one fused kernel per step rather than a launch per tensor list; the CPU keeps torch's default
             fused = bool(params) and all(p.is_cuda for p in params)
             opts[name] = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd, fused=fused or None)
-            f = lambda s: lr_factor(s, warmup=self.cfg.warmup_steps, total=total, schedule=self.cfg.lr_schedule,  # noqa: E731
-                                    min_ratio=self.cfg.min_lr_ratio)
+            f = lambda s: lr_factor(
+                s,
+                warmup=self.cfg.warmup_steps,
+                total=total,
+                schedule=self.cfg.lr_schedule,  # noqa: E731
+                min_ratio=self.cfg.min_lr_ratio,
+            )
             scheds[name] = torch.optim.lr_scheduler.LambdaLR(opts[name], f)
         return opts, scheds
 
@@ -173,7 +192,10 @@ class Trainer:
                 "python": random.getstate(),
                 "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
             },
-            "step": self.step, "stage_index": self.stage_index, "stage_step": self.stage_step, "wall_time": self.wall_time,
+            "step": self.step,
+            "stage_index": self.stage_index,
+            "stage_step": self.stage_step,
+            "wall_time": self.wall_time,
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -209,12 +231,24 @@ class Trainer:
         components = {}
         ema_sd = self.ema.weights_for(self.pipeline) if self.ema else self.pipeline.state_dict()
         for role, _ in self.pipeline.named_children():
-            sd = {k[len(role) + 1:]: v for k, v in ema_sd.items() if k.startswith(role + ".")}
+            sd = {k[len(role) + 1 :]: v for k, v in ema_sd.items() if k.startswith(role + ".")}
             if sd:
                 components[role] = sd
-        meta = {**self.meta, "seed": self.cfg.seed, "stage": self.stages[self.stage_index][0], "wall_time": self.wall_time}
-        self.last_checkpoint = save_checkpoint(self.run_dir, step=self.step, recipe=self.recipe, components=components,
-                                               meta=meta, trainer_state=self._state(), keep=self.cfg.keep_checkpoints)
+        meta = {
+            **self.meta,
+            "seed": self.cfg.seed,
+            "stage": self.stages[self.stage_index][0],
+            "wall_time": self.wall_time,
+        }
+        self.last_checkpoint = save_checkpoint(
+            self.run_dir,
+            step=self.step,
+            recipe=self.recipe,
+            components=components,
+            meta=meta,
+            trainer_state=self._state(),
+            keep=self.cfg.keep_checkpoints,
+        )
         return self.last_checkpoint
 
     @contextlib.contextmanager
@@ -281,8 +315,9 @@ class Trainer:
                 self.step, self.stage_step, steps_done = self.step + 1, self.stage_step + 1, steps_done + 1
                 self._report(stage, last, steps_done, time.perf_counter() - t0, bar)
                 timed_out = deadline is not None and time.monotonic() > deadline
-                stop = distributed.any_flag(self._stop_reason is not None or timed_out or self.step == stop_at, self.dist,
-                                            self.device)
+                stop = distributed.any_flag(
+                    self._stop_reason is not None or timed_out or self.step == stop_at, self.dist, self.device
+                )
                 if self._save_due(stop):
                     self._save()
                 if stop:
@@ -299,7 +334,9 @@ class Trainer:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if has_checkpoint(self.run_dir) and not resume:
-            raise TrainingError(f"{self.run_dir} already holds a checkpoint; pass --resume to continue it or choose another --out")
+            raise TrainingError(
+                f"{self.run_dir} already holds a checkpoint; pass --resume to continue it or choose another --out"
+            )
         torch.manual_seed(cfg.seed + self.dist.rank)  # ranks draw independent noise
         random.seed(cfg.seed + self.dist.rank)
         np.random.seed(cfg.seed + self.dist.rank)
@@ -326,8 +363,10 @@ class Trainer:
         theirs = refresh(ck.recipe, self.registry or default_registry())
         for key in ("pipeline", "data", "components"):
             if theirs.get(key) != self.recipe.get(key):
-                raise TrainingError(f"--resume: the recipe's '{key}' differs from the checkpoint's in {self.run_dir}; "
-                                    "resume with the same recipe or train into a new --out")
+                raise TrainingError(
+                    f"--resume: the recipe's '{key}' differs from the checkpoint's in {self.run_dir}; "
+                    "resume with the same recipe or train into a new --out"
+                )
         self._restore(ck.trainer_state)
         self.last_checkpoint = ck.path
         if self.dist.rank:  # the state holds rank 0's RNG; other ranks must not repeat its noise
@@ -386,24 +425,35 @@ class Trainer:
 
     def _save_due(self, stop: bool) -> bool:
         """A periodic save, except at the run's last step, which :meth:`_finish` saves once."""
-        ends = stop or (self.stage_step >= self.stages[self.stage_index][1]
-                        and all(n == 0 for _, n in self.stages[self.stage_index + 1:]))
+        ends = stop or (
+            self.stage_step >= self.stages[self.stage_index][1]
+            and all(n == 0 for _, n in self.stages[self.stage_index + 1 :])
+        )
         return self.step % self.cfg.checkpoint_every == 0 and not ends
 
     def _finish(self, t0: float, steps_done: int, last: dict[str, float], timed_out: bool) -> TrainResult:
         """Fit what is fitted after training (on a finished run), then save the last step."""
         finished = self.stage_index == len(self.stages) - 1 and self.stage_step >= self.stages[-1][1]
         try:
-            if finished or (timed_out and self._stop_reason is None):  # a spent --minutes budget ends a run normally; a signal does not
+            if finished or (
+                timed_out and self._stop_reason is None
+            ):  # a spent --minutes budget ends a run normally; a signal does not
                 with self._averaged_weights():
                     self.pipeline.fit_after_training(self.data)
         finally:  # the trained weights are saved even if fitting the latent prior fails
             wall = time.perf_counter() - t0
             self.wall_time += wall
             path = self._save()
-        return TrainResult(step=self.step, losses=last, wall_time=wall, steps_per_sec=steps_done / max(wall, 1e-9),
-                           checkpoint=path, stopped_early=not finished, interrupted=self._stop_reason,
-                           rank=self.dist.rank)
+        return TrainResult(
+            step=self.step,
+            losses=last,
+            wall_time=wall,
+            steps_per_sec=steps_done / max(wall, 1e-9),
+            checkpoint=path,
+            stopped_early=not finished,
+            interrupted=self._stop_reason,
+            rank=self.dist.rank,
+        )
 
     def _train_step(self, model: nn.Module, stage: str, autocast) -> dict[str, float]:
         # Every logged scalar stays on the device until the step's end and then crosses in one transfer: on a
@@ -425,16 +475,26 @@ class Trainer:
                     names.append((name, f"grad_norm/{name}" if len(self.opts) > 1 else "grad_norm"))
                     values.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).float())
                 opt.step()
-            self.scheds[name].step()  # once per global step, however often its optimiser stepped: the schedule counts steps
+            self.scheds[
+                name
+            ].step()  # once per global step, however often its optimiser stepped: the schedule counts steps
         flat = torch.stack(values).tolist()
-        bad = next(((o, k, v) for (o, k), v in zip(names, flat) if not k.startswith("grad_norm") and not math.isfinite(v)), None)
+        bad = next(
+            ((o, k, v) for (o, k), v in zip(names, flat) if not k.startswith("grad_norm") and not math.isfinite(v)),
+            None,
+        )
         if bad:  # raised before the EMA and any checkpoint see this step, so nothing written holds it
             where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
             optimizer, key, value = bad
-            fix = f"lower train.lr (train.grad_clip is already {cfg.grad_clip})" if cfg.grad_clip else \
-                "lower train.lr or set train.grad_clip"
-            raise TrainingError(f"step {self.step + 1} ({stage}/{optimizer}): loss term '{key.split('/')[-1]}' is {value}; "
-                                f"training stopped without saving the bad state{where}; {fix}")
+            fix = (
+                f"lower train.lr (train.grad_clip is already {cfg.grad_clip})"
+                if cfg.grad_clip
+                else "lower train.lr or set train.grad_clip"
+            )
+            raise TrainingError(
+                f"step {self.step + 1} ({stage}/{optimizer}): loss term '{key.split('/')[-1]}' is {value}; "
+                f"training stopped without saving the bad state{where}; {fix}"
+            )
         if self.ema:
             self.ema.update(self.pipeline)
         return dict(zip((k for _, k in names), flat))

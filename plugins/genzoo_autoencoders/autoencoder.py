@@ -14,8 +14,9 @@ per-channel scale, so its bits/dim (ELBO, and the importance-weighted bound of B
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +34,23 @@ class AutoencoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     latent_dim: int = Field(32, ge=1, description="size of the latent vector z")
     variational: bool = Field(False, description="the encoder outputs a mean and a log-variance (VAE)")
-    encoder: dict[str, Any] = Field(default_factory=lambda: {"type": "conv-encoder", "norm": "group"},
-                                    description="image -> latent network", json_schema_extra={"kind": "network"})
-    decoder: dict[str, Any] = Field(default_factory=lambda: {"type": "conv-decoder", "norm": "group"},
-                                    description="latent -> image network", json_schema_extra={"kind": "network"})
+    encoder: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "conv-encoder", "norm": "group"},
+        description="image -> latent network",
+        json_schema_extra={"kind": "network"},
+    )
+    decoder: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "conv-decoder", "norm": "group"},
+        description="latent -> image network",
+        json_schema_extra={"kind": "network"},
+    )
     first_stage_kl_weight: float = Field(
-        1e-3, ge=0,
+        1e-3,
+        ge=0,
         description="variational, trained as another family's first stage (latent diffusion) through its own "
-                    "training_losses: weight of the KL per latent dim against the per-pixel MSE (LDM's KL-reg, "
-                    "Rombach et al. 2022 Sec. 3); the vae pipeline trains the ELBO instead")
+        "training_losses: weight of the KL per latent dim against the per-pixel MSE (LDM's KL-reg, "
+        "Rombach et al. 2022 Sec. 3); the vae pipeline trains the ELBO instead",
+    )
 
 
 class Autoencoder(Decoder):
@@ -51,8 +60,16 @@ class Autoencoder(Decoder):
     (the posterior mean), ``decode_latents``, ``training_losses`` (MSE, + the KL for a VAE) as a first stage.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, *, latent_dim: int, variational: bool, image_shape,
-                 first_stage_kl_weight: float = 1e-3) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        *,
+        latent_dim: int,
+        variational: bool,
+        image_shape,
+        first_stage_kl_weight: float = 1e-3,
+    ) -> None:
         super().__init__()
         self.encoder, self.decoder, self.variational = encoder, decoder, variational
         self.first_stage_kl_weight = first_stage_kl_weight
@@ -63,7 +80,9 @@ class Autoencoder(Decoder):
         h = self.encoder(x)
         return h.chunk(2, dim=1) if self.variational else (h, None)
 
-    def decode(self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
+    def decode(
+        self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None
+    ) -> Tensor:
         return self.decoder(z)
 
     @property
@@ -99,10 +118,20 @@ def make_autoencoder(cfg: AutoencoderConfig, ctx) -> Autoencoder:
     if ctx.data is None:
         raise RegistryError("decoder 'autoencoder' needs a dataset to size its networks")
     out = cfg.latent_dim * (2 if cfg.variational else 1)
-    enc = ctx.registry.build("network", {**cfg.encoder, "dim": out}, data=ctx.data, where="decoder 'autoencoder': encoder: ")
-    dec = ctx.registry.build("network", {**cfg.decoder, "dim": cfg.latent_dim}, data=ctx.data, where="decoder 'autoencoder': decoder: ")
-    return Autoencoder(enc, dec, latent_dim=cfg.latent_dim, variational=cfg.variational, image_shape=ctx.data.image_shape,
-                       first_stage_kl_weight=cfg.first_stage_kl_weight)
+    enc = ctx.registry.build(
+        "network", {**cfg.encoder, "dim": out}, data=ctx.data, where="decoder 'autoencoder': encoder: "
+    )
+    dec = ctx.registry.build(
+        "network", {**cfg.decoder, "dim": cfg.latent_dim}, data=ctx.data, where="decoder 'autoencoder': decoder: "
+    )
+    return Autoencoder(
+        enc,
+        dec,
+        latent_dim=cfg.latent_dim,
+        variational=cfg.variational,
+        image_shape=ctx.data.image_shape,
+        first_stage_kl_weight=cfg.first_stage_kl_weight,
+    )
 
 
 def _encode_all(ae: Autoencoder, images: Tensor, batch: int = 512) -> Tensor:
@@ -111,7 +140,7 @@ def _encode_all(ae: Autoencoder, images: Tensor, batch: int = 512) -> Tensor:
     ae.eval()
     device = next(ae.parameters()).device
     with torch.no_grad():
-        z = torch.cat([ae.encode_image(images[i:i + batch].to(device))[0] for i in range(0, len(images), batch)])
+        z = torch.cat([ae.encode_image(images[i : i + batch].to(device))[0] for i in range(0, len(images), batch)])
     ae.train(was)
     return z
 
@@ -127,9 +156,13 @@ class Corruption(str, Enum):
 
 class AEPipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    corruption: Corruption = Field(Corruption.none, description="none (AE), gaussian or mask (denoising AE, Vincent et al. 2008)")
+    corruption: Corruption = Field(
+        Corruption.none, description="none (AE), gaussian or mask (denoising AE, Vincent et al. 2008)"
+    )
     noise_std: float = Field(0.3, ge=0, description="std of the additive Gaussian corruption (images in [-1, 1])")
-    mask_prob: float = Field(0.25, ge=0, lt=1, description="probability that a pixel is zeroed by the masking corruption")
+    mask_prob: float = Field(
+        0.25, ge=0, lt=1, description="probability that a pixel is zeroed by the masking corruption"
+    )
 
 
 class AEPipeline(LabelledPipeline):
@@ -151,7 +184,9 @@ class AEPipeline(LabelledPipeline):
         ae = self.components["decoder"]
         return {"main": [p for n, p in ae.named_parameters() if n != "log_scale"]}
 
-    def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "main") -> dict[str, Tensor]:
+    def training_losses(
+        self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "main"
+    ) -> dict[str, Tensor]:
         ae, x = self.components["decoder"], batch["image"]
         recon = ae.decode(ae.encode_image(self.corrupt(x))[0])
         mse = F.mse_loss(recon, x)
@@ -167,7 +202,7 @@ class AEPipeline(LabelledPipeline):
 
 
 def make_ae_pipeline(cfg: AEPipelineConfig, ctx) -> AEPipeline:
-    """Autoencoder or denoising autoencoder (Vincent et al. 2008): reconstruction loss, a prior fitted to the latents after training."""
+    """AE or denoising AE (Vincent et al. 2008): reconstruction loss, then a prior fitted to the latents."""
     dec = ctx.components.get("decoder")
     if dec is None or not hasattr(dec, "encode_image") or getattr(dec, "variational", False):
         raise RegistryError("pipeline 'autoencoder' needs decoder: {type: autoencoder, variational: false}")
@@ -182,8 +217,12 @@ class VAEPipelineConfig(BaseModel):
     kl_weight: float = Field(1.0, ge=0, description="weight of the KL term (1: the ELBO; beta-VAE otherwise)")
     kl_warmup_steps: int = Field(0, ge=0, description="ramp the KL weight linearly from 0 over this many steps")
     iw_samples: int = Field(64, ge=1, description="importance samples K of the NLL bound reported by nll_bpd")
-    free_bits: float = Field(0.0, ge=0, description="training only: each latent dim's batch-mean KL counts at least this "
-                             "many nats (Kingma et al. 2016, Eq. 15), against posterior collapse; the reported ELBO is exact")
+    free_bits: float = Field(
+        0.0,
+        ge=0,
+        description="training only: each latent dim's batch-mean KL counts at least this "
+        "many nats (Kingma et al. 2016, Eq. 15), against posterior collapse; the reported ELBO is exact",
+    )
 
 
 class VAEPipeline(LabelledPipeline):
@@ -194,7 +233,9 @@ class VAEPipeline(LabelledPipeline):
         self.cfg = cfg
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
 
-    def _terms(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _terms(
+        self, x: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """log p(x|z), log p(z), log q(z|x) per image for one z ~ q, and the analytic KL."""
         vae = self.components["decoder"]
         mu, logvar = vae.encode_image(x)
@@ -206,7 +247,9 @@ class VAEPipeline(LabelledPipeline):
         log_qz = -0.5 * (eps.pow(2) + logvar + math.log(2 * math.pi)).sum(1)
         return log_px, kl, log_pz, log_qz, z
 
-    def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "main") -> dict[str, Tensor]:
+    def training_losses(
+        self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "main"
+    ) -> dict[str, Tensor]:
         x = batch["image"]
         d = x[0].numel()
         log_px, kl_dims, *_ = self._terms(x)
@@ -222,7 +265,9 @@ class VAEPipeline(LabelledPipeline):
         return {"loss": loss, "elbo_bpd": elbo_bpd, "kl": kl.mean().detach(), "recon_nats": -log_px.mean().detach()}
 
     @torch.no_grad()
-    def nll_bpd(self, x: Tensor, *, k: int | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def nll_bpd(
+        self, x: Tensor, *, k: int | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
         """Per image: the negative ELBO and the K-sample importance-weighted bound, in bits/dim (Burda et al. Eq. 8).
 
         ``log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k | x)``; it tightens toward log p(x) as K grows.

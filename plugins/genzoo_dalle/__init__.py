@@ -15,6 +15,10 @@ def register_components(registry) -> None:
 
     registry.register("decoder", "dvae", config=dvae.DiscreteVAEConfig, factory=dvae.make_dvae)
     registry.register("encoder", "bpe-tokens", config=transformer.BPETokensConfig, factory=transformer.BPETokensEncoder)
-    registry.register("prior", "dalle-transformer", config=transformer.DalleTransformerConfig,
-                      factory=transformer.make_dalle_transformer)
+    registry.register(
+        "prior",
+        "dalle-transformer",
+        config=transformer.DalleTransformerConfig,
+        factory=transformer.make_dalle_transformer,
+    )
     registry.register("pipeline", "dalle", config=pipeline.DalleConfig, factory=pipeline.make_dalle_pipeline)

@@ -32,19 +32,31 @@ class DiscreteVAEConfig(BaseModel):
     temperature_start: float = Field(1.0, gt=0, description="gumbel-softmax temperature at step 0")
     temperature_end: float = Field(1 / 16, gt=0, description="temperature reached at temperature_steps (DALL·E: 1/16)")
     temperature_steps: int = Field(2000, ge=1, description="steps of the exponential temperature anneal")
-    kl_weight: float = Field(1e-2, ge=0, description="weight of the KL to the uniform prior (per position, against per-pixel MSE); "
-                                                     "on shapes 1e-3 let the codebook collapse to 2 codes (DALL·E also raised it, to 6.6)")
+    kl_weight: float = Field(
+        1e-2,
+        ge=0,
+        description="weight of the KL to the uniform prior (per position, against per-pixel MSE); "
+        "on shapes 1e-3 let the codebook collapse to 2 codes (DALL·E also raised it, to 6.6)",
+    )
     kl_warmup_steps: int = Field(1000, ge=0, description="steps over which the KL weight rises linearly from 0")
-    encoder: dict[str, Any] = Field(default_factory=lambda: {"type": "grid-encoder"}, description="image -> logits grid network",
-                                    json_schema_extra={"kind": "network"})
-    decoder: dict[str, Any] = Field(default_factory=lambda: {"type": "grid-decoder"}, description="code-embedding grid -> image network",
-                                    json_schema_extra={"kind": "network"})
+    encoder: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "grid-encoder"},
+        description="image -> logits grid network",
+        json_schema_extra={"kind": "network"},
+    )
+    decoder: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "grid-decoder"},
+        description="code-embedding grid -> image network",
+        json_schema_extra={"kind": "network"},
+    )
 
 
 class DiscreteVAE(Decoder):
-    """``training_losses(x)``, ``encode_codes(x)`` (argmax tokens), ``decode(codes)``; consumes a (h, w) grid of codes."""
+    """``training_losses(x)``, ``encode_codes(x)`` (argmax tokens), ``decode(codes)``; consumes an (h, w) code grid."""
 
-    def __init__(self, cfg: DiscreteVAEConfig, encoder: nn.Module, decoder: nn.Module, grid: tuple[int, int], image_shape) -> None:
+    def __init__(
+        self, cfg: DiscreteVAEConfig, encoder: nn.Module, decoder: nn.Module, grid: tuple[int, int], image_shape
+    ) -> None:
         super().__init__()
         self.cfg, self.encoder, self.decoder = cfg, encoder, decoder
         self.codebook = nn.Embedding(cfg.codebook_size, cfg.code_dim)
@@ -75,19 +87,27 @@ class DiscreteVAE(Decoder):
         with torch.no_grad():
             self.step += 1
             usage = perplexity(torch.bincount(logits.argmax(1).flatten(), minlength=self.num_codes))
-        return {"loss": mse + beta * kl, "mse": mse.detach(), "kl": kl.detach(), "perplexity": usage,
-                "temperature": torch.tensor(tau), "kl_weight": torch.tensor(beta)}
+        return {
+            "loss": mse + beta * kl,
+            "mse": mse.detach(),
+            "kl": kl.detach(),
+            "perplexity": usage,
+            "temperature": torch.tensor(tau),
+            "kl_weight": torch.tensor(beta),
+        }
 
     @torch.no_grad()
     def encode_codes(self, x: Tensor) -> Tensor:
         return self.encoder(x).argmax(1)
 
-    def decode(self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
+    def decode(
+        self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None
+    ) -> Tensor:
         return self.decoder(self.codebook(z).permute(0, 3, 1, 2)).clamp(-1, 1)
 
 
 def make_dvae(cfg: DiscreteVAEConfig, ctx) -> DiscreteVAE:
-    """DALL·E's discrete VAE: a Gumbel-softmax relaxed categorical posterior over a code grid (Ramesh et al. 2021, Sec. 2.1)."""
+    """DALL·E's discrete VAE: a Gumbel-softmax relaxed posterior over a code grid (Ramesh et al. 2021, Sec. 2.1)."""
     if ctx.data is None:
         raise RegistryError("decoder 'dvae' needs a dataset to size its networks")
     c, h, w = ctx.data.image_shape

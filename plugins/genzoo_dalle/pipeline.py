@@ -9,11 +9,17 @@ from genzoo.pipelines import Conditioning, TokenPipeline, make_token_pipeline
 
 class DalleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    condition: Conditioning = Field(Conditioning.caption, description="caption (through the encoder's tokens), class or none")
-    rerank: int = Field(1, ge=1, description="draw this many candidates per prompt and keep the one the recipe's CLIP "
-                                              "scores highest against the caption (DALL·E Sec. 2.5); 1: no reranking")
+    condition: Conditioning = Field(
+        Conditioning.caption, description="caption (through the encoder's tokens), class or none"
+    )
+    rerank: int = Field(
+        1,
+        ge=1,
+        description="draw this many candidates per prompt and keep the one the recipe's CLIP "
+        "scores highest against the caption (DALL·E Sec. 2.5); 1: no reranking",
+    )
 
 
 def make_dalle_pipeline(cfg: DalleConfig, ctx) -> TokenPipeline:
-    """DALL·E (Ramesh et al. 2021): a tokenizer, then the transformer over [text; image] tokens, then optional CLIP reranking."""
+    """DALL·E (Ramesh et al. 2021): a tokenizer, the transformer over [text; image] tokens, optional CLIP reranking."""
     return make_token_pipeline("dalle", cfg.condition, ctx, rerank=cfg.rerank)

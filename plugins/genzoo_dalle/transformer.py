@@ -16,12 +16,13 @@ assigned: a word the model never saw is unknown to it, as it would be anyway.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from genzoo.data.tokenizer import CaptionTokens
 from genzoo.errors import GenzooError
@@ -60,8 +61,12 @@ class DalleTransformerConfig(TransformerSize):
     model_config = ConfigDict(extra="forbid")
     text_length: int = Field(16, ge=2, description="text positions (DALL·E: 256)")
     text_vocab_size: int = Field(256, ge=2, description="text slots incl. the shared unknown slot (see the module doc)")
-    text_loss_weight: float = Field(1 / 8, ge=0, le=1, description="weight of the text loss; the image gets 1 - this (DALL·E: 1/8)")
-    cond_drop: float = Field(0.1, ge=0, le=1, description="probability of dropping the caption in training (for logit CFG)")
+    text_loss_weight: float = Field(
+        1 / 8, ge=0, le=1, description="weight of the text loss; the image gets 1 - this (DALL·E: 1/8)"
+    )
+    cond_drop: float = Field(
+        0.1, ge=0, le=1, description="probability of dropping the caption in training (for logit CFG)"
+    )
     shape: list[int] | None = Field(None, description="code grid (h, w); None: the tokenizer's")
     vocab_size: int | None = Field(None, description="image codes K; None: the tokenizer's")
 
@@ -82,12 +87,19 @@ class DalleTransformer(SizedPrior):
 
     def _build(self, shape: tuple[int, ...]) -> None:
         if self.vocab_size is None:
-            raise GenzooError("prior 'dalle-transformer' has no vocab_size: set it or compose it with a tokenizer decoder")
+            raise GenzooError(
+                "prior 'dalle-transformer' has no vocab_size: set it or compose it with a tokenizer decoder"
+            )
         c = self.cfg
         self.produces = Spec(shape=shape, dtype="long", vocab_size=self.vocab_size)
         self.image_offset = c.text_vocab_size + c.text_length
-        self.gpt = GPT(c.gpt_config(vocab_size=self.image_offset + self.vocab_size, block_size=c.text_length + math.prod(shape),
-                                    where="prior 'dalle-transformer'"))
+        self.gpt = GPT(
+            c.gpt_config(
+                vocab_size=self.image_offset + self.vocab_size,
+                block_size=c.text_length + math.prod(shape),
+                where="prior 'dalle-transformer'",
+            )
+        )
         unknown = c.text_vocab_size - 1
         self.register_buffer("slot_of", torch.full((BPE_VOCAB,), unknown, dtype=torch.long))
         self.register_buffer("slots_used", torch.zeros((), dtype=torch.long))
@@ -102,7 +114,7 @@ class DalleTransformer(SizedPrior):
             self.slots_used += len(new)
 
     def text_tokens(self, condition: Condition | None, batch: int, *, learn: bool = False) -> Tensor:
-        """(B, text_length) ids of the text part: slots, with position i's own pad where there is no token or the caption is dropped."""
+        """(B, text_length) text ids: slots, and position i's own pad where no token is or the caption is dropped."""
         c, dev = self.cfg, self.device
         pads = c.text_vocab_size + torch.arange(c.text_length, device=dev)
         cond = condition or {}
@@ -124,23 +136,32 @@ class DalleTransformer(SizedPrior):
             cond["drop"] = torch.rand(len(flat), device=flat.device) < c.cond_drop
         seq = torch.cat([self.text_tokens(cond, len(flat), learn=True), flat + self.image_offset], dim=1)
         n_text, n_image = c.text_length - 1, flat.shape[1]
-        weights = torch.cat([torch.full((n_text,), c.text_loss_weight / n_text), torch.full((n_image,), (1 - c.text_loss_weight) / n_image)])
+        weights = torch.cat(
+            [
+                torch.full((n_text,), c.text_loss_weight / n_text),
+                torch.full((n_image,), (1 - c.text_loss_weight) / n_image),
+            ]
+        )
         logits, loss = self.gpt(seq[:, :-1], targets=seq[:, 1:], loss_weights=weights.to(flat.device))
-        image_nll = F.cross_entropy(logits[:, n_text:].flatten(0, 1).float(), seq[:, c.text_length:].flatten())
+        image_nll = F.cross_entropy(logits[:, n_text:].flatten(0, 1).float(), seq[:, c.text_length :].flatten())
         return {"loss": loss, "image_nll": image_nll.detach()}
 
     def sample(self, n, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
         shape = self._check_bound()
         if sampler is None:
-            raise GenzooError("prior 'dalle-transformer' needs a token sampler; add `prior_sampler: {type: token}` to the recipe")
+            raise GenzooError(
+                "prior 'dalle-transformer' needs a token sampler; add `prior_sampler: {type: token}` to the recipe"
+            )
         cached, k = CachedLogits(self.gpt), self.vocab_size
 
         def logits_fn(image: Tensor, cond: Condition | None) -> Tensor:
             seq = torch.cat([self.text_tokens(cond, len(image)), image + self.image_offset], dim=1)
-            return cached(seq)[:, self.image_offset:self.image_offset + k]  # only image codes can follow
+            return cached(seq)[:, self.image_offset : self.image_offset + k]  # only image codes can follow
 
         start = torch.zeros((n, 0), dtype=torch.long, device=self.device)
-        codes = sampler.sample(logits_fn, start, math.prod(shape), condition=condition, guidance=guidance, generator=generator)
+        codes = sampler.sample(
+            logits_fn, start, math.prod(shape), condition=condition, guidance=guidance, generator=generator
+        )
         return codes.view(n, *shape)
 
 

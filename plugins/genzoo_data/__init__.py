@@ -14,8 +14,16 @@ def register_components(registry) -> None:
 
     registry.register("dataset", "shapes", config=shapes.ShapesConfig, factory=data_source(shapes.make_shapes))
     registry.register("dataset", "digits", config=digits.DigitsConfig, factory=data_source(digits.make_digits))
-    registry.register("dataset", "imagefolder", config=imagefolder.ImageFolderConfig,
-                      factory=data_source(imagefolder.make_imagefolder))
-    registry.register("dataset", "torchvision", config=imagefolder.TorchvisionConfig,
-                      factory=data_source(imagefolder.make_torchvision))
+    registry.register(
+        "dataset",
+        "imagefolder",
+        config=imagefolder.ImageFolderConfig,
+        factory=data_source(imagefolder.make_imagefolder),
+    )
+    registry.register(
+        "dataset",
+        "torchvision",
+        config=imagefolder.TorchvisionConfig,
+        factory=data_source(imagefolder.make_torchvision),
+    )
     registry.register("tokenizer", "bpe", config=tokenizer.BPETokenizerConfig, factory=tokenizer.BPETokenizer)

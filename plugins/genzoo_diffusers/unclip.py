@@ -94,7 +94,8 @@ class TransformersCLIP(nn.Module):
         return int(self.tokenizer.model_max_length)
 
     def _out(self, z: Tensor) -> Tensor:
-        return F.normalize(z.float(), dim=-1) if self.normalize else z.float()
+        z = _fp32_or_more(z)
+        return F.normalize(z, dim=-1) if self.normalize else z
 
     def tokenize(self, captions: list[str]) -> Tensor:
         ids = self.tokenizer(
@@ -110,7 +111,7 @@ class TransformersCLIP(nn.Module):
         eos = tokens == self.tokenizer.eos_token_id
         last = torch.where(eos.any(1), eos.int().argmax(1), tokens.shape[1] - 1)
         mask = torch.arange(tokens.shape[1], device=tokens.device) <= last[:, None]
-        return self._out(out.text_embeds), out.last_hidden_state.float(), mask
+        return self._out(out.text_embeds), _fp32_or_more(out.last_hidden_state), mask
 
     def encode_tokens(self, tokens: Tensor) -> Tensor:
         return self._out(self.text(input_ids=tokens.to(self.device)).text_embeds)
@@ -152,6 +153,11 @@ def build_transformers_clip(cfg: TransformersClipConfig, ctx: Any = None) -> Tra
             transformers.CLIPVisionConfig(**_public(cfg.vision_config))
         )
     return TransformersCLIP(text=text.eval(), tokenizer=tokenizer, vision=vision and vision.eval(), cfg=cfg)
+
+
+def _fp32_or_more(x: Tensor) -> Tensor:
+    """float32 out of autocast's half types; a float64 model (an exactness check) stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _public(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -277,14 +283,16 @@ def import_unclip(
         load("UNet2DModel", "super_res_last"),
     )
     text_proj = from_pretrained(UnCLIPTextProjModel, str(folder), subfolder="text_proj").eval()
-    text_encoder = from_pretrained(transformers.CLIPTextModelWithProjection, str(folder), subfolder="text_encoder")
-    text_encoder = text_encoder.float().eval()
+    text_encoder = _at_least_fp32(
+        from_pretrained(transformers.CLIPTextModelWithProjection, str(folder), subfolder="text_encoder")
+    )
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer")
     vision, processor = None, {}
     if (folder / "image_encoder" / "config.json").exists():  # UnCLIPImageVariationPipeline's, copied in by the user
         require_safetensors(folder / "image_encoder")
-        vision = from_pretrained(transformers.CLIPVisionModelWithProjection, str(folder), subfolder="image_encoder")
-        vision = vision.float().eval()
+        vision = _at_least_fp32(
+            from_pretrained(transformers.CLIPVisionModelWithProjection, str(folder), subfolder="image_encoder")
+        )
         if (folder / "feature_extractor" / "preprocessor_config.json").exists():
             pre = read_config(folder / "feature_extractor", "preprocessor_config.json")
             processor = {k: tuple(pre[k]) for k in ("image_mean", "image_std") if k in pre}
@@ -308,8 +316,8 @@ def import_unclip(
         ids = tokenizer([""], padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         enc = text_encoder(input_ids=ids.input_ids)
     null = {
-        "null_caption.text_emb": enc.text_embeds[0].float(),
-        "null_caption.context": enc.last_hidden_state[0].float(),
+        "null_caption.text_emb": enc.text_embeds[0],
+        "null_caption.context": enc.last_hidden_state[0],
         "null_caption.context_mask": ids.attention_mask[0].bool(),
     }
 
@@ -405,6 +413,12 @@ def import_unclip(
         "transformers": transformers.__version__,
     }
     return body, spec, states, extra
+
+
+def _at_least_fp32(module: nn.Module) -> nn.Module:
+    """A half-precision module (an fp16 variant) in float32 for the import's own forward passes, in eval mode."""
+    half = any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters())
+    return (module.float() if half else module).eval()
 
 
 def _json(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,9 @@ def register_components(registry) -> None:
     registry.register("metric", "precision-recall", config=evaluate.KNNConfig, factory=evaluate.metric_precision_recall)
     registry.register("metric", "density-coverage", config=evaluate.KNNConfig, factory=evaluate.metric_density_coverage)
     registry.register("metric", "class-coverage", config=evaluate.NoConfig, factory=evaluate.metric_class_coverage)
-    registry.register("metric", "attribute-accuracy", config=evaluate.NoConfig, factory=evaluate.metric_attribute_accuracy)
+    registry.register(
+        "metric", "attribute-accuracy", config=evaluate.NoConfig, factory=evaluate.metric_attribute_accuracy
+    )
     registry.register("metric", "nll", config=evaluate.NLLConfig, factory=evaluate.metric_nll)
     registry.register("metric", "reconstruction", config=evaluate.NoConfig, factory=evaluate.metric_reconstruction)
     registry.register("metric", "codebook", config=evaluate.NoConfig, factory=evaluate.metric_codebook)

@@ -25,8 +25,11 @@ class GeneratorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     z_dim: int = Field(100, ge=1, description="size of the noise vector z (DCGAN: 100)")
     class_conditional: bool = Field(False, description="take the dataset's class y as a second input")
-    network: dict[str, Any] = Field(default_factory=lambda: {"type": "conv-decoder", "norm": "batch"},
-                                    description="the generator network (z -> image)", json_schema_extra={"kind": "network"})
+    network: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "conv-decoder", "norm": "batch"},
+        description="the generator network (z -> image)",
+        json_schema_extra={"kind": "network"},
+    )
 
 
 class Generator(Decoder):
@@ -38,7 +41,9 @@ class Generator(Decoder):
         self.consumes, self.produces = Spec(shape=(z_dim,)), Spec(shape=tuple(image_shape))
         self.needs_condition = frozenset({"y"}) if class_conditional else frozenset()
 
-    def decode(self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
+    def decode(
+        self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None
+    ) -> Tensor:
         return self.net(z, (condition or {}).get("y"))
 
 
@@ -53,22 +58,32 @@ def make_generator(cfg: GeneratorConfig, ctx) -> Generator:
 
 class GANPipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    condition: Conditioning = Field(Conditioning.none, description="none, or class: the dataset's label conditions G and D")
-    discriminator: dict[str, Any] = Field(default_factory=lambda: {"type": "conv-encoder", "norm": "batch"},
-                                          description="the discriminator network (image -> logit)", json_schema_extra={"kind": "network"})
+    condition: Conditioning = Field(
+        Conditioning.none, description="none, or class: the dataset's label conditions G and D"
+    )
+    discriminator: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "conv-encoder", "norm": "batch"},
+        description="the discriminator network (image -> logit)",
+        json_schema_extra={"kind": "network"},
+    )
 
 
 class GANPipeline(LabelledPipeline):
-    """Optimisers ``discriminator`` and ``generator``; losses logged: ``d_real``/``d_fake`` are D's mean probabilities."""
+    """Optimisers ``discriminator`` and ``generator``; logged ``d_real``/``d_fake`` are D's mean probabilities."""
 
     def __init__(self, components, *, discriminator: nn.Module, **kw) -> None:
         super().__init__(components, **kw)
         self.discriminator = discriminator
 
     def optimizer_groups(self, stage: str = "main") -> dict[str, list[nn.Parameter]]:
-        return {"discriminator": list(self.discriminator.parameters()), "generator": list(self.components["decoder"].parameters())}
+        return {
+            "discriminator": list(self.discriminator.parameters()),
+            "generator": list(self.components["decoder"].parameters()),
+        }
 
-    def training_losses(self, batch: dict[str, Any], *, optimizer: str = "generator", stage: str = "main") -> dict[str, Tensor]:
+    def training_losses(
+        self, batch: dict[str, Any], *, optimizer: str = "generator", stage: str = "main"
+    ) -> dict[str, Tensor]:
         x, cond = batch["image"], self.condition_of(batch)
         y = cond["y"] if cond else None
         with torch.set_grad_enabled(optimizer == "generator"):  # D's step needs no graph through G
@@ -76,8 +91,11 @@ class GANPipeline(LabelledPipeline):
         if optimizer == "discriminator":
             real_logit, fake_logit = self.discriminator(x, y), self.discriminator(fake, y)
             loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()  # -log D(x) - log(1 - D(G(z)))
-            return {"loss": loss, "d_real": torch.sigmoid(real_logit).mean().detach(),
-                    "d_fake": torch.sigmoid(fake_logit).mean().detach()}
+            return {
+                "loss": loss,
+                "d_real": torch.sigmoid(real_logit).mean().detach(),
+                "d_fake": torch.sigmoid(fake_logit).mean().detach(),
+            }
         return {"loss": F.softplus(-self.discriminator(fake, y)).mean()}  # non-saturating: -log D(G(z))
 
 
@@ -87,8 +105,10 @@ def make_gan_pipeline(cfg: GANPipelineConfig, ctx) -> GANPipeline:
     decoder = ctx.components.get("decoder")
     conditional = cfg.condition is Conditioning.class_
     if decoder is not None and ("y" in getattr(decoder, "needs_condition", ())) != conditional:
-        raise RegistryError(f"pipeline 'gan': condition is '{cfg.condition.value}' but decoder.class_conditional is "
-                            f"{not conditional}; set decoder.class_conditional: {str(conditional).lower()}")
+        raise RegistryError(
+            f"pipeline 'gan': condition is '{cfg.condition.value}' but decoder.class_conditional is "
+            f"{not conditional}; set decoder.class_conditional: {str(conditional).lower()}"
+        )
     spec = {**cfg.discriminator, "dim": 1, "num_classes": ctx.data.num_classes if conditional else None}
     disc = ctx.registry.build("network", spec, data=ctx.data, where="pipeline 'gan': discriminator: ")
     return GANPipeline(ctx.components, discriminator=disc, **args)

@@ -13,4 +13,6 @@ __version__ = genzoo.__version__
 def register_components(registry) -> None:
     from . import clip_guidance
 
-    registry.register("guidance", "clip", config=clip_guidance.ClipGuidanceConfig, factory=clip_guidance.make_clip_guidance)
+    registry.register(
+        "guidance", "clip", config=clip_guidance.ClipGuidanceConfig, factory=clip_guidance.make_clip_guidance
+    )

@@ -3,7 +3,8 @@ similarity steers any diffusion sampler toward the caption."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,8 +22,8 @@ class ClipGuidanceConfig(BaseModel):
     clip: dict[str, Any] | None = Field(
         None,
         description="null: the recipe's own `clip` component (a noised CLIP trained in the pipeline's clip stage); "
-                    "or a CLIP spec of its own, trained in the guidance stage ({type: clip, noised: true}); a clean "
-                    "CLIP (noised: false) is allowed but adversarial (GLIDE Sec. 2.4)",
+        "or a CLIP spec of its own, trained in the guidance stage ({type: clip, noised: true}); a clean "
+        "CLIP (noised: false) is allowed but adversarial (GLIDE Sec. 2.4)",
         json_schema_extra={"kind": "clip"},
     )
 
@@ -47,8 +48,10 @@ class ClipGuidance(nn.Module, GradientGuidance):
     def bind_siblings(self, components: Mapping[str, Any], *, where: str = "") -> None:
         if self.clip is None:
             if components.get("clip") is None:
-                raise RegistryError(f"{where}guidance 'clip' has no CLIP: add components.clip: {{type: clip, noised: true}} "
-                                    "to the recipe, or give the guidance its own (clip: {type: clip, noised: true})")
+                raise RegistryError(
+                    f"{where}guidance 'clip' has no CLIP: add components.clip: {{type: clip, noised: true}} "
+                    "to the recipe, or give the guidance its own (clip: {type: clip, noised: true})"
+                )
             self.__dict__["clip"] = components["clip"]
 
     def grad_log_p(self, x_t: Tensor, t: Tensor, cond: Condition | None) -> Tensor:
@@ -66,7 +69,9 @@ class ClipGuidance(nn.Module, GradientGuidance):
 
 def make_clip_guidance(cfg: ClipGuidanceConfig, ctx) -> ClipGuidance:
     """CLIP guidance: the gradient of a noised CLIP's image-caption similarity shifts the mean (GLIDE Sec. 2.4)."""
-    clip = None if cfg.clip is None else ctx.registry.build("clip", dict(cfg.clip), data=ctx.data, where="guidance 'clip': clip: ")
+    clip = (
+        None
+        if cfg.clip is None
+        else ctx.registry.build("clip", dict(cfg.clip), data=ctx.data, where="guidance 'clip': clip: ")
+    )
     return ClipGuidance(clip, scale=cfg.scale)
-
-

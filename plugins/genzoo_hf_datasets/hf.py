@@ -34,8 +34,11 @@ class HFDatasetConfig(BaseModel):
     label_column: str | None = Field(None, description="integer class column (a ClassLabel gives the class names)")
     caption_column: str | None = Field(None, description="caption column (text), for caption-conditional models")
     train_split: str = Field("train", description="the dataset's split used as genzoo's train split")
-    test_split: str | None = Field("test", description="the dataset's split used as genzoo's test split; None: "
-                                                       "carve `num_test` items out of the train split")
+    test_split: str | None = Field(
+        "test",
+        description="the dataset's split used as genzoo's test split; None: "
+        "carve `num_test` items out of the train split",
+    )
     num_test: int = Field(0, ge=0, description="with test_split None: items held out of train as the test split")
     limit: int | None = Field(None, ge=1, description="at most this many items per split (the first ones)")
     image_size: int = Field(32, ge=4, description="images are resized (short side) and centre-cropped to this")
@@ -51,8 +54,10 @@ def _load(cfg: HFDatasetConfig, split: str) -> Any:
             ds = datasets.load_from_disk(str(local))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise DataError(f"hf-dataset: {local} has splits {sorted(ds)}, not '{split}'; fix field "
-                                    "'train_split' or 'test_split'")
+                    raise DataError(
+                        f"hf-dataset: {local} has splits {sorted(ds)}, not '{split}'; fix field "
+                        "'train_split' or 'test_split'"
+                    )
                 ds = ds[split]
             return ds
         return datasets.load_dataset(cfg.path, cfg.name, split=split, revision=cfg.revision)
@@ -61,12 +66,15 @@ def _load(cfg: HFDatasetConfig, split: str) -> Any:
     except (ConnectionError, TimeoutError, OSError) as e:
         if local.exists():
             raise DataError(f"hf-dataset: cannot read {local} ({type(e).__name__}: {str(e)[:120]})") from None
-        raise OfflineError(f"hf-dataset: '{cfg.path}' is not cached and the Hugging Face Hub cannot be reached "
-                           f"({type(e).__name__}); download it once with a network (it is cached), or set field "
-                           "'path' to a directory written by save_to_disk") from None
+        raise OfflineError(
+            f"hf-dataset: '{cfg.path}' is not cached and the Hugging Face Hub cannot be reached "
+            f"({type(e).__name__}); download it once with a network (it is cached), or set field "
+            "'path' to a directory written by save_to_disk"
+        ) from None
     except ValueError as e:  # an unknown split or configuration
-        raise DataError(f"hf-dataset: '{cfg.path}': {str(e).splitlines()[0][:200]}; fix field 'train_split', "
-                        "'test_split' or 'name'") from None
+        raise DataError(
+            f"hf-dataset: '{cfg.path}': {str(e).splitlines()[0][:200]}; fix field 'train_split', 'test_split' or 'name'"
+        ) from None
 
 
 def _tensors(cfg: HFDatasetConfig, ds: Any) -> dict[str, Any]:
@@ -113,17 +121,30 @@ def make_hf_dataset(cfg: HFDatasetConfig, split: str) -> TensorImageDataset:
         tensors = _tensors(cfg, ds)
         class_names = _class_names(cfg, ds, tensors["label"]) if "label" in tensors else ()
         os.makedirs(cache, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items() if isinstance(v, torch.Tensor)},
-                  str(cache / "tensors.safetensors"))
-        write_atomic(cache / "extra.json", json.dumps({"class_names": list(class_names),
-                                                       **({"caption": tensors["caption"]} if "caption" in tensors else {})}).encode())
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items() if isinstance(v, torch.Tensor)},
+            str(cache / "tensors.safetensors"),
+        )
+        write_atomic(
+            cache / "extra.json",
+            json.dumps(
+                {"class_names": list(class_names), **({"caption": tensors["caption"]} if "caption" in tensors else {})}
+            ).encode(),
+        )
     if cfg.test_split is None:  # a fixed seeded choice of num_test items is the test split
         n = len(tensors["image"])
         if cfg.num_test >= n:
             raise DataError(f"hf-dataset: field 'num_test' is {cfg.num_test} but the train split has {n} items")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-        keep = order[: cfg.num_test] if split == "test" else order[cfg.num_test:]
-        tensors = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep.tolist()]) for k, v in tensors.items()}
-    spec = DataSpec(name="hf-dataset", image_shape=tuple(tensors["image"].shape[1:]),
-                    num_classes=len(class_names) or None, has_captions="caption" in tensors, class_names=class_names)
+        keep = order[: cfg.num_test] if split == "test" else order[cfg.num_test :]
+        tensors = {
+            k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep.tolist()]) for k, v in tensors.items()
+        }
+    spec = DataSpec(
+        name="hf-dataset",
+        image_shape=tuple(tensors["image"].shape[1:]),
+        num_classes=len(class_names) or None,
+        has_captions="caption" in tensors,
+        class_names=class_names,
+    )
     return TensorImageDataset(spec, tensors, fingerprint_of(key, split, cfg.num_test))

@@ -38,18 +38,22 @@ class LatentDiffusionConfig(BaseModel):
     autoencoder: dict[str, Any] = Field(
         ...,
         description="the first stage: a decoder with the latent interface (latent_shape, encode_latents, "
-                    "decode_latents), e.g. {type: vq-autoencoder, ...} or {type: autoencoder, ...}",
-        json_schema_extra={"kind": "decoder"})
+        "decode_latents), e.g. {type: vq-autoencoder, ...} or {type: autoencoder, ...}",
+        json_schema_extra={"kind": "decoder"},
+    )
     diffusion: dict[str, Any] = Field(
         ...,
         description="the diffusion decoder over the latents, built for the latent shape (leave its image_size null; "
-                    "clip_range: null for unbounded latents), e.g. {type: diffusion-decoder, clip_range: null, "
-                    "denoiser: {...}}",
-        json_schema_extra={"kind": "decoder"})
+        "clip_range: null for unbounded latents), e.g. {type: diffusion-decoder, clip_range: null, "
+        "denoiser: {...}}",
+        json_schema_extra={"kind": "decoder"},
+    )
     scale_factor: float | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="latents are multiplied by this after encoding and divided by it before decoding (LDM Sec. 4.3.2; "
-                    "SD's 0.18215); None: 1 / std of the training latents, fitted when the diffusion stage starts")
+        "SD's 0.18215); None: 1 / std of the training latents, fitted when the diffusion stage starts",
+    )
 
 
 @contextmanager
@@ -99,8 +103,9 @@ class LatentDiffusion(Decoder):
         with _eval_mode(self.autoencoder):
             return self.autoencoder.decode_latents(z / self.scale.to(z.dtype)).clamp(-1, 1)
 
-    def decode(self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None,
-               guidance=None) -> Tensor:
+    def decode(
+        self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None
+    ) -> Tensor:
         z0 = self.diffusion_decoder.decode(z, condition, generator=generator, sampler=sampler, guidance=guidance)
         return self.decode_scaled(z0)
 
@@ -115,8 +120,12 @@ class LatentDiffusion(Decoder):
         if not bool(self.scale_fitted):
             x = images[:FIT_IMAGES]
             with _eval_mode(self.autoencoder):
-                z = torch.cat([self.autoencoder.encode_latents(x[i:i + batch].to(self.scale.device)).float()
-                               for i in range(0, len(x), batch)])
+                z = torch.cat(
+                    [
+                        self.autoencoder.encode_latents(x[i : i + batch].to(self.scale.device)).float()
+                        for i in range(0, len(x), batch)
+                    ]
+                )
             self.scale.fill_(1.0 / float(z.flatten().std().clamp(min=1e-8)))
             self.scale_fitted.fill_(True)
         return float(self.scale)
@@ -142,25 +151,35 @@ def make_latent_diffusion(cfg: LatentDiffusionConfig, ctx) -> LatentDiffusion:
             f"{where}field 'autoencoder': decoder '{registered_name(ae)}' has no latent interface "
             f"(no {', '.join(missing)}); use a decoder that encodes images to latents, e.g. {{type: vq-autoencoder}} "
             "or {type: autoencoder} "
-            "(genzoo.interfaces.LatentAutoencoder)")
+            "(genzoo.interfaces.LatentAutoencoder)"
+        )
     latent = tuple(int(s) for s in ae.latent_shape)
     spec = dict(cfg.diffusion)
     if spec.get("image_size") is not None:
-        raise RegistryError(f"{where}field 'diffusion': image_size is {spec['image_size']}, but the autoencoder's "
-                            f"latent shape {latent} sizes the diffusion decoder; leave diffusion.image_size null")
+        raise RegistryError(
+            f"{where}field 'diffusion': image_size is {spec['image_size']}, but the autoencoder's "
+            f"latent shape {latent} sizes the diffusion decoder; leave diffusion.image_size null"
+        )
     latent_data = dataclasses.replace(ctx.data, image_shape=latent)
     try:
         inner = ctx.registry.build("decoder", spec, data=latent_data, where=f"{where}diffusion: ")
     except (ValueError, TypeError) as e:  # a network that cannot take this shape (a U-Net on a vector)
-        hint = "; a vector latent needs a denoiser for vectors: denoiser: {type: mlp-denoiser}" if len(latent) == 1 \
-            else ""
+        hint = (
+            "; a vector latent needs a denoiser for vectors: denoiser: {type: mlp-denoiser}" if len(latent) == 1 else ""
+        )
         raise RegistryError(f"{where}field 'diffusion' cannot be built for the latent shape {latent}: {e}{hint}") from e
     shape = getattr(inner, "consumes", Spec()).shape
-    if getattr(inner, "sampler_kind", None) is None or not callable(getattr(inner, "training_losses", None)) \
-            or shape is None or tuple(shape) != latent:
-        raise RegistryError(f"{where}field 'diffusion': decoder '{registered_name(inner)}' must be an iterative "
-                            f"decoder (e.g. {{type: diffusion-decoder}}) over the latent shape {latent}; it consumes "
-                            f"{None if shape is None else tuple(shape)}")
+    if (
+        getattr(inner, "sampler_kind", None) is None
+        or not callable(getattr(inner, "training_losses", None))
+        or shape is None
+        or tuple(shape) != latent
+    ):
+        raise RegistryError(
+            f"{where}field 'diffusion': decoder '{registered_name(inner)}' must be an iterative "
+            f"decoder (e.g. {{type: diffusion-decoder}}) over the latent shape {latent}; it consumes "
+            f"{None if shape is None else tuple(shape)}"
+        )
     return LatentDiffusion(autoencoder=ae, diffusion_decoder=inner, scale_factor=cfg.scale_factor)
 
 
@@ -170,7 +189,8 @@ def make_latent_diffusion(cfg: LatentDiffusionConfig, ctx) -> LatentDiffusion:
 class LatentDiffusionPipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     condition: Conditioning = Field(
-        Conditioning.none, description="none; class (the dataset's label is y); caption (through the text encoder)")
+        Conditioning.none, description="none; class (the dataset's label is y); caption (through the text encoder)"
+    )
 
 
 class LatentDiffusionPipeline(DiffusionPipeline):
@@ -191,8 +211,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             modules = [dec.diffusion_decoder, self.components.get("encoder")]
         return {"main": [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]}
 
-    def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main",
-                        stage: str = "decoder") -> dict[str, Tensor]:
+    def training_losses(
+        self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "decoder"
+    ) -> dict[str, Tensor]:
         if stage == "autoencoder":
             return self.components["decoder"].autoencoder.training_losses(batch["image"])
         return super().training_losses(batch, optimizer=optimizer, stage=stage)
@@ -217,8 +238,9 @@ def make_latent_diffusion_pipeline(cfg: LatentDiffusionPipelineConfig, ctx) -> L
     latents; unconditional, class- or caption-conditional."""
     dec = ctx.components.get("decoder")
     if dec is None or not callable(getattr(dec, "fit_scale", None)):
-        raise RegistryError("pipeline 'latent-diffusion' needs decoder: {type: latent-diffusion, autoencoder: {...}, "
-                            "diffusion: {...}}")
+        raise RegistryError(
+            "pipeline 'latent-diffusion' needs decoder: {type: latent-diffusion, autoencoder: {...}, diffusion: {...}}"
+        )
     args = labelled_args("latent-diffusion", cfg.condition, ctx)
     encoder = ctx.components.get("encoder")
     width = getattr(encoder, "width", None) if cfg.condition is Conditioning.caption else None
@@ -232,5 +254,6 @@ def make_latent_diffusion_pipeline(cfg: LatentDiffusionPipelineConfig, ctx) -> L
                 f"pipeline 'latent-diffusion': components.{role} '{registered_name(ctx.components[role])}' trains on "
                 "images, but "
                 "this decoder diffuses latents; remove it (to guide on latents use guidance: {type: cfg} with "
-                "decoder.diffusion.cond_drop > 0)")
+                "decoder.diffusion.cond_drop > 0)"
+            )
     return pipeline

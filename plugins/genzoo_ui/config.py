@@ -14,7 +14,11 @@ class GradioAppConfig(BaseModel):
     port: int | None = Field(None, ge=1, le=65535, description="the port; None: the first free one from 7860")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     max_samples: int = Field(16, ge=1, le=256, description="the most images one request may ask for")
-    display_size: int = Field(128, ge=8, description="gallery images are enlarged (nearest) by a whole factor to at "
-                                                     "least this many pixels; the downloaded grid keeps the model's size")
+    display_size: int = Field(
+        128,
+        ge=8,
+        description="gallery images are enlarged (nearest) by a whole factor to at "
+        "least this many pixels; the downloaded grid keeps the model's size",
+    )
     cache_size: int = Field(4, ge=1, description="loaded models kept, per (run, swaps)")
     title: str = Field("genzoo", description="the page title")

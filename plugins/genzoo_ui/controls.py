@@ -17,10 +17,11 @@ from __future__ import annotations
 import threading
 import typing
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -33,7 +34,11 @@ from genzoo.swaps import BY_KEY, STAGES
 
 CONDITION_INPUTS = ("prompt", "class_id", "mode", "image", "image_b", "n", "seed")  # every run's API takes these
 MODES = ("sample", "variations", "interpolate")
-USERS = {"": "decoder", "prior_": "prior", "upsampler_": "upsampler_decoder"}  # the component each stage's sampler drives
+USERS = {
+    "": "decoder",
+    "prior_": "prior",
+    "upsampler_": "upsampler_decoder",
+}  # the component each stage's sampler drives
 
 
 @dataclass
@@ -118,29 +123,81 @@ def controls_for(recipe: dict[str, Any], registry: Registry, *, conditional: boo
         kind = component_kind(entry)
         of = f" ({stage[:-1]} stage)" if stage else ""
         choices = names_of_kind(registry, "sampler", kind) or [spec["type"]]
-        out.append(Control(f"{stage}sampler", f"sampler{of}", "choice", spec["type"], BY_KEY[f"{stage}sampler"].help,
-                           choices=choices if spec["type"] in choices else [spec["type"], *choices]))
+        out.append(
+            Control(
+                f"{stage}sampler",
+                f"sampler{of}",
+                "choice",
+                spec["type"],
+                BY_KEY[f"{stage}sampler"].help,
+                choices=choices if spec["type"] in choices else [spec["type"], *choices],
+            )
+        )
         if "steps" in entry.config.model_fields:
             steps = spec.get("steps")
             timesteps = _find_int(comps.get(USERS[stage]), "timesteps") or 1000
-            out.append(Control(f"{stage}steps", f"steps{of}", "int", steps if isinstance(steps, int) else None,
-                               BY_KEY[f"{stage}steps"].help, minimum=1, maximum=timesteps))
+            out.append(
+                Control(
+                    f"{stage}steps",
+                    f"steps{of}",
+                    "int",
+                    steps if isinstance(steps, int) else None,
+                    BY_KEY[f"{stage}steps"].help,
+                    minimum=1,
+                    maximum=timesteps,
+                )
+            )
         g_spec = comps.get(f"{stage}guidance")
         if g_spec or (conditional and not stage):  # a guidance the recipe has, or one for the condition's own stage
             g_choices = ["none", *names_of_kind(registry, "guidance", kind)]
             g_type = g_spec["type"] if g_spec else "none"
-            out.append(Control(f"{stage}guidance", f"guidance{of}", "choice", g_type, BY_KEY[f"{stage}guidance"].help,
-                               choices=g_choices if g_type in g_choices else [*g_choices, g_type]))
+            out.append(
+                Control(
+                    f"{stage}guidance",
+                    f"guidance{of}",
+                    "choice",
+                    g_type,
+                    BY_KEY[f"{stage}guidance"].help,
+                    choices=g_choices if g_type in g_choices else [*g_choices, g_type],
+                )
+            )
             scale = (g_spec or {}).get("scale")
-            out.append(Control(f"{stage}scale", f"guidance scale{of}", "float", scale if scale is not None else 3.0,
-                               BY_KEY[f"{stage}scale"].help, minimum=0.0, maximum=20.0))
+            out.append(
+                Control(
+                    f"{stage}scale",
+                    f"guidance scale{of}",
+                    "float",
+                    scale if scale is not None else 3.0,
+                    BY_KEY[f"{stage}scale"].help,
+                    minimum=0.0,
+                    maximum=20.0,
+                )
+            )
     token = next((s for s in comps.values() if s and s.get("type") == "token"), None)
     if token is not None:
-        out.append(Control("temperature", "temperature", "float", token.get("temperature", 1.0), BY_KEY["temperature"].help,
-                           minimum=0.05, maximum=3.0))
+        out.append(
+            Control(
+                "temperature",
+                "temperature",
+                "float",
+                token.get("temperature", 1.0),
+                BY_KEY["temperature"].help,
+                minimum=0.05,
+                maximum=3.0,
+            )
+        )
         out.append(Control("top_k", "top-k (0: all)", "int", token.get("top_k") or 0, BY_KEY["top_k"].help, minimum=0))
-        out.append(Control("top_p", "top-p (1: all)", "float", token.get("top_p") or 1.0, BY_KEY["top_p"].help,
-                           minimum=0.01, maximum=1.0))
+        out.append(
+            Control(
+                "top_p",
+                "top-p (1: all)",
+                "float",
+                token.get("top_p") or 1.0,
+                BY_KEY["top_p"].help,
+                minimum=0.01,
+                maximum=1.0,
+            )
+        )
     return out
 
 
@@ -163,8 +220,18 @@ def describe_run(path: str | Path, name: str, model: Any, registry: Registry) ->
     classes = [(f"{i}: {names[i]}" if i < len(names) else str(i), i) for i in range(data_spec.get("num_classes") or 0)]
     c, h, _ = data_spec.get("image_shape", (3, 32, 32))
     image_size = getattr(model, "image_size", h)
-    return RunView(Path(path), name, recipe, meta, condition, modes, classes, int(image_size), int(c),
-                   controls_for(recipe, registry, conditional=condition != "none"))
+    return RunView(
+        Path(path),
+        name,
+        recipe,
+        meta,
+        condition,
+        modes,
+        classes,
+        int(image_size),
+        int(c),
+        controls_for(recipe, registry, conditional=condition != "none"),
+    )
 
 
 # --------------------------------------------------------------------------- requests
@@ -179,7 +246,10 @@ def swaps_of(view: RunView, values: dict[str, Any]) -> dict[str, Any]:
         if v is None or (isinstance(v, str) and not v.strip()):
             continue
         if c.key.endswith("scale"):
-            guidance = values.get(c.key[: -len("scale")] + "guidance") or view.control(c.key[: -len("scale")] + "guidance").value
+            guidance = (
+                values.get(c.key[: -len("scale")] + "guidance")
+                or view.control(c.key[: -len("scale")] + "guidance").value
+            )
             if guidance == "none":
                 continue
         if c.type == "int":
@@ -196,8 +266,11 @@ def swaps_of(view: RunView, values: dict[str, Any]) -> dict[str, Any]:
             raise GenzooError(f"{c.label} = {v} is more than the model's {int(c.maximum)} timesteps; use fewer steps")
         if c.type == "choice" and v not in c.choices:
             raise GenzooError(f"{c.label} '{v}' is not one of: {', '.join(c.choices)}")
-        if v != c.value and not (c.key == "top_k" and v is None and not c.value) \
-                and not (c.key == "top_p" and v is None and c.value in (None, 1.0)):
+        if (
+            v != c.value
+            and not (c.key == "top_k" and v is None and not c.value)
+            and not (c.key == "top_p" and v is None and c.value in (None, 1.0))
+        ):
             out[c.key] = v
     guidance_none = {k for k, v in out.items() if k.endswith("guidance") and v == "none"}
     for k in guidance_none:  # dropping a guidance: its scale goes with it
@@ -284,8 +357,16 @@ def sampling_progress(model: Any, report: Report):
             s.__dict__.pop("sample", None)
 
 
-def generate(view: RunView, values: dict[str, Any], cache: ModelCache, *, device: torch.device,
-             max_samples: int, report: Report | None = None, read_image: Callable[[Any], torch.Tensor] | None = None):
+def generate(
+    view: RunView,
+    values: dict[str, Any],
+    cache: ModelCache,
+    *,
+    device: torch.device,
+    max_samples: int,
+    report: Report | None = None,
+    read_image: Callable[[Any], torch.Tensor] | None = None,
+):
     """Images (B, C, H, W) in [-1, 1] for the page's ``values``; a bad input raises GenzooError naming it."""
     prompt = (values.get("prompt") or "").strip()
     mode = values.get("mode") or "sample"
@@ -304,8 +385,10 @@ def generate(view: RunView, values: dict[str, Any], cache: ModelCache, *, device
     cond: dict[str, Any] | None = None
     if mode == "sample":
         if prompt and view.condition != "caption":
-            raise GenzooError(f"run {view.name} is {'class-conditional' if view.condition == 'class' else 'unconditional'}"
-                              "; it takes no prompt (clear the prompt)")
+            raise GenzooError(
+                f"run {view.name} is {'class-conditional' if view.condition == 'class' else 'unconditional'}"
+                "; it takes no prompt (clear the prompt)"
+            )
         if class_id not in (None, "") and view.condition != "class":
             raise GenzooError(f"run {view.name} is not class-conditional; it takes no class")
         if view.condition == "caption":
@@ -315,8 +398,12 @@ def generate(view: RunView, values: dict[str, Any], cache: ModelCache, *, device
         elif view.condition == "class":
             if class_id in (None, ""):
                 raise GenzooError(f"run {view.name} is class-conditional: pick a class")
-            if isinstance(class_id, str) and not class_id.strip().isdigit() or int(class_id) >= len(view.classes) \
-                    or int(class_id) < 0:
+            if (
+                isinstance(class_id, str)
+                and not class_id.strip().isdigit()
+                or int(class_id) >= len(view.classes)
+                or int(class_id) < 0
+            ):
                 raise GenzooError(f"class {class_id!r} is not one of the run's classes 0..{len(view.classes) - 1}")
             cond = {"y": torch.full((n,), int(class_id), dtype=torch.long, device=device)}
     else:
@@ -325,8 +412,10 @@ def generate(view: RunView, values: dict[str, Any], cache: ModelCache, *, device
         needed = ("image",) if mode == "variations" else ("image", "image_b")
         missing = [k for k in needed if values.get(k) is None]
         if missing:
-            raise GenzooError(f"{mode} needs {'an image' if mode == 'variations' else 'two images'}: upload "
-                              + " and ".join("the second image" if k == "image_b" else "an image" for k in missing))
+            raise GenzooError(
+                f"{mode} needs {'an image' if mode == 'variations' else 'two images'}: upload "
+                + " and ".join("the second image" if k == "image_b" else "an image" for k in missing)
+            )
         if mode == "interpolate" and n < 2:
             raise GenzooError("interpolate needs at least 2 images along the path; raise the number of images")
     swaps = swaps_of(view, values)
@@ -339,7 +428,9 @@ def generate(view: RunView, values: dict[str, Any], cache: ModelCache, *, device
             read = read_image or (lambda x: x)
             if mode == "variations":
                 return model.variations(read(values["image"])[None].to(device), n, generator=g)
-            return model.interpolate(read(values["image"]).to(device), read(values["image_b"]).to(device), n, generator=g)
+            return model.interpolate(
+                read(values["image"]).to(device), read(values["image_b"]).to(device), n, generator=g
+            )
 
 
 # --------------------------------------------------------------------------- the run's files
@@ -349,9 +440,11 @@ def loss_rows(run_dir: Path | None) -> list[dict[str, Any]]:
     """(step, loss, stage) per logged line of ``metrics.jsonl``."""
     if run_dir is None:
         return []
-    return [{"step": r["step"], "loss": float(r["loss"]), "stage": str(r.get("stage", "main"))}
-            for r in run_files._jsonl(run_dir / "metrics.jsonl")
-            if isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float))]
+    return [
+        {"step": r["step"], "loss": float(r["loss"]), "stage": str(r.get("stage", "main"))}
+        for r in run_files._jsonl(run_dir / "metrics.jsonl")
+        if isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float))
+    ]
 
 
 def evaluation_rows(run_dir: Path | None) -> list[dict[str, Any]]:
@@ -360,8 +453,12 @@ def evaluation_rows(run_dir: Path | None) -> list[dict[str, Any]]:
         return []
     rows = []
     for e in run_files.evaluations(run_dir):
-        row = {"step": e.get("step"), "samples": e.get("samples"), "split": e.get("split"),
-               "swaps": " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (e.get("swaps") or {}).items()) or "-"}
+        row = {
+            "step": e.get("step"),
+            "samples": e.get("samples"),
+            "split": e.get("split"),
+            "swaps": " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (e.get("swaps") or {}).items()) or "-",
+        }
         row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in (e.get("figures") or {}).items()})
         rows.append(row)
     return rows

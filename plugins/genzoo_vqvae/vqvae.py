@@ -30,11 +30,19 @@ class VQAutoencoderConfig(BaseModel):
     beta: float = Field(0.25, ge=0, description="weight of the commitment term ||z_e - sg(e)||^2 (Eq. 3)")
     ema: bool = Field(False, description="update the codebook by moving averages instead of gradients (App. A.1)")
     decay: float = Field(0.99, gt=0, lt=1, description="decay of the EMA codebook")
-    restart_threshold: float = Field(0.03, ge=0, description="restart codes used less than this fraction of the average (0: never)")
-    encoder: dict[str, Any] = Field(default_factory=lambda: {"type": "grid-encoder"}, description="image -> grid network",
-                                    json_schema_extra={"kind": "network"})
-    decoder: dict[str, Any] = Field(default_factory=lambda: {"type": "grid-decoder"}, description="grid -> image network",
-                                    json_schema_extra={"kind": "network"})
+    restart_threshold: float = Field(
+        0.03, ge=0, description="restart codes used less than this fraction of the average (0: never)"
+    )
+    encoder: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "grid-encoder"},
+        description="image -> grid network",
+        json_schema_extra={"kind": "network"},
+    )
+    decoder: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "grid-decoder"},
+        description="grid -> image network",
+        json_schema_extra={"kind": "network"},
+    )
 
 
 class VQAutoencoder(Decoder):
@@ -45,7 +53,9 @@ class VQAutoencoder(Decoder):
     decoder), ``training_losses``.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, quantizer: VectorQuantizer, grid: tuple[int, int], image_shape) -> None:
+    def __init__(
+        self, encoder: nn.Module, decoder: nn.Module, quantizer: VectorQuantizer, grid: tuple[int, int], image_shape
+    ) -> None:
         super().__init__()
         self.encoder, self.decoder, self.quantizer = encoder, decoder, quantizer
         self.consumes = Spec(shape=grid, dtype="long", vocab_size=quantizer.num_codes)
@@ -62,8 +72,12 @@ class VQAutoencoder(Decoder):
         """Reconstruction + codebook + beta * commitment (Eq. 3); the batch's code perplexity."""
         z_q, _, terms = self.encode_image(x)
         mse = F.mse_loss(self.decoder(z_q), x)
-        return {"loss": mse + terms["codebook"] + terms["commitment"], "mse": mse.detach(), "perplexity": terms["perplexity"],
-                "commitment": terms["commitment"].detach()}
+        return {
+            "loss": mse + terms["codebook"] + terms["commitment"],
+            "mse": mse.detach(),
+            "perplexity": terms["perplexity"],
+            "commitment": terms["commitment"].detach(),
+        }
 
     @torch.no_grad()
     def encode_codes(self, x: Tensor) -> Tensor:
@@ -71,7 +85,9 @@ class VQAutoencoder(Decoder):
         b, d, h, w = z_e.shape
         return self.quantizer.quantize(z_e.permute(0, 2, 3, 1).reshape(-1, d).float()).view(b, h, w)
 
-    def decode(self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
+    def decode(
+        self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None
+    ) -> Tensor:
         return self.decoder(self.quantizer.embed(z)).clamp(-1, 1)
 
     @property
@@ -94,23 +110,35 @@ def make_vq_autoencoder(cfg: VQAutoencoderConfig, ctx) -> VQAutoencoder:
         raise RegistryError("decoder 'vq-autoencoder' needs a dataset to size its networks")
     c, h, w = ctx.data.image_shape
     if h % cfg.downsample or w % cfg.downsample:
-        raise RegistryError(f"decoder 'vq-autoencoder': field 'downsample' ({cfg.downsample}) must divide the image side {h}")
+        raise RegistryError(
+            f"decoder 'vq-autoencoder': field 'downsample' ({cfg.downsample}) must divide the image side {h}"
+        )
     nets = []
     for role in ("encoder", "decoder"):
         spec = dict(getattr(cfg, role))
         if spec.get("downsample") not in (None, cfg.downsample):
-            raise RegistryError(f"decoder 'vq-autoencoder': {role}.downsample is {spec['downsample']} but downsample is "
-                                f"{cfg.downsample}; set only the decoder's downsample")
+            raise RegistryError(
+                f"decoder 'vq-autoencoder': {role}.downsample is {spec['downsample']} but downsample is "
+                f"{cfg.downsample}; set only the decoder's downsample"
+            )
         spec.update(dim=cfg.code_dim, downsample=cfg.downsample)
         nets.append(ctx.registry.build("network", spec, data=ctx.data, where=f"decoder 'vq-autoencoder': {role}: "))
-    vq = VectorQuantizer(cfg.codebook_size, cfg.code_dim, beta=cfg.beta, ema=cfg.ema, decay=cfg.decay,
-                         restart_threshold=cfg.restart_threshold)
+    vq = VectorQuantizer(
+        cfg.codebook_size,
+        cfg.code_dim,
+        beta=cfg.beta,
+        ema=cfg.ema,
+        decay=cfg.decay,
+        restart_threshold=cfg.restart_threshold,
+    )
     return VQAutoencoder(*nets, vq, (h // cfg.downsample, w // cfg.downsample), ctx.data.image_shape)
 
 
 class VQVAEPipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    condition: Conditioning = Field(Conditioning.none, description="none, or class: the prior is conditioned on the label")
+    condition: Conditioning = Field(
+        Conditioning.none, description="none, or class: the prior is conditioned on the label"
+    )
 
 
 def make_vqvae_pipeline(cfg: VQVAEPipelineConfig, ctx) -> TokenPipeline:

@@ -32,7 +32,9 @@ class HeunSampler(DiffusionSampler):
         sigma, sigma_next = ((1 - abar) / abar).sqrt(), ((1 - abar_next) / abar_next).sqrt()
         x_tilde = x / abar.sqrt()
         euler = (x_tilde + (sigma_next - sigma) * pred.pred_eps) * abar_next.sqrt()
-        pred_next = guidance.condition_eps(proc, self.predict(proc, net, euler, t - 1, cond, guidance), euler, t - 1, cond)
+        pred_next = guidance.condition_eps(
+            proc, self.predict(proc, net, euler, t - 1, cond, guidance), euler, t - 1, cond
+        )
         slope = 0.5 * (pred.pred_eps + pred_next.pred_eps)
         return (x_tilde + (sigma_next - sigma) * slope) * abar_next.sqrt()
 
