@@ -7,35 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import train
 
 from genzoo import api
 from genzoo.errors import GenzooError
 from genzoo.eval.metrics import fd
 from genzoo.nn.quantize import VectorQuantizer
 from genzoo.priors import FittedGaussian, GaussianMixturePrior, GMMConfig
-from genzoo.training import TrainConfig, Trainer
-
-
-def train(tmp_path: Path, name: str, sets: list[str]) -> tuple[object, object, dict]:
-    """Train a recipe through the trainer into tmp_path; returns (pipeline, source, resolved)."""
-    resolved = api.resolve_recipe(
-        name, sets=["train.log_every=10", "train.checkpoint_every=100000", "train.sample_every=0", *sets]
-    )
-    source = api.build_data(resolved)
-    train_split = source.split("train")
-    torch.manual_seed(0)
-    pipeline = api.create_model(resolved, data_spec=source.spec)
-    meta = {"data_spec": api.data_spec_dict(source.spec), "data_fingerprint": train_split.fingerprint()}
-    Trainer(
-        pipeline,
-        train_split.tensors(),
-        config=TrainConfig.model_validate(resolved["train"]),
-        run_dir=tmp_path,
-        recipe=resolved,
-        meta=meta,
-        progress=False,
-    ).fit()
-    return pipeline.eval(), source, resolved
 
 
 def test_ae_reconstructs_test_digits_and_samples_from_both_fitted_priors(tmp_path: Path) -> None:

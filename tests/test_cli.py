@@ -2,62 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from tiny import run_genzoo, write_recipes
 
-TINY = """
-recipes:
-  tiny-ddpm:
-    description: a DDPM small enough to train in seconds on CPU
-    pipeline: {type: diffusion}
-    data: {type: digits, image_size: 8}
-    components:
-      prior: {type: gaussian}
-      decoder:
-        type: diffusion-decoder
-        timesteps: 100
-        denoiser: {type: unet, model_channels: 16, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [4]}
-      sampler: {type: ddpm, steps: 100}
-    train: {steps: 4, batch_size: 8, lr: 1.0e-3, checkpoint_every: 2, log_every: 1, sample_every: 0}
-    sample: {n: 4}
-  tiny-adm:
-    description: ADM-shaped, small enough to train in seconds on CPU
-    pipeline: {type: diffusion, condition: class}
-    data: {type: digits, image_size: 8}
-    components:
-      prior: {type: gaussian}
-      decoder:
-        type: diffusion-decoder
-        timesteps: 100
-        var_type: learned-range
-        loss: hybrid
-        denoiser: {type: unet, model_channels: 16, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [4],
-                   num_classes: 10}
-      sampler: {type: ddpm, steps: 100}
-      guidance: {type: classifier, scale: 1.0,
-                 classifier: {type: noisy-classifier, model_channels: 16, channel_mult: [1, 2]}}
-    train: {stages: {decoder: 2, guidance: 2}, batch_size: 8, log_every: 1}
-"""
-
-
-def genzoo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GENZOO_STRICT_PLUGINS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "genzoo", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
-    )
+genzoo = functools.partial(run_genzoo, env={"GENZOO_STRICT_PLUGINS": "1"})
 
 
 @pytest.fixture(scope="module")
 def recipes(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("recipes") / "tiny.yaml"
-    p.write_text(TINY)
-    return p
+    return write_recipes(tmp_path_factory.mktemp("recipes") / "tiny.yaml", "tiny-ddpm", "tiny-adm")
 
 
 def test_list_shows_every_kind_with_its_plugin() -> None:
@@ -111,47 +69,18 @@ def test_train_sample_resume(recipes: Path, tmp_path: Path) -> None:
     assert (run / "latest").read_text().strip() == "step-00000004"
     assert len((run / "metrics.jsonl").read_text().splitlines()) >= 4
 
-    r = genzoo(
-        "sample",
-        str(run),
-        "-n",
-        "3",
-        "--sampler",
-        "ddim",
-        "--steps",
-        "5",
-        "--out",
-        str(tmp_path / "g.png"),
-        "--save",
-        str(tmp_path / "x.safetensors"),
-        "--device",
-        "cpu",
-    )
-    assert r.returncode == 0, r.stderr
-    x = load_file(tmp_path / "x.safetensors")["samples"]
-    assert tuple(x.shape) == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
-    assert (tmp_path / "g.png").stat().st_size > 0
-    # the same draw under bf16 autocast, and with the U-Net compiled: close to fp32, bf16 not bitwise
-    for flags, name in ((["--precision", "bf16"], "bf16"), (["--compile"], "compiled")):
+    # fp32; the same draw under bf16 autocast, and with the U-Net compiled: close to fp32, bf16 not bitwise
+    draws = {}
+    for name, flags in (("x", []), ("bf16", ["--precision", "bf16"]), ("compiled", ["--compile"])):
         r = genzoo(
-            "sample",
-            str(run),
-            "-n",
-            "3",
-            "--sampler",
-            "ddim",
-            "--steps",
-            "5",
-            "--out",
-            str(tmp_path / f"{name}.png"),
-            "--save",
-            str(tmp_path / f"{name}.safetensors"),
-            "--device",
-            "cpu",
-            *flags,
+            *("sample", str(run), "-n", "3", "--sampler", "ddim", "--steps", "5", "--device", "cpu", *flags),
+            *("--out", str(tmp_path / f"{name}.png"), "--save", str(tmp_path / f"{name}.safetensors")),
         )
         assert r.returncode == 0, r.stderr
-    bf16, compiled = (load_file(tmp_path / f"{n}.safetensors")["samples"] for n in ("bf16", "compiled"))
+        draws[name] = load_file(tmp_path / f"{name}.safetensors")["samples"]
+    x, bf16, compiled = draws["x"], draws["bf16"], draws["compiled"]
+    assert tuple(x.shape) == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
+    assert (tmp_path / "x.png").stat().st_size > 0
     assert 0 < (bf16 - x).abs().max() < 0.25
     assert (compiled - x).abs().max() < 1e-3
 
@@ -176,24 +105,8 @@ def test_issue_command_classifier_guided_ddim(recipes: Path, tmp_path: Path) -> 
     stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert stages == ["decoder", "decoder", "guidance", "guidance"]
     r = genzoo(
-        "sample",
-        str(run),
-        "--sampler",
-        "ddim",
-        "--steps",
-        "50",
-        "--guidance",
-        "classifier",
-        "--scale",
-        "2",
-        "--class",
-        "3",
-        "-n",
-        "2",
-        "--out",
-        str(tmp_path / "g.png"),
-        "--save",
-        str(tmp_path / "x.safetensors"),
+        *("sample", str(run), "--sampler", "ddim", "--steps", "50", "--guidance", "classifier", "--scale", "2"),
+        *("--class", "3", "-n", "2", "--out", str(tmp_path / "g.png"), "--save", str(tmp_path / "x.safetensors")),
     )
     assert r.returncode == 0, r.stderr
     assert tuple(load_file(tmp_path / "x.safetensors")["samples"].shape) == (2, 1, 8, 8)

@@ -22,24 +22,9 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import environ, genzoo_argv, run_genzoo, write_recipes
 
-TINY = """
-recipes:
-  tiny:
-    description: a DDPM small enough to train in a second on CPU
-    pipeline: {type: diffusion}
-    data: {type: digits, image_size: 8}
-    components:
-      prior: {type: gaussian}
-      decoder:
-        type: diffusion-decoder
-        timesteps: 20
-        denoiser: {type: unet, model_channels: 8, channel_mult: [1], num_res_blocks: 1, attention_resolutions: []}
-      sampler: {type: ddpm, steps: 20}
-    train: {steps: 2, batch_size: 4, checkpoint_every: 1000, log_every: 1, sample_every: 0}
-"""
-
-ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ENV = {"OMP_NUM_THREADS": "1", "GENZOO_DEBUG": None}  # over the environment (tiny.environ): offline, no debug
 
 SERVER = r"""
 import json, os, sys, tempfile, traceback
@@ -79,10 +64,8 @@ class Probes:
     """The forking process; ``run(*argv)`` is one command line in a fresh child."""
 
     def __init__(self) -> None:
-        env = {**os.environ, **ENV}
-        env.pop("GENZOO_DEBUG", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environ(**ENV)
         )
 
     def run(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -108,13 +91,6 @@ def probes():
     p.close()
 
 
-def genzoo_process(*args: str) -> subprocess.CompletedProcess:
-    """``python -m genzoo`` from scratch."""
-    env = {**os.environ, **ENV}
-    env.pop("GENZOO_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "genzoo", *args], capture_output=True, text=True, env=env, timeout=300)
-
-
 def assert_one_line(r: subprocess.CompletedProcess, command: str, *needles: str) -> str:
     """A non-zero exit, exactly one line on stderr, `genzoo CMD: error: ...`, holding every needle."""
     assert r.returncode != 0, (r.stdout, r.stderr)
@@ -129,15 +105,13 @@ def assert_one_line(r: subprocess.CompletedProcess, command: str, *needles: str)
 
 @pytest.fixture(scope="module")
 def recipes(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("recipes") / "tiny.yaml"
-    p.write_text(TINY)
-    return p
+    return write_recipes(tmp_path_factory.mktemp("recipes") / "tiny.yaml", "tiny")
 
 
 @pytest.fixture(scope="module")
 def run(recipes: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
-    r = genzoo_process("train", "tiny", "--recipes", str(recipes), "--out", str(out), "--no-progress")
+    r = run_genzoo("train", "tiny", "--recipes", str(recipes), "--out", str(out), "--no-progress", env=ENV)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -268,68 +242,40 @@ DATA_PROBES = {
 }
 
 
+def train_on(probes: Probes, recipes: Path, tmp_path: Path, data: str, *flags: str) -> subprocess.CompletedProcess:
+    """`genzoo train tiny` into tmp_path/out with ``--set data={DATA}``."""
+    out = str(tmp_path / "out")
+    return probes.run("train", "tiny", "--recipes", str(recipes), "--out", out, *flags, "--set", f"data={{{data}}}")
+
+
+def imagefolder(root: Path, more: str = "") -> str:
+    return f"type: imagefolder, root: '{root}', image_size: 8, channels: 1{more}"
+
+
 @pytest.mark.parametrize("probe", list(DATA_PROBES))
 def test_imagefolder(probes: Probes, recipes: Path, tmp_path: Path, probe: str) -> None:
     make, needle = DATA_PROBES[probe]
     root = tmp_path / "images"
     make(root)
-    r = probes.run(
-        "train",
-        "tiny",
-        "--recipes",
-        str(recipes),
-        "--out",
-        str(tmp_path / "out"),
-        "--set",
-        f"data={{type: imagefolder, root: '{root}', image_size: 8, channels: 1}}",
-    )
-    assert_one_line(r, "train", "imagefolder: ", needle)
+    assert_one_line(train_on(probes, recipes, tmp_path, imagefolder(root)), "train", "imagefolder: ", needle)
 
 
 def test_imagefolder_missing_captions_file(probes: Probes, recipes: Path, tmp_path: Path) -> None:
     root = _images(tmp_path / "images")
-    r = probes.run(
-        "train",
-        "tiny",
-        "--recipes",
-        str(recipes),
-        "--out",
-        str(tmp_path / "out"),
-        "--set",
-        f"data={{type: imagefolder, root: '{root}', image_size: 8, channels: 1, captions: caps.jsonl}}",
-    )
+    r = train_on(probes, recipes, tmp_path, imagefolder(root, ", captions: caps.jsonl"))
     assert_one_line(r, "train", str(root / "caps.jsonl"), "does not exist", "field 'captions'")
 
 
 def test_imagefolder_skip_bad_trains_on_the_rest(probes: Probes, recipes: Path, tmp_path: Path) -> None:
     root = tmp_path / "images"
     _corrupt(root)
-    r = probes.run(
-        "train",
-        "tiny",
-        "--recipes",
-        str(recipes),
-        "--out",
-        str(tmp_path / "out"),
-        "--no-progress",
-        "--set",
-        f"data={{type: imagefolder, root: '{root}', image_size: 8, channels: 1, skip_bad: true}}",
-    )
+    r = train_on(probes, recipes, tmp_path, imagefolder(root, ", skip_bad: true"), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "imagefolder: warning: skipped 1 unreadable image(s) of the train split" in r.stderr and "3.png" in r.stderr
 
 
 def test_torchvision_dataset_not_downloaded(probes: Probes, recipes: Path, tmp_path: Path) -> None:
-    r = probes.run(
-        "train",
-        "tiny",
-        "--recipes",
-        str(recipes),
-        "--out",
-        str(tmp_path / "out"),
-        "--set",
-        f"data={{type: torchvision, name: MNIST, root: '{tmp_path / 'tv'}'}}",
-    )
+    r = train_on(probes, recipes, tmp_path, f"type: torchvision, name: MNIST, root: '{tmp_path / 'tv'}'")
     assert_one_line(r, "train", "torchvision MNIST: not found under", "set download: true")
 
 
@@ -369,26 +315,11 @@ def test_push_errors(probes: Probes, run: Path) -> None:
 
 def test_sigint_stopped_run_exits_non_zero_and_says_it_was_interrupted(recipes: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    argv = genzoo_argv(
+        "train", "tiny", "--recipes", str(recipes), "--out", str(out), "--steps", "1000000", "--no-progress"
+    )
     p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "genzoo",
-            "train",
-            "tiny",
-            "--recipes",
-            str(recipes),
-            "--out",
-            str(out),
-            "--steps",
-            "1000000",
-            "--no-progress",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ(OMP_NUM_THREADS="1")
     )
     try:
         deadline = time.monotonic() + 120

@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tiny import cosine_diffusion
 from torch import Tensor, nn
 
-from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
+from genzoo.diffusion import GaussianDiffusion
 from genzoo.interfaces import CompositionError, Decoder, Encoder, Pipeline, Prior, SamplerKind, Spec
 from genzoo.nn import MLPDenoiser, MLPDenoiserConfig
 from genzoo.plugins import hookimpl, load_plugins
@@ -41,13 +42,7 @@ class TextEncoder(Encoder):
 
 
 def _diffusion() -> GaussianDiffusion:
-    return GaussianDiffusion(
-        betas=get_named_beta_schedule("cosine", 100),
-        model_mean_type=ModelMeanType.START_X,
-        model_var_type=ModelVarType.FIXED_SMALL,
-        loss_type=LossType.SIMPLE,
-        clip_range=None,
-    )
+    return cosine_diffusion(100, "x0", clip_range=None)
 
 
 class DiffusionPrior(Prior):

@@ -9,21 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import cosine_diffusion, tiny_unet
 
 from genzoo import api
 from genzoo.checkpoint import load_checkpoint
 from genzoo.diffusion import (
     ClassifierFreeGuidance,
     GaussianDiffusion,
-    LossType,
-    ModelMeanType,
-    ModelVarType,
-    get_named_beta_schedule,
 )
 from genzoo.diffusion.guidance import CFGConfig
 from genzoo.eval import metrics
 from genzoo.interfaces import Pipeline
-from genzoo.nn import UNet, UNetConfig
+from genzoo.nn import UNet
 from genzoo.plugins import default_registry
 from genzoo.priors import FittedGaussian
 from genzoo.training import TrainConfig, Trainer
@@ -47,27 +44,11 @@ def exact_fp32():
 
 
 def small_unet(**kw) -> UNet:
-    torch.manual_seed(0)
-    return UNet(
-        UNetConfig(
-            in_channels=3,
-            image_size=16,
-            model_channels=32,
-            channel_mult=[1, 2],
-            num_res_blocks=1,
-            attention_resolutions=[8],
-            **kw,
-        )
-    )
+    return tiny_unet(image_size=16, model_channels=32, attention_resolutions=[8], **kw)
 
 
 def diffusion() -> GaussianDiffusion:
-    return GaussianDiffusion(
-        betas=get_named_beta_schedule("cosine", 1000),
-        model_mean_type=ModelMeanType.EPSILON,
-        model_var_type=ModelVarType.FIXED_SMALL,
-        loss_type=LossType.SIMPLE,
-    )
+    return cosine_diffusion(1000)
 
 
 @pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)

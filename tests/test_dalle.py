@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from genzoo_dalle.dvae import DiscreteVAEConfig
 from genzoo_dalle.transformer import DalleTransformer, DalleTransformerConfig
-from test_classic import train
+from tiny import train
 
 from genzoo import api
 from genzoo.interfaces import Spec
@@ -137,25 +137,8 @@ def test_dalle_from_the_command_line(dalle_run, tmp_path: Path) -> None:
     from genzoo.cli import main
 
     out = tmp_path / "grid.png"
-    assert (
-        main(
-            [
-                "sample",
-                str(dalle_run[0]),
-                "-n",
-                "2",
-                "--prompt",
-                "a large red circle in the top left",
-                "--rerank",
-                "2",
-                "--top-k",
-                "8",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    prompted = ["sample", str(dalle_run[0]), "-n", "2", "--prompt", "a large red circle in the top left"]
+    assert main([*prompted, "--rerank", "2", "--top-k", "8", "--out", str(out)]) == 0
     assert out.stat().st_size > 0
 
 

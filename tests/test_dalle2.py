@@ -11,12 +11,10 @@ import pytest
 import torch
 from genzoo_dalle2.pipeline import slerp
 from genzoo_dalle2.prior import ARPrior, ARPriorConfig, DiffusionPrior, DiffusionPriorConfig
-from test_classic import train
+from tiny import assert_refused, shapes_judge, tiny_unet, train
 
 from genzoo import api
 from genzoo.errors import GenzooError, RegistryError
-from genzoo.eval import judges
-from genzoo.eval.evaluate import EvalSettings, evaluate
 from genzoo.plugins import default_registry
 
 CAPTIONS = [
@@ -38,24 +36,9 @@ def test_slerp_keeps_unit_norm_and_moves_at_constant_angular_speed() -> None:
 
 
 def test_unclip_unet_reads_z_i_as_tokens_and_drops_embedding_and_caption_independently() -> None:
-    from genzoo.nn.unet import UNet, UNetConfig
+    from genzoo.nn.unet import UNetConfig
 
-    torch.manual_seed(0)
-    net = UNet(
-        UNetConfig(
-            in_channels=3,
-            image_size=8,
-            model_channels=16,
-            channel_mult=[1, 2],
-            num_res_blocks=1,
-            attention_resolutions=[4],
-            context_dim=12,
-            emb_dim_in=10,
-            emb_tokens=4,
-        )
-    )
-    for p in net.parameters():  # leave the zero-initialised output: make every path matter
-        torch.nn.init.normal_(p, std=0.05)
+    net = tiny_unet(std=0.05, context_dim=12, emb_dim_in=10, emb_tokens=4)  # every path matters
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])
     emb, ctx, mask = (
         torch.randn(2, 10),
@@ -381,15 +364,9 @@ def test_the_ar_prior_swaps_in_and_trains_alone_on_the_trained_decoder(dalle2_ru
 
 
 def test_a_dalle2_recipe_checks_its_parts() -> None:
-    spec = api.resolve_recipe("dalle2-shapes", sets=[*TINY, "decoder.denoiser.emb_dim_in=32"])
-    with pytest.raises(RegistryError, match="emb_dim_in is 32 but the CLIP needs 16"):
-        api.create_model(spec, data_spec=api.build_data(spec).spec)
-    spec = api.resolve_recipe("dalle2-shapes", sets=[*TINY, "components.clip=null"])
-    with pytest.raises(RegistryError, match="components.clip"):
-        api.create_model(spec, data_spec=api.build_data(spec).spec)
-    spec = api.resolve_recipe("dalle2-shapes", sets=[*TINY, "clip.weights=/nonexistent/run"])
-    with pytest.raises(RegistryError, match="not a genzoo run"):
-        api.create_model(spec, data_spec=api.build_data(spec).spec)
+    assert_refused("dalle2-shapes", [*TINY, "decoder.denoiser.emb_dim_in=32"], "emb_dim_in is 32 but the CLIP needs 16")
+    assert_refused("dalle2-shapes", [*TINY, "components.clip=null"], "components.clip")
+    assert_refused("dalle2-shapes", [*TINY, "clip.weights=/nonexistent/run"], "not a genzoo run")
 
 
 class VariationOracle(torch.nn.Module):
@@ -404,16 +381,8 @@ class VariationOracle(torch.nn.Module):
 
 
 def test_variation_metric_tells_a_faithful_model_from_one_that_is_not(cheap_judges) -> None:
-    source = api.build_data(api.resolve_recipe("ddpm-shapes"))
-    judge = judges.load_judge("shapes", source.cfg.model_dump())
-    metrics = {"variations": default_registry().build("metric", {"type": "variations", "images": 300})}
-    settings = EvalSettings(samples=300, seed=0, batch_size=100)
-    good = evaluate(
-        VariationOracle(), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu")
-    )
-    bad = evaluate(
-        VariationOracle(liar=True), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu")
-    )
+    judged = shapes_judge({"variations": default_registry().build("metric", {"type": "variations", "images": 300})})
+    good, bad = judged(VariationOracle()), judged(VariationOracle(liar=True))
     assert good["variation_all"] > 0.8 and bad["variation_all"] < 0.2, (good, bad)
     assert math.isclose(sum(good[f"variation_{a}"] > 0.9 for a in ("shape", "colour", "size", "position")), 4)
 

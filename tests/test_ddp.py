@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
 import torch
+from tiny import run, torchrun, write_recipes
 
 from genzoo.checkpoint import load_checkpoint
 
@@ -37,42 +35,16 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ENV = {"OMP_NUM_THREADS": "1", "RANK": None, "WORLD_SIZE": None}  # over the environment (tiny.environ)
 
 
 def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
     script = tmp_path / "train_ddp.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    single = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "single")], env=env, capture_output=True, text=True, timeout=300
-    )
+    single = run(sys.executable, str(script), str(tmp_path / "single"), env=ENV)
     assert single.returncode == 0, single.stderr
     t0 = time.perf_counter()
-    ddp = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            str(script),
-            str(tmp_path / "ddp"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    ddp = run(*torchrun(2), str(script), str(tmp_path / "ddp"), env=ENV)
     print(f"2-process DDP run: {time.perf_counter() - t0:.1f}s")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a = load_checkpoint(tmp_path / "single").components["decoder"]
@@ -87,58 +59,13 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
     assert "find_unused_parameters=True" not in ddp.stderr
 
 
-TINY = """
-recipes:
-  tiny:
-    description: a DDPM small enough to train in a second on CPU
-    pipeline: {type: diffusion}
-    data: {type: digits, image_size: 8}
-    components:
-      prior: {type: gaussian}
-      decoder:
-        type: diffusion-decoder
-        timesteps: 20
-        denoiser: {type: unet, model_channels: 8, channel_mult: [1], num_res_blocks: 1, attention_resolutions: []}
-      sampler: {type: ddpm, steps: 20}
-    train: {steps: 3, batch_size: 4, log_every: 1, sample_every: 0, device: cpu}
-"""
-
-
 def test_genzoo_train_under_torchrun_reports_once(tmp_path: Path) -> None:
     """Issue 21.4: rank 1 printed `checkpoint None`, and every rank warned about find_unused_parameters."""
-    recipes = tmp_path / "tiny.yaml"
-    recipes.write_text(TINY)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-    ]
-    r = subprocess.run(
-        [
-            *torchrun,
-            "-m",
-            "genzoo",
-            "train",
-            "tiny",
-            "--recipes",
-            str(recipes),
-            "--out",
-            str(tmp_path / "run"),
-            "--no-progress",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    recipes = write_recipes(tmp_path / "tiny.yaml", "tiny")  # trained 3 steps on the CPU here
+    r = run(
+        *(*torchrun(2), "-m", "genzoo", "train", "tiny", "--recipes", str(recipes), "--out", str(tmp_path / "run")),
+        *("--steps", "3", "--device", "cpu", "--no-progress"),
+        env=ENV,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     reports = [line for line in r.stdout.splitlines() if line.startswith("trained")]

@@ -14,6 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import fit, threads
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -29,10 +30,8 @@ DIGITS = {"type": "digits", "image_size": 8}
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """These models are tiny: one thread is as fast, and it does not spin when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with threads(1):
+        yield
 
 
 def ddpm_unet(seed: int = 0, **kw) -> torch.nn.Module:
@@ -204,7 +203,6 @@ def test_classifier_guidance_trained_on_an_imported_ddpm(runs, tmp_path) -> None
     """A genzoo noisy classifier trained on the imported decoder's own process (--init-from the import), then
     classifier guidance with every diffusion sampler; the imported weights stay as they were."""
     from genzoo.recipes import Recipe, resolve
-    from genzoo.training import TrainConfig, Trainer
 
     run = runs["ddpm", False]
     imported = load_checkpoint(run)
@@ -221,17 +219,7 @@ def test_classifier_guidance_trained_on_an_imported_ddpm(runs, tmp_path) -> None
     source = api.build_data(resolved)
     pipeline = api.create_model(resolved, data_spec=source.spec)
     assert "decoder" in api.init_from(pipeline, resolved, run)
-    train = source.split("train")
-    meta = {"data_spec": api.data_spec_dict(source.spec), "data_fingerprint": train.fingerprint()}
-    Trainer(
-        pipeline,
-        train.tensors(),
-        config=TrainConfig.model_validate(resolved["train"]),
-        run_dir=tmp_path,
-        recipe=resolved,
-        meta=meta,
-        progress=False,
-    ).fit()
+    fit(pipeline, source, resolved, tmp_path)
     trained = load_checkpoint(tmp_path)
     for k, v in imported.components["decoder"].items():
         assert torch.equal(trained.components["decoder"][k], v), k

@@ -109,7 +109,8 @@ def test_ldm_import_is_the_latent_diffusion_composition(ldm) -> None:
     assert ckpt.recipe["pipeline"]["type"] == "latent-diffusion" and dec["type"] == "latent-diffusion"
     assert dec["autoencoder"]["type"] == "diffusers-vqmodel" and dec["scale_factor"] == pytest.approx(0.7)
     assert dec["diffusion"]["denoiser"]["type"] == "unet" and dec["diffusion"]["clip_range"] is None
-    assert ckpt.recipe["components"]["sampler"]["type"] == "ddim" and ckpt.recipe["components"]["sampler"]["steps"] == 50
+    sampler = ckpt.recipe["components"]["sampler"]
+    assert sampler["type"] == "ddim" and sampler["steps"] == 50
     assert ckpt.meta["imported_from"]["pipeline"] == "LDMPipeline"
     assert load_checkpoint(runs[True]).recipe["components"]["decoder"]["diffusion"]["denoiser"]["type"] == (
         "diffusers-unet2d"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import fit
 
 from genzoo import api
-from genzoo.training import TrainConfig, Trainer
 
 TINY = [
     "decoder.denoiser.model_channels=16",
@@ -36,19 +36,8 @@ TINY = [
 def test_recipe_trains_reloads_and_samples(tmp_path: Path, name: str, sets: list[str], stages: list[str]) -> None:
     resolved = api.resolve_recipe(name, sets=TINY + sets)
     source = api.build_data(resolved)
-    train = source.split("train")
     torch.manual_seed(0)
-    pipeline = api.create_model(resolved, data_spec=source.spec)
-    meta = {"data_spec": api.data_spec_dict(source.spec), "data_fingerprint": train.fingerprint()}
-    result = Trainer(
-        pipeline,
-        train.tensors(),
-        config=TrainConfig.model_validate(resolved["train"]),
-        run_dir=tmp_path,
-        recipe=resolved,
-        meta=meta,
-        progress=False,
-    ).fit()
+    result = fit(api.create_model(resolved, data_spec=source.spec), source, resolved, tmp_path)
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == [
         s for s in stages for _ in range(2 if s == "decoder" and len(stages) > 1 else 3)

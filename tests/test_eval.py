@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import write_recipes
 
 from genzoo import api
 from genzoo.eval import judges
@@ -48,18 +49,8 @@ class Oracle(torch.nn.Module):
 
 def _all_metrics():
     reg = default_registry()
-    return {
-        m: reg.build("metric", {"type": m})
-        for m in (
-            "fd",
-            "kid",
-            "precision-recall",
-            "density-coverage",
-            "class-coverage",
-            "attribute-accuracy",
-            "throughput",
-        )
-    }
+    names = "fd kid precision-recall density-coverage class-coverage attribute-accuracy throughput".split()
+    return {m: reg.build("metric", {"type": m}) for m in names}
 
 
 def test_metrics_separate_real_images_from_noise_and_score_conditions(cheap_judges) -> None:
@@ -155,46 +146,12 @@ def test_every_metric_is_registered_and_unavailable_ones_say_how_to_enable(monke
         fn(None)
 
 
-TINY = """
-recipes:
-  tiny-vae:
-    description: tiny VAE for the compare test
-    pipeline: {type: vae}
-    data: {type: digits, image_size: 8}
-    components:
-      prior: {type: gaussian}
-      decoder: {type: autoencoder, latent_dim: 4, variational: true,
-                encoder: {type: conv-encoder, channels: 8, norm: group},
-                decoder: {type: conv-decoder, channels: 8, norm: group}}
-    train: {steps: 20, batch_size: 32, lr: 1.0e-3, ema_decay: null, log_every: 5}
-  tiny-ae:
-    description: tiny AE whose mixture prior is fitted when the minutes budget runs out
-    pipeline: {type: autoencoder}
-    data: {type: digits, image_size: 8}
-    components:
-      prior: {type: gmm, components: 3}
-      decoder: {type: autoencoder, latent_dim: 4, encoder: {type: conv-encoder, channels: 8, norm: group},
-                decoder: {type: conv-decoder, channels: 8, norm: group}}
-    train: {steps: 20, batch_size: 32, lr: 1.0e-3, ema_decay: null, log_every: 5}
-  tiny-ddpm:
-    description: tiny DDPM for the compare test
-    pipeline: {type: diffusion}
-    data: {type: digits, image_size: 8}
-    components:
-      prior: {type: gaussian}
-      decoder: {type: diffusion-decoder,
-                denoiser: {type: unet, model_channels: 8, channel_mult: [1], num_res_blocks: 1,
-                           attention_resolutions: []}}
-      sampler: {type: ddim, steps: 4}
-    train: {steps: 20, batch_size: 32, lr: 1.0e-3, log_every: 5}
-"""
-
-
 def test_compare_writes_the_leaderboard_grids_plots_and_error_rows(tmp_path: Path, cheap_judges) -> None:
     from genzoo.cli import main
 
-    recipes = tmp_path / "tiny.yaml"
-    recipes.write_text(TINY)
+    recipes = write_recipes(
+        tmp_path / "tiny.yaml", "tiny-vae", "tiny-ae", "compare-ddpm", rename={"compare-ddpm": "tiny-ddpm"}
+    )
     out = tmp_path / "cmp"
     rc = main(
         [

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from tiny import threads
 
 from genzoo.eval import metrics as M
 from genzoo.eval.metrics import (
@@ -34,10 +35,8 @@ def _single_thread():
     # These tests run thousands of tiny ops (10x10 to 500x500 kernels) where intra-op threads
     # only add barrier overhead; on a loaded 2-core box OpenMP spin-waits made the KID test
     # 10-50x slower (1 s -> 10 s). One thread keeps the file's runtime stable; restored after.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with threads(1):
+        yield
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import threads
 
 from genzoo import api
 from genzoo.training import TrainConfig, Trainer
@@ -55,10 +56,8 @@ _SOURCES: dict[str, object] = {}
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These models are tiny: a second intra-op thread gains nothing and, on a busy machine, costs 30x in spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with threads(1):
+        yield
 
 
 def source_of(resolved: dict):

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_classic import train
+from tiny import assert_refused, shapes_judge, tiny_unet, train
 
 from genzoo import api
 from genzoo.data.shapes import parse_caption, render
 from genzoo.data.tokenizer import BPETokenizer, BPETokenizerConfig
 from genzoo.errors import GenzooError, RegistryError
-from genzoo.eval import judges
-from genzoo.eval.evaluate import EvalSettings, evaluate
 from genzoo.plugins import default_registry
 from genzoo.text.clip import contrastive_loss
 from genzoo.text.transformer import TextTransformer, TextTransformerConfig
@@ -134,23 +132,7 @@ def test_open_clip_by_name_offline_and_from_a_local_safetensors_file(tmp_path: P
 
 
 def test_a_dropped_caption_is_the_unconditional_input() -> None:
-    from genzoo.nn.unet import UNet, UNetConfig
-
-    torch.manual_seed(0)
-    net = UNet(
-        UNetConfig(
-            in_channels=3,
-            image_size=8,
-            model_channels=16,
-            channel_mult=[1, 2],
-            num_res_blocks=1,
-            attention_resolutions=[4],
-            context_dim=32,
-            emb_dim_in=32,
-        )
-    )
-    for p in net.parameters():  # leave the zero-initialised output: make every path matter
-        torch.nn.init.normal_(p, std=0.05)
+    net = tiny_unet(std=0.05, context_dim=32, emb_dim_in=32)  # every path matters
     text = TextTransformer(TextTransformerConfig(width=32, layers=1))
     pooled, seq, mask = text(text.tokenize(CAPTIONS[:2]))
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])
@@ -258,47 +240,22 @@ def test_clip_guidance_gradient_raises_the_clip_logit_and_needs_a_clip(glide_run
     with torch.no_grad():
         step = 1e-2 / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         assert (logit(x + step * grad) > logit(x)).all()
-    spec = api.resolve_recipe("glide-shapes", sets=[*TINY_GLIDE, "components.clip=null", "guidance.type=clip"])
-    with pytest.raises(RegistryError, match="has no CLIP"):
-        api.create_model(spec, data_spec=api.build_data(spec).spec)
+    assert_refused("glide-shapes", [*TINY_GLIDE, "components.clip=null", "guidance.type=clip"], "has no CLIP")
 
 
 def test_glide_from_the_command_line(glide_run, tmp_path: Path) -> None:
     from genzoo.cli import main
 
     out = tmp_path / "grid.png"
-    assert (
-        main(
-            [
-                "sample",
-                str(glide_run[0]),
-                "-n",
-                "2",
-                "--prompt",
-                "a large red circle in the top left",
-                "--guidance",
-                "cfg",
-                "--scale",
-                "3",
-                "--steps",
-                "5",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    prompted = ["sample", str(glide_run[0]), "-n", "2", "--prompt", "a large red circle in the top left"]
+    assert main([*prompted, "--guidance", "cfg", "--scale", "3", "--steps", "5", "--out", str(out)]) == 0
     assert out.stat().st_size > 0
     assert main(["sample", str(glide_run[0]), "-n", "2", "--class", "3", "--out", str(out)]) == 2
 
 
 def test_a_caption_model_needs_a_text_encoder_of_the_denoisers_width() -> None:
-    spec = api.resolve_recipe("glide-shapes", sets=[*TINY_GLIDE, "encoder.width=48"])
-    with pytest.raises(RegistryError, match="context_dim is 32 but the text encoder needs 48"):
-        api.create_model(spec, data_spec=api.build_data(spec).spec)
-    spec = api.resolve_recipe("glide-shapes", sets=[*TINY_GLIDE, "components.encoder=null"])
-    with pytest.raises(RegistryError, match="needs a text encoder"):
-        api.create_model(spec, data_spec=api.build_data(spec).spec)
+    assert_refused("glide-shapes", [*TINY_GLIDE, "encoder.width=48"], "context_dim is 32 but the text encoder needs 48")
+    assert_refused("glide-shapes", [*TINY_GLIDE, "components.encoder=null"], "needs a text encoder")
 
 
 class CaptionOracle(torch.nn.Module):
@@ -316,24 +273,9 @@ class CaptionOracle(torch.nn.Module):
 
 
 def test_caption_attribute_accuracy_tells_an_oracle_from_a_liar(cheap_judges) -> None:
-    source = api.build_data(api.resolve_recipe("ddpm-shapes"))
-    judge = judges.load_judge("shapes", source.cfg.model_dump())
-    metrics = {"attribute-accuracy": default_registry().build("metric", "attribute-accuracy")}
-    settings = EvalSettings(samples=300, seed=0, batch_size=100)
-    good = evaluate(
-        CaptionOracle(), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu")
-    )
-    bad = evaluate(
-        CaptionOracle(liar=True), source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu")
-    )
+    judged = shapes_judge({"attribute-accuracy": default_registry().build("metric", "attribute-accuracy")})
+    good, bad = judged(CaptionOracle()), judged(CaptionOracle(liar=True))
     assert good["caption_accuracy"] > 0.8 and bad["caption_accuracy"] < 0.2, (good, bad)
     assert all(good[f"{a}_accuracy"] > 0.9 for a in ("shape", "colour", "size", "position")), good
-    held = evaluate(
-        CaptionOracle(),
-        source,
-        metrics=metrics,
-        judge=judge,
-        settings=EvalSettings(samples=200, batch_size=100, split="heldout"),
-        device=torch.device("cpu"),
-    )
+    held = judged(CaptionOracle(), samples=200, split="heldout")
     assert held["caption_accuracy"] > 0.5  # unseen colour x shape pairs: the cheap judge generalises less

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_unet
 from torch import nn
 
 from genzoo.checkpoint import load_checkpoint
@@ -375,19 +376,8 @@ def test_channels_last_training_resumes_exactly_and_saves_plain_tensors(tmp_path
 
 def test_for_inference_stores_conv_weights_nhwc_with_the_same_outputs() -> None:
     from genzoo import api
-    from genzoo.nn import UNet, UNetConfig
 
-    torch.manual_seed(0)
-    net = UNet(
-        UNetConfig(
-            in_channels=3,
-            image_size=8,
-            model_channels=16,
-            channel_mult=[1, 2],
-            num_res_blocks=1,
-            attention_resolutions=[4],
-        )
-    )
+    net = tiny_unet()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 500])
     with torch.no_grad():
         want = net.eval()(x, t)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import free_port, write_recipes
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
@@ -19,50 +20,14 @@ from genzoo.cli import main  # noqa: E402
 from genzoo.diffusion.samplers import AncestralSampler, SamplerConfig  # noqa: E402
 from genzoo.plugins import default_registry, hookimpl, load_plugins  # noqa: E402
 
-TINY = """
-recipes:
-  tiny-ddpm:
-    description: an unconditional DDPM small enough to train in a second
-    pipeline: {type: diffusion}
-    data: {type: digits, image_size: 8}
-    components:
-      prior: {type: gaussian}
-      decoder:
-        type: diffusion-decoder
-        timesteps: 100
-        denoiser: {type: unet, model_channels: 16, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [4]}
-      sampler: {type: ddim, steps: 10}
-    train: {steps: 4, batch_size: 8, lr: 1.0e-3, checkpoint_every: 4, log_every: 1, sample_every: 4, sample_n: 4}
-  tiny-cfg:
-    description: a class-conditional DDPM with classifier-free guidance
-    pipeline: {type: diffusion, condition: class}
-    data: {type: digits, image_size: 8}
-    components:
-      prior: {type: gaussian}
-      decoder:
-        type: diffusion-decoder
-        timesteps: 100
-        cond_drop: 0.1
-        denoiser: {type: unet, model_channels: 16, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [4],
-                   num_classes: 10}
-      sampler: {type: ddim, steps: 10}
-      guidance: {type: cfg, scale: 3.0}
-    train: {steps: 4, batch_size: 8, lr: 1.0e-3, checkpoint_every: 4, log_every: 1, sample_every: 0}
-"""
 LEADERBOARD = "| model | FD ↓ |\n|---|---|\n| tiny-ddpm | 12.5 |\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Two tiny runs trained in-process, served on 127.0.0.1 in this process's threads; (app, client, runs)."""
     root = tmp_path_factory.mktemp("ui")
-    (root / "tiny.yaml").write_text(TINY)
+    write_recipes(root / "tiny.yaml", "ui-ddpm", "tiny-cfg", rename={"ui-ddpm": "tiny-ddpm"})
     runs = {}
     for name in ("tiny-ddpm", "tiny-cfg"):
         runs[name] = root / "runs" / name

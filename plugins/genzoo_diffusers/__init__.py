@@ -47,7 +47,9 @@ def register_components(registry) -> None:
     registry.register(
         "clip", "diffusers-clip", config=unclip.TransformersClipConfig, factory=unclip.build_transformers_clip
     )
-    registry.register("prior", "diffusers-unclip-prior", config=unclip.UnCLIPPriorConfig, factory=unclip.make_unclip_prior)
+    registry.register(
+        "prior", "diffusers-unclip-prior", config=unclip.UnCLIPPriorConfig, factory=unclip.make_unclip_prior
+    )
     registry.register(
         "importer", "diffusers", config=importer.DiffusersImporterConfig, factory=importer.DiffusersImporter
     )

@@ -136,7 +136,9 @@ class UNet2DAdapter(nn.Module):
         labels = cond.get("y") if self.model.class_embedding is not None else None  # an unconditional model ignores y
         if self.low_res:
             if cond.get("low_res") is None:
-                raise ValueError("network 'diffusers-unet2d' with low_res needs cond['low_res'] (the low-resolution image)")
+                raise ValueError(
+                    "network 'diffusers-unet2d' with low_res needs cond['low_res'] (the low-resolution image)"
+                )
             up = F.interpolate(
                 cond["low_res"].to(x.dtype), size=x.shape[-2:], mode="bicubic", align_corners=False, antialias=True
             )

@@ -4,8 +4,10 @@ DDPMPipeline and DDIMPipeline import whole: the ``UNet2DModel`` natively into ge
 genzoo's (``native.py``; faster), else behind the ``diffusers-unet2d`` adapter; the scheduler config as genzoo's
 Gaussian process and sampler (``scheduler.py``). LDMPipeline becomes the ``latent-diffusion`` composition (genzoo_ldm,
 named by type only) with the ``diffusers-vqmodel`` adapter as its first stage and the same U-Net and scheduler mapping
-on the latents. The run directory is an ordinary checkpoint (resolved recipe + safetensors, step 0) that
-``genzoo sample``, ``eval``, ``push`` and ``--init-from`` use like any other.
+on the latents. UnCLIPPipeline (Karlo) becomes genzoo's ``dalle2`` pipeline (``unclip.py``): the CLIP text encoder,
+the prior, the decoder with its text projection and the super-resolution stage whose last step ``super_res_last``
+serves. The run directory is an ordinary checkpoint (resolved recipe + safetensors, step 0) that ``genzoo sample``,
+``eval``, ``push`` and ``--init-from`` use like any other.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def default_data(source: str, channels: int, size: int, out: Path) -> dict[str, 
 
 
 class DiffusersImporter:
-    """Imports diffusers DDPMPipeline / DDIMPipeline folders and hub ids (safetensors only) as genzoo runs."""
+    """Imports diffusers DDPM / DDIM / LDM / UnCLIP pipeline folders and hub ids (safetensors only) as genzoo runs."""
 
     format = "diffusers"
 
@@ -204,7 +206,9 @@ def _submodule(model: Any, where: str) -> Any:
     return module
 
 
-def _ldm_first_stage(folder: Path, unet: Any, latent_size: int) -> tuple[dict[str, Any], dict[str, Any], int, int, float]:
+def _ldm_first_stage(
+    folder: Path, unet: Any, latent_size: int
+) -> tuple[dict[str, Any], dict[str, Any], int, int, float]:
     """LDMPipeline's ``vqvae``: (its state for the diffusers-vqmodel adapter, the adapter's spec, image size,
     image channels, scaling factor). The U-Net diffuses (latent_channels, h, w) latents; the images are f = 2^(levels
     - 1) times larger."""

@@ -165,7 +165,9 @@ def map_unclip_scheduler(raw: Mapping[str, Any], *, steps: int) -> tuple[dict[st
     try:
         scheduler = diffusers.UnCLIPScheduler.from_config(dict(raw))
     except (NotImplementedError, ValueError, TypeError) as e:
-        raise SchedulerError(f"diffusers cannot build UnCLIPScheduler from the scheduler config: {e}".splitlines()[0]) from e
+        raise SchedulerError(
+            f"diffusers cannot build UnCLIPScheduler from the scheduler config: {e}".splitlines()[0]
+        ) from e
     cfg = dict(scheduler.config)
     decoder = process_fields(cfg, scheduler)
     t = decoder["timesteps"]

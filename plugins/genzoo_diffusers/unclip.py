@@ -214,7 +214,8 @@ class UnCLIPPrior(Prior):
                 "prior 'diffusers-unclip-prior' needs a diffusion sampler: add `prior_sampler: {type: ddpm}`"
             )
         device = self.device
-        noise = torch.randn((n, self.dim), generator=generator, device=generator.device if generator is not None else device)
+        where = generator.device if generator is not None else device
+        noise = torch.randn((n, self.dim), generator=generator, device=where)
         z = self.diffusion_decoder.decode(
             noise.to(device), condition, generator=generator, sampler=sampler, guidance=guidance
         )
