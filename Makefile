@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean ui-check
+.PHONY: demo test lint bench install clean ui-check mutation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,20 @@ ui-check: $(STAMP)
 	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 	$(PY) -m pip install --quiet playwright
 	$(PY) benchmarks/ui_check.py
+
+# Mutation testing of the diffusion math and the trainer (docs/diffusion.md, "Mutation testing"): mutmut with the
+# scope and the fast test selection of [tool.mutmut] in pyproject.toml, one worker, one thread. Results stay in
+# mutants/ (git-ignored), so a second run tests only new or changed code; MUTANTS='genzoo.diffusion.samplers.*'
+# (mutant-name globs) reruns just those. `mutmut results` lists the survivors, `mutmut show NAME` shows one.
+MUTANTS ?=
+
+mutation: $(STAMP)
+	$(PY) -m pip install --quiet 'mutmut>=3.8,<4'
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 1 $(MUTANTS)
+	$(VENV)/bin/mutmut export-cicd-stats >/dev/null
+	$(PY) -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); \
+	run = s['killed'] + s['timeout'] + s['survived'] + s['suspicious'] + s['no_tests']; \
+	print(s); print(f\"killed {s['killed'] + s['timeout']} of {run} mutants run ({100 * (s['killed'] + s['timeout']) / max(run, 1):.1f}%)\")"
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,6 +1,7 @@
 """Sample quality against the number of network evaluations (NFE), for every diffusion sampler on every time grid.
 
-    python benchmarks/sampler_quality.py --mixtures [--n 100000] [--nfe 5,10,20,40] [--seeds 2] [--plot PNG] [--json OUT]
+    python benchmarks/sampler_quality.py --mixtures [--n 100000] [--nfe 5,10,20,40] [--seeds 2] [--names ...]
+        [--plot PNG] [--json OUT]
     python benchmarks/sampler_quality.py --fd RUN [RUN ...] [--samples 500] [--nfe 5,10,20] [--plot PNG] [--json OUT]
     python benchmarks/sampler_quality.py RUN [--n 1000]          # the older pixel-space Fréchet distance per sampler
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -214,7 +216,7 @@ def mixture_plot(results: dict, path: str, name: str = "small-variance") -> None
 # --------------------------------------------------------------------------- trained models: judge FD
 
 
-def fd_benchmark(run: str, *, samples: int = 500, nfes: tuple[int, ...] = (5, 10, 20), reference: tuple[str, int] = ("ddpm", 250),
+def fd_benchmark(run: str, *, samples: int = 500, nfes: tuple[int, ...] = (5, 10, 20), reference: tuple[str, int] | None = ("ddpm", 250),
                  grids: tuple[str, ...] = GRIDS, solvers=SOLVERS, log: Callable[[str], None] = print) -> list[dict]:
     """FD (judge features, ``samples`` against as many test images, one seeded stream) of each solver x grid x NFE
     and of ``reference`` (ancestral 250 steps) for the checkpoint ``run``."""
@@ -238,7 +240,8 @@ def fd_benchmark(run: str, *, samples: int = 500, nfes: tuple[int, ...] = (5, 10
                      "seconds": time.perf_counter() - t0, "sets": sets, **extra})
         log(json.dumps(rows[-1]))
 
-    measure(f"ancestral {reference[1]}", reference[0], reference[1], [], grid="uniform")
+    if reference is not None:
+        measure(f"ancestral {reference[1]}", reference[0], reference[1], [], grid="uniform")
     for nfe in nfes:
         for label, name, extra in solvers:
             # today's samplers on today's grid are always measured, as the baseline
@@ -267,13 +270,13 @@ def fd_plot(tables: dict[str, list[dict]], path: str) -> None:
     fig, axes = plt.subplots(1, len(tables), figsize=(6.5 * len(tables), 4.2), squeeze=False)
     for ax, (title, rows) in zip(axes[0], tables.items()):
         ref = next(r for r in rows if "target_nfe" not in r)
-        for label, _, _ in SOLVERS:
-            for grid, style in (("log-snr", "-"), ("karras", "--")):
+        for k, (label, _, _) in enumerate(SOLVERS):  # a colour per solver, a line style per grid
+            for grid, style in (("log-snr", "-"), ("karras", "--"), ("uniform", ":")):
                 pts = sorted((r["nfe"], r["fd"]) for r in rows if r["sampler"] == label and r.get("grid") == grid and "target_nfe" in r)
                 if pts:
-                    ax.plot(*zip(*pts), ls=style, marker="o", label=f"{label}, {grid}")
+                    ax.plot(*zip(*pts), ls=style, color=f"C{k}", marker="o", label=f"{label}, {grid}")
         ax.axhline(ref["fd"], color="grey", lw=1, label=f"{ref['sampler']} steps ({ref['nfe']} NFE)")
-        ax.axhline(1.2 * ref["fd"], color="grey", lw=1, ls=":", label="1.2x that")
+        ax.axhline(1.2 * ref["fd"], color="grey", lw=1, ls="-.", label="1.2x that")
         ax.set(xscale="log", yscale="log", title=title, xlabel="NFE", ylabel="FD (judge features)")
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7)
     fig.tight_layout(rect=(0, 0.2, 1, 1))

@@ -324,6 +324,7 @@ def test_condition_eps_shifts_eps_by_sqrt_one_minus_abar_s_g_and_the_mean_follow
         torch.testing.assert_close(moved.mean - pred.mean, (math.sqrt(prev) * b / (1 - abar) * dx0).expand_as(x),
                                    rtol=1e-10, atol=1e-12)
         assert torch.equal(moved.variance, pred.variance)
+        assert torch.equal(moved.model_eps, moved.pred_eps)  # what DDIM's clipped_eps: false steps with
 
 
 # ------------------------------------------------------------------ likelihoods at the exact CDF's precision
@@ -405,3 +406,304 @@ def test_vlb_term_is_the_gaussian_kl_in_bits_per_dim() -> None:
     m1, m2, l1, l2 = randn(5, seed=4), randn(5, seed=5), randn(5, seed=6), randn(5, seed=7)
     want = 0.5 * (l2 - l1 + torch.exp(l1 - l2) + (m1 - m2) ** 2 / torch.exp(l2) - 1)
     torch.testing.assert_close(normal_kl(m1, l1, m2, l2), want, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------ survivors of `make mutation` (docs/diffusion.md)
+# Each test below kills mutants that the tests above and the other fast diffusion tests let through. Devices are
+# checked on PyTorch's "meta" device, which runs every shape computation without data: a CPU-only machine still sees
+# a tensor left on the wrong device.
+
+META = torch.device("meta")
+
+
+def test_noise_is_drawn_on_the_generator_device_and_placed_with_the_input() -> None:
+    """``samplers.randn``: drawn by the generator on its own device (a CPU generator reproduces CUDA runs), then moved to
+    x_like's device; without a generator, drawn directly on the requested device (the global CPU RNG untouched)."""
+    from genzoo.diffusion.samplers import randn as draw
+
+    g = gen(3)
+    z = draw((2, 3), torch.zeros(1, device=META), generator=g)
+    assert z.device == META and z.dtype == torch.float32
+    assert not torch.equal(g.get_state(), gen(3).get_state())  # drawn by the CPU generator
+    cpu = draw((2, 3), torch.zeros(1, dtype=F64), generator=gen(3))
+    torch.testing.assert_close(cpu, torch.randn(2, 3, generator=gen(3), dtype=F64), rtol=0, atol=0)
+    before = torch.random.get_rng_state()
+    z = draw((2, 3), None, generator=None, device=META, dtype=F64)
+    assert z.device == META and z.dtype == F64 and torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_timestep_samplers_return_tensors_on_the_device_asked_for_and_cover_every_t() -> None:
+    """Uniform t over {0..T-1} (t = 0, the decoder term, included) with unit weights; loss-aware weights 1 / (T p_t).
+    Both on the device asked for; the loss-aware history is checkpointed with integer counts."""
+    from genzoo.diffusion.gaussian_diffusion import LossAwareSampler, UniformSampler
+
+    for sampler in (UniformSampler(4), LossAwareSampler(4)):
+        t, w = sampler.sample(3, META)
+        assert t.device == META and w.device == META and t.dtype == torch.long and w.dtype == torch.float32
+    torch.manual_seed(0)
+    t, w = UniformSampler(4).sample(400, torch.device("cpu"))
+    assert set(t.tolist()) == {0, 1, 2, 3} and torch.equal(w, torch.ones(400))
+    s = LossAwareSampler(3)
+    assert s.count.dtype == torch.long and s.history.dtype == F64
+    assert s.weights().dtype == F64 and torch.equal(s.weights(), torch.ones(3, dtype=F64))
+
+
+def test_prediction_from_xstart_recomputes_eps_and_the_mean() -> None:
+    """A guided x0_hat processed again: eps = (x_t - sqrt(abar) x0)/sqrt(1 - abar) and the posterior mean at x0 follow; the
+    variance stays."""
+    d = process(schedule="cosine", T=50)
+    x, t = randn(4, 3, seed=1), torch.tensor([0, 7, 30, 49])
+    pred = d.p_mean_variance(randn(4, 3, seed=2), x, t)
+    x0 = randn(4, 3, seed=3).clamp(-1, 1)
+    new = d.prediction_from_xstart(pred, x, t, x0)
+    mean, _, _ = d.q_posterior_mean_variance(x0, x, t)
+    torch.testing.assert_close(new.mean, mean, **EXACT)
+    torch.testing.assert_close(new.pred_xstart, x0, rtol=0, atol=0)
+    abar = torch.as_tensor(d.tables["abar"])[t].view(-1, 1)
+    torch.testing.assert_close(new.pred_eps, (x - abar.sqrt() * x0) / (1 - abar).sqrt(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(new.variance, pred.variance)
+
+
+def test_training_loss_uses_the_given_noise_for_x_t() -> None:
+    """x_t = sqrt(abar) x0 + sqrt(1 - abar) noise with the caller's noise: a model that returns x_t itself has the loss
+    mean((noise - x_t)^2), deterministic."""
+    d = process(T=100)
+    x0, noise, t = randn(3, 4, seed=1), randn(3, 4, seed=2), torch.tensor([0, 50, 99])
+    terms = d.training_losses(lambda x, tt, c: x, x0, t, noise=noise)
+    x_t = d.q_sample(x0, t, noise)
+    torch.testing.assert_close(terms["loss"], (noise - x_t).pow(2).mean(1), **EXACT)
+
+
+class CondGradient(GradientGuidance):
+    """grad log p(c | x_t) = cond["g"]: a gradient that depends on the condition (returned in float32)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def grad_log_p(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        assert cond["name"] == "kept"  # non-tensor values pass through to the guidance unchanged
+        return cond["g"].float().expand_as(x_t).clone()
+
+
+def test_an_ancestral_step_passes_the_condition_to_the_model_and_the_guidance() -> None:
+    """mu' = mu(model(x, t, cond)) + s Sigma grad log p(c | x_t): both see the caller's condition; the gradient comes
+    back in x's dtype."""
+    d = process(schedule="cosine", T=100)
+    sampler = AncestralSampler(SamplerConfig(steps=10, clip=False))
+    proc = sampler.respaced(d)
+    model = lambda x, t, c: x * c["k"]  # noqa: E731  an eps that depends on the condition
+    cond = {"k": torch.full((5, 1), 0.3, dtype=F64), "g": torch.tensor([1.0, -2.0, 0.5]), "name": "kept"}
+    x, i = randn(5, 3, seed=1), 6
+    guidance = CondGradient(scale=1.5)
+    t = torch.full((5,), i)
+    assert guidance.gradient(proc, x, t, cond).dtype == F64
+    out = sampler.step(proc, proc.wrap(model), x, t, i, cond=cond, guidance=guidance, generator=gen(4), state={})
+    _, mean = posterior_mean(proc, i, x, 0.3 * x)
+    _, _, _, btilde = coefficients(proc, i)
+    z = torch.randn(5, 3, generator=gen(4), dtype=F64)
+    want = mean + btilde * 1.5 * cond["g"].double() + math.sqrt(btilde) * z
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_classifier_guidance_declares_its_condition_and_says_what_is_missing() -> None:
+    from genzoo.diffusion import ClassifierGuidance
+
+    guidance = ClassifierGuidance(lambda x, t: x, scale=1.0)
+    assert guidance.needs_condition == frozenset({"y"})
+    message = r"^classifier guidance needs a class: pass condition \{'y': \.\.\.\} \(CLI: --class K\)$"
+    with pytest.raises(ValueError, match=message):
+        guidance.grad_log_p(randn(2, 3), torch.zeros(2, dtype=torch.long), None)
+
+
+def test_cfg_without_a_condition_is_the_plain_model_and_marks_the_null_half_on_the_input_device() -> None:
+    from genzoo.diffusion import ClassifierFreeGuidance
+    from genzoo.diffusion.guidance import CFGConfig
+
+    cfg = ClassifierFreeGuidance(CFGConfig(scale=3.0))
+    model = lambda x, t, c: x * (1 + t.view(-1, 1)) if c is None else x + 100  # noqa: E731
+    x, t = randn(2, 3), torch.tensor([1, 2])
+    torch.testing.assert_close(cfg.model_output(model, x, t, None), x * (1 + t.view(-1, 1)), rtol=0, atol=0)
+    seen = {}
+
+    def spy(x, t, c):
+        seen.update(c)
+        return x
+
+    cfg.model_output(spy, torch.zeros(2, 3, device=META), torch.zeros(2, dtype=torch.long, device=META),
+                     {"y": torch.zeros(2, dtype=torch.long, device=META)})
+    assert seen["drop"].device == META and seen["drop"].shape == (4,)
+
+
+def test_q_sample_draws_its_own_noise_when_none_is_given() -> None:
+    d = process(T=100)
+    x0, t = randn(3, 4, seed=1), torch.tensor([0, 50, 99])
+    torch.manual_seed(7)
+    drawn = d.q_sample(x0, t)
+    torch.manual_seed(7)
+    torch.testing.assert_close(drawn, d.q_sample(x0, t, torch.randn_like(x0)), rtol=0, atol=0)
+
+
+def test_hybrid_loss_with_a_fixed_variance_and_the_clamped_vlb() -> None:
+    """L_hybrid also runs on a fixed variance (its vlb then trains nothing); ``vb_terms_bpd`` applies ``process_xstart``
+    (the clamp ``calc_bpd_loop`` uses) before forming the model's mean."""
+    d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 100), model_mean_type=ModelMeanType.EPSILON,
+                          model_var_type=SMALL, loss_type=LossType.HYBRID)
+    x0, noise, t = randn(3, 4, seed=1).clamp(-1, 1), randn(3, 4, seed=2), torch.tensor([3, 50, 99])
+    model = lambda x, tt, c: 2 * x  # noqa: E731
+    terms = d.training_losses(model, x0, t, noise=noise)
+    x_t = d.q_sample(x0, t, noise)
+    torch.testing.assert_close(terms["vlb"], d.vb_terms_bpd(2 * x_t, x0, x_t, t), **EXACT)
+    torch.testing.assert_close(terms["loss"], terms["mse"] + 0.001 * 100 * terms["vlb"], **EXACT)
+    clamp = lambda x: x.clamp(-1, 1)  # noqa: E731
+    clamped = d.vb_terms_bpd(2 * x_t, x0, x_t, t, process_xstart=clamp)
+    true_mean, _, true_logvar = d.q_posterior_mean_variance(x0, x_t, t)
+    mean, _, _ = d.q_posterior_mean_variance(clamp(d._predict_xstart_from_eps(x_t, t, 2 * x_t)), x_t, t)
+    logvar = torch.as_tensor(d.tables["posterior_log_variance_clipped"])[t].view(-1, 1)
+    want = normal_kl(true_mean, true_logvar, mean, logvar.expand_as(mean)).mean(1) / math.log(2)
+    torch.testing.assert_close(clamped, want, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(clamped, d.vb_terms_bpd(2 * x_t, x0, x_t, t))  # the clamp binds here
+
+
+def test_prior_bpd_runs_on_the_input_device() -> None:
+    d = process(T=100)
+    assert d.prior_bpd(torch.zeros(2, 3, device=META)).device == META
+
+
+def test_mixture_draws_follow_the_generator() -> None:
+    """``GaussianMixture.sample`` takes both the components and the noise from the generator: one seed, one sample, and
+    the global RNG is not used."""
+    from genzoo.diffusion.gmm import small_variance_mixture
+
+    gmm = small_variance_mixture()
+    torch.manual_seed(0)
+    a, ka = gmm.sample(50, gen(1))
+    torch.manual_seed(1)
+    b, kb = gmm.sample(50, gen(1))
+    assert torch.equal(a, b) and torch.equal(ka, kb)
+    g = gen(1)
+    k = torch.multinomial(gmm.weights, 50, replacement=True, generator=g)
+    z = torch.randn(50, 2, 1, generator=g, dtype=F64)
+    torch.testing.assert_close(a, gmm.means[k] + (torch.linalg.cholesky(gmm.covs)[k] @ z).squeeze(-1), rtol=0, atol=1e-15)
+
+
+def test_exact_classifier_gradient_keeps_the_input_dtype() -> None:
+    from genzoo.diffusion.gmm import ExactDenoiser, small_variance_mixture
+
+    exact = ExactDenoiser(small_variance_mixture(), process(T=100))
+    g = exact.grad_log_p_y(torch.zeros(2, 2), torch.tensor([3, 50]), torch.tensor([0, 2]))
+    assert g.dtype == torch.float32
+    assert exact.classifier(torch.zeros(2, 2), torch.tensor([3, 50])).dtype == torch.float32
+
+
+def test_the_small_variance_mixture_is_as_documented() -> None:
+    """Three 2-D components, weights 0.5 / 0.3 / 0.2, per-axis standard deviations 0.17-0.22, means 0.53-0.67 apart
+    (gmm.py's docstring says 0.6-0.7; the closest pair, components 2 and 3, is 0.53 apart)."""
+    from genzoo.diffusion.gmm import small_variance_mixture
+
+    gmm = small_variance_mixture()
+    assert gmm.weights.dtype == gmm.means.dtype == gmm.covs.dtype == F64
+    assert gmm.weights.tolist() == [0.5, 0.3, 0.2] and gmm.means.shape == (3, 2) and gmm.covs.shape == (3, 2, 2)
+    std = gmm.covs.diagonal(dim1=1, dim2=2).sqrt()
+    assert 0.17 < std.min() and std.max() < 0.23
+    assert torch.equal(gmm.covs, gmm.covs.transpose(1, 2)) and (torch.linalg.eigvalsh(gmm.covs) > 0.02).all()
+    gaps = torch.pdist(gmm.means)
+    assert 0.53 < gaps.min() and gaps.max() < 0.67
+    torch.testing.assert_close(gmm.means.mean(0), torch.tensor([0.05 / 3, 0.7 / 3], dtype=F64))
+    torch.testing.assert_close(gmm.covs.sum(0), torch.tensor([[0.115, 0.0], [0.0, 0.115]], dtype=F64))
+
+
+def test_sde_noise_scale_at_a_partial_eta() -> None:
+    """DPM-Solver++(3M) SDE's noise sigma' sqrt(1 - e^(-2 eta h)), at eta 0.5 (eta 1 hides eta * h against h / eta)."""
+    from genzoo.diffusion import solvers
+
+    sde = solvers.DPMSolverPlusPlus3MSDE(solvers.SDEConfig(eta=0.5))
+    assert sde.noise_scale(0.7, 0.3) == pytest.approx(0.7 * math.sqrt(1 - math.exp(-0.3)), rel=1e-14)
+
+
+def test_the_churn_plan_is_built_once_per_process() -> None:
+    from genzoo.diffusion import solvers
+
+    sampler = solvers.EDMHeun(solvers.EDMHeunConfig(steps=10, churn=2.0, clip=False))
+    d, other = process(T=200), process(T=200)
+    first = sampler.churn_plan(d)
+    second = sampler.churn_plan(d)
+    assert first[1] is second[1] and first[0] is second[0]
+    assert sampler.churn_plan(other)[1] is not first[1]
+
+
+def test_dpm_solver_3m_step_is_its_formula_on_uneven_steps() -> None:
+    """DPM-Solver++(3M) (solvers.py's docstring) on a grid uniform in t, so uneven in lambda (r0 != r1 != 1, where the
+    order tests' even grid cannot tell d2's 2 / (r0 + r1) from its inverse): x' = (sigma'/sigma) x - alpha' (e^-h - 1) D0
+    + alpha' (phi2 d1 - phi3 d2)."""
+    from genzoo.diffusion import solvers
+
+    d = process()
+    sampler = solvers.DPMSolverPlusPlus3M(solvers.MultistepConfig(steps=12, grid="uniform", clip=False))
+    proc, model = sampler.respaced(d), gaussian_eps(d)
+    abar = proc.tables["abar"]
+    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
+    lam = np.log(alpha / sigma)
+    i, x, d1_, d2_ = 6, randn(8, 3, seed=1), randn(8, 3, seed=5), randn(8, 3, seed=6)
+    state = {"d": [d2_, d1_], "h": [lam[i + 1] - lam[i + 2], lam[i] - lam[i + 1]]}
+    out = step(sampler, proc, model, x, i, state=state)
+    eps = model(x, torch.full((8,), int(proc.timestep_map[i])), None)
+    d0 = (x - sigma[i] * eps) / alpha[i]
+    h = lam[i - 1] - lam[i]
+    r0, r1 = (lam[i] - lam[i + 1]) / h, (lam[i + 1] - lam[i + 2]) / h
+    assert abs(r0 - r1) > 0.05 and abs(r0 - 1) > 0.05
+    d10, d11 = (d0 - d1_) / r0, (d1_ - d2_) / r1
+    dd1, dd2 = d10 + r0 / (r0 + r1) * (d10 - d11), 2 * (d10 - d11) / (r0 + r1)
+    phi2 = math.expm1(-h) / h + 1
+    phi3 = phi2 / h - 0.5
+    want = sigma[i - 1] / sigma[i] * x - alpha[i - 1] * math.expm1(-h) * d0 + alpha[i - 1] * (phi2 * dd1 - phi3 * dd2)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    assert len(state["d"]) == 2 and state["h"][-1] == pytest.approx(h, rel=1e-15)
+    torch.testing.assert_close(state["d"][-1], d0, **EXACT)
+
+
+def test_unipc_last_step_denoises_with_the_corrected_point() -> None:
+    """UniPC's last point is corrected, then x0 = D + (x_corrected - x) / alpha (the eps its evaluation implies), with an
+    alpha far from 1 here (grid point t = 334 of 1000)."""
+    from genzoo.diffusion import solvers
+
+    class ShiftingCorrector(solvers.UniPC):
+        def update(self, x, ds, i, proc, order, new=None):
+            return x + 0.25 if new is not None else super().update(x, ds, i, proc, order, new)
+
+    d = process()
+    sampler = ShiftingCorrector(solvers.UniPCConfig(steps=3, grid="uniform", clip=False))
+    proc, model = sampler.respaced(d), gaussian_eps(d)
+    x, x_prev = randn(8, 3, seed=1), randn(8, 3, seed=2)
+    out = step(sampler, proc, model, x, 1, state={"d": [randn(8, 3, seed=3)], "x": x_prev, "order": 1})
+    abar = float(proc.tables["abar"][1])
+    eps = model(x, torch.full((8,), int(proc.timestep_map[1])), None)
+    d0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+    assert math.sqrt(abar) < 0.8
+    torch.testing.assert_close(out, d0 + (x_prev + 0.25 - x) / math.sqrt(abar), **EXACT)
+
+
+def test_the_churn_plan_raises_each_level_by_gamma_between_its_bounds() -> None:
+    """EDM Alg. 2's churn: gamma = min(churn / levels, sqrt(2) - 1); each level s = sigma/alpha with churn_min <= s <=
+    churn_max (both ends included) moves to the timestep nearest s (1 + gamma) in log s when that is above it; with no
+    level raised the churn process is t = T alone."""
+    from genzoo.diffusion import solvers
+
+    d = process(T=200)
+    abar = d.tables["abar"]
+    log_s = 0.5 * (np.log1p(-abar) - np.log(abar))
+    probe = solvers.EDMHeun(solvers.EDMHeunConfig(steps=10, churn=2.0, clip=False))
+    grid = probe.respaced(d).timestep_map.tolist()
+    lo, hi = math.exp(log_s[grid[3]]), math.exp(log_s[grid[7]])  # bounds exactly at two levels: both kept
+    sampler = solvers.EDMHeun(solvers.EDMHeunConfig(steps=10, churn=2.0, churn_min=lo, churn_max=hi, clip=False))
+    where, churned = sampler.churn_plan(d)
+    gamma = min(2.0 / (len(grid) - 1), math.sqrt(2) - 1)
+    want = {}
+    for i, g in enumerate(grid[1:], start=1):
+        if lo <= math.exp(log_s[g]) <= hi:
+            c = int(np.abs(log_s - (log_s[g] + math.log1p(gamma))).argmin())
+            if c > g:
+                want[i] = c
+    assert sorted(want) == [3, 4, 5, 6, 7]
+    assert {i: int(churned.timestep_map[j]) for i, j in where.items()} == want
+    none = solvers.EDMHeun(solvers.EDMHeunConfig(steps=10, churn=2.0, churn_min=1e6, clip=False)).churn_plan(d)
+    assert none[0] == {} and none[1].timestep_map.tolist() == [199]

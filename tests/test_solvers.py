@@ -2,8 +2,9 @@
 
 Convergence orders are measured against the exact probability-flow map of Gaussian data, not against a solver:
 for data N(mu, s^2), x_t ~ N(alpha_t mu, alpha_t^2 s^2 + sigma_t^2) and the flow keeps the standardised
-z = (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2), so it maps x_T to alpha_e mu + sqrt(alpha_e^2 s^2 + sigma_e^2) z
-at any level e; the solvers' last step, x0_hat at their last evaluated level e, then gives
+z = (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2), so it maps x_T to
+alpha_e mu + sqrt(alpha_e^2 s^2 + sigma_e^2) z at any level e; the solvers' last step, x0_hat at their last
+evaluated level e, then gives
 D = mu + alpha_e s^2 z / sqrt(alpha_e^2 s^2 + sigma_e^2) (the exact denoiser of Gaussian data). The process for
 these tests has lambda = log(alpha / sigma) linear in the index (5 at t = 1 to -5 at t = T, T = 1601), so the
 uniform grid of N points (N - 1 dividing 1600) is exactly uniform in lambda and halving the step halves h exactly;
@@ -25,18 +26,23 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from test_samplers_closed_form import GMM, OVERLAP, check_gaussian, check_mixture, draw, spy_on, unconditional
 
 from genzoo.diffusion import (
-    ClassifierFreeGuidance, ClassifierGuidance, GaussianDiffusion, LossType, ModelMeanType, ModelVarType,
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
     get_named_beta_schedule,
+    solvers,
 )
-from genzoo.diffusion import solvers
 from genzoo.diffusion.gmm import GaussianMixture, exact_eps_model, small_variance_mixture
 from genzoo.diffusion.guidance import CFGConfig
 from genzoo.diffusion.samplers import DDIMConfig, DDIMSampler, DPMSolverPlusPlus2M, SamplerConfig
 from genzoo.diffusion.schedules import GRIDS, solver_grid, space_timesteps
 from genzoo.plugins import default_registry
-from test_samplers_closed_form import GMM, OVERLAP, check_gaussian, check_mixture, draw, spy_on, unconditional
 
 F64 = torch.float64
 NEW = ("edm-heun", "dpmpp-3m", "dpmpp-3m-sde", "unipc")
@@ -219,7 +225,8 @@ def test_solvers_converge_at_their_order_to_the_exact_flow(make, steps, low: flo
 
 
 # (id, mutant, the correct solver, steps, the correct solver's lowest accepted order). Measured orders of the mutants:
-# Heun 0.6/0.4 (41 -> 81 -> 161 levels) 0.34, 0.76 (first order; its error changes sign near 21 levels); 3M with the reference code's d2 2.40,
+# Heun 0.6/0.4 (41 -> 81 -> 161 levels) 0.34, 0.76 (first order; its error changes sign near 21 levels); 3M with
+# the reference code's d2 2.40,
 # 2.12; UniPC-2 with rho_c x 1.1 1.39, 1.13; UniPC-3 with rho_p x 1.2 2.16, 1.98.
 MUTANT_CASES = [
     ("edm-heun-weights", uniform(HeunFirstOrder, solvers.EDMHeunConfig), uniform(solvers.EDMHeun, solvers.EDMHeunConfig),
@@ -313,7 +320,8 @@ def test_solvers_reproduce_the_mixtures(spec: dict, bias: float, small: dict) ->
 
 
 def test_the_small_variance_check_can_fail() -> None:
-    """DPM-Solver++(2M) at 20 steps on the uniform grid stops at t = 50 and denoises from there: covariances 27% short."""
+    """DPM-Solver++(2M) at 20 steps on the uniform grid stops at t = 50 and denoises from there: covariances 27%
+    short."""
     errors = SMALL.errors(draw(build("dpm-solver++", steps=20), SMALL, n=20000, seed=3))
     assert errors["cov"] > 0.2 and errors["mean"] > 0.2, errors
 

@@ -93,16 +93,18 @@ GRIDS = ("uniform", "quadratic", "log-snr", "karras")
 
 
 def solver_grid(abar: np.ndarray, points: int, grid: str, rho: float = 7.0, sigma_max: float | None = 80.0) -> list[int]:
-    """``points`` timesteps of a process with cumulative products ``abar`` (index 0 = t 1), ascending, for a solver's grid.
+    """``points`` timesteps of a process with cumulative products ``abar`` (index 0 = t 1), ascending, for a
+    solver's grid.
 
-    ``uniform``: ``space_timesteps`` (even in t). ``quadratic``: t_k = (k / (n - 1))^2 (T - 1) (DDIM's "quad", Song et al.
-    2021, Appendix D.2). ``log-snr``: even in lambda = log(alpha / sigma) (DPM-Solver, Lu et al. 2022). ``karras``:
-    sigma_k = (sigma_hi^(1/rho) + k / (n - 1) (sigma_lo^(1/rho) - sigma_hi^(1/rho)))^rho in sigma = sqrt((1 - abar) / abar)
-    (EDM, Karras et al. 2022, Eq. 5). sigma_lo is t = 1's; sigma_hi is t = T's, or ``sigma_max`` when t = T is noisier
-    (the cosine schedule's sigma_T is 2e4, where the data prediction no longer changes): the grid then starts at t = T
-    and spreads its other points from ``sigma_max`` down (EDM's sigma_max is 80). Each target is rounded to the
-    nearest integer timestep in log sigma, the ends are t = T and t = 1, and a collision moves to the next free
-    timestep, so the grid has exactly ``points`` entries and the respaced process has the exact abar of each.
+    ``uniform``: ``space_timesteps`` (even in t). ``quadratic``: t_k = (k / (n - 1))^2 (T - 1) (DDIM's "quad",
+    Song et al. 2021, Appendix D.2). ``log-snr``: even in lambda = log(alpha / sigma) (DPM-Solver, Lu et al. 2022).
+    ``karras``: sigma_k = (sigma_hi^(1/rho) + k / (n - 1) (sigma_lo^(1/rho) - sigma_hi^(1/rho)))^rho in
+    sigma = sqrt((1 - abar) / abar) (EDM, Karras et al. 2022, Eq. 5). sigma_lo is t = 1's; sigma_hi is t = T's,
+    or ``sigma_max`` when t = T is noisier (the cosine schedule's sigma_T is 2e4, where the data prediction no
+    longer changes): the grid then starts at t = T and spreads its other points from ``sigma_max`` down (EDM's
+    sigma_max is 80). Each target is rounded to the nearest integer timestep in log sigma, the ends are t = T and
+    t = 1, and a collision moves to the next free timestep, so the grid has exactly ``points`` entries and the
+    respaced process has the exact abar of each.
     """
     abar = np.asarray(abar, dtype=np.float64)
     last = len(abar) - 1

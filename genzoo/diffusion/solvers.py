@@ -44,6 +44,8 @@ def schedule(proc: GaussianDiffusion) -> tuple[np.ndarray, np.ndarray, np.ndarra
 class EDMHeunConfig(SamplerConfig):
     """Heun's method settings: ``steps`` noise levels (2 steps - 1 model evaluations), EDM's churn (off by default)."""
 
+    steps: int | str = Field(18, description="noise levels (EDM's N; 18 is its CIFAR-10 setting): 2 steps - 1 model "
+                                             "evaluations")
     grid: Grid = Field("karras", description="which timesteps the solver steps on (SamplerConfig.grid); EDM's sigma grid")
     churn: float = Field(0.0, ge=0, description="EDM's S_churn: each level's noise is raised by gamma = min(churn / steps, "
                                                 "sqrt(2) - 1) of itself before its step (Alg. 2); 0: deterministic (Alg. 1)")
@@ -53,13 +55,15 @@ class EDMHeunConfig(SamplerConfig):
 
 
 class EDMHeun(DiffusionSampler):
-    """Heun's second-order method on the probability-flow ODE, with optional churn (Karras et al. 2022, EDM Alg. 1 and 2).
+    """Heun's second-order method on the probability-flow ODE, with optional churn (Karras et al. 2022, EDM Alg. 1
+    and 2).
 
     From level s = sigma / alpha to the next s': an Euler step x~' = x~ + (s' - s) eps, then the trapezoid
     x~' = x~ + (s' - s) (eps + eps') / 2 with eps' evaluated at the Euler point; from the last level the step is
-    x0_hat (EDM's Euler step to sigma = 0). ``steps`` levels cost 2 steps - 1 evaluations. Churn (Alg. 2) first raises the noise of x to the level
-    of the timestep nearest s (1 + gamma) above it, by the forward process q(x_c | x_t), and evaluates there: the
-    network only sees integer timesteps, so the raised level is exactly one of them.
+    x0_hat (EDM's Euler step to sigma = 0). ``steps`` levels cost 2 steps - 1 evaluations. Churn (Alg. 2) first
+    raises the noise of x to the level of the timestep nearest s (1 + gamma) above it, by the forward process
+    q(x_c | x_t), and evaluates there: the network only sees integer timesteps, so the raised level is exactly one
+    of them.
     """
 
     Config = EDMHeunConfig
@@ -138,7 +142,8 @@ class MultistepConfig(SamplerConfig):
 
 
 class DPMSolverPlusPlus3M(DiffusionSampler):
-    """DPM-Solver++(3M) (Lu et al. 2022, Sec. 4 and App. B): third-order multistep exponential integrator in lambda, data prediction.
+    """DPM-Solver++(3M) (Lu et al. 2022, Sec. 4 and App. B): third-order multistep exponential integrator in
+    lambda, data prediction.
 
     With h = lambda' - lambda and the data predictions D0, D1, D2 at the last three points (r0, r1: the two
     previous steps over h): x' = (sigma' / sigma) x - alpha' (e^-h - 1) D0 + alpha' (phi2 d1 - phi3 d2), where
@@ -222,13 +227,15 @@ class UniPCConfig(MultistepConfig):
 
 
 class UniPC(DiffusionSampler):
-    """UniPC (Zhao et al. 2023, Alg. 2 and 3, B(h) = e^h - 1, "bh2"): a multistep predictor UniP-p with the corrector UniC, data prediction.
+    """UniPC (Zhao et al. 2023, Alg. 2 and 3, B(h) = e^h - 1, "bh2"): a multistep predictor UniP-p with the
+    corrector UniC, data prediction.
 
     The corrector reuses the evaluation at the predicted point, so it costs no evaluation: at each point the
     model's D corrects the point just reached (UniC, order p + 1), then UniP steps from the corrected point.
     Coefficients rho solve R rho = b with R_kj = r_j^(k-1), b_k = k! phi_(k+1)(h) / B(h) (diffusers'
     ``multistep_uni_p_bh_update`` / ``multistep_uni_c_bh_update``; rho = 1/2 for UniP-2 and UniC-1). The last
-    point is corrected too, then denoised with the eps its evaluation implies: x0 = D + (x_corrected - x) / alpha.
+    point is corrected too, then denoised with the eps its evaluation implies: x0 = D + (x_corrected - x) / alpha,
+    clamped as x0_hat is.
     """
 
     Config = UniPCConfig
@@ -255,7 +262,8 @@ class UniPC(DiffusionSampler):
 
     def update(self, x: Tensor, ds: list[Tensor], i: int, proc: GaussianDiffusion, order: int,
                new: Tensor | None = None) -> Tensor:
-        """From the point i + 1 (corrector: ``new`` is D at i) or i (predictor) to the next; ds[-1] is D at the start."""
+        """From the point i + 1 (corrector: ``new`` is D at i) or i (predictor) to the next; ds[-1] is D at the
+        start."""
         alpha, sigma, lam = schedule(proc)
         s0, t_ = (i + 1, i) if new is not None else (i, i - 1)
         h = float(lam[t_] - lam[s0])
@@ -282,9 +290,10 @@ class UniPC(DiffusionSampler):
             x = self.update(state["x"], ds, i, proc, state["order"], new=d)
         ds.append(d)
         del ds[:-3]
-        if i == self.last_index:
+        if i == self.last_index:  # x0 from the corrected point with the evaluated one's eps, processed as x0_hat is
             alpha, _, _ = schedule(proc)
-            return d + (x - predicted) / alpha[i]
+            x0, process = d + (x - predicted) / alpha[i], self.process_xstart(proc)
+            return x0 if process is None else process(x0)
         order = min(self.cfg.order, len(ds))
         state["x"], state["order"] = x, order
         return self.update(x, ds, i, proc, order)
