@@ -55,7 +55,9 @@ def mixtures() -> dict[str, Any]:
     separated = GaussianMixture(  # tests/test_samplers_closed_form.py's: > 6 standard deviations apart
         weights=torch.tensor([0.2, 0.3, 0.5], dtype=f64),
         means=torch.tensor([[-3.0, 0.0], [2.0, 2.5], [2.0, -2.5]], dtype=f64),
-        covs=torch.tensor([[[0.3, 0.0], [0.0, 0.6]], [[0.5, 0.2], [0.2, 0.4]], [[0.4, -0.15], [-0.15, 0.3]]], dtype=f64),
+        covs=torch.tensor(
+            [[[0.3, 0.0], [0.0, 0.6]], [[0.5, 0.2], [0.2, 0.4]], [[0.4, -0.15], [-0.15, 0.3]]], dtype=f64
+        ),
     )
     return {"small-variance": small_variance_mixture(), "separated": separated}
 
@@ -63,8 +65,13 @@ def mixtures() -> dict[str, Any]:
 def linear_process(timesteps: int = 1000):
     from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 
-    return GaussianDiffusion(betas=get_named_beta_schedule("linear", timesteps), model_mean_type=ModelMeanType.EPSILON,
-                             model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.SIMPLE, clip_range=None)
+    return GaussianDiffusion(
+        betas=get_named_beta_schedule("linear", timesteps),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_SMALL,
+        loss_type=LossType.SIMPLE,
+        clip_range=None,
+    )
 
 
 class Counted:
@@ -86,16 +93,36 @@ def diffusers_configs() -> list[tuple[str, Callable[[], Any]]]:
     common = dict(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
     out = []
     for order in (2, 3):
-        for label, extra in (("", {}), (", karras", {"use_karras_sigmas": True}), (", lu-lambdas", {"use_lu_lambdas": True})):
-            out.append((f"diffusers DPMSolverMultistep {order}M{label}",
-                        lambda o=order, e=extra: diffusers.DPMSolverMultistepScheduler(solver_order=o, **common, **e)))
-    out.append(("diffusers DPMSolverMultistep 2M SDE, karras", lambda: diffusers.DPMSolverMultistepScheduler(
-        solver_order=2, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, **common)))
+        for label, extra in (
+            ("", {}),
+            (", karras", {"use_karras_sigmas": True}),
+            (", lu-lambdas", {"use_lu_lambdas": True}),
+        ):
+            out.append(
+                (
+                    f"diffusers DPMSolverMultistep {order}M{label}",
+                    lambda o=order, e=extra: diffusers.DPMSolverMultistepScheduler(solver_order=o, **common, **e),
+                )
+            )
+    out.append(
+        (
+            "diffusers DPMSolverMultistep 2M SDE, karras",
+            lambda: diffusers.DPMSolverMultistepScheduler(
+                solver_order=2, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, **common
+            ),
+        )
+    )
     for order in (2, 3):
         for label, extra in (("", {}), (", karras", {"use_karras_sigmas": True})):
-            out.append((f"diffusers UniPCMultistep {order}{label}",
-                        lambda o=order, e=extra: diffusers.UniPCMultistepScheduler(solver_order=o, **common, **e)))
-    out.append(("diffusers HeunDiscrete, karras", lambda: diffusers.HeunDiscreteScheduler(use_karras_sigmas=True, **common)))
+            out.append(
+                (
+                    f"diffusers UniPCMultistep {order}{label}",
+                    lambda o=order, e=extra: diffusers.UniPCMultistepScheduler(solver_order=o, **common, **e),
+                )
+            )
+    out.append(
+        ("diffusers HeunDiscrete, karras", lambda: diffusers.HeunDiscreteScheduler(use_karras_sigmas=True, **common))
+    )
     return out
 
 
@@ -115,8 +142,14 @@ def diffusers_sample(make: Callable[[], Any], model: Counted, noise: torch.Tenso
     return x
 
 
-def mixture_benchmark(n: int = 100_000, nfes: tuple[int, ...] = (5, 10, 20, 40), seeds: int = 1, peers: bool = True,
-                      names: tuple[str, ...] = ("small-variance", "separated"), log: Callable[[str], None] = print) -> dict:
+def mixture_benchmark(
+    n: int = 100_000,
+    nfes: tuple[int, ...] = (5, 10, 20, 40),
+    seeds: int = 1,
+    peers: bool = True,
+    names: tuple[str, ...] = ("small-variance", "separated"),
+    log: Callable[[str], None] = print,
+) -> dict:
     """Errors of each sampler x grid x NFE, averaged over ``seeds`` draws of ``n`` samples (the same noise for
     every sampler of a seed), beside ancestral DDPM-1000, exact draws, and diffusers' schedulers (``peers``)."""
     from genzoo.diffusion.gmm import exact_eps_model
@@ -141,27 +174,61 @@ def mixture_benchmark(n: int = 100_000, nfes: tuple[int, ...] = (5, 10, 20, 40),
                     x = draw(noise, seed)
                     errs.append(gmm.errors(x))
                     calls, seconds = model.calls, time.perf_counter() - t0
-                row = {"sampler": label, "grid": grid, "nfe": calls if nfe is None else nfe, "seconds": seconds, **extra,
-                       **{m: sum(e[m] for e in errs) / seeds for m in METRICS}}
+                row = {
+                    "sampler": label,
+                    "grid": grid,
+                    "nfe": calls if nfe is None else nfe,
+                    "seconds": seconds,
+                    **extra,
+                    **{m: sum(e[m] for e in errs) / seeds for m in METRICS},
+                }
                 rows.append(row)
-                log(f"{name:15s} {label:45s} {grid or '':9s} nfe {row['nfe']:4d}  " +
-                    "  ".join(f"{m} {row[m]:.4f}" for m in METRICS))
+                log(
+                    f"{name:15s} {label:45s} {grid or '':9s} nfe {row['nfe']:4d}  "
+                    + "  ".join(f"{m} {row[m]:.4f}" for m in METRICS)
+                )
 
-            record("exact draws", None, 0, lambda noise, seed: gmm.sample(n, torch.Generator().manual_seed(2000 + seed))[0])
+            record(
+                "exact draws", None, 0, lambda noise, seed: gmm.sample(n, torch.Generator().manual_seed(2000 + seed))[0]
+            )
             ddpm = registry.build("sampler", {"type": "ddpm", "steps": 1000, "clip": False})
-            record("ancestral DDPM-1000", "uniform", None,
-                   lambda noise, seed: ddpm.sample(d, model, (n, 2), noise=noise, generator=torch.Generator().manual_seed(seed)))
+            record(
+                "ancestral DDPM-1000",
+                "uniform",
+                None,
+                lambda noise, seed: ddpm.sample(
+                    d, model, (n, 2), noise=noise, generator=torch.Generator().manual_seed(seed)
+                ),
+            )
             for nfe in nfes:
                 for label, sampler_name, extra in SOLVERS:
                     for grid in GRIDS:
-                        spec = {"type": sampler_name, "steps": steps_for(sampler_name, nfe), "grid": grid, "clip": False, **extra}
+                        spec = {
+                            "type": sampler_name,
+                            "steps": steps_for(sampler_name, nfe),
+                            "grid": grid,
+                            "clip": False,
+                            **extra,
+                        }
                         sampler = registry.build("sampler", spec)
-                        record(label, grid, None, lambda noise, seed, s=sampler: s.sample(
-                            d, model, (n, 2), noise=noise, generator=torch.Generator().manual_seed(seed)), target_nfe=nfe)
+                        record(
+                            label,
+                            grid,
+                            None,
+                            lambda noise, seed, s=sampler: s.sample(
+                                d, model, (n, 2), noise=noise, generator=torch.Generator().manual_seed(seed)
+                            ),
+                            target_nfe=nfe,
+                        )
                 if peers:
                     for label, make in diffusers_configs():
-                        record(label, None, None, lambda noise, seed, mk=make, k=nfe: diffusers_sample(mk, model, noise, k, seed),
-                               target_nfe=nfe)
+                        record(
+                            label,
+                            None,
+                            None,
+                            lambda noise, seed, mk=make, k=nfe: diffusers_sample(mk, model, noise, k, seed),
+                            target_nfe=nfe,
+                        )
             results["mixtures"][name] = rows
     finally:
         torch.set_num_threads(before)
@@ -173,14 +240,26 @@ def mixture_markdown(results: dict, name: str = "small-variance", nfes: tuple[in
     rows = results["mixtures"][name]
     fixed = [r for r in rows if "target_nfe" not in r]
     nfes = nfes or tuple(sorted({r["target_nfe"] for r in rows if "target_nfe" in r}))
-    lines = [f"**{name}** mixture, {results['n']} samples x {results['seeds']} seed(s), {results['process']}; errors: weight "
-             "|w_hat - w|, mean in component standard deviations, covariance ||S_hat - S||_F / ||S||_F, each the worst "
-             "component.", "", "| sampler | grid | NFE | weight | mean | cov |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"**{name}** mixture, {results['n']} samples x {results['seeds']} seed(s), {results['process']}; "
+        "errors: weight "
+        "|w_hat - w|, mean in component standard deviations, covariance ||S_hat - S||_F / ||S||_F, each the worst "
+        "component.",
+        "",
+        "| sampler | grid | NFE | weight | mean | cov |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in fixed:
-        lines.append(f"| {r['sampler']} | {r['grid'] or ''} | {r['nfe']} | {r['weight']:.4f} | {r['mean']:.4f} | {r['cov']:.4f} |")
+        lines.append(
+            f"| {r['sampler']} | {r['grid'] or ''} | {r['nfe']} | {r['weight']:.4f} | {r['mean']:.4f} | "
+            f"{r['cov']:.4f} |"
+        )
     for nfe in nfes:
         for r in (r for r in rows if r.get("target_nfe") == nfe):
-            lines.append(f"| {r['sampler']} | {r['grid'] or ''} | {r['nfe']} | {r['weight']:.4f} | {r['mean']:.4f} | {r['cov']:.4f} |")
+            lines.append(
+                f"| {r['sampler']} | {r['grid'] or ''} | {r['nfe']} | {r['weight']:.4f} | {r['mean']:.4f} | "
+                f"{r['cov']:.4f} |"
+            )
     return "\n".join(lines)
 
 
@@ -202,8 +281,13 @@ def mixture_plot(results: dict, path: str, name: str = "small-variance") -> None
         for r in rows:
             if r["sampler"].startswith("diffusers") and "target_nfe" in r:
                 best[r["target_nfe"]] = min(best.get(r["target_nfe"], (float("inf"), 0)), (r["cov"], r["nfe"]))
-        ax.plot([v[1] for _, v in sorted(best.items())], [v[0] for _, v in sorted(best.items())], "k--", marker="x",
-                label="diffusers, best setting per NFE")
+        ax.plot(
+            [v[1] for _, v in sorted(best.items())],
+            [v[0] for _, v in sorted(best.items())],
+            "k--",
+            marker="x",
+            label="diffusers, best setting per NFE",
+        )
         ax.axhline(ddpm["cov"], color="grey", lw=1, label="ancestral DDPM-1000")
         ax.axhline(exact["cov"], color="grey", lw=1, ls=":", label="exact draws (sampling error)")
         ax.set(xscale="log", yscale="log", title=f"{grid} grid", xlabel="NFE")
@@ -216,8 +300,16 @@ def mixture_plot(results: dict, path: str, name: str = "small-variance") -> None
 # --------------------------------------------------------------------------- trained models: judge FD
 
 
-def fd_benchmark(run: str, *, samples: int = 500, nfes: tuple[int, ...] = (5, 10, 20), reference: tuple[str, int] | None = ("ddpm", 250),
-                 grids: tuple[str, ...] = GRIDS, solvers=SOLVERS, log: Callable[[str], None] = print) -> list[dict]:
+def fd_benchmark(
+    run: str,
+    *,
+    samples: int = 500,
+    nfes: tuple[int, ...] = (5, 10, 20),
+    reference: tuple[str, int] | None = ("ddpm", 250),
+    grids: tuple[str, ...] = GRIDS,
+    solvers=SOLVERS,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """FD (judge features, ``samples`` against as many test images, one seeded stream) of each solver x grid x NFE
     and of ``reference`` (ancestral 250 steps) for the checkpoint ``run``."""
     from genzoo.checkpoint import load_checkpoint
@@ -236,8 +328,17 @@ def fd_benchmark(run: str, *, samples: int = 500, nfes: tuple[int, ...] = (5, 10
         model = api.load_model(run, sampler=sampler, steps=steps, sets=sets)
         t0 = time.perf_counter()
         fd = evaluate(model, source, metrics=metrics, judge=judge, settings=settings, device=device)["fd"]
-        rows.append({"run": run, "sampler": label, "nfe": model.components["sampler"].nfe(), "fd": fd,
-                     "seconds": time.perf_counter() - t0, "sets": sets, **extra})
+        rows.append(
+            {
+                "run": run,
+                "sampler": label,
+                "nfe": model.components["sampler"].nfe(),
+                "fd": fd,
+                "seconds": time.perf_counter() - t0,
+                "sets": sets,
+                **extra,
+            }
+        )
         log(json.dumps(rows[-1]))
 
     if reference is not None:
@@ -253,8 +354,12 @@ def fd_benchmark(run: str, *, samples: int = 500, nfes: tuple[int, ...] = (5, 10
 
 def fd_markdown(rows: list[dict]) -> str:
     ref = next(r for r in rows if "target_nfe" not in r)
-    lines = [f"`{ref['run']}`: FD of {ref['sampler']} steps = {ref['fd']:.3g}", "",
-             "| sampler | grid | NFE | FD | FD / ancestral-250 |", "|---|---|---|---|---|"]
+    lines = [
+        f"`{ref['run']}`: FD of {ref['sampler']} steps = {ref['fd']:.3g}",
+        "",
+        "| sampler | grid | NFE | FD | FD / ancestral-250 |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         if "target_nfe" in r:
             lines.append(f"| {r['sampler']} | {r['grid']} | {r['nfe']} | {r['fd']:.3g} | {r['fd'] / ref['fd']:.2f} |")
@@ -272,7 +377,11 @@ def fd_plot(tables: dict[str, list[dict]], path: str) -> None:
         ref = next(r for r in rows if "target_nfe" not in r)
         for k, (label, _, _) in enumerate(SOLVERS):  # a colour per solver, a line style per grid
             for grid, style in (("log-snr", "-"), ("karras", "--"), ("uniform", ":")):
-                pts = sorted((r["nfe"], r["fd"]) for r in rows if r["sampler"] == label and r.get("grid") == grid and "target_nfe" in r)
+                pts = sorted(
+                    (r["nfe"], r["fd"])
+                    for r in rows
+                    if r["sampler"] == label and r.get("grid") == grid and "target_nfe" in r
+                )
                 if pts:
                     ax.plot(*zip(*pts), ls=style, color=f"C{k}", marker="o", label=f"{label}, {grid}")
         ax.axhline(ref["fd"], color="grey", lw=1, label=f"{ref['sampler']} steps ({ref['nfe']} NFE)")
@@ -311,8 +420,14 @@ def pixel_fd(run: str, n: int) -> None:
             model = api.load_model(run, sampler=sampler, steps=steps)
             t0 = time.perf_counter()
             x = model.sample(len(test), generator=torch.Generator().manual_seed(0))
-            rows.append({"sampler": sampler, "steps": steps, "fd_pixels": frechet(x, test),
-                         "images_per_s": len(test) / (time.perf_counter() - t0)})
+            rows.append(
+                {
+                    "sampler": sampler,
+                    "steps": steps,
+                    "fd_pixels": frechet(x, test),
+                    "images_per_s": len(test) / (time.perf_counter() - t0),
+                }
+            )
             print(json.dumps(rows[-1]))
     print("\n| sampler | steps | pixel FD to test | images/s |\n|---|---|---|---|")
     for r in rows:
@@ -337,7 +452,9 @@ def main() -> None:
     args = p.parse_args()
     if args.mixtures:
         nfes = tuple(int(v) for v in (args.nfe or "5,10,20,40").split(","))
-        res = mixture_benchmark(args.n or 100_000, nfes, args.seeds, peers=not args.no_diffusers, names=tuple(args.names.split(",")))
+        res = mixture_benchmark(
+            args.n or 100_000, nfes, args.seeds, peers=not args.no_diffusers, names=tuple(args.names.split(","))
+        )
         for name in res["mixtures"]:
             print("\n" + mixture_markdown(res, name))
         if args.plot:
@@ -347,7 +464,10 @@ def main() -> None:
                 json.dump(res, f, indent=1)
     elif args.fd:
         nfes = tuple(int(v) for v in (args.nfe or "5,10,20").split(","))
-        tables = {run: fd_benchmark(run, samples=args.samples, nfes=nfes, grids=tuple(args.grids.split(","))) for run in args.run}
+        tables = {
+            run: fd_benchmark(run, samples=args.samples, nfes=nfes, grids=tuple(args.grids.split(",")))
+            for run in args.run
+        }
         for rows in tables.values():
             print("\n" + fd_markdown(rows))
         if args.plot:

@@ -11,8 +11,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -23,8 +24,14 @@ from genzoo.swaps import SWAPS
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", action="append", default=[], metavar="FILE", help="extra recipe YAML file (repeatable)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
-                   help="override any recipe field, e.g. --set decoder.denoiser.model_channels=32 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override any recipe field, e.g. --set decoder.denoiser.model_channels=32 (repeatable)",
+    )
 
 
 def _add_swap_args(p: argparse.ArgumentParser) -> None:
@@ -36,9 +43,15 @@ PRECISIONS = ("fp32", "bf16")  # genzoo.precision.PRECISIONS; not imported, so t
 
 
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="bf16: generate under bf16 autocast (on a CPU only where it has bf16 units; docs/performance.md)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser networks (the first batch compiles)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="bf16: generate under bf16 autocast (on a CPU only where it has bf16 units; docs/performance.md)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the denoiser networks (the first batch compiles)"
+    )
 
 
 def _swaps(args: argparse.Namespace) -> dict[str, Any]:
@@ -46,7 +59,9 @@ def _swaps(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genzoo", description="A zoo of generative image models, from GANs to DALL·E 2.")
+    parser = argparse.ArgumentParser(
+        prog="genzoo", description="A zoo of generative image models, from GANs to DALL·E 2."
+    )
     parser.add_argument("--version", action="version", version=f"genzoo {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -74,8 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    p.add_argument("--init-from", metavar="DIR", help="start every component whose recipe spec equals DIR's from DIR's weights "
-                   "(fine-tuning; or train a swapped prior on a trained decoder with its stages set to 0)")
+    p.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start every component whose recipe spec equals DIR's from DIR's weights "
+        "(fine-tuning; or train a swapped prior on a trained decoder with its stages set to 0)",
+    )
     p.add_argument("--no-progress", action="store_true")
     _add_recipe_args(p)
 
@@ -88,46 +107,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--save", metavar="FILE.safetensors", help="also save the raw samples")
-    p.add_argument("--rerank", type=int, help="draw N candidates per prompt, keep the one the recipe's CLIP ranks first (DALL·E)")
+    p.add_argument(
+        "--rerank", type=int, help="draw N candidates per prompt, keep the one the recipe's CLIP ranks first (DALL·E)"
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--image", metavar="FILE", help="draw n variations of this image (DALL·E 2: its CLIP embedding decoded again)")
-    g.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="n images along the slerp between two images' CLIP embeddings (DALL·E 2)")
+    g.add_argument(
+        "--image", metavar="FILE", help="draw n variations of this image (DALL·E 2: its CLIP embedding decoded again)"
+    )
+    g.add_argument(
+        "--interpolate",
+        nargs=2,
+        metavar=("A", "B"),
+        help="n images along the slerp between two images' CLIP embeddings (DALL·E 2)",
+    )
     _add_swap_args(p)
     _add_inference_args(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE")
 
     p = sub.add_parser("eval", help="evaluate a trained model against its data's test split")
     p.add_argument("dir")
-    p.add_argument("--metrics", default="", help="comma-separated metric names (default: fd,kid,precision-recall,...; "
-                   "see `genzoo list --kind metric`)")
+    p.add_argument(
+        "--metrics",
+        default="",
+        help="comma-separated metric names (default: fd,kid,precision-recall,...; see `genzoo list --kind metric`)",
+    )
     p.add_argument("--samples", type=int, default=1000, help="samples drawn (and test images compared against)")
-    p.add_argument("--split", default="test", help="the split compared against and whose captions are asked for "
-                                                   "(shapes: test, or heldout for the unseen colour x shape pairs)")
+    p.add_argument(
+        "--split",
+        default="test",
+        help="the split compared against and whose captions are asked for "
+        "(shapes: test, or heldout for the unseen colour x shape pairs)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     _add_swap_args(p)
     _add_inference_args(p)
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
-                   help="override a sampling-time field, e.g. --set pipeline.rerank=8 or --set prior_guidance.scale=3")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a sampling-time field, e.g. --set pipeline.rerank=8 or --set prior_guidance.scale=3",
+    )
 
     p = sub.add_parser("compare", help="train/evaluate several recipes on the same data, metrics and sample stream")
-    p.add_argument("recipes", nargs="+", help="RECIPE or RECIPE@SAMPLER:STEPS (e.g. ddpm-shapes@ddim:25); a run directory "
-                   "(an imported model) in place of RECIPE is evaluated as it is")
+    p.add_argument(
+        "recipes",
+        nargs="+",
+        help="RECIPE or RECIPE@SAMPLER:STEPS (e.g. ddpm-shapes@ddim:25); a run directory "
+        "(an imported model) in place of RECIPE is evaluated as it is",
+    )
     p.add_argument("--out", required=True, help="directory for runs/, grids/, leaderboard.{md,csv,json} and plots")
     p.add_argument("--budget-minutes", type=float, help="training budget per recipe (default: the recipe's steps)")
     p.add_argument("--samples", type=int, default=1000, help="samples per model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics", default="", help="comma-separated metric names (default set if empty)")
-    p.add_argument("--sweep", action="append", default=[], metavar="SAMPLER:S1,S2,...",
-                   help="also evaluate each diffusion model at these sampler steps (repeatable), e.g. ddim:10,25,50")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="SAMPLER:S1,S2,...",
+        help="also evaluate each diffusion model at these sampler steps (repeatable), e.g. ddim:10,25,50",
+    )
     p.add_argument("--segments", type=int, default=3, help="evaluations along training (quality vs training time)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="bf16: every model generates under bf16 autocast when evaluated (train with --set train.precision=bf16)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="bf16: every model generates under bf16 autocast when evaluated (train with --set train.precision=bf16)",
+    )
     p.add_argument("--device", default="auto")
-    p.add_argument("--recipes", dest="recipe_files", action="append", default=[], metavar="FILE", help="extra recipe YAML file")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
-                   help="override a field in every recipe, e.g. --set data.image_size=16 (repeatable)")
+    p.add_argument(
+        "--recipes", dest="recipe_files", action="append", default=[], metavar="FILE", help="extra recipe YAML file"
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a field in every recipe, e.g. --set data.image_size=16 (repeatable)",
+    )
 
     p = sub.add_parser("push", help="upload a checkpoint directory to the Hugging Face Hub, with a model card")
     p.add_argument("dir")
@@ -156,13 +218,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     from genzoo.registry import KINDS
 
     if args.kind == "recipe":
-        rows = [{"kind": "recipe", "name": n, "plugin": "registry.yaml", "summary": r.description}
-                for n, r in sorted(api.recipes(args.recipes).items())]
+        rows = [
+            {"kind": "recipe", "name": n, "plugin": "registry.yaml", "summary": r.description}
+            for n, r in sorted(api.recipes(args.recipes).items())
+        ]
     else:
-        rows = [{"kind": e.kind, "name": e.name, "plugin": e.plugin, "summary": e.summary} for e in api.list_components(args.kind)]
+        rows = [
+            {"kind": e.kind, "name": e.name, "plugin": e.plugin, "summary": e.summary}
+            for e in api.list_components(args.kind)
+        ]
         if args.kind is None:
-            rows += [{"kind": "recipe", "name": n, "plugin": "registry.yaml", "summary": r.description}
-                     for n, r in sorted(api.recipes(args.recipes).items())]
+            rows += [
+                {"kind": "recipe", "name": n, "plugin": "registry.yaml", "summary": r.description}
+                for n, r in sorted(api.recipes(args.recipes).items())
+            ]
     kinds = [args.kind] if args.kind else [*KINDS, "recipe"]
     if args.json:
         print(json.dumps({"kinds": kinds, "components": rows}, indent=2))
@@ -230,7 +299,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from genzoo import api
-    from genzoo.training import Trainer, TrainConfig
+    from genzoo.training import TrainConfig, Trainer
 
     sets = list(args.sets)
     for key in ("steps", "minutes", "device", "seed"):
@@ -244,7 +313,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     source = api.build_data(resolved)
     train = source.split("train")
-    print(f"data: {resolved['data']['type']} train split, {len(train)} items ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    print(
+        f"data: {resolved['data']['type']} train split, {len(train)} items ({time.perf_counter() - t0:.1f}s)",
+        file=sys.stderr,
+    )
     config = TrainConfig.model_validate(resolved["train"])
     pipeline = api.create_model(resolved, data_spec=source.spec)
     if args.init_from:
@@ -252,13 +324,27 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise GenzooError("--init-from starts a new run; --resume continues one: pass only one of them")
         roles = api.init_from(pipeline, resolved, args.init_from)
         print(f"initialised {', '.join(roles) or 'no component'} from {args.init_from}", file=sys.stderr)
-    meta = {"data_spec": api.data_spec_dict(source.spec), "data_fingerprint": train.fingerprint(), "recipe_name": args.recipe}
-    result = Trainer(pipeline, train.tensors(), config=config, run_dir=args.out, recipe=resolved, meta=meta,
-                     progress=not args.no_progress).fit(resume=args.resume)
+    meta = {
+        "data_spec": api.data_spec_dict(source.spec),
+        "data_fingerprint": train.fingerprint(),
+        "recipe_name": args.recipe,
+    }
+    result = Trainer(
+        pipeline,
+        train.tensors(),
+        config=config,
+        run_dir=args.out,
+        recipe=resolved,
+        meta=meta,
+        progress=not args.no_progress,
+    ).fit(resume=args.resume)
     if result.interrupted:  # not a finished run: say so, and exit as the signal asked (130 for SIGINT, 143 for SIGTERM)
         if result.rank == 0:
-            print(f"genzoo train: interrupted by {result.interrupted} at step {result.step}; checkpoint written to "
-                  f"{result.checkpoint}; continue with --resume", file=sys.stderr)
+            print(
+                f"genzoo train: interrupted by {result.interrupted} at step {result.step}; checkpoint written to "
+                f"{result.checkpoint}; continue with --resume",
+                file=sys.stderr,
+            )
         return 128 + int(getattr(signal.Signals, result.interrupted, signal.SIGINT))
     if result.rank == 0:  # under torchrun only rank 0 saved, and only it reports
         print(f"trained {args.recipe} to step {result.step} in {result.wall_time:.1f}s; checkpoint {result.checkpoint}")
@@ -308,12 +394,18 @@ def _generate(args: argparse.Namespace, model: Any, device: Any, g: Any) -> Any:
     """What `genzoo sample` draws: variations or an interpolation of images, or samples for a condition."""
     if args.image or args.interpolate:
         if args.prompt is not None or args.class_ is not None:
-            raise GenzooError("--image and --interpolate decode image embeddings and take no --prompt or --class; drop one")
+            raise GenzooError(
+                "--image and --interpolate decode image embeddings and take no --prompt or --class; drop one"
+            )
         if not hasattr(model, "variations"):
-            raise GenzooError("--image and --interpolate need a model that decodes CLIP image embeddings (a dalle2 recipe)")
+            raise GenzooError(
+                "--image and --interpolate need a model that decodes CLIP image embeddings (a dalle2 recipe)"
+            )
         from genzoo.training.images import load_image
 
-        read = lambda path: load_image(path, size=model.image_size, channels=model.components["decoder"].produces.shape[0]).to(device)  # noqa: E731
+        read = lambda path: load_image(
+            path, size=model.image_size, channels=model.components["decoder"].produces.shape[0]
+        ).to(device)  # noqa: E731
         if args.image:
             return model.variations(read(args.image)[None], args.n, generator=g)
         return model.interpolate(read(args.interpolate[0]), read(args.interpolate[1]), args.n, generator=g)
@@ -349,8 +441,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     figures = evaluate(model, source, metrics=metrics, judge=judge, settings=settings, device=device)
     from genzoo.runs import record_evaluation
 
-    record_evaluation(args.dir, {"step": model.checkpoint_meta.get("step"), "samples": args.samples, "split": args.split,
-                                 "seed": args.seed, "swaps": _swaps(args), "sets": args.sets, "figures": figures})
+    record_evaluation(
+        args.dir,
+        {
+            "step": model.checkpoint_meta.get("step"),
+            "samples": args.samples,
+            "split": args.split,
+            "seed": args.seed,
+            "swaps": _swaps(args),
+            "sets": args.sets,
+            "figures": figures,
+        },
+    )
     if args.json:
         print(json.dumps(figures, indent=1))
     else:
@@ -364,13 +466,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     found = runs.find_runs(args.dir)
     if not found:
-        raise GenzooError(f"no run directory under {args.dir} (a run holds `latest` and checkpoints/; see `genzoo train`)")
+        raise GenzooError(
+            f"no run directory under {args.dir} (a run holds `latest` and checkpoints/; see `genzoo train`)"
+        )
     rows = [runs.summary(r) for r in found]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     cols = ("run", "recipe", "step", "last_loss", "best_fd", "size_mb")
-    cells = [[("-" if r[c] is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])) for c in cols] for r in rows]
+    cells = [
+        [("-" if r[c] is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])) for c in cols] for r in rows
+    ]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     for row in [list(cols), *cells]:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
@@ -388,15 +494,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
         try:
             sweep[sampler] = [int(s) for s in steps.split(",") if s]
         except ValueError:
-            raise GenzooError(f"--sweep {text!r}: expected SAMPLER:S1,S2 with integer steps, e.g. ddim:10,25,50") from None
+            raise GenzooError(
+                f"--sweep {text!r}: expected SAMPLER:S1,S2 with integer steps, e.g. ddim:10,25,50"
+            ) from None
     t0 = time.perf_counter()
     settings = EvalSettings(samples=args.samples, seed=args.seed, precision=args.precision)
-    rows = compare(args.recipes, out=Path(args.out), settings=settings, budget_minutes=args.budget_minutes,
-                   metric_names=_metric_names(args.metrics), sweep=sweep or None, segments=args.segments,
-                   device=resolve_device(args.device), files=args.recipe_files, sets=args.sets, log=lambda m: print(m, file=sys.stderr))
+    rows = compare(
+        args.recipes,
+        out=Path(args.out),
+        settings=settings,
+        budget_minutes=args.budget_minutes,
+        metric_names=_metric_names(args.metrics),
+        sweep=sweep or None,
+        segments=args.segments,
+        device=resolve_device(args.device),
+        files=args.recipe_files,
+        sets=args.sets,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     print((Path(args.out) / "leaderboard.md").read_text())
     failed = sum(bool(r.error) for r in rows)
-    print(f"compared {len(rows)} entries in {time.perf_counter() - t0:.0f}s ({failed} failed); see {args.out}/leaderboard.md")
+    print(
+        f"compared {len(rows)} entries in {time.perf_counter() - t0:.0f}s ({failed} failed); see "
+        f"{args.out}/leaderboard.md"
+    )
     return 0
 
 
@@ -416,7 +537,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- import (foreign checkpoints; docs/interop.md)
+# --------------------------------------------------------------------------- import (docs/interop.md)
 
 
 def add_import_parser(sub: Any) -> None:
@@ -424,8 +545,12 @@ def add_import_parser(sub: Any) -> None:
     p.add_argument("source", help="a folder or a hub id, e.g. google/ddpm-cifar10-32 (safetensors only)")
     p.add_argument("out", help="the run directory to write")
     p.add_argument("--format", help="the importer (`genzoo list --kind importer`); default: the one recognising SOURCE")
-    p.add_argument("--adapter", action="store_true", help="keep the foreign network behind its adapter, even where it maps "
-                                                          "exactly onto genzoo's own (which samples faster)")
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="keep the foreign network behind its adapter, even where it maps "
+        "exactly onto genzoo's own (which samples faster)",
+    )
     p.add_argument("--data", metavar="SPEC", help="the dataset to evaluate against, as YAML, e.g. '{type: digits}'")
 
 
@@ -434,7 +559,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     data = yaml.safe_load(args.data) if args.data else None
     if data is not None and not (isinstance(data, dict) and "type" in data):
-        raise GenzooError(f"--data {args.data!r}: expected a dataset spec with a type, e.g. '{{type: shapes, image_size: 32}}'")
+        raise GenzooError(
+            f"--data {args.data!r}: expected a dataset spec with a type, e.g. '{{type: shapes, image_size: 32}}'"
+        )
     path = api.import_model(args.source, args.out, format=args.format, adapter=args.adapter, data=data)
     how = json.loads((path / "meta.json").read_text()).get("imported_from", {})
     print(f"imported {args.source} ({how.get('pipeline', '?')}, {how.get('unet', '?')}) to {args.out}")
@@ -460,24 +587,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     registry = default_registry()
     if not registry.names("app"):
-        raise GenzooError("genzoo serve needs the web UI extra: pip install 'genzoo[ui]' (`genzoo plugins` shows why "
-                          "the ui plugin did not load)")
-    spec = {"type": args.app, "runs": args.runs, "host": args.host, "port": args.port, "device": args.device,
-            "max_samples": args.max_samples}
+        raise GenzooError(
+            "genzoo serve needs the web UI extra: pip install 'genzoo[ui]' (`genzoo plugins` shows why "
+            "the ui plugin did not load)"
+        )
+    spec = {
+        "type": args.app,
+        "runs": args.runs,
+        "host": args.host,
+        "port": args.port,
+        "device": args.device,
+        "max_samples": args.max_samples,
+    }
     app = registry.build("app", spec, where="genzoo serve: ")
     try:
         app.launch()
     except KeyboardInterrupt:
         pass
     except OSError as e:  # the port is taken, or the host is not an address of this machine
-        raise GenzooError(f"cannot serve on {args.host}:{args.port or 'the first free port from 7860'}: {e}; "
-                          "pick another --port or --host") from None
+        raise GenzooError(
+            f"cannot serve on {args.host}:{args.port or 'the first free port from 7860'}: {e}; "
+            "pick another --port or --host"
+        ) from None
     return 0
 
 
 COMMANDS = {
-    "list": cmd_list, "info": cmd_info, "plugins": cmd_plugins, "train": cmd_train, "sample": cmd_sample,
-    "eval": cmd_eval, "compare": cmd_compare, "push": cmd_push, "pull": cmd_pull, "import": cmd_import, "runs": cmd_runs,
+    "list": cmd_list,
+    "info": cmd_info,
+    "plugins": cmd_plugins,
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "compare": cmd_compare,
+    "push": cmd_push,
+    "pull": cmd_pull,
+    "import": cmd_import,
+    "runs": cmd_runs,
     "serve": cmd_serve,
 }
 
@@ -501,8 +647,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # not the user's input but a bug: still one line, the traceback behind --debug
         if debug:
             raise
-        print(f"genzoo {args.command}: error: unexpected {type(e).__name__}: {_one_line(e)[:300]}; a bug in genzoo "
-              "or a plugin: rerun with --debug for the traceback and report it", file=sys.stderr)
+        print(
+            f"genzoo {args.command}: error: unexpected {type(e).__name__}: {_one_line(e)[:300]}; a bug in genzoo "
+            "or a plugin: rerun with --debug for the traceback and report it",
+            file=sys.stderr,
+        )
         return 1
 
 

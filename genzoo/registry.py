@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -41,7 +42,7 @@ _NAME = re.compile(r"^[a-z0-9]+(?:[-.][a-z0-9]+)*\+*$")  # kebab-case; a trailin
 class BuildContext:
     """What a factory may need beyond its config: the registry (to build nested specs) and data."""
 
-    registry: "Registry"
+    registry: Registry
     data: Any = None  # a genzoo.data.DataSpec when the component is built for a dataset
     components: Mapping[str, Any] = field(default_factory=dict)  # built siblings (for pipelines)
 
@@ -153,7 +154,7 @@ class Registry:
             kind, name, config, factory, plugin, summary or _summary_of(factory, config), wants_ctx
         )
 
-    def scoped(self, plugin: str) -> "PluginRegistrar":
+    def scoped(self, plugin: str) -> PluginRegistrar:
         """A view that stamps ``plugin`` on every registration and commits them together."""
         return PluginRegistrar(self, plugin)
 
@@ -212,7 +213,11 @@ class Registry:
         name, _ = split_spec(kind, spec, where=where)
         entry = self.get(kind, name)
         cfg = self.config(kind, spec, where=where)
-        obj = entry.factory(cfg, ctx=BuildContext(self, data, components or {})) if entry.wants_context else entry.factory(cfg)
+        obj = (
+            entry.factory(cfg, ctx=BuildContext(self, data, components or {}))
+            if entry.wants_context
+            else entry.factory(cfg)
+        )
         try:  # remember how it was built, so a composition can be saved and rebuilt
             obj.genzoo_spec = {"type": name, **cfg.model_dump(mode="json")}
         except AttributeError:
@@ -227,7 +232,9 @@ def split_spec(kind: str, spec: Mapping[str, Any] | str, *, where: str = "") -> 
     if not isinstance(spec, Mapping):
         raise RegistryError(f"{where}{kind} spec must be a mapping with a 'type' field, got {type(spec).__name__}")
     if "type" not in spec:
-        raise RegistryError(f"{where}{kind} spec {dict(spec)!r} has no 'type' field; add `type: NAME` (see `genzoo list --kind {kind}`)")
+        raise RegistryError(
+            f"{where}{kind} spec {dict(spec)!r} has no 'type' field; add `type: NAME` (see `genzoo list --kind {kind}`)"
+        )
     fields = {k: v for k, v in spec.items() if k != "type"}
     return str(spec["type"]), fields
 
@@ -241,7 +248,9 @@ class PluginRegistrar:
     _pending: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # one sentence per component refused because its name was taken
 
-    def register(self, kind: str, name: str, *, config: type[BaseModel], factory: Callable[..., Any], summary: str | None = None) -> None:
+    def register(
+        self, kind: str, name: str, *, config: type[BaseModel], factory: Callable[..., Any], summary: str | None = None
+    ) -> None:
         self._pending.append((kind, name, dict(config=config, factory=factory, summary=summary)))
 
     def commit(self) -> list[tuple[str, str]]:
@@ -259,7 +268,8 @@ class PluginRegistrar:
                     self.refused.append(
                         f"{kind} '{name}' is registered by both plugin '{owner.plugin}' and plugin '{self.plugin}'; "
                         f"the one from '{self.plugin}' is refused (rename it, or disable a plugin with "
-                        f"GENZOO_DISABLE_PLUGINS={self.plugin})")
+                        f"GENZOO_DISABLE_PLUGINS={self.plugin})"
+                    )
                     continue
                 self.registry.register(kind, name, plugin=self.plugin, **kw)
                 done.append((kind, name))

@@ -200,13 +200,24 @@ def unclip_parts(seed: int = 0) -> dict:
     torch.manual_seed(seed)
     text = transformers.CLIPTextModelWithProjection(
         transformers.CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=16, projection_dim=16, intermediate_size=37, num_attention_heads=4,
-            num_hidden_layers=2, max_position_embeddings=10, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            vocab_size=len(tok),
+            hidden_size=16,
+            projection_dim=16,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=10,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
     ).eval()
     prior = diffusers.PriorTransformer(
-        num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=16, num_embeddings=10,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        embedding_dim=16,
+        num_embeddings=10,
         additional_embeddings=4,
     ).eval()
     proj = UnCLIPTextProjModel(
@@ -217,26 +228,43 @@ def unclip_parts(seed: int = 0) -> dict:
         prior.clip_std.uniform_(0.5, 2)
         proj.learned_classifier_free_guidance_embeddings.normal_()
     decoder = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=3, out_channels=6, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=8,
+        in_channels=3,
+        out_channels=6,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=32, attention_head_dim=4,
-        resnet_time_scale_shift="scale_shift", class_embed_type="identity",
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift",
+        class_embed_type="identity",
     ).eval()
 
     def super_res() -> torch.nn.Module:
         return diffusers.UNet2DModel(
-            sample_size=16, in_channels=6, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+            sample_size=16,
+            in_channels=6,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
             down_block_types=("ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D"),
             up_block_types=("ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"),
         ).eval()
 
     sched = diffusers.UnCLIPScheduler
     return dict(
-        prior=prior, decoder=decoder, text_encoder=text, tokenizer=tok, text_proj=proj,
-        super_res_first=super_res(), super_res_last=super_res(),
-        prior_scheduler=sched(num_train_timesteps=100, variance_type="fixed_small_log", prediction_type="sample",
-                              clip_sample_range=5.0),
+        prior=prior,
+        decoder=decoder,
+        text_encoder=text,
+        tokenizer=tok,
+        text_proj=proj,
+        super_res_first=super_res(),
+        super_res_last=super_res(),
+        prior_scheduler=sched(
+            num_train_timesteps=100, variance_type="fixed_small_log", prediction_type="sample", clip_sample_range=5.0
+        ),
         decoder_scheduler=sched(num_train_timesteps=100, variance_type="learned_range", prediction_type="epsilon"),
         super_res_scheduler=sched(num_train_timesteps=100, variance_type="fixed_small_log", prediction_type="epsilon"),
     )
@@ -283,8 +311,11 @@ def test_unclip_import_is_the_dalle2_pipeline(unclip) -> None:
 def unclip_images(pipe, seed: int, scales: tuple[float, float]) -> np.ndarray:
     prior_scale, scale = scales
     return pipe(
-        prompt=CAPTIONS, generator=torch.Generator().manual_seed(seed), output_type="np",
-        prior_guidance_scale=prior_scale, decoder_guidance_scale=scale,
+        prompt=CAPTIONS,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        prior_guidance_scale=prior_scale,
+        decoder_guidance_scale=scale,
     ).images
 
 
@@ -337,7 +368,10 @@ def reference_prior(pipe, text, g, scale, steps=25):
     x = torch.randn((n, pipe.prior.config.embedding_dim), generator=g)
     for i, t in enumerate(s.timesteps):
         out = pipe.prior(
-            torch.cat([x] * 2) if cfg else x, timestep=t, proj_embedding=emb, encoder_hidden_states=hid,
+            torch.cat([x] * 2) if cfg else x,
+            timestep=t,
+            proj_embedding=emb,
+            encoder_hidden_states=hid,
             attention_mask=mask,
         ).predicted_image_embedding
         if cfg:
@@ -365,7 +399,10 @@ def reference_decoder(pipe, z_i, text, g, scale, steps=25):
     x = torch.randn((len(z_i), 3, size, size), generator=g)
     for i, t in enumerate(s.timesteps):
         out = pipe.decoder(
-            sample=torch.cat([x] * 2) if cfg else x, timestep=t, encoder_hidden_states=hid, class_labels=add,
+            sample=torch.cat([x] * 2) if cfg else x,
+            timestep=t,
+            encoder_hidden_states=hid,
+            class_labels=add,
             attention_mask=mask,
         ).sample
         if cfg:
@@ -393,8 +430,9 @@ def reference_super_res(pipe, low, g, steps=7):
 
 
 def uncond(pipe, n):
-    ids = pipe.tokenizer([""] * n, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt")
+    ids = pipe.tokenizer(
+        [""] * n, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     out = pipe.text_encoder(ids.input_ids)
     return out.text_embeds, out.last_hidden_state, ids.attention_mask.bool()
 
@@ -435,14 +473,28 @@ def test_each_unclip_stage_equals_diffusers_in_float64(unclip64, stage, guided) 
         z_i = reference_prior(pipe, text, torch.Generator().manual_seed(1), 1.0)
         if stage == "prior":
             want = reference_prior(pipe, text, torch.Generator().manual_seed(2), 4.0 if guided else 1.0)
-            got = c["prior"].sample(2, cond, generator=torch.Generator().manual_seed(2), sampler=c["prior_sampler"],
-                                    guidance=c["prior_guidance"] if guided else None)
+            got = c["prior"].sample(
+                2,
+                cond,
+                generator=torch.Generator().manual_seed(2),
+                sampler=c["prior_sampler"],
+                guidance=c["prior_guidance"] if guided else None,
+            )
         elif stage == "decoder":
             want = reference_decoder(pipe, z_i, text, torch.Generator().manual_seed(3), 8.0 if guided else 1.0)
             g = torch.Generator().manual_seed(3)
             x_t = torch.randn((2, 3, 8, 8), generator=g)
-            got = c["decoder"].decode(x_t, {"emb": z_i, **cond}, generator=g, sampler=c["sampler"],
-                                      guidance=c["guidance"] if guided else None).clamp(-1, 1)
+            got = (
+                c["decoder"]
+                .decode(
+                    x_t,
+                    {"emb": z_i, **cond},
+                    generator=g,
+                    sampler=c["sampler"],
+                    guidance=c["guidance"] if guided else None,
+                )
+                .clamp(-1, 1)
+            )
         else:
             low = reference_decoder(pipe, z_i, text, torch.Generator().manual_seed(3), 1.0)
             want = reference_super_res(pipe, low, torch.Generator().manual_seed(4))
@@ -456,8 +508,12 @@ def test_the_float32_beta_quirk_is_the_only_difference(unclip64) -> None:
     pipe, model = unclip64
     kept = pipe.super_res_scheduler
     s = diffusers.UnCLIPScheduler.from_config(kept.config)
-    s.betas, s.alphas, s.alphas_cumprod, s.one = (s.betas.double(), s.alphas.double(), s.alphas_cumprod.double(),
-                                                  s.one.double())
+    s.betas, s.alphas, s.alphas_cumprod, s.one = (
+        s.betas.double(),
+        s.alphas.double(),
+        s.alphas_cumprod.double(),
+        s.one.double(),
+    )
     factor = float(s.betas[0] / (1 - s.alphas_cumprod[0]))
     pipe.super_res_scheduler = s
     try:
@@ -481,8 +537,26 @@ def test_unclip_from_the_command_line_with_a_prompt(unclip, tmp_path, capsys) ->
     assert main(["import", str(folder), str(run)]) == 0
     assert "UnCLIPPipeline, adapter" in capsys.readouterr().out
     out = ["--out", str(tmp_path / "g.png"), "--save", str(tmp_path / "x.safetensors"), "--device", "cpu"]
-    assert main(["sample", str(run), "--prompt", "a red cab", "-n", "2", "--steps", "5", "--prior-steps", "4",
-                 "--upsampler-steps", "3", *out]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(run),
+                "--prompt",
+                "a red cab",
+                "-n",
+                "2",
+                "--steps",
+                "5",
+                "--prior-steps",
+                "4",
+                "--upsampler-steps",
+                "3",
+                *out,
+            ]
+        )
+        == 0
+    )
     x = load_file(str(tmp_path / "x.safetensors"))["samples"]
     want = api.load_model(run, steps=5, prior_steps=4, upsampler_steps=3).sample(
         2, {"caption": ["a red cab"] * 2}, generator=torch.Generator().manual_seed(0)
@@ -499,8 +573,9 @@ def test_every_sampler_and_guidance_runs_on_the_imported_unclip(unclip) -> None:
     registry = default_registry()
     names = [n for n in registry.names("sampler") if registry.build("sampler", n).kind.value == "diffusion"]
     for name in names:
-        model = api.load_model(run, sampler=name, steps=4, prior_sampler=name, prior_steps=4,
-                               upsampler_sampler=name, upsampler_steps=3)
+        model = api.load_model(
+            run, sampler=name, steps=4, prior_sampler=name, prior_steps=4, upsampler_sampler=name, upsampler_steps=3
+        )
         x = model.sample(1, {"caption": CAPTIONS[:1]}, generator=torch.Generator().manual_seed(0))
         assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all(), name
     plain = dict(guidance="none", prior_guidance="none", steps=4, prior_steps=4, upsampler_steps=3)
@@ -516,11 +591,21 @@ def test_every_sampler_and_guidance_runs_on_the_imported_unclip(unclip) -> None:
     on = on.components
     with torch.no_grad():
         text = off["encoder"].encode(cond)
-        z = [c["prior"].sample(2, text, generator=g(), sampler=c["prior_sampler"], guidance=c.get("prior_guidance"))
-             for c in (off, on)]
+        z = [
+            c["prior"].sample(2, text, generator=g(), sampler=c["prior_sampler"], guidance=c.get("prior_guidance"))
+            for c in (off, on)
+        ]
         assert (z[0] - z[1]).abs().max() < 1e-5
-        x = [c["decoder"].decode(torch.randn(2, 3, 8, 8, generator=g()), {"emb": z[0], **text}, generator=g(),
-                                 sampler=c["sampler"], guidance=c.get("guidance")) for c in (off, on)]
+        x = [
+            c["decoder"].decode(
+                torch.randn(2, 3, 8, 8, generator=g()),
+                {"emb": z[0], **text},
+                generator=g(),
+                sampler=c["sampler"],
+                guidance=c.get("guidance"),
+            )
+            for c in (off, on)
+        ]
         assert (x[0] - x[1]).abs().max() < 1e-4
 
 
@@ -533,12 +618,20 @@ def test_unclip_with_an_image_encoder_gives_variations_and_interpolations(tmp_pa
     pipe.save_pretrained(str(tmp_path / "pipe"))
     torch.manual_seed(3)
     vision = transformers.CLIPVisionModelWithProjection(
-        transformers.CLIPVisionConfig(hidden_size=16, projection_dim=16, intermediate_size=37, num_attention_heads=4,
-                                      num_hidden_layers=2, image_size=16, patch_size=4)
+        transformers.CLIPVisionConfig(
+            hidden_size=16,
+            projection_dim=16,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=16,
+            patch_size=4,
+        )
     ).eval()
     vision.save_pretrained(str(tmp_path / "pipe" / "image_encoder"))
-    processor = transformers.CLIPImageProcessor(crop_size=16, size=16, image_mean=[0.5, 0.4, 0.3],
-                                                image_std=[0.2, 0.3, 0.25])
+    processor = transformers.CLIPImageProcessor(
+        crop_size=16, size=16, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.25]
+    )
     processor.save_pretrained(str(tmp_path / "pipe" / "feature_extractor"))
     run = api.import_model(tmp_path / "pipe", tmp_path / "run")
     assert load_checkpoint(run).meta["imported_from"]["image_encoder"] is True
@@ -578,6 +671,9 @@ def test_a_pipeline_genzoo_does_not_import_is_refused_naming_what_it_reads(tmp_p
 
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    with pytest.raises(GenzooError, match="holds a StableDiffusionPipeline; `genzoo import` reads DDPMPipeline, "
-                       "DDIMPipeline, LDMPipeline, UnCLIPPipeline"):
+    with pytest.raises(
+        GenzooError,
+        match="holds a StableDiffusionPipeline; `genzoo import` reads DDPMPipeline, "
+        "DDIMPipeline, LDMPipeline, UnCLIPPipeline",
+    ):
         api.import_model(tmp_path / "sd", tmp_path / "run")

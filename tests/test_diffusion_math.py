@@ -8,15 +8,29 @@ import numpy as np
 import pytest
 import torch
 
-from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule, space_timesteps
+from genzoo.diffusion import (
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    get_named_beta_schedule,
+    space_timesteps,
+)
 from genzoo.diffusion.gaussian_diffusion import LossAwareSampler, UniformSampler, discretized_gaussian_log_likelihood
 
 F64 = torch.float64
 
 
-def make(T: int = 1000, schedule: str = "linear", mean=ModelMeanType.EPSILON, var=ModelVarType.FIXED_SMALL,
-         loss=LossType.SIMPLE) -> GaussianDiffusion:
-    return GaussianDiffusion(betas=get_named_beta_schedule(schedule, T), model_mean_type=mean, model_var_type=var, loss_type=loss)
+def make(
+    T: int = 1000,
+    schedule: str = "linear",
+    mean=ModelMeanType.EPSILON,
+    var=ModelVarType.FIXED_SMALL,
+    loss=LossType.SIMPLE,
+) -> GaussianDiffusion:
+    return GaussianDiffusion(
+        betas=get_named_beta_schedule(schedule, T), model_mean_type=mean, model_var_type=var, loss_type=loss
+    )
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -57,13 +71,16 @@ def test_posterior_coefficients_match_the_formulas(t: int) -> None:
     a_prev = abar[t - 1]
     assert d.tables["abar"][t] == pytest.approx(abar[t], rel=1e-12)
     assert d.tables["posterior_mean_coef1"][t] == pytest.approx(math.sqrt(a_prev) * b[t] / (1 - abar[t]), rel=1e-12)
-    assert d.tables["posterior_mean_coef2"][t] == pytest.approx(math.sqrt(1 - b[t]) * (1 - a_prev) / (1 - abar[t]), rel=1e-12)
+    assert d.tables["posterior_mean_coef2"][t] == pytest.approx(
+        math.sqrt(1 - b[t]) * (1 - a_prev) / (1 - abar[t]), rel=1e-12
+    )
     assert d.tables["posterior_variance"][t] == pytest.approx(b[t] * (1 - a_prev) / (1 - abar[t]), rel=1e-12)
 
 
 @pytest.mark.parametrize("t", [1, 50, 700])
 def test_posterior_is_bayes_rule_on_the_two_gaussians(t: int) -> None:
-    """q(x_{t-1} | x_t, x0) ∝ N(x_t; sqrt(a_t) x_{t-1}, b_t) N(x_{t-1}; sqrt(abar_{t-1}) x0, 1 - abar_{t-1}): precisions add."""
+    """q(x_{t-1} | x_t, x0) ∝ N(x_t; sqrt(a_t) x_{t-1}, b_t) N(x_{t-1}; sqrt(abar_{t-1}) x0, 1 - abar_{t-1}):
+    precisions add."""
     d = make(schedule="cosine")
     b, abar_prev = d.tables["betas"][t], d.tables["abar_prev"][t]
     x0, xt = randn(3, 2), randn(3, 2, seed=1)
@@ -79,7 +96,9 @@ def test_log_variances_at_the_first_step_are_clipped() -> None:
     d = make()
     post, b = d.tables["posterior_variance"], d.tables["betas"]
     assert post[0] == 0  # btilde_1 = 0 exactly: its log is clipped to log btilde_2
-    np.testing.assert_allclose(d.tables["posterior_log_variance_clipped"], np.log(np.append(post[1], post[1:])), rtol=1e-12)
+    np.testing.assert_allclose(
+        d.tables["posterior_log_variance_clipped"], np.log(np.append(post[1], post[1:])), rtol=1e-12
+    )
     np.testing.assert_allclose(d.tables["log_betas_large"], np.log(np.append(post[1], b[1:])), rtol=1e-12)
     # the variance a fixed-small prediction carries (what guidance scales its gradient by) is the exact btilde:
     # 0 at t = 1, so classifier guidance does not move the last step (guided-diffusion's condition_mean)
@@ -117,8 +136,10 @@ def test_eps_x0_v_round_trips(shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(d._predict_xstart_from_v(xt, t, v), x0)
     torch.testing.assert_close(d._predict_eps_from_v(xt, t, v), eps)
     # every parameterisation fed its exact target implies the same x0, eps and mean
-    preds = [make(schedule="cosine", mean=m).p_mean_variance(out, xt, t)
-             for m, out in ((ModelMeanType.EPSILON, eps), (ModelMeanType.START_X, x0), (ModelMeanType.VELOCITY, v))]
+    preds = [
+        make(schedule="cosine", mean=m).p_mean_variance(out, xt, t)
+        for m, out in ((ModelMeanType.EPSILON, eps), (ModelMeanType.START_X, x0), (ModelMeanType.VELOCITY, v))
+    ]
     true_mean, _, _ = d.q_posterior_mean_variance(x0, xt, t)
     for pred in preds:
         torch.testing.assert_close(pred.pred_xstart, x0)
@@ -130,17 +151,25 @@ def test_a_learned_variance_without_the_vlb_and_a_reversed_blur_range_are_refuse
     from genzoo import api
     from genzoo.errors import RecipeError
 
-    with pytest.raises(RecipeError, match="recipe 'iddpm-digits': components.decoder: decoder 'diffusion-decoder': var_type "
-                                          "learned-range trains its variance only through L_vlb; set loss: hybrid"):
+    with pytest.raises(
+        RecipeError,
+        match="recipe 'iddpm-digits': components.decoder: decoder 'diffusion-decoder': var_type "
+        "learned-range trains its variance only through L_vlb; set loss: hybrid",
+    ):
         api.resolve_recipe("iddpm-digits", sets=["decoder.loss=simple"])
-    with pytest.raises(RecipeError, match=r"'diffusion-decoder': low_res_blur \[0.6, 0.2\] must be \[lo, hi\] with 0 <= lo <= hi; see"):
+    with pytest.raises(
+        RecipeError, match=r"'diffusion-decoder': low_res_blur \[0.6, 0.2\] must be \[lo, hi\] with 0 <= lo <= hi; see"
+    ):
         api.resolve_recipe("ddpm-digits", sets=["decoder.low_res_blur=[0.6, 0.2]"])
 
 
 def test_learned_range_interpolates_between_the_two_fixed_variances() -> None:
     d = make(var=ModelVarType.LEARNED_RANGE)
     x, t = torch.zeros(2, 3, dtype=F64), torch.tensor([5, 700])  # (B, D) vectors: channels are dim 1
-    logvar = {v: d.p_mean_variance(torch.cat([x, torch.full_like(x, v)], 1), x, t).log_variance[:, 0] for v in (-1.0, 0.0, 1.0)}
+    logvar = {
+        v: d.p_mean_variance(torch.cat([x, torch.full_like(x, v)], 1), x, t).log_variance[:, 0]
+        for v in (-1.0, 0.0, 1.0)
+    }
     small = torch.tensor(d.tables["posterior_log_variance_clipped"][[5, 700]])
     large = torch.log(torch.tensor(d.tables["betas"][[5, 700]]))
     torch.testing.assert_close(logvar[-1.0], small)
@@ -179,8 +208,12 @@ def test_vlb_is_zero_for_the_true_posterior() -> None:
 @pytest.mark.parametrize(("mean", "scale"), [(0.1, 0.3), (0.98, 0.02), (-1.0, 0.005), (0.0, 3.0)])
 def test_discretised_likelihood_sums_to_one_over_the_256_bins(mean: float, scale: float) -> None:
     bins = torch.linspace(-1, 1, 256, dtype=F64)
-    logp = discretized_gaussian_log_likelihood(bins, means=torch.tensor(mean, dtype=F64), log_scales=torch.tensor(math.log(scale), dtype=F64))
-    assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-12)  # the exact CDF (log_ndtr), not improved-diffusion's tanh
+    logp = discretized_gaussian_log_likelihood(
+        bins, means=torch.tensor(mean, dtype=F64), log_scales=torch.tensor(math.log(scale), dtype=F64)
+    )
+    assert logp.exp().sum().item() == pytest.approx(
+        1.0, abs=1e-12
+    )  # the exact CDF (log_ndtr), not improved-diffusion's tanh
 
 
 def test_training_losses_targets() -> None:
@@ -258,7 +291,9 @@ def test_respacing_keeps_abar_and_original_indices() -> None:
     assert r.timestep_map.tolist() == keep and r.model_t(torch.tensor([0, 22])).tolist() == [0, 999]
     rr = r.respace([0, 5, 22])  # respacing a respaced process keeps ORIGINAL indices
     assert rr.timestep_map.tolist() == [keep[0], keep[5], keep[22]]
-    np.testing.assert_allclose(rr.tables["abar"], abar[[0, 5, 22]], rtol=1e-9, atol=1e-15)  # 1 - b near 1e-9 keeps ~1e-16 absolute
+    np.testing.assert_allclose(
+        rr.tables["abar"], abar[[0, 5, 22]], rtol=1e-9, atol=1e-15
+    )  # 1 - b near 1e-9 keeps ~1e-16 absolute
     seen = []
     rr.wrap(lambda x, t, c: seen.append(t.tolist()))(None, torch.tensor([2, 1]), None)
     assert seen == [[999, keep[5]]]
@@ -294,7 +329,7 @@ def test_gaussian_blur_against_the_separable_kernel() -> None:
     sigma = torch.tensor([0.6, 1.5], dtype=F64)
     y = gaussian_blur(x, sigma, radius=5)
     for i, s in enumerate(sigma.tolist()):
-        k1 = torch.exp(-torch.arange(-5.0, 6.0, dtype=F64) ** 2 / (2 * s * s))
+        k1 = torch.exp(-(torch.arange(-5.0, 6.0, dtype=F64) ** 2) / (2 * s * s))
         k1 = k1 / k1.sum()
         torch.testing.assert_close(y[i, 1, 2:13, 2:13], torch.outer(k1, k1))
     assert torch.allclose(y.sum((2, 3)), torch.ones(2, 3, dtype=F64))  # mass kept
@@ -315,8 +350,14 @@ def test_an_upsampler_sees_a_blurred_low_res_image_in_training_only() -> None:
         return torch.zeros_like(x)
 
     d = make(T=10, schedule="cosine")
-    dec = DiffusionDecoder(denoiser=net, diffusion=d, shape=(3, 8, 8), cond_drop=0.0, timestep_sampler=UniformSampler(10),
-                           low_res_blur=(0.5, 0.5))
+    dec = DiffusionDecoder(
+        denoiser=net,
+        diffusion=d,
+        shape=(3, 8, 8),
+        cond_drop=0.0,
+        timestep_sampler=UniformSampler(10),
+        low_res_blur=(0.5, 0.5),
+    )
     low = torch.randn(2, 3, 4, 4)
     dec.training_losses(torch.zeros(2, 3, 8, 8), {"low_res": low})
     torch.testing.assert_close(seen[-1], gaussian_blur(low, torch.full((2,), 0.5), radius=2))

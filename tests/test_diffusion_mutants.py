@@ -28,8 +28,16 @@ import pytest
 import torch
 
 from genzoo.diffusion import (
-    AncestralSampler, DDIMSampler, DPMSolverPlusPlus2M, GaussianDiffusion, GradientGuidance, LossType, ModelMeanType,
-    ModelVarType, get_named_beta_schedule, space_timesteps,
+    AncestralSampler,
+    DDIMSampler,
+    DPMSolverPlusPlus2M,
+    GaussianDiffusion,
+    GradientGuidance,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    get_named_beta_schedule,
+    space_timesteps,
 )
 from genzoo.diffusion.gaussian_diffusion import discretized_gaussian_log_likelihood, log_normal_bin, normal_kl
 from genzoo.diffusion.guidance import DiffusionGuidance
@@ -50,10 +58,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def process(var: ModelVarType = SMALL, *, schedule: str = "linear", T: int = 1000, clip_range: float | None = None,
-            mean: ModelMeanType = ModelMeanType.EPSILON) -> GaussianDiffusion:
-    return GaussianDiffusion(betas=get_named_beta_schedule(schedule, T), model_mean_type=mean, model_var_type=var,
-                             loss_type=LossType.SIMPLE, clip_range=clip_range)
+def process(
+    var: ModelVarType = SMALL,
+    *,
+    schedule: str = "linear",
+    T: int = 1000,
+    clip_range: float | None = None,
+    mean: ModelMeanType = ModelMeanType.EPSILON,
+) -> GaussianDiffusion:
+    return GaussianDiffusion(
+        betas=get_named_beta_schedule(schedule, T),
+        model_mean_type=mean,
+        model_var_type=var,
+        loss_type=LossType.SIMPLE,
+        clip_range=clip_range,
+    )
 
 
 def gen(seed: int) -> torch.Generator:
@@ -85,7 +104,9 @@ def coefficients(proc: GaussianDiffusion, i: int) -> tuple[float, float, float, 
     return abar, prev, b, b * (1 - prev) / (1 - abar)
 
 
-def posterior_mean(proc: GaussianDiffusion, i: int, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def posterior_mean(
+    proc: GaussianDiffusion, i: int, x: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x0_hat = (x - sqrt(1 - abar) eps) / sqrt(abar) and the mean of q(x_{t-1} | x_t, x0_hat) (DDPM Eqs. 7, 15)."""
     abar, prev, b, _ = coefficients(proc, i)
     x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
@@ -94,8 +115,17 @@ def posterior_mean(proc: GaussianDiffusion, i: int, x: torch.Tensor, eps: torch.
 
 def step(sampler, proc, model, x, i, *, generator=None, guidance=None, state=None) -> torch.Tensor:
     t = torch.full((x.shape[0],), i, dtype=torch.long)
-    return sampler.step(proc, proc.wrap(model), x, t, i, cond=None, guidance=guidance or DiffusionGuidance(),
-                        generator=generator, state={} if state is None else state)
+    return sampler.step(
+        proc,
+        proc.wrap(model),
+        x,
+        t,
+        i,
+        cond=None,
+        guidance=guidance or DiffusionGuidance(),
+        generator=generator,
+        state={} if state is None else state,
+    )
 
 
 # ------------------------------------------------------------------ DDIM at eta 1 is ancestral fixed-small sampling
@@ -179,7 +209,8 @@ def test_ddim_draws_the_noise_of_eq_16(eta: float) -> None:
 
 
 def test_ddim_is_the_euler_step_of_the_probability_flow_ode() -> None:
-    """In x~ = x / alpha and s = sigma / alpha the probability-flow ODE is dx~/ds = eps (Song et al. 2021, Eq. 14), and a
+    """In x~ = x / alpha and s = sigma / alpha the probability-flow ODE is dx~/ds = eps (Song et al. 2021, Eq. 14),
+    and a
     DDIM step (eta 0) is its Euler step: x~' = x~ + (s' - s) eps_hat, whatever eps_hat the model gives."""
     d = process(schedule="cosine", T=400)
     sampler = DDIMSampler(DDIMConfig(steps=25, clip=False))
@@ -195,7 +226,8 @@ def test_ddim_is_the_euler_step_of_the_probability_flow_ode() -> None:
 
 
 def test_dpm_solver_2m_is_its_multistep_exponential_integrator() -> None:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) recomputed from abar alone: x' = (sigma'/sigma) x - alpha' (e^-h - 1) D',
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) recomputed from abar alone: x' = (sigma'/sigma) x - alpha' (e^-h -
+    1) D',
     D' = D on the first step, (1 + 1/(2r)) D - (1/(2r)) D_prev after (r = h_prev / h); the last step returns x0_hat."""
     d = process()
     sampler = DPMSolverPlusPlus2M(SamplerConfig(steps=12, clip=False))
@@ -237,15 +269,26 @@ def lambda_linear(T: int = 1601) -> GaussianDiffusion:
     """lambda = log(alpha / sigma) linear in t, 5 at t = 1 to -5 at t = T: the uniform grids of N - 1 dividing T - 1
     are uniform in lambda, so halving the step halves h exactly and the measured orders are clean."""
     abar = 1 / (1 + np.exp(-2 * np.linspace(5.0, -5.0, T)))
-    return GaussianDiffusion(betas=1 - abar / np.append(1.0, abar[:-1]), model_mean_type=ModelMeanType.EPSILON,
-                             model_var_type=SMALL, loss_type=LossType.SIMPLE, clip_range=None)
+    return GaussianDiffusion(
+        betas=1 - abar / np.append(1.0, abar[:-1]),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=SMALL,
+        loss_type=LossType.SIMPLE,
+        clip_range=None,
+    )
 
 
-@pytest.mark.parametrize(("make", "steps", "order", "largest"), [
-    (lambda n: DDIMSampler(DDIMConfig(steps=n, clip=False)), (17, 33, 65, 129), 1.0, 0.48),
-    (lambda n: DPMSolverPlusPlus2M(SamplerConfig(steps=n - 1, clip=False)), (33, 65, 129, 257), 2.0, 0.019),
-], ids=["ddim", "dpm-solver++2m"])
-def test_deterministic_samplers_converge_to_the_exact_flow_at_their_order(make, steps, order: float, largest: float) -> None:
+@pytest.mark.parametrize(
+    ("make", "steps", "order", "largest"),
+    [
+        (lambda n: DDIMSampler(DDIMConfig(steps=n, clip=False)), (17, 33, 65, 129), 1.0, 0.48),
+        (lambda n: DPMSolverPlusPlus2M(SamplerConfig(steps=n - 1, clip=False)), (33, 65, 129, 257), 2.0, 0.019),
+    ],
+    ids=["ddim", "dpm-solver++2m"],
+)
+def test_deterministic_samplers_converge_to_the_exact_flow_at_their_order(
+    make, steps, order: float, largest: float
+) -> None:
     """DDIM (first order) and DPM-Solver++(2M) (second order) against the exact flow of Gaussian data on a grid uniform
     in lambda: each halving of the step divides the error by 2^order (+-0.15 in the exponent), and the error at the
     fewest steps is below ``largest``. Measured (errors in data standard deviations; orders): DDIM 0.434, 0.226, 0.115,
@@ -285,8 +328,10 @@ def sigma_of(var: ModelVarType, proc: GaussianDiffusion, i: int, raw: torch.Tens
 
 @pytest.mark.parametrize("var", [SMALL, LARGE, LEARNED], ids=lambda v: v.value)
 def test_condition_mean_moves_the_mean_by_exactly_sigma_g(var: ModelVarType) -> None:
-    """mu' = mu + s Sigma g (Dhariwal & Nichol 2021, Alg. 1) for a constant gradient g, with Sigma the respaced process's
-    variance of each type (0 at t = 1 for fixed small: guidance leaves the last step alone); the variance and x0_hat stay.
+    """mu' = mu + s Sigma g (Dhariwal & Nichol 2021, Alg. 1) for a constant gradient g, with Sigma the respaced
+    process's
+    variance of each type (0 at t = 1 for fixed small: guidance leaves the last step alone); the variance and
+    x0_hat stay.
     An ancestral step moves by the same amount from the same noise, and the gradient sees original indices."""
     d = process(var, schedule="cosine", T=200)
     proc = d.respace(space_timesteps(200, 20))
@@ -303,11 +348,14 @@ def test_condition_mean_moves_the_mean_by_exactly_sigma_g(var: ModelVarType) -> 
         assert torch.equal(moved.variance, pred.variance) and torch.equal(moved.pred_xstart, pred.pred_xstart)
         assert guidance.seen[-1] == [int(proc.timestep_map[i])] * 8
         guided = step(sampler, proc, model, x, i, generator=gen(6), guidance=guidance)
-        torch.testing.assert_close(guided - step(sampler, proc, model, x, i, generator=gen(6)), shift, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(
+            guided - step(sampler, proc, model, x, i, generator=gen(6)), shift, rtol=1e-10, atol=1e-13
+        )
 
 
 def test_condition_eps_shifts_eps_by_sqrt_one_minus_abar_s_g_and_the_mean_follows() -> None:
-    """eps' = eps - sqrt(1 - abar) s g (Dhariwal & Nichol 2021, Alg. 2): x0_hat moves by (1 - abar)/sqrt(abar) s g and the
+    """eps' = eps - sqrt(1 - abar) s g (Dhariwal & Nichol 2021, Alg. 2): x0_hat moves by (1 - abar)/sqrt(abar) s g
+    and the
     mean by the posterior's x0 coefficient times that; the variance stays."""
     d = process(schedule="cosine", T=200)
     proc = d.respace(space_timesteps(200, 20))
@@ -318,11 +366,14 @@ def test_condition_eps_shifts_eps_by_sqrt_one_minus_abar_s_g_and_the_mean_follow
         pred = proc.p_mean_variance(proc.wrap(gaussian_eps(d))(x, t, None), x, t)
         moved = ConstantGradient(g, scale=2.5).condition_eps(proc, pred, x, t, None)
         abar, prev, b, _ = coefficients(proc, i)
-        torch.testing.assert_close(moved.pred_eps - pred.pred_eps, (-math.sqrt(1 - abar) * 2.5 * g).expand_as(x), **EXACT)
+        torch.testing.assert_close(
+            moved.pred_eps - pred.pred_eps, (-math.sqrt(1 - abar) * 2.5 * g).expand_as(x), **EXACT
+        )
         dx0 = (1 - abar) / math.sqrt(abar) * 2.5 * g
         torch.testing.assert_close(moved.pred_xstart - pred.pred_xstart, dx0.expand_as(x), rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(moved.mean - pred.mean, (math.sqrt(prev) * b / (1 - abar) * dx0).expand_as(x),
-                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            moved.mean - pred.mean, (math.sqrt(prev) * b / (1 - abar) * dx0).expand_as(x), rtol=1e-10, atol=1e-12
+        )
         assert torch.equal(moved.variance, pred.variance)
         assert torch.equal(moved.model_eps, moved.pred_eps)  # what DDIM's clipped_eps: false steps with
 
@@ -340,14 +391,17 @@ def exact_log_bin(lo: float, hi: float) -> float:
     return float(mpmath.log(mpmath.ncdf(hi) - mpmath.ncdf(lo)))
 
 
-@pytest.mark.parametrize(("mean", "scale"), [(0.1, 0.3), (0.98, 0.02), (-1.0, 0.005), (0.0, 3.0), (0.37, 1e-4), (1.6, 0.05)])
+@pytest.mark.parametrize(
+    ("mean", "scale"), [(0.1, 0.3), (0.98, 0.02), (-1.0, 0.005), (0.0, 3.0), (0.37, 1e-4), (1.6, 0.05)]
+)
 def test_discretised_likelihood_is_the_exact_bin_probability(mean: float, scale: float) -> None:
     """log P(bin) = log(Phi((x + 1/255 - m)/s) - Phi((x - 1/255 - m)/s)), the edge bins open to -inf and +inf (DDPM
     Eq. 13): the 256 probabilities sum to one to 1e-12 and each log P matches 40-digit arithmetic to 1e-10 (relative),
     hundreds of nats deep in the tails included. improved-diffusion's tanh CDF is off by ~1e-4."""
     bins = torch.linspace(-1, 1, 256, dtype=F64)
-    logp = discretized_gaussian_log_likelihood(bins, means=torch.tensor(mean, dtype=F64),
-                                               log_scales=torch.tensor(math.log(scale), dtype=F64))
+    logp = discretized_gaussian_log_likelihood(
+        bins, means=torch.tensor(mean, dtype=F64), log_scales=torch.tensor(math.log(scale), dtype=F64)
+    )
     assert abs(logp.exp().sum().item() - 1) < 1e-12
     for k in (0, 1, 37, 127, 128, 200, 254, 255):
         x = bins[k].item()
@@ -358,7 +412,8 @@ def test_discretised_likelihood_is_the_exact_bin_probability(mean: float, scale:
 
 
 def test_log_normal_bin_is_exact_in_both_tails_with_a_gradient() -> None:
-    """log(Phi(b) - Phi(a)) to 1e-10 from 40 sigma left to 40 sigma right, and a finite non-zero gradient in the tails."""
+    """log(Phi(b) - Phi(a)) to 1e-10 from 40 sigma left to 40 sigma right, and a finite non-zero gradient in the
+    tails."""
     a = torch.tensor([-40.0, -8.0, -1.0, -0.01, 0.5, 6.0, 39.0], dtype=F64, requires_grad=True)
     width = torch.tensor([0.5, 0.01, 2.0, 0.02, 1e-6, 0.3, 1.0], dtype=F64)
     got = log_normal_bin(a, a + width)
@@ -392,7 +447,8 @@ def test_decoder_term_of_the_bpd_loop_to_the_exact_cdf_precision() -> None:
 
 def test_vlb_term_is_the_gaussian_kl_in_bits_per_dim() -> None:
     """For t > 1, L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) / log 2 averaged over dims; a model eps off by
-    delta moves the mean by c0 sqrt(1 - abar)/sqrt(abar) delta, so the KL is that squared over 2 btilde (fixed small)."""
+    delta moves the mean by c0 sqrt(1 - abar)/sqrt(abar) delta, so the KL is that squared over 2 btilde (fixed
+    small)."""
     d = process(T=100)
     x0, eps, t = randn(3, 4, seed=1).clamp(-1, 1), randn(3, 4, seed=2), torch.tensor([5, 40, 99])
     x_t = d.q_sample(x0, t, eps)
@@ -417,7 +473,8 @@ META = torch.device("meta")
 
 
 def test_noise_is_drawn_on_the_generator_device_and_placed_with_the_input() -> None:
-    """``samplers.randn``: drawn by the generator on its own device (a CPU generator reproduces CUDA runs), then moved to
+    """``samplers.randn``: drawn by the generator on its own device (a CPU generator reproduces CUDA runs), then
+    moved to
     x_like's device; without a generator, drawn directly on the requested device (the global CPU RNG untouched)."""
     from genzoo.diffusion.samplers import randn as draw
 
@@ -449,7 +506,8 @@ def test_timestep_samplers_return_tensors_on_the_device_asked_for_and_cover_ever
 
 
 def test_prediction_from_xstart_recomputes_eps_and_the_mean() -> None:
-    """A guided x0_hat processed again: eps = (x_t - sqrt(abar) x0)/sqrt(1 - abar) and the posterior mean at x0 follow; the
+    """A guided x0_hat processed again: eps = (x_t - sqrt(abar) x0)/sqrt(1 - abar) and the posterior mean at x0
+    follow; the
     variance stays."""
     d = process(schedule="cosine", T=50)
     x, t = randn(4, 3, seed=1), torch.tensor([0, 7, 30, 49])
@@ -529,8 +587,12 @@ def test_cfg_without_a_condition_is_the_plain_model_and_marks_the_null_half_on_t
         seen.update(c)
         return x
 
-    cfg.model_output(spy, torch.zeros(2, 3, device=META), torch.zeros(2, dtype=torch.long, device=META),
-                     {"y": torch.zeros(2, dtype=torch.long, device=META)})
+    cfg.model_output(
+        spy,
+        torch.zeros(2, 3, device=META),
+        torch.zeros(2, dtype=torch.long, device=META),
+        {"y": torch.zeros(2, dtype=torch.long, device=META)},
+    )
     assert seen["drop"].device == META and seen["drop"].shape == (4,)
 
 
@@ -546,8 +608,12 @@ def test_q_sample_draws_its_own_noise_when_none_is_given() -> None:
 def test_hybrid_loss_with_a_fixed_variance_and_the_clamped_vlb() -> None:
     """L_hybrid also runs on a fixed variance (its vlb then trains nothing); ``vb_terms_bpd`` applies ``process_xstart``
     (the clamp ``calc_bpd_loop`` uses) before forming the model's mean."""
-    d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 100), model_mean_type=ModelMeanType.EPSILON,
-                          model_var_type=SMALL, loss_type=LossType.HYBRID)
+    d = GaussianDiffusion(
+        betas=get_named_beta_schedule("linear", 100),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=SMALL,
+        loss_type=LossType.HYBRID,
+    )
     x0, noise, t = randn(3, 4, seed=1).clamp(-1, 1), randn(3, 4, seed=2), torch.tensor([3, 50, 99])
     model = lambda x, tt, c: 2 * x  # noqa: E731
     terms = d.training_losses(model, x0, t, noise=noise)
@@ -583,7 +649,9 @@ def test_mixture_draws_follow_the_generator() -> None:
     g = gen(1)
     k = torch.multinomial(gmm.weights, 50, replacement=True, generator=g)
     z = torch.randn(50, 2, 1, generator=g, dtype=F64)
-    torch.testing.assert_close(a, gmm.means[k] + (torch.linalg.cholesky(gmm.covs)[k] @ z).squeeze(-1), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        a, gmm.means[k] + (torch.linalg.cholesky(gmm.covs)[k] @ z).squeeze(-1), rtol=0, atol=1e-15
+    )
 
 
 def test_exact_classifier_gradient_keeps_the_input_dtype() -> None:
@@ -633,7 +701,8 @@ def test_the_churn_plan_is_built_once_per_process() -> None:
 
 def test_dpm_solver_3m_step_is_its_formula_on_uneven_steps() -> None:
     """DPM-Solver++(3M) (solvers.py's docstring) on a grid uniform in t, so uneven in lambda (r0 != r1 != 1, where the
-    order tests' even grid cannot tell d2's 2 / (r0 + r1) from its inverse): x' = (sigma'/sigma) x - alpha' (e^-h - 1) D0
+    order tests' even grid cannot tell d2's 2 / (r0 + r1) from its inverse): x' = (sigma'/sigma) x - alpha' (e^-h -
+    1) D0
     + alpha' (phi2 d1 - phi3 d2)."""
     from genzoo.diffusion import solvers
 
@@ -662,7 +731,8 @@ def test_dpm_solver_3m_step_is_its_formula_on_uneven_steps() -> None:
 
 
 def test_unipc_last_step_denoises_with_the_corrected_point() -> None:
-    """UniPC's last point is corrected, then x0 = D + (x_corrected - x) / alpha (the eps its evaluation implies), with an
+    """UniPC's last point is corrected, then x0 = D + (x_corrected - x) / alpha (the eps its evaluation implies),
+    with an
     alpha far from 1 here (grid point t = 334 of 1000)."""
     from genzoo.diffusion import solvers
 

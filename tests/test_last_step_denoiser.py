@@ -44,8 +44,12 @@ def test_the_last_network_serves_exactly_the_last_model_evaluation(name: str) ->
     assert any(k.startswith("last_denoiser.") for k in dec.state_dict())
     dec.denoiser, dec.last_denoiser = Recorder(0.1), Recorder(-0.1)
     sampler = REGISTRY.build("sampler", {"type": name, "steps": 6})
-    x = dec.decode(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), None, sampler=sampler,
-                   generator=torch.Generator().manual_seed(1))
+    x = dec.decode(
+        torch.randn(3, 4, generator=torch.Generator().manual_seed(0)),
+        None,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(1),
+    )
     calls = dec.denoiser.calls + dec.last_denoiser.calls
     assert torch.isfinite(x).all() and dec.last_denoiser.calls, name
     assert set(dec.last_denoiser.calls) == {min(calls)} and min(calls) not in dec.denoiser.calls, name

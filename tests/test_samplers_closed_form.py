@@ -18,13 +18,22 @@ import pytest
 import torch
 
 from genzoo.diffusion import (
-    AncestralSampler, ClassifierFreeGuidance, ClassifierGuidance, DDIMSampler, DPMSolverPlusPlus2M, GaussianDiffusion,
-    LossType, ModelMeanType, ModelVarType, get_named_beta_schedule, space_timesteps,
+    AncestralSampler,
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    DDIMSampler,
+    DPMSolverPlusPlus2M,
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    get_named_beta_schedule,
+    space_timesteps,
 )
 from genzoo.diffusion.gmm import GaussianMixture, exact_classifier, exact_eps_model
 from genzoo.diffusion.guidance import CFGConfig, DiffusionGuidance, GradientGuidance
-from genzoo.interfaces import with_null_condition
 from genzoo.diffusion.samplers import DDIMConfig, SamplerConfig
+from genzoo.interfaces import with_null_condition
 
 N = 4000
 F64 = torch.float64
@@ -45,12 +54,25 @@ def one_thread():
 
 
 def diffusion(var: ModelVarType = ModelVarType.FIXED_SMALL) -> GaussianDiffusion:
-    return GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type=ModelMeanType.EPSILON,
-                             model_var_type=var, loss_type=LossType.SIMPLE, clip_range=None)
+    return GaussianDiffusion(
+        betas=get_named_beta_schedule("linear", 1000),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=var,
+        loss_type=LossType.SIMPLE,
+        clip_range=None,
+    )
 
 
-def draw(sampler, gmm: GaussianMixture = GMM, cond=None, guidance=None, seed: int = 0, var=ModelVarType.FIXED_SMALL,
-         model=None, n: int = N) -> torch.Tensor:
+def draw(
+    sampler,
+    gmm: GaussianMixture = GMM,
+    cond=None,
+    guidance=None,
+    seed: int = 0,
+    var=ModelVarType.FIXED_SMALL,
+    model=None,
+    n: int = N,
+) -> torch.Tensor:
     d = diffusion(var)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 2, generator=g, dtype=F64)
@@ -87,21 +109,27 @@ def test_mixture_reference_passes_its_own_check() -> None:
         check_mixture(1.1 * x, bias=0.0)
 
 
-@pytest.mark.parametrize(("sampler", "bias"), [
-    (AncestralSampler(SamplerConfig(steps=1000, clip=False)), 0.01),
-    (AncestralSampler(SamplerConfig(steps=100, clip=False)), 0.05),  # respacing preserves the marginals
-    (AncestralSampler(SamplerConfig(steps="ddim50", clip=False)), 0.09),
-    (DDIMSampler(DDIMConfig(steps=50, clip=False)), 0.05),
-    (DDIMSampler(DDIMConfig(steps=50, eta=1.0, clip=False)), 0.08),
-    (DPMSolverPlusPlus2M(SamplerConfig(steps=20, clip=False)), 0.025),
-], ids=["ddpm-1000", "ddpm-100-respaced", "ddpm-ddim50-respaced", "ddim-50", "ddim-50-eta1", "dpm-solver++-20"])
+@pytest.mark.parametrize(
+    ("sampler", "bias"),
+    [
+        (AncestralSampler(SamplerConfig(steps=1000, clip=False)), 0.01),
+        (AncestralSampler(SamplerConfig(steps=100, clip=False)), 0.05),  # respacing preserves the marginals
+        (AncestralSampler(SamplerConfig(steps="ddim50", clip=False)), 0.09),
+        (DDIMSampler(DDIMConfig(steps=50, clip=False)), 0.05),
+        (DDIMSampler(DDIMConfig(steps=50, eta=1.0, clip=False)), 0.08),
+        (DPMSolverPlusPlus2M(SamplerConfig(steps=20, clip=False)), 0.025),
+    ],
+    ids=["ddpm-1000", "ddpm-100-respaced", "ddpm-ddim50-respaced", "ddim-50", "ddim-50-eta1", "dpm-solver++-20"],
+)
 def test_samplers_reproduce_the_mixture(sampler, bias: float) -> None:
     """``bias``: the largest mean or covariance error of the sampler measured with N = 40000 (docs/diffusion.md)."""
     check_mixture(draw(sampler), bias=bias)
 
 
 def test_fixed_large_variance_also_reproduces_the_mixture() -> None:
-    check_mixture(draw(AncestralSampler(SamplerConfig(steps=250, clip=False)), var=ModelVarType.FIXED_LARGE), bias=0.015)
+    check_mixture(
+        draw(AncestralSampler(SamplerConfig(steps=250, clip=False)), var=ModelVarType.FIXED_LARGE), bias=0.015
+    )
 
 
 def test_ode_samplers_converge_at_their_order() -> None:
@@ -140,12 +168,19 @@ def spy_on(model, seen: list):
     return spy
 
 
-@pytest.mark.parametrize("sampler", [
-    AncestralSampler(SamplerConfig(steps=50, clip=False)), DDIMSampler(DDIMConfig(steps="ddim25", clip=False)),
-    DPMSolverPlusPlus2M(SamplerConfig(steps=20, clip=False)), DPMSolverPlusPlus2M(SamplerConfig(steps="10,5", clip=False)),
-], ids=["ddpm-50", "ddim-ddim25", "dpm-20", "dpm-sections"])
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        AncestralSampler(SamplerConfig(steps=50, clip=False)),
+        DDIMSampler(DDIMConfig(steps="ddim25", clip=False)),
+        DPMSolverPlusPlus2M(SamplerConfig(steps=20, clip=False)),
+        DPMSolverPlusPlus2M(SamplerConfig(steps="10,5", clip=False)),
+    ],
+    ids=["ddpm-50", "ddim-ddim25", "dpm-20", "dpm-sections"],
+)
 def test_sampler_always_respaces_and_calls_the_model_with_original_steps(sampler) -> None:
-    """Fewer steps are never a truncated chain: the model sees exactly the respaced ORIGINAL indices, from the top down."""
+    """Fewer steps are never a truncated chain: the model sees exactly the respaced ORIGINAL indices, from the top
+    down."""
     d, seen = diffusion(), []
     sampler.sample(d, spy_on(exact_eps_model(GMM, d), seen), (3, 2), noise=torch.randn(3, 2, dtype=F64))
     grid = sorted(space_timesteps(1000, sampler.grid()), reverse=True)
@@ -162,23 +197,37 @@ def test_respaced_process_is_cached_and_too_many_steps_are_refused() -> None:
     with pytest.raises(ValueError, match="steps=1000 needs 1001 timesteps"):  # DPM-Solver++ needs one more grid point
         DPMSolverPlusPlus2M(SamplerConfig(steps=1000)).respaced(d)
     for one in (1, "1"):  # one step keeps only t = 1: the "sample" would be the noise, clamped
-        with pytest.raises(ValueError, match="starts the chain at t = 1 of 1000, but x_T is pure noise; use steps >= 2"):
+        with pytest.raises(
+            ValueError, match="starts the chain at t = 1 of 1000, but x_T is pure noise; use steps >= 2"
+        ):
             DDIMSampler(DDIMConfig(steps=one)).respaced(d)
     with pytest.raises(ValueError, match="steps='5,0' starts the chain at t = 500 of 1000"):
         DDIMSampler(DDIMConfig(steps="5,0")).respaced(d)
     with pytest.raises(ValueError, match="steps=0 keeps no step of 1000"):
         DDIMSampler(DDIMConfig(steps=0)).respaced(d)
-    assert DPMSolverPlusPlus2M(SamplerConfig(steps=1)).respaced(d).timestep_map[-1] == 999  # its grid has a second point
+    assert (
+        DPMSolverPlusPlus2M(SamplerConfig(steps=1)).respaced(d).timestep_map[-1] == 999
+    )  # its grid has a second point
 
 
-@pytest.mark.parametrize("sampler", [
-    AncestralSampler(SamplerConfig(steps=10)), DDIMSampler(DDIMConfig(steps=10, eta=0.5)), DPMSolverPlusPlus2M(SamplerConfig(steps=10)),
-], ids=["ddpm", "ddim", "dpm"])
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        AncestralSampler(SamplerConfig(steps=10)),
+        DDIMSampler(DDIMConfig(steps=10, eta=0.5)),
+        DPMSolverPlusPlus2M(SamplerConfig(steps=10)),
+    ],
+    ids=["ddpm", "ddim", "dpm"],
+)
 @pytest.mark.parametrize("var", [ModelVarType.FIXED_SMALL, ModelVarType.LEARNED_RANGE])
 def test_dirac_data_is_recovered_exactly_for_any_shape(sampler, var) -> None:
     """For data x0* (a point), E[eps | x_t] = (x_t - sqrt(abar) x0*) / sqrt(1 - abar): every sampler must end at x0*."""
-    d = GaussianDiffusion(betas=get_named_beta_schedule("cosine", 200), model_mean_type=ModelMeanType.EPSILON,
-                          model_var_type=var, loss_type=LossType.SIMPLE)
+    d = GaussianDiffusion(
+        betas=get_named_beta_schedule("cosine", 200),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=var,
+        loss_type=LossType.SIMPLE,
+    )
     target = torch.linspace(-0.9, 0.9, 2 * 3 * 4 * 4, dtype=F64).view(2, 3, 4, 4)
     sqrt_abar = torch.as_tensor(d.tables["sqrt_abar"])
     sqrt_1m = torch.as_tensor(d.tables["sqrt_one_minus_abar"])
@@ -187,13 +236,23 @@ def test_dirac_data_is_recovered_exactly_for_any_shape(sampler, var) -> None:
         eps = (x - sqrt_abar[t].view(-1, 1, 1, 1) * target) / sqrt_1m[t].view(-1, 1, 1, 1)
         return eps if var is ModelVarType.FIXED_SMALL else torch.cat([eps, torch.zeros_like(eps)], dim=1)
 
-    x = sampler.sample(d, model, tuple(target.shape), generator=torch.Generator().manual_seed(0), noise=torch.randn(2, 3, 4, 4, dtype=F64))
+    x = sampler.sample(
+        d,
+        model,
+        tuple(target.shape),
+        generator=torch.Generator().manual_seed(0),
+        noise=torch.randn(2, 3, 4, 4, dtype=F64),
+    )
     torch.testing.assert_close(x, target, atol=1e-6, rtol=0)
 
 
 def test_clipping_and_dynamic_thresholding_bound_x0() -> None:
-    d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 100), model_mean_type=ModelMeanType.EPSILON,
-                          model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.SIMPLE)
+    d = GaussianDiffusion(
+        betas=get_named_beta_schedule("linear", 100),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_SMALL,
+        loss_type=LossType.SIMPLE,
+    )
     wild = lambda x, t, c: torch.full_like(x, -50.0)  # noqa: E731  implies a far out-of-range x0
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     assert DDIMSampler(DDIMConfig(steps=10)).sample(d, wild, (2, 1, 4, 4), generator=gen()).abs().max() <= 1.0 + 1e-6
@@ -218,9 +277,14 @@ class _Push(GradientGuidance):
 
 def test_eps_form_guidance_moves_x0_by_the_closed_form_and_a_clipping_sampler_clamps_it() -> None:
     """eps' = eps - sqrt(1 - abar) s g moves x0_hat by (1 - abar) / sqrt(abar) s g: 2e4 s g at t = T of the cosine
-    schedule (abar_T = 2.4e-9). A clipping sampler clamps the guided x0_hat as it clamps the unguided one, eps following."""
-    d = GaussianDiffusion(betas=get_named_beta_schedule("cosine", 1000), model_mean_type=ModelMeanType.EPSILON,
-                          model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.SIMPLE)
+    schedule (abar_T = 2.4e-9). A clipping sampler clamps the guided x0_hat as it clamps the unguided one, eps
+    following."""
+    d = GaussianDiffusion(
+        betas=get_named_beta_schedule("cosine", 1000),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_SMALL,
+        loss_type=LossType.SIMPLE,
+    )
     at_zero = lambda x, t, c: x / d.extract("sqrt_one_minus_abar", t, x)  # noqa: E731  the exact eps of data at 0
     free, clipped = DDIMSampler(DDIMConfig(steps=10, clip=False)), DDIMSampler(DDIMConfig(steps=10))
     proc = free.respaced(d)
@@ -266,7 +330,9 @@ def fraction_assigned(x: torch.Tensor) -> float:
 
 def exact_fraction() -> float:
     """The fraction of exact draws from component 1 that the Bayes rule assigns to it."""
-    x = OVERLAP.means[1] + math.sqrt(0.5) * torch.randn(200_000, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x = OVERLAP.means[1] + math.sqrt(0.5) * torch.randn(
+        200_000, 2, generator=torch.Generator().manual_seed(0), dtype=F64
+    )
     return fraction_assigned(x)
 
 
@@ -311,9 +377,14 @@ def test_guided_sampling_can_be_profiled() -> None:
     assert all(p.grad is None for p in guidance.parameters())  # only the input's gradient is taken
 
 
-@pytest.mark.parametrize(("sampler", "bias"), [
-    (AncestralSampler(SamplerConfig(steps=250, clip=False)), 0.03), (DDIMSampler(DDIMConfig(steps=50, clip=False)), 0.02),
-], ids=["ancestral", "ddim"])
+@pytest.mark.parametrize(
+    ("sampler", "bias"),
+    [
+        (AncestralSampler(SamplerConfig(steps=250, clip=False)), 0.03),
+        (DDIMSampler(DDIMConfig(steps=50, clip=False)), 0.02),
+    ],
+    ids=["ancestral", "ddim"],
+)
 def test_classifier_guidance_samples_the_conditional(sampler, bias: float) -> None:
     """Scale 1 with the exact classifier samples p(x | y) = N(mu_y, S_y); scale 3 concentrates further on y."""
     model = unconditional(exact_eps_model(OVERLAP, diffusion()))
@@ -327,24 +398,39 @@ def test_classifier_guidance_samples_the_conditional(sampler, bias: float) -> No
     assert x3[:, 0].mean() > x1[:, 0].mean() + 0.1
 
 
-@pytest.mark.parametrize("sampler", [DDIMSampler(DDIMConfig(steps=20, clip=False)), DPMSolverPlusPlus2M(SamplerConfig(steps=10, clip=False))],
-                         ids=["ddim", "dpm-solver++"])
+@pytest.mark.parametrize(
+    "sampler",
+    [DDIMSampler(DDIMConfig(steps=20, clip=False)), DPMSolverPlusPlus2M(SamplerConfig(steps=10, clip=False))],
+    ids=["ddim", "dpm-solver++"],
+)
 @pytest.mark.parametrize("scale", [1.0, 3.0])
 def test_cfg_with_exact_models_equals_classifier_guidance(sampler, scale: float) -> None:
-    """eps_u + s (eps_c - eps_u) = eps_u - sqrt(1 - abar) s grad log p(y | x_t): with exact models the eps forms coincide."""
+    """eps_u + s (eps_c - eps_u) = eps_u - sqrt(1 - abar) s grad log p(y | x_t): with exact models the eps forms
+    coincide."""
     model = exact_eps_model(OVERLAP, diffusion())
     y = {"y": torch.ones(500, dtype=torch.long)}
     cfg = draw(sampler, OVERLAP, cond=y, guidance=ClassifierFreeGuidance(CFGConfig(scale=scale)), model=model, n=500)
-    cg = draw(sampler, OVERLAP, cond=y, guidance=ClassifierGuidance(model.classifier, scale=scale), model=unconditional(model), n=500)
+    cg = draw(
+        sampler,
+        OVERLAP,
+        cond=y,
+        guidance=ClassifierGuidance(model.classifier, scale=scale),
+        model=unconditional(model),
+        n=500,
+    )
     torch.testing.assert_close(cfg, cg, atol=1e-6, rtol=1e-6)
 
 
 def test_classifier_free_guidance_moves_mass_toward_the_class() -> None:
     """s = 1: the conditional N(mu_y, S_y); s = 0: the unconditional mixture; s > 1: more mass on y, monotonically."""
     sampler = AncestralSampler(SamplerConfig(steps=250, clip=False))
-    by_scale = {s: draw(sampler, OVERLAP, cond=Y, guidance=ClassifierFreeGuidance(CFGConfig(scale=s))) for s in (0.0, 1.0, 1.5, 3.0)}
+    by_scale = {
+        s: draw(sampler, OVERLAP, cond=Y, guidance=ClassifierFreeGuidance(CFGConfig(scale=s)))
+        for s in (0.0, 1.0, 1.5, 3.0)
+    }
     check_gaussian(by_scale[1.0], OVERLAP.means[1], OVERLAP.covs[1], 0.03)
-    # s = 0: the unconditional mixture, whose mean is sum_k w_k mu_k = (-0.4, 0) and variance along x 0.5 + 4 w0 w1 = 1.34
+    # s = 0: the unconditional mixture, whose mean is sum_k w_k mu_k = (-0.4, 0) and variance along x 0.5 + 4 w0 w1
+    # = 1.34
     assert torch.allclose(by_scale[0.0].mean(0), OVERLAP.weights @ OVERLAP.means, atol=4 * math.sqrt(1.34 / N) + 0.02)
     assert fraction_assigned(by_scale[0.0]) < 0.5
     fractions = [fraction_assigned(by_scale[s]) for s in (1.0, 1.5, 3.0)]
@@ -359,15 +445,33 @@ def test_cfg_batches_both_passes_into_one_forward() -> None:
 
     def spy(x, t, cond):
         calls.append(x.shape[0])
-        assert cond["drop"].tolist() == [False, True, False] + [True] * 3  # the caller's drop kept on the conditional half
+        assert (
+            cond["drop"].tolist() == [False, True, False] + [True] * 3
+        )  # the caller's drop kept on the conditional half
         assert cond["name"] == "kept" and cond["emb"].shape == (6, 4)  # non-tensors pass, every tensor doubles
         return model(x, t, cond)
 
-    cond = {"y": torch.ones(3, dtype=torch.long), "emb": torch.zeros(3, 4), "name": "kept", "drop": torch.tensor([False, True, False])}
-    DDIMSampler(DDIMConfig(steps=10, clip=False)).sample(d, spy, (3, 2), cond=cond, guidance=ClassifierFreeGuidance(CFGConfig(scale=2.0)),
-                                                         noise=torch.randn(3, 2, dtype=F64))
+    cond = {
+        "y": torch.ones(3, dtype=torch.long),
+        "emb": torch.zeros(3, 4),
+        "name": "kept",
+        "drop": torch.tensor([False, True, False]),
+    }
+    DDIMSampler(DDIMConfig(steps=10, clip=False)).sample(
+        d,
+        spy,
+        (3, 2),
+        cond=cond,
+        guidance=ClassifierFreeGuidance(CFGConfig(scale=2.0)),
+        noise=torch.randn(3, 2, dtype=F64),
+    )
     assert calls == [6] * 10
-    assert with_null_condition({"y": torch.zeros(2)}, 2, torch.device("cpu"))["drop"].tolist() == [False, False, True, True]
+    assert with_null_condition({"y": torch.zeros(2)}, 2, torch.device("cpu"))["drop"].tolist() == [
+        False,
+        False,
+        True,
+        True,
+    ]
 
 
 def test_cfg_mixes_only_the_eps_channels_of_a_learned_variance() -> None:
@@ -375,6 +479,8 @@ def test_cfg_mixes_only_the_eps_channels_of_a_learned_variance() -> None:
         null = cond["drop"].view(-1, 1, 1, 1).to(x.dtype)
         return torch.cat([1 + 2 * null, 0.25 - null], dim=1).expand(-1, 2, 2, 2)
 
-    out = ClassifierFreeGuidance(CFGConfig(scale=3.0)).model_output(model, torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), {"y": torch.zeros(2)})
+    out = ClassifierFreeGuidance(CFGConfig(scale=3.0)).model_output(
+        model, torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), {"y": torch.zeros(2)}
+    )
     assert out.shape == (2, 2, 2, 2)
     assert (out[:, 0] == 3 + 3 * (1 - 3)).all() and (out[:, 1] == 0.25).all()

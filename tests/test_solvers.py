@@ -101,13 +101,21 @@ def test_uniform_grid_is_the_even_spacing_of_before() -> None:
     assert SamplerConfig().grid == "uniform" and SamplerConfig().spacing == "even"
     for n in (2, 10, 21, 250):
         assert solver_grid(linear_abar(), n, "uniform") == sorted(space_timesteps(1000, n))
-    d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type=ModelMeanType.EPSILON,
-                          model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.SIMPLE)
-    assert DPMSolverPlusPlus2M(SamplerConfig(steps=20)).respaced(d).timestep_map.tolist() == sorted(space_timesteps(1000, 21))
+    d = GaussianDiffusion(
+        betas=get_named_beta_schedule("linear", 1000),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_SMALL,
+        loss_type=LossType.SIMPLE,
+    )
+    assert DPMSolverPlusPlus2M(SamplerConfig(steps=20)).respaced(d).timestep_map.tolist() == sorted(
+        space_timesteps(1000, 21)
+    )
 
 
 def test_grid_refuses_diffusers_spacings_and_section_strings() -> None:
-    with pytest.raises(ValidationError, match="grid 'karras' picks its own timesteps, so spacing must be 'even'.*'leading'"):
+    with pytest.raises(
+        ValidationError, match="grid 'karras' picks its own timesteps, so spacing must be 'even'.*'leading'"
+    ):
         SamplerConfig(grid="karras", spacing="leading")
     with pytest.raises(ValidationError, match="grid 'log-snr' takes an integer number of steps, not steps='10,5'"):
         SamplerConfig(grid="log-snr", steps="10,5")
@@ -121,11 +129,16 @@ def test_samplers_evaluate_nfe_times_at_the_grid_original_timesteps(name: str, g
     d, seen = diffusion_linear(), []
     sampler = build(name, steps=6, grid=grid)
     kept = sampler.respaced(d).timestep_map.tolist()
-    sampler.sample(d, spy_on(exact_eps_model(GMM, d), seen), (3, 2), noise=torch.randn(3, 2, dtype=F64),
-                   generator=torch.Generator().manual_seed(0))
+    sampler.sample(
+        d,
+        spy_on(exact_eps_model(GMM, d), seen),
+        (3, 2),
+        noise=torch.randn(3, 2, dtype=F64),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert len(seen) == sampler.nfe() and all(len(set(s)) == 1 for s in seen)
     assert kept == solver_grid(d.tables["abar"], len(kept), grid)
-    evaluated = kept[sampler.last_index:][::-1]
+    evaluated = kept[sampler.last_index :][::-1]
     if name == "edm-heun":  # each level, then the corrector at the next one; the last level alone
         assert [s[0] for s in seen] == [v for pair in zip(evaluated, evaluated[1:]) for v in pair] + [evaluated[-1]]
         assert sampler.nfe() == 11
@@ -134,24 +147,37 @@ def test_samplers_evaluate_nfe_times_at_the_grid_original_timesteps(name: str, g
 
 
 def diffusion_linear() -> GaussianDiffusion:
-    return GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type=ModelMeanType.EPSILON,
-                             model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.SIMPLE, clip_range=None)
+    return GaussianDiffusion(
+        betas=get_named_beta_schedule("linear", 1000),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_SMALL,
+        loss_type=LossType.SIMPLE,
+        clip_range=None,
+    )
 
 
 # ------------------------------------------------------------------ convergence against the exact flow of Gaussian data
 
 
 MU, S = 0.5, 0.2
-GAUSS = GaussianMixture(weights=torch.tensor([1.0], dtype=F64), means=torch.tensor([[MU]], dtype=F64),
-                        covs=torch.tensor([[[S * S]]], dtype=F64))
+GAUSS = GaussianMixture(
+    weights=torch.tensor([1.0], dtype=F64),
+    means=torch.tensor([[MU]], dtype=F64),
+    covs=torch.tensor([[[S * S]]], dtype=F64),
+)
 
 
 def lambda_linear(timesteps: int = 1601) -> GaussianDiffusion:
     """abar = sigmoid(2 lambda) with lambda from 5 (t = 1) to -5 (t = T), linear in t."""
     lam = np.linspace(5.0, -5.0, timesteps)
     abar = 1 / (1 + np.exp(-2 * lam))
-    return GaussianDiffusion(betas=1 - abar / np.append(1.0, abar[:-1]), model_mean_type=ModelMeanType.EPSILON,
-                             model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.SIMPLE, clip_range=None)
+    return GaussianDiffusion(
+        betas=1 - abar / np.append(1.0, abar[:-1]),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_SMALL,
+        loss_type=LossType.SIMPLE,
+        clip_range=None,
+    )
 
 
 PROC = lambda_linear()
@@ -218,7 +244,9 @@ ORDER_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("make", "steps", "low", "high"), [c[1:] for c in ORDER_CASES], ids=[c[0] for c in ORDER_CASES])
+@pytest.mark.parametrize(
+    ("make", "steps", "low", "high"), [c[1:] for c in ORDER_CASES], ids=[c[0] for c in ORDER_CASES]
+)
 def test_solvers_converge_at_their_order_to_the_exact_flow(make, steps, low: float, high: float) -> None:
     found = orders(make, steps)
     assert all(low < p < high for p in found), found
@@ -229,18 +257,40 @@ def test_solvers_converge_at_their_order_to_the_exact_flow(make, steps, low: flo
 # the reference code's d2 2.40,
 # 2.12; UniPC-2 with rho_c x 1.1 1.39, 1.13; UniPC-3 with rho_p x 1.2 2.16, 1.98.
 MUTANT_CASES = [
-    ("edm-heun-weights", uniform(HeunFirstOrder, solvers.EDMHeunConfig), uniform(solvers.EDMHeun, solvers.EDMHeunConfig),
-     (41, 81, 161), 1.8),
-    ("dpmpp-3m-reference-d2", uniform(ThreeMAsReferenceCode, solvers.MultistepConfig),
-     uniform(solvers.DPMSolverPlusPlus3M, solvers.MultistepConfig), (21, 41, 81), 2.8),
-    ("unipc-corrector", uniform(UniPCWrongCorrector, solvers.UniPCConfig), uniform(solvers.UniPC, solvers.UniPCConfig),
-     (21, 41, 81), 2.6),
-    ("unipc-order3-predictor", uniform(UniPCWrongPredictor, solvers.UniPCConfig, order=3),
-     uniform(solvers.UniPC, solvers.UniPCConfig, order=3), (21, 41, 81), 2.9),
+    (
+        "edm-heun-weights",
+        uniform(HeunFirstOrder, solvers.EDMHeunConfig),
+        uniform(solvers.EDMHeun, solvers.EDMHeunConfig),
+        (41, 81, 161),
+        1.8,
+    ),
+    (
+        "dpmpp-3m-reference-d2",
+        uniform(ThreeMAsReferenceCode, solvers.MultistepConfig),
+        uniform(solvers.DPMSolverPlusPlus3M, solvers.MultistepConfig),
+        (21, 41, 81),
+        2.8,
+    ),
+    (
+        "unipc-corrector",
+        uniform(UniPCWrongCorrector, solvers.UniPCConfig),
+        uniform(solvers.UniPC, solvers.UniPCConfig),
+        (21, 41, 81),
+        2.6,
+    ),
+    (
+        "unipc-order3-predictor",
+        uniform(UniPCWrongPredictor, solvers.UniPCConfig, order=3),
+        uniform(solvers.UniPC, solvers.UniPCConfig, order=3),
+        (21, 41, 81),
+        2.9,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("mutant", "correct", "steps", "low"), [c[1:] for c in MUTANT_CASES], ids=[c[0] for c in MUTANT_CASES])
+@pytest.mark.parametrize(
+    ("mutant", "correct", "steps", "low"), [c[1:] for c in MUTANT_CASES], ids=[c[0] for c in MUTANT_CASES]
+)
 def test_a_wrong_coefficient_fails_the_order_check(mutant, correct, steps, low: float) -> None:
     assert not all(p > low for p in orders(mutant, steps))
     assert flow_error(mutant(steps[-1])) > 3 * flow_error(correct(steps[-1]))
@@ -301,13 +351,22 @@ def test_sde_variant_converges_weakly_and_a_wrong_noise_fails(probe_randn) -> No
 # (id, spec, separated-mixture bias as test_samplers_closed_form's, small-variance tolerances before the allowance)
 MIXTURE_CASES = [
     ("edm-heun-18", {"type": "edm-heun", "steps": 18}, 0.07, {"weight": 0.006, "mean": 0.13, "cov": 0.09}),
-    ("edm-heun-18-churn", {"type": "edm-heun", "steps": 18, "churn": 10}, 0.12, {"weight": 0.009, "mean": 0.22, "cov": 0.24}),
+    (
+        "edm-heun-18-churn",
+        {"type": "edm-heun", "steps": 18, "churn": 10},
+        0.12,
+        {"weight": 0.009, "mean": 0.22, "cov": 0.24},
+    ),
     ("dpmpp-3m-20", {"type": "dpmpp-3m", "steps": 20}, 0.035, {"weight": 0.001, "mean": 0.022, "cov": 0.016}),
     ("dpmpp-3m-sde-20", {"type": "dpmpp-3m-sde", "steps": 20}, 0.12, {"weight": 0.003, "mean": 0.021, "cov": 0.052}),
     ("unipc-10", {"type": "unipc", "steps": 10}, 0.16, {"weight": 0.003, "mean": 0.044, "cov": 0.044}),
     ("unipc-20", {"type": "unipc", "steps": 20}, 0.04, {"weight": 0.001, "mean": 0.031, "cov": 0.021}),
-    ("dpm-solver++-10-log-snr", {"type": "dpm-solver++", "steps": 10, "grid": "log-snr"}, 0.22,
-     {"weight": 0.004, "mean": 0.057, "cov": 0.06}),
+    (
+        "dpm-solver++-10-log-snr",
+        {"type": "dpm-solver++", "steps": 10, "grid": "log-snr"},
+        0.22,
+        {"weight": 0.004, "mean": 0.057, "cov": 0.06},
+    ),
 ]
 
 
@@ -345,9 +404,22 @@ def test_cfg_with_exact_models_equals_classifier_guidance_for_every_eps_form_sam
     model = exact_eps_model(OVERLAP, diffusion_linear())
     y = {"y": torch.ones(200, dtype=torch.long)}
     spec = {"steps": 8} if name != "edm-heun" else {"steps": 5, "churn": 5}
-    cfg = draw(build(name, **spec), OVERLAP, cond=y, guidance=ClassifierFreeGuidance(CFGConfig(scale=scale)), model=model, n=200)
-    cg = draw(build(name, **spec), OVERLAP, cond=y, guidance=ClassifierGuidance(model.classifier, scale=scale),
-              model=unconditional(model), n=200)
+    cfg = draw(
+        build(name, **spec),
+        OVERLAP,
+        cond=y,
+        guidance=ClassifierFreeGuidance(CFGConfig(scale=scale)),
+        model=model,
+        n=200,
+    )
+    cg = draw(
+        build(name, **spec),
+        OVERLAP,
+        cond=y,
+        guidance=ClassifierGuidance(model.classifier, scale=scale),
+        model=unconditional(model),
+        n=200,
+    )
     torch.testing.assert_close(cfg, cg, atol=1e-6, rtol=1e-6)
 
 
@@ -360,7 +432,9 @@ def test_guided_new_samplers_sample_the_conditional(name: str) -> None:
     y = {"y": torch.ones(4000, dtype=torch.long)}
     x1 = draw(sampler, OVERLAP, cond=y, guidance=ClassifierFreeGuidance(CFGConfig(scale=1.0)), model=model)
     check_gaussian(x1, OVERLAP.means[1], OVERLAP.covs[1], 0.05)
-    x3 = draw(sampler, OVERLAP, cond=y, guidance=ClassifierGuidance(model.classifier, scale=3.0), model=unconditional(model))
+    x3 = draw(
+        sampler, OVERLAP, cond=y, guidance=ClassifierGuidance(model.classifier, scale=3.0), model=unconditional(model)
+    )
     assert x3[:, 0].mean() > x1[:, 0].mean() + 0.1
 
 
@@ -368,8 +442,12 @@ def test_guided_new_samplers_sample_the_conditional(name: str) -> None:
 @pytest.mark.parametrize("var", [ModelVarType.FIXED_SMALL, ModelVarType.LEARNED_RANGE])
 def test_dirac_data_is_recovered_exactly(name: str, var: ModelVarType) -> None:
     """For data x0* (a point) every sampler must end at x0*, on every grid, with the clamp on, for images."""
-    d = GaussianDiffusion(betas=get_named_beta_schedule("cosine", 200), model_mean_type=ModelMeanType.EPSILON,
-                          model_var_type=var, loss_type=LossType.SIMPLE)
+    d = GaussianDiffusion(
+        betas=get_named_beta_schedule("cosine", 200),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=var,
+        loss_type=LossType.SIMPLE,
+    )
     target = torch.linspace(-0.9, 0.9, 2 * 3 * 4 * 4, dtype=F64).view(2, 3, 4, 4)
     sqrt_abar, sqrt_1m = torch.as_tensor(d.tables["sqrt_abar"]), torch.as_tensor(d.tables["sqrt_one_minus_abar"])
 
@@ -378,10 +456,19 @@ def test_dirac_data_is_recovered_exactly(name: str, var: ModelVarType) -> None:
         return eps if var is ModelVarType.FIXED_SMALL else torch.cat([eps, torch.zeros_like(eps)], dim=1)
 
     for grid in GRIDS:
-        sampler = default_registry().build("sampler", {"type": name, "steps": 6, "grid": grid, "churn": 3} if name == "edm-heun"
-                                           else {"type": name, "steps": 6, "grid": grid})
-        x = sampler.sample(d, model, tuple(target.shape), generator=torch.Generator().manual_seed(0),
-                           noise=torch.randn(2, 3, 4, 4, dtype=F64))
+        sampler = default_registry().build(
+            "sampler",
+            {"type": name, "steps": 6, "grid": grid, "churn": 3}
+            if name == "edm-heun"
+            else {"type": name, "steps": 6, "grid": grid},
+        )
+        x = sampler.sample(
+            d,
+            model,
+            tuple(target.shape),
+            generator=torch.Generator().manual_seed(0),
+            noise=torch.randn(2, 3, 4, 4, dtype=F64),
+        )
         torch.testing.assert_close(x, target, atol=1e-6, rtol=0)
 
 
@@ -390,8 +477,13 @@ def test_churn_evaluates_at_raised_timesteps_and_keeps_nfe() -> None:
     sqrt(2) - 1), only within [churn_min, churn_max]; it costs no extra evaluation."""
     d, seen = diffusion_linear(), []
     sampler = build("edm-heun", steps=8, churn=4, churn_min=0.05, churn_max=10.0)
-    sampler.sample(d, spy_on(exact_eps_model(GMM, d), seen), (2, 2), noise=torch.randn(2, 2, dtype=F64),
-                   generator=torch.Generator().manual_seed(0))
+    sampler.sample(
+        d,
+        spy_on(exact_eps_model(GMM, d), seen),
+        (2, 2),
+        noise=torch.randn(2, 2, dtype=F64),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert len(seen) == sampler.nfe() == 15
     kept = sampler.respaced(d).timestep_map.tolist()
     abar = d.tables["abar"]

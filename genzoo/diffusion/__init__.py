@@ -7,8 +7,24 @@ from genzoo.diffusion.schedules import get_named_beta_schedule, solver_grid, spa
 from genzoo.diffusion.solvers import DPMSolverPlusPlus3M, DPMSolverPlusPlus3MSDE, EDMHeun, UniPC
 
 __all__ = [
-    "GaussianDiffusion", "LossType", "ModelMeanType", "ModelVarType", "Prediction", "ClassifierFreeGuidance",
-    "ClassifierGuidance", "DiffusionGuidance", "GradientGuidance", "AncestralSampler", "DDIMSampler", "DiffusionSampler",
-    "DPMSolverPlusPlus2M", "DPMSolverPlusPlus3M", "DPMSolverPlusPlus3MSDE", "EDMHeun", "UniPC", "get_named_beta_schedule",
-    "solver_grid", "space_timesteps",
+    "GaussianDiffusion",
+    "LossType",
+    "ModelMeanType",
+    "ModelVarType",
+    "Prediction",
+    "ClassifierFreeGuidance",
+    "ClassifierGuidance",
+    "DiffusionGuidance",
+    "GradientGuidance",
+    "AncestralSampler",
+    "DDIMSampler",
+    "DiffusionSampler",
+    "DPMSolverPlusPlus2M",
+    "DPMSolverPlusPlus3M",
+    "DPMSolverPlusPlus3MSDE",
+    "EDMHeun",
+    "UniPC",
+    "get_named_beta_schedule",
+    "solver_grid",
+    "space_timesteps",
 ]

@@ -8,7 +8,8 @@ loss, denoiser and condition; the pipeline adds the family's training objective.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,32 +31,54 @@ class DiffusionDecoderConfig(BaseModel):
     schedule: str = Field("linear", description="beta schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)")
     timesteps: int = Field(1000, ge=1, description="T, the number of diffusion steps in training")
     betas: list[float] | None = Field(
-        None, description="explicit b_1..b_T, used instead of the named schedule (an imported model's schedule that "
-                          "genzoo does not name); T entries in (0, 1]")
+        None,
+        description="explicit b_1..b_T, used instead of the named schedule (an imported model's schedule that "
+        "genzoo does not name); T entries in (0, 1]",
+    )
     abar_float32: bool = Field(
-        False, description="abar as the float32 cumulative product of float32 alphas, as diffusers' schedulers compute "
-                           "it (imported models then sample as diffusers does); False: float64")
+        False,
+        description="abar as the float32 cumulative product of float32 alphas, as diffusers' schedulers compute "
+        "it (imported models then sample as diffusers does); False: float64",
+    )
     mean_type: ModelMeanType = Field(ModelMeanType.EPSILON, description="what the denoiser predicts: eps, x0 or v")
-    var_type: ModelVarType = Field(ModelVarType.FIXED_LARGE, description="reverse variance: fixed-small, fixed-large or learned-range")
+    var_type: ModelVarType = Field(
+        ModelVarType.FIXED_LARGE, description="reverse variance: fixed-small, fixed-large or learned-range"
+    )
     loss: LossType = Field(LossType.SIMPLE, description="L_simple, L_hybrid (simple + 0.001 L_vlb) or L_vlb")
     timestep_sampler: str = Field("uniform", description="how t is drawn in training: uniform or loss-aware (L_vlb)")
-    clip_range: float | None = Field(1.0, description="clamp predicted x0 to [-c, c] when sampling; null for unbounded data")
+    clip_range: float | None = Field(
+        1.0, description="clamp predicted x0 to [-c, c] when sampling; null for unbounded data"
+    )
     cond_drop: float = Field(0.0, ge=0, le=1, description="probability of dropping the condition in training (for CFG)")
-    emb_drop: float = Field(0.0, ge=0, le=1, description="probability of dropping only cond['emb'] (unCLIP's CLIP embedding: 0.1)")
-    context_drop: float = Field(0.0, ge=0, le=1, description="probability of dropping only the caption tokens, independently of emb_drop (unCLIP: 0.5)")
-    image_size: int | None = Field(None, ge=1, description="image side it draws; None: the dataset's (a cascade's base model is smaller)")
+    emb_drop: float = Field(
+        0.0, ge=0, le=1, description="probability of dropping only cond['emb'] (unCLIP's CLIP embedding: 0.1)"
+    )
+    context_drop: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="probability of dropping only the caption tokens, independently of emb_drop (unCLIP: 0.5)",
+    )
+    image_size: int | None = Field(
+        None, ge=1, description="image side it draws; None: the dataset's (a cascade's base model is smaller)"
+    )
     low_res_blur: tuple[float, float] | None = Field(
-        None, description="upsamplers: in training, blur cond['low_res'] with a Gaussian whose std (pixels of the low-res image) is "
-                          "drawn per image uniformly from [lo, hi], so that it learns to sharpen a base model's soft output (unCLIP Sec. 2.1)")
+        None,
+        description="upsamplers: in training, blur cond['low_res'] with a Gaussian whose std (pixels of the "
+        "low-res image) is "
+        "drawn per image uniformly from [lo, hi], so that it learns to sharpen a base model's soft output "
+        "(unCLIP Sec. 2.1)",
+    )
     denoiser: dict[str, Any] = Field(
         default_factory=lambda: {"type": "unet"},
         description="the network: {type: unet | mlp-denoiser | ..., fields}",
         json_schema_extra={"kind": "network"},
     )
     last_step_denoiser: dict[str, Any] | None = Field(
-        None, description="a second network that replaces the denoiser at the sampler's last model evaluation (Karlo's "
-                          "super_res_last, unCLIP Sec. 2.1's upsamplers); training trains `denoiser` only. null: the "
-                          "denoiser throughout",
+        None,
+        description="a second network that replaces the denoiser at the sampler's last model evaluation (Karlo's "
+        "super_res_last, unCLIP Sec. 2.1's upsamplers); training trains `denoiser` only. null: the "
+        "denoiser throughout",
         json_schema_extra={"kind": "network"},
     )
 
@@ -65,9 +88,13 @@ class DiffusionDecoderConfig(BaseModel):
             raise ValueError(f"betas must hold timesteps={self.timesteps} values in (0, 1], got {len(self.betas)}")
         if self.low_res_blur is not None and not 0 <= self.low_res_blur[0] <= self.low_res_blur[1]:
             raise ValueError(f"low_res_blur {list(self.low_res_blur)} must be [lo, hi] with 0 <= lo <= hi")
-        if self.var_type is ModelVarType.LEARNED_RANGE and self.loss is LossType.SIMPLE:  # L_simple gives the variance no gradient
-            raise ValueError("var_type learned-range trains its variance only through L_vlb; set loss: hybrid (Improved DDPM) "
-                             "or vlb, or var_type: fixed-small/fixed-large")
+        if (
+            self.var_type is ModelVarType.LEARNED_RANGE and self.loss is LossType.SIMPLE
+        ):  # L_simple gives the variance no gradient
+            raise ValueError(
+                "var_type learned-range trains its variance only through L_vlb; set loss: hybrid (Improved DDPM) "
+                "or vlb, or var_type: fixed-small/fixed-large"
+            )
         return self
 
 
@@ -76,7 +103,7 @@ def gaussian_blur(x: Tensor, sigma: Tensor, *, radius: int) -> Tensor:
     one separable depthwise convolution, the kernel cut at ``radius`` and renormalised, edges replicated."""
     b, c, h, w = x.shape
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-offsets[None] ** 2 / (2 * sigma.to(x.dtype)[:, None].clamp(min=1e-3) ** 2))  # std 0: a delta
+    k = torch.exp(-(offsets[None] ** 2) / (2 * sigma.to(x.dtype)[:, None].clamp(min=1e-3) ** 2))  # std 0: a delta
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B * C, 2r + 1)
     y = F.pad(x.reshape(1, b * c, h, w), (radius,) * 4, mode="replicate")
     y = F.conv2d(y, k[:, None, None, :], groups=b * c)  # along the width
@@ -104,8 +131,10 @@ def final_timestep(sampler: Any, diffusion: GaussianDiffusion) -> int:
     """The original timestep of ``sampler``'s last model evaluation on ``diffusion``: its grid point ``last_index``."""
     respaced = getattr(sampler, "respaced", None)
     if respaced is None:
-        raise RegistryError(f"a last_step_denoiser needs a sampler with a timestep grid (ddpm, ddim, ...); "
-                            f"{type(sampler).__name__} has none")
+        raise RegistryError(
+            f"a last_step_denoiser needs a sampler with a timestep grid (ddpm, ddim, ...); "
+            f"{type(sampler).__name__} has none"
+        )
     return int(respaced(diffusion).timestep_map[getattr(sampler, "last_index", 0)])
 
 
@@ -115,9 +144,20 @@ class DiffusionDecoder(Decoder):
 
     sampler_kind = SamplerKind.DIFFUSION
 
-    def __init__(self, *, denoiser: nn.Module, diffusion: GaussianDiffusion, shape: tuple[int, ...], cond_drop: float,
-                 timestep_sampler: Any, needs_condition: frozenset[str] = frozenset(), emb_drop: float = 0.0, context_drop: float = 0.0,
-                 low_res_blur: tuple[float, float] | None = None, last_denoiser: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        denoiser: nn.Module,
+        diffusion: GaussianDiffusion,
+        shape: tuple[int, ...],
+        cond_drop: float,
+        timestep_sampler: Any,
+        needs_condition: frozenset[str] = frozenset(),
+        emb_drop: float = 0.0,
+        context_drop: float = 0.0,
+        low_res_blur: tuple[float, float] | None = None,
+        last_denoiser: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.low_res_blur = low_res_blur
         self.denoiser = denoiser
@@ -130,15 +170,27 @@ class DiffusionDecoder(Decoder):
         self.produces = Spec(shape=shape)
         self.needs_condition = needs_condition
 
-    def decode(self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
+    def decode(
+        self, z: Tensor, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None
+    ) -> Tensor:
         if sampler is None:
-            raise RegistryError(f"{type(self).__name__} needs a diffusion sampler; add `sampler: {{type: ddim}}` to the recipe")
+            raise RegistryError(
+                f"{type(self).__name__} needs a diffusion sampler; add `sampler: {{type: ddim}}` to the recipe"
+            )
         net = self.denoiser
         last = getattr(self, "last_denoiser", None)
         if last is not None:
             net = LastStepDenoiser(net, last, final_timestep(sampler, self.diffusion))
-        return sampler.sample(self.diffusion, net, tuple(z.shape), cond=condition, guidance=guidance,
-                              generator=generator, noise=z, device=z.device)
+        return sampler.sample(
+            self.diffusion,
+            net,
+            tuple(z.shape),
+            cond=condition,
+            guidance=guidance,
+            generator=generator,
+            noise=z,
+            device=z.device,
+        )
 
     def training_losses(self, x0: Tensor, cond: Condition | None = None) -> dict[str, Tensor]:
         """The per-batch diffusion loss at a t drawn by the timestep sampler (importance weights applied)."""
@@ -147,8 +199,13 @@ class DiffusionDecoder(Decoder):
             lo, hi = self.low_res_blur
             sigma = lo + (hi - lo) * torch.rand(x0.shape[0], device=x0.device)
             cond = {**cond, "low_res": gaussian_blur(cond["low_res"], sigma, radius=max(1, math.ceil(3 * hi)))}
-        if cond:  # classifier-free guidance's null-condition dropout (Ho & Salimans 2021), each mask drawn independently
-            cond = {**cond, **{k: torch.rand(x0.shape[0], device=x0.device) < p for k, p in self.drops.items() if p > 0}}
+        if (
+            cond
+        ):  # classifier-free guidance's null-condition dropout (Ho & Salimans 2021), each mask drawn independently
+            cond = {
+                **cond,
+                **{k: torch.rand(x0.shape[0], device=x0.device) < p for k, p in self.drops.items() if p > 0},
+            }
         terms = self.diffusion.training_losses(self.denoiser, x0, t, cond=cond)
         if hasattr(self.timestep_sampler, "update_with_local_losses") and "vlb" in terms:
             self.timestep_sampler.update_with_local_losses(t, terms["vlb"].detach())
@@ -163,7 +220,11 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
     if cfg.abar_float32:
         betas = betas_with_float32_abar(cfg.schedule, cfg.timesteps, cfg.betas)
     else:
-        betas = get_named_beta_schedule(cfg.schedule, cfg.timesteps) if cfg.betas is None else np.asarray(cfg.betas, dtype=np.float64)
+        betas = (
+            get_named_beta_schedule(cfg.schedule, cfg.timesteps)
+            if cfg.betas is None
+            else np.asarray(cfg.betas, dtype=np.float64)
+        )
     diffusion = GaussianDiffusion(
         betas=betas,
         model_mean_type=cfg.mean_type,
@@ -194,10 +255,19 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
             last_spec.setdefault("image_size", cfg.image_size)
         if learn_sigma:
             last_spec["learn_sigma"] = True
-        last = ctx.registry.build("network", last_spec, data=ctx.data, where="decoder 'diffusion-decoder': last_step_denoiser: ")
+        last = ctx.registry.build(
+            "network", last_spec, data=ctx.data, where="decoder 'diffusion-decoder': last_step_denoiser: "
+        )
     return DiffusionDecoder(
-        denoiser=denoiser, diffusion=diffusion, shape=shape, cond_drop=cfg.cond_drop, emb_drop=cfg.emb_drop, context_drop=cfg.context_drop,
-        timestep_sampler=create_timestep_sampler(cfg.timestep_sampler, diffusion), low_res_blur=cfg.low_res_blur, last_denoiser=last,
+        denoiser=denoiser,
+        diffusion=diffusion,
+        shape=shape,
+        cond_drop=cfg.cond_drop,
+        emb_drop=cfg.emb_drop,
+        context_drop=cfg.context_drop,
+        timestep_sampler=create_timestep_sampler(cfg.timestep_sampler, diffusion),
+        low_res_blur=cfg.low_res_blur,
+        last_denoiser=last,
     )
 
 
@@ -206,7 +276,9 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
 
 class DiffusionPipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    condition: Conditioning = Field(Conditioning.none, description="none; class (the dataset's label is y); caption (through the text encoder)")
+    condition: Conditioning = Field(
+        Conditioning.none, description="none; class (the dataset's label is y); caption (through the text encoder)"
+    )
 
 
 class DiffusionPipeline(LabelledPipeline):
@@ -223,10 +295,16 @@ class DiffusionPipeline(LabelledPipeline):
     def __init__(self, components: Mapping[str, Any], *, condition: Conditioning, num_classes: int | None) -> None:
         super().__init__(components, condition=condition, num_classes=num_classes)
         guidance = components.get("guidance")
-        trainable_guidance = callable(getattr(guidance, "training_losses", None)) and any(True for _ in guidance.parameters())
+        trainable_guidance = callable(getattr(guidance, "training_losses", None)) and any(
+            True for _ in guidance.parameters()
+        )
         self.base_size = components["decoder"].produces.shape[-1]
-        self.stages = ("decoder",) + (("upsampler",) if self.upsampler is not None else ()) + (
-            ("clip",) if components.get("clip") is not None else ()) + (("guidance",) if trainable_guidance else ())
+        self.stages = (
+            ("decoder",)
+            + (("upsampler",) if self.upsampler is not None else ())
+            + (("clip",) if components.get("clip") is not None else ())
+            + (("guidance",) if trainable_guidance else ())
+        )
 
     @property
     def upsampler(self) -> DiffusionDecoder | None:
@@ -237,19 +315,29 @@ class DiffusionPipeline(LabelledPipeline):
         return images if images.shape[-1] == self.base_size else F.interpolate(images, size=self.base_size, mode="area")
 
     def optimizer_groups(self, stage: str = "decoder") -> dict[str, list[nn.Parameter]]:
-        modules = {"decoder": [self.components["decoder"], self.components.get("encoder")],
-                   "upsampler": [self.upsampler], "clip": [self.components.get("clip")], "guidance": [self.components.get("guidance")]}[stage]
+        modules = {
+            "decoder": [self.components["decoder"], self.components.get("encoder")],
+            "upsampler": [self.upsampler],
+            "clip": [self.components.get("clip")],
+            "guidance": [self.components.get("guidance")],
+        }[stage]
         return {"main": [p for m in modules if isinstance(m, nn.Module) for p in m.parameters() if p.requires_grad]}
 
-    def training_losses(self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "decoder") -> dict[str, Tensor]:
+    def training_losses(
+        self, batch: dict[str, Any], *, optimizer: str = "main", stage: str = "decoder"
+    ) -> dict[str, Tensor]:
         x0 = batch["image"]
         if stage == "upsampler":
             return self.upsampler.training_losses(x0, {"low_res": self.low_res(x0)})
         diffusion = self.components["decoder"].diffusion
         if stage == "clip":  # the recipe's CLIP, noised by the base decoder's process, for CLIP guidance
-            return noised_clip_losses(self.components["clip"], self.low_res(x0), self.condition_of(batch, encode=False), diffusion)
+            return noised_clip_losses(
+                self.components["clip"], self.low_res(x0), self.condition_of(batch, encode=False), diffusion
+            )
         if stage == "guidance":
-            return self.components["guidance"].training_losses(self.low_res(x0), self.condition_of(batch, encode=False), diffusion)
+            return self.components["guidance"].training_losses(
+                self.low_res(x0), self.condition_of(batch, encode=False), diffusion
+            )
         return self.components["decoder"].training_losses(self.low_res(x0), self.condition_of(batch))
 
     @torch.no_grad()
@@ -258,10 +346,14 @@ class DiffusionPipeline(LabelledPipeline):
         c, size = low.shape[1], self.upsampler.produces.shape[-1]
         if noise is None:
             noise = randn((len(low), c, size, size), low, generator=generator)
-        return self.upsampler.decode(noise, {"low_res": low}, generator=generator, sampler=self.components.get("upsampler_sampler"))
+        return self.upsampler.decode(
+            noise, {"low_res": low}, generator=generator, sampler=self.components.get("upsampler_sampler")
+        )
 
     @torch.no_grad()
-    def sample(self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None
+    ) -> Tensor:
         x = super().sample(n, condition, generator=generator)
         return self.upsample(x.clamp(-1, 1), generator=generator) if self.upsampler is not None else x
 
@@ -273,15 +365,23 @@ def check_denoiser(pipeline: str, components: Mapping[str, Any], want: Mapping[s
     for field, value in want.items():
         got = getattr(cfg, field, "n/a")
         if cfg is not None and got != value:
-            raise RegistryError(f"pipeline '{pipeline}': decoder.denoiser.{field} is {got} but {source} needs {value}; set {field}: {value}")
+            raise RegistryError(
+                f"pipeline '{pipeline}': decoder.denoiser.{field} is {got} but {source} needs {value}; set "
+                f"{field}: {value}"
+            )
     if components.get("upsampler_decoder") is not None and components.get("upsampler_sampler") is None:
-        raise RegistryError(f"pipeline '{pipeline}': an upsampler_decoder needs an upsampler_sampler (e.g. {{type: ddim, steps: 25}})")
+        raise RegistryError(
+            f"pipeline '{pipeline}': an upsampler_decoder needs an upsampler_sampler (e.g. {{type: ddim, steps: 25}})"
+        )
 
 
 def make_diffusion_pipeline(cfg: DiffusionPipelineConfig, ctx) -> DiffusionPipeline:
-    """DDPM / Improved DDPM / ADM / GLIDE: a diffusion decoder (+ upsampler), unconditional, class- or caption-conditional."""
+    """DDPM / Improved DDPM / ADM / GLIDE: a diffusion decoder (+ upsampler), unconditional, class- or
+    caption-conditional."""
     args = labelled_args("diffusion", cfg.condition, ctx)
     encoder = ctx.components.get("encoder")
     width = getattr(encoder, "width", None) if cfg.condition is Conditioning.caption else None
-    check_denoiser("diffusion", ctx.components, {"context_dim": width, "emb_dim_in": width} if width else {}, "the text encoder")
+    check_denoiser(
+        "diffusion", ctx.components, {"context_dim": width, "emb_dim_in": width} if width else {}, "the text encoder"
+    )
     return DiffusionPipeline(ctx.components, **args)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,7 +121,9 @@ class GaussianDiffusion:
         if b.ndim != 1 or not ((b > 0) & (b <= 1)).all():
             raise ValueError("betas must be a 1-D array in (0, 1]")
         self.num_timesteps = len(b)
-        self.timestep_map = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map, dtype=np.int64)
+        self.timestep_map = (
+            np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map, dtype=np.int64)
+        )
         if self.timestep_map.shape != b.shape:
             raise ValueError(f"timestep_map has {len(self.timestep_map)} entries for {len(b)} betas")
         abar = np.cumprod(1.0 - b)
@@ -208,7 +211,9 @@ class GaussianDiffusion:
             return out, None
         c = x_t.shape[1]
         if out.shape[1] != 2 * c:
-            raise ValueError(f"learned-range variance needs {2 * c} output channels on dim 1 (mean and variance), got {out.shape[1]}")
+            raise ValueError(
+                f"learned-range variance needs {2 * c} output channels on dim 1 (mean and variance), got {out.shape[1]}"
+            )
         return out[:, :c], out[:, c:]
 
     def p_mean_variance(
@@ -222,7 +227,10 @@ class GaussianDiffusion:
         out, v = self.split_output(model_output, x_t)
         if v is not None:  # Improved DDPM Eq. 15: interpolate log b_t and log btilde_t
             frac = (v + 1) / 2
-            max_log, min_log = torch.log(self.extract("betas", t, x_t)), self.extract("posterior_log_variance_clipped", t, x_t)
+            max_log, min_log = (
+                torch.log(self.extract("betas", t, x_t)),
+                self.extract("posterior_log_variance_clipped", t, x_t),
+            )
             log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
         elif self.model_var_type is ModelVarType.FIXED_LARGE:
@@ -249,8 +257,14 @@ class GaussianDiffusion:
         else:  # the eps of the unprocessed x0_hat
             model_eps = pred_eps if process_xstart is None else self._predict_eps_from_xstart(x_t, t, raw_xstart)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
-        return Prediction(mean=mean, variance=variance, log_variance=log_variance,
-                          pred_xstart=pred_xstart, pred_eps=pred_eps, model_eps=model_eps)
+        return Prediction(
+            mean=mean,
+            variance=variance,
+            log_variance=log_variance,
+            pred_xstart=pred_xstart,
+            pred_eps=pred_eps,
+            model_eps=model_eps,
+        )
 
     def prediction_from_eps(self, pred: Prediction, x_t: Tensor, t: Tensor, eps: Tensor) -> Prediction:
         """``pred`` with eps replaced (guidance in the eps form): x0_hat and the mean follow, the variance stays."""
@@ -265,16 +279,27 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ losses
     def vb_terms_bpd(
-        self, model_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, *, process_xstart: Callable[[Tensor], Tensor] | None = None
+        self,
+        model_output: Tensor,
+        x0: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        *,
+        process_xstart: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """L_{t-1} in bits/dim: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 1, the decoder NLL at t = 1 (DDPM Eq. 5)."""
+        """L_{t-1} in bits/dim: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 1, the decoder NLL at t = 1
+        (DDPM Eq. 5)."""
         true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, x_t, t)
         pred = self.p_mean_variance(model_output, x_t, t, process_xstart=process_xstart)
         kl = mean_flat(normal_kl(true_mean, true_logvar, pred.mean, pred.log_variance)) / math.log(2.0)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, means=pred.mean, log_scales=0.5 * pred.log_variance)) / math.log(2.0)
+        nll = -mean_flat(
+            discretized_gaussian_log_likelihood(x0, means=pred.mean, log_scales=0.5 * pred.log_variance)
+        ) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    def training_losses(self, model: Model, x0: Tensor, t: Tensor, *, cond: Any = None, noise: Tensor | None = None) -> dict[str, Tensor]:
+    def training_losses(
+        self, model: Model, x0: Tensor, t: Tensor, *, cond: Any = None, noise: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Per-example ``loss`` (what to minimise), ``mse`` and, for HYBRID and VLB, ``vlb`` (L_t in bits/dim).
 
         A one-t estimate of L_vlb = sum_t L_t is T L_t, so L_hybrid = mse + 0.001 T L_t.
@@ -305,7 +330,9 @@ class GaussianDiffusion:
         return mean_flat(normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(logvar))) / math.log(2.0)
 
     @torch.no_grad()
-    def calc_bpd_loop(self, model: Model, x0: Tensor, *, cond: Any = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def calc_bpd_loop(
+        self, model: Model, x0: Tensor, *, cond: Any = None, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
         """The full-chain NLL bound in bits/dim, sum_t L_t + L_T (T model evaluations per batch).
 
         x0_hat is clamped to ``clip_range`` as when sampling. Returns per-example ``total_bpd``,
@@ -316,7 +343,9 @@ class GaussianDiffusion:
         vb = []
         for i in range(self.num_timesteps):
             t = torch.full((x0.shape[0],), i, device=x0.device, dtype=torch.long)
-            noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device, dtype=x0.dtype)
+            noise = torch.randn(
+                x0.shape, generator=generator, device=generator.device if generator else x0.device, dtype=x0.dtype
+            )
             x_t = self.q_sample(x0, t, noise.to(x0.device))
             vb.append(self.vb_terms_bpd(net(x_t, t, cond), x0, x_t, t, process_xstart=clip))
         vb_t = torch.stack(vb, dim=1)
@@ -333,8 +362,14 @@ class GaussianDiffusion:
             raise ValueError(f"respacing needs timesteps in [0, {self.num_timesteps}), got {keep[:3]}...")
         abar = self.tables["abar"][keep]
         betas = 1 - abar / np.append(1.0, abar[:-1])
-        return GaussianDiffusion(betas=betas, model_mean_type=self.model_mean_type, model_var_type=self.model_var_type,
-                                 loss_type=self.loss_type, timestep_map=self.timestep_map[keep], clip_range=self.clip_range)
+        return GaussianDiffusion(
+            betas=betas,
+            model_mean_type=self.model_mean_type,
+            model_var_type=self.model_var_type,
+            loss_type=self.loss_type,
+            timestep_map=self.timestep_map[keep],
+            clip_range=self.clip_range,
+        )
 
 
 # --------------------------------------------------------------------------- timestep samplers

@@ -127,7 +127,9 @@ def small_variance_mixture() -> GaussianMixture:
     return GaussianMixture(
         weights=torch.tensor([0.5, 0.3, 0.2], dtype=f64),
         means=torch.tensor([[-0.3, 0.0], [0.35, 0.15], [0.0, 0.55]], dtype=f64),
-        covs=torch.tensor([[[0.04, 0.01], [0.01, 0.03]], [[0.03, -0.01], [-0.01, 0.05]], [[0.045, 0.0], [0.0, 0.035]]], dtype=f64),
+        covs=torch.tensor(
+            [[[0.04, 0.01], [0.01, 0.03]], [[0.03, -0.01], [-0.01, 0.05]], [[0.045, 0.0], [0.0, 0.035]]], dtype=f64
+        ),
     )
 
 

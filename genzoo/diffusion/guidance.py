@@ -10,8 +10,9 @@ changes. ``t`` is an index of the (possibly respaced) process the sampler runs; 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, Model, Prediction
-from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Guidance, SamplerKind, with_null_condition
 
 
@@ -31,10 +31,14 @@ class DiffusionGuidance(Guidance):
     def model_output(self, model: Model, x_t: Tensor, t: Tensor, cond: Condition | None) -> Tensor:
         return model(x_t, t, cond)
 
-    def condition_mean(self, diffusion: GaussianDiffusion, pred: Prediction, x_t: Tensor, t: Tensor, cond: Condition | None) -> Prediction:
+    def condition_mean(
+        self, diffusion: GaussianDiffusion, pred: Prediction, x_t: Tensor, t: Tensor, cond: Condition | None
+    ) -> Prediction:
         return pred
 
-    def condition_eps(self, diffusion: GaussianDiffusion, pred: Prediction, x_t: Tensor, t: Tensor, cond: Condition | None) -> Prediction:
+    def condition_eps(
+        self, diffusion: GaussianDiffusion, pred: Prediction, x_t: Tensor, t: Tensor, cond: Condition | None
+    ) -> Prediction:
         return pred
 
 
@@ -79,7 +83,9 @@ class GradientGuidance(DiffusionGuidance):
 
 class ClassifierGuidanceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    scale: float = Field(1.0, description="gradient scale s; 0 is no guidance, 1 samples p(x | y) with an exact classifier")
+    scale: float = Field(
+        1.0, description="gradient scale s; 0 is no guidance, 1 samples p(x | y) with an exact classifier"
+    )
     classifier: dict[str, Any] = Field(
         default_factory=lambda: {"type": "noisy-classifier"},
         description="the noisy classifier network p(y | x_t, t), trained on the decoder's own noised inputs",
@@ -122,12 +128,17 @@ def noised(x0: Tensor, diffusion: GaussianDiffusion) -> tuple[Tensor, Tensor]:
 
 
 def make_classifier_guidance(cfg: ClassifierGuidanceConfig, ctx) -> ClassifierGuidance:
-    """Classifier guidance: the gradient of a noisy classifier log p(y | x_t) shifts the mean (Dhariwal & Nichol 2021)."""
-    net = ctx.registry.build("network", dict(cfg.classifier), data=ctx.data, where="guidance 'classifier': classifier: ")
+    """Classifier guidance: the gradient of a noisy classifier log p(y | x_t) shifts the mean (Dhariwal & Nichol
+    2021)."""
+    net = ctx.registry.build(
+        "network", dict(cfg.classifier), data=ctx.data, where="guidance 'classifier': classifier: "
+    )
     return ClassifierGuidance(net, scale=cfg.scale)
 
 
-def noised_clip_losses(clip: Any, x0: Tensor, cond: Condition | None, diffusion: GaussianDiffusion) -> dict[str, Tensor]:
+def noised_clip_losses(
+    clip: Any, x0: Tensor, cond: Condition | None, diffusion: GaussianDiffusion
+) -> dict[str, Tensor]:
     """CLIP's contrastive loss on x_t at t uniform over the decoder's schedule when the CLIP is noised
     (GLIDE Sec. 2.4), on x0 otherwise."""
     from genzoo.text.clip import clip_losses
@@ -139,7 +150,9 @@ def noised_clip_losses(clip: Any, x0: Tensor, cond: Condition | None, diffusion:
 class CFGConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scale: float = Field(
-        3.0, description="s in eps_u + s (eps_c - eps_u); 1 is the conditional model, no guidance (GLIDE); 0 the unconditional"
+        3.0,
+        description="s in eps_u + s (eps_c - eps_u); 1 is the conditional model, no guidance (GLIDE); 0 the "
+        "unconditional",
     )
 
 

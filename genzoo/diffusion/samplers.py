@@ -11,7 +11,8 @@ locally) with no host-device sync.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -27,42 +28,66 @@ from genzoo.interfaces import Condition, Sampler, SamplerKind
 class SamplerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     steps: int | str = Field(
-        50, description="model evaluations, or a respacing string of the grid: '10,10,3' (per equal section), 'ddim50' (uniform stride)"
+        50,
+        description="model evaluations, or a respacing string of the grid: '10,10,3' (per equal section), "
+        "'ddim50' (uniform stride)",
     )
-    clip: bool = Field(True, description="clamp x0_hat to the process's clip_range (images in [-1, 1]); no effect when it is None")
+    clip: bool = Field(
+        True, description="clamp x0_hat to the process's clip_range (images in [-1, 1]); no effect when it is None"
+    )
     threshold: float | None = Field(
-        None, gt=0.5, le=1, description="dynamic thresholding percentile p (Imagen, e.g. 0.995) instead of the plain clamp; None: off"
+        None,
+        gt=0.5,
+        le=1,
+        description="dynamic thresholding percentile p (Imagen, e.g. 0.995) instead of the plain clamp; None: off",
     )
     spacing: Literal["even", "leading", "trailing", "linspace"] = Field(
-        "even", description="grid of integer steps: even (first and last timestep kept), or diffusers' "
-                            "timestep_spacing leading / trailing / linspace (genzoo.diffusion.schedules.spaced_grid)")
+        "even",
+        description="grid of integer steps: even (first and last timestep kept), or diffusers' "
+        "timestep_spacing leading / trailing / linspace (genzoo.diffusion.schedules.spaced_grid)",
+    )
     steps_offset: int = Field(
-        0, ge=0, description="added to every timestep of the leading spacing (diffusers' steps_offset)")
+        0, ge=0, description="added to every timestep of the leading spacing (diffusers' steps_offset)"
+    )
     grid: Literal["uniform", "quadratic", "log-snr", "karras"] = Field(
-        "uniform", description="which timesteps the solver steps on: uniform in t (space_timesteps), quadratic in t, "
-                               "uniform in log-SNR, or Karras et al.'s sigma grid (genzoo.diffusion.schedules.solver_grid)")
+        "uniform",
+        description="which timesteps the solver steps on: uniform in t (space_timesteps), quadratic in t, "
+        "uniform in log-SNR, or Karras et al.'s sigma grid (genzoo.diffusion.schedules.solver_grid)",
+    )
     rho: float = Field(7.0, gt=0, description="the karras grid's exponent (EDM's rho; 1 is uniform in sigma)")
     sigma_max: float | None = Field(
-        80.0, gt=0, description="karras and log-snr grids: the noisiest target sigma = sqrt((1 - abar) / abar) when t = T "
-                                "is noisier (the chain still starts at t = T); None: sigma_T")
+        80.0,
+        gt=0,
+        description="karras and log-snr grids: the noisiest target sigma = sqrt((1 - abar) / abar) when t = T "
+        "is noisier (the chain still starts at t = T); None: sigma_T",
+    )
 
     @model_validator(mode="after")
     def _grid_takes_even_integer_steps(self) -> SamplerConfig:
         if self.grid != "uniform" and self.spacing != "even":
-            raise ValueError(f"sampler grid '{self.grid}' picks its own timesteps, so spacing must be 'even' (got "
-                             f"'{self.spacing}'); spacing applies to the uniform grid only")
+            raise ValueError(
+                f"sampler grid '{self.grid}' picks its own timesteps, so spacing must be 'even' (got "
+                f"'{self.spacing}'); spacing applies to the uniform grid only"
+            )
         if self.grid != "uniform" and not (isinstance(self.steps, int) or self.steps.isdigit()):
             raise ValueError(f"sampler grid '{self.grid}' takes an integer number of steps, not steps={self.steps!r}")
         return self
 
 
 def randn(
-    shape: tuple[int, ...], x_like: Tensor | None, *, generator: torch.Generator | None, device: Any = None, dtype: Any = None
+    shape: tuple[int, ...],
+    x_like: Tensor | None,
+    *,
+    generator: torch.Generator | None,
+    device: Any = None,
+    dtype: Any = None,
 ) -> Tensor:
     """Normal noise drawn on the generator's device (reproducible across devices), placed with ``x_like``."""
     device = x_like.device if x_like is not None else device
     dtype = x_like.dtype if x_like is not None else dtype
-    z = torch.randn(shape, generator=generator, device=generator.device if generator is not None else device, dtype=dtype)
+    z = torch.randn(
+        shape, generator=generator, device=generator.device if generator is not None else device, dtype=dtype
+    )
     return z.to(device)
 
 
@@ -101,7 +126,8 @@ class DiffusionSampler(Sampler):
             grid = self.grid()
             if isinstance(grid, int) and grid > diffusion.num_timesteps:
                 raise ValueError(
-                    f"sampler steps={self.cfg.steps} needs {grid} timesteps but the model has {diffusion.num_timesteps}; use fewer steps"
+                    f"sampler steps={self.cfg.steps} needs {grid} timesteps but the model has "
+                    f"{diffusion.num_timesteps}; use fewer steps"
                 )
             if self.cfg.grid != "uniform":  # an integer count and even spacing (SamplerConfig checks both)
                 kept = solver_grid(diffusion.tables["abar"], int(grid), self.cfg.grid, self.cfg.rho, self.cfg.sigma_max)
@@ -111,10 +137,14 @@ class DiffusionSampler(Sampler):
                 kept = spaced_grid(diffusion.num_timesteps, grid, self.cfg.spacing, self.cfg.steps_offset)
             else:
                 raise ValueError(f"sampler spacing '{self.cfg.spacing}' takes an integer number of steps, not {grid!r}")
-            if not kept or max(kept) < diffusion.num_timesteps // 2:  # one section of one step keeps only t = 1 (as improved-diffusion)
+            if (
+                not kept or max(kept) < diffusion.num_timesteps // 2
+            ):  # one section of one step keeps only t = 1 (as improved-diffusion)
                 start = f"starts the chain at t = {max(kept) + 1}" if kept else "keeps no step"
-                raise ValueError(f"sampler steps={self.cfg.steps!r} {start} of {diffusion.num_timesteps}, but x_T is pure "
-                                 "noise; use steps >= 2 (in every section of a '10,10,3' string)")
+                raise ValueError(
+                    f"sampler steps={self.cfg.steps!r} {start} of {diffusion.num_timesteps}, but x_T is pure "
+                    "noise; use steps >= 2 (in every section of a '10,10,3' string)"
+                )
             hit = (diffusion, diffusion.respace(kept))
             self._respaced[key] = hit
         return hit[1]
@@ -137,13 +167,27 @@ class DiffusionSampler(Sampler):
         return dynamic
 
     def predict(
-        self, proc: GaussianDiffusion, net: Model, x: Tensor, t: Tensor, cond: Condition | None, guidance: DiffusionGuidance
+        self,
+        proc: GaussianDiffusion,
+        net: Model,
+        x: Tensor,
+        t: Tensor,
+        cond: Condition | None,
+        guidance: DiffusionGuidance,
     ) -> Prediction:
         """The reverse step at (x, t) as the guidance shapes the model's output."""
-        return proc.p_mean_variance(guidance.model_output(net, x, t, cond), x, t, process_xstart=self.process_xstart(proc))
+        return proc.p_mean_variance(
+            guidance.model_output(net, x, t, cond), x, t, process_xstart=self.process_xstart(proc)
+        )
 
     def predict_eps_form(
-        self, proc: GaussianDiffusion, net: Model, x: Tensor, t: Tensor, cond: Condition | None, guidance: DiffusionGuidance
+        self,
+        proc: GaussianDiffusion,
+        net: Model,
+        x: Tensor,
+        t: Tensor,
+        cond: Condition | None,
+        guidance: DiffusionGuidance,
     ) -> Prediction:
         """The prediction with the guidance's eps-form shift (DDIM, DPM-Solver++). A guided x0_hat is
         post-processed again, as the unguided one was: the shift (1 - abar)/sqrt(abar) s grad is ~100 per
@@ -157,9 +201,17 @@ class DiffusionSampler(Sampler):
 
     @torch.no_grad()
     def sample(
-        self, diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ...], *, cond: Condition | None = None,
-        guidance: DiffusionGuidance | None = None, generator: torch.Generator | None = None, noise: Tensor | None = None,
-        device: torch.device | str | None = None, progress: bool = False,
+        self,
+        diffusion: GaussianDiffusion,
+        model: Model,
+        shape: tuple[int, ...],
+        *,
+        cond: Condition | None = None,
+        guidance: DiffusionGuidance | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
     ) -> Tensor:
         """x_0 of ``shape`` from ``noise`` (x_T), or from fresh noise on ``device`` (default: the model's)."""
         proc = self.respaced(diffusion)
@@ -181,8 +233,19 @@ class DiffusionSampler(Sampler):
         return {}
 
     @abstractmethod
-    def step(self, proc: GaussianDiffusion, net: Model, x: Tensor, t: Tensor, i: int, *, cond: Condition | None,
-             guidance: DiffusionGuidance, generator: torch.Generator | None, state: dict[str, Any]) -> Tensor:
+    def step(
+        self,
+        proc: GaussianDiffusion,
+        net: Model,
+        x: Tensor,
+        t: Tensor,
+        i: int,
+        *,
+        cond: Condition | None,
+        guidance: DiffusionGuidance,
+        generator: torch.Generator | None,
+        state: dict[str, Any],
+    ) -> Tensor:
         """x at grid index i -> x at i - 1 (x_0 after the last step); ``state`` carries history between steps."""
 
 
@@ -197,10 +260,14 @@ class AncestralSampler(DiffusionSampler):
 
 
 class DDIMConfig(SamplerConfig):
-    eta: float = Field(0.0, ge=0, description="0: deterministic DDIM; 1: the ancestral fixed-small noise (Song et al. 2021, Eq. 16)")
+    eta: float = Field(
+        0.0, ge=0, description="0: deterministic DDIM; 1: the ancestral fixed-small noise (Song et al. 2021, Eq. 16)"
+    )
     clipped_eps: bool = Field(
-        True, description="step with eps recomputed from the clamped x0_hat (improved-diffusion; diffusers' "
-                          "use_clipped_model_output=True); False: the model's own eps (diffusers' default)")
+        True,
+        description="step with eps recomputed from the clamped x0_hat (improved-diffusion; diffusers' "
+        "use_clipped_model_output=True); False: the model's own eps (diffusers' default)",
+    )
 
 
 class DDIMSampler(DiffusionSampler):

@@ -19,6 +19,7 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
         scale = 1000 / num_timesteps
         return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
     if name == "cosine":
+
         def f(t: np.ndarray) -> np.ndarray:
             return np.cos((t / num_timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -39,7 +40,9 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == want:
                 return set(range(0, num_timesteps, stride))
-        raise ValueError(f"cannot take exactly {want} evenly strided steps out of {num_timesteps}; use a plain step count")
+        raise ValueError(
+            f"cannot take exactly {want} evenly strided steps out of {num_timesteps}; use a plain step count"
+        )
     if isinstance(section_counts, int):
         section_counts = [section_counts]
     elif isinstance(section_counts, str):
@@ -79,20 +82,24 @@ def spaced_grid(num_timesteps: int, steps: int, spacing: str, offset: int = 0) -
     else:
         raise ValueError(f"unknown timestep spacing '{spacing}'; use one of {', '.join(SPACINGS)}")
     if len(set(grid)) != steps or grid[0] < 0 or grid[-1] >= num_timesteps:
-        raise ValueError(f"{spacing} spacing of {steps} steps over {num_timesteps} timesteps gives {grid[:3]}...; "
-                         "use fewer steps")
+        raise ValueError(
+            f"{spacing} spacing of {steps} steps over {num_timesteps} timesteps gives {grid[:3]}...; use fewer steps"
+        )
     if grid[0] >= ratio or any(b - a != ratio for a, b in zip(grid, grid[1:])):
-        raise ValueError(f"{spacing} spacing of {steps} steps over {num_timesteps} timesteps is not evenly {ratio} "
-                         "apart, so diffusers' step (t -> t - T // steps) is not a respaced process; use 'leading' "
-                         "spacing or other steps")
+        raise ValueError(
+            f"{spacing} spacing of {steps} steps over {num_timesteps} timesteps is not evenly {ratio} "
+            "apart, so diffusers' step (t -> t - T // steps) is not a respaced process; use 'leading' "
+            "spacing or other steps"
+        )
     return set(grid)
-
 
 
 GRIDS = ("uniform", "quadratic", "log-snr", "karras")
 
 
-def solver_grid(abar: np.ndarray, points: int, grid: str, rho: float = 7.0, sigma_max: float | None = 80.0) -> list[int]:
+def solver_grid(
+    abar: np.ndarray, points: int, grid: str, rho: float = 7.0, sigma_max: float | None = 80.0
+) -> list[int]:
     """``points`` timesteps of a process with cumulative products ``abar`` (index 0 = t 1), ascending, for a
     solver's grid.
 
@@ -111,7 +118,9 @@ def solver_grid(abar: np.ndarray, points: int, grid: str, rho: float = 7.0, sigm
     if grid not in GRIDS:
         raise ValueError(f"unknown sampler grid '{grid}'; use one of {', '.join(GRIDS)}")
     if points < 2 or points > len(abar):
-        raise ValueError(f"a {grid} grid of {points} points over {len(abar)} timesteps is impossible; use 2 to {len(abar)} points")
+        raise ValueError(
+            f"a {grid} grid of {points} points over {len(abar)} timesteps is impossible; use 2 to {len(abar)} points"
+        )
     if grid == "uniform":
         return sorted(space_timesteps(len(abar), points))
     if grid == "quadratic":

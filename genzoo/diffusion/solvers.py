@@ -44,13 +44,22 @@ def schedule(proc: GaussianDiffusion) -> tuple[np.ndarray, np.ndarray, np.ndarra
 class EDMHeunConfig(SamplerConfig):
     """Heun's method settings: ``steps`` noise levels (2 steps - 1 model evaluations), EDM's churn (off by default)."""
 
-    steps: int | str = Field(18, description="noise levels (EDM's N; 18 is its CIFAR-10 setting): 2 steps - 1 model "
-                                             "evaluations")
-    grid: Grid = Field("karras", description="which timesteps the solver steps on (SamplerConfig.grid); EDM's sigma grid")
-    churn: float = Field(0.0, ge=0, description="EDM's S_churn: each level's noise is raised by gamma = min(churn / steps, "
-                                                "sqrt(2) - 1) of itself before its step (Alg. 2); 0: deterministic (Alg. 1)")
+    steps: int | str = Field(
+        18, description="noise levels (EDM's N; 18 is its CIFAR-10 setting): 2 steps - 1 model evaluations"
+    )
+    grid: Grid = Field(
+        "karras", description="which timesteps the solver steps on (SamplerConfig.grid); EDM's sigma grid"
+    )
+    churn: float = Field(
+        0.0,
+        ge=0,
+        description="EDM's S_churn: each level's noise is raised by gamma = min(churn / steps, "
+        "sqrt(2) - 1) of itself before its step (Alg. 2); 0: deterministic (Alg. 1)",
+    )
     churn_min: float = Field(0.0, ge=0, description="EDM's S_tmin: churn only at levels with sigma / alpha >= this")
-    churn_max: float | None = Field(None, gt=0, description="EDM's S_tmax: churn only at levels with sigma / alpha <= this")
+    churn_max: float | None = Field(
+        None, gt=0, description="EDM's S_tmax: churn only at levels with sigma / alpha <= this"
+    )
     churn_noise: float = Field(1.0, gt=0, description="EDM's S_noise: the added noise's scale")
 
 
@@ -199,8 +208,12 @@ class DPMSolverPlusPlus3M(DiffusionSampler):
 class SDEConfig(MultistepConfig):
     """DPM-Solver++(3M) SDE settings."""
 
-    eta: float = Field(1.0, gt=0, description="the fraction of the reverse SDE's noise (k-diffusion's eta): 1 is the "
-                                              "reverse SDE; 0 would be the ODE (use dpm-solver++3m)")
+    eta: float = Field(
+        1.0,
+        gt=0,
+        description="the fraction of the reverse SDE's noise (k-diffusion's eta): 1 is the "
+        "reverse SDE; 0 would be the ODE (use dpm-solver++3m)",
+    )
 
 
 class DPMSolverPlusPlus3MSDE(DPMSolverPlusPlus3M):
@@ -223,7 +236,9 @@ class DPMSolverPlusPlus3MSDE(DPMSolverPlusPlus3M):
 class UniPCConfig(MultistepConfig):
     """UniPC settings."""
 
-    order: int = Field(2, ge=1, le=3, description="the predictor's order p (UniP-p); the corrector UniC raises it to p + 1")
+    order: int = Field(
+        2, ge=1, le=3, description="the predictor's order p (UniP-p); the corrector UniC raises it to p + 1"
+    )
 
 
 class UniPC(DiffusionSampler):
@@ -260,8 +275,9 @@ class UniPC(DiffusionSampler):
             return np.linalg.solve(big_r, b)
         return np.linalg.solve(big_r[:-1, :-1], b[:-1])
 
-    def update(self, x: Tensor, ds: list[Tensor], i: int, proc: GaussianDiffusion, order: int,
-               new: Tensor | None = None) -> Tensor:
+    def update(
+        self, x: Tensor, ds: list[Tensor], i: int, proc: GaussianDiffusion, order: int, new: Tensor | None = None
+    ) -> Tensor:
         """From the point i + 1 (corrector: ``new`` is D at i) or i (predictor) to the next; ds[-1] is D at the
         start."""
         alpha, sigma, lam = schedule(proc)

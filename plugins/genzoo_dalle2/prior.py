@@ -18,15 +18,22 @@ the best of ``best_of`` draws by similarity to z_t.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
 from genzoo.diffusion.decoder import DiffusionDecoder
-from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, create_timestep_sampler
+from genzoo.diffusion.gaussian_diffusion import (
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    create_timestep_sampler,
+)
 from genzoo.diffusion.schedules import get_named_beta_schedule
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
@@ -93,8 +100,10 @@ class EmbeddingPrior(Prior):
     def bind_siblings(self, components: Mapping[str, Any], *, where: str = "") -> None:
         clip = components.get("clip")
         if clip is None:
-            raise RegistryError(f"{where}prior '{self.genzoo_name}' models CLIP image embeddings: add components.clip "
-                                "({type: clip} trained in the recipe, or {type: open-clip, pretrained: TAG})")
+            raise RegistryError(
+                f"{where}prior '{self.genzoo_name}' models CLIP image embeddings: add components.clip "
+                "({type: clip} trained in the recipe, or {type: open-clip, pretrained: TAG})"
+            )
         self.dim = clip.embed_dim
         self.produces = Spec(shape=(self.dim,))
         self.register_buffer("mean", torch.zeros(self.dim))
@@ -118,19 +127,29 @@ class EmbeddingPrior(Prior):
 
     def _check(self, sampler: Any) -> None:
         if self.dim is None:
-            raise GenzooError(f"prior '{self.genzoo_name}' is not bound to a CLIP; build it inside a recipe with components.clip")
+            raise GenzooError(
+                f"prior '{self.genzoo_name}' is not bound to a CLIP; build it inside a recipe with components.clip"
+            )
         if not bool(self.stats_fitted):
-            raise GenzooError(f"prior '{self.genzoo_name}' has no embedding statistics: train the recipe's prior stage first")
+            raise GenzooError(
+                f"prior '{self.genzoo_name}' has no embedding statistics: train the recipe's prior stage first"
+            )
         if sampler is None:
             kind = "diffusion" if self.sampler_kind is SamplerKind.DIFFUSION else "token"
-            raise GenzooError(f"prior '{self.genzoo_name}' needs a {kind} sampler: add `prior_sampler: {{type: "
-                              f"{'ddim' if kind == 'diffusion' else 'token'}}}` to the recipe")
+            raise GenzooError(
+                f"prior '{self.genzoo_name}' needs a {kind} sampler: add `prior_sampler: {{type: "
+                f"{'ddim' if kind == 'diffusion' else 'token'}}}` to the recipe"
+            )
 
     def sample(self, n, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
-        """``n`` unit-norm z_i; with ``best_of`` k > 1 and a caption, the one of k draws closest to z_t (unCLIP Sec. 2.2)."""
+        """``n`` unit-norm z_i; with ``best_of`` k > 1 and a caption, the one of k draws closest to z_t (unCLIP
+        Sec. 2.2)."""
         self._check(sampler)
         k = self.best_of if condition and "text_emb" in condition else 1
-        z = F.normalize(self.draw(n * k, repeat_condition(condition, k), sampler=sampler, guidance=guidance, generator=generator), dim=-1)
+        z = F.normalize(
+            self.draw(n * k, repeat_condition(condition, k), sampler=sampler, guidance=guidance, generator=generator),
+            dim=-1,
+        )
         if k == 1:
             return z
         score = (z.view(n, k, -1) * condition["text_emb"].to(z)[:, None]).sum(-1)
@@ -147,11 +166,19 @@ class EmbeddingPrior(Prior):
 class DiffusionPriorConfig(TransformerSize):
     model_config = ConfigDict(extra="forbid")
     schedule: str = Field("cosine", description="beta schedule of the prior's diffusion")
-    timesteps: int = Field(1000, ge=1, description="T in training; the prior_sampler respaces it (unCLIP samples with 64 steps)")
+    timesteps: int = Field(
+        1000, ge=1, description="T in training; the prior_sampler respaces it (unCLIP samples with 64 steps)"
+    )
     width: int = Field(256, ge=8, description="width of the residual stream")
-    cond_drop: float = Field(0.1, ge=0, le=1, description="probability of dropping the caption (tokens and z_t) in training, for CFG")
-    clip_range: float | None = Field(10.0, gt=0, description="clamp x0_hat to +-c in standardised units when sampling; null: off")
-    best_of: int = Field(2, ge=1, description="draws per caption; the one with the largest dot product with z_t is kept")
+    cond_drop: float = Field(
+        0.1, ge=0, le=1, description="probability of dropping the caption (tokens and z_t) in training, for CFG"
+    )
+    clip_range: float | None = Field(
+        10.0, gt=0, description="clamp x0_hat to +-c in standardised units when sampling; null: off"
+    )
+    best_of: int = Field(
+        2, ge=1, description="draws per caption; the one with the largest dot product with z_t is kept"
+    )
 
 
 class PriorTransformer(nn.Module):
@@ -174,7 +201,9 @@ class PriorTransformer(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Condition | None = None) -> Tensor:
         b = x.shape[0]
         time = self.time_mlp(timestep_embedding(t, self.query.shape[0]).to(x.dtype))
-        seq = torch.cat([self.prefix(cond, b), time[:, None], self.x_proj(x)[:, None], self.query.expand(b, 1, -1)], dim=1)
+        seq = torch.cat(
+            [self.prefix(cond, b), time[:, None], self.x_proj(x)[:, None], self.query.expand(b, 1, -1)], dim=1
+        )
         h = seq + self.pos
         for block in self.blocks:
             h, _ = block(h)
@@ -193,18 +222,30 @@ class DiffusionPrior(EmbeddingPrior):
 
     def _build(self, *, dim: int, text_width: int, text_length: int) -> None:
         c = self.cfg
-        diffusion = GaussianDiffusion(betas=get_named_beta_schedule(c.schedule, c.timesteps), model_mean_type=ModelMeanType.START_X,
-                                      model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.SIMPLE, clip_range=c.clip_range)
+        diffusion = GaussianDiffusion(
+            betas=get_named_beta_schedule(c.schedule, c.timesteps),
+            model_mean_type=ModelMeanType.START_X,
+            model_var_type=ModelVarType.FIXED_SMALL,
+            loss_type=LossType.SIMPLE,
+            clip_range=c.clip_range,
+        )
         net = PriorTransformer(c, dim=dim, text_width=text_width, text_length=text_length)
-        self.model = DiffusionDecoder(denoiser=net, diffusion=diffusion, shape=(dim,), cond_drop=c.cond_drop,
-                                      timestep_sampler=create_timestep_sampler("uniform", diffusion))
+        self.model = DiffusionDecoder(
+            denoiser=net,
+            diffusion=diffusion,
+            shape=(dim,),
+            cond_drop=c.cond_drop,
+            timestep_sampler=create_timestep_sampler("uniform", diffusion),
+        )
 
     def training_losses(self, z: Tensor, condition: Condition | None = None) -> dict[str, Tensor]:
         out = self.model.training_losses((z.float() - self.mean) / self.std, condition)
         return {"loss": out["loss"], "x0_mse": out["loss"].detach()}
 
     def draw(self, n, condition, *, sampler, guidance, generator) -> Tensor:
-        noise = torch.randn((n, self.dim), generator=generator, device=generator.device if generator is not None else self.device)
+        noise = torch.randn(
+            (n, self.dim), generator=generator, device=generator.device if generator is not None else self.device
+        )
         z = self.model.decode(noise.to(self.device), condition, generator=generator, sampler=sampler, guidance=guidance)
         return z * self.std + self.mean
 
@@ -217,8 +258,12 @@ class ARPriorConfig(TransformerSize):
     pca_dims: int = Field(16, ge=1, description="principal components of z_i kept (unCLIP: 319 of 1024)")
     bins: int = Field(64, ge=2, description="uniform bins per component (unCLIP: 1024)")
     bin_range: float = Field(3.0, gt=0, description="the bins cover +-bin_range standard deviations of each component")
-    cond_drop: float = Field(0.1, ge=0, le=1, description="probability of dropping the caption in training, for logit CFG")
-    best_of: int = Field(2, ge=1, description="draws per caption; the one with the largest dot product with z_t is kept")
+    cond_drop: float = Field(
+        0.1, ge=0, le=1, description="probability of dropping the caption in training, for logit CFG"
+    )
+    best_of: int = Field(
+        2, ge=1, description="draws per caption; the one with the largest dot product with z_t is kept"
+    )
 
 
 class ARPrior(EmbeddingPrior):
@@ -237,11 +282,15 @@ class ARPrior(EmbeddingPrior):
     def _build(self, *, dim: int, text_width: int, text_length: int) -> None:
         c = self.cfg
         if c.pca_dims > dim:
-            raise RegistryError(f"prior 'ar-prior': field 'pca_dims' is {c.pca_dims} but the CLIP embedding has {dim} dims; lower it")
+            raise RegistryError(
+                f"prior 'ar-prior': field 'pca_dims' is {c.pca_dims} but the CLIP embedding has {dim} dims; lower it"
+            )
         self.register_buffer("basis", torch.eye(dim)[: c.pca_dims].clone())
         self.register_buffer("scale", torch.ones(c.pca_dims))
         self.prefix = CaptionPrefix(dim=dim, text_width=text_width, text_length=text_length, n_embd=c.width)
-        self.gpt = GPT(c.gpt_config(vocab_size=c.bins, block_size=text_length + 1 + c.pca_dims, where="prior 'ar-prior'"))
+        self.gpt = GPT(
+            c.gpt_config(vocab_size=c.bins, block_size=text_length + 1 + c.pca_dims, where="prior 'ar-prior'")
+        )
 
     @torch.no_grad()
     def fit(self, z: Tensor) -> None:
@@ -276,5 +325,7 @@ class ARPrior(EmbeddingPrior):
     def draw(self, n, condition, *, sampler, guidance, generator) -> Tensor:
         logits_fn = CachedLogits(self.gpt, prefix=lambda c: self.prefix(c, n))
         start = torch.zeros((n, 0), dtype=torch.long, device=self.device)
-        codes = sampler.sample(logits_fn, start, self.cfg.pca_dims, condition=condition, guidance=guidance, generator=generator)
+        codes = sampler.sample(
+            logits_fn, start, self.cfg.pca_dims, condition=condition, guidance=guidance, generator=generator
+        )
         return self.dequantize(codes)

@@ -157,8 +157,9 @@ def _check_size(name: str, model: nn.Module, image_size: int | None) -> None:
     size = model.config.sample_size
     size = size[0] if isinstance(size, (list, tuple)) else size
     if image_size is not None and size is not None and int(size) != image_size:
-        raise RegistryError(f"network '{name}': the decoder draws {image_size}x{image_size} but the module's "
-                            f"sample_size is {size}")
+        raise RegistryError(
+            f"network '{name}': the decoder draws {image_size}x{image_size} but the module's sample_size is {size}"
+        )
 
 
 class UNet2DConfig(ModuleConfig):

@@ -227,9 +227,13 @@ def _ldm_first_stage(
         )
     factor = 2 ** (len(c.block_out_channels) - 1)
     state = {f"model.{k}": v for k, v in vq.state_dict().items()}
-    return state, {"type": "diffusers-vqmodel", "config": module_config(vq)}, factor * latent_size, int(
-        c.in_channels
-    ), float(c.scaling_factor)
+    return (
+        state,
+        {"type": "diffusers-vqmodel", "config": module_config(vq)},
+        factor * latent_size,
+        int(c.in_channels),
+        float(c.scaling_factor),
+    )
 
 
 def _size(cfg: Any) -> int:

@@ -149,9 +149,7 @@ def build_transformers_clip(cfg: TransformersClipConfig, ctx: Any = None) -> Tra
     text = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**_public(cfg.text_config)))
     vision = None
     if cfg.vision_config is not None:
-        vision = transformers.CLIPVisionModelWithProjection(
-            transformers.CLIPVisionConfig(**_public(cfg.vision_config))
-        )
+        vision = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**_public(cfg.vision_config)))
     return TransformersCLIP(text=text.eval(), tokenizer=tokenizer, vision=vision and vision.eval(), cfg=cfg)
 
 
