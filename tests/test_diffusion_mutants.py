@@ -15,7 +15,8 @@ The data are Gaussian, N(MU, diag(S^2)) in three dimensions, whose denoiser is c
 E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) MU) / (abar S^2 + 1 - abar). Its probability-flow ODE keeps the
 standardised z = (x_t - sqrt(abar) MU) / sqrt(abar S^2 + 1 - abar), so the exact flow from x_T to any t is known, and
 x0_hat at t is MU + sqrt(abar) S^2 z / sqrt(abar S^2 + 1 - abar). Nothing here trains; the file runs in a few seconds on
-one thread.
+one thread. The second half kills survivors of `make mutation` (devices, dtypes, the condition's path through a step,
+the solvers' step formulas on uneven grids, the churn plan, exact grids).
 """
 
 from __future__ import annotations
@@ -750,6 +751,10 @@ def test_unipc_last_step_denoises_with_the_corrected_point() -> None:
     d0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
     assert math.sqrt(abar) < 0.8
     torch.testing.assert_close(out, d0 + (x_prev + 0.25 - x) / math.sqrt(abar), **EXACT)
+    clipped = ShiftingCorrector(solvers.UniPCConfig(steps=3, grid="uniform"))  # clip: the x0 is clamped as x0_hat is
+    d1 = process(clip_range=1.0)
+    out = step(clipped, clipped.respaced(d1), gaussian_eps(d1), x, 1, state={"d": [x], "x": x_prev + 50, "order": 1})
+    assert out.abs().max() <= 1.0 and out.max() == 1.0
 
 
 def test_the_churn_plan_raises_each_level_by_gamma_between_its_bounds() -> None:
@@ -777,3 +782,52 @@ def test_the_churn_plan_raises_each_level_by_gamma_between_its_bounds() -> None:
     assert {i: int(churned.timestep_map[j]) for i, j in where.items()} == want
     none = solvers.EDMHeun(solvers.EDMHeunConfig(steps=10, churn=2.0, churn_min=1e6, clip=False)).churn_plan(d)
     assert none[0] == {} and none[1].timestep_map.tolist() == [199]
+
+
+def test_dpm_solver_3m_second_step_and_no_noise_for_the_ode() -> None:
+    """The second step (one earlier D) is second order: + alpha' phi2 (D0 - D1) / r0; the ODE draws no noise."""
+    from genzoo.diffusion import solvers
+
+    d = process()
+    sampler = solvers.DPMSolverPlusPlus3M(solvers.MultistepConfig(steps=12, grid="uniform", clip=False))
+    proc, model = sampler.respaced(d), gaussian_eps(d)
+    abar = proc.tables["abar"]
+    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
+    lam = np.log(alpha / sigma)
+    i, x, d1_ = 6, randn(8, 3, seed=1), randn(8, 3, seed=5)
+    g = gen(9)
+    out = step(sampler, proc, model, x, i, generator=g, state={"d": [d1_], "h": [lam[i] - lam[i + 1]]})
+    assert torch.equal(g.get_state(), gen(9).get_state())
+    eps = model(x, torch.full((8,), int(proc.timestep_map[i])), None)
+    d0 = (x - sigma[i] * eps) / alpha[i]
+    h = lam[i - 1] - lam[i]
+    r0 = (lam[i] - lam[i + 1]) / h
+    phi2 = math.expm1(-h) / h + 1
+    want = sigma[i - 1] / sigma[i] * x - alpha[i - 1] * math.expm1(-h) * d0 + alpha[i - 1] * phi2 / r0 * (d0 - d1_)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_solver_grids_exactly() -> None:
+    """quadratic: t_k = round((k / (n - 1))^2 (T - 1)) (DDIM's "quad"); a grid of every timestep is every timestep;
+    an unknown grid is refused with the list of grids."""
+    from genzoo.diffusion.schedules import solver_grid
+
+    abar = np.cumprod(1 - get_named_beta_schedule("linear", 1000))
+    assert solver_grid(abar, 5, "quadratic") == [0, 62, 250, 562, 999]
+    small = np.cumprod(1 - get_named_beta_schedule("linear", 25))
+    for grid in ("quadratic", "log-snr", "karras"):
+        assert solver_grid(small, 25, grid) == list(range(25))
+    message = r"^unknown sampler grid 'cubic'; use one of uniform, quadratic, log-snr, karras$"
+    with pytest.raises(ValueError, match=message):
+        solver_grid(abar, 5, "cubic")
+
+
+def test_ddim_stride_one_and_churn_one() -> None:
+    """"ddimT" is stride 1, every timestep; churn 1 churns (only churn 0 is Alg. 1 without a plan)."""
+    from genzoo.diffusion import solvers
+
+    assert space_timesteps(10, "ddim10") == set(range(10))
+    d = process(T=200)
+    state = solvers.EDMHeun(solvers.EDMHeunConfig(steps=10, churn=1.0, clip=False)).start(d, gaussian_eps(d))
+    assert state["churn_at"] and set(state) == {"churn_at", "churn_proc", "churn_net"}
+    assert solvers.EDMHeun(solvers.EDMHeunConfig(steps=10, clip=False)).start(d, gaussian_eps(d)) == {}
