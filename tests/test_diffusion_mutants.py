@@ -823,7 +823,7 @@ def test_solver_grids_exactly() -> None:
 
 
 def test_ddim_stride_one_and_churn_one() -> None:
-    """"ddimT" is stride 1, every timestep; churn 1 churns (only churn 0 is Alg. 1 without a plan)."""
+    """ "ddimT" is stride 1, every timestep; churn 1 churns (only churn 0 is Alg. 1 without a plan)."""
     from genzoo.diffusion import solvers
 
     assert space_timesteps(10, "ddim10") == set(range(10))
