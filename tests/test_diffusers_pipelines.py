@@ -13,6 +13,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+import test_diffusers  # noqa: E402  the DDPM U-Net builder
+from tiny import threads  # noqa: E402
+
 from genzoo import api  # noqa: E402
 from genzoo.checkpoint import load_checkpoint  # noqa: E402
 from genzoo.interfaces import missing_latent_interface  # noqa: E402
@@ -21,10 +24,8 @@ from genzoo.plugins import default_registry  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with threads(1):
+        yield
 
 
 def nhwc(x: torch.Tensor) -> np.ndarray:
@@ -33,24 +34,8 @@ def nhwc(x: torch.Tensor) -> np.ndarray:
 
 
 def ddpm_unet(seed: int = 0, **kw) -> torch.nn.Module:
-    """DDPM's layout (genzoo's U-Net natively) at 8x8, 16/32 channels."""
-    torch.manual_seed(seed)
-    cfg = dict(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=None,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        norm_eps=1e-6,
-    )
-    return diffusers.UNet2DModel(**{**cfg, **kw}).eval()
+    """DDPM's layout (genzoo's U-Net natively) at 8x8 with three channels: test_diffusers' builder."""
+    return test_diffusers.ddpm_unet(seed, **{"in_channels": 3, "out_channels": 3, **kw})
 
 
 # --------------------------------------------------------------------------- LDMPipeline
@@ -452,14 +437,15 @@ def unclip64(tmp_path_factory):
     return pipe, model
 
 
-@pytest.mark.parametrize("stage", ["prior", "decoder", "super_res"])
-@pytest.mark.parametrize("guided", [False, True])
+# super-resolution has no guided case: UnCLIPPipeline's super-resolution stage is unguided
+@pytest.mark.parametrize(
+    ("stage", "guided"),
+    [("prior", False), ("prior", True), ("decoder", False), ("decoder", True), ("super_res", False)],
+)
 def test_each_unclip_stage_equals_diffusers_in_float64(unclip64, stage, guided) -> None:
     """Stage by stage from the same inputs and generator: the prior's embeddings (CFG 4), the decoder's images from
     the same z_i and latents (CFG 8, learned range), the super-resolution from the same low-res images (its last
     step super_res_last; no guidance there, as in diffusers). In float64 the mapping is exact to rounding."""
-    if stage == "super_res" and guided:
-        pytest.skip("UnCLIPPipeline's super-resolution is unguided")
     pipe, model = unclip64
     c = model.components
     with float64(), torch.no_grad():
