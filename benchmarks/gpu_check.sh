@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # The whole GPU check in one device call (docs/performance.md): `run` with carry [".whl"] and the command
-# `bash benchmarks/gpu_check.sh`. Installs the carried wheels (benchmarks/gpu_wheels.sh made them), runs
-# the CUDA tests, then benchmarks/gpu.py; what it measures lands in $OUT (gpu.json, cuda_tests.log).
+# `bash benchmarks/gpu_check.sh`. Installs the carried wheels (benchmarks/gpu_wheels.sh made them: the
+# image's missing pydantic, and genzoo's own wheel for its plugin entry points), runs the CUDA tests, one
+# `genzoo train` + `genzoo sample` through the CLI on CUDA, then benchmarks/gpu.py; what it measures
+# lands in $OUT (gpu.json, cuda_tests.log, cli.log, ddpm_cuda.png).
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
-python3 -c "import pydantic" 2>/dev/null ||
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# the source tree first, so that the code under test is this checkout's; /tmp/site adds the entry points
+export PYTHONPATH=$PWD:$PWD/plugins:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
-timeout "${GPU_BENCH_SECONDS:-420}" python3 benchmarks/gpu.py --out "$OUT" "$@"
+python3 -m genzoo.cli plugins 2>&1 | head -30
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+{
+  time timeout 100 python3 -m genzoo.cli train ddpm-shapes --out /tmp/ddpm --steps 400 --device cuda --no-progress
+  time timeout 40 python3 -m genzoo.cli sample /tmp/ddpm -n 64 --device cuda --sampler dpm-solver++ --steps 20 --out "$OUT/ddpm_cuda.png"
+} 2>&1 | tee "$OUT/cli.log" | tail -15
+timeout "${GPU_BENCH_SECONDS:-270}" python3 benchmarks/gpu.py --out "$OUT" "$@"

@@ -259,8 +259,12 @@ def refresh(resolved: Mapping[str, Any], registry: Registry) -> dict[str, Any]:
         except GenzooError:
             return s
 
-    out["pipeline"], out["data"] = again(out.get("pipeline"), "pipeline"), again(out.get("data"), "dataset")
-    out["components"] = {role: again(s, role) for role, s in out.get("components", {}).items()}
+    # a key the stored recipe lacks stays absent (a Trainer given a partial recipe through the Python API)
+    for key, role in (("pipeline", "pipeline"), ("data", "dataset")):
+        if key in out:
+            out[key] = again(out[key], role)
+    if "components" in out:
+        out["components"] = {role: again(s, role) for role, s in out["components"].items()}
     return out
 
 

@@ -118,6 +118,15 @@ def test_resume_is_bitwise_exact(tmp_path: Path, make, config) -> None:
     assert any(not torch.equal(a[k], a["raw." + k]) for k in a if not k.startswith("raw."))
 
 
+def test_a_partial_recipe_from_the_python_api_resumes(tmp_path: Path) -> None:
+    """A Trainer given only a name (no pipeline, data or components, as tests/test_cuda.py does) resumes: the
+    stored recipe is not padded with keys the caller's lacks (found on the first GPU run)."""
+    for kw in ({"stop_at": 3}, {"resume": True}):
+        torch.manual_seed(123)
+        out = Trainer(Noisy(), DATA, config=cfg(), run_dir=tmp_path, recipe={"name": "toy"}, progress=False).fit(**kw)
+    assert out.step == 12
+
+
 def test_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(
         TrainingError, match=r"step 7 \(main/main\): loss term 'loss' is nan; .*last good checkpoint is .*step-00000005"
