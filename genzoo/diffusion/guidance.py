@@ -1,10 +1,11 @@
-"""Guidance for diffusion samplers: every guidance works with every sampler through three methods.
+"""Guidance for diffusion samplers: every guidance works with every sampler through four methods.
 
 A sampler calls ``model_output`` (how the denoiser is evaluated), then the process's
 ``p_mean_variance``, then ``condition_mean`` (ancestral samplers) or ``condition_eps`` (DDIM,
-DPM-Solver++, any eps-form sampler). The base class is "no guidance"; a guidance overrides what it
-changes. ``t`` is an index of the (possibly respaced) process the sampler runs; the model and
-``grad_log_p`` receive the ORIGINAL index (``diffusion.model_t(t)``).
+DPM-Solver++, any eps-form sampler), and ``after_step`` on the state each step leaves. The base
+class is "no guidance"; a guidance overrides what it changes. ``t`` is an index of the (possibly
+respaced) process the sampler runs; the model and ``grad_log_p`` receive the ORIGINAL index
+(``diffusion.model_t(t)``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ class DiffusionGuidance(Guidance):
         self, diffusion: GaussianDiffusion, pred: Prediction, x_t: Tensor, t: Tensor, cond: Condition | None
     ) -> Prediction:
         return pred
+
+    def after_step(self, diffusion: GaussianDiffusion, x: Tensor, i: int, cond: Condition | None) -> Tensor:
+        """The sampler's new state x at grid index ``i`` of ``diffusion`` (the respaced process; -1: x is the
+        final x_0), as the guidance constrains it: a projection in pixel space (ILVR's low-pass, an inpainting
+        mask's known region). Every sampler calls it after every step."""
+        return x
 
 
 def _autograd_ready(v: Any) -> Any:

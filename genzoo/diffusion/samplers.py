@@ -225,6 +225,7 @@ class DiffusionSampler(Sampler):
         for i in tqdm(range(proc.num_timesteps - 1, self.last_index - 1, -1), disable=not progress, leave=False):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             x = self.step(proc, net, x, t, i, cond=cond, guidance=guidance, generator=generator, state=state)
+            x = guidance.after_step(proc, x, i - 1 if i > self.last_index else -1, cond)
         return x
 
     def start(self, diffusion: GaussianDiffusion, model: Model) -> dict[str, Any]:
