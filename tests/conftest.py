@@ -11,6 +11,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): its models are
+    tiny or its loops run thousands of small ops, so one thread is as fast and does not spin when other jobs
+    share the cores."""
+    from tiny import threads
+
+    with threads(1):
+        yield
+
+
 @pytest.fixture
 def registry():
     from genzoo.registry import Registry

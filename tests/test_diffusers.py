@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny import fit, threads
+from tiny import fit
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -27,11 +27,7 @@ from genzoo.plugins import default_registry  # noqa: E402
 DIGITS = {"type": "digits", "image_size": 8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and it does not spin when other jobs share the cores."""
-    with threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ddpm_unet(seed: int = 0, **kw) -> torch.nn.Module:
@@ -54,6 +50,47 @@ def ddpm_unet(seed: int = 0, **kw) -> torch.nn.Module:
         norm_eps=1e-6,
     )
     return diffusers.UNet2DModel(**{**cfg, **kw}).eval()
+
+
+def unclip_decoder(cross_attention_dim: int = 32) -> torch.nn.Module:
+    """unCLIP's decoder U-Net at toy size (Karlo's block types, scale-shift norm, a learned-range variance)."""
+    return diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=6,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift",
+        class_embed_type="identity",
+    ).eval()
+
+
+def prior_transformer(*, dim: int, num_embeddings: int, head_dim: int, layers: int) -> torch.nn.Module:
+    """unCLIP's PriorTransformer at toy size."""
+    return diffusers.PriorTransformer(
+        num_attention_heads=2,
+        attention_head_dim=head_dim,
+        num_layers=layers,
+        embedding_dim=dim,
+        num_embeddings=num_embeddings,
+        additional_embeddings=4,
+    ).eval()
+
+
+@torch.no_grad()
+def random_clip_statistics(prior: torch.nn.Module) -> None:
+    """diffusers initialises the prior's CLIP mean and std to 0 and 1, which would hide a missing (un)normalisation."""
+    prior.clip_mean.normal_()
+    prior.clip_std.uniform_(0.5, 2)
+
+
+# the text and image towers of the toy CLIPs (transformers' CLIPTextConfig / CLIPVisionConfig fields)
+CLIP_TOWER = dict(hidden_size=16, projection_dim=16, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
 
 
 def save_pipeline(path, cls, *, unet=None, **scheduler) -> str:
@@ -413,20 +450,7 @@ def test_unet2d_condition_adapter_with_unclip_text_projection(tmp_path) -> None:
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=6,
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        resnet_time_scale_shift="scale_shift",
-        class_embed_type="identity",
-    ).eval()
+    unet = unclip_decoder()
     proj = UnCLIPTextProjModel(
         clip_embeddings_dim=16, time_embed_dim=128, cross_attention_dim=32, clip_extra_context_tokens=2
     ).eval()
@@ -493,17 +517,8 @@ def test_unet2d_condition_adapter_for_latent_diffusion() -> None:
 
 def test_prior_transformer_adapter(tmp_path) -> None:
     torch.manual_seed(0)
-    prior = diffusers.PriorTransformer(
-        num_attention_heads=2,
-        attention_head_dim=4,
-        num_layers=2,
-        embedding_dim=8,
-        num_embeddings=7,
-        additional_embeddings=4,
-    ).eval()
-    with torch.no_grad():
-        prior.clip_mean.normal_()
-        prior.clip_std.uniform_(0.5, 2)
+    prior = prior_transformer(dim=8, num_embeddings=7, head_dim=4, layers=2)
+    random_clip_statistics(prior)
     prior.save_pretrained(str(tmp_path))
     net = (
         default_registry().build("network", {"type": "diffusers-prior-transformer", "pretrained": str(tmp_path)}).eval()

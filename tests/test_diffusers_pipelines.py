@@ -14,18 +14,13 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import test_diffusers  # noqa: E402  the DDPM U-Net builder
-from tiny import threads  # noqa: E402
 
 from genzoo import api  # noqa: E402
 from genzoo.checkpoint import load_checkpoint  # noqa: E402
 from genzoo.interfaces import missing_latent_interface  # noqa: E402
 from genzoo.plugins import default_registry  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nhwc(x: torch.Tensor) -> np.ndarray:
@@ -186,46 +181,21 @@ def unclip_parts(seed: int = 0) -> dict:
     text = transformers.CLIPTextModelWithProjection(
         transformers.CLIPTextConfig(
             vocab_size=len(tok),
-            hidden_size=16,
-            projection_dim=16,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
+            **test_diffusers.CLIP_TOWER,
             max_position_embeddings=10,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         )
     ).eval()
-    prior = diffusers.PriorTransformer(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=1,
-        embedding_dim=16,
-        num_embeddings=10,
-        additional_embeddings=4,
-    ).eval()
+    prior = test_diffusers.prior_transformer(dim=16, num_embeddings=10, head_dim=8, layers=1)
     proj = UnCLIPTextProjModel(
         clip_embeddings_dim=16, time_embed_dim=128, cross_attention_dim=32, clip_extra_context_tokens=4
     ).eval()
-    with torch.no_grad():  # make the parameters diffusers initialises to constants matter
-        prior.clip_mean.normal_()
-        prior.clip_std.uniform_(0.5, 2)
+    test_diffusers.random_clip_statistics(prior)
+    with torch.no_grad():  # a parameter diffusers initialises to zeros, made to matter
         proj.learned_classifier_free_guidance_embeddings.normal_()
-    decoder = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=6,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        resnet_time_scale_shift="scale_shift",
-        class_embed_type="identity",
-    ).eval()
+    decoder = test_diffusers.unclip_decoder()
 
     def super_res() -> torch.nn.Module:
         return diffusers.UNet2DModel(
@@ -604,15 +574,7 @@ def test_unclip_with_an_image_encoder_gives_variations_and_interpolations(tmp_pa
     pipe.save_pretrained(str(tmp_path / "pipe"))
     torch.manual_seed(3)
     vision = transformers.CLIPVisionModelWithProjection(
-        transformers.CLIPVisionConfig(
-            hidden_size=16,
-            projection_dim=16,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            image_size=16,
-            patch_size=4,
-        )
+        transformers.CLIPVisionConfig(**test_diffusers.CLIP_TOWER, image_size=16, patch_size=4)
     ).eval()
     vision.save_pretrained(str(tmp_path / "pipe" / "image_encoder"))
     processor = transformers.CLIPImageProcessor(

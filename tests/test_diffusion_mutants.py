@@ -51,12 +51,7 @@ SMALL, LARGE, LEARNED = ModelVarType.FIXED_SMALL, ModelVarType.FIXED_LARGE, Mode
 EXACT = dict(rtol=0.0, atol=1e-12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def process(

@@ -14,13 +14,7 @@ from genzoo.interfaces import missing_latent_interface
 from genzoo.plugins import default_registry
 from genzoo.training import TrainConfig, Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = [

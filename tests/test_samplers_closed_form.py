@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from tiny import assert_ends_at_dirac
 
 from genzoo.diffusion import (
     AncestralSampler,
@@ -44,13 +45,7 @@ GMM = GaussianMixture(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these loops run thousands of tiny ops; on 2 cores intra-op threads only add wake-up latency
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def diffusion(var: ModelVarType = ModelVarType.FIXED_SMALL) -> GaussianDiffusion:
@@ -221,29 +216,7 @@ def test_respaced_process_is_cached_and_too_many_steps_are_refused() -> None:
 )
 @pytest.mark.parametrize("var", [ModelVarType.FIXED_SMALL, ModelVarType.LEARNED_RANGE])
 def test_dirac_data_is_recovered_exactly_for_any_shape(sampler, var) -> None:
-    """For data x0* (a point), E[eps | x_t] = (x_t - sqrt(abar) x0*) / sqrt(1 - abar): every sampler must end at x0*."""
-    d = GaussianDiffusion(
-        betas=get_named_beta_schedule("cosine", 200),
-        model_mean_type=ModelMeanType.EPSILON,
-        model_var_type=var,
-        loss_type=LossType.SIMPLE,
-    )
-    target = torch.linspace(-0.9, 0.9, 2 * 3 * 4 * 4, dtype=F64).view(2, 3, 4, 4)
-    sqrt_abar = torch.as_tensor(d.tables["sqrt_abar"])
-    sqrt_1m = torch.as_tensor(d.tables["sqrt_one_minus_abar"])
-
-    def model(x, t, cond):
-        eps = (x - sqrt_abar[t].view(-1, 1, 1, 1) * target) / sqrt_1m[t].view(-1, 1, 1, 1)
-        return eps if var is ModelVarType.FIXED_SMALL else torch.cat([eps, torch.zeros_like(eps)], dim=1)
-
-    x = sampler.sample(
-        d,
-        model,
-        tuple(target.shape),
-        generator=torch.Generator().manual_seed(0),
-        noise=torch.randn(2, 3, 4, 4, dtype=F64),
-    )
-    torch.testing.assert_close(x, target, atol=1e-6, rtol=0)
+    assert_ends_at_dirac(sampler, var)
 
 
 def test_clipping_and_dynamic_thresholding_bound_x0() -> None:

@@ -241,6 +241,29 @@ def cosine_diffusion(timesteps: int, mean_type: str = "eps", **kw):
     )
 
 
+def assert_ends_at_dirac(sampler, var) -> None:
+    """For data x0* (a point) E[eps | x_t] = (x_t - sqrt(abar) x0*) / sqrt(1 - abar) exactly: ``sampler`` must end
+    at x0* (to 1e-6, float64) from any noise, with variance type ``var`` (a learned one gets a zero output)."""
+    from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
+
+    d = GaussianDiffusion(
+        betas=get_named_beta_schedule("cosine", 200),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=var,
+        loss_type=LossType.SIMPLE,
+    )
+    target = torch.linspace(-0.9, 0.9, 2 * 3 * 4 * 4, dtype=torch.float64).view(2, 3, 4, 4)
+    sqrt_abar, sqrt_1m = torch.as_tensor(d.tables["sqrt_abar"]), torch.as_tensor(d.tables["sqrt_one_minus_abar"])
+
+    def model(x, t, cond):
+        eps = (x - sqrt_abar[t].view(-1, 1, 1, 1) * target) / sqrt_1m[t].view(-1, 1, 1, 1)
+        return eps if var is ModelVarType.FIXED_SMALL else torch.cat([eps, torch.zeros_like(eps)], dim=1)
+
+    noise = torch.randn(target.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = sampler.sample(d, model, tuple(target.shape), generator=torch.Generator().manual_seed(0), noise=noise)
+    torch.testing.assert_close(x, target, atol=1e-6, rtol=0)
+
+
 def shapes_judge(metrics: dict):
     """``judged(model, **settings)``: ``metrics`` of a model against ddpm-shapes' data with the shapes judge, on the
     CPU (settings: 300 samples, seed 0, batches of 100 unless told)."""
