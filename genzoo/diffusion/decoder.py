@@ -239,7 +239,10 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
     shape = tuple(ctx.data.image_shape)
     if cfg.image_size is not None:
         shape = (shape[0], cfg.image_size, cfg.image_size)
-        spec.setdefault("image_size", cfg.image_size)
+        # a resolved spec holds image_size: None (not absent), and a network sized for the dataset would place
+        # its attention_resolutions at the wrong levels (issue 22: glide-shapes attended only at 4x4, not 8x8)
+        if spec.get("image_size") is None:
+            spec["image_size"] = cfg.image_size
     if spec.get("learn_sigma") is not None and spec["learn_sigma"] != learn_sigma:
         raise RegistryError(
             f"decoder 'diffusion-decoder': denoiser.learn_sigma is {spec['learn_sigma']} but var_type is "
@@ -251,8 +254,8 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
     last = None
     if cfg.last_step_denoiser is not None:
         last_spec = dict(cfg.last_step_denoiser)
-        if cfg.image_size is not None:
-            last_spec.setdefault("image_size", cfg.image_size)
+        if cfg.image_size is not None and last_spec.get("image_size") is None:
+            last_spec["image_size"] = cfg.image_size
         if learn_sigma:
             last_spec["learn_sigma"] = True
         last = ctx.registry.build(
