@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean ui-check mutation
+.PHONY: demo test lint bench install clean ui-check mutation test-interop
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,diffusers,hf,ui]'
+	$(PY) -m pip install --quiet -e '.[dev,diffusers,hf,ui,tensorboard,wandb,t5,ddpm-pytorch]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,6 +31,21 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Equivalence with reference libraries that cannot share .venv (docs/interop.md): DALLE2-pytorch pins
+# open-clip-torch<3, so it gets an environment of its own, .venv-interop, and only the tests marked `interop` run there.
+INTEROP := .venv-interop
+INTEROP_STAMP := $(INTEROP)/.installed
+
+$(INTEROP_STAMP): pyproject.toml
+	test -x $(INTEROP)/bin/python || $(PYTHON) -m venv $(INTEROP)
+	$(INTEROP)/bin/python -m pip install --quiet --upgrade pip
+	$(INTEROP)/bin/python -m pip install --quiet -e '.[dev,dalle2-pytorch]'
+	touch $(INTEROP_STAMP)
+
+# only the files holding interop tests are collected: .venv-interop lacks make test's other extras
+test-interop: $(INTEROP_STAMP)
+	$(INTEROP)/bin/python -m pytest -q -m interop $(shell grep -l 'mark.interop' tests/test_*.py)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
@@ -61,4 +76,4 @@ mutation: $(STAMP)
 	no covering test {s['no_tests']}, timeouts {s['timeout']} (not counted as killed)\")"
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(INTEROP) runs

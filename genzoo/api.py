@@ -5,8 +5,8 @@ Discover: :func:`list_components` (the registry, by kind), :func:`list_recipes`,
 pipeline from a recipe name or a resolved recipe), :func:`build_data` (its dataset). Load:
 :func:`load_model` (a run or checkpoint directory, with swaps), :func:`init_from` (start a new model from a
 run's matching weights), :func:`import_model` (a foreign model through a registered importer, e.g. a
-diffusers pipeline). Run: :func:`for_inference`, :func:`compile_denoisers`. Training is
-:class:`genzoo.training.Trainer`; evaluation :mod:`genzoo.eval`.
+diffusers pipeline; an importer saves it with :func:`save_imported_run`). Run: :func:`for_inference`,
+:func:`compile_denoisers`. Training is :class:`genzoo.training.Trainer`; evaluation :mod:`genzoo.eval`.
 
 >>> import genzoo
 >>> genzoo.list_recipes()                       # doctest: +SKIP
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from genzoo.checkpoint import Checkpoint, load_checkpoint, load_state_into
+from genzoo.checkpoint import Checkpoint, has_checkpoint, load_checkpoint, load_state_into
 from genzoo.errors import GenzooError
 from genzoo.interfaces import Pipeline
 from genzoo.nn import CONV_MEMORY_FORMAT, MLPDenoiser, UNet
@@ -244,13 +244,15 @@ def import_model(
     format: str | None = None,
     adapter: bool = False,
     data: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
     registry: Registry | None = None,
 ) -> Path:
     """Turn a foreign checkpoint or pipeline (a folder or a hub id) into the genzoo run directory ``out``.
 
     The importer is the registered ``importer`` named ``format`` (``genzoo list --kind importer``), or the first whose
     ``detect(source)`` accepts it. ``adapter`` keeps the foreign network behind an adapter even where it maps onto
-    genzoo's own; ``data`` is the dataset spec the model is evaluated against (default: the importer's choice).
+    genzoo's own; ``data`` is the dataset spec the model is evaluated against (default: the importer's choice);
+    ``options`` are fields of the importer's config (``genzoo info importer NAME``), e.g. OpenAI's ``classifier``.
     Returns the checkpoint folder written (``load_model(out)`` rebuilds it).
     """
     registry = registry or default_registry()
@@ -264,5 +266,89 @@ def import_model(
         format = found[0]
     elif format not in names:
         raise GenzooError(f"unknown import format '{format}'; installed: {', '.join(names)}")
-    importer = registry.build("importer", {"type": format})
+    importer = registry.build("importer", {"type": format, **(options or {})})
+    if has_checkpoint(out):  # for every importer: an existing run is never overwritten
+        raise GenzooError(f"{out} already holds a genzoo run; import into a new directory")
     return Path(importer.run(str(source), Path(out), adapter=adapter, data=data))
+
+
+def save_imported_run(
+    out: str | Path,
+    body: Mapping[str, Any],
+    *,
+    name: str,
+    data_spec: Any,
+    states: Iterable[tuple[str, Mapping[str, torch.Tensor]]],
+    meta: Mapping[str, Any],
+    where: str | Path,
+    check: Any = None,
+    registry: Registry | None = None,
+) -> Path:
+    """What an importer ends with: the recipe ``body`` resolved and built for ``data_spec``, ``check(model)`` when
+    given, each ``role.attr`` of ``states`` (e.g. ``decoder.denoiser``) loaded from its state dict (errors name
+    ``where``), and the model saved as the run ``out`` at step 0 (safetensors; ``meta`` beside the data spec and
+    recipe name)."""
+    from genzoo.checkpoint import save_checkpoint
+
+    registry = registry or default_registry()
+    resolved = resolve(name, Recipe.model_validate(dict(body)), registry)
+    model = create_model(resolved, data_spec=data_spec, registry=registry)
+    if check is not None:
+        check(model)
+    for target, state in states:
+        role, *attrs = target.split(".")
+        module = model.components[role]
+        for attr in attrs:
+            module = getattr(module, attr)
+        load_state_into(module, state, role=target, where=where)
+    components = {role: sd for role, child in model.named_children() if (sd := child.state_dict())}
+    full = {"data_spec": data_spec.to_dict(), "recipe_name": name, **meta}
+    return save_checkpoint(out, step=0, recipe=resolved, components=components, meta=full)
+
+
+def image_shape(pipeline: Pipeline) -> tuple[int, ...]:
+    """(C, H, W) of the images ``pipeline`` draws: its cascade's upsampler's, else its decoder's."""
+    c = pipeline.components
+    return tuple(int(s) for s in (c.get("upsampler_decoder") or c["decoder"]).produces.shape)
+
+
+def edit(
+    pipeline: Pipeline,
+    images: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    mode: str = "inpaint",
+    n: int | None = None,
+    condition: Mapping[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    **settings: Any,
+) -> Any:
+    """Edit ``images`` (1 or n, C, H, W) in [-1, 1], at :func:`image_shape`, with a diffusion model (docs/editing.md).
+
+    ``mode``: ``inpaint`` (``mask`` (1 or n, 1, H, W) is 1 where pixels are generated, 0 where kept: RePaint with
+    resampling, or GLIDE's inpainting model), ``sdedit`` (noise to ``strength``, denoise; a mask keeps its 0 region)
+    or ``invert`` (DDIM inversion to x_T and the reconstruction). ``settings``: the other fields of
+    :class:`genzoo.diffusion.editing.EditConfig` (strength, jump_length, resample, invert_iters, project_final).
+    ``condition`` as for ``pipeline.sample`` (a caption, a class). Returns an ``EditResult``: ``images`` (n, C, H, W)
+    and, inverting, ``latents`` (x_T of each diffusion stage).
+    """
+    from genzoo.diffusion.editing import edit as run_edit
+    from genzoo.diffusion.editing import edit_config
+
+    cfg = edit_config(mode=mode, **settings)
+    known = None if mask is None else 1 - mask.to(images)
+    return run_edit(pipeline, images, known, cfg=cfg, n=n, condition=condition, generator=generator)
+
+
+def invert(
+    pipeline: Pipeline,
+    images: torch.Tensor,
+    *,
+    condition: Mapping[str, Any] | None = None,
+    invert_iters: int = 0,
+    generator: torch.Generator | None = None,
+) -> Any:
+    """DDIM inversion of ``images`` (eta 0 run backwards to x_T on the recipe sampler's grid; ``invert_iters``
+    fixed-point iterations per step) and the reconstruction from x_T: ``result.latents`` holds x_T of each diffusion
+    stage, ``result.images`` the reconstruction, so ``result.images - images`` is the round-trip error."""
+    return edit(pipeline, images, mode="invert", condition=condition, invert_iters=invert_iters, generator=generator)

@@ -1,4 +1,4 @@
-"""``genzoo``: list | info | plugins | train | sample | eval | compare | runs | push | pull | import | serve.
+"""``genzoo``: list | info | plugins | train | sample | edit | eval | compare | runs | push | pull | import | serve.
 
 A user error prints one line and exits with status 2; ``--debug`` shows the traceback.
 """
@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="start every component whose recipe spec equals DIR's from DIR's weights "
         "(fine-tuning; or train a swapped prior on a trained decoder with its stages set to 0)",
     )
+    p.add_argument(
+        "--log",
+        action="append",
+        default=[],
+        metavar="LOGGER",
+        help="also log to this logger beside metrics.jsonl: tensorboard, wandb (offline unless WANDB_MODE says "
+        "otherwise); repeatable; `genzoo list --kind logger`",
+    )
     p.add_argument("--no-progress", action="store_true")
     _add_recipe_args(p)
 
@@ -119,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         metavar=("A", "B"),
         help="n images along the slerp between two images' CLIP embeddings (DALL·E 2)",
+    )
+    p.add_argument(
+        "--text-diff",
+        nargs=2,
+        metavar=("FROM", "TO"),
+        help="with --image: n edits of the image toward caption TO, FROM describing it as it is (DALL·E 2 text diffs)",
+    )
+    p.add_argument(
+        "--theta", type=float, default=0.5, help="--text-diff: the largest slerp weight toward the text diff"
     )
     _add_swap_args(p)
     _add_inference_args(p)
@@ -156,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "recipes",
         nargs="+",
-        help="RECIPE or RECIPE@SAMPLER:STEPS (e.g. ddpm-shapes@ddim:25); a run directory "
-        "(an imported model) in place of RECIPE is evaluated as it is",
+        help="RECIPE, RECIPE@SAMPLER:STEPS (e.g. ddpm-shapes@ddim:25) or RECIPE@GUIDANCE:SCALE; a list of values "
+        "sweeps it, one row each, plotted (adm-digits@classifier:0,1,2,4); a run directory (an imported model) in "
+        "place of RECIPE is evaluated as it is",
     )
     p.add_argument("--out", required=True, help="directory for runs/, grids/, leaderboard.{md,csv,json} and plots")
     p.add_argument("--budget-minutes", type=float, help="training budget per recipe (default: the recipe's steps)")
@@ -207,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision")
     add_import_parser(sub)
     add_serve_parser(sub)
+    add_edit_parser(sub)
     return parser
 
 
@@ -299,7 +318,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from genzoo import api
+    from genzoo.registry import split_spec
     from genzoo.training import TrainConfig, Trainer
+    from genzoo.training.loggers import build_loggers
 
     sets = list(args.sets)
     for key in ("steps", "minutes", "device", "seed"):
@@ -310,6 +331,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.steps is not None or args.minutes is not None:  # one number for every stage of a staged recipe
         sets.append("train.stages=null")
     resolved = api.resolve_recipe(args.recipe, files=args.recipes, sets=sets)
+    loggers = resolved["train"]["loggers"]  # --log adds to the recipe's train.loggers
+    loggers += [name for name in dict.fromkeys(args.log) if name not in {split_spec("logger", s)[0] for s in loggers}]
+    config = TrainConfig.model_validate(resolved["train"])
+    build_loggers(config.loggers)  # a misspelt --log fails now, not after the data and the model are built
     t0 = time.perf_counter()
     source = api.build_data(resolved)
     train = source.split("train")
@@ -317,7 +342,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"data: {resolved['data']['type']} train split, {len(train)} items ({time.perf_counter() - t0:.1f}s)",
         file=sys.stderr,
     )
-    config = TrainConfig.model_validate(resolved["train"])
     pipeline = api.create_model(resolved, data_spec=source.spec)
     if args.init_from:
         if args.resume:
@@ -391,7 +415,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, model: Any, device: Any, g: Any) -> Any:
-    """What `genzoo sample` draws: variations or an interpolation of images, or samples for a condition."""
+    """What `genzoo sample` draws: variations, text diffs or an interpolation of images, or samples for a condition."""
+    if args.text_diff and not args.image:
+        raise GenzooError(
+            '--text-diff FROM TO edits an image: add --image FILE (FROM describes it, e.g. "a red circle")'
+        )
     if args.image or args.interpolate:
         if args.prompt is not None or args.class_ is not None:
             raise GenzooError(
@@ -406,6 +434,8 @@ def _generate(args: argparse.Namespace, model: Any, device: Any, g: Any) -> Any:
         read = lambda path: load_image(
             path, size=model.image_size, channels=model.components["decoder"].produces.shape[0]
         ).to(device)  # noqa: E731
+        if args.text_diff:
+            return model.text_diff(read(args.image), *args.text_diff, args.n, theta=args.theta, generator=g)
         if args.image:
             return model.variations(read(args.image)[None], args.n, generator=g)
         return model.interpolate(read(args.interpolate[0]), read(args.interpolate[1]), args.n, generator=g)
@@ -484,19 +514,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from genzoo.eval.compare import compare
+    from genzoo.eval.compare import compare, parse_sweep
     from genzoo.eval.evaluate import EvalSettings
     from genzoo.training import resolve_device
 
-    sweep = {}
-    for text in args.sweep:
-        sampler, _, steps = text.partition(":")
-        try:
-            sweep[sampler] = [int(s) for s in steps.split(",") if s]
-        except ValueError:
-            raise GenzooError(
-                f"--sweep {text!r}: expected SAMPLER:S1,S2 with integer steps, e.g. ddim:10,25,50"
-            ) from None
+    sweep = dict(parse_sweep(text) for text in args.sweep)
     t0 = time.perf_counter()
     settings = EvalSettings(samples=args.samples, seed=args.seed, precision=args.precision)
     rows = compare(
@@ -552,6 +574,15 @@ def add_import_parser(sub: Any) -> None:
         "exactly onto genzoo's own (which samples faster)",
     )
     p.add_argument("--data", metavar="SPEC", help="the dataset to evaluate against, as YAML, e.g. '{type: digits}'")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a field of the importer's config (`genzoo info importer NAME`), e.g. "
+        "flags='--image_size 64 ...' for an OpenAI file; repeatable",
+    )
+    p.add_argument("--classifier", metavar="FILE", help="a noisy classifier to guide with: --option classifier=FILE")
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -562,9 +593,17 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise GenzooError(
             f"--data {args.data!r}: expected a dataset spec with a type, e.g. '{{type: shapes, image_size: 32}}'"
         )
-    path = api.import_model(args.source, args.out, format=args.format, adapter=args.adapter, data=data)
+    bad = [o for o in args.option if "=" not in o]
+    if bad:
+        raise GenzooError(f"--option {bad[0]!r}: expected KEY=VALUE, e.g. --option classifier=64x64_classifier.pt")
+    options = dict(o.split("=", 1) for o in args.option)
+    if args.classifier:
+        options["classifier"] = args.classifier
+    path = api.import_model(args.source, args.out, format=args.format, adapter=args.adapter, data=data, options=options)
     how = json.loads((path / "meta.json").read_text()).get("imported_from", {})
     print(f"imported {args.source} ({how.get('pipeline', '?')}, {how.get('unet', '?')}) to {args.out}")
+    for note in how.get("notes", []):  # what the importer read and how (e.g. a pickle, with weights_only=True)
+        print(f"  {note}")
     return 0
 
 
@@ -612,6 +651,110 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- edit (docs/editing.md)
+
+
+def add_edit_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "edit", help="edit an image with a diffusion model: inpaint, image-to-image (SDEdit), DDIM inversion"
+    )
+    p.add_argument("dir", help="run or checkpoint directory of a diffusion model")
+    p.add_argument(
+        "--image", required=True, metavar="FILE", help="the image to edit (PNG/JPEG, resized to the model's)"
+    )
+    p.add_argument(
+        "--mask", metavar="FILE", help="the region to fill: white is generated, black kept (same size as --image)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("inpaint", "sdedit", "invert"),
+        help="inpaint (RePaint, or GLIDE's inpainting model), sdedit (noise to --strength, denoise), invert (DDIM "
+        "inversion and reconstruction); default: inpaint with --mask, else sdedit",
+    )
+    p.add_argument("--prompt", help="caption to condition on")
+    p.add_argument("--class", dest="class_", type=int, help="class index to condition on")
+    p.add_argument(
+        "--strength", type=float, help="t_0 / T in (0, 1]: how far the image is noised (default 0.6 sdedit, 1 else)"
+    )
+    p.add_argument("--jump-length", type=int, default=10, help="RePaint's jump length j (with --mask)")
+    p.add_argument("--resample", type=int, default=10, help="RePaint's resamplings r per jump; 1: none (with --mask)")
+    p.add_argument(
+        "--invert-iters", type=int, default=0, help="invert: fixed-point iterations per inversion step (0: plain DDIM)"
+    )
+    p.add_argument("-n", type=int, help="number of edits (default 4; 1 for invert, which is deterministic)")
+    p.add_argument("--out", default="edit.png", help="PNG: the input, the masked input, then the edits")
+    p.add_argument("--save", metavar="FILE.safetensors", help="also save the raw edits (and x_T when inverting)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    _add_swap_args(p)
+    _add_inference_args(p)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE")
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from genzoo import api
+    from genzoo.diffusion.editing import edit_config
+    from genzoo.precision import autocast
+    from genzoo.training import resolve_device
+    from genzoo.training.images import load_image, save_grid
+
+    mode = args.mode or ("inpaint" if args.mask else "sdedit")
+    n = args.n if args.n is not None else (1 if mode == "invert" else 4)
+    if n < 1:
+        raise GenzooError(f"-n {n}: the number of edits must be at least 1; pass -n 1 or more")
+    settings = {"mode": mode, "strength": args.strength, "jump_length": args.jump_length}
+    cfg = edit_config(**settings, resample=args.resample, invert_iters=args.invert_iters)  # bad values fail first
+    if args.mask:
+        sizes = {}
+        for flag, path in (("--image", args.image), ("--mask", args.mask)):
+            try:
+                with Image.open(path) as im:
+                    sizes[flag] = im.size
+            except OSError as e:
+                raise GenzooError(f"could not read {flag} {path}: {e}; pass a PNG or JPEG file") from None
+        if sizes["--mask"] != sizes["--image"]:
+            (w, h), (mw, mh) = sizes["--image"], sizes["--mask"]
+            raise GenzooError(
+                f"--mask {args.mask} is {mw}x{mh} but --image {args.image} is {w}x{h}; pass a mask the size of "
+                "the image"
+            )
+    device = resolve_device(args.device)
+    model = api.load_model(args.dir, device=device, sets=args.sets, **_swaps(args))
+    if args.compile:
+        api.compile_denoisers(model)
+    c, side = api.image_shape(model)[0], api.image_shape(model)[-1]
+    image = load_image(args.image, size=side, channels=c)[None].to(device)
+    mask = (load_image(args.mask, size=side, channels=1)[None] > 0).float().to(device) if args.mask else None
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    t0 = time.perf_counter()
+    with autocast(device, args.precision):
+        result = api.edit(model, image, mask, n=n, condition=_condition(args, n), generator=g, **cfg.model_dump())
+    dt = time.perf_counter() - t0
+    x = result.images.float()
+    shown = [image] + ([image * (1 - mask)] if mask is not None else [])
+    save_grid(torch.cat([*shown, x.to(device)]).cpu(), args.out, nrow=len(shown) + n)
+    if args.save:
+        save_file(
+            {"edits": x.cpu().contiguous(), **{f"x_T/{r}": torch.cat(v).cpu() for r, v in result.latents.items()}},
+            args.save,
+        )
+    print(f"wrote {n} {mode} edits of {args.image} to {args.out} in {dt:.2f}s")
+    if mode == "invert":
+        err = (x - image).flatten(1)
+        print(
+            f"DDIM inversion round trip: RMSE {err.pow(2).mean().sqrt():.3g}, max |error| {err.abs().max():.3g} "
+            "(images in [-1, 1])"
+        )
+    elif mask is not None:
+        kept = ((x - image).abs() * (1 - mask)).flatten(1).max()
+        print(f"known region kept to max |error| {kept:.3g}")
+    return 0
+
+
 COMMANDS = {
     "list": cmd_list,
     "info": cmd_info,
@@ -625,6 +768,7 @@ COMMANDS = {
     "import": cmd_import,
     "runs": cmd_runs,
     "serve": cmd_serve,
+    "edit": cmd_edit,
 }
 
 

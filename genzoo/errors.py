@@ -23,6 +23,12 @@ class PluginError(GenzooError):
     """A plugin failed to load while ``GENZOO_STRICT_PLUGINS=1``."""
 
 
+class MissingExtra(ImportError):
+    """A plugin's optional extra is not installed (raise it with the ``pip install 'genzoo[...]'`` line): ``genzoo
+    plugins`` reports it like any load error, but ``GENZOO_STRICT_PLUGINS=1`` does not make it fatal, since an extra
+    left out on purpose (one that conflicts with the default install) is not a broken plugin."""
+
+
 class TrainingError(GenzooError):
     """Training cannot go on (a NaN or inf loss, a resume that does not match the run)."""
 

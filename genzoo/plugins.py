@@ -21,7 +21,7 @@ from typing import Any
 
 import pluggy
 
-from genzoo.errors import PluginError
+from genzoo.errors import MissingExtra, PluginError
 from genzoo.registry import PluginRegistrar, Registry
 
 GROUP = "genzoo"
@@ -179,7 +179,7 @@ def load_plugins(
             if pm.get_plugin(name) is not None:
                 pm.unregister(name=name)
             info.error = _short_error(e)
-            if strict:
+            if strict and not isinstance(e, MissingExtra):
                 raise PluginError(
                     f"plugin '{name}' ({module}) failed to load: {info.error}; "
                     "fix or uninstall it, or unset GENZOO_STRICT_PLUGINS to skip it"

@@ -179,11 +179,14 @@ def parse_assignment(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(name: str, recipe: Recipe, sets: Iterable[str] = (), **swaps: Any) -> Recipe:
     """Apply swap flags (:data:`genzoo.swaps.SWAPS`: ``sampler=``, ``prior_steps=``, ``temperature=``, ...), then
-    ``--set`` assignments; a ``--set`` path not starting at a recipe key is a component role."""
+    ``--set`` assignments; a ``--set`` path not starting at a recipe key is a component role. As with the swap flags,
+    a ``...type=NEW`` that changes a spec's type starts it afresh (the old type's fields do not apply to the new one)
+    and is applied before the other assignments, so ``--set decoder.denoiser.type=X --set decoder.denoiser.f=1``
+    sets X's field in either order."""
     body = recipe.model_dump(mode="json")
     apply_swaps(name, body.setdefault("components", {}), swaps)
-    for text in sets:
-        keys, value = parse_assignment(text)
+    parsed = [(text, *parse_assignment(text)) for text in sets]
+    for text, keys, value in sorted(parsed, key=lambda p: p[1][-1] != "type"):
         if keys[0] not in Recipe.model_fields:
             keys = ["components", *keys]
         node = body
@@ -194,6 +197,8 @@ def apply_overrides(name: str, recipe: Recipe, sets: Iterable[str] = (), **swaps
             if not isinstance(nxt, dict):
                 raise RecipeError(f"--set {text!r}: '{k}' in recipe '{name}' is a value, not a section")
             node = nxt
+        if keys[-1] == "type" and node.get("type") not in (None, value):  # a new type: its own fields only
+            node.clear()
         node[keys[-1]] = value
     return parse_recipe(name, body, source="after --set")
 

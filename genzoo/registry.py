@@ -33,6 +33,7 @@ KINDS: dict[str, str] = {
     "metric": "scores samples against data",
     "importer": "turns a foreign checkpoint or pipeline into a genzoo run directory (`genzoo import`)",
     "app": "serves trained runs over HTTP (`genzoo serve`: a web page and its API)",
+    "logger": "records a run's training curves, sample grids and evaluations (metrics.jsonl, TensorBoard, W&B)",
 }
 
 _NAME = re.compile(r"^[a-z0-9]+(?:[-.][a-z0-9]+)*\+*$")  # kebab-case; a trailing "++" is allowed

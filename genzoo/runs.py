@@ -2,7 +2,8 @@
 
 A run directory (``genzoo train --out DIR``) holds ``latest``, ``checkpoints/``, ``metrics.jsonl`` (the
 trainer's log), ``samples/`` (periodic grids) and ``evaluations.jsonl`` (one line per ``genzoo eval``).
-``genzoo runs DIR`` tabulates every run under DIR; ``genzoo push`` writes a model card from the same facts.
+``genzoo runs DIR`` tabulates every run under DIR; ``genzoo push`` writes a model card from the same facts. An
+evaluation also goes to the loggers the run was trained with (``eval/*`` in metrics.jsonl, TensorBoard, W&B).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def record_evaluation(path: str | Path, record: dict[str, Any]) -> Path | None:
             f.write(json.dumps(record, default=float) + "\n")
     except OSError:  # a read-only run (a mirror) is still evaluated, just not recorded
         return None
+    from genzoo.checkpoint import read_json, resolve
+    from genzoo.training.loggers import log_evaluation
+
+    log_evaluation(run, read_json(resolve(path) / "recipe.json"), record)  # eval/* beside the run's training curves
     return run / EVALUATIONS
 
 

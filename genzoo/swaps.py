@@ -8,7 +8,7 @@ from typing import Any
 
 from genzoo.errors import RecipeError
 
-STAGES = ("", "prior_", "upsampler_")  # the decoder's own, then a cascade's other stages (DALL·E 2, GLIDE)
+STAGES = ("", "prior_", "upsampler_", "upsampler2_")  # the decoder's own, then a cascade's (DALL·E 2, GLIDE)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from genzoo.diffusion.editing import MaskConditioned, inpaint_input, mask_channels_spec, random_known
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from genzoo.diffusion.guidance import noised_clip_losses
 from genzoo.diffusion.samplers import randn
 from genzoo.diffusion.schedules import betas_with_float32_abar, get_named_beta_schedule
-from genzoo.errors import RegistryError
+from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Decoder, SamplerKind, Spec
 from genzoo.pipelines import Conditioning, LabelledPipeline, labelled_args
 
@@ -73,6 +74,12 @@ class DiffusionDecoderConfig(BaseModel):
         default_factory=lambda: {"type": "unet"},
         description="the network: {type: unet | mlp-denoiser | ..., fields}",
         json_schema_extra={"kind": "network"},
+    )
+    inpaint: bool = Field(
+        False,
+        description="GLIDE's inpainting model (Nichol et al. 2022, Sec. 4): the denoiser also takes the known pixels "
+        "and the mask as C + 1 extra input channels (cond['inpaint']), trained on random rectangles to fill; "
+        "`genzoo edit --mask` fills a mask with it (docs/editing.md)",
     )
     last_step_denoiser: dict[str, Any] | None = Field(
         None,
@@ -157,9 +164,10 @@ class DiffusionDecoder(Decoder):
         context_drop: float = 0.0,
         low_res_blur: tuple[float, float] | None = None,
         last_denoiser: nn.Module | None = None,
+        inpaint: bool = False,
     ) -> None:
         super().__init__()
-        self.low_res_blur = low_res_blur
+        self.low_res_blur, self.inpaint = low_res_blur, inpaint
         self.denoiser = denoiser
         if last_denoiser is not None:  # registered only when there is one: existing checkpoints keep their keys
             self.last_denoiser = last_denoiser
@@ -199,6 +207,8 @@ class DiffusionDecoder(Decoder):
             lo, hi = self.low_res_blur
             sigma = lo + (hi - lo) * torch.rand(x0.shape[0], device=x0.device)
             cond = {**cond, "low_res": gaussian_blur(cond["low_res"], sigma, radius=max(1, math.ceil(3 * hi)))}
+        if self.inpaint:  # GLIDE Sec. 4: random regions erased, the rest and the mask as input channels
+            cond = {**(cond or {}), "inpaint": inpaint_input(x0, random_known(x0))}
         if (
             cond
         ):  # classifier-free guidance's null-condition dropout (Ho & Salimans 2021), each mask drawn independently
@@ -250,7 +260,15 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
         )
     if learn_sigma:  # the variance interpolation v of Improved DDPM Eq. 15 is the denoiser's second half
         spec["learn_sigma"] = True
-    denoiser = ctx.registry.build("network", spec, data=ctx.data, where="decoder 'diffusion-decoder': denoiser: ")
+    where = "decoder 'diffusion-decoder': "
+
+    def network(spec: dict[str, Any], role: str) -> nn.Module:
+        if cfg.inpaint:  # the known image and the mask are extra input channels (GLIDE Sec. 4)
+            spec = mask_channels_spec(spec, shape[0], shape[0] * (2 if learn_sigma else 1), f"{where}{role}: ")
+        net = ctx.registry.build("network", spec, data=ctx.data, where=f"{where}{role}: ")
+        return MaskConditioned(net) if cfg.inpaint else net
+
+    denoiser = network(spec, "denoiser")
     last = None
     if cfg.last_step_denoiser is not None:
         last_spec = dict(cfg.last_step_denoiser)
@@ -258,9 +276,7 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
             last_spec["image_size"] = cfg.image_size
         if learn_sigma:
             last_spec["learn_sigma"] = True
-        last = ctx.registry.build(
-            "network", last_spec, data=ctx.data, where="decoder 'diffusion-decoder': last_step_denoiser: "
-        )
+        last = network(last_spec, "last_step_denoiser")
     return DiffusionDecoder(
         denoiser=denoiser,
         diffusion=diffusion,
@@ -271,6 +287,7 @@ def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder
         timestep_sampler=create_timestep_sampler(cfg.timestep_sampler, diffusion),
         low_res_blur=cfg.low_res_blur,
         last_denoiser=last,
+        inpaint=cfg.inpaint,
     )
 
 
@@ -352,6 +369,24 @@ class DiffusionPipeline(LabelledPipeline):
         return self.upsampler.decode(
             noise, {"low_res": low}, generator=generator, sampler=self.components.get("upsampler_sampler")
         )
+
+    @torch.no_grad()
+    def nll_bpd(
+        self, x: Tensor, batch: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """Per image: the full variational bound -log p(x) <= L_T + sum_{t>1} L_{t-1} + L_0 in bits/dim (DDPM Eq. 5,
+        Improved DDPM Sec. 2), through the process's ``calc_bpd_loop`` (T network evaluations); ``batch`` holds the
+        labels or captions of a conditional model (the bound is then of p(x | y))."""
+        if self.upsampler is not None:
+            raise GenzooError(
+                "metric 'nll': a cascade's likelihood needs its upsampler's bound as well, which genzoo does not "
+                "compute; evaluate nll on a single-stage diffusion model"
+            )
+        decoder = self.components["decoder"]
+        out = decoder.diffusion.calc_bpd_loop(
+            decoder.denoiser, x, cond=self.condition_of(batch or {}), generator=generator
+        )
+        return {"vlb_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"], "decoder_bpd": out["vb"][:, 0]}
 
     @torch.no_grad()
     def sample(

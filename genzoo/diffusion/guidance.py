@@ -71,8 +71,16 @@ class GradientGuidance(DiffusionGuidance):
     def grad_log_p(self, x_t: Tensor, t: Tensor, cond: Condition | None) -> Tensor:
         """grad_x log p(c | x_t), ``t`` the ORIGINAL timestep index. Autograd is on, even inside a sampler."""
 
-    def gradient(self, diffusion: GaussianDiffusion, x_t: Tensor, t: Tensor, cond: Condition | None) -> Tensor:
-        """s * grad log p(c | x_t), with autograd enabled inside no_grad and inference_mode alike."""
+    def gradient(
+        self,
+        diffusion: GaussianDiffusion,
+        x_t: Tensor,
+        t: Tensor,
+        cond: Condition | None,
+        pred: Prediction | None = None,
+    ) -> Tensor:
+        """s * grad log p(c | x_t), with autograd enabled inside no_grad and inference_mode alike. ``pred`` is the
+        step's unguided prediction, for a guidance defined on x0_hat (``pred.pred_xstart``) rather than on x_t."""
         with torch.inference_mode(False), torch.enable_grad():
             cond = {k: _autograd_ready(v) for k, v in cond.items()} if cond else cond
             g = self.grad_log_p(_autograd_ready(x_t), _autograd_ready(diffusion.model_t(t)), cond)
@@ -80,11 +88,12 @@ class GradientGuidance(DiffusionGuidance):
 
     def condition_mean(self, diffusion, pred, x_t, t, cond):
         """mu' = mu + s Sigma grad log p(y | x_t) (Dhariwal & Nichol 2021, Alg. 1)."""
-        return replace(pred, mean=pred.mean + pred.variance * self.gradient(diffusion, x_t, t, cond))
+        return replace(pred, mean=pred.mean + pred.variance * self.gradient(diffusion, x_t, t, cond, pred))
 
     def condition_eps(self, diffusion, pred, x_t, t, cond):
         """eps' = eps - sqrt(1 - abar_t) s grad log p(y | x_t); x0_hat and the mean follow (Alg. 2)."""
-        eps = pred.pred_eps - diffusion.extract("sqrt_one_minus_abar", t, x_t) * self.gradient(diffusion, x_t, t, cond)
+        g = self.gradient(diffusion, x_t, t, cond, pred)
+        eps = pred.pred_eps - diffusion.extract("sqrt_one_minus_abar", t, x_t) * g
         return diffusion.prediction_from_eps(pred, x_t, t, eps)
 
 

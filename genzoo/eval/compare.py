@@ -1,6 +1,9 @@
 """``genzoo compare``: train or load several models, evaluate them on one sample stream, write a leaderboard.
 
-An entry is a recipe name, optionally with a sampler for its sampling (``ddpm-shapes@ddim:25``); a
+An entry is a recipe name (or a run directory), optionally with a sampler for its sampling
+(``ddpm-shapes@ddim:25``) or a guidance scale (``adm-digits@classifier:2``); a list of values sweeps it
+(``glide-shapes@cfg:1,2,3,5``: one row per scale, and FD, precision, recall and accuracy plotted against
+the scale, the fidelity-diversity trade-off of Dhariwal & Nichol 2021 Sec. 5 / Ho & Salimans 2021 Fig. 1). A
 recipe is trained once (into ``OUT/runs/RECIPE``, or loaded from there if it already holds a
 checkpoint) and every entry of it is evaluated. Training under ``--budget-minutes`` is cut into
 segments with a quick FD after each, which gives quality against training time. A model that
@@ -10,6 +13,7 @@ fails becomes a row with its error.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import time
@@ -21,23 +25,85 @@ from typing import Any
 
 import torch
 
+from genzoo.errors import GenzooError
 from genzoo.eval.evaluate import DEFAULT_METRICS, EvalContext, EvalSettings, MetricFn
+from genzoo.eval.networks import describe_network
 
 
 @dataclass
 class Entry:
-    """``RECIPE[@SAMPLER[:STEPS]]``."""
+    """``RECIPE[@SAMPLER[:STEPS]][@GUIDANCE[:SCALE]]``: what one row evaluates."""
 
     text: str
     recipe: str
     sampler: str | None = None
     steps: int | None = None
+    guidance: str | None = None
+    scale: float | None = None
+    sweep: tuple[str, str] | None = None  # (the sweep's name, "steps" | "scale") when a list was expanded
+    error: Exception | None = None  # the entry did not parse: its row carries this
+
+    @property
+    def swaps(self) -> dict[str, Any]:
+        """The swap keywords of :func:`genzoo.api.load_model` this entry sets."""
+        keys = ("sampler", "steps", "guidance", "scale")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     @classmethod
-    def parse(cls, text: str) -> Entry:
-        recipe, _, rest = text.partition("@")
-        sampler, _, steps = rest.partition(":")
-        return cls(text, recipe, sampler or None, int(steps) if steps else None)
+    def expand(cls, text: str, registry: Any) -> list[Entry]:
+        """The entries ``text`` names: one per value of a list (``adm-digits@classifier:0,1,2`` is three rows);
+        each ``@NAME`` is looked up in the registry, a sampler taking steps and a guidance a scale."""
+        recipe, *variants = text.split("@")
+        options: list[list[tuple[str, str, str | None]]] = []  # per variant: (kind, name, value or None) choices
+        for variant in variants:
+            name, values = split_values(variant)
+            kind = next((k for k in ("sampler", "guidance") if name in registry.names(k)), None)
+            if kind is None and name != "none":
+                raise GenzooError(
+                    f"compare entry {text!r}: {name!r} is neither a sampler ({', '.join(registry.names('sampler'))}) "
+                    f"nor a guidance ({', '.join(registry.names('guidance'))}); write RECIPE@SAMPLER:STEPS or "
+                    "RECIPE@GUIDANCE:S1,S2,..."
+                )
+            options.append([(kind or "guidance", name, v) for v in values or [None]])
+        swept = [choices[0][:2] for choices in options if len(choices) > 1]
+        out = []
+        for picked in itertools.product(*options):
+            e = cls(text, recipe)
+            for kind, name, value in picked:
+                field, number = ("steps", int) if kind == "sampler" else ("scale", float)
+                setattr(e, kind, name)
+                setattr(e, field, None if value is None else _number(value, number, text))
+            if swept:  # the row's name holds its values; the sweep's name, the swept variant's name alone
+                parts = [f"{n}:{v}" if v is not None else n for _, n, v in picked]
+                e.text = "@".join([recipe, *parts])
+                kind, name = swept[-1]
+                key = "@".join(
+                    [recipe, *(n if (k, n) == swept[-1] else part for (k, n, _), part in zip(picked, parts))]
+                )
+                e.sweep = (key, "steps" if kind == "sampler" else "scale")
+            out.append(e)
+        return out
+
+
+def split_values(text: str) -> tuple[str, list[str]]:
+    """``NAME:V1,V2,...`` -> (NAME, [V1, V2, ...]); ``NAME`` alone has no values. The one parser of both an
+    entry's ``@`` variants and ``--sweep SAMPLER:S1,S2``."""
+    name, _, values = text.partition(":")
+    return name, [v.strip() for v in values.split(",") if v.strip()]
+
+
+def parse_sweep(text: str) -> tuple[str, list[int]]:
+    """``--sweep SAMPLER:S1,S2,...``: the sampler and its steps."""
+    name, values = split_values(text)
+    return name, [_number(v, int, f"--sweep {text}") for v in values]
+
+
+def _number(value: str, kind: type, where: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        what = "integer sampler steps, e.g. ddim:10,25,50" if kind is int else "guidance scales, e.g. cfg:1,2,3"
+        raise GenzooError(f"{where!r}: {value!r} is not a number; expected {what}") from None
 
 
 @dataclass
@@ -52,6 +118,8 @@ class Row:
     figures: dict[str, float] = field(default_factory=dict)
     grid: str = ""
     error: str = ""
+    implementation: str = ""  # the decoder network's plugin and component (genzoo.eval.networks)
+    gflop: float = float("nan")  # GFLOP of one forward of it on one sample
 
 
 COLUMNS = [
@@ -65,11 +133,13 @@ COLUMNS = [
     "label_accuracy",
     "shape_accuracy",
     "colour_accuracy",
+    "caption_accuracy",
     "recon_mse",
     "code_perplexity",
     "codes_used",
     "iw_bpd",
     "elbo_bpd",
+    "vlb_bpd",
     "images_per_s",
     "nfe",
 ]
@@ -105,11 +175,13 @@ def compare(
     curves: dict[str, list[tuple[float, float]]] = {}
     step_curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     trained: dict[str, tuple[Path, Any, str]] = {}
-    for text in entries:
-        e = Entry.parse(text)
+    sweeps: dict[str, dict[str, Any]] = {}
+    for text, e in _expand_all(entries, registry):
         row = Row(name=text, recipe=e.recipe)
         t0 = time.perf_counter()
         try:
+            if e.error is not None:
+                raise e.error
             if e.recipe not in trained and has_checkpoint(e.recipe):  # a run directory (an imported model): as it is
                 ckpt_recipe = load_checkpoint(e.recipe).recipe
                 trained[e.recipe] = (Path(e.recipe), api.build_data(ckpt_recipe), ckpt_recipe["pipeline"]["type"])
@@ -130,20 +202,19 @@ def compare(
                 )
                 trained[e.recipe] = (run_dir, source, family)
             run_dir, source, family = trained[e.recipe]
-            model = api.load_model(run_dir, device=device, sampler=e.sampler, steps=e.steps)
+            model = api.load_model(run_dir, device=device, **e.swaps)
             judge = load_judge(source.spec.name, source.cfg.model_dump(), device=device)
             ev = EvalContext(model, source, judge, settings, device=device)
             for fn in metrics.values():
                 row.figures.update(fn(ev))
+            row.implementation, row.gflop = describe_network(model, registry)
             meta = getattr(model, "checkpoint_meta", {})
             row.family, row.data = family, source.spec.name
             row.params_m = sum(p.numel() for p in model.parameters()) / 1e6
             row.train_minutes, row.train_steps = meta.get("wall_time", float("nan")) / 60, int(meta.get("step", 0))
             from genzoo.training.images import save_grid
 
-            grid = (
-                out / "grids" / (text.replace("@", "_").replace(":", "-").replace("+", "p").replace("/", "_") + ".png")
-            )
+            grid = out / "grids" / (_safe(text) + ".png")
             save_grid(ev.samples[:64], grid)
             row.grid = str(grid.relative_to(out))
             if (
@@ -152,6 +223,7 @@ def compare(
                 and getattr(model.components["sampler"], "kind", None) is not None
                 and model.components["sampler"].kind.value == "diffusion"
                 and e.sampler is None
+                and e.sweep is None
             ):
                 step_curves[e.recipe] = _sweep(run_dir, source, judge, sweep, settings, fd_only, device, log)
         except Exception as exc:  # a failing model is a row, not a crash
@@ -159,11 +231,32 @@ def compare(
             (out / "errors.log").open("a").write(f"== {text}\n{traceback.format_exc()}\n")
         log(f"compare: {text}: {_summary(row)} ({time.perf_counter() - t0:.0f}s)")
         rows.append(row)
+        if e.sweep is not None and not row.error:
+            key, axis = e.sweep
+            value = e.scale if axis == "scale" else e.steps
+            sweeps.setdefault(key, {"axis": axis, "points": []})["points"].append((value, dict(row.figures)))
     rows.sort(key=lambda r: (bool(r.error), r.figures.get("fd", math.inf)))
     write_leaderboard(rows, out, settings=settings, budget_minutes=budget_minutes)
     _plots(out, curves, step_curves)
-    (out / "curves.json").write_text(json.dumps({"training": curves, "steps": step_curves}, indent=1))
+    _sweep_plots(out, sweeps)
+    (out / "curves.json").write_text(json.dumps({"training": curves, "steps": step_curves, "sweeps": sweeps}, indent=1))
     return rows
+
+
+def _expand_all(entries: Sequence[str], registry: Any) -> list[tuple[str, Entry]]:
+    """Every row's (name, entry); an entry that does not parse is one row carrying its error."""
+    out = []
+    for text in entries:
+        try:
+            out += [(e.text, e) for e in Entry.expand(text, registry)]
+        except GenzooError as exc:
+            out.append((text, Entry(text, text.partition("@")[0], error=exc)))
+    return out
+
+
+def _safe(text: str) -> str:
+    """An entry as a file name: ``adm-digits@classifier:2`` -> ``adm-digits_classifier-2``."""
+    return text.replace("@", "_").replace(":", "-").replace("+", "p").replace("/", "_")
 
 
 def _train(
@@ -286,13 +379,16 @@ def _fmt(v: Any) -> str:
 def write_leaderboard(rows: Sequence[Row], out: Path, *, settings: EvalSettings, budget_minutes: float | None) -> None:
     """``leaderboard.md`` / ``.csv`` / ``.json``: one row per entry, sorted by FD (errors last)."""
     cols = [c for c in COLUMNS if any(c in r.figures for r in rows)]
-    head = ["model", "family", "data", *cols, "params_M", "train_min", "train_steps", "error"]
+    head = ["model", "family", "data", "implementation", *cols, "gflop_per_fwd", "params_M", "train_min", "train_steps"]
+    head += ["error"]
     table = [
         [
             r.name,
             r.family,
             r.data,
+            r.implementation,
             *[r.figures.get(c, float("nan")) for c in cols],
+            r.gflop,
             r.params_m,
             r.train_minutes,
             r.train_steps,
@@ -369,4 +465,34 @@ def _plots(out: Path, curves: dict, step_curves: dict) -> None:
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"fd_vs_steps_{name}.png", dpi=120)
+        plt.close(fig)
+
+
+def _sweep_plots(out: Path, sweeps: dict[str, dict[str, Any]]) -> None:
+    """``sweep_NAME.png`` per swept entry: FD, precision, recall and the judge's accuracies against the value
+    (a guidance scale: the fidelity-diversity trade-off)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, sweep in sweeps.items():
+        pts = sorted(sweep["points"], key=lambda p: p[0])
+        if len(pts) < 2:
+            continue
+        xs = [x for x, _ in pts]
+        accuracies = sorted({k for _, f in pts for k in f if k.endswith("_accuracy")})
+        panels = [("fd", ["fd"]), ("precision", ["precision"]), ("recall", ["recall"]), ("accuracy", accuracies)]
+        fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
+        for ax, (title, keys) in zip(axes, panels):
+            for k in keys:
+                ax.plot(xs, [f.get(k, float("nan")) for _, f in pts], marker="o", label=k.removesuffix("_accuracy"))
+            ax.set(xlabel="guidance scale" if sweep["axis"] == "scale" else "sampler steps", title=title)
+            if title == "fd":
+                ax.set_yscale("log")
+            if len(keys) > 1:
+                ax.legend(fontsize=7)
+        fig.suptitle(f"{key}: fidelity vs diversity", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / f"sweep_{_safe(key)}.png", dpi=120)
         plt.close(fig)

@@ -239,16 +239,30 @@ def metric_attribute_accuracy(cfg: NoConfig) -> MetricFn:
 
 
 def metric_nll(cfg: NLLConfig) -> MetricFn:
-    """Negative log-likelihood bound in bits/dim, where the model has one."""
+    """Negative log-likelihood bound in bits/dim, where the model has one (VAE: ELBO and IWAE bound; diffusion:
+    the full variational bound, ``vlb_bpd``, with its prior and decoder terms)."""
 
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "nll_bpd", None)
         if fn is None:
             return {}
-        x = ev.source.split(ev.settings.split).tensors()["image"][: cfg.images].to(ev.device)
+        tensors = ev.source.split(ev.settings.split).tensors()
+        x = tensors["image"][: cfg.images]
+        conditional = getattr(getattr(ev.model, "condition", None), "value", "none") != "none"
         g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
-        out = fn(x, generator=g)
-        return {k: float(v.mean()) for k, v in out.items()}
+        parts: dict[str, list[Tensor]] = {}
+        for lo in range(0, len(x), ev.settings.batch_size):
+            hi = min(lo + ev.settings.batch_size, len(x))
+            # a conditional model's bound is of p(x | y): its batch carries the labels or captions
+            batch = {k: v[lo:hi].to(ev.device) if isinstance(v, Tensor) else v[lo:hi] for k, v in tensors.items()}
+            out = (
+                fn(x[lo:hi].to(ev.device), batch, generator=g)
+                if conditional
+                else fn(x[lo:hi].to(ev.device), generator=g)
+            )
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v.float().cpu())
+        return {k: float(torch.cat(v).mean()) for k, v in parts.items()}
 
     return run
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from genzoo.nn.embeddings import timestep_embedding
-from genzoo.nn.unet import Attention, Level, ResBlock, norm
+from genzoo.nn.unet import Attention, ConvResample, Level, ResBlock, norm
 
 
 class NoisyClassifierConfig(BaseModel):
@@ -18,6 +22,44 @@ class NoisyClassifierConfig(BaseModel):
     attention_resolutions: list[int] = Field([8], description="resolutions with self-attention")
     in_channels: int | None = Field(None, description="image channels; None takes the dataset's")
     image_size: int | None = Field(None, description="image side; None takes the dataset's")
+    # ADM's EncoderUNetModel exactly (guided-diffusion's published classifiers: middle block, attention pooling)
+    num_head_channels: int = Field(32, ge=1, description="channels per attention head when num_heads is None")
+    num_heads: int | None = Field(None, ge=1, description="attention heads per layer; None: from num_head_channels")
+    use_scale_shift_norm: bool = Field(True, description="condition by GroupNorm scale and shift rather than addition")
+    resblock_updown: bool = Field(
+        True, description="downsample inside residual blocks (ADM); False: a stride-2 conv (conv_resample)"
+    )
+    middle_block: bool = Field(
+        False, description="a middle block (residual, attention, residual) after the last resolution, as ADM's"
+    )
+    pool: Literal["adaptive", "attention"] = Field(
+        "adaptive",
+        description="adaptive: average over pixels then a linear layer; attention: CLIP's attention pooling "
+        "(ADM's pool='attention')",
+    )
+    norm_groups: int | None = Field(
+        None, ge=1, description="GroupNorm groups; None: the largest divisor of the channels <= 32 (ADM: 32)"
+    )
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP's attention pooling (Radford et al. 2021, Sec. 2.4; ADM's classifier head): the mean pixel, with a
+    learned position per token, queries every pixel; its output is projected to ``out_dim``."""
+
+    def __init__(self, tokens: int, ch: int, head_ch: int, out_dim: int) -> None:
+        super().__init__()
+        if ch % head_ch:
+            raise ValueError(f"attention pooling: {ch} channels do not split into heads of {head_ch}")
+        self.heads = ch // head_ch
+        self.positional_embedding = nn.Parameter(torch.randn(tokens + 1, ch) / ch**0.5)
+        self.qkv, self.proj = nn.Linear(ch, 3 * ch), nn.Linear(ch, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
+        q, k, v = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))
+        out = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # only the mean token's output is read
+        return self.proj(out.transpose(1, 2).flatten(2)[:, 0])
 
 
 class NoisyClassifier(nn.Module):
@@ -33,25 +75,48 @@ class NoisyClassifier(nn.Module):
         ch0, emb_dim = cfg.model_channels, 4 * cfg.model_channels
         self.time_mlp = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.input_conv = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
-        block = dict(dropout=0.0, scale_shift=True)
+        norms = dict(groups=cfg.norm_groups, eps=1e-5)
+        block = dict(dropout=0.0, scale_shift=cfg.use_scale_shift_norm, **norms)
+
+        def attn(ch: int) -> Attention:
+            return Attention(ch, cfg.num_head_channels, None, heads=cfg.num_heads, **norms)
+
         levels, ch, res = [], ch0, cfg.image_size
         for i, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                attn = Attention(mult * ch0, 32, None) if res in cfg.attention_resolutions else None
-                levels.append(Level(ResBlock(ch, emb_dim, mult * ch0, **block), attn))
+                levels.append(
+                    Level(
+                        ResBlock(ch, emb_dim, mult * ch0, **block),
+                        attn(mult * ch0) if res in cfg.attention_resolutions else None,
+                    )
+                )
                 ch = mult * ch0
             if i < len(cfg.channel_mult) - 1:
-                levels.append(Level(ResBlock(ch, emb_dim, ch, resample="down", **block), None))
+                down = (
+                    ResBlock(ch, emb_dim, ch, resample="down", **block)
+                    if cfg.resblock_updown
+                    else ConvResample(ch, "down")
+                )
+                levels.append(Level(down, None))
                 res //= 2
         self.levels = nn.ModuleList(levels)
-        self.head = nn.Sequential(
-            norm(ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, cfg.num_classes)
-        )
+        if cfg.middle_block:
+            self.middle = nn.ModuleList(
+                [Level(ResBlock(ch, emb_dim, ch, **block), attn(ch)), Level(ResBlock(ch, emb_dim, ch, **block), None)]
+            )
+        if cfg.pool == "attention":
+            self.head = nn.Sequential(
+                norm(ch, **norms), nn.SiLU(), AttentionPool2d(res * res, ch, cfg.num_head_channels, cfg.num_classes)
+            )
+        else:
+            self.head = nn.Sequential(
+                norm(ch, **norms), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, cfg.num_classes)
+            )
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
         h = self.input_conv(x)
-        for level in self.levels:
+        for level in (*self.levels, *getattr(self, "middle", ())):
             h = level(h, emb, None, None)
         return self.head(h)
 

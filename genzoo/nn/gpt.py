@@ -35,6 +35,7 @@ class GPTConfig(BaseModel):
     bias: bool = Field(
         True, description="biases in Linear layers and LayerNorms (False: a little faster, GPT-2 used True)"
     )
+    causal: bool = Field(True, description="causal attention; False: every position sees every other (GLIDE's text)")
 
 
 class TransformerSize(BaseModel):
@@ -80,7 +81,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"GPTConfig: n_head={cfg.n_head} does not divide n_embd={cfg.n_embd}")
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.n_head, self.dropout, self.causal = cfg.n_head, cfg.dropout, cfg.causal
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -95,10 +96,15 @@ class CausalSelfAttention(nn.Module):
         # is_causal aligns the mask top-left, which is only right without a past; a cached chunk needs
         # the bottom-right mask (query i sees keys <= offset + i), and a single new token sees everything
         mask = None
-        if offset and t > 1:
+        if self.causal and offset and t > 1:
             mask = torch.arange(k.shape[2], device=x.device) <= offset + torch.arange(t, device=x.device)[:, None]
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=not offset and t > 1, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=self.causal and not offset and t > 1,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, t, c))), (k, v)
 

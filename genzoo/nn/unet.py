@@ -33,6 +33,11 @@ class UNetConfig(BaseModel):
     )
     num_res_blocks: int = Field(2, ge=1, description="residual blocks per resolution")
     attention_resolutions: list[int] = Field([16, 8], description="resolutions (in pixels) with self-attention")
+    middle_attention: bool = Field(
+        True,
+        description="self-attention in the middle block (ADM always has it); false with attention_resolutions [] "
+        "makes the U-Net convolution-only (unCLIP's upsamplers)",
+    )
     num_heads: int | None = Field(
         None, ge=1, description="attention heads per layer; None: channels // num_head_channels"
     )
@@ -82,6 +87,12 @@ class UNetConfig(BaseModel):
     )
     freq_shift: float = Field(
         0.0, ge=0, lt=1.5, description="time embedding frequencies max_period^(-i/(half - freq_shift)); DDPM: 1"
+    )
+    time_scale: float = Field(
+        1.0,
+        gt=0,
+        description="t is multiplied by this before the time embedding: Improved DDPM's rescale_timesteps "
+        "(1000 / T, its 4000-step models)",
     )
     norm_groups: int | None = Field(
         None,
@@ -303,7 +314,9 @@ class UNet(nn.Module):
                 self.down.append(Level(resample(ch, Resample.down), None))
                 skips.append(ch)
                 size //= 2
-        self.middle = nn.ModuleList([Level(res(ch, ch), attn(ch)), Level(res(ch, ch), None)])
+        self.middle = nn.ModuleList(
+            [Level(res(ch, ch), attn(ch) if cfg.middle_attention else None), Level(res(ch, ch), None)]
+        )
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(cfg.channel_mult))):
             for _ in range(cfg.num_res_blocks + 1):
@@ -317,7 +330,10 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
         cond = cond or {}
         temb = timestep_embedding(
-            t, self.cfg.model_channels, flip_sin_to_cos=self.cfg.flip_sin_to_cos, freq_shift=self.cfg.freq_shift
+            t * self.cfg.time_scale if self.cfg.time_scale != 1 else t,
+            self.cfg.model_channels,
+            flip_sin_to_cos=self.cfg.flip_sin_to_cos,
+            freq_shift=self.cfg.freq_shift,
         )
         emb = self.time_mlp(temb.to(x.dtype))
         emb = condition_embedding(emb, cond, class_emb=self.class_emb, emb_proj=self.emb_proj, null_emb=self.null_emb)

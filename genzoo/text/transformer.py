@@ -9,7 +9,7 @@ the padding after EOT can never reach the pooled output, so no padding mask is n
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -22,6 +22,22 @@ from genzoo.nn.gpt import GPT, Block, TransformerSize
 
 class TextTransformerConfig(TransformerSize):
     context: int = Field(32, ge=3, description="tokens per caption incl. start and end; longer captions are cut")
+    # GLIDE's text transformer (Nichol et al. 2021, Sec. 2.3; glide-text2im's Text2ImUNet), for imported weights
+    causal: bool = Field(True, description="causal attention (CLIP); False: every token sees every other (GLIDE)")
+    pool: Literal["eot", "last"] = Field(
+        "eot", description="the pooled output: the end-of-text token's (CLIP), or the last position's (GLIDE)"
+    )
+    padding_embedding: bool = Field(
+        False,
+        description="a learned embedding per position replaces the token embedding at padding positions "
+        "(GLIDE's xf_padding; the caller marks them)",
+    )
+    vocab_size: int | None = Field(
+        None,
+        ge=2,
+        description="rows of the token embedding; None: open_clip's BPE vocabulary, which tokenize uses. "
+        "Imported towers set it (GLIDE's GPT-2 BPE: 50257, tokenised outside; GLIDE's noised CLIP: 65536)",
+    )
 
 
 class TextTransformer(nn.Module):
@@ -30,27 +46,43 @@ class TextTransformer(nn.Module):
     def __init__(self, cfg: TextTransformerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tokenize = CaptionTokens(cfg.context)
+        self._tokens: CaptionTokens | None = None
         gpt = cfg.gpt_config(
-            vocab_size=self.tokenize.tokenizer.vocab_size, block_size=cfg.context, where="text-transformer"
-        )
+            vocab_size=cfg.vocab_size or self.tokenize.tokenizer.vocab_size,
+            block_size=cfg.context,
+            where="text-transformer",
+        ).model_copy(update={"causal": cfg.causal})
         self.token_embedding = nn.Embedding(gpt.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context, cfg.width))
+        if cfg.padding_embedding:
+            self.padding_embedding = nn.Parameter(torch.zeros(cfg.context, cfg.width))
         self.blocks = nn.ModuleList(Block(gpt) for _ in range(cfg.layers))
         self.ln_final = nn.LayerNorm(cfg.width)
         self.apply(GPT._init_weights)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
     @property
+    def tokenize(self) -> CaptionTokens:
+        """Captions -> (B, context) open_clip BPE ids; made on first use (importing open_clip takes seconds)."""
+        if self._tokens is None:
+            self._tokens = CaptionTokens(self.cfg.context)
+        return self._tokens
+
+    @property
     def width(self) -> int:
         return self.cfg.width
 
-    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, tokens: Tensor, padding: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``padding`` (B, L), True after the caption, selects the padding embedding (``padding_embedding``)."""
         tokens = tokens[:, : self.cfg.context]
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        if padding is not None and self.cfg.padding_embedding:
+            x = torch.where(padding[:, : tokens.shape[1], None], self.padding_embedding[: tokens.shape[1]], x)
         for block in self.blocks:
             x, _ = block(x)
         x = self.ln_final(x)
+        if self.cfg.pool == "last":  # GLIDE: non-causal, so the last position has seen the whole caption
+            return x[:, -1], x, torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         # EOT has the largest id in open_clip's vocabulary, so argmax finds it (as CLIP does); a caption
         # cut at the context length ends in EOT too (BPETokenizer.encode)
         eot = tokens.argmax(dim=-1)

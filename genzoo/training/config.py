@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,7 +43,12 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
     sample_every: int = Field(0, ge=0, description="write a sample grid PNG every N steps; 0: off")
     sample_n: int = Field(16, ge=1, description="images per sample grid")
-    log_every: int = Field(50, ge=1, description="append a line to metrics.jsonl every N steps")
+    log_every: int = Field(50, ge=1, description="send the step's losses, lr and speed to the loggers every N steps")
+    loggers: list[str | dict[str, Any]] = Field(
+        default_factory=lambda: ["jsonl"],
+        description="logger specs (`genzoo list --kind logger`): jsonl writes metrics.jsonl, which `genzoo runs` reads; "
+        "`genzoo train --log NAME` adds one",
+    )
     seed: int = Field(0, description="seeds the model init, the data order and every random draw")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16"] = Field(

@@ -29,14 +29,13 @@ def to_uint8(images: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: int = 1, min_side: int = 32) -> Path:
-    """Tile a batch into one PNG (``nrow`` images per row, default a square).
+def grid_image(images: Tensor, nrow: int | None = None, pad: int = 1, min_side: int = 32) -> Tensor:
+    """Tile a [-1, 1] batch (B, C, H, W) into one uint8 (H', W', C) image, ``nrow`` images per row (default a
+    square); the picture every logger is given (TensorBoard, W&B) and the PNG :func:`save_grid` writes.
 
     Images smaller than ``min_side`` are enlarged by an integer factor (nearest), so an 8x8 digit
     is visible; the saved raw samples (``--save``) are never resized.
     """
-    from PIL import Image
-
     factor = max(1, min_side // max(images.shape[-2:]))
     if factor > 1:
         images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
@@ -48,8 +47,20 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: in
     for i in range(b):
         r, col = divmod(i, nrow)
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = x[i]
+    return grid
+
+
+def save_png(image: Tensor, path: str | Path) -> Path:
+    """Write a uint8 (H, W, C) image (C 1 or 3) as a PNG, creating its folder."""
+    from PIL import Image
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = grid.numpy()
-    Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
+    arr = image.numpy()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
     return path
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: int = 1, min_side: int = 32) -> Path:
+    """Tile a batch into one PNG (:func:`grid_image`)."""
+    return save_png(grid_image(images, nrow, pad, min_side), path)

@@ -9,7 +9,6 @@ optimiser, scheduler and EMA states, the data order and every RNG, so on CPU ``N
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import signal
@@ -36,7 +35,8 @@ from genzoo.registry import Registry
 from genzoo.training import distributed
 from genzoo.training.config import TrainConfig
 from genzoo.training.ema import EMA
-from genzoo.training.images import save_grid
+from genzoo.training.images import grid_image, save_png
+from genzoo.training.loggers import RunInfo, build_loggers
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -115,6 +115,7 @@ class Trainer:
         if self.n < config.batch_size:
             raise TrainingError(f"train.batch_size {config.batch_size} exceeds the {self.n} training items; lower it")
         self._stop_reason: str | None = None
+        self.loggers = build_loggers(config.loggers, registry)  # built here, so a bad name fails before any work
 
     # ------------------------------------------------------------------ data
     def _next_indices(self) -> Tensor:
@@ -275,16 +276,32 @@ class Trainer:
             self.pipeline.eval()
             try:
                 g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-                x = self.pipeline.sample(self.cfg.sample_n, generator=g)
-                save_grid(x, self.run_dir / "samples" / f"step-{self.step:08d}.png")
+                grid = grid_image(self.pipeline.sample(self.cfg.sample_n, generator=g))
+                save_png(grid, self.run_dir / "samples" / f"step-{self.step:08d}.png")
+                self.loggers.log_image("samples", grid, self.step)
             finally:
                 torch.set_rng_state(rng)  # sampling must not change the training's random stream
                 self.pipeline.train()
 
-    def _log(self, record: dict[str, Any]) -> None:
+    def _log(self, step: int, record: dict[str, Any]) -> None:
         if self.dist.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.loggers.log_metrics(record, step)
+
+    @contextlib.contextmanager
+    def _logging(self, resume: bool) -> Iterator[None]:
+        """The loggers open on rank 0 for the loop and the final save, finished however the run ends."""
+        if not self.dist.is_main:
+            yield
+            return
+        name = str(self.recipe.get("name") or self.run_dir.name)
+        phase = "resume" if resume else "train"
+        self.loggers.start(RunInfo(run_dir=self.run_dir, name=name, config=self.recipe, phase=phase, step=self.step))
+        status = "failed"
+        try:
+            yield
+            status = "success"
+        finally:
+            self.loggers.finish(status)
 
     # ------------------------------------------------------------------ signals
     def _install_signals(self) -> dict:
@@ -302,31 +319,32 @@ class Trainer:
         interruption would. The loop of improved-diffusion's ``run_loop``: advance the stage, step, log, decide to
         save, and finish (fit the latent prior, save the last step once)."""
         self._begin(resume)
-        model = self._wrap(_Losses(self.pipeline))
-        autocast = lambda: precision.autocast(self.device, self.cfg.precision)  # noqa: E731
-        previous = self._install_signals()
-        deadline = time.monotonic() + self.cfg.minutes * 60 if self.cfg.minutes else None
-        bar = self._progress_bar()
-        t0, steps_done, last, timed_out = time.perf_counter(), 0, {}, False
-        try:
-            while self._advance_stage():
-                stage = self.stages[self.stage_index][0]
-                last = self._train_step(model, stage, autocast)
-                self.step, self.stage_step, steps_done = self.step + 1, self.stage_step + 1, steps_done + 1
-                self._report(stage, last, steps_done, time.perf_counter() - t0, bar)
-                timed_out = deadline is not None and time.monotonic() > deadline
-                stop = distributed.any_flag(
-                    self._stop_reason is not None or timed_out or self.step == stop_at, self.dist, self.device
-                )
-                if self._save_due(stop):
-                    self._save()
-                if stop:
-                    break
-        finally:
-            bar.close()
-            for s, h in previous.items():
-                signal.signal(s, h)
-        return self._finish(t0, steps_done, last, timed_out)
+        with self._logging(resume):
+            model = self._wrap(_Losses(self.pipeline))
+            autocast = lambda: precision.autocast(self.device, self.cfg.precision)  # noqa: E731
+            previous = self._install_signals()
+            deadline = time.monotonic() + self.cfg.minutes * 60 if self.cfg.minutes else None
+            bar = self._progress_bar()
+            t0, steps_done, last, timed_out = time.perf_counter(), 0, {}, False
+            try:
+                while self._advance_stage():
+                    stage = self.stages[self.stage_index][0]
+                    last = self._train_step(model, stage, autocast)
+                    self.step, self.stage_step, steps_done = self.step + 1, self.stage_step + 1, steps_done + 1
+                    self._report(stage, last, steps_done, time.perf_counter() - t0, bar)
+                    timed_out = deadline is not None and time.monotonic() > deadline
+                    stop = distributed.any_flag(
+                        self._stop_reason is not None or timed_out or self.step == stop_at, self.dist, self.device
+                    )
+                    if self._save_due(stop):
+                        self._save()
+                    if stop:
+                        break
+            finally:
+                bar.close()
+                for s, h in previous.items():
+                    signal.signal(s, h)
+            return self._finish(t0, steps_done, last, timed_out)
 
     # ------------------------------------------------------------------ the loop's steps
     def _begin(self, resume: bool) -> None:
@@ -417,7 +435,7 @@ class Trainer:
         """The metrics log, the progress bar and the periodic sample grid."""
         if self.step % self.cfg.log_every == 0:
             lrs = {f"lr/{k}": s.get_last_lr()[0] for k, s in self.scheds.items()}
-            self._log({"step": self.step, "stage": stage, **last, **lrs, "it_s": steps_done / elapsed, "time": elapsed})
+            self._log(self.step, {"stage": stage, **last, **lrs, "it_s": steps_done / elapsed, "time": elapsed})
         bar.update(1)
         bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}", stage=stage)
         if self.cfg.sample_every and self.step % self.cfg.sample_every == 0 and self.pipeline.ready_to_sample():

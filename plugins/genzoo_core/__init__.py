@@ -13,6 +13,7 @@ def register_components(registry) -> None:
     from genzoo import priors, tokens
     from genzoo.nn import classifier, convnets, mlp, timm_models, unet
     from genzoo.text import clip, transformer
+    from genzoo.training import loggers
 
     registry.register("prior", "gaussian", config=priors.GaussianPriorConfig, factory=priors.make_gaussian_prior)
     registry.register(
@@ -48,3 +49,4 @@ def register_components(registry) -> None:
     registry.register("clip", "clip", config=clip.ClipConfig, factory=clip.build_clip)
     registry.register("clip", "open-clip", config=clip.OpenClipConfig, factory=clip.build_open_clip)
     registry.register("pipeline", "clip", config=clip.ClipPipelineConfig, factory=clip.make_clip_pipeline)
+    registry.register("logger", "jsonl", config=loggers.JsonlConfig, factory=loggers.JsonlLogger)

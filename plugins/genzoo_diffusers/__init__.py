@@ -11,6 +11,7 @@ built or a pipeline imported (importing it costs seconds).
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import genzoo
 from genzoo.plugins import hookimpl
@@ -53,3 +54,9 @@ def register_components(registry) -> None:
     registry.register(
         "importer", "diffusers", config=importer.DiffusersImporterConfig, factory=importer.DiffusersImporter
     )
+
+
+@hookimpl
+def register_recipes() -> list[str]:
+    """The peer recipe (docs/interop.md): genzoo's small shapes DDPM with a UNet2DModel as its denoiser."""
+    return [str(Path(__file__).with_name("recipes.yaml"))]

@@ -38,6 +38,7 @@ USERS = {
     "": "decoder",
     "prior_": "prior",
     "upsampler_": "upsampler_decoder",
+    "upsampler2_": "upsampler2_decoder",
 }  # the component each stage's sampler drives
 
 

@@ -1,0 +1,44 @@
+"""Built-in plugin: DALLE2-pytorch interop (docs/interop.md). Adapters that put lucidrains' DALLE2-pytorch
+``DiffusionPriorNetwork`` and ``Unet`` behind genzoo's denoiser interface, its ``DiffusionPrior`` as a genzoo prior, and
+the ``dalle2-pytorch`` importer behind `genzoo import` (a prior + decoder checkpoint into genzoo's ``dalle2`` pipeline).
+
+Needs the optional extra: ``pip install 'genzoo[dalle2-pytorch]'``. It pins open-clip-torch < 3, so `make test` keeps it
+out of .venv and `make test-interop` installs it in .venv-interop. Without it the hook raises ImportError, which
+``genzoo plugins`` reports, and every other plugin loads; it is a ``MissingExtra``, so ``GENZOO_STRICT_PLUGINS=1`` does
+not make the extra left out of the default install fatal. dalle2_pytorch itself is imported only when a component is
+built or a checkpoint imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import genzoo
+from genzoo.errors import MissingExtra
+from genzoo.plugins import hookimpl
+
+__version__ = genzoo.__version__
+
+
+@hookimpl
+def register_components(registry) -> None:
+    if importlib.util.find_spec("dalle2_pytorch") is None:
+        raise MissingExtra(
+            "the dalle2-pytorch plugin needs the dalle2-pytorch package: pip install 'genzoo[dalle2-pytorch]'"
+        )
+    from . import adapters, importer
+
+    registry.register(
+        "network",
+        "dalle2-pytorch-prior-network",
+        config=adapters.PriorNetworkConfig,
+        factory=adapters.build_prior_network,
+    )
+    registry.register("network", "dalle2-pytorch-unet", config=adapters.UnetConfig, factory=adapters.build_unet)
+    registry.register("prior", "dalle2-pytorch-prior", config=adapters.PriorConfig, factory=adapters.make_prior)
+    registry.register(
+        "importer",
+        "dalle2-pytorch",
+        config=importer.Dalle2PytorchImporterConfig,
+        factory=importer.Dalle2PytorchImporter,
+    )

@@ -1,0 +1,25 @@
+"""Built-in plugin: TensorBoard event files as a genzoo ``logger`` (``genzoo train --log tensorboard``;
+docs/training.md, "Training curves").
+
+Needs the optional extra: ``pip install 'genzoo[tensorboard]'``. Without it the hook raises ImportError, which
+``genzoo plugins`` reports, every other plugin loads, and ``--log tensorboard`` says which extra to install.
+TensorBoard itself is imported only when a run starts logging.
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+import genzoo
+from genzoo.plugins import hookimpl
+
+__version__ = genzoo.__version__
+
+
+@hookimpl
+def register_components(registry) -> None:
+    if find_spec("tensorboard") is None:
+        raise ImportError("the tensorboard plugin needs the tensorboard package: pip install 'genzoo[tensorboard]'")
+    from .logger import TensorBoardConfig, TensorBoardLogger
+
+    registry.register("logger", "tensorboard", config=TensorBoardConfig, factory=TensorBoardLogger)
