@@ -19,24 +19,24 @@ import sys
 import time
 
 import torch
+from genzoo_image_guidance.features import cosine_similarity, style_distance
+from genzoo_image_guidance.ilvr import low_pass
 
 from genzoo import api
 from genzoo.eval.judges import load_judge
 from genzoo.plugins import default_registry
-from genzoo_image_guidance.features import cosine_similarity, style_distance
-from genzoo_image_guidance.ilvr import low_pass
 
 CONFIGS = {
     "none": None,
     "pixel N=4": {"type": "pixel", "factor": 4},
     "pixel N=8": {"type": "pixel", "factor": 8},
     "pixel N=4, t >= 500": {"type": "pixel", "factor": 4, "stop": 500},
-    "feature s=10": {"type": "feature", "scale": 10.0},
-    "feature s=30": {"type": "feature", "scale": 30.0},
-    "feature s=100": {"type": "feature", "scale": 100.0},
-    "style s=3e4": {"type": "style", "scale": 3e4},
-    "style s=1e5": {"type": "style", "scale": 1e5},
-    "style s=3e5": {"type": "style", "scale": 3e5},
+    "feature s=1e3": {"type": "feature", "scale": 1e3},
+    "feature s=3e3": {"type": "feature", "scale": 3e3},
+    "feature s=1e4": {"type": "feature", "scale": 1e4},
+    "style s=1e6": {"type": "style", "scale": 1e6},
+    "style s=1e7": {"type": "style", "scale": 1e7},
+    "style s=1e8": {"type": "style", "scale": 1e8},
 }
 
 
@@ -46,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refs", type=int, default=12)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--out")
+    p.add_argument(
+        "--grid", help="write only a PNG: per row a reference, then 3 samples each of none, pixel, feature, style"
+    )
     args = p.parse_args(argv)
+    if args.grid:
+        return grid(args.run, args.grid)
     registry = default_registry()
     source = api.build_data(_recipe(args.run))
     test = source.split("test").tensors()
@@ -85,6 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def grid(run: str, path: str, refs: int = 4, n: int = 3) -> int:
+    from genzoo.training.images import save_grid
+
+    images = api.build_data(_recipe(run)).split("test").tensors()["image"][:refs]
+    cols = [images[:, None]]
+    for name in ("none", "pixel N=4", "feature s=3e3", "style s=1e7"):
+        spec = CONFIGS[name] or {}
+        sets = [f"guidance.{f}={v}" for f, v in spec.items() if f != "type"]
+        model = api.load_model(run, guidance=spec.get("type", "none"), sets=sets)
+        x = model.sample(
+            refs * n, {"reference": images.repeat_interleave(n, 0)}, generator=torch.Generator().manual_seed(1)
+        )
+        cols.append(x.clamp(-1, 1).reshape(refs, n, *x.shape[1:]))
+    save_grid(torch.cat(cols, 1).reshape(-1, *images.shape[1:]), path, nrow=1 + 4 * n, min_side=48)
+    return 0
+
+
 def _recipe(run: str) -> dict:
     from genzoo.checkpoint import load_checkpoint
 
@@ -96,7 +118,9 @@ def table(rows: dict[str, dict[str, float]]) -> str:
     cols += ["diversity", "seconds"]
     lines = ["| guidance | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
-        cells = [f"{r[c]:.2e}" if c == "gram_dist" else f"{r[c]:.3f}" if c != "seconds" else f"{r[c]:.0f}" for c in cols]
+        cells = [
+            f"{r[c]:.2e}" if c == "gram_dist" else f"{r[c]:.3f}" if c != "seconds" else f"{r[c]:.0f}" for c in cols
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

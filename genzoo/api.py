@@ -252,7 +252,7 @@ def import_model(
     The importer is the registered ``importer`` named ``format`` (``genzoo list --kind importer``), or the first whose
     ``detect(source)`` accepts it. ``adapter`` keeps the foreign network behind an adapter even where it maps onto
     genzoo's own; ``data`` is the dataset spec the model is evaluated against (default: the importer's choice);
-    ``options`` are fields of the importer's config (``genzoo info importer NAME``), e.g. OpenAI's ``classifier``.
+    ``options`` are fields of the importer's config (docs/interop.md), e.g. OpenAI's ``classifier``.
     Returns the checkpoint folder written (``load_model(out)`` rebuilds it).
     """
     registry = registry or default_registry()

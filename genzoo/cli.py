@@ -579,7 +579,7 @@ def add_import_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a field of the importer's config (`genzoo info importer NAME`), e.g. "
+        help="a field of the importer's config (docs/interop.md), e.g. "
         "flags='--image_size 64 ...' for an OpenAI file; repeatable",
     )
     p.add_argument("--classifier", metavar="FILE", help="a noisy classifier to guide with: --option classifier=FILE")
@@ -706,8 +706,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
     n = args.n if args.n is not None else (1 if mode == "invert" else 4)
     if n < 1:
         raise GenzooError(f"-n {n}: the number of edits must be at least 1; pass -n 1 or more")
-    settings = {"mode": mode, "strength": args.strength, "jump_length": args.jump_length}
-    cfg = edit_config(**settings, resample=args.resample, invert_iters=args.invert_iters)  # bad values fail first
+    cfg = edit_config(  # bad values fail before the model loads
+        mode=mode,
+        strength=args.strength,
+        jump_length=args.jump_length,
+        resample=args.resample,
+        invert_iters=args.invert_iters,
+    )
     if args.mask:
         sizes = {}
         for flag, path in (("--image", args.image), ("--mask", args.mask)):
@@ -732,7 +737,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
     g = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
     with autocast(device, args.precision):
-        result = api.edit(model, image, mask, n=n, condition=_condition(args, n), generator=g, **cfg.model_dump())
+        cond = _condition(args, n)
+        if cond and "y" in cond:
+            cond["y"] = cond["y"].to(device)
+        result = api.edit(model, image, mask, n=n, condition=cond, generator=g, **cfg.model_dump())
     dt = time.perf_counter() - t0
     x = result.images.float()
     shown = [image] + ([image * (1 - mask)] if mask is not None else [])

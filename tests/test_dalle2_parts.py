@@ -125,13 +125,26 @@ def registered(component) -> str:
 
 
 def test_the_cascade_from_the_command_line(cascade_run, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
     from genzoo.cli import main
+    from genzoo.training.images import save_grid
 
     run, _ = cascade_run
     out = tmp_path / "grid.png"
     argv = ["sample", str(run), "-n", "2", "--prompt", CAPTIONS[0], "--prior-steps", "2", "--steps", "2"]
     assert main([*argv, "--upsampler-steps", "2", "--upsampler2-steps", "2", "--out", str(out)]) == 0
     assert main([*argv, "--upsampler2-scale", "2", "--out", str(out)]) == 2  # the second upsampler has no guidance
+    # CLIP guidance swapped in for the decoder's CFG, with either sampler
+    for sampler in ("ddpm", "ddim"):
+        assert main([*argv, "--guidance", "clip", "--scale", "3", "--sampler", sampler, "--out", str(out)]) == 0
+    # text diffs of an image file: -n frames up to --theta
+    image, saved = tmp_path / "image.png", tmp_path / "frames.safetensors"
+    save_grid(torch.zeros(1, 3, 64, 64), image, min_side=1)
+    diff = ["--text-diff", "a red circle", "a blue circle", "--theta", "0.3", "--steps", "2", "--save", str(saved)]
+    assert main(["sample", str(run), "-n", "3", "--image", str(image), *diff, "--out", str(out)]) == 0
+    assert load_file(str(saved))["samples"].shape == (3, 3, 64, 64)
+    assert main(["sample", str(run), "-n", "3", *diff, "--out", str(out)]) == 2  # no --image
 
 
 def test_a_cascade_that_does_not_fit_is_refused() -> None:
@@ -209,19 +222,24 @@ def _swap(model, role: str, spec: dict) -> None:
         model.components[role].bind_siblings(model.components)
 
 
-def test_text_diff_frames_share_their_noise_and_start_from_the_image(untrained) -> None:
+def test_text_diff_frames_start_from_the_image_and_share_their_noise(untrained) -> None:
     model, source = untrained
     _swap(model, "sampler", {"type": "ddpm", "steps": 3})
     _swap(model, "guidance", {"type": "cfg", "scale": 3.0})
     image = source.split("test").tensors()["image"][0]
 
-    def frames(theta: float):
+    def frames(theta: float, **kw):
         g = torch.Generator().manual_seed(0)
-        return model.text_diff(image, "a red circle", "a blue circle", 3, theta=theta, generator=g)
+        return model.text_diff(image, "a red circle", "a blue circle", 3, theta=theta, generator=g, **kw)
 
-    still, moved = frames(0.0), frames(0.5)
+    # the paper's way: x_T from DDIM inversion, so theta = 0 gives the image back (at the decoder's 8 px)
+    recon, edited = frames(0.5, invert_iters=5), frames(0.0, invert_iters=5)
+    assert (recon[0] - resize(image[None], 8)[0]).abs().max() < 0.02
+    assert torch.equal(edited[0], edited[2]) and not torch.allclose(recon[2], edited[2], atol=0.1)
+    # fixed noise instead: every frame draws the same x_T and ancestral noise, so only z_theta varies between them
+    still, moved = frames(0.0, invert=False), frames(0.5, invert=False)
     assert still.shape == (3, 3, 8, 8)
-    assert torch.equal(still[0], still[1]) and torch.equal(still[0], still[2])  # only z_theta varies between frames
+    assert torch.equal(still[0], still[1]) and torch.equal(still[0], still[2])
     assert torch.equal(moved[0], still[0]) and not torch.allclose(moved[2], still[2])
     with pytest.raises(GenzooError, match="same CLIP embedding"):
         model.text_diff(image, "a red circle", "a red circle", 2)

@@ -826,3 +826,238 @@ def test_ddim_stride_one_and_churn_one() -> None:
     state = solvers.EDMHeun(solvers.EDMHeunConfig(steps=10, churn=1.0, clip=False)).start(d, gaussian_eps(d))
     assert state["churn_at"] and set(state) == {"churn_at", "churn_proc", "churn_net"}
     assert solvers.EDMHeun(solvers.EDMHeunConfig(steps=10, clip=False)).start(d, gaussian_eps(d)) == {}
+
+
+# ------------------------------------------------------------------ part three: what no selected test called
+# (the first `make mutation` run found 219 mutants in these functions with no covering test)
+
+
+def test_named_beta_schedules_in_closed_form() -> None:
+    """linear: 1e-4..0.02 evenly at T = 1000, both ends times 1000 / T otherwise (DDPM Sec. 4); cosine: the product of
+    1 - b_1..b_t is f(t) / f(0), f(t) = cos^2((t / T + 0.008) / 1.008 pi / 2) (Improved DDPM Eq. 17), and the last
+    beta, where f(T) = 0, is clipped to 0.999."""
+    lin = get_named_beta_schedule("linear", 1000)
+    assert lin.dtype == np.float64 and lin.shape == (1000,) and lin[0] == 1e-4 and lin[-1] == 0.02
+    np.testing.assert_allclose(np.diff(lin), (0.02 - 1e-4) / 999, rtol=1e-9)
+    lin = get_named_beta_schedule("linear", 40)  # scaled by 25
+    assert (
+        lin.shape == (40,) and lin[0] == pytest.approx(2.5e-3, rel=1e-15) and lin[-1] == pytest.approx(0.5, rel=1e-15)
+    )
+    T = 20
+    cos = get_named_beta_schedule("cosine", T)
+
+    def f(t: int) -> float:
+        return math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    assert cos.dtype == np.float64 and cos.shape == (T,)
+    abar = np.cumprod(1 - cos)
+    for t in range(1, T):
+        assert abar[t - 1] == pytest.approx(f(t) / f(0), rel=1e-13), t
+    assert cos[-1] == 0.999 and cos[:-1].max() < 0.8
+    with pytest.raises(ValueError, match=r"^unknown beta schedule 'quad'; use 'linear' or 'cosine'$"):
+        get_named_beta_schedule("quad", 10)
+
+
+def test_spaced_grids_are_diffusers_timestep_spacings() -> None:
+    """leading: k (T // n) + offset; trailing: round(T - k T / n) - 1; linspace: round(linspace(0, T - 1, n)); even:
+    space_timesteps. A grid that diffusers' t -> t - T // n step does not walk is refused, each with its reason."""
+    from genzoo.diffusion.schedules import spaced_grid
+
+    assert spaced_grid(1000, 10, "leading") == set(range(0, 1000, 100))
+    assert spaced_grid(1000, 10, "leading", 1) == set(range(1, 1000, 100))
+    assert spaced_grid(1000, 10, "trailing") == set(range(99, 1000, 100))
+    assert spaced_grid(5, 5, "linspace") == {0, 1, 2, 3, 4} and spaced_grid(2, 2, "linspace") == {0, 1}
+    assert spaced_grid(100, 7, "even") == space_timesteps(100, 7)
+    with pytest.raises(ValueError, match=r"^unknown timestep spacing 'cubic'; use one of even, leading, trailing, "):
+        spaced_grid(10, 2, "cubic")
+    fewer = [
+        ((10, 20, "leading", 0), r"leading spacing of 20 steps over 10 timesteps gives \[0, 0, 0\]\.\.\.; use fewer"),
+        ((10, 5, "leading", -1), r"leading spacing of 5 steps over 10 timesteps gives \[-1, 1, 3\]\.\.\.; use fewer"),
+        ((10, 5, "leading", 2), r"leading spacing of 5 steps over 10 timesteps gives \[2, 4, 6\]\.\.\.; use fewer"),
+    ]
+    uneven = [
+        ((11, 5, "leading", 2), r"leading spacing of 5 steps over 11 timesteps is not evenly 2 apart"),
+        ((1000, 10, "linspace", 0), r"linspace spacing of 10 steps over 1000 timesteps is not evenly 100 apart"),
+        ((10, 4, "trailing", 0), r"trailing spacing of 4 steps over 10 timesteps is not evenly 2 apart"),
+    ]
+    for args, message in fewer:
+        with pytest.raises(ValueError, match="^" + message + " steps$"):
+            spaced_grid(*args)
+    for args, message in uneven:
+        with pytest.raises(ValueError, match="^" + message + r", so diffusers' step \(t -> t - T // steps\) is not a "):
+            spaced_grid(*args)
+    with pytest.raises(ValueError, match=r"is not a respaced process; use 'leading' spacing or other steps$"):
+        spaced_grid(1000, 10, "linspace")
+
+
+def test_betas_with_float32_abar_give_diffusers_float32_tables() -> None:
+    """The float64 cumulative product of 1 - b is torch.cumprod of float32 alphas (diffusers' abar): linear betas
+    from torch.linspace in float32 (scaled by 1000 / T), the others rounded from float64; explicit betas instead of
+    the name."""
+    from genzoo.diffusion.schedules import betas_with_float32_abar
+
+    cases = [
+        ("linear", 1000, None, torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32)),
+        ("linear", 250, None, torch.linspace(4e-4, 0.08, 250, dtype=torch.float32)),
+        ("cosine", 1000, None, torch.as_tensor(get_named_beta_schedule("cosine", 1000)).float()),
+        ("cosine", 3, [0.1, 0.25, 0.5], torch.tensor([0.1, 0.25, 0.5])),
+    ]
+    for name, T, explicit, b32 in cases:
+        b = betas_with_float32_abar(name, T, explicit)
+        abar32 = torch.cumprod(1 - b32, dim=0)
+        assert b.dtype == np.float64 and b.shape == (T,)
+        np.testing.assert_allclose(np.cumprod(1 - b), abar32.double().numpy(), rtol=1e-12, atol=0)
+        assert b[0] == 1 - float(abar32[0])
+        f64 = np.asarray(explicit) if explicit else get_named_beta_schedule(name, T)
+        assert np.abs(np.cumprod(1 - f64) / abar32.double().numpy() - 1).max() > 1e-8  # float32 is not float64
+
+
+def test_create_timestep_sampler_by_name() -> None:
+    from genzoo.diffusion.gaussian_diffusion import LossAwareSampler, UniformSampler, create_timestep_sampler
+
+    d = process(schedule="cosine", T=7)
+    uniform, aware = create_timestep_sampler("uniform", d), create_timestep_sampler("loss-aware", d)
+    assert type(uniform) is UniformSampler and uniform.num_timesteps == 7
+    assert type(aware) is LossAwareSampler and aware.num_timesteps == 7 and aware.history.shape == (7, 10)
+    with pytest.raises(ValueError, match=r"^unknown timestep sampler 'importance'; use 'uniform' or 'loss-aware'$"):
+        create_timestep_sampler("importance", d)
+
+
+def mixture_log_density(gmm, x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """log q(x_t) = log sum_k w_k N(x; sqrt(abar) mu_k, abar S_k + (1 - abar) I), per sample, by torch.distributions."""
+    from torch.distributions import MultivariateNormal
+
+    a = abar.to(F64).view(-1, 1, 1, 1)
+    comps = MultivariateNormal(
+        a[..., 0].sqrt() * gmm.means, covariance_matrix=a * gmm.covs + (1 - a) * torch.eye(gmm.means.shape[1])
+    )
+    return torch.logsumexp(torch.log(gmm.weights) + comps.log_prob(x.to(F64)[:, None, :]), dim=-1)
+
+
+def test_mixture_score_and_log_joint_are_those_of_the_noised_density() -> None:
+    """``score`` is the autograd gradient of log q(x_t) (torch.distributions), per-sample abar; ``log_joint`` sums
+    to log q(x_t); the posterior is its softmax."""
+    from genzoo.diffusion.gmm import small_variance_mixture
+
+    gmm = small_variance_mixture()
+    x, abar = randn(4, 2, seed=5), torch.tensor([0.999, 0.7, 0.2, 0.01], dtype=F64)
+    xg = x.clone().requires_grad_(True)
+    want = torch.autograd.grad(mixture_log_density(gmm, xg, abar).sum(), xg)[0]
+    torch.testing.assert_close(gmm.score(x, abar), want, **EXACT)
+    logp, score_k = gmm.log_joint(x, abar)
+    torch.testing.assert_close(torch.logsumexp(logp, -1), mixture_log_density(gmm, x, abar), **EXACT)
+    torch.testing.assert_close(gmm.posterior(x, abar), logp.softmax(-1), **EXACT)
+    a = abar.view(-1, 1, 1)
+    cov = a[..., None] * gmm.covs + (1 - a[..., None]) * torch.eye(2, dtype=F64)  # (B, K, 2, 2)
+    diff = x[:, None, :] - a.sqrt() * gmm.means
+    torch.testing.assert_close(score_k, -torch.linalg.solve(cov, diff.unsqueeze(-1)).squeeze(-1), **EXACT)
+
+
+def test_the_exact_denoiser_and_classifier_of_a_mixture() -> None:
+    """E[eps | x_t] = -sqrt(1 - abar) grad log q(x_t); with a class y, component y's; with ``drop``, the mixture's;
+    ``exact_classifier`` is log p(k | x_t) at the process's abar_t, in the input's dtype."""
+    from genzoo.diffusion.gmm import exact_classifier, exact_eps_model, small_variance_mixture
+
+    gmm, d = small_variance_mixture(), process(schedule="cosine", T=50)
+    x, t = randn(3, 2, seed=6), torch.tensor([0, 20, 49])
+    abar = torch.as_tensor(d.tables["abar"])[t]
+    model = exact_eps_model(gmm, d)
+    torch.testing.assert_close(model(x, t), -(1 - abar).sqrt()[:, None] * gmm.score(x, abar), **EXACT)
+    y, drop = torch.tensor([2, 0, 1]), torch.tensor([False, True, False])
+    _, score_k = gmm.log_joint(x, abar)
+    want = torch.where(drop[:, None], gmm.score(x, abar), score_k[torch.arange(3), y])
+    torch.testing.assert_close(model(x, t, {"y": y, "drop": drop}), -(1 - abar).sqrt()[:, None] * want, **EXACT)
+    torch.testing.assert_close(model(x, t, {"y": y}), -(1 - abar).sqrt()[:, None] * score_k[torch.arange(3), y])
+    assert model(x.float(), t).dtype == torch.float32
+    logp, _ = gmm.log_joint(x, abar)
+    classifier = exact_classifier(gmm, d)
+    torch.testing.assert_close(classifier(x, t), logp.log_softmax(-1), **EXACT)
+    out = classifier(x.float(), t)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), logp.log_softmax(-1), rtol=0, atol=1e-5)
+
+
+def test_noised_draws_a_uniform_original_t_and_q_samples_with_the_global_rng() -> None:
+    """t uniform over the process's indices, returned as ORIGINAL indices (a respaced process), x_t = sqrt(abar) x0 +
+    sqrt(1 - abar) eps with eps from the global RNG; both on the input's device."""
+    from genzoo.diffusion.guidance import noised
+
+    r = process(schedule="cosine", T=40).respace(range(0, 40, 4))
+    x0 = randn(6, 3, seed=7)
+    torch.manual_seed(11)
+    x_t, t = noised(x0, r)
+    torch.manual_seed(11)
+    i = torch.randint(0, 10, (6,))
+    eps = torch.randn(6, 3, dtype=F64)
+    abar = torch.as_tensor(r.tables["abar"])[i][:, None]
+    assert torch.equal(t, 4 * i)
+    torch.testing.assert_close(x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * eps, **EXACT)
+    torch.manual_seed(0)
+    assert set(noised(torch.zeros(500, 1, dtype=F64), r)[1].tolist()) == set(range(0, 40, 4))
+    x_t, t = noised(torch.zeros(2, 3, device=META), r)
+    assert x_t.device == META and t.device == META
+
+
+def test_the_noisy_classifier_trains_by_cross_entropy_on_noised_inputs() -> None:
+    from genzoo.diffusion.guidance import ClassifierGuidance, noised
+
+    d = process(schedule="cosine", T=30)
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5], [0.3, 0.2, 0.1], [-1.0, 0.0, 3.0]], dtype=F64)
+    calls = []
+    guidance = ClassifierGuidance(lambda x, t: calls.append((x, t)) or logits, scale=1.0)
+    x0, y = randn(4, 3, seed=8), torch.tensor([0, 1, 0, 1])
+    torch.manual_seed(3)
+    out = guidance.training_losses(x0, {"y": y}, d)
+    torch.manual_seed(3)
+    x_t, t = noised(x0, d)
+    assert len(calls) == 1 and torch.equal(calls[0][0], x_t) and torch.equal(calls[0][1], t)
+    ce = [math.log(sum(math.exp(v) for v in row)) - row[k] for row, k in zip(logits.tolist(), y.tolist())]
+    assert out["loss"].item() == pytest.approx(sum(ce) / 4, rel=1e-14)
+    assert out["accuracy"].item() == 0.75  # argmax 0, 1, 0, 2
+    message = r"^training the noisy classifier needs labels: set the pipeline's condition to 'class'$"
+    for cond in (None, {}, {"tokens": y}):
+        with pytest.raises(ValueError, match=message):
+            guidance.training_losses(x0, cond, d)
+
+
+def test_noised_clip_losses_noise_the_images_only_for_a_noised_clip(monkeypatch) -> None:
+    """GLIDE's noised CLIP trains on (x_t, t) of the decoder's process; a plain CLIP on (x0, None)."""
+    from types import SimpleNamespace
+
+    import genzoo.text.clip
+    from genzoo.diffusion.guidance import noised, noised_clip_losses
+
+    seen = []
+    monkeypatch.setattr(genzoo.text.clip, "clip_losses", lambda *args: seen.append(args) or {"loss": args[1].sum()})
+    d, x0, cond = process(schedule="cosine", T=30), randn(5, 3, seed=9), {"tokens": torch.zeros(5, 2)}
+    clip = SimpleNamespace(noised=True)
+    torch.manual_seed(4)
+    out = noised_clip_losses(clip, x0, cond, d)
+    torch.manual_seed(4)
+    x_t, t = noised(x0, d)
+    assert seen[0][0] is clip and torch.equal(seen[0][1], x_t) and seen[0][2] is cond and torch.equal(seen[0][3], t)
+    assert out["loss"] == x_t.sum()
+    clip.noised = False
+    noised_clip_losses(clip, x0, cond, d)
+    assert seen[1][0] is clip and seen[1][1] is x0 and seen[1][2] is cond and seen[1][3] is None
+
+
+def test_classifier_guidance_builds_its_classifier_network() -> None:
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from genzoo.diffusion.guidance import ClassifierGuidanceConfig, make_classifier_guidance
+
+    net, built = nn.Linear(1, 1), []
+
+    class Registry:
+        def build(self, kind, spec, *, data, where):
+            built.append((kind, spec, data, where))
+            return net
+
+    cfg = ClassifierGuidanceConfig(scale=2.5, classifier={"type": "noisy-classifier", "model_channels": 8})
+    g = make_classifier_guidance(cfg, SimpleNamespace(registry=Registry(), data="digits"))
+    spec = {"type": "noisy-classifier", "model_channels": 8}
+    assert built == [("network", spec, "digits", "guidance 'classifier': classifier: ")] and type(built[0][1]) is dict
+    assert g.classifier is net and g.scale == 2.5 and g.needs_condition == frozenset({"y"})

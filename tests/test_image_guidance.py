@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from genzoo_image_guidance.features import cosine_similarity, style_distance
+from genzoo_image_guidance.ilvr import low_pass
 from PIL import Image
 from tiny import threads, write_recipes
 
 from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.plugins import default_registry
-from genzoo_image_guidance.features import cosine_similarity, style_distance
-from genzoo_image_guidance.ilvr import low_pass
 
 F64 = torch.float64
 SAMPLERS = [e.name for e in default_registry().entries("sampler") if e.plugin == "diffusion"]
@@ -80,7 +80,9 @@ def test_ilvr_step_keeps_the_high_pass_and_takes_the_noised_reference_low_pass()
         assert abs(blocks.mean().item()) < 4 * math.sqrt(var / blocks.numel())
         assert abs(blocks.var().item() / var - 1) < 4 * math.sqrt(2 / blocks.numel()), (blocks.var().item(), var)
         assert torch.equal(out, guidance.after_step(d, x, i, {"reference": y}))  # the seed draws the noise
-    assert not torch.equal(guidance.after_step(d, x, 8, {"reference": y}), guidance.after_step(d, x, 7, {"reference": y}))
+    assert not torch.equal(
+        guidance.after_step(d, x, 8, {"reference": y}), guidance.after_step(d, x, 7, {"reference": y})
+    )
     final = guidance.after_step(d, x, -1, {"reference": y})
     torch.testing.assert_close(low_pass(final, n), low_pass(y, n).expand_as(x), rtol=0, atol=1e-14)
     late = build({"type": "pixel", "factor": n, "stop": int(d.timestep_map[4]) + 2})  # conditions t >= stop only
@@ -100,7 +102,9 @@ def point_mass_run(name: str, ref: torch.Tensor, *, clip: bool) -> tuple[torch.T
 
     noise = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=F64)
     guidance = build({"type": "pixel", "factor": 4})
-    out = sampler(name, clip=clip).sample(d, model, noise.shape, cond={"reference": ref}, guidance=guidance, noise=noise)
+    out = sampler(name, clip=clip).sample(
+        d, model, noise.shape, cond={"reference": ref}, guidance=guidance, noise=noise
+    )
     return out, target
 
 
@@ -117,15 +121,7 @@ def test_ilvr_on_point_mass_data_gives_the_data_with_the_reference_low_pass_for_
     torch.testing.assert_close(low_pass(clamped, 4), low_pass(y, 4).expand_as(out), rtol=0, atol=1e-6)
 
 
-UNIPC_UNDOES = pytest.mark.xfail(
-    strict=True,
-    reason="UniPC's corrector recomputes the point it reached from its own state['x'] (solvers.py UniPC.step), so an "
-    "after_step projection there is undone; its last x0 = D + (x - predicted) / alpha then carries the undone edit / "
-    "alpha, which the clamp distorts",
-)
-
-
-@pytest.mark.parametrize("name", [n if n != "unipc" else pytest.param(n, marks=UNIPC_UNDOES) for n in SAMPLERS])
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_ilvr_with_the_clamp_on_keeps_the_point_mass_closed_form(name: str) -> None:
     y = images(6, dtype=F64)
     out, target = point_mass_run(name, y, clip=True)
@@ -191,7 +187,8 @@ VAR = 0.1
 
 
 def gaussian_data_model(d: GaussianDiffusion):
-    """The exact eps of data N(MU, VAR I): x0_hat = MU + sqrt(abar) VAR (x_t - sqrt(abar) MU) / (abar VAR + 1 - abar)."""
+    """The exact eps of data N(MU, VAR I): x0_hat = MU + sqrt(abar) VAR (x_t - sqrt(abar) MU) / (abar VAR + 1 - abar)
+    (the posterior mean)."""
     abar = torch.as_tensor(d.tables["abar"], dtype=torch.float32)
 
     def model(x, t, cond):
@@ -278,7 +275,9 @@ def test_network_errors_and_the_recipes_clip_as_the_feature_network() -> None:
     a, b = x.flatten(1)[:, :12], ref.flatten(1)[:, :12].expand(2, -1)
     # d cos(a, b) / da = b / (|a| |b|) - cos(a, b) a / |a|^2
     cos = torch.nn.functional.cosine_similarity(a, b)
-    want = b / (a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True)) - cos[:, None] * a / a.norm(dim=1)[:, None] ** 2
+    want = (
+        b / (a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True)) - cos[:, None] * a / a.norm(dim=1)[:, None] ** 2
+    )
     torch.testing.assert_close(grad.flatten(1)[:, :12], want)
     assert (grad.flatten(1)[:, 12:] == 0).all()
 

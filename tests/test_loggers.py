@@ -250,3 +250,13 @@ def test_the_python_api_takes_loggers_in_the_train_config(tmp_path: Path) -> Non
     losses = [(e.step, e.value) for e in events(tmp_path, "tb").Scalars("loss")]
     assert losses == [(r["step"], float(np.float32(r["loss"]))) for r in jsonl(tmp_path)] and len(losses) == 4
     assert all(math.isfinite(v) for _, v in losses)
+
+
+def test_a_logger_that_cannot_start_is_one_error_naming_it(tmp_path: Path) -> None:
+    from genzoo.errors import TrainingError
+
+    (tmp_path / "blocker").write_text("a file where the event folder would go")
+    with pytest.raises(TrainingError) as e:
+        fit_line(tmp_path, loggers=["jsonl", {"type": "tensorboard", "subdir": "blocker"}])
+    assert str(e.value).startswith("train.loggers: logger 'tensorboard' could not start: ")
+    assert "genzoo info logger:tensorboard" in str(e.value) and "\n" not in str(e.value)

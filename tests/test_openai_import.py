@@ -632,8 +632,9 @@ def test_super_resolution_layouts_convert_exactly(made, codebase):
     import` refuses them as runs (an imported cascade is not built yet)."""
     from dataclasses import replace
 
-    from genzoo_openai.convert import Keys, convert_text, convert_unet, text_config, unet_config
+    from genzoo_openai.convert import Keys, convert_unet, unet_config
     from genzoo_openai.glide import GlideUNetConfig, build_glide_unet
+    from genzoo_openai.importer import glide_denoiser
     from genzoo_openai.layouts import DEFAULTS, GLIDE_UPSAMPLER, parse_flags, unet_layout
 
     from genzoo.checkpoint import load_state_into
@@ -651,12 +652,9 @@ def test_super_resolution_layouts_convert_exactly(made, codebase):
     keys = Keys(state, "t")
     converted, fields = convert_unet(layout, keys), unet_config(layout, 1.0)
     if glide:
-        text = replace(layout.text, n_vocab=len(vocab))
-        words, proj = convert_text(text, keys, layout.model_channels)
-        converted = {f"unet.{k}": v for k, v in {**converted, **proj, "null_emb": torch.zeros(32)}.items()}
-        converted.update({f"text.{k}": v for k, v in words.items()})
-        fields.pop("context_dim"), fields.pop("emb_dim_in")
-        net = build_glide_unet(GlideUNetConfig(**fields, text=text_config(text)))
+        layout = replace(layout, text=replace(layout.text, n_vocab=len(vocab)))
+        spec, converted = glide_denoiser(layout, keys, converted, 1.0)
+        net = build_glide_unet(GlideUNetConfig(**{k: v for k, v in spec.items() if k != "type"}))
     else:
         net = UNet(UNetConfig(**fields))
     keys.finish()

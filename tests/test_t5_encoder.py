@@ -59,11 +59,16 @@ def test_t5_context_is_the_encoders_own_output_and_the_model_stays_frozen(t5_dir
     batch = tokenizer(CAPTIONS, padding="max_length", max_length=12, truncation=True, return_tensors="pt")
     with torch.no_grad():
         want = reference(**batch).last_hidden_state
-    assert enc.width == 32 and out["context"].shape == (2, 12, 32) and set(enc.produces.condition) == {
-        "emb",
-        "context",
-        "context_mask",
-    }
+    assert (
+        enc.width == 32
+        and out["context"].shape == (2, 12, 32)
+        and set(enc.produces.condition)
+        == {
+            "emb",
+            "context",
+            "context_mask",
+        }
+    )
     torch.testing.assert_close(out["context"], want, rtol=0, atol=0)
     assert torch.equal(out["context_mask"], batch.attention_mask.bool())
     assert out["context_mask"].sum(1).tolist() == [9, 8]  # 8 words / 6 words and ':', + the end token
@@ -87,7 +92,9 @@ def test_t5_errors_are_one_line(t5_dir: Path, tmp_path: Path, monkeypatch) -> No
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(OfflineError, match="could not load 'genzoo-tests/no-such-t5' .*hf download genzoo-tests/no-such-t5") as e:
+    with pytest.raises(
+        OfflineError, match="could not load 'genzoo-tests/no-such-t5' .*hf download genzoo-tests/no-such-t5"
+    ) as e:
         build("genzoo-tests/no-such-t5")
     assert "\n" not in str(e.value)
 
@@ -127,7 +134,9 @@ def test_glide_t5_recipe_trains_the_unet_on_the_frozen_encoder(t5_dir: Path, tmp
     dec = loaded.components["decoder"]
     x0, t = torch.zeros(2, 3, 8, 8), torch.full((2,), 500)
     noise = torch.randn(2, 3, 8, 8, generator=g)
-    eps = [dec.denoiser(dec.diffusion.q_sample(x0, t, noise), t, c) for c in (cond, {**cond, "drop": torch.ones(2).bool()})]
+    eps = [
+        dec.denoiser(dec.diffusion.q_sample(x0, t, noise), t, c) for c in (cond, {**cond, "drop": torch.ones(2).bool()})
+    ]
     assert not torch.allclose(eps[0], eps[1])  # the caption reaches the U-Net
     with pytest.raises(GenzooError, match="context_dim is 48 but the text encoder needs 32"):
         spec = api.resolve_recipe("glide-t5-shapes", sets=[*sets, "decoder.denoiser.context_dim=48"])

@@ -303,7 +303,10 @@ class UniPC(DiffusionSampler):
         ds = state.setdefault("d", [])
         predicted = x
         if ds:  # UniC: correct the point reached, with the D evaluated there
-            x = self.update(state["x"], ds, i, proc, state["order"], new=d)
+            corrected = self.update(state["x"], ds, i, proc, state["order"], new=d)
+            # a guidance's after_step may have moved the point (ILVR, inpainting): the correction is applied to
+            # where it put it, as a shift from the predictor's own output, so the projection is not undone
+            x = corrected if predicted is state["raw"] else predicted + (corrected - state["raw"])
         ds.append(d)
         del ds[:-3]
         if i == self.last_index:  # x0 from the corrected point with the evaluated one's eps, processed as x0_hat is
@@ -312,4 +315,5 @@ class UniPC(DiffusionSampler):
             return x0 if process is None else process(x0)
         order = min(self.cfg.order, len(ds))
         state["x"], state["order"] = x, order
-        return self.update(x, ds, i, proc, order)
+        state["raw"] = self.update(x, ds, i, proc, order)
+        return state["raw"]

@@ -46,8 +46,8 @@ class TrainConfig(BaseModel):
     log_every: int = Field(50, ge=1, description="send the step's losses, lr and speed to the loggers every N steps")
     loggers: list[str | dict[str, Any]] = Field(
         default_factory=lambda: ["jsonl"],
-        description="logger specs (`genzoo list --kind logger`): jsonl writes metrics.jsonl, which `genzoo runs` reads; "
-        "`genzoo train --log NAME` adds one",
+        description="logger specs (`genzoo list --kind logger`): jsonl writes metrics.jsonl, which `genzoo runs` "
+        "reads; `genzoo train --log NAME` adds one",
     )
     seed: int = Field(0, description="seeds the model init, the data order and every random draw")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")

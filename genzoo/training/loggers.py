@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from genzoo.errors import TrainingError
-from genzoo.registry import Registry, split_spec
+from genzoo.registry import Registry, registered_name, split_spec
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -91,7 +91,14 @@ class LoggerGroup:
     def start(self, run: RunInfo) -> None:
         with untouched_random_state():
             for logger in self.loggers:
-                logger.start(run)
+                try:
+                    logger.start(run)
+                except Exception as e:  # a library's own error (no login, a bad project name): one line naming it
+                    first = (str(e).strip().splitlines() or [""])[0]
+                    raise TrainingError(
+                        f"train.loggers: logger '{registered_name(logger)}' could not start: {type(e).__name__}: "
+                        f"{first}; fix its fields (`genzoo info logger:{registered_name(logger)}`) or drop it"
+                    ) from e
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         with untouched_random_state():
@@ -123,7 +130,9 @@ def build_loggers(specs: Sequence[Any], registry: Registry | None = None) -> Log
         name, _ = split_spec("logger", spec, where=where)
         if name not in registry.names("logger"):
             if name in failed:
-                raise TrainingError(f"{where}logger '{name}' is not available: plugin '{name}' failed to load: {failed[name]}")
+                raise TrainingError(
+                    f"{where}logger '{name}' is not available: plugin '{name}' failed to load: {failed[name]}"
+                )
             close = difflib.get_close_matches(name, registry.names("logger"), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise TrainingError(

@@ -347,7 +347,7 @@ class UnCLIPPipeline(DiffusionPipeline):
             x_T, sampler = self.invert(image[None], z_i[None], iters=invert_iters)
             return self.decode_embeddings(
                 z, generator=generator, shared_noise=True, x_T=x_T.expand(steps, *x_T.shape[1:]), sampler=sampler
-            )
+            ).clamp(-1, 1)  # the inversion's DDIM does not clamp x0_hat (a clamped step is not invertible)
         where = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(0, 2**62, (), generator=generator, device=where))
         return torch.cat(

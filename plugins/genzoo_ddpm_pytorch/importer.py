@@ -2,10 +2,11 @@
 'model': GaussianDiffusion.state_dict(), 'ema', 'opt', ...}``), a results folder of them (the highest milestone), or a
 plain ``GaussianDiffusion`` / ``Unet`` state dict (``.pt`` or ``.safetensors``) becomes a genzoo run directory.
 
-Its checkpoints do not carry the constructors' arguments, so the importer's config (``genzoo import ... --config``)
+Its checkpoints do not carry the constructors' arguments, so the importer's config (``genzoo import ... --option``)
 gives them: ``unet`` (``Unet(...)``'s, see ``ddpm-pytorch-unet``) and ``diffusion`` (``GaussianDiffusion(...)``'s;
-``image_size`` at least). A GaussianDiffusion state holds its schedule buffers: T, the schedule and the objective are
-read from ``betas`` and ``loss_weight`` when not given, and checked against them when given (process.py).
+``image_size`` at least), or a ``config`` file holding both. A GaussianDiffusion state holds its schedule buffers:
+T, the schedule and the objective are read from ``betas`` and ``loss_weight`` when not given, and checked against them
+when given (process.py).
 
 Pickles are read here only, with ``torch.load(weights_only=True)`` (no code from the file runs), and written as
 safetensors at once; every other genzoo command keeps refusing them.

@@ -24,7 +24,9 @@ from .reference import Reference, ReferenceConfig
 
 class PixelGuidanceConfig(ReferenceConfig):
     factor: int = Field(
-        4, ge=1, description="N: the low-pass phi_N averages N x N blocks (and repeats them back); it must divide the side"
+        4,
+        ge=1,
+        description="N: the low-pass phi_N averages N x N blocks (and repeats them back); it must divide the side",
     )
     stop: int = Field(
         0,

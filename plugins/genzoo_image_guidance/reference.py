@@ -67,7 +67,9 @@ class Reference:
             ref = ref.mean(1, keepdim=True).expand(-1, x.shape[1], *ref.shape[2:])
         if ref.shape[-2:] != x.shape[-2:]:
             shrink = ref.shape[-1] > x.shape[-1]
-            ref = F.interpolate(ref, size=x.shape[-2:], mode="area") if shrink else F.interpolate(
-                ref, size=x.shape[-2:], mode="bilinear", align_corners=False
+            ref = (
+                F.interpolate(ref, size=x.shape[-2:], mode="area")
+                if shrink
+                else F.interpolate(ref, size=x.shape[-2:], mode="bilinear", align_corners=False)
             )
         return ref.expand(x.shape[0], *ref.shape[1:])

@@ -42,6 +42,7 @@ from .layouts import (
     PUBLISHED,
     Codebase,
     Diffusion,
+    UNetLayout,
     classifier_layout,
     diffusion_of,
     parse_flags,
@@ -182,7 +183,7 @@ class OpenAIImporter:
             f"its weights are written as safetensors under {out}"
         ]
         entry, codebase, args = self._flags(path, state, kind, notes)
-        where = f"{path.name}"
+        where = path.name
         layout = unet_layout(codebase, args, super_res=kind_super_res(state), where=where)
         if layout.text is not None and "token_embedding.weight" in state:  # the tokenizer's size, not a flag
             layout = replace(layout, text=replace(layout.text, n_vocab=int(state["token_embedding.weight"].shape[0])))
@@ -199,17 +200,7 @@ class OpenAIImporter:
         extra: dict[str, Any] = {"kind": kind, "unet": "native", "codebase": codebase, "flags_from": entry or "flags"}
         encoder = None
         if layout.text is not None:
-            text_state, proj = convert_text(layout.text, keys, layout.model_channels)
-            unet_state.update(proj)
-            fields = unet_config(layout, time_scale)
-            fields.pop("context_dim"), fields.pop("emb_dim_in")
-            denoiser = {"type": "glide-unet", **fields, "text": text_config(layout.text)}
-            # the U-Net's learned null embedding stays unused (GLIDE's null is the encoded empty caption): zeros
-            unet_state["null_emb"] = torch.zeros(layout.text.width)
-            unet_state = {
-                **{f"text.{k}": v for k, v in text_state.items()},
-                **{f"unet.{k}": v for k, v in unet_state.items()},
-            }
+            denoiser, unet_state = glide_denoiser(layout, keys, unet_state, time_scale)
             encoder = {
                 "type": "glide-tokens",
                 "bpe": str((out / "tokenizer").resolve()),
@@ -224,6 +215,10 @@ class OpenAIImporter:
         }
         condition = "caption" if encoder else "class" if layout.num_classes else "none"
         if self.cfg.classifier:
+            if encoder:
+                raise GenzooError(
+                    "--classifier: a noisy ImageNet classifier guides a class model; GLIDE takes captions"
+                )
             guidance, cstate = self._classifier(layout.image_size, notes)
             components["guidance"], condition = guidance, "class"
             states.append(("guidance.classifier", cstate))
@@ -459,6 +454,19 @@ class OpenAIImporter:
             "imported_from": {"format": self.format, "source": str(path), "pipeline": extra.pop("kind"), **extra},
         }
         return save_checkpoint(out, step=0, recipe=resolved, components=components, meta=meta)
+
+
+def glide_denoiser(
+    layout: UNetLayout, keys: Keys, unet_state: dict[str, Any], time_scale: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``glide-unet`` spec and state: the text transformer's keys and ``transformer_proj`` added to the U-Net's."""
+    text_state, proj = convert_text(layout.text, keys, layout.model_channels)
+    fields = unet_config(layout, time_scale)
+    fields.pop("context_dim"), fields.pop("emb_dim_in")  # the text tower's width, set by glide-unet
+    # the U-Net's learned null embedding stays unused (GLIDE's null is the encoded empty caption): zeros
+    unet = {**unet_state, **proj, "null_emb": torch.zeros(layout.text.width)}
+    state = {**{f"text.{k}": v for k, v in text_state.items()}, **{f"unet.{k}": v for k, v in unet.items()}}
+    return {"type": "glide-unet", **fields, "text": text_config(layout.text)}, state
 
 
 def kind_super_res(state: Mapping[str, Any]) -> bool:

@@ -34,9 +34,13 @@ class TensorBoardLogger(TrainingLogger):
         from torch.utils.tensorboard import SummaryWriter
 
         purge = run.step + 1 if run.phase == "resume" else None
-        self.writer = SummaryWriter(str(run.run_dir / self.cfg.subdir), purge_step=purge, flush_secs=self.cfg.flush_secs)
+        self.writer = SummaryWriter(
+            str(run.run_dir / self.cfg.subdir), purge_step=purge, flush_secs=self.cfg.flush_secs
+        )
         if run.phase == "train":  # the hyperparameters, once, on the Text tab
-            self.writer.add_text("recipe", "```json\n" + json.dumps(dict(run.config), indent=1) + "\n```", 0)
+            self.writer.add_text(
+                "recipe", "```json\n" + json.dumps(dict(run.config), indent=1, default=str) + "\n```", 0
+            )
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         for tag, value in scalars(metrics).items():
