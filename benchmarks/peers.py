@@ -10,7 +10,9 @@ genzoo's trainer on shapes 16x16 at the same budget, and lucidrains' own Trainer
    ``model-N.pt``, which `genzoo import` reads.
 3. ``genzoo compare`` of the three recipes (trained for ``--steps`` at ``--batch``, warmup 10, seed ``--seed``) and
    the imported run, all sampled by genzoo's DDIM (10 steps: the recipes' 25 at 2.5x the evaluation cost) on one
-   sample stream (``--seed``), ``--samples`` images each against the shapes test split in the shapes judge's features.
+   sample stream (``--seed``), ``--samples`` images each against the shapes test split in the shapes judge's features;
+   beside them the import of its online weights (``weights=model``) and the import with its own sampler (DDIM over
+   25 of 1000 steps on its grid). A second run into the same OUT reuses every trained model and only evaluates.
 
 The budget is steps, not minutes: the FLOPs match, so equal steps at equal batch are equal compute, and a shared
 machine's load does not move it; each row's wall time and images/s are reported as measured.
@@ -70,9 +72,14 @@ def write_images(root: Path) -> Path:
 
 
 def train_library(root: Path, *, steps: int, batch: int, seed: int) -> tuple[Path, float]:
-    """lucidrains' own Trainer for ``steps``; returns (its model-N.pt, wall seconds of its training loop)."""
+    """lucidrains' own Trainer for ``steps``; returns (its model-N.pt, wall seconds of its training loop). A
+    checkpoint already there is reused (a second run only evaluates again)."""
     from denoising_diffusion_pytorch import GaussianDiffusion, Trainer, Unet
 
+    checkpoint = root / f"results-{seed}" / f"model-{steps}.pt"
+    timing = checkpoint.with_suffix(".json")
+    if checkpoint.exists() and timing.exists():
+        return checkpoint, json.loads(timing.read_text())["seconds"]
     folder = write_images(root)
     torch.manual_seed(seed)
     unet = Unet(dim=UNET["dim"], dim_mults=tuple(UNET["dim_mults"]))
@@ -93,7 +100,8 @@ def train_library(root: Path, *, steps: int, batch: int, seed: int) -> tuple[Pat
     trainer.train()
     seconds = time.perf_counter() - t0
     trainer.save(steps)
-    return root / f"results-{seed}" / f"model-{steps}.pt", seconds
+    timing.write_text(json.dumps({"seconds": seconds}))
+    return checkpoint, seconds
 
 
 def main() -> int:
@@ -117,9 +125,11 @@ def main() -> int:
     checkpoint, library_seconds = train_library(
         args.out / "ddpm-pytorch", steps=args.steps, batch=args.batch, seed=args.seed
     )
-    imported = args.out / "imported"
+    imported, online = args.out / "imported", args.out / "imported-online"  # its EMA weights, and the online ones
     options = {"unet": UNET, "diffusion": {**DIFFUSION, "sampling_timesteps": 25}}
-    api.import_model(checkpoint, imported, format="ddpm-pytorch", data=DATA, options=options)
+    for run, weights in ((imported, "ema"), (online, "model")):
+        if not run.exists():
+            api.import_model(checkpoint, run, format="ddpm-pytorch", data=DATA, options={**options, "weights": weights})
     sets = [
         f"train.steps={args.steps}",
         f"train.batch_size={args.batch}",
@@ -132,7 +142,7 @@ def main() -> int:
     ]
     t0 = time.perf_counter()
     rows = compare(
-        [*RECIPES, f"{imported}@ddim:10"],
+        [*RECIPES, f"{imported}@ddim:10", f"{online}@ddim:10", str(imported)],  # the last: its own DDIM-25 grid
         out=args.out / "compare",
         settings=EvalSettings(samples=args.samples, seed=args.seed),
         segments=1,
@@ -152,15 +162,16 @@ def main() -> int:
         "rows": [{**r.__dict__, **r.figures} for r in rows],
     }
     (args.out / "peers.json").write_text(json.dumps(result, indent=1, default=str))
-    print("| model | implementation | FD | precision | recall | images/s | GFLOP/fwd | train min |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | implementation | FD | precision | recall | images/s | NFE | GFLOP/fwd | train min |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = r.figures
         minutes = library_seconds / 60 if r.recipe.startswith(str(imported)) else r.train_minutes
+        nfe = f.get("nfe", float("nan"))
         print(
             f"| {Path(r.name).name} | {r.implementation} | {f.get('fd', float('nan')):.1f} | "
             f"{f.get('precision', float('nan')):.2f} | {f.get('recall', float('nan')):.2f} | "
-            f"{f.get('images_per_s', float('nan')):.2f} | {r.gflop:.3f} | {minutes:.1f} |"
+            f"{f.get('images_per_s', float('nan')):.2f} | {nfe:.0f} | {r.gflop:.3f} | {minutes:.1f} |"
             + (f" {r.error}" if r.error else "")
         )
     print(

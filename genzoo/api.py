@@ -307,9 +307,13 @@ def save_imported_run(
 
 
 def image_shape(pipeline: Pipeline) -> tuple[int, ...]:
-    """(C, H, W) of the images ``pipeline`` draws: its cascade's upsampler's, else its decoder's."""
-    c = pipeline.components
-    return tuple(int(s) for s in (c.get("upsampler_decoder") or c["decoder"]).produces.shape)
+    """(C, H, W) of the images ``pipeline`` draws: the largest its decoder and a cascade's upsamplers produce."""
+    shapes = [
+        tuple(int(s) for s in d.produces.shape)
+        for role, d in pipeline.components.items()
+        if d is not None and (role == "decoder" or (role.startswith("upsampler") and role.endswith("_decoder")))
+    ]
+    return max(shapes, key=lambda s: s[-1])
 
 
 def edit(

@@ -17,6 +17,8 @@ from genzoo import api
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.plugins import default_registry
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CAPTIONS = [
     "a large red circle in the top left",
     "bottom right: a small blue cross",

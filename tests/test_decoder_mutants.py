@@ -122,6 +122,7 @@ def test_the_last_step_network_serves_exactly_its_timestep_per_sample() -> None:
     assert len(first.calls) == 1 and first.calls[0][1] is cond and len(last.calls) == 1
     out = net(x, torch.tensor([3, 5, 3]), cond)
     assert out[:, 0, 0, 0].tolist() == [2.0, 1.0, 2.0] and torch.equal(out, out[:, :1, :1, :1].expand_as(out))
+    assert first.calls[-1][1] is cond and last.calls[-1][1] is cond and len(first.calls) == len(last.calls) == 2
 
 
 def test_final_timestep_is_the_original_index_of_the_last_model_evaluation() -> None:
@@ -179,7 +180,10 @@ class Process:
     def training_losses(self, model, x0, t, *, cond=None):
         self.calls.append((model, x0, t, cond))
         n = len(x0)
-        return self.terms or {"loss": torch.arange(1.0, n + 1), "mse": torch.arange(4.0, n + 4)}
+        return self.terms or {
+            "loss": torch.arange(1.0, n + 1, device=x0.device),
+            "mse": torch.ones(n, device=x0.device),
+        }
 
     def respace(self, kept):
         return SimpleNamespace(timestep_map=np.array(sorted(kept)))
@@ -338,6 +342,16 @@ def test_an_upsampler_trains_on_a_low_res_image_blurred_by_a_random_std_in_its_r
     assert passed_cond(decoder(timestep_sampler=t), x0, {"low_res": low}, seed=5)["low_res"] is low
     assert passed_cond(decoder(timestep_sampler=t, low_res_blur=(1.0, 2.0)), x0, {"y": 3}, seed=5) == {"y": 3}
     assert passed_cond(decoder(timestep_sampler=t, low_res_blur=(1.0, 2.0)), x0, None, seed=5) is None
+
+
+def test_the_training_draws_are_made_on_the_data_device() -> None:
+    meta = torch.device("meta")
+    t = FixedT(torch.zeros(3, dtype=torch.long, device=meta), torch.ones(3, device=meta))
+    dec = decoder(timestep_sampler=t, low_res_blur=(0.5, 1.0), cond_drop=0.5, emb_drop=0.5, context_drop=0.5)
+    x0 = torch.zeros(3, 1, 4, 4, device=meta)
+    got = passed_cond(dec, x0, {"low_res": torch.zeros(3, 1, 2, 2, device=meta)}, seed=0)
+    assert {k: v.device for k, v in got.items()} == dict.fromkeys(("low_res", "drop", "drop_emb", "drop_context"), meta)
+    assert t.asked == [(3, meta)]
 
 
 def test_an_inpainting_decoder_trains_on_random_known_regions() -> None:
@@ -713,3 +727,9 @@ def test_the_pipeline_factory_checks_caption_widths_only_for_captions() -> None:
         make_diffusion_pipeline(DiffusionPipelineConfig(condition="caption"), ctx)
     components["encoder"] = SimpleNamespace()  # an encoder without a width: nothing to check
     make_diffusion_pipeline(DiffusionPipelineConfig(condition="caption"), ctx)
+    unlabelled = SimpleNamespace(registry=None, data=DataSpec("shapes", (1, 4, 4)), components=components)
+    message = (
+        r"^pipeline 'diffusion': field 'condition' is 'class' but the dataset has no classes; use condition: none$"
+    )
+    with pytest.raises(RegistryError, match=message):
+        make_diffusion_pipeline(DiffusionPipelineConfig(condition="class"), unlabelled)

@@ -740,15 +740,22 @@ def test_unipc_last_step_denoises_with_the_corrected_point() -> None:
     sampler = ShiftingCorrector(solvers.UniPCConfig(steps=3, grid="uniform", clip=False))
     proc, model = sampler.respaced(d), gaussian_eps(d)
     x, x_prev = randn(8, 3, seed=1), randn(8, 3, seed=2)
-    out = step(sampler, proc, model, x, 1, state={"d": [randn(8, 3, seed=3)], "x": x_prev, "order": 1})
+    # "raw": the predictor's output the previous step returned, here the point reached (no after_step moved it)
+    out = step(sampler, proc, model, x, 1, state={"d": [randn(8, 3, seed=3)], "x": x_prev, "order": 1, "raw": x})
     abar = float(proc.tables["abar"][1])
     eps = model(x, torch.full((8,), int(proc.timestep_map[1])), None)
     d0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
     assert math.sqrt(abar) < 0.8
     torch.testing.assert_close(out, d0 + (x_prev + 0.25 - x) / math.sqrt(abar), **EXACT)
+    # an after_step moved the predictor's output r to x: the correction is the shift corrected - r, applied at x
+    r = randn(8, 3, seed=4)
+    out = step(sampler, proc, model, x, 1, state={"d": [randn(8, 3, seed=3)], "x": x_prev, "order": 1, "raw": r})
+    torch.testing.assert_close(out, d0 + (x_prev + 0.25 - r) / math.sqrt(abar), **EXACT)
     clipped = ShiftingCorrector(solvers.UniPCConfig(steps=3, grid="uniform"))  # clip: the x0 is clamped as x0_hat is
     d1 = process(clip_range=1.0)
-    out = step(clipped, clipped.respaced(d1), gaussian_eps(d1), x, 1, state={"d": [x], "x": x_prev + 50, "order": 1})
+    out = step(
+        clipped, clipped.respaced(d1), gaussian_eps(d1), x, 1, state={"d": [x], "x": x_prev + 50, "order": 1, "raw": x}
+    )
     assert out.abs().max() <= 1.0 and out.max() == 1.0
 
 
@@ -867,6 +874,7 @@ def test_spaced_grids_are_diffusers_timestep_spacings() -> None:
     assert spaced_grid(1000, 10, "leading", 1) == set(range(1, 1000, 100))
     assert spaced_grid(1000, 10, "trailing") == set(range(99, 1000, 100))
     assert spaced_grid(5, 5, "linspace") == {0, 1, 2, 3, 4} and spaced_grid(2, 2, "linspace") == {0, 1}
+    assert spaced_grid(4, 4, "trailing") == {0, 1, 2, 3}  # a stride of one: the last point is t = 1
     assert spaced_grid(100, 7, "even") == space_timesteps(100, 7)
     with pytest.raises(ValueError, match=r"^unknown timestep spacing 'cubic'; use one of even, leading, trailing, "):
         spaced_grid(10, 2, "cubic")
@@ -910,6 +918,14 @@ def test_betas_with_float32_abar_give_diffusers_float32_tables() -> None:
         assert b[0] == 1 - float(abar32[0])
         f64 = np.asarray(explicit) if explicit else get_named_beta_schedule(name, T)
         assert np.abs(np.cumprod(1 - f64) / abar32.double().numpy() - 1).max() > 1e-8  # float32 is not float64
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(F64)  # float32 whatever torch's default dtype
+    try:
+        assert np.array_equal(betas_with_float32_abar("linear", 1000), betas_with_float32_abar("linear", 1000, None))
+        b = betas_with_float32_abar("linear", 1000)
+    finally:
+        torch.set_default_dtype(default)
+    assert np.array_equal(b, betas_with_float32_abar("linear", 1000))
 
 
 def test_create_timestep_sampler_by_name() -> None:
@@ -1061,3 +1077,76 @@ def test_classifier_guidance_builds_its_classifier_network() -> None:
     spec = {"type": "noisy-classifier", "model_channels": 8}
     assert built == [("network", spec, "digits", "guidance 'classifier': classifier: ")] and type(built[0][1]) is dict
     assert g.classifier is net and g.scale == 2.5 and g.needs_condition == frozenset({"y"})
+
+
+def test_a_sampler_keeps_one_respaced_process_per_process_and_passes_its_grid_settings() -> None:
+    """Alternating two processes reuses each one's respaced process; the karras grid takes rho and sigma_max."""
+    from genzoo.diffusion.schedules import solver_grid
+
+    sampler = DDIMSampler(DDIMConfig(steps=10))
+    d1, d2 = process(T=100, schedule="cosine"), process(T=100, schedule="cosine")
+    r1, r2 = sampler.respaced(d1), sampler.respaced(d2)
+    assert r1 is not r2 and sampler.respaced(d1) is r1 and sampler.respaced(d2) is r2
+    d = process(T=1000, schedule="cosine")
+    karras = DDIMSampler(DDIMConfig(steps=10, grid="karras", rho=3.0, sigma_max=5.0))
+    want = solver_grid(d.tables["abar"], 10, "karras", 3.0, 5.0)
+    assert karras.respaced(d).timestep_map.tolist() == want
+    assert want != solver_grid(d.tables["abar"], 10, "karras", 3.0, 80.0) != solver_grid(d.tables["abar"], 10, "karras")
+
+
+def test_ddim_steps_with_the_models_own_eps_when_asked() -> None:
+    """clipped_eps False (diffusers' default): x' = sqrt(abar') clamp(x0_hat) + sqrt(1 - abar') eps_model at eta 0;
+    True: the eps recomputed from the clamped x0_hat."""
+    d = process(T=100, clip_range=1.0)
+    x = 3 * randn(6, 3, seed=12)  # far outside the data range: x0_hat is clamped
+    for clipped in (False, True):
+        sampler = DDIMSampler(DDIMConfig(steps=10, clipped_eps=clipped))
+        proc = sampler.respaced(d)
+        out = step(sampler, proc, gaussian_eps(d), x, 5)
+        abar, prev, _, _ = coefficients(proc, 5)
+        eps = gaussian_eps(d)(x, torch.full((6,), int(proc.timestep_map[5])), None)
+        x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+        if clipped:
+            eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+        torch.testing.assert_close(out, math.sqrt(prev) * x0 + math.sqrt(1 - prev) * eps, **EXACT)
+
+
+def test_edm_churn_noise_is_drawn_in_the_state_dtype() -> None:
+    """The churned point sqrt(abar_c / abar) x + churn_noise sqrt(1 - abar_c / abar) z, z a float64 draw of the
+    generator (a float32 draw differs at 1e-8)."""
+    from genzoo.diffusion import solvers
+
+    d = process(T=200)
+    sampler = solvers.EDMHeun(solvers.EDMHeunConfig(steps=10, churn=2.0, churn_noise=1.007, clip=False))
+    proc, (where, churned) = sampler.respaced(d), sampler.churn_plan(d)
+    i, j = next(iter(where.items()))
+    seen = []
+
+    def net(x, t, cond):
+        seen.append(x.clone())
+        return gaussian_eps(d)(x, t, cond)
+
+    x = randn(16, 3, seed=13)
+    state = {"churn_at": where, "churn_proc": churned, "churn_net": net}
+    step(sampler, proc, net, x, i, generator=gen(14), state=state)
+    ratio = float(churned.tables["abar"][j] / proc.tables["abar"][i])
+    z = torch.randn(16, 3, generator=gen(14), dtype=F64)
+    want = math.sqrt(ratio) * x + 1.007 * math.sqrt(1 - ratio) * z
+    assert seen[0].dtype == F64
+    torch.testing.assert_close(seen[0], want, **EXACT)
+
+
+def test_solver_grids_at_their_edge_cases() -> None:
+    """A noisiest level exactly at sigma_max is not capped (capping is for t = T noisier than sigma_max); targets
+    crowded at t = T are moved down one by one, from the end to the first point after t = 1."""
+    from genzoo.diffusion.schedules import solver_grid
+
+    log_sigma = np.linspace(-4, math.log(2.0), 20)
+    abar = 1 / (1 + np.exp(2 * log_sigma))
+    abar[-1] = 0.2  # sigma_T = sqrt(0.8 / 0.2) = 2, exactly log 2 in log sigma
+    assert 0.5 * (math.log1p(-0.2) - math.log(0.2)) == math.log(2.0)
+    assert solver_grid(abar, 4, "log-snr", sigma_max=2.0) == solver_grid(abar, 4, "log-snr", sigma_max=None)
+    assert solver_grid(abar, 4, "log-snr", sigma_max=2.0) == [0, 6, 13, 19]
+    assert solver_grid(abar, 4, "log-snr", sigma_max=1.999) == [0, 9, 18, 19]  # capped: t = T, then from sigma_max
+    crowded = 1 / (1 + np.exp(2 * np.array([-10, -9.9, -9.8, -9.5, -9.2, -9.0, 10.0])))
+    assert solver_grid(crowded, 4, "log-snr", sigma_max=None) == [0, 4, 5, 6]  # targets at 0, 5, 6, 6

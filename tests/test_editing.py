@@ -352,24 +352,68 @@ def test_the_glide_inpainting_recipe_trains_and_fills_a_mask_through_its_extra_c
     assert plain.shape == (2, 3, 16, 16)
 
 
+class Constant(torch.nn.Module):
+    """An x0-predicting denoiser that always predicts ``x0``: the exact one of a one-point data set."""
+
+    def __init__(self, x0: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("x0", x0)
+
+    def forward(self, x, t, cond=None):
+        return self.x0.expand_as(x)
+
+
 def test_latent_diffusion_is_edited_on_its_first_stages_latents() -> None:
-    """ldm-shapes, untrained: its U-Net's zero-initialised output predicts x0 = 0, a one-point data set at the origin
-    of the latent space, so DDIM inversion is exact there and the reconstruction is the first stage's round trip."""
+    """ldm-shapes (x0-prediction) with the exact denoiser of the images' own latents z = encode(x): every edit
+    gives back the first stage's reconstruction decode(z), and x_T has the latent shape."""
     sets = ["data.image_size=16", "data.num_train=16", "data.num_test=8", "decoder.autoencoder.codebook_size=16"]
     sets += ["decoder.autoencoder.encoder.channels=16", "decoder.autoencoder.decoder.channels=16"]
     sets += ["decoder.diffusion.denoiser.model_channels=16", "sampler.steps=4"]
     resolved = api.resolve_recipe("ldm-shapes", sets=sets)
     source = api.build_data(resolved)
     model = api.create_model(resolved, data_spec=source.spec).eval()
+    dec = model.components["decoder"]
     x = source.split("test").tensors()["image"][:2]
+    dec.diffusion_decoder.denoiser = Constant(dec.encode(x))
     inv = api.invert(model, x)
-    assert inv.latents["sampler"][0].shape == (2, *model.components["decoder"].consumes.shape)
-    assert torch.allclose(inv.images, model.reconstruct(x), atol=1e-5)
+    assert inv.latents["sampler"][0].shape == (2, *dec.consumes.shape)
+    want = model.reconstruct(x)
+    assert (inv.images - want).abs().max() < 1e-4
     mask = torch.zeros(2, 1, 16, 16)
     mask[..., 8:, :] = 1
     g = torch.Generator().manual_seed(0)
-    assert api.edit(model, x, mask, generator=g, resample=2, jump_length=2).images.shape == (2, 3, 16, 16)
-    assert api.edit(model, x, mode="sdedit", generator=g).images.shape == (2, 3, 16, 16)
+    assert (api.edit(model, x, mask, generator=g, resample=2, jump_length=2).images - want).abs().max() < 1e-4
+    assert (api.edit(model, -x, mode="sdedit", generator=g).images - want).abs().max() < 1e-4
+
+
+def test_unclip_is_edited_at_every_stage_with_the_images_own_embedding() -> None:
+    """dalle2-shapes, untrained: without a prompt the decoder is conditioned on the image's CLIP embedding, the base
+    decoder and the upsampler are both edited (the known region pasted at full size), and inversion returns x_T of
+    each stage."""
+    sets = ["data.image_size=16", "data.num_train=16", "data.num_test=8", "decoder.image_size=8"]
+    sets += ["clip.text_tower.width=32", "clip.text_tower.layers=1", "clip.image_tower.model_channels=16"]
+    sets += ["clip.embed_dim=16", "decoder.denoiser.model_channels=16", "decoder.denoiser.num_res_blocks=1"]
+    sets += [
+        "decoder.denoiser.context_dim=32",
+        "decoder.denoiser.emb_dim_in=16",
+        "decoder.denoiser.attention_resolutions=[4]",
+    ]
+    sets += ["upsampler_decoder.denoiser.model_channels=16", "prior.width=32", "prior.layers=1"]
+    sets += ["sampler.steps=3", "upsampler_sampler.steps=2"]
+    resolved = api.resolve_recipe("dalle2-shapes", sets=sets)
+    source = api.build_data(resolved)
+    model = api.create_model(resolved, data_spec=source.spec).eval()
+    x = source.split("test").tensors()["image"][:1]
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :, 8:] = 1
+    g = torch.Generator().manual_seed(0)
+    out = api.edit(model, x, mask, n=2, generator=g, resample=1).images
+    assert out.shape == (2, 3, 16, 16) and torch.equal(out * (1 - mask), (x * (1 - mask)).expand_as(out))
+    inv = api.invert(model, x)
+    assert {r: v[0].shape for r, v in inv.latents.items()} == {
+        "sampler": (1, 3, 8, 8),
+        "upsampler_sampler": (1, 3, 16, 16),
+    }
 
 
 # --------------------------------------------------------------------------- the command line

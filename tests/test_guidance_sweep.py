@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny import write_recipes
+from tiny import threads, write_recipes
 
 from genzoo.errors import GenzooError
 from genzoo.eval.compare import Entry, compare, parse_sweep
@@ -47,21 +47,27 @@ def test_entries_name_a_sampler_with_steps_or_a_guidance_with_scales() -> None:
 
 
 def test_compare_sweeps_the_guidance_scale_into_rows_and_a_plot(tmp_path: Path, cheap_judges) -> None:
+    with threads(1):  # a few hundred steps of an 8x8 U-Net: a second thread's wake-up costs more than it saves
+        _sweep(tmp_path)
+
+
+def _sweep(tmp_path: Path) -> None:
     recipes = write_recipes(tmp_path / "tiny.yaml", "tiny-adm", "tiny-cfg")
     out = tmp_path / "cmp"
     rows = compare(
-        ["tiny-adm@none", "tiny-adm@classifier:0,8", "tiny-cfg@cfg:0,1,4", "tiny-cfg@nope:1"],
+        ["tiny-adm@ddpm:20@none", "tiny-adm@ddpm:20@classifier:0,8", "tiny-cfg@cfg:0,1,4", "tiny-cfg@nope:1"],
         out=out,
         settings=EvalSettings(samples=40, batch_size=40),
         metric_names=["fd", "precision-recall", "attribute-accuracy"],
         files=[recipes],
+        segments=1,
         log=lambda m: None,
     )
     by = {r.name: r for r in rows}
     assert set(by) == {
-        "tiny-adm@none",
-        "tiny-adm@classifier:0",
-        "tiny-adm@classifier:8",
+        "tiny-adm@ddpm:20@none",
+        "tiny-adm@ddpm:20@classifier:0",
+        "tiny-adm@ddpm:20@classifier:8",
         "tiny-cfg@cfg:0",
         "tiny-cfg@cfg:1",
         "tiny-cfg@cfg:4",
@@ -71,15 +77,15 @@ def test_compare_sweeps_the_guidance_scale_into_rows_and_a_plot(tmp_path: Path, 
     ok = [r for r in rows if not r.error]
     assert all({"fd", "precision", "recall", "label_accuracy"} <= set(r.figures) for r in ok)
     # classifier guidance at scale 0 is no guidance: the same sample stream, the same figures; the scale is applied
-    assert by["tiny-adm@classifier:0"].figures == by["tiny-adm@none"].figures
-    assert by["tiny-adm@classifier:8"].figures["fd"] != by["tiny-adm@classifier:0"].figures["fd"]
+    assert by["tiny-adm@ddpm:20@classifier:0"].figures == by["tiny-adm@ddpm:20@none"].figures
+    assert by["tiny-adm@ddpm:20@classifier:8"].figures["fd"] != by["tiny-adm@ddpm:20@classifier:0"].figures["fd"]
     assert len({by[f"tiny-cfg@cfg:{s}"].figures["fd"] for s in (0, 1, 4)}) == 3
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["tiny-adm", "tiny-cfg"]  # each trained once
     sweeps = json.loads((out / "curves.json").read_text())["sweeps"]
-    assert set(sweeps) == {"tiny-adm@classifier", "tiny-cfg@cfg"}
+    assert set(sweeps) == {"tiny-adm@ddpm:20@classifier", "tiny-cfg@cfg"}
     assert [p[0] for p in sweeps["tiny-cfg@cfg"]["points"]] == [0.0, 1.0, 4.0]
     assert sweeps["tiny-cfg@cfg"]["points"][2][1]["fd"] == by["tiny-cfg@cfg:4"].figures["fd"]
-    for f in ("sweep_tiny-adm_classifier.png", "sweep_tiny-cfg_cfg.png", "grids/tiny-cfg_cfg-4.png"):
+    for f in ("sweep_tiny-adm_ddpm-20_classifier.png", "sweep_tiny-cfg_cfg.png", "grids/tiny-cfg_cfg-4.png"):
         assert (out / f).stat().st_size > 0, f
     board = (out / "leaderboard.md").read_text()
     assert "label_accuracy" in board.splitlines()[2] and "| tiny-cfg@cfg:4 |" in board

@@ -673,6 +673,36 @@ def test_super_resolution_layouts_convert_exactly(made, codebase):
     assert ours.shape == (2, 6, size, size) and close(ours, ref), (ours - ref).abs().max()
 
 
+def test_an_adaptive_pool_classifier_converts_exactly():
+    """EncoderUNetModel(pool='adaptive'): out = [GroupNorm, SiLU, AdaptiveAvgPool2d, zero 1x1 conv, Flatten]."""
+    from genzoo_openai.convert import Keys, classifier_config, convert_classifier
+    from genzoo_openai.layouts import classifier_layout, parse_flags
+
+    from genzoo.nn.classifier import NoisyClassifier, NoisyClassifierConfig
+
+    arch = CLASSIFIER["arch"]
+    shapes = {k: v for k, v in classifier_shapes(arch).items() if not k.startswith("out.2")}
+    shapes.update({"out.3.weight": (1000, 128, 1, 1), "out.3.bias": (1000,)})
+    state = random_state(shapes, 7)
+    flags = CLASSIFIER["flags"] + " --classifier_pool adaptive"
+    layout = classifier_layout(parse_flags(flags, "guided-diffusion", where="t"), where="t")
+    keys = Keys(state, "t")
+    net = NoisyClassifier(NoisyClassifierConfig(**classifier_config(layout)))
+    net.load_state_dict(convert_classifier(layout, keys))
+    keys.finish()
+    x, t = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)), torch.tensor([5, 900])
+    emb = openai_timestep_embedding(t, 32)
+    emb = F.linear(F.silu(F.linear(emb, state["time_embed.0.weight"], state["time_embed.0.bias"])), *time2(state))
+    inputs, middle, _ = openai_unet_blocks(arch)
+    h = x
+    for prefix, blocks in [(f"input_blocks.{i}", b) for i, b in enumerate(inputs)] + [("middle_block", middle)]:
+        for j, (kind, a) in enumerate(blocks):
+            h = run_layer(state, f"{prefix}.{j}", kind, a, h, emb, arch, None)
+    ref = conv(state, "out.3", F.silu(gn(state, "out.0", h)).mean(dim=(2, 3), keepdim=True)).flatten(1)
+    with torch.no_grad():
+        assert close(net.eval()(x, t), ref)
+
+
 def test_a_layout_the_flags_do_not_describe_is_refused_naming_the_key(made, tmp_path):
     d, states, _, _ = made
     wrong = GUIDED["flags"].replace("--num_channels 32", "--num_channels 64")

@@ -362,8 +362,9 @@ class ConvNoisy(Noisy):
 
     def __init__(self) -> None:
         super().__init__()
-        self.components["decoder"] = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.Dropout(0.2), nn.ReLU(), nn.Conv2d(8, 1, 1)
+        # registered as the module "decoder" too (replacing Noisy's), so that the trainer sees and converts it
+        self.decoder = self.components["decoder"] = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.Dropout(0.2), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1)
         )
 
     def training_losses(self, batch, *, optimizer="main", stage="main"):
@@ -375,12 +376,32 @@ class ConvNoisy(Noisy):
 def test_channels_last_training_resumes_exactly_and_saves_plain_tensors(tmp_path: Path) -> None:
     config = cfg(channels_last=True)
     p, _ = train(ConvNoisy, tmp_path / "straight", config)
-    assert p.components["decoder"][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert p.components["decoder"][3].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not p.components["decoder"][3].weight.is_contiguous()  # (1, 8, 3, 3): the two layouts differ
     train(ConvNoisy, tmp_path / "resumed", config, stop_at=5)
     train(ConvNoisy, tmp_path / "resumed", config, resume=True)
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(v.is_contiguous() for v in a.values())  # checkpoints are NCHW whatever the training layout
+
+
+def test_resumed_optimiser_state_takes_its_parameters_memory_format(tmp_path: Path) -> None:
+    """Adam's moments come back from the checkpoint contiguous; CUDA's fused AdamW refuses them beside channels_last
+    conv weights ("must have same dtype, device, and layout", found on the first GPU run), so they take the layout."""
+    config = cfg(channels_last=True)
+    train(ConvNoisy, tmp_path, config, stop_at=5)
+    torch.manual_seed(123)
+    trainer = Trainer(ConvNoisy(), DATA, config=config, run_dir=tmp_path, recipe=RECIPE, progress=False)
+    trainer._begin(resume=True)
+    moments = [
+        (p, v)
+        for o in trainer.opts.values()
+        for p, state in o.state.items()
+        for v in state.values()
+        if isinstance(v, torch.Tensor) and v.shape == p.shape
+    ]
+    assert any(p.dim() == 4 and not p.is_contiguous() for p, _ in moments)  # channels_last conv weights among them
+    assert all(v.stride() == p.stride() for p, v in moments)
 
 
 def test_for_inference_stores_conv_weights_nhwc_with_the_same_outputs() -> None:

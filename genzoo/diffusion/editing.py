@@ -27,6 +27,7 @@ round: white is the region to fill, as diffusers' inpainting pipelines take it).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -387,7 +388,7 @@ class EditResult:
     latents: dict[str, list[Tensor]] = field(default_factory=dict)
 
 
-SAMPLER_ROLES = ("sampler", "upsampler_sampler")  # the decoder's and a cascade's upsampler's
+EDITED_ROLE = re.compile(r"(upsampler\d*_)?sampler")  # the decoder's sampler and a cascade's upsamplers'
 
 
 @torch.no_grad()
@@ -406,7 +407,7 @@ def edit(
     samplers standing in as :class:`EditSampler`; a latent diffusion decoder (one with ``encode``) is edited on the
     latents of the images."""
     c = pipeline.components
-    roles = [r for r in SAMPLER_ROLES if c.get(r) is not None]
+    roles = [r for r, v in c.items() if v is not None and EDITED_ROLE.fullmatch(r)]
     if not roles:
         raise GenzooError("editing needs a diffusion model; this one has no sampler (a GAN, VAE or autoencoder)")
     if cfg.mode == "inpaint" and known is None:

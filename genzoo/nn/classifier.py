@@ -84,12 +84,8 @@ class NoisyClassifier(nn.Module):
         levels, ch, res = [], ch0, cfg.image_size
         for i, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                levels.append(
-                    Level(
-                        ResBlock(ch, emb_dim, mult * ch0, **block),
-                        attn(mult * ch0) if res in cfg.attention_resolutions else None,
-                    )
-                )
+                a = attn(mult * ch0) if res in cfg.attention_resolutions else None  # made first: the seeded init
+                levels.append(Level(ResBlock(ch, emb_dim, mult * ch0, **block), a))
                 ch = mult * ch0
             if i < len(cfg.channel_mult) - 1:
                 down = (

@@ -373,6 +373,16 @@ class Trainer:
             self.pipeline.begin_stage(self.stages[0][0], self.data)
         if cfg.channels_last:  # in place: the optimisers keep their parameters
             self.pipeline.to(memory_format=CONV_MEMORY_FORMAT)
+            self._state_like_params()
+
+    def _state_like_params(self) -> None:
+        """Optimiser state restored from a checkpoint is contiguous; CUDA's fused AdamW refuses state whose memory
+        format differs from its parameter's (channels_last conv weights), so each moment takes its parameter's."""
+        for opt in self.opts.values():
+            for p, state in opt.state.items():
+                for k, v in state.items():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                        state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
     def _resume(self) -> None:
         if not has_checkpoint(self.run_dir):

@@ -237,34 +237,34 @@ def write_run(
     imported_from: dict[str, Any],
     unet_args: UnetConfig,
 ) -> Path:
-    """Resolve ``body``, build it, load the Unet's weights into its denoiser, save step 0."""
+    """The run ``out`` (genzoo.api.save_imported_run): ``body`` built, the Unet's weights in its denoiser, step 0."""
     from genzoo import api
-    from genzoo.checkpoint import save_checkpoint
     from genzoo.data import DataSpec
-    from genzoo.plugins import default_registry
-    from genzoo.recipes import Recipe, resolve
 
-    name = f"imported-{Path(str(imported_from['source']).rstrip('/')).stem}"
-    registry = default_registry()
-    resolved = resolve(name, Recipe.model_validate(body), registry)
-    spec = DataSpec(name="imported", image_shape=shape)
-    model = api.create_model(resolved, data_spec=spec, registry=registry)
-    unet = model.components["decoder"].denoiser.model
-    own = unet.state_dict()
-    differ = sorted(set(own) ^ set(unet_state)) or [k for k in own if own[k].shape != unet_state[k].shape]
-    if differ:
-        k = differ[0]
-        got = f"{tuple(unet_state[k].shape)} in the checkpoint" if k in unet_state else "absent from the checkpoint"
-        want = f"{tuple(own[k].shape)} in Unet(...)" if k in own else "not in Unet(...)"
-        fields = "dim, init_dim, dim_mults, attn_heads, attn_dim_head, full_attn, channels"
-        raise GenzooError(
-            f"the checkpoint does not fit Unet({_kwargs(unet_args)}): {k} is {got} but {want} "
-            f"({len(differ)} keys differ); give --config the unet arguments it was trained with ({fields})"
-        )
-    unet.load_state_dict({k: v.to(own[k].dtype) for k, v in unet_state.items()}, strict=True)
-    components = {role: sd for role, child in model.named_children() if (sd := child.state_dict())}
-    meta = {"data_spec": spec.to_dict(), "recipe_name": name, "imported_from": imported_from}
-    return save_checkpoint(out, step=0, recipe=resolved, components=components, meta=meta)
+    def check(model: Any) -> None:
+        """A Unet config that does not fit the weights, named in the options' terms before any weight is loaded."""
+        own = model.components["decoder"].denoiser.model.state_dict()
+        differ = sorted(set(own) ^ set(unet_state)) or [k for k in own if own[k].shape != unet_state[k].shape]
+        if differ:
+            k = differ[0]
+            got = f"{tuple(unet_state[k].shape)} in the checkpoint" if k in unet_state else "absent from the checkpoint"
+            want = f"{tuple(own[k].shape)} in Unet(...)" if k in own else "not in Unet(...)"
+            fields = "dim, init_dim, dim_mults, attn_heads, attn_dim_head, full_attn, channels"
+            raise GenzooError(
+                f"the checkpoint does not fit Unet({_kwargs(unet_args)}): {k} is {got} but {want} "
+                f"({len(differ)} keys differ); give --option unet the arguments it was trained with ({fields})"
+            )
+
+    return api.save_imported_run(
+        out,
+        body,
+        name=f"imported-{Path(str(imported_from['source']).rstrip('/')).stem}",
+        data_spec=DataSpec(name="imported", image_shape=shape),
+        states=[("decoder.denoiser.model", unet_state)],
+        meta={"imported_from": imported_from},
+        where=imported_from["file"],
+        check=check,
+    )
 
 
 def _kwargs(cfg: UnetConfig) -> str:

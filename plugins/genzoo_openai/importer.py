@@ -42,6 +42,7 @@ from .layouts import (
     PUBLISHED,
     Codebase,
     Diffusion,
+    Published,
     UNetLayout,
     classifier_layout,
     diffusion_of,
@@ -315,13 +316,17 @@ class OpenAIImporter:
                 f"{path.name}: its layout is none of OpenAI's published checkpoints ({names}); pass its README "
                 "flags: --option flags='--image_size 64 --num_channels 192 ...' (and codebase=...)"
             )
-        entry, args, layout = found[0]
-        differ = [
-            e.name
-            for e, a, lay in found[1:]
-            if (lay, diffusion_of(e.codebase, a)) != (layout, diffusion_of(entry.codebase, args))
-        ]
-        if differ:
+        # the file's own name first; then any other whose model is the same (dropout and the default sampling grid,
+        # e.g. lsun_bedroom.pt's 1000 steps against 256x256_diffusion_uncond.pt's 250, do not change it)
+        entry, args, layout = next((f for f in found if f[0].name == path.name), found[0])
+
+        def model(e: Published, a: dict[str, Any], lay: UNetLayout) -> tuple:
+            return replace(lay, dropout=0.0), replace(
+                diffusion_of(e.codebase, a), timestep_respacing="", use_ddim=False
+            )
+
+        differ = [e.name for e, a, lay in found if e is not entry and model(e, a, lay) != model(entry, args, layout)]
+        if differ and entry.name != path.name:
             raise GenzooError(
                 f"{path.name} has the layout of {entry.name} and of {', '.join(differ)}, which sample differently; "
                 "pass its flags: --option flags='...'"

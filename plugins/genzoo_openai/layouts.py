@@ -288,7 +288,6 @@ PUBLISHED: tuple[Published, ...] = (
         "model",
         _ID32,
         _ID,
-        "CIFAR-10 FID 2.94 is the paper's figure for its best CIFAR-10 model (Improved DDPM, Table 2)",
     ),
     Published(
         "imagenet64_cond_270M_250K.pt",
@@ -297,7 +296,7 @@ PUBLISHED: tuple[Published, ...] = (
         "--image_size 64 --num_channels 192 --num_res_blocks 3 --learn_sigma True --class_cond True "
         "--diffusion_steps 4000 --noise_schedule cosine --rescale_learned_sigmas False --rescale_timesteps False",
         _ID,
-        "class-conditional ImageNet 64x64 FID 2.92 (Improved DDPM, Table 5)",
+        "class-conditional ImageNet 64x64 FID 2.92 (Nichol & Dhariwal 2021)",
     ),
     Published(
         "upsample_cond_500K.pt",
