@@ -69,11 +69,7 @@ MUTANTS ?=
 mutation: $(STAMP)
 	$(PY) -m pip install --quiet 'mutmut>=3.8,<4'
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 1 $(MUTANTS)
-	$(VENV)/bin/mutmut export-cicd-stats >/dev/null
-	$(PY) -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); \
-	run = s['killed'] + s['timeout'] + s['survived'] + s['suspicious'] + s['no_tests']; \
-	print(s); print(f\"killed {s['killed']} of {run} checked ({100 * s['killed'] / max(run, 1):.1f}%); survived {s['survived']}, \
-	no covering test {s['no_tests']}, timeouts {s['timeout']} (not counted as killed)\")"
+	$(PY) benchmarks/mutation_report.py
 
 clean:
 	rm -rf $(VENV) $(INTEROP) runs
