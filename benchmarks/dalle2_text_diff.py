@@ -35,7 +35,10 @@ def main() -> None:
     p.add_argument("--theta", type=float, default=0.75, help="the last frame's slerp weight toward the text diff")
     p.add_argument("--shift", type=int, default=2, help="target colour = COLOURS[(i + shift) % 6] (2: red -> blue)")
     p.add_argument("--invert-iters", type=int, default=0, help="fixed-point iterations of the DDIM inversion")
-    p.add_argument("--grid", help="write the first 6 images' frames (rows, the original first) to this PNG")
+    p.add_argument(
+        "--grid",
+        help="write the first 4 images' rows to this PNG: the original, its inverted frames, its fixed-noise ones",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     thetas = torch.linspace(0, args.theta, args.frames).tolist()
@@ -45,7 +48,7 @@ def main() -> None:
     test = source.split("test").tensors()
     judge = judges.load_judge("shapes", source.cfg.model_dump())
     names = list(source.spec.attributes)
-    rows, stats = [], {}
+    rows, stats = {}, {}
     t0 = time.perf_counter()
     for invert in (True, False):
         hits = torch.zeros(len(thetas), 5)  # target colour, source colour, shape, size, position
@@ -69,8 +72,8 @@ def main() -> None:
             hits[:, 1] += (pred["colour"] == COLOURS.index(old)).float()
             for j, name in enumerate(("shape", "size", "position")):
                 hits[:, 2 + j] += (pred[name] == attrs[names.index(name)]).float()
-            if invert and args.grid and i < 6:
-                rows.append(torch.cat([test["image"][i][None], frames]).clamp(-1, 1))
+            if args.grid and i < 4:
+                rows.setdefault(i, [test["image"][i][None]]).append(frames.clamp(-1, 1))
         stats["DDIM-inverted" if invert else "fixed noise"] = hits / args.images
     print(f"{args.images} test images, {time.perf_counter() - t0:.0f} s\n")
     print("| x_T | theta | target colour | source colour | shape kept | size kept | position kept |")
@@ -79,7 +82,7 @@ def main() -> None:
         for k, t in enumerate(thetas):
             print(f"| {mode} | {t:.2f} | " + " | ".join(f"{v:.2f}" for v in h[k].tolist()) + " |")
     if rows:
-        save_grid(torch.cat(rows), args.grid, nrow=len(thetas) + 1)
+        save_grid(torch.cat([torch.cat(r) for r in rows.values()]), args.grid, nrow=2 * len(thetas) + 1)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--theta", type=float, default=0.5, help="--text-diff: the largest slerp weight toward the text diff"
     )
+    p.add_argument(
+        "--fixed-noise",
+        action="store_true",
+        help="--text-diff: decode every frame from the same fresh noise instead of the image's DDIM inversion",
+    )
     _add_swap_args(p)
     _add_inference_args(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE")
@@ -435,7 +440,9 @@ def _generate(args: argparse.Namespace, model: Any, device: Any, g: Any) -> Any:
             path, size=model.image_size, channels=model.components["decoder"].produces.shape[0]
         ).to(device)  # noqa: E731
         if args.text_diff:
-            return model.text_diff(read(args.image), *args.text_diff, args.n, theta=args.theta, generator=g)
+            return model.text_diff(
+                read(args.image), *args.text_diff, args.n, theta=args.theta, invert=not args.fixed_noise, generator=g
+            )
         if args.image:
             return model.variations(read(args.image)[None], args.n, generator=g)
         return model.interpolate(read(args.interpolate[0]), read(args.interpolate[1]), args.n, generator=g)

@@ -1098,14 +1098,19 @@ def test_ddim_steps_with_the_models_own_eps_when_asked() -> None:
     """clipped_eps False (diffusers' default): x' = sqrt(abar') clamp(x0_hat) + sqrt(1 - abar') eps_model at eta 0;
     True: the eps recomputed from the clamped x0_hat."""
     d = process(T=100, clip_range=1.0)
-    x = 3 * randn(6, 3, seed=12)  # far outside the data range: x0_hat is clamped
+    x = 3 * randn(6, 3, seed=12)
+
+    def model(x, t, cond):  # eps = 0.1 x: x0_hat = 0.9-ish x / sqrt(abar), far outside [-1, 1], so it is clamped
+        return 0.1 * x
+
     for clipped in (False, True):
         sampler = DDIMSampler(DDIMConfig(steps=10, clipped_eps=clipped))
         proc = sampler.respaced(d)
-        out = step(sampler, proc, gaussian_eps(d), x, 5)
+        out = step(sampler, proc, model, x, 5)
         abar, prev, _, _ = coefficients(proc, 5)
-        eps = gaussian_eps(d)(x, torch.full((6,), int(proc.timestep_map[5])), None)
+        eps = 0.1 * x
         x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+        assert (x0.abs() == 1).any()
         if clipped:
             eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
         torch.testing.assert_close(out, math.sqrt(prev) * x0 + math.sqrt(1 - prev) * eps, **EXACT)

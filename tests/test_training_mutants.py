@@ -127,6 +127,7 @@ class Line(Pipeline):
 
     def fit_after_training(self, data) -> None:
         self.fitted.append(self.w.detach().clone())
+        self.fit_data = data
 
 
 def trainer(pipeline, run: Path, config: TrainConfig, registry, n: int = 10, **kw) -> Trainer:
@@ -271,6 +272,8 @@ class Two(Pipeline):
 
     def optimizer_groups(self, stage="pre"):
         g, d = list(self.components["g"].parameters()), list(self.components["d"].parameters())
+        if stage == "all":  # one optimiser for everything
+            return {"main": g + d}
         return {"main": g} if stage == "pre" else {"discriminator": d, "generator": g}
 
     def training_losses(self, batch, *, optimizer="main", stage="pre"):
@@ -569,6 +572,7 @@ def test_a_run_stopped_by_a_signal_or_a_budget(tmp_path, registry) -> None:
     p = Line()
     r = trainer(p, tmp_path / "budget", cfg(steps=None, minutes=1e-9), registry).fit()
     assert r.step == 1 and r.stopped_early and r.interrupted is None and len(p.fitted) == 1  # a budget ends normally
+    assert p.fit_data is not None and p.fit_data["caption"] == data()["caption"]
     out = []
     thread = threading.Thread(
         target=lambda: out.append(trainer(Line(), tmp_path / "thread", cfg(steps=2), registry).fit())
@@ -585,6 +589,8 @@ def test_ddp_looks_for_unused_parameters_only_where_a_stage_leaves_some(tmp_path
     t.stages = [("pre", 0), ("game", 3)]
     assert t._find_unused_parameters() is True  # two optimisers
     t.stages = [("pre", 0), ("game", 0)]
+    assert t._find_unused_parameters() is False
+    t.stages = [("all", 3)]
     assert t._find_unused_parameters() is False
     for declared in (True, False):
         t = trainer(Two(declared=declared), tmp_path, cfg(), registry)
@@ -689,13 +695,15 @@ def test_grid_image_tiles_row_major_with_padding_and_enlarges_small_images() -> 
     ramp = torch.tensor([[[-1.0, 1.0]]]).view(1, 1, 1, 2)
     assert grid_image(ramp, pad=0, min_side=4).squeeze(-1).tolist() == [[0, 0, 255, 255]] * 2
     assert grid_image(torch.zeros(5, 3, 4, 4)).shape == (2 * 33 + 1, 3 * 33 + 1, 3)  # 32-pixel tiles, 3 per row
+    assert grid_image(torch.zeros(1, 1, 11, 11)).shape == (22 + 2, 22 + 2, 1)  # enlarged 32 // 11 = 2 times
+    assert grid_image(torch.zeros(1, 3, 2, 2)).shape == (32 + 2, 32 + 2, 3)  # by the side, not the channels
 
 
 def test_png_round_trip_and_a_bad_file_named(tmp_path: Path) -> None:
     pytest.importorskip("PIL")
     rgb = torch.tensor([[[0, 64, 255], [10, 20, 30]], [[200, 100, 50], [255, 255, 0]]], dtype=torch.uint8)  # (2, 2, 3)
-    path = save_png(rgb, tmp_path / "new" / "rgb.png")
-    assert path == tmp_path / "new" / "rgb.png" and path.exists()
+    path = save_png(rgb, tmp_path / "new" / "dir" / "rgb.png")
+    assert path == tmp_path / "new" / "dir" / "rgb.png" and path.exists()
     x = load_image(path, size=2, channels=3)
     assert x.shape == (3, 2, 2) and x.dtype == torch.float32
     torch.testing.assert_close(x, rgb.permute(2, 0, 1).float() / 127.5 - 1, rtol=0, atol=1e-6)
@@ -711,6 +719,9 @@ def test_png_round_trip_and_a_bad_file_named(tmp_path: Path) -> None:
     assert out == tmp_path / "g" / "grid.png"
     back = torch.from_numpy(np.array(Image.open(out)))
     assert torch.equal(back, grid_image(images, 3, 1, 0).squeeze(-1))
+    default = save_grid(images, tmp_path / "default.png")  # pad 1, 2 x 2 images enlarged to 32 x 32
+    assert torch.equal(torch.from_numpy(np.array(Image.open(default))), grid_image(images).squeeze(-1))
+    assert Image.open(default).size == (2 * 33 + 1, 2 * 33 + 1)
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     with pytest.raises(
@@ -743,9 +754,11 @@ def test_dist_info_and_setup_from_torchrun_environment(monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "2")
     assert distributed.setup("cpu") == distributed.DistInfo(1, 3, 2) and calls == ["gloo"]
     assert distributed.setup("cuda") == distributed.DistInfo(1, 3, 2) and calls == ["gloo", "nccl"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.setup("cpu") == distributed.DistInfo(1, 2, 2) and calls == ["gloo", "nccl", "gloo"]
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     distributed.setup("cpu")
-    assert calls == ["gloo", "nccl"]
+    assert calls == ["gloo", "nccl", "gloo"]
     monkeypatch.delenv("RANK")
     assert distributed.setup("cpu") == distributed.DistInfo()
 
@@ -762,7 +775,107 @@ def test_any_flag_is_the_max_over_ranks(monkeypatch) -> None:
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     assert distributed.any_flag(False, distributed.DistInfo(0, 2), torch.device("cpu")) is True
     assert seen[0][1] == torch.distributed.ReduceOp.MAX and seen[0][0].tolist() == [0.0]
+
+    class Reduced(Exception):
+        pass
+
+    def on_device(t, op):
+        seen.append(t.device)
+        raise Reduced  # a meta tensor has no value to read back
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", on_device)
+    with pytest.raises(Reduced):
+        distributed.any_flag(True, distributed.DistInfo(0, 2), torch.device("meta"))
+    assert seen[-1] == torch.device("meta")  # the flag crosses on the training device (nccl needs CUDA tensors)
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op: seen.append(t.clone()))
     assert distributed.any_flag(True, distributed.DistInfo(1, 2), torch.device("cpu")) is True
     assert distributed.any_flag(False, distributed.DistInfo(1, 2), torch.device("cpu")) is False
     assert seen[-2].tolist() == [1.0] and seen[-1].tolist() == [0.0]
+
+
+def test_resume_without_the_saved_ema_or_clock_and_a_failure_names_the_resumed_checkpoint(
+    tmp_path, registry, monkeypatch
+) -> None:
+    """An EMA saved but not asked for on resume is left alone; a state saved before the run's clock existed resumes
+    at 0 s; a non-finite loss right after a resume names the checkpoint it resumed from."""
+    trainer(Line(), tmp_path / "ema", cfg(steps=4, ema_decay=0.5), registry).fit(stop_at=2)
+    t = trainer(Line(), tmp_path / "ema", cfg(steps=4), registry)
+    assert t.fit(resume=True).step == 4 and t.ema is None
+    trainer(Line(), tmp_path / "noema", cfg(steps=4), registry).fit(stop_at=2)
+    assert trainer(Line(), tmp_path / "noema", cfg(steps=4, ema_decay=0.5), registry).fit(resume=True).step == 4
+    state = Trainer._state
+
+    def without_clock(self):
+        out = state(self)
+        del out["wall_time"]
+        return out
+
+    monkeypatch.setattr(Trainer, "_state", without_clock)
+    trainer(Line(), tmp_path / "old", cfg(steps=4), registry).fit(stop_at=2)
+    monkeypatch.setattr(Trainer, "_state", state)
+    t = trainer(Line(), tmp_path / "old", cfg(steps=4), registry)
+    r = t.fit(resume=True)
+    assert t.wall_time == pytest.approx(r.wall_time) and r.wall_time < 1.0
+
+    class Nan(Line):
+        def training_losses(self, batch, **kw):
+            return {**super().training_losses(batch, **kw), "size": torch.tensor(float("nan"))}
+
+    trainer(Line(), tmp_path / "nan", cfg(steps=4), registry).fit(stop_at=2)
+    path = re.escape(str(tmp_path / "nan" / "checkpoints" / "step-00000002"))
+    with pytest.raises(TrainingError, match=rf"; the last good checkpoint is {path}; lower train.lr"):
+        trainer(Nan(), tmp_path / "nan", cfg(steps=4), registry).fit(resume=True)
+
+
+def test_a_second_rank_draws_its_own_noise_and_shard_and_saves_nothing(tmp_path, registry, events, monkeypatch) -> None:
+    """Under torchrun (simulated: rank 1 of 2, DDP and the all-reduce stubbed): torch's RNG seeded with seed + rank,
+    reseeded apart from rank 0's restored stream on resume; every other item of the global batch; no logs, grids or
+    checkpoints; the result carries the rank."""
+    wrapped = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op: None)
+    monkeypatch.setattr(
+        torch.nn.parallel, "DistributedDataParallel", lambda m, find_unused_parameters: wrapped.append(m) or m
+    )
+
+    def rank1(p, run, config) -> Trainer:
+        t = trainer(p, run, config, registry)
+        t.dist = distributed.DistInfo(1, 2, 1)
+        return t
+
+    p = Line()
+    r = rank1(p, tmp_path / "r1", cfg(steps=3, seed=4, sample_every=1)).fit()
+    assert r.rank == 1 and r.checkpoint is None and r.step == 3 and len(wrapped) == 1
+    assert not (tmp_path / "r1" / "checkpoints").exists() and not (tmp_path / "r1" / "samples").exists()
+    assert events == [] and p.sampled == []
+    torch.manual_seed(5)
+    assert p.draws[0][0] == torch.rand(1).item()
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(4))
+    assert p.batches[0]["image"].flatten().long().tolist() == perm[1:4:2].tolist()
+    trainer(Line(), tmp_path / "resume", cfg(steps=4, seed=4), registry).fit(stop_at=2)
+    p = Line()
+    rank1(p, tmp_path / "resume", cfg(steps=4, seed=4)).fit(resume=True)
+    torch.manual_seed(4 + 1 + 1_000_003 * 2)
+    assert p.draws[0][0] == torch.rand(1).item()
+
+
+def test_the_progress_bar_advances_one_step_at_a_time_with_the_loss_and_stage(tmp_path, registry, monkeypatch) -> None:
+    class Bar:
+        def __init__(self) -> None:
+            self.updates, self.postfix, self.closed = [], [], False
+
+        def update(self, n) -> None:
+            self.updates.append(n)
+
+        def set_postfix(self, **kw) -> None:
+            self.postfix.append(kw)
+
+        def close(self) -> None:
+            self.closed = True
+
+    bar = Bar()
+    monkeypatch.setattr(Trainer, "_progress_bar", lambda self: bar)
+    p = Line()
+    trainer(p, tmp_path, cfg(steps=3), registry).fit()
+    losses = [float((w * p.c).sum()) for w in p.seen]
+    assert bar.updates == [1, 1, 1] and bar.closed
+    assert bar.postfix == [{"loss": f"{v:.4f}", "stage": "main"} for v in losses]

@@ -488,8 +488,6 @@ def _sweep_plots(out: Path, sweeps: dict[str, dict[str, Any]]) -> None:
             for k in keys:
                 ax.plot(xs, [f.get(k, float("nan")) for _, f in pts], marker="o", label=k.removesuffix("_accuracy"))
             ax.set(xlabel="guidance scale" if sweep["axis"] == "scale" else "sampler steps", title=title)
-            if title == "fd":
-                ax.set_yscale("log")
             if len(keys) > 1:
                 ax.legend(fontsize=7)
         fig.suptitle(f"{key}: fidelity vs diversity", fontsize=9)

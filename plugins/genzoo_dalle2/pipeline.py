@@ -255,7 +255,7 @@ class UnCLIPPipeline(DiffusionPipeline):
             noise(c["decoder"].produces.shape) if x_T is None else x_T,
             cond,
             generator=generator,
-            sampler=sampler or c.get("sampler"),
+            sampler=sampler if sampler is not None else c.get("sampler"),
             guidance=guidance,
         )
         return self.upsample(x, generator=generator, noise=noise)
