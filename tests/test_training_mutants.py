@@ -9,11 +9,13 @@ run's result can each be checked exactly. The file runs in a few seconds on one 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
 import re
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -613,6 +615,27 @@ def test_the_progress_bar_counts_every_stage(tmp_path, registry) -> None:
     t = trainer(Line(), tmp_path, cfg(steps=None, minutes=1.0), registry)
     t.stages, t.step = t._stage_steps(), 0
     assert t._progress_bar().total is None
+    t = trainer(Two(), tmp_path, cfg(steps=None, minutes=1.0, stages={"pre": 2, "game": 3}), registry)
+    t.stages, t.step = t._stage_steps(), 0
+    assert t._progress_bar().total == 5
+
+
+def test_the_progress_bar_shows_only_on_a_terminal_on_rank_0_when_asked(tmp_path, registry, monkeypatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    for progress, rank, shown in ((True, 0, True), (False, 0, False), (True, 1, False)):
+        t = Trainer(Line(), data(), config=cfg(), run_dir=tmp_path, recipe=RECIPE, progress=progress, registry=registry)
+        t.stages, t.step, t.dist = t._stage_steps(), 0, distributed.DistInfo(rank, 2)
+        bar = t._progress_bar()
+        assert bar.disable is not shown, (progress, rank)
+        bar.close()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    t = Trainer(Line(), data(), config=cfg(), run_dir=tmp_path, recipe=RECIPE, progress=True, registry=registry)
+    t.stages, t.step = t._stage_steps(), 0
+    assert t._progress_bar().disable  # not a terminal
 
 
 # ------------------------------------------------------------------ EMA
