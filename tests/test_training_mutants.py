@@ -17,7 +17,9 @@ import re
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -902,3 +904,28 @@ def test_the_progress_bar_advances_one_step_at_a_time_with_the_loss_and_stage(tm
     losses = [float((w * p.c).sum()) for w in p.seen]
     assert bar.updates == [1, 1, 1] and bar.closed
     assert bar.postfix == [{"loss": f"{v:.4f}", "stage": "main"} for v in losses]
+
+
+def test_a_time_budget_stops_at_the_first_step_past_it(tmp_path, registry, monkeypatch) -> None:
+    """The budget is minutes * 60 s after the loop starts, checked after each step (a clock that ticks 1 s per read):
+    3.99 s of budget stops after step 4 of 10, and the run ends normally (its fit after training runs)."""
+    import genzoo.training.trainer as trainer_module
+
+    ticks = iter(range(1000))
+    clock = SimpleNamespace(monotonic=lambda: float(next(ticks)), perf_counter=time.perf_counter)
+    monkeypatch.setattr(trainer_module, "time", clock)
+    p = Line()
+    r = trainer(p, tmp_path, cfg(steps=10, minutes=3.99 / 60), registry).fit()
+    assert r.step == 4 and r.stopped_early and r.interrupted is None and len(p.fitted) == 1
+
+
+def test_a_constant_schedule_holds_the_lr_after_its_warmup(tmp_path, registry, events) -> None:
+    trainer(Line(), tmp_path, cfg(steps=5, lr=0.3, warmup_steps=3, lr_schedule="constant"), registry).fit()
+    lrs = [e[1]["lr/main"] for e in events if e[0] == "metrics"]
+    assert lrs == pytest.approx([0.3 * 2 / 3, 0.3, 0.3, 0.3, 0.3], rel=1e-12)
+
+
+def test_a_stage_followed_by_a_trained_one_is_checkpointed_at_its_end(tmp_path, registry) -> None:
+    trainer(Two(), tmp_path, cfg(stages={"pre": 2, "game": 2}, checkpoint_every=2, keep_checkpoints=5), registry).fit()
+    saved = sorted(q.name for q in (tmp_path / "checkpoints").iterdir() if q.name.startswith("step"))
+    assert saved == ["step-00000002", "step-00000004"]
