@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from tiny import cosine_diffusion
+from tiny import gaussian_diffusion
 from torch import Tensor, nn
 
 from genzoo.diffusion import GaussianDiffusion
@@ -42,7 +42,7 @@ class TextEncoder(Encoder):
 
 
 def _diffusion() -> GaussianDiffusion:
-    return cosine_diffusion(100, "x0", clip_range=None)
+    return gaussian_diffusion(100, "cosine", mean="x0", clip_range=None)
 
 
 class DiffusionPrior(Prior):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import cosine_diffusion, tiny_unet
+from tiny import gaussian_diffusion, tiny_unet
 
 from genzoo import api
 from genzoo.checkpoint import load_checkpoint
@@ -48,7 +48,7 @@ def small_unet(**kw) -> UNet:
 
 
 def diffusion() -> GaussianDiffusion:
-    return cosine_diffusion(1000)
+    return gaussian_diffusion(1000, "cosine")
 
 
 @pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import threads
+from tiny import gaussian_diffusion, threads
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the library's pydantic v1 idioms
 
@@ -273,7 +273,6 @@ def test_the_library_s_schedules_become_genzoo_s_process() -> None:
     from dalle2_pytorch.dalle2_pytorch import NoiseScheduler
     from genzoo_dalle2_pytorch.importer import process_fields
 
-    from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
     from genzoo.diffusion.schedules import get_named_beta_schedule
 
     for name in ("cosine", "linear", "quadratic", "sigmoid"):
@@ -281,12 +280,7 @@ def test_the_library_s_schedules_become_genzoo_s_process() -> None:
             fields = process_fields(name, steps, "beta_schedule")
             assert ("schedule" in fields) == (name in ("cosine", "linear"))
             betas = get_named_beta_schedule(name, steps) if "schedule" in fields else fields["betas"]
-            process = GaussianDiffusion(
-                betas=betas,
-                model_mean_type=ModelMeanType.EPSILON,
-                model_var_type=ModelVarType.FIXED_SMALL,
-                loss_type=LossType.SIMPLE,
-            )
+            process = gaussian_diffusion(betas=betas)
             lib = NoiseScheduler(beta_schedule=name, timesteps=steps, loss_type="l2")
             for ours, theirs in (("abar", "alphas_cumprod"), ("posterior_mean_coef2", "posterior_mean_coef2")):
                 assert abs(torch.as_tensor(process.tables[ours]).float() - getattr(lib, theirs)).max() < 1e-6

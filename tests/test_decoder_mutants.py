@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tiny import gaussian_diffusion
 from torch import nn
 
 import genzoo.diffusion.decoder as decoder_module
@@ -45,12 +46,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def process(T: int = 100, var: ModelVarType = ModelVarType.FIXED_SMALL) -> GaussianDiffusion:
-    return GaussianDiffusion(
-        betas=get_named_beta_schedule("cosine", T),
-        model_mean_type=ModelMeanType.EPSILON,
-        model_var_type=var,
-        loss_type=LossType.SIMPLE,
-    )
+    return gaussian_diffusion(T, "cosine", var=var)
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:

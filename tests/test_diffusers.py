@@ -30,44 +30,36 @@ DIGITS = {"type": "digits", "image_size": 8}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def two_levels(down: tuple, up: tuple, *, size: int = 8, channels=(3, 3), widths=(32, 64), **kw) -> dict:
+    """A diffusers U-Net's config at toy size: ``size`` px, (in, out) ``channels``, two levels of ``widths`` channels
+    with one layer each, of block types ``down`` and ``up``; ``kw`` over these."""
+    io = dict(sample_size=size, in_channels=channels[0], out_channels=channels[1])
+    return dict(io, block_out_channels=widths, layers_per_block=1, down_block_types=down, up_block_types=up, **kw)
+
+
 def ddpm_unet(seed: int = 0, **kw) -> torch.nn.Module:
     """google/ddpm-cifar10-32's layout (attention at the second level, one head, TF padding, sin-first embedding
     with freq_shift 1, GroupNorm eps 1e-6) at 8x8 with one channel and 16/32 widths."""
     torch.manual_seed(seed)
-    cfg = dict(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=None,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        norm_eps=1e-6,
-    )
-    return diffusers.UNet2DModel(**{**cfg, **kw}).eval()
+    blocks = ("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D")
+    cfg = two_levels(*blocks, channels=(1, 1), widths=(16, 32), norm_num_groups=8, attention_head_dim=None)
+    tf = dict(downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6)
+    return diffusers.UNet2DModel(**{**cfg, **tf, **kw}).eval()
 
 
 def unclip_decoder(cross_attention_dim: int = 32) -> torch.nn.Module:
     """unCLIP's decoder U-Net at toy size (Karlo's block types, scale-shift norm, a learned-range variance)."""
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=6,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    cfg = two_levels(
+        ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        ("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        channels=(3, 6),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
         resnet_time_scale_shift="scale_shift",
         class_embed_type="identity",
-    ).eval()
+    )
+    return diffusers.UNet2DConditionModel(**cfg).eval()
 
 
 def prior_transformer(*, dim: int, num_embeddings: int, head_dim: int, layers: int) -> torch.nn.Module:
@@ -91,6 +83,16 @@ def random_clip_statistics(prior: torch.nn.Module) -> None:
 
 # the text and image towers of the toy CLIPs (transformers' CLIPTextConfig / CLIPVisionConfig fields)
 CLIP_TOWER = dict(hidden_size=16, projection_dim=16, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+# the encoder and decoder of the toy VQModels and AutoencoderKLs: f = 2 (two levels of 8 and 16), 3-channel latents
+VAE_BLOCKS = dict(
+    block_out_channels=[8, 16],
+    norm_num_groups=8,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+)
 
 
 def save_pipeline(path, cls, *, unet=None, **scheduler) -> str:
@@ -496,17 +498,8 @@ def test_unet2d_condition_adapter_with_unclip_text_projection(tmp_path) -> None:
 
 def test_unet2d_condition_adapter_for_latent_diffusion() -> None:
     torch.manual_seed(0)
-    cfg = dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=16,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    unet = diffusers.UNet2DConditionModel(**cfg).eval()
+    cfg = two_levels(("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D"), channels=(4, 4))
+    unet = diffusers.UNet2DConditionModel(**cfg, cross_attention_dim=16).eval()
     net = (
         default_registry().build("network", {"type": "diffusers-unet2d-condition", "config": dict(unet.config)}).eval()
     )
@@ -538,17 +531,8 @@ def test_prior_transformer_adapter(tmp_path) -> None:
 
 def test_vqmodel_and_autoencoder_kl_decoders(tmp_path) -> None:
     torch.manual_seed(0)
-    blocks = dict(
-        block_out_channels=[8, 16],
-        norm_num_groups=8,
-        in_channels=3,
-        out_channels=3,
-        latent_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-    )
-    vq = diffusers.VQModel(**blocks, num_vq_embeddings=16).eval()
-    kl = diffusers.AutoencoderKL(**{**blocks, "latent_channels": 4}).eval()
+    vq = diffusers.VQModel(**VAE_BLOCKS, num_vq_embeddings=16).eval()
+    kl = diffusers.AutoencoderKL(**{**VAE_BLOCKS, "latent_channels": 4}).eval()
     vq.save_pretrained(str(tmp_path / "vqvae"))
     registry, spec = default_registry(), DataSpec(name="imported", image_shape=(3, 16, 16))
     dec = registry.build(

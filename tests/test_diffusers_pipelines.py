@@ -39,17 +39,7 @@ def ddpm_unet(seed: int = 0, **kw) -> torch.nn.Module:
 def vqmodel(seed: int = 1, **kw) -> torch.nn.Module:
     """A VQModel with f = 2 (two levels), 3-channel latents, 16 codes, and a scaling factor that is not 1."""
     torch.manual_seed(seed)
-    cfg = dict(
-        block_out_channels=[8, 16],
-        norm_num_groups=8,
-        in_channels=3,
-        out_channels=3,
-        latent_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        num_vq_embeddings=16,
-        scaling_factor=0.7,
-    )
+    cfg = dict(test_diffusers.VAE_BLOCKS, num_vq_embeddings=16, scaling_factor=0.7)
     return diffusers.VQModel(**{**cfg, **kw}).eval()
 
 
@@ -198,15 +188,8 @@ def unclip_parts(seed: int = 0) -> dict:
     decoder = test_diffusers.unclip_decoder()
 
     def super_res() -> torch.nn.Module:
-        return diffusers.UNet2DModel(
-            sample_size=16,
-            in_channels=6,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D"),
-            up_block_types=("ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"),
-        ).eval()
+        resnets = ("ResnetDownsampleBlock2D",) * 2, ("ResnetUpsampleBlock2D",) * 2
+        return diffusers.UNet2DModel(**test_diffusers.two_levels(*resnets, size=16, channels=(6, 3))).eval()
 
     sched = diffusers.UnCLIPScheduler
     return dict(
@@ -313,58 +296,41 @@ class float64:
 
 def reference_prior(pipe, text, g, scale, steps=25):
     """UnCLIPPipeline.__call__'s prior loop, given the caption's encoding and the generator."""
-    emb, hid, mask = text
-    n, cfg = len(emb), scale > 1
-    if cfg:
-        u = uncond(pipe, n)
-        emb, hid, mask = torch.cat([u[0], emb]), torch.cat([u[1], hid]), torch.cat([u[2], mask])
+    n, cfg = len(text[0]), scale > 1
+    emb, hid, mask = with_uncond(pipe, text, cfg)
     s = pipe.prior_scheduler
-    s.set_timesteps(steps)
+    loop = schedule(s, steps)
     x = torch.randn((n, pipe.prior.config.embedding_dim), generator=g)
-    for i, t in enumerate(s.timesteps):
-        out = pipe.prior(
-            torch.cat([x] * 2) if cfg else x,
-            timestep=t,
-            proj_embedding=emb,
-            encoder_hidden_states=hid,
-            attention_mask=mask,
-        ).predicted_image_embedding
+    for _, t, prev in loop:
+        both = torch.cat([x] * 2) if cfg else x
+        out = pipe.prior(both, t, proj_embedding=emb, encoder_hidden_states=hid, attention_mask=mask)
+        out = out.predicted_image_embedding
         if cfg:
             u, c = out.chunk(2)
             out = u + scale * (c - u)
-        prev = None if i + 1 == len(s.timesteps) else s.timesteps[i + 1]
         x = s.step(out, timestep=t, sample=x, generator=g, prev_timestep=prev).prev_sample
     return pipe.prior.post_process_latents(x)
 
 
 def reference_decoder(pipe, z_i, text, g, scale, steps=25):
     """UnCLIPPipeline.__call__'s decoder loop (text projection, CFG on the eps half, learned range)."""
-    emb, hid, mask = text
     cfg = scale > 1
-    if cfg:
-        u = uncond(pipe, len(emb))
-        emb, hid, mask = torch.cat([u[0], emb]), torch.cat([u[1], hid]), torch.cat([u[2], mask])
+    emb, hid, mask = with_uncond(pipe, text, cfg)
     hid, add = pipe.text_proj(
         image_embeddings=z_i, prompt_embeds=emb, text_encoder_hidden_states=hid, do_classifier_free_guidance=cfg
     )
     mask = torch.nn.functional.pad(mask, (pipe.text_proj.clip_extra_context_tokens, 0), value=True)
     s = pipe.decoder_scheduler
-    s.set_timesteps(steps)
+    loop = schedule(s, steps)
     size = pipe.decoder.config.sample_size
     x = torch.randn((len(z_i), 3, size, size), generator=g)
-    for i, t in enumerate(s.timesteps):
-        out = pipe.decoder(
-            sample=torch.cat([x] * 2) if cfg else x,
-            timestep=t,
-            encoder_hidden_states=hid,
-            class_labels=add,
-            attention_mask=mask,
-        ).sample
+    for _, t, prev in loop:
+        both = torch.cat([x] * 2) if cfg else x
+        out = pipe.decoder(both, t, encoder_hidden_states=hid, class_labels=add, attention_mask=mask).sample
         if cfg:
             u, c = out.chunk(2)
             (u, _), (c, v) = u.split(3, dim=1), c.split(3, dim=1)
             out = torch.cat([u + scale * (c - u), v], dim=1)
-        prev = None if i + 1 == len(s.timesteps) else s.timesteps[i + 1]
         x = s.step(out, t, x, prev_timestep=prev, generator=g).prev_sample
     return x.clamp(-1, 1)
 
@@ -372,16 +338,26 @@ def reference_decoder(pipe, z_i, text, g, scale, steps=25):
 def reference_super_res(pipe, low, g, steps=7):
     """UnCLIPPipeline.__call__'s super-resolution loop: super_res_first, then super_res_last for the last step."""
     s = pipe.super_res_scheduler
-    s.set_timesteps(steps)
+    loop = schedule(s, steps)
     size = pipe.super_res_first.config.sample_size
     x = torch.randn((len(low), 3, size, size), generator=g)
     up = torch.nn.functional.interpolate(low, size=[size, size], mode="bicubic", align_corners=False, antialias=True)
-    for i, t in enumerate(s.timesteps):
-        unet = pipe.super_res_last if i == len(s.timesteps) - 1 else pipe.super_res_first
+    for i, t, prev in loop:
+        unet = pipe.super_res_last if i == len(loop) - 1 else pipe.super_res_first
         eps = unet(sample=torch.cat([x, up], dim=1), timestep=t).sample
-        prev = None if i + 1 == len(s.timesteps) else s.timesteps[i + 1]
         x = s.step(eps, t, x, prev_timestep=prev, generator=g).prev_sample
     return x
+
+
+def schedule(s, steps):
+    """``steps`` timesteps of scheduler ``s`` as UnCLIPPipeline walks them: (i, t, the next t, None after the last)."""
+    s.set_timesteps(steps)
+    return [(i, t, None if i + 1 == len(s.timesteps) else s.timesteps[i + 1]) for i, t in enumerate(s.timesteps)]
+
+
+def with_uncond(pipe, text, cfg: bool):
+    """The caption's (embeddings, hidden states, mask), after the empty caption's for classifier-free guidance."""
+    return tuple(torch.cat([u, c]) for u, c in zip(uncond(pipe, len(text[0])), text)) if cfg else text
 
 
 def uncond(pipe, n):

@@ -7,30 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import gaussian_diffusion
 
-from genzoo.diffusion import (
-    GaussianDiffusion,
-    LossType,
-    ModelMeanType,
-    ModelVarType,
-    get_named_beta_schedule,
-    space_timesteps,
-)
+from genzoo.diffusion import LossType, ModelMeanType, ModelVarType, get_named_beta_schedule, space_timesteps
 from genzoo.diffusion.gaussian_diffusion import LossAwareSampler, UniformSampler, discretized_gaussian_log_likelihood
 
 F64 = torch.float64
-
-
-def make(
-    T: int = 1000,
-    schedule: str = "linear",
-    mean=ModelMeanType.EPSILON,
-    var=ModelVarType.FIXED_SMALL,
-    loss=LossType.SIMPLE,
-) -> GaussianDiffusion:
-    return GaussianDiffusion(
-        betas=get_named_beta_schedule(schedule, T), model_mean_type=mean, model_var_type=var, loss_type=loss
-    )
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -55,7 +37,7 @@ def test_linear_schedule_values_and_scaling_with_T() -> None:
 @pytest.mark.parametrize("T", [1000, 100])
 def test_cosine_schedule_matches_f_and_clips(T: int) -> None:
     f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    d = make(T=T, schedule="cosine")
+    d = gaussian_diffusion(T=T, schedule="cosine")
     for t in (0, 1, T // 10, T // 2, 9 * T // 10):  # index t is the paper's t + 1
         assert d.tables["abar"][t] == pytest.approx(f(t + 1) / f(0), rel=1e-9)
     betas = d.tables["betas"]
@@ -65,7 +47,7 @@ def test_cosine_schedule_matches_f_and_clips(T: int) -> None:
 
 @pytest.mark.parametrize("t", [1, 2, 10, 500, 999])
 def test_posterior_coefficients_match_the_formulas(t: int) -> None:
-    d = make()
+    d = gaussian_diffusion()
     b = get_named_beta_schedule("linear", 1000)
     abar = np.cumprod(1 - b)
     a_prev = abar[t - 1]
@@ -81,7 +63,7 @@ def test_posterior_coefficients_match_the_formulas(t: int) -> None:
 def test_posterior_is_bayes_rule_on_the_two_gaussians(t: int) -> None:
     """q(x_{t-1} | x_t, x0) ∝ N(x_t; sqrt(a_t) x_{t-1}, b_t) N(x_{t-1}; sqrt(abar_{t-1}) x0, 1 - abar_{t-1}):
     precisions add."""
-    d = make(schedule="cosine")
+    d = gaussian_diffusion(schedule="cosine")
     b, abar_prev = d.tables["betas"][t], d.tables["abar_prev"][t]
     x0, xt = randn(3, 2), randn(3, 2, seed=1)
     precision = (1 - b) / b + 1 / (1 - abar_prev)
@@ -93,7 +75,7 @@ def test_posterior_is_bayes_rule_on_the_two_gaussians(t: int) -> None:
 
 
 def test_log_variances_at_the_first_step_are_clipped() -> None:
-    d = make()
+    d = gaussian_diffusion()
     post, b = d.tables["posterior_variance"], d.tables["betas"]
     assert post[0] == 0  # btilde_1 = 0 exactly: its log is clipped to log btilde_2
     np.testing.assert_allclose(
@@ -112,7 +94,7 @@ def test_log_variances_at_the_first_step_are_clipped() -> None:
 
 
 def test_q_sample_moments_and_q_mean_variance() -> None:
-    d, t = make(), 300
+    d, t = gaussian_diffusion(), 300
     x0 = torch.full((20000, 1), 0.7, dtype=F64)
     xt = d.q_sample(x0, torch.full((20000,), t), randn(20000, 1))
     a = d.tables["abar"][t]
@@ -126,7 +108,7 @@ def test_q_sample_moments_and_q_mean_variance() -> None:
 
 @pytest.mark.parametrize("shape", [(8, 3, 4, 4), (8, 5)])
 def test_eps_x0_v_round_trips(shape: tuple[int, ...]) -> None:
-    d = make(schedule="cosine")
+    d = gaussian_diffusion(schedule="cosine")
     x0, eps = randn(*shape), randn(*shape, seed=1)
     t = torch.arange(8) * 142
     xt = d.q_sample(x0, t, eps)
@@ -137,7 +119,7 @@ def test_eps_x0_v_round_trips(shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(d._predict_eps_from_v(xt, t, v), eps)
     # every parameterisation fed its exact target implies the same x0, eps and mean
     preds = [
-        make(schedule="cosine", mean=m).p_mean_variance(out, xt, t)
+        gaussian_diffusion(schedule="cosine", mean=m).p_mean_variance(out, xt, t)
         for m, out in ((ModelMeanType.EPSILON, eps), (ModelMeanType.START_X, x0), (ModelMeanType.VELOCITY, v))
     ]
     true_mean, _, _ = d.q_posterior_mean_variance(x0, xt, t)
@@ -164,7 +146,7 @@ def test_a_learned_variance_without_the_vlb_and_a_reversed_blur_range_are_refuse
 
 
 def test_learned_range_interpolates_between_the_two_fixed_variances() -> None:
-    d = make(var=ModelVarType.LEARNED_RANGE)
+    d = gaussian_diffusion(var=ModelVarType.LEARNED_RANGE)
     x, t = torch.zeros(2, 3, dtype=F64), torch.tensor([5, 700])  # (B, D) vectors: channels are dim 1
     logvar = {
         v: d.p_mean_variance(torch.cat([x, torch.full_like(x, v)], 1), x, t).log_variance[:, 0]
@@ -180,13 +162,13 @@ def test_learned_range_interpolates_between_the_two_fixed_variances() -> None:
 
 
 def test_tables_are_cast_to_the_input_and_cached() -> None:
-    d = make()
+    d = gaussian_diffusion()
     x32 = torch.zeros(2, 3)
     c = d.extract("abar", torch.tensor([0, 999]), x32)
     assert c.dtype == torch.float32 and c.shape == (2, 1)
     assert d.table("abar", x32.device, torch.float32) is d.table("abar", x32.device, torch.float32)
     with torch.inference_mode():  # a table first made while sampling still serves training afterwards
-        d2 = make(mean=ModelMeanType.START_X)
+        d2 = gaussian_diffusion(mean=ModelMeanType.START_X)
         d2.q_posterior_mean_variance(x32, x32, torch.tensor([1, 2]))
     out = torch.zeros(2, 3, requires_grad=True)
     d2.training_losses(lambda x, t, c: out, x32, torch.tensor([1, 2]))["loss"].sum().backward()
@@ -197,7 +179,7 @@ def test_tables_are_cast_to_the_input_and_cached() -> None:
 
 
 def test_vlb_is_zero_for_the_true_posterior() -> None:
-    d = make()
+    d = gaussian_diffusion()
     x0, eps = torch.rand(4, 3, dtype=F64) * 2 - 1, randn(4, 3)
     t = torch.tensor([1, 10, 400, 999])
     xt = d.q_sample(x0, t, eps)
@@ -220,18 +202,18 @@ def test_training_losses_targets() -> None:
     x0, noise, t = randn(4, 2, 3), randn(4, 2, 3, seed=1), torch.tensor([0, 10, 500, 999])
     zero = lambda x, tt, c: torch.zeros_like(x)  # noqa: E731: the loss is then the mean square of the target
     for mean, target in ((ModelMeanType.EPSILON, noise), (ModelMeanType.START_X, x0)):
-        terms = make(mean=mean).training_losses(zero, x0, t, noise=noise)
+        terms = gaussian_diffusion(mean=mean).training_losses(zero, x0, t, noise=noise)
         torch.testing.assert_close(terms["loss"], target.pow(2).mean((1, 2)))
         assert "vlb" not in terms
-    d = make(mean=ModelMeanType.VELOCITY)
+    d = gaussian_diffusion(mean=ModelMeanType.VELOCITY)
     v = d._predict_v(x0, t, noise)
     torch.testing.assert_close(d.training_losses(zero, x0, t, noise=noise)["mse"], v.pow(2).mean((1, 2)))
-    vlb = make(loss=LossType.VLB).training_losses(zero, x0, t, noise=noise)
+    vlb = gaussian_diffusion(loss=LossType.VLB).training_losses(zero, x0, t, noise=noise)
     torch.testing.assert_close(vlb["loss"], 1000 * vlb["vlb"])
 
 
 def test_hybrid_loss_trains_the_variance_only_through_vlb() -> None:
-    d = make(var=ModelVarType.LEARNED_RANGE, loss=LossType.HYBRID)
+    d = gaussian_diffusion(var=ModelVarType.LEARNED_RANGE, loss=LossType.HYBRID)
     out = torch.zeros(4, 4, requires_grad=True)
     terms = d.training_losses(lambda x, t, c: out, torch.rand(4, 2) * 2 - 1, torch.tensor([0, 3, 500, 999]))
     (g,) = torch.autograd.grad(terms["vlb"].sum(), out)
@@ -241,7 +223,7 @@ def test_hybrid_loss_trains_the_variance_only_through_vlb() -> None:
 
 
 def test_prior_bpd_closed_form() -> None:
-    d = make()
+    d = gaussian_diffusion()
     x0 = torch.tensor([[0.5, -1.0]], dtype=F64)
     a = d.tables["abar"][-1]
     kl = 0.5 * (-1 - math.log(1 - a) + (1 - a) + a * x0.pow(2)) / math.log(2)
@@ -250,7 +232,7 @@ def test_prior_bpd_closed_form() -> None:
 
 def test_bpd_loop_with_an_oracle_model_is_the_prior_plus_the_decoder_term() -> None:
     """A model that knows x0 makes every KL term 0, so the NLL bound is L_T plus -log2 P(bin | N(x0, btilde_2))."""
-    d = make(T=100)
+    d = gaussian_diffusion(T=100)
     x0 = torch.tensor([[-1.0, 0.0, 1.0], [127 / 127.5 - 1, 200 / 127.5 - 1, 3 / 127.5 - 1]], dtype=F64)  # bin centres
     sqrt_abar, sqrt_1m = torch.as_tensor(d.tables["sqrt_abar"]), torch.as_tensor(d.tables["sqrt_one_minus_abar"])
     oracle = lambda x, t, c: (x - sqrt_abar[t, None] * x0) / sqrt_1m[t, None]  # noqa: E731
@@ -282,7 +264,7 @@ def test_space_timesteps() -> None:
 
 
 def test_respacing_keeps_abar_and_original_indices() -> None:
-    d = make(schedule="cosine", var=ModelVarType.FIXED_LARGE)
+    d = gaussian_diffusion(schedule="cosine", var=ModelVarType.FIXED_LARGE)
     keep = sorted(space_timesteps(1000, "10,10,3"))
     r = d.respace(keep)
     abar = d.tables["abar"][keep]
@@ -349,7 +331,7 @@ def test_an_upsampler_sees_a_blurred_low_res_image_in_training_only() -> None:
         seen.append(cond["low_res"])
         return torch.zeros_like(x)
 
-    d = make(T=10, schedule="cosine")
+    d = gaussian_diffusion(T=10, schedule="cosine")
     dec = DiffusionDecoder(
         denoiser=net,
         diffusion=d,

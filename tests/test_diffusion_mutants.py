@@ -27,6 +27,7 @@ import mpmath
 import numpy as np
 import pytest
 import torch
+from tiny import gaussian_diffusion, lambda_linear
 
 from genzoo.diffusion import (
     AncestralSampler,
@@ -62,13 +63,7 @@ def process(
     clip_range: float | None = None,
     mean: ModelMeanType = ModelMeanType.EPSILON,
 ) -> GaussianDiffusion:
-    return GaussianDiffusion(
-        betas=get_named_beta_schedule(schedule, T),
-        model_mean_type=mean,
-        model_var_type=var,
-        loss_type=LossType.SIMPLE,
-        clip_range=clip_range,
-    )
+    return gaussian_diffusion(T, schedule, mean=mean, var=var, clip_range=clip_range)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -90,6 +85,15 @@ def gaussian_eps(d: GaussianDiffusion, *, learned: bool = False):
         return torch.cat([eps, 0.8 * torch.tanh(x)], dim=1) if learned else eps
 
     return model
+
+
+def log_snr(sampler):
+    """``sampler``'s respacing of process(), the exact eps model of the data, and alpha = sqrt(abar), sigma =
+    sqrt(1 - abar) and lambda = log(alpha / sigma) at its steps."""
+    d = process()
+    proc = sampler.respaced(d)
+    alpha, sigma = np.sqrt(proc.tables["abar"]), np.sqrt(1 - proc.tables["abar"])
+    return proc, gaussian_eps(d), alpha, sigma, np.log(alpha / sigma)
 
 
 def coefficients(proc: GaussianDiffusion, i: int) -> tuple[float, float, float, float]:
@@ -225,12 +229,8 @@ def test_dpm_solver_2m_is_its_multistep_exponential_integrator() -> None:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) recomputed from abar alone: x' = (sigma'/sigma) x - alpha' (e^-h -
     1) D',
     D' = D on the first step, (1 + 1/(2r)) D - (1/(2r)) D_prev after (r = h_prev / h); the last step returns x0_hat."""
-    d = process()
     sampler = DPMSolverPlusPlus2M(SamplerConfig(steps=12, clip=False))
-    proc, model = sampler.respaced(d), gaussian_eps(d)
-    abar = proc.tables["abar"]
-    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
-    lam = np.log(alpha / sigma)
+    proc, model, alpha, sigma, lam = log_snr(sampler)
     x = noise = randn(32, 3, seed=1)
     d_prev = h_prev = None
     for i in range(proc.num_timesteps - 1, 0, -1):
@@ -243,7 +243,7 @@ def test_dpm_solver_2m_is_its_multistep_exponential_integrator() -> None:
         used = dd if d_prev is None else (1 + h / (2 * h_prev)) * dd - h / (2 * h_prev) * d_prev
         x = sigma[i - 1] / sigma[i] * x - alpha[i - 1] * math.expm1(-h) * used
         d_prev, h_prev = dd, h
-    torch.testing.assert_close(sampler.sample(d, model, (32, 3), noise=noise), x, **EXACT)
+    torch.testing.assert_close(sampler.sample(process(), model, (32, 3), noise=noise), x, **EXACT)
 
 
 def exact_flow_x0(d: GaussianDiffusion, x_T: torch.Tensor, e: int) -> torch.Tensor:
@@ -259,19 +259,6 @@ def flow_error(sampler, d: GaussianDiffusion) -> float:
     e = int(sampler.respaced(d).timestep_map[sampler.last_index])
     x = sampler.sample(d, gaussian_eps(d), (7, 3), noise=x_T)
     return ((x - exact_flow_x0(d, x_T, e)) / S).abs().max().item()
-
-
-def lambda_linear(T: int = 1601) -> GaussianDiffusion:
-    """lambda = log(alpha / sigma) linear in t, 5 at t = 1 to -5 at t = T: the uniform grids of N - 1 dividing T - 1
-    are uniform in lambda, so halving the step halves h exactly and the measured orders are clean."""
-    abar = 1 / (1 + np.exp(-2 * np.linspace(5.0, -5.0, T)))
-    return GaussianDiffusion(
-        betas=1 - abar / np.append(1.0, abar[:-1]),
-        model_mean_type=ModelMeanType.EPSILON,
-        model_var_type=SMALL,
-        loss_type=LossType.SIMPLE,
-        clip_range=None,
-    )
 
 
 @pytest.mark.parametrize(
@@ -604,12 +591,7 @@ def test_q_sample_draws_its_own_noise_when_none_is_given() -> None:
 def test_hybrid_loss_with_a_fixed_variance_and_the_clamped_vlb() -> None:
     """L_hybrid also runs on a fixed variance (its vlb then trains nothing); ``vb_terms_bpd`` applies ``process_xstart``
     (the clamp ``calc_bpd_loop`` uses) before forming the model's mean."""
-    d = GaussianDiffusion(
-        betas=get_named_beta_schedule("linear", 100),
-        model_mean_type=ModelMeanType.EPSILON,
-        model_var_type=SMALL,
-        loss_type=LossType.HYBRID,
-    )
+    d = gaussian_diffusion(100, loss=LossType.HYBRID)
     x0, noise, t = randn(3, 4, seed=1).clamp(-1, 1), randn(3, 4, seed=2), torch.tensor([3, 50, 99])
     model = lambda x, tt, c: 2 * x  # noqa: E731
     terms = d.training_losses(model, x0, t, noise=noise)
@@ -702,12 +684,8 @@ def test_dpm_solver_3m_step_is_its_formula_on_uneven_steps() -> None:
     + alpha' (phi2 d1 - phi3 d2)."""
     from genzoo.diffusion import solvers
 
-    d = process()
     sampler = solvers.DPMSolverPlusPlus3M(solvers.MultistepConfig(steps=12, grid="uniform", clip=False))
-    proc, model = sampler.respaced(d), gaussian_eps(d)
-    abar = proc.tables["abar"]
-    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
-    lam = np.log(alpha / sigma)
+    proc, model, alpha, sigma, lam = log_snr(sampler)
     i, x, d1_, d2_ = 6, randn(8, 3, seed=1), randn(8, 3, seed=5), randn(8, 3, seed=6)
     state = {"d": [d2_, d1_], "h": [lam[i + 1] - lam[i + 2], lam[i] - lam[i + 1]]}
     out = step(sampler, proc, model, x, i, state=state)
@@ -790,12 +768,8 @@ def test_dpm_solver_3m_second_step_and_no_noise_for_the_ode() -> None:
     """The second step (one earlier D) is second order: + alpha' phi2 (D0 - D1) / r0; the ODE draws no noise."""
     from genzoo.diffusion import solvers
 
-    d = process()
     sampler = solvers.DPMSolverPlusPlus3M(solvers.MultistepConfig(steps=12, grid="uniform", clip=False))
-    proc, model = sampler.respaced(d), gaussian_eps(d)
-    abar = proc.tables["abar"]
-    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
-    lam = np.log(alpha / sigma)
+    proc, model, alpha, sigma, lam = log_snr(sampler)
     i, x, d1_ = 6, randn(8, 3, seed=1), randn(8, 3, seed=5)
     g = gen(9)
     out = step(sampler, proc, model, x, i, generator=g, state={"d": [d1_], "h": [lam[i] - lam[i + 1]]})

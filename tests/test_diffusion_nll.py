@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
-from tiny import threads
+from tiny import gaussian_diffusion, threads
 
-from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
+from genzoo.diffusion import GaussianDiffusion, ModelMeanType, ModelVarType
 
 F64 = torch.float64
 MU, S = 0.1, 0.2
@@ -27,13 +27,7 @@ def one_thread():
 
 
 def process(T: int, var: ModelVarType, schedule: str = "linear", clip_range: float | None = None) -> GaussianDiffusion:
-    return GaussianDiffusion(
-        betas=get_named_beta_schedule(schedule, T),
-        model_mean_type=ModelMeanType.START_X,
-        model_var_type=var,
-        loss_type=LossType.SIMPLE,
-        clip_range=clip_range,
-    )
+    return gaussian_diffusion(T, schedule, mean=ModelMeanType.START_X, var=var, clip_range=clip_range)
 
 
 def exact_denoiser(d: GaussianDiffusion):

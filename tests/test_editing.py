@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import train, write_recipes
+from tiny import gaussian_diffusion, train, write_recipes
 
 from genzoo import api
-from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
+from genzoo.diffusion import GaussianDiffusion
 from genzoo.diffusion.editing import (
     EditSampler,
     MaskConditioned,
@@ -49,13 +49,7 @@ class GaussianData(torch.nn.Module):
 
 
 def process(schedule: str = "cosine", T: int = 100) -> GaussianDiffusion:
-    return GaussianDiffusion(
-        betas=get_named_beta_schedule(schedule, T),
-        model_mean_type=ModelMeanType.EPSILON,
-        model_var_type=ModelVarType.FIXED_SMALL,
-        loss_type=LossType.SIMPLE,
-        clip_range=None,
-    )
+    return gaussian_diffusion(T, schedule, clip_range=None)
 
 
 def image(seed: int = 0, shape=(1, 3, 8, 8)) -> torch.Tensor:

@@ -12,9 +12,9 @@ import torch
 from genzoo_image_guidance.features import cosine_similarity, style_distance
 from genzoo_image_guidance.ilvr import low_pass
 from PIL import Image
-from tiny import threads, write_recipes
+from tiny import gaussian_diffusion, threads, write_recipes
 
-from genzoo.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
+from genzoo.diffusion import GaussianDiffusion
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.plugins import default_registry
 
@@ -34,13 +34,7 @@ def build(spec: dict, **kw):
 
 
 def process(timesteps: int = 200, clip_range: float | None = 1.0) -> GaussianDiffusion:
-    return GaussianDiffusion(
-        betas=get_named_beta_schedule("cosine", timesteps),
-        model_mean_type=ModelMeanType.EPSILON,
-        model_var_type=ModelVarType.FIXED_SMALL,
-        loss_type=LossType.SIMPLE,
-        clip_range=clip_range,
-    )
+    return gaussian_diffusion(timesteps, "cosine", clip_range=clip_range)
 
 
 def sampler(name: str, steps: int = 8, clip: bool = True):

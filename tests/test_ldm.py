@@ -117,9 +117,14 @@ def test_a_compare_budget_is_split_by_timing_each_stage() -> None:
 
     resolved, source, model = build()
     config = TrainConfig.model_validate(resolved["train"])
-    steps = _steps_in(model, source.split("train"), config, 0.01, torch.device("cpu"), probe_steps=3)
+    steps = _steps_in(model, source.split("train"), config, 0.01, torch.device("cpu"), {}, probe_steps=3)
     assert set(steps) == {"autoencoder", "decoder"} and all(n >= 1 for n in steps.values())
     assert not bool(model.components["decoder"].scale_fitted)  # the probe trained a copy
+    # with the recipe's steps as shares, the stages keep the recipe's ratio of steps
+    shares = _steps_in(
+        model, source.split("train"), config, 5.0, torch.device("cpu"), {"autoencoder": 300, "decoder": 100}
+    )
+    assert shares["decoder"] > 10 and abs(shares["autoencoder"] - 3 * shares["decoder"]) <= 3
 
 
 @pytest.mark.parametrize("sampler", DIFFUSION_SAMPLERS)

@@ -388,72 +388,37 @@ def openai_clip_text(sd, c, tokens, lengths):
 # ---------------------------------------------------------------------------- small configurations
 
 ARCH = dict(in_channels=3, model_channels=32, num_res_blocks=1, use_scale_shift_norm=True, out_channels=6)
+LEVELS = ("image_size", "channel_mult", "attention_ds", "num_heads", "num_head_channels")
+
+
+def unet_arch(*levels, **kw) -> dict:
+    """ARCH with the fields of LEVELS, in that order, then ``kw`` (resblock_updown, new_order, ...) over it."""
+    return dict(ARCH, **dict(zip(LEVELS, levels, strict=True)), **kw)
+
+
 GUIDED = dict(  # guided-diffusion's 64x64 layout, narrow: new attention order, resblock_updown, class-conditional
     flags="--image_size 64 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 32 "
     "--class_cond True --learn_sigma True --num_head_channels 16 --resblock_updown True "
     "--use_new_attention_order True --diffusion_steps 100 --noise_schedule cosine --timestep_respacing 5 "
     "--use_scale_shift_norm True",
-    arch=dict(
-        ARCH,
-        image_size=64,
-        channel_mult=(1, 2),
-        attention_ds=(2,),
-        resblock_updown=True,
-        num_heads=4,
-        num_head_channels=16,
-        new_order=True,
-        num_classes=1000,
-    ),
+    arch=unet_arch(64, (1, 2), (2,), 4, 16, resblock_updown=True, new_order=True, num_classes=1000),
 )
 IMPROVED = dict(  # improved-diffusion's CIFAR-10 layout, narrow: legacy order, conv resampling, 4000 rescaled steps
     flags="--image_size 32 --num_channels 32 --num_res_blocks 1 --learn_sigma True --diffusion_steps 4000 "
     "--noise_schedule cosine",
-    arch=dict(
-        ARCH,
-        image_size=32,
-        channel_mult=(1, 2, 2, 2),
-        attention_ds=(2, 4),
-        resblock_updown=False,
-        num_heads=4,
-        num_head_channels=-1,
-        new_order=False,
-        time_scale=0.25,
-    ),
+    arch=unet_arch(32, (1, 2, 2, 2), (2, 4), 4, -1, resblock_updown=False, new_order=False, time_scale=0.25),
 )
 TEXT = dict(width=32, layers=2, heads=2, ctx=8)
 GLIDE = dict(  # GLIDE's base at 16x16 with a 2-layer, 32-wide text transformer over 8 tokens
     flags="--image_size 16 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 8 "
     "--num_head_channels 16 --text_ctx 8 --xf_width 32 --xf_layers 2 --xf_heads 2 --diffusion_steps 100 "
     "--timestep_respacing 4",
-    arch=dict(
-        ARCH,
-        image_size=16,
-        channel_mult=(1, 2),
-        attention_ds=(2,),
-        resblock_updown=True,
-        num_heads=1,
-        num_head_channels=16,
-        new_order=False,
-        encoder_channels=32,
-    ),
+    arch=unet_arch(16, (1, 2), (2,), 1, 16, resblock_updown=True, new_order=False, encoder_channels=32),
 )
 CLASSIFIER = dict(  # create_classifier at 64x64 (channel_mult 1,2,3,4 from the size), width 32, depth 1
     flags="--image_size 64 --classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 16 "
     "--classifier_scale 3.0",
-    arch=dict(
-        in_channels=3,
-        model_channels=32,
-        image_size=64,
-        channel_mult=(1, 2, 3, 4),
-        num_res_blocks=1,
-        attention_ds=(4,),
-        resblock_updown=True,
-        use_scale_shift_norm=True,
-        num_heads=1,
-        num_head_channels=64,
-        new_order=False,
-        out_channels=1000,
-    ),
+    arch=unet_arch(64, (1, 2, 3, 4), (4,), 1, 64, resblock_updown=True, new_order=False, out_channels=1000),
 )
 NOISED_CLIP = dict(  # GLIDE's noised CLIP (config.yaml's keys) at 16x16, 2 blocks of 2 heads each side
     flags="--image_size 16 --patch_size 4 --n_vocab 64 --max_text_len 8 --n_embd 24 --n_head_state_text 8 "

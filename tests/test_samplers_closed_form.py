@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from tiny import assert_ends_at_dirac
+from tiny import assert_ends_at_dirac, gaussian_diffusion
 
 from genzoo.diffusion import (
     AncestralSampler,
@@ -25,10 +25,7 @@ from genzoo.diffusion import (
     DDIMSampler,
     DPMSolverPlusPlus2M,
     GaussianDiffusion,
-    LossType,
-    ModelMeanType,
     ModelVarType,
-    get_named_beta_schedule,
     space_timesteps,
 )
 from genzoo.diffusion.gmm import GaussianMixture, exact_classifier, exact_eps_model
@@ -49,13 +46,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def diffusion(var: ModelVarType = ModelVarType.FIXED_SMALL) -> GaussianDiffusion:
-    return GaussianDiffusion(
-        betas=get_named_beta_schedule("linear", 1000),
-        model_mean_type=ModelMeanType.EPSILON,
-        model_var_type=var,
-        loss_type=LossType.SIMPLE,
-        clip_range=None,
-    )
+    return gaussian_diffusion(var=var, clip_range=None)
 
 
 def draw(
@@ -220,12 +211,7 @@ def test_dirac_data_is_recovered_exactly_for_any_shape(sampler, var) -> None:
 
 
 def test_clipping_and_dynamic_thresholding_bound_x0() -> None:
-    d = GaussianDiffusion(
-        betas=get_named_beta_schedule("linear", 100),
-        model_mean_type=ModelMeanType.EPSILON,
-        model_var_type=ModelVarType.FIXED_SMALL,
-        loss_type=LossType.SIMPLE,
-    )
+    d = gaussian_diffusion(100)
     wild = lambda x, t, c: torch.full_like(x, -50.0)  # noqa: E731  implies a far out-of-range x0
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     assert DDIMSampler(DDIMConfig(steps=10)).sample(d, wild, (2, 1, 4, 4), generator=gen()).abs().max() <= 1.0 + 1e-6
@@ -252,12 +238,7 @@ def test_eps_form_guidance_moves_x0_by_the_closed_form_and_a_clipping_sampler_cl
     """eps' = eps - sqrt(1 - abar) s g moves x0_hat by (1 - abar) / sqrt(abar) s g: 2e4 s g at t = T of the cosine
     schedule (abar_T = 2.4e-9). A clipping sampler clamps the guided x0_hat as it clamps the unguided one, eps
     following."""
-    d = GaussianDiffusion(
-        betas=get_named_beta_schedule("cosine", 1000),
-        model_mean_type=ModelMeanType.EPSILON,
-        model_var_type=ModelVarType.FIXED_SMALL,
-        loss_type=LossType.SIMPLE,
-    )
+    d = gaussian_diffusion(1000, "cosine")
     at_zero = lambda x, t, c: x / d.extract("sqrt_one_minus_abar", t, x)  # noqa: E731  the exact eps of data at 0
     free, clipped = DDIMSampler(DDIMConfig(steps=10, clip=False)), DDIMSampler(DDIMConfig(steps=10))
     proc = free.respaced(d)
@@ -380,17 +361,18 @@ def test_classifier_guidance_samples_the_conditional(sampler, bias: float) -> No
 def test_cfg_with_exact_models_equals_classifier_guidance(sampler, scale: float) -> None:
     """eps_u + s (eps_c - eps_u) = eps_u - sqrt(1 - abar) s grad log p(y | x_t): with exact models the eps forms
     coincide."""
+    assert_cfg_is_classifier_guidance(lambda: sampler, scale, n=500)
+
+
+def assert_cfg_is_classifier_guidance(sampler, scale: float, n: int) -> None:
+    """CFG at ``scale`` with the exact conditional model of OVERLAP draws the same ``n`` samples of class 1 as
+    classifier guidance at ``scale`` with its exact classifier and unconditional model (to 1e-6), each drawn with
+    ``sampler()`` from the same seed."""
     model = exact_eps_model(OVERLAP, diffusion())
-    y = {"y": torch.ones(500, dtype=torch.long)}
-    cfg = draw(sampler, OVERLAP, cond=y, guidance=ClassifierFreeGuidance(CFGConfig(scale=scale)), model=model, n=500)
-    cg = draw(
-        sampler,
-        OVERLAP,
-        cond=y,
-        guidance=ClassifierGuidance(model.classifier, scale=scale),
-        model=unconditional(model),
-        n=500,
-    )
+    y = {"y": torch.ones(n, dtype=torch.long)}
+    cfg = draw(sampler(), OVERLAP, cond=y, guidance=ClassifierFreeGuidance(CFGConfig(scale=scale)), model=model, n=n)
+    guidance = ClassifierGuidance(model.classifier, scale=scale)
+    cg = draw(sampler(), OVERLAP, cond=y, guidance=guidance, model=unconditional(model), n=n)
     torch.testing.assert_close(cfg, cg, atol=1e-6, rtol=1e-6)
 
 

@@ -26,15 +26,22 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
-from test_samplers_closed_form import GMM, OVERLAP, check_gaussian, check_mixture, draw, spy_on, unconditional
-from tiny import assert_ends_at_dirac
+from test_samplers_closed_form import (
+    GMM,
+    OVERLAP,
+    assert_cfg_is_classifier_guidance,
+    check_gaussian,
+    check_mixture,
+    draw,
+    spy_on,
+    unconditional,
+)
+from tiny import assert_ends_at_dirac, gaussian_diffusion, lambda_linear
 
 from genzoo.diffusion import (
     ClassifierFreeGuidance,
     ClassifierGuidance,
     GaussianDiffusion,
-    LossType,
-    ModelMeanType,
     ModelVarType,
     get_named_beta_schedule,
     solvers,
@@ -97,12 +104,7 @@ def test_uniform_grid_is_the_even_spacing_of_before() -> None:
     assert SamplerConfig().grid == "uniform" and SamplerConfig().spacing == "even"
     for n in (2, 10, 21, 250):
         assert solver_grid(linear_abar(), n, "uniform") == sorted(space_timesteps(1000, n))
-    d = GaussianDiffusion(
-        betas=get_named_beta_schedule("linear", 1000),
-        model_mean_type=ModelMeanType.EPSILON,
-        model_var_type=ModelVarType.FIXED_SMALL,
-        loss_type=LossType.SIMPLE,
-    )
+    d = gaussian_diffusion()
     assert DPMSolverPlusPlus2M(SamplerConfig(steps=20)).respaced(d).timestep_map.tolist() == sorted(
         space_timesteps(1000, 21)
     )
@@ -143,13 +145,7 @@ def test_samplers_evaluate_nfe_times_at_the_grid_original_timesteps(name: str, g
 
 
 def diffusion_linear() -> GaussianDiffusion:
-    return GaussianDiffusion(
-        betas=get_named_beta_schedule("linear", 1000),
-        model_mean_type=ModelMeanType.EPSILON,
-        model_var_type=ModelVarType.FIXED_SMALL,
-        loss_type=LossType.SIMPLE,
-        clip_range=None,
-    )
+    return gaussian_diffusion(clip_range=None)
 
 
 # ------------------------------------------------------------------ convergence against the exact flow of Gaussian data
@@ -161,19 +157,6 @@ GAUSS = GaussianMixture(
     means=torch.tensor([[MU]], dtype=F64),
     covs=torch.tensor([[[S * S]]], dtype=F64),
 )
-
-
-def lambda_linear(timesteps: int = 1601) -> GaussianDiffusion:
-    """abar = sigmoid(2 lambda) with lambda from 5 (t = 1) to -5 (t = T), linear in t."""
-    lam = np.linspace(5.0, -5.0, timesteps)
-    abar = 1 / (1 + np.exp(-2 * lam))
-    return GaussianDiffusion(
-        betas=1 - abar / np.append(1.0, abar[:-1]),
-        model_mean_type=ModelMeanType.EPSILON,
-        model_var_type=ModelVarType.FIXED_SMALL,
-        loss_type=LossType.SIMPLE,
-        clip_range=None,
-    )
 
 
 PROC = lambda_linear()
@@ -248,46 +231,23 @@ def test_solvers_converge_at_their_order_to_the_exact_flow(make, steps, low: flo
     assert all(low < p < high for p in found), found
 
 
-# (id, mutant, the correct solver, steps, the correct solver's lowest accepted order). Measured orders of the mutants:
-# Heun 0.6/0.4 (41 -> 81 -> 161 levels) 0.34, 0.76 (first order; its error changes sign near 21 levels); 3M with
-# the reference code's d2 2.40,
-# 2.12; UniPC-2 with rho_c x 1.1 1.39, 1.13; UniPC-3 with rho_p x 1.2 2.16, 1.98.
+# (id, mutant, its config's fields, steps, the correct solver's lowest accepted order): each mutant subclasses the
+# solver it breaks, the correct one. Measured orders of the mutants: Heun 0.6/0.4 (41 -> 81 -> 161 levels) 0.34,
+# 0.76 (first order; its error changes sign near 21 levels); 3M with the reference code's d2 2.40, 2.12; UniPC-2
+# with rho_c x 1.1 1.39, 1.13; UniPC-3 with rho_p x 1.2 2.16, 1.98.
 MUTANT_CASES = [
-    (
-        "edm-heun-weights",
-        uniform(HeunFirstOrder, solvers.EDMHeunConfig),
-        uniform(solvers.EDMHeun, solvers.EDMHeunConfig),
-        (41, 81, 161),
-        1.8,
-    ),
-    (
-        "dpmpp-3m-reference-d2",
-        uniform(ThreeMAsReferenceCode, solvers.MultistepConfig),
-        uniform(solvers.DPMSolverPlusPlus3M, solvers.MultistepConfig),
-        (21, 41, 81),
-        2.8,
-    ),
-    (
-        "unipc-corrector",
-        uniform(UniPCWrongCorrector, solvers.UniPCConfig),
-        uniform(solvers.UniPC, solvers.UniPCConfig),
-        (21, 41, 81),
-        2.6,
-    ),
-    (
-        "unipc-order3-predictor",
-        uniform(UniPCWrongPredictor, solvers.UniPCConfig, order=3),
-        uniform(solvers.UniPC, solvers.UniPCConfig, order=3),
-        (21, 41, 81),
-        2.9,
-    ),
+    ("edm-heun-weights", HeunFirstOrder, solvers.EDMHeunConfig, {}, (41, 81, 161), 1.8),
+    ("dpmpp-3m-reference-d2", ThreeMAsReferenceCode, solvers.MultistepConfig, {}, (21, 41, 81), 2.8),
+    ("unipc-corrector", UniPCWrongCorrector, solvers.UniPCConfig, {}, (21, 41, 81), 2.6),
+    ("unipc-order3-predictor", UniPCWrongPredictor, solvers.UniPCConfig, {"order": 3}, (21, 41, 81), 2.9),
 ]
 
 
 @pytest.mark.parametrize(
-    ("mutant", "correct", "steps", "low"), [c[1:] for c in MUTANT_CASES], ids=[c[0] for c in MUTANT_CASES]
+    ("cls", "config", "kw", "steps", "low"), [c[1:] for c in MUTANT_CASES], ids=[c[0] for c in MUTANT_CASES]
 )
-def test_a_wrong_coefficient_fails_the_order_check(mutant, correct, steps, low: float) -> None:
+def test_a_wrong_coefficient_fails_the_order_check(cls, config, kw: dict, steps, low: float) -> None:
+    mutant, correct = uniform(cls, config, **kw), uniform(cls.__base__, config, **kw)
     assert not all(p > low for p in orders(mutant, steps))
     assert flow_error(mutant(steps[-1])) > 3 * flow_error(correct(steps[-1]))
 
@@ -397,26 +357,8 @@ EPS_FORM = [n for n in diffusion_samplers() if n != "ddpm"]
 def test_cfg_with_exact_models_equals_classifier_guidance_for_every_eps_form_sampler(name: str, scale: float) -> None:
     """eps_u + s (eps_c - eps_u) = eps_u - sqrt(1 - abar) s grad log p(y | x_t): both guidances through the shared eps
     form give the same samples, churned Heun included (the same generator, the same draws)."""
-    model = exact_eps_model(OVERLAP, diffusion_linear())
-    y = {"y": torch.ones(200, dtype=torch.long)}
     spec = {"steps": 8} if name != "edm-heun" else {"steps": 5, "churn": 5}
-    cfg = draw(
-        build(name, **spec),
-        OVERLAP,
-        cond=y,
-        guidance=ClassifierFreeGuidance(CFGConfig(scale=scale)),
-        model=model,
-        n=200,
-    )
-    cg = draw(
-        build(name, **spec),
-        OVERLAP,
-        cond=y,
-        guidance=ClassifierGuidance(model.classifier, scale=scale),
-        model=unconditional(model),
-        n=200,
-    )
-    torch.testing.assert_close(cfg, cg, atol=1e-6, rtol=1e-6)
+    assert_cfg_is_classifier_guidance(lambda: build(name, **spec), scale, n=200)
 
 
 @pytest.mark.parametrize("name", NEW)

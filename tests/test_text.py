@@ -279,3 +279,35 @@ def test_caption_attribute_accuracy_tells_an_oracle_from_a_liar(cheap_judges) ->
     assert all(good[f"{a}_accuracy"] > 0.9 for a in ("shape", "colour", "size", "position")), good
     held = judged(CaptionOracle(), samples=200, split="heldout")
     assert held["caption_accuracy"] > 0.5  # unseen colour x shape pairs: the cheap judge generalises less
+
+
+def test_compare_asks_a_caption_model_for_each_prompt_and_judges_the_heldout_split(
+    glide_run, tmp_path: Path, cheap_judges
+) -> None:
+    """`genzoo compare RUN --split heldout --prompt A --prompt B` (make demo-text): the held-out captions are asked
+    for, all four attributes and each one are columns, and a grid holds one row of 8 samples per prompt, in order,
+    drawn from the comparison's seed."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from genzoo.cli import main
+    from genzoo.training.images import grid_image
+
+    run, _, _ = glide_run
+    prompts = ["a large red circle in the top left", "a small blue square in the bottom right"]
+    out = tmp_path / "cmp"
+    argv = ["compare", str(run), "--out", str(out), "--samples", "32", "--split", "heldout", "--seed", "3"]
+    assert main([*argv, "--metrics", "attribute-accuracy", *[a for p in prompts for a in ("--prompt", p)]]) == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    (row,) = board["rows"]
+    assert board["settings"]["split"] == "heldout" and not row["error"]
+    assert {"shape_accuracy", "colour_accuracy", "size_accuracy", "position_accuracy", "caption_accuracy"} <= set(row)
+    header = (out / "leaderboard.md").read_text()
+    assert "position_accuracy" in header and all(f'"{p}"' in header for p in prompts)
+    model = api.load_model(run)
+    g = torch.Generator().manual_seed(3)
+    expected = torch.cat([model.sample(8, {"caption": [p] * 8}, generator=g) for p in prompts])
+    png = torch.tensor(np.array(Image.open(out / row["prompt_grid"]).convert("RGB")))
+    assert torch.equal(png, grid_image(expected, 8))
