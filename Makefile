@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean ui-check mutation test-interop
+.PHONY: demo demo-text test lint bench install clean ui-check mutation test-interop
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,24 @@ demo: $(STAMP)
 	$(VENV)/bin/genzoo compare $(DEMO_RECIPES) --set data.image_size=16 --budget-minutes $(DEMO_MINUTES) \
 		--samples 500 --segments 2 --out runs/demo
 	@echo "leaderboard: runs/demo/leaderboard.md"
+
+# Text to image (issue 22, docs/text.md): GLIDE, DALL·E 2 and, for reference, DALL·E, each trained on shapes for the
+# same CPU budget (split between a recipe's stages as its steps are), judged on the caption (each attribute and all
+# four) on the test split and on the held-out colour x shape pairs, with one grid row of samples per prompt.
+TEXT_RECIPES ?= glide-shapes dalle2-shapes dalle-shapes
+TEXT_MINUTES ?= 20
+TEXT_PROMPTS ?= --prompt "a large red circle in the top left" --prompt "a small blue square in the bottom right" \
+	--prompt "a large green triangle in the centre" --prompt "a small yellow cross in the top centre" \
+	--prompt "a large red triangle in the bottom left"
+TEXT_EVAL = --samples 200 --metrics attribute-accuracy,fd
+
+demo-text: $(STAMP)
+	rm -rf runs/demo-text
+	$(VENV)/bin/genzoo compare $(TEXT_RECIPES) --budget-minutes $(TEXT_MINUTES) --segments 1 $(TEXT_EVAL) \
+		$(TEXT_PROMPTS) --out runs/demo-text
+	$(VENV)/bin/genzoo compare $(addprefix runs/demo-text/runs/,$(TEXT_RECIPES)) --split heldout $(TEXT_EVAL) \
+		--out runs/demo-text/heldout
+	@echo "leaderboards: runs/demo-text/leaderboard.md (test captions), runs/demo-text/heldout/leaderboard.md"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

@@ -275,24 +275,12 @@ def open_clip_peer(batch: int, device: torch.device) -> dict[str, Any] | str:
 def options(batch: int, device: torch.device, bf16_usable: bool, peaks: dict[str, float]) -> list[dict[str, Any]]:
     """The U-Net forward contiguous, channels_last (the inference default), with torch.compile and with bf16 autocast;
     and a training step contiguous against channels_last, all in the same run."""
-    from genzoo.nn import UNet, UNetConfig
+    from genzoo.nn import UNet
 
     def make(fmt: torch.memory_format) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
         torch.manual_seed(0)
-        net = (
-            UNet(
-                UNetConfig(
-                    in_channels=3,
-                    image_size=32,
-                    model_channels=64,
-                    channel_mult=[1, 2, 2],
-                    num_res_blocks=2,
-                    attention_resolutions=[16, 8],
-                )
-            )
-            .to(device)
-            .to(memory_format=fmt)
-        )
+        cfg = PEER_UNET.model_copy(update={"resblock_updown": True})  # the peer U-Net, resampling in ResBlocks (ADM)
+        net = UNet(cfg).to(device).to(memory_format=fmt)
         x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
         return net, x, torch.randint(0, 1000, (batch,), device=device)
 

@@ -22,16 +22,22 @@ from genzoo.errors import GenzooError
 from genzoo.swaps import SWAPS
 
 
+def _add_set_arg(p: argparse.ArgumentParser, text: str | None = None) -> None:
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE", help=text)
+
+
+def _add_split_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--split",
+        default="test",
+        help="the split compared against and whose captions are asked for (shapes: test, or heldout for the unseen "
+        "colour x shape pairs)",
+    )
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", action="append", default=[], metavar="FILE", help="extra recipe YAML file (repeatable)")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override any recipe field, e.g. --set decoder.denoiser.model_channels=32 (repeatable)",
-    )
+    _add_set_arg(p, "override any recipe field, e.g. --set decoder.denoiser.model_channels=32 (repeatable)")
 
 
 def _add_swap_args(p: argparse.ArgumentParser) -> None:
@@ -52,6 +58,15 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the denoiser networks (the first batch compiles)"
     )
+
+
+def _add_generation_args(p: argparse.ArgumentParser, set_help: str | None = None) -> None:
+    """What every command that generates from a trained model takes: seed, device, the swaps, precision, --set."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    _add_swap_args(p)
+    _add_inference_args(p)
+    _add_set_arg(p, set_help)
 
 
 def _swaps(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,8 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png", help="grid PNG to write")
     p.add_argument("--prompt", help="caption to condition on")
     p.add_argument("--class", dest="class_", type=int, help="class index to condition on")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     p.add_argument("--save", metavar="FILE.safetensors", help="also save the raw samples")
     p.add_argument(
         "--rerank", type=int, help="draw N candidates per prompt, keep the one the recipe's CLIP ranks first (DALL·E)"
@@ -142,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="--text-diff: decode every frame from the same fresh noise instead of the image's DDIM inversion",
     )
-    _add_swap_args(p)
-    _add_inference_args(p)
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE")
+    _add_generation_args(p)
 
     p = sub.add_parser("eval", help="evaluate a trained model against its data's test split")
     p.add_argument("dir")
@@ -154,24 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated metric names (default: fd,kid,precision-recall,...; see `genzoo list --kind metric`)",
     )
     p.add_argument("--samples", type=int, default=1000, help="samples drawn (and test images compared against)")
-    p.add_argument(
-        "--split",
-        default="test",
-        help="the split compared against and whose captions are asked for "
-        "(shapes: test, or heldout for the unseen colour x shape pairs)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    _add_split_arg(p)
     p.add_argument("--json", action="store_true")
-    _add_swap_args(p)
-    _add_inference_args(p)
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override a sampling-time field, e.g. --set pipeline.rerank=8 or --set prior_guidance.scale=3",
+    _add_generation_args(
+        p, "override a sampling-time field, e.g. --set pipeline.rerank=8 or --set prior_guidance.scale=3"
     )
 
     p = sub.add_parser("compare", help="train/evaluate several recipes on the same data, metrics and sample stream")
@@ -195,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also evaluate each diffusion model at these sampler steps (repeatable), e.g. ddim:10,25,50",
     )
     p.add_argument("--segments", type=int, default=3, help="evaluations along training (quality vs training time)")
+    _add_split_arg(p)
+    p.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="also draw 8 samples of this caption from every text-to-image model, one grid row per prompt (repeatable)",
+    )
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -205,14 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipes", dest="recipe_files", action="append", default=[], metavar="FILE", help="extra recipe YAML file"
     )
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override a field in every recipe, e.g. --set data.image_size=16 (repeatable)",
-    )
+    _add_set_arg(p, "override a field in every recipe, e.g. --set data.image_size=16 (repeatable)")
 
     p = sub.add_parser("push", help="upload a checkpoint directory to the Hugging Face Hub, with a model card")
     p.add_argument("dir")
@@ -527,7 +526,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     sweep = dict(parse_sweep(text) for text in args.sweep)
     t0 = time.perf_counter()
-    settings = EvalSettings(samples=args.samples, seed=args.seed, precision=args.precision)
+    settings = EvalSettings(samples=args.samples, seed=args.seed, split=args.split, precision=args.precision)
     rows = compare(
         args.recipes,
         out=Path(args.out),
@@ -539,6 +538,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         files=args.recipe_files,
         sets=args.sets,
+        prompts=args.prompts,
         log=lambda m: print(m, file=sys.stderr),
     )
     print((Path(args.out) / "leaderboard.md").read_text())
@@ -691,11 +691,7 @@ def add_edit_parser(sub: Any) -> None:
     p.add_argument("-n", type=int, help="number of edits (default 4; 1 for invert, which is deterministic)")
     p.add_argument("--out", default="edit.png", help="PNG: the input, the masked input, then the edits")
     p.add_argument("--save", metavar="FILE.safetensors", help="also save the raw edits (and x_T when inverting)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    _add_swap_args(p)
-    _add_inference_args(p)
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE")
+    _add_generation_args(p)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:

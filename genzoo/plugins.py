@@ -12,6 +12,7 @@ skips plugins by entry-point name.
 from __future__ import annotations
 
 import importlib.metadata as md
+import importlib.util
 import os
 import traceback
 from collections.abc import Iterable
@@ -48,6 +49,16 @@ class Hookspecs:
     @hookspec
     def register_recipes(self) -> list[str]:
         """Return paths of YAML recipe files this plugin ships (same schema as registry.yaml)."""
+
+
+def require_extra(
+    plugin: str, module: str, extra: str, *, package: str | None = None, error: type[ImportError] = ImportError
+) -> None:
+    """An optional plugin's guard, the first line of its hook: when ``module`` cannot be imported, raise ``error`` with
+    the one line ``genzoo plugins`` shows (``package``: the distribution's name, default ``module``). Nothing is
+    imported; ``error=MissingExtra`` keeps ``GENZOO_STRICT_PLUGINS=1`` from failing on an extra left out on purpose."""
+    if importlib.util.find_spec(module) is None:
+        raise error(f"the {plugin} plugin needs the {package or module} package: pip install 'genzoo[{extra}]'")
 
 
 @dataclass

@@ -12,6 +12,7 @@ the model is built (:func:`bind_priors`), so swapping a prior never means repeat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from genzoo.errors import GenzooError
+from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
 from genzoo.nn.embeddings import with_null
 from genzoo.nn.gpt import GPT, CachedLogits, TransformerSize
@@ -32,6 +33,19 @@ def bind_priors(components: Mapping[str, Any]) -> None:
     prior, decoder = components.get("prior"), components.get("decoder")
     if prior is not None and decoder is not None and hasattr(prior, "bind") and hasattr(decoder, "consumes"):
         prior.bind(decoder.consumes)
+
+
+def build_embedding_diffusion(ctx: Any, spec: Mapping[str, Any], dim: int, *, where: str) -> Any:
+    """The diffusion decoder inside a prior over ``dim``-d CLIP image embeddings (unCLIP Sec. 2.2): built from the
+    prior's ``diffusion`` spec for the data resized to ``(dim,)``, and checked to be one (errors begin ``where``)."""
+    if ctx.data is None:
+        raise RegistryError(f"{where}needs a dataset spec to be built")
+    data = dataclasses.replace(ctx.data, image_shape=(dim,))
+    inner = ctx.registry.build("decoder", dict(spec), data=data, where=f"{where}diffusion: ")
+    shape = getattr(getattr(inner, "consumes", None), "shape", None)
+    if getattr(inner, "sampler_kind", None) is not SamplerKind.DIFFUSION or tuple(shape or ()) != (dim,):
+        raise RegistryError(f"{where}field 'diffusion' must be a diffusion decoder over ({dim},)")
+    return inner
 
 
 class SizedPrior(Prior):

@@ -207,7 +207,8 @@ def apply_overrides(name: str, recipe: Recipe, sets: Iterable[str] = (), **swaps
 
 
 def nested_kinds(config: type[BaseModel]) -> dict[str, str]:
-    """Fields of a config that hold a nested component spec: declared ``Field(json_schema_extra={"kind": K})``."""
+    """Fields of a config that hold a nested component spec: declared ``Field(json_schema_extra={"kind": K})``, as
+    :func:`genzoo.registry.spec_field` does."""
     out = {}
     for field, info in config.model_fields.items():
         extra = info.json_schema_extra

@@ -8,6 +8,7 @@ by import side effect.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import re
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from genzoo.errors import RegistryError
 
@@ -95,6 +96,17 @@ def registered_name(component: Any) -> str:
     """The name ``component`` was built under (its spec's ``type``); its class name if it was built by hand."""
     spec = getattr(component, "genzoo_spec", None)
     return spec["type"] if isinstance(spec, Mapping) and "type" in spec else type(component).__name__
+
+
+def spec_field(kind: str, default: Any, description: str) -> Any:
+    """A config field holding a nested component spec of ``kind`` (``{type: NAME, ...}``), which a recipe resolves and
+    builds like a top-level one (``genzoo.recipes.nested_kinds`` finds it). ``default``: the spec (a fresh copy per
+    config), None (optional) or ``...`` (required)."""
+    extra = {"kind": kind}
+    if isinstance(default, Mapping):
+        spec = dict(default)
+        return Field(default_factory=lambda: copy.deepcopy(spec), description=description, json_schema_extra=extra)
+    return Field(default, description=description, json_schema_extra=extra)
 
 
 def _format_validation(kind: str, name: str, err: ValidationError, where: str = "") -> str:

@@ -188,13 +188,13 @@ def test_an_unknown_logger_is_one_line_naming_the_field_and_the_choices(tmp_path
 
 @pytest.mark.parametrize("extra", ["tensorboard", "wandb"])
 def test_without_the_extra_the_plugin_and_train_say_what_to_install(extra: str, tmp_path: Path, monkeypatch, capsys):
-    import importlib
+    import importlib.util
 
     import genzoo.plugins
     from genzoo.plugins import load_plugins
 
-    plugin = importlib.import_module(f"genzoo_{extra}")
-    monkeypatch.setattr(plugin, "find_spec", lambda name: None)  # as if the package were not installed
+    real = importlib.util.find_spec  # as if the package were not installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == extra else real(name, *a))
     loaded = load_plugins()
     [info] = [i for i in loaded[1] if i.name == extra]
     assert f"pip install 'genzoo[{extra}]'" in info.error and extra not in loaded[0].names("logger")

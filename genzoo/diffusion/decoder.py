@@ -25,6 +25,7 @@ from genzoo.diffusion.schedules import betas_with_float32_abar, get_named_beta_s
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Decoder, SamplerKind, Spec
 from genzoo.pipelines import Conditioning, LabelledPipeline, labelled_args
+from genzoo.registry import spec_field
 
 
 class DiffusionDecoderConfig(BaseModel):
@@ -70,10 +71,8 @@ class DiffusionDecoderConfig(BaseModel):
         "drawn per image uniformly from [lo, hi], so that it learns to sharpen a base model's soft output "
         "(unCLIP Sec. 2.1)",
     )
-    denoiser: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "unet"},
-        description="the network: {type: unet | mlp-denoiser | ..., fields}",
-        json_schema_extra={"kind": "network"},
+    denoiser: dict[str, Any] = spec_field(
+        "network", {"type": "unet"}, "the network: {type: unet | mlp-denoiser | ..., fields}"
     )
     inpaint: bool = Field(
         False,
@@ -81,12 +80,12 @@ class DiffusionDecoderConfig(BaseModel):
         "and the mask as C + 1 extra input channels (cond['inpaint']), trained on random rectangles to fill; "
         "`genzoo edit --mask` fills a mask with it (docs/editing.md)",
     )
-    last_step_denoiser: dict[str, Any] | None = Field(
+    last_step_denoiser: dict[str, Any] | None = spec_field(
+        "network",
         None,
-        description="a second network that replaces the denoiser at the sampler's last model evaluation (Karlo's "
+        "a second network that replaces the denoiser at the sampler's last model evaluation (Karlo's "
         "super_res_last, unCLIP Sec. 2.1's upsamplers); training trains `denoiser` only. null: the "
         "denoiser throughout",
-        json_schema_extra={"kind": "network"},
     )
 
     @model_validator(mode="after")

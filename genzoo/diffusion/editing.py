@@ -18,7 +18,8 @@
 Every edit is an ``EditSampler``: it stands in for a pipeline's diffusion samplers while the pipeline samples, so
 each family builds its own condition (a class, a caption, unCLIP's z_i) and cascade (a cascade's upsampler is edited
 at its own size) as it does when sampling; it steps with the recipe's sampler through the sampler's public ``step``
-and ``respaced``, its guidance included, and calls the guidance's ``after_step`` as the shared loop does.
+and ``respaced``, its guidance included, on the samplers' own loop (``samplers.run_chain``, which RePaint's jumps
+up share).
 
 Masks: ``known`` is 1 where the pixel is kept and 0 where it is generated (the CLI's mask file is the other way
 round: white is the region to fill, as diffusers' inpainting pipelines take it).
@@ -36,11 +37,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, Model
 from genzoo.diffusion.guidance import DiffusionGuidance
-from genzoo.diffusion.samplers import DDIMConfig, DDIMSampler, DiffusionSampler, SamplerConfig, randn
+from genzoo.diffusion.samplers import DDIMConfig, DDIMSampler, DiffusionSampler, SamplerConfig, randn, run_chain
 from genzoo.errors import GenzooError
 from genzoo.interfaces import Condition, Sampler, SamplerKind
 
@@ -99,13 +99,6 @@ def known_region(
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         noised = diffusion.q_sample(x0, t, randn(x.shape, x, generator=generator))
     return known * noised + (1 - known) * x
-
-
-def forward_step(diffusion: GaussianDiffusion, x: Tensor, i: int, *, generator: torch.Generator | None) -> Tensor:
-    """x at grid index i from x at i - 1 by the forward kernel q(x_i | x_{i-1}) = N(sqrt(1 - b_i) x, b_i I) of the
-    (respaced) process (RePaint Alg. 1, line 9)."""
-    beta = float(diffusion.tables["betas"][i])
-    return math.sqrt(1 - beta) * x + math.sqrt(beta) * randn(x.shape, x, generator=generator)
 
 
 def repaint_schedule(top: int, bottom: int, jump_length: int, resample: int) -> list[int]:
@@ -180,42 +173,6 @@ def ddim_invert(
             if i < top or k < iters:  # the model at the point reached: the next iteration's or the next step's eps
                 eps = eps_at(guess, i)
         x = guess
-    return x
-
-
-@torch.no_grad()
-def run_chain(
-    sampler: DiffusionSampler,
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x: Tensor,
-    path: list[int],
-    *,
-    cond: Condition | None,
-    guidance: DiffusionGuidance,
-    generator: torch.Generator | None,
-    project: Any = None,
-    progress: bool = False,
-) -> Tensor:
-    """Walk the grid indices ``path`` of ``sampler``'s process from x at path[0]: a step down is the sampler's own
-    ``step`` (then the guidance's ``after_step`` and ``project(proc, x, i)``), a step up the forward kernel.
-
-    A sampler that keeps a history in ``state`` (DPM-Solver++(2M), (3M), UniPC) starts a new one after every jump up,
-    so its first step after a jump is first order.
-    """
-    proc = sampler.respaced(diffusion)
-    net = proc.wrap(model)
-    state = sampler.start(diffusion, model)
-    for here, there in tqdm(list(zip(path, path[1:])), disable=not progress, leave=False):
-        if there > here:
-            x = forward_step(proc, x, there, generator=generator)
-            state = sampler.start(diffusion, model)
-            continue
-        t = torch.full((x.shape[0],), here, device=x.device, dtype=torch.long)
-        x = sampler.step(proc, net, x, t, here, cond=cond, guidance=guidance, generator=generator, state=state)
-        x = guidance.after_step(proc, x, there, cond)
-        if project is not None:
-            x = project(proc, x, there)
     return x
 
 

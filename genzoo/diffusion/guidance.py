@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, Model, Prediction
 from genzoo.interfaces import Condition, Guidance, SamplerKind, with_null_condition
+from genzoo.registry import spec_field
 
 
 class DiffusionGuidance(Guidance):
@@ -79,12 +80,15 @@ class GradientGuidance(DiffusionGuidance):
         cond: Condition | None,
         pred: Prediction | None = None,
     ) -> Tensor:
-        """s * grad log p(c | x_t), with autograd enabled inside no_grad and inference_mode alike. ``pred`` is the
-        step's unguided prediction, for a guidance defined on x0_hat (``pred.pred_xstart``) rather than on x_t."""
+        """s * grad log p(c | x_t). ``pred`` is the step's unguided prediction, for a guidance defined on x0_hat
+        (``pred.pred_xstart``) rather than on x_t."""
+        return self.scale * self.grad_log_p_at(x_t, diffusion.model_t(t), cond).to(x_t.dtype)
+
+    def grad_log_p_at(self, x: Tensor, t: Tensor, cond: Condition | None) -> Tensor:
+        """:meth:`grad_log_p` at (x, t), with autograd enabled inside no_grad and inference_mode alike."""
         with torch.inference_mode(False), torch.enable_grad():
             cond = {k: _autograd_ready(v) for k, v in cond.items()} if cond else cond
-            g = self.grad_log_p(_autograd_ready(x_t), _autograd_ready(diffusion.model_t(t)), cond)
-        return self.scale * g.to(x_t.dtype)
+            return self.grad_log_p(_autograd_ready(x), _autograd_ready(t), cond)
 
     def condition_mean(self, diffusion, pred, x_t, t, cond):
         """mu' = mu + s Sigma grad log p(y | x_t) (Dhariwal & Nichol 2021, Alg. 1)."""
@@ -102,10 +106,10 @@ class ClassifierGuidanceConfig(BaseModel):
     scale: float = Field(
         1.0, description="gradient scale s; 0 is no guidance, 1 samples p(x | y) with an exact classifier"
     )
-    classifier: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "noisy-classifier"},
-        description="the noisy classifier network p(y | x_t, t), trained on the decoder's own noised inputs",
-        json_schema_extra={"kind": "network"},
+    classifier: dict[str, Any] = spec_field(
+        "network",
+        {"type": "noisy-classifier"},
+        "the noisy classifier network p(y | x_t, t), trained on the decoder's own noised inputs",
     )
 
 

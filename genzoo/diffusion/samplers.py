@@ -10,6 +10,7 @@ locally) with no host-device sync.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any, Literal
@@ -214,19 +215,16 @@ class DiffusionSampler(Sampler):
         progress: bool = False,
     ) -> Tensor:
         """x_0 of ``shape`` from ``noise`` (x_T), or from fresh noise on ``device`` (default: the model's)."""
-        proc = self.respaced(diffusion)
+        top = self.respaced(diffusion).num_timesteps - 1
         guidance = guidance if guidance is not None else DiffusionGuidance()
-        net = proc.wrap(model)
         if noise is None:
             params = next(model.parameters(), None) if isinstance(model, nn.Module) else None
             device = device if device is not None else (params.device if params is not None else None)
             noise = randn(tuple(shape), None, generator=generator, device=device, dtype=torch.get_default_dtype())
-        x, state = noise, self.start(diffusion, model)
-        for i in tqdm(range(proc.num_timesteps - 1, self.last_index - 1, -1), disable=not progress, leave=False):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            x = self.step(proc, net, x, t, i, cond=cond, guidance=guidance, generator=generator, state=state)
-            x = guidance.after_step(proc, x, i - 1 if i > self.last_index else -1, cond)
-        return x
+        path = [*range(top, self.last_index - 1, -1), -1]  # down the grid to x_0
+        return run_chain(
+            self, diffusion, model, noise, path, cond=cond, guidance=guidance, generator=generator, progress=progress
+        )
 
     def start(self, diffusion: GaussianDiffusion, model: Model) -> dict[str, Any]:
         """The ``state`` a run starts with (empty); a sampler that evaluates the model off its grid (EDM's churn)
@@ -248,6 +246,50 @@ class DiffusionSampler(Sampler):
         state: dict[str, Any],
     ) -> Tensor:
         """x at grid index i -> x at i - 1 (x_0 after the last step); ``state`` carries history between steps."""
+
+
+def forward_step(diffusion: GaussianDiffusion, x: Tensor, i: int, *, generator: torch.Generator | None) -> Tensor:
+    """x at grid index i from x at i - 1 by the forward kernel q(x_i | x_{i-1}) = N(sqrt(1 - b_i) x, b_i I) of the
+    (respaced) process (RePaint Alg. 1, line 9)."""
+    beta = float(diffusion.tables["betas"][i])
+    return math.sqrt(1 - beta) * x + math.sqrt(beta) * randn(x.shape, x, generator=generator)
+
+
+@torch.no_grad()
+def run_chain(
+    sampler: DiffusionSampler,
+    diffusion: GaussianDiffusion,
+    model: Model,
+    x: Tensor,
+    path: list[int],
+    *,
+    cond: Condition | None,
+    guidance: DiffusionGuidance,
+    generator: torch.Generator | None,
+    project: Any = None,
+    progress: bool = False,
+) -> Tensor:
+    """Walk the grid indices ``path`` of ``sampler``'s process from x at path[0]: a step down is the sampler's own
+    ``step`` (then the guidance's ``after_step`` and ``project(proc, x, i)``), a step up the forward kernel. Sampling
+    walks straight down to -1 (x_0); editing jumps back up (RePaint) and starts part way (SDEdit).
+
+    A sampler that keeps a history in ``state`` (DPM-Solver++(2M), (3M), UniPC) starts a new one after every jump up,
+    so its first step after a jump is first order.
+    """
+    proc = sampler.respaced(diffusion)
+    net = proc.wrap(model)
+    state = sampler.start(diffusion, model)
+    for here, there in tqdm(list(zip(path, path[1:])), disable=not progress, leave=False):
+        if there > here:
+            x = forward_step(proc, x, there, generator=generator)
+            state = sampler.start(diffusion, model)
+            continue
+        t = torch.full((x.shape[0],), here, device=x.device, dtype=torch.long)
+        x = sampler.step(proc, net, x, t, here, cond=cond, guidance=guidance, generator=generator, state=state)
+        x = guidance.after_step(proc, x, there, cond)
+        if project is not None:
+            x = project(proc, x, there)
+    return x
 
 
 class AncestralSampler(DiffusionSampler):

@@ -28,6 +28,7 @@ import torch
 from genzoo.errors import GenzooError
 from genzoo.eval.evaluate import DEFAULT_METRICS, EvalContext, EvalSettings, MetricFn
 from genzoo.eval.networks import describe_network
+from genzoo.pipelines import Conditioning
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Row:
     train_steps: int = 0
     figures: dict[str, float] = field(default_factory=dict)
     grid: str = ""
+    prompt_grid: str = ""  # a caption model's samples for each --prompt, one row per prompt
     error: str = ""
     implementation: str = ""  # the decoder network's plugin and component (genzoo.eval.networks)
     gflop: float = float("nan")  # GFLOP of one forward of it on one sample
@@ -133,6 +135,8 @@ COLUMNS = [
     "label_accuracy",
     "shape_accuracy",
     "colour_accuracy",
+    "size_accuracy",
+    "position_accuracy",
     "caption_accuracy",
     "recon_mse",
     "code_perplexity",
@@ -157,6 +161,7 @@ def compare(
     device: torch.device | None = None,
     files: Sequence[str | Path] = (),
     sets: Sequence[str] = (),
+    prompts: Sequence[str] = (),
     log: Callable[[str], None] = print,
 ) -> list[Row]:
     from genzoo import api
@@ -217,6 +222,10 @@ def compare(
             grid = out / "grids" / (_safe(text) + ".png")
             save_grid(ev.samples[:64], grid)
             row.grid = str(grid.relative_to(out))
+            if prompts and getattr(model, "condition", None) is Conditioning.caption:
+                grid = out / "grids" / (_safe(text) + "_prompts.png")
+                save_grid(_prompt_samples(model, prompts, settings.seed, device), grid, nrow=PER_PROMPT)
+                row.prompt_grid = str(grid.relative_to(out))
             if (
                 sweep
                 and model.components.get("sampler") is not None
@@ -236,11 +245,21 @@ def compare(
             value = e.scale if axis == "scale" else e.steps
             sweeps.setdefault(key, {"axis": axis, "points": []})["points"].append((value, dict(row.figures)))
     rows.sort(key=lambda r: (bool(r.error), r.figures.get("fd", math.inf)))
-    write_leaderboard(rows, out, settings=settings, budget_minutes=budget_minutes)
+    write_leaderboard(rows, out, settings=settings, budget_minutes=budget_minutes, prompts=prompts)
     _plots(out, curves, step_curves)
     _sweep_plots(out, sweeps)
     (out / "curves.json").write_text(json.dumps({"training": curves, "steps": step_curves, "sweeps": sweeps}, indent=1))
     return rows
+
+
+PER_PROMPT = 8
+
+
+def _prompt_samples(model: Any, prompts: Sequence[str], seed: int, device: torch.device) -> torch.Tensor:
+    """``PER_PROMPT`` samples of each prompt, prompt after prompt, one generator seeded once: every model
+    draws from the same seed, so the grids differ only by the model."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.cat([model.sample(PER_PROMPT, {"caption": [p] * PER_PROMPT}, generator=g) for p in prompts])
 
 
 def _expand_all(entries: Sequence[str], registry: Any) -> list[tuple[str, Entry]]:
@@ -269,6 +288,7 @@ def _train(
     from genzoo.training import TrainConfig, Trainer
 
     sets = list(sets)  # the same --set for every recipe, e.g. data.image_size=16: one dataset for all
+    recipe_stages = api.resolve_recipe(recipe, files=files, sets=sets)["train"].get("stages") or {}
     if budget_minutes:
         sets += [
             f"train.minutes={budget_minutes / segments}",
@@ -291,8 +311,9 @@ def _train(
     }
     config = TrainConfig.model_validate(resolved["train"])
     if budget_minutes and len(getattr(pipeline, "stages", ("main",))) > 1:
-        # a staged model splits the budget between stages instead of spending it all on the first
-        per = _steps_in(pipeline, train, config, budget_minutes / len(pipeline.stages), device)
+        # a staged model splits the budget between stages as its recipe splits its training time, instead of
+        # spending it all on the first
+        per = _steps_in(pipeline, train, config, budget_minutes, device, recipe_stages)
         config = config.model_copy(update={"stages": per, "minutes": None})
         segments = 1
     judge = load_judge(source.spec.name, source.cfg.model_dump(), device=device)
@@ -311,8 +332,11 @@ def _train(
     return source, family
 
 
-def _steps_in(pipeline, train, config, minutes: float, device, probe_steps: int = 6) -> dict[str, int]:
-    """How many steps of each stage fit in ``minutes``, every stage timed on a few steps of a throwaway copy.
+def _steps_in(pipeline, train, config, minutes: float, device, shares: dict[str, int], probe_steps: int = 6) -> dict:
+    """Steps per stage that fit in ``minutes`` together, every stage timed on a few steps of a throwaway copy.
+
+    Each stage gets the share of ``minutes`` that its recipe steps (``shares``) take of the recipe's whole training
+    time at the timed rates; a stage the recipe does not name gets an equal share of the time.
 
     A stage's time per step is taken between its first and its last step, so neither the set-up, the first step's
     allocations nor a ``begin_stage`` (fitting on the training split) counts: timed from the start, six steps of the
@@ -339,12 +363,14 @@ def _steps_in(pipeline, train, config, minutes: float, device, probe_steps: int 
         trainer = Trainer(probe, train.tensors(), config=cfg, run_dir=d, recipe={}, meta={}, progress=False)
         trainer.fit(stop_at=probe_steps * len(stages))
         rows = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
-    out = {}
+    per_step = {}
     for s in stages:
         t = [r["time"] for r in rows if r.get("stage") == s]
-        per_step = (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else math.inf
-        out[s] = max(1, int(minutes * 60 / per_step))
-    return out
+        per_step[s] = (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else math.inf
+    if all(s in shares for s in stages) and sum(shares[s] * per_step[s] for s in stages) > 0:
+        scale = minutes * 60 / sum(shares[s] * per_step[s] for s in stages)
+        return {s: max(1, int(shares[s] * scale)) for s in stages}
+    return {s: max(1, int(minutes * 60 / len(stages) / per_step[s])) for s in stages}
 
 
 def _sweep(run_dir, source, judge, sweep, settings, fd_only, device, log) -> dict[str, list[tuple[int, float]]]:
@@ -376,7 +402,9 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def write_leaderboard(rows: Sequence[Row], out: Path, *, settings: EvalSettings, budget_minutes: float | None) -> None:
+def write_leaderboard(
+    rows: Sequence[Row], out: Path, *, settings: EvalSettings, budget_minutes: float | None, prompts: Sequence[str] = ()
+) -> None:
     """``leaderboard.md`` / ``.csv`` / ``.json``: one row per entry, sorted by FD (errors last)."""
     cols = [c for c in COLUMNS if any(c in r.figures for r in rows)]
     head = ["model", "family", "data", "implementation", *cols, "gflop_per_fwd", "params_M", "train_min", "train_steps"]
@@ -427,6 +455,9 @@ def write_leaderboard(rows: Sequence[Row], out: Path, *, settings: EvalSettings,
     ]
     lines += ["| " + " | ".join(_fmt(v) for v in t) + " |" for t in table]
     lines += ["", *[f"![{r.name}]({r.grid})" for r in rows if r.grid]]
+    if with_prompts := [r for r in rows if r.prompt_grid]:
+        lines += ["", f"One row per prompt, {PER_PROMPT} samples each: " + "; ".join(f'"{p}"' for p in prompts), ""]
+        lines += [f"![{r.name}: prompts]({r.prompt_grid})" for r in with_prompts]
     (out / "leaderboard.md").write_text("\n".join(lines) + "\n")
 
 

@@ -211,7 +211,6 @@ def metric_class_coverage(cfg: NoConfig) -> MetricFn:
 
 def metric_attribute_accuracy(cfg: NoConfig) -> MetricFn:
     """Does a sample show the class/attributes it was asked for."""
-    """Does sample i show what its condition asked for? Judged by the judge (label, and each attribute of it)."""
 
     def run(ev: EvalContext) -> dict[str, float]:
         if ev.requested is None:
@@ -269,7 +268,6 @@ def metric_nll(cfg: NLLConfig) -> MetricFn:
 
 def metric_reconstruction(cfg: NoConfig) -> MetricFn:
     """Test-set reconstruction MSE of models that encode (AE, VAE, VQ-VAE)."""
-    """Test-set reconstruction MSE (images in [-1, 1]) of models that encode (AE, VAE, VQ-VAE)."""
 
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "reconstruct", None)
@@ -284,7 +282,6 @@ def metric_reconstruction(cfg: NoConfig) -> MetricFn:
 
 def metric_codebook(cfg: NoConfig) -> MetricFn:
     """Codebook perplexity and share of codes used on the test set (VQ models)."""
-    """Codebook perplexity and the fraction of codes used on the test images (VQ models)."""
 
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "codebook_usage", None)
@@ -298,7 +295,6 @@ def metric_codebook(cfg: NoConfig) -> MetricFn:
 
 def metric_zero_shot(cfg: NoConfig) -> MetricFn:
     """Zero-shot attribute accuracy of a CLIP on shapes (every attribute combination's caption)."""
-    """Zero-shot attribute accuracy of a CLIP on the split's images (shapes)."""
 
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "zero_shot", None)

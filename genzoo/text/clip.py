@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Pipeline
+from genzoo.registry import spec_field
 from genzoo.text.transformer import TextTransformer, TextTransformerConfig
 
 
@@ -55,11 +56,10 @@ def clip_losses(
 class ClipConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     embed_dim: int = Field(64, ge=2, description="dimension of the joint embedding space")
-    image_tower: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "noisy-classifier", "channel_mult": [1, 2, 2], "attention_resolutions": []},
-        description="network from image to vector (its num_classes is set to embed_dim): noisy-classifier "
-        "(takes t) or timm",
-        json_schema_extra={"kind": "network"},
+    image_tower: dict[str, Any] = spec_field(
+        "network",
+        {"type": "noisy-classifier", "channel_mult": [1, 2, 2], "attention_resolutions": []},
+        "network from image to vector (its num_classes is set to embed_dim): noisy-classifier (takes t) or timm",
     )
     text_tower: TextTransformerConfig = Field(default_factory=TextTransformerConfig, description="the text transformer")
     noised: bool = Field(False, description="the image tower sees x_t and t (GLIDE's noised CLIP, for CLIP guidance)")

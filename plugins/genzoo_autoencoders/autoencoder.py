@@ -28,21 +28,18 @@ from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec
 from genzoo.pipelines import Conditioning, LabelledPipeline
 from genzoo.priors import fit_latent_prior
+from genzoo.registry import spec_field
 
 
 class AutoencoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     latent_dim: int = Field(32, ge=1, description="size of the latent vector z")
     variational: bool = Field(False, description="the encoder outputs a mean and a log-variance (VAE)")
-    encoder: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "conv-encoder", "norm": "group"},
-        description="image -> latent network",
-        json_schema_extra={"kind": "network"},
+    encoder: dict[str, Any] = spec_field(
+        "network", {"type": "conv-encoder", "norm": "group"}, "image -> latent network"
     )
-    decoder: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "conv-decoder", "norm": "group"},
-        description="latent -> image network",
-        json_schema_extra={"kind": "network"},
+    decoder: dict[str, Any] = spec_field(
+        "network", {"type": "conv-decoder", "norm": "group"}, "latent -> image network"
     )
     first_stage_kl_weight: float = Field(
         1e-3,
@@ -165,12 +162,22 @@ class AEPipelineConfig(BaseModel):
     )
 
 
-class AEPipeline(LabelledPipeline):
-    """``||x - D(E(c(x)))||^2`` for a corruption ``c``; fits the prior on ``E(x)`` after training."""
+class AutoencodingPipeline(LabelledPipeline):
+    """What the AE and VAE pipelines share: an unconditional pipeline around an :class:`Autoencoder`."""
 
-    def __init__(self, components, *, cfg: AEPipelineConfig) -> None:
+    def __init__(self, components, *, cfg: BaseModel) -> None:
         super().__init__(components, condition=Conditioning.none, num_classes=None)
         self.cfg = cfg
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """x through the bottleneck: the decoded code (AE) or posterior mean (VAE)."""
+        ae = self.components["decoder"]
+        return ae.decode(ae.encode_image(x)[0])
+
+
+class AEPipeline(AutoencodingPipeline):
+    """``||x - D(E(c(x)))||^2`` for a corruption ``c``; fits the prior on ``E(x)`` after training."""
 
     def corrupt(self, x: Tensor) -> Tensor:
         if self.cfg.corruption is Corruption.gaussian:
@@ -194,11 +201,6 @@ class AEPipeline(LabelledPipeline):
 
     def fit_after_training(self, data: Mapping[str, Tensor]) -> None:
         fit_latent_prior(self.components["prior"], _encode_all(self.components["decoder"], data["image"]))
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        ae = self.components["decoder"]
-        return ae.decode(ae.encode_image(x)[0])
 
 
 def make_ae_pipeline(cfg: AEPipelineConfig, ctx) -> AEPipeline:
@@ -225,12 +227,11 @@ class VAEPipelineConfig(BaseModel):
     )
 
 
-class VAEPipeline(LabelledPipeline):
+class VAEPipeline(AutoencodingPipeline):
     """Maximises ``E_q log p(x|z) - KL(q(z|x) || N(0, I))`` (Kingma & Welling 2014, Eq. 10); loss in nats per dim."""
 
     def __init__(self, components, *, cfg: VAEPipelineConfig) -> None:
-        super().__init__(components, condition=Conditioning.none, num_classes=None)
-        self.cfg = cfg
+        super().__init__(components, cfg=cfg)
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
 
     def _terms(
@@ -283,11 +284,6 @@ class VAEPipeline(LabelledPipeline):
         iw = torch.logsumexp(torch.stack(log_w), 0) - math.log(k)
         scale = d * math.log(2)
         return {"elbo_bpd": neg_elbo / scale, "iw_bpd": -iw / scale}
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        vae = self.components["decoder"]
-        return vae.decode(vae.encode_image(x)[0])
 
 
 def make_vae_pipeline(cfg: VAEPipelineConfig, ctx) -> VAEPipeline:

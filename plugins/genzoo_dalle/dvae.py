@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec
 from genzoo.nn.quantize import perplexity
+from genzoo.registry import spec_field
 
 
 class DiscreteVAEConfig(BaseModel):
@@ -39,16 +40,8 @@ class DiscreteVAEConfig(BaseModel):
         "on shapes 1e-3 let the codebook collapse to 2 codes (DALL·E also raised it, to 6.6)",
     )
     kl_warmup_steps: int = Field(1000, ge=0, description="steps over which the KL weight rises linearly from 0")
-    encoder: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "grid-encoder"},
-        description="image -> logits grid network",
-        json_schema_extra={"kind": "network"},
-    )
-    decoder: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "grid-decoder"},
-        description="code-embedding grid -> image network",
-        json_schema_extra={"kind": "network"},
-    )
+    encoder: dict[str, Any] = spec_field("network", {"type": "grid-encoder"}, "image -> logits grid network")
+    decoder: dict[str, Any] = spec_field("network", {"type": "grid-decoder"}, "code-embedding grid -> image network")
 
 
 class DiscreteVAE(Decoder):

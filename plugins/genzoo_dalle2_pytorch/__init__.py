@@ -11,21 +11,16 @@ built or a checkpoint imported.
 
 from __future__ import annotations
 
-import importlib.util
-
 import genzoo
 from genzoo.errors import MissingExtra
-from genzoo.plugins import hookimpl
+from genzoo.plugins import hookimpl, require_extra
 
 __version__ = genzoo.__version__
 
 
 @hookimpl
 def register_components(registry) -> None:
-    if importlib.util.find_spec("dalle2_pytorch") is None:
-        raise MissingExtra(
-            "the dalle2-pytorch plugin needs the dalle2-pytorch package: pip install 'genzoo[dalle2-pytorch]'"
-        )
+    require_extra("dalle2-pytorch", "dalle2_pytorch", "dalle2-pytorch", package="dalle2-pytorch", error=MissingExtra)
     from . import adapters, importer
 
     registry.register(

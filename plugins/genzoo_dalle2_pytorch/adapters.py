@@ -18,7 +18,6 @@ group of samples that drop the same conditions with probability 0 or 1.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,6 +30,8 @@ from torch import Tensor, nn
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
 from genzoo.nn.embeddings import either
+from genzoo.priors import build_embedding_diffusion
+from genzoo.registry import spec_field
 
 TEXT_KEYS = frozenset({"text_emb", "context", "context_mask"})
 
@@ -230,11 +231,11 @@ class PriorConfig(BaseModel):
     embedding_dim: int = Field(
         ..., ge=1, description="the CLIP image embedding's size (DiffusionPrior.image_embed_dim)"
     )
-    diffusion: dict[str, Any] = Field(
+    diffusion: dict[str, Any] = spec_field(
+        "decoder",
         ...,
-        description="the diffusion decoder over the scaled embedding: {type: diffusion-decoder, <process>, denoiser: "
+        "the diffusion decoder over the scaled embedding: {type: diffusion-decoder, <process>, denoiser: "
         "{type: dalle2-pytorch-prior-network, ...}}",
-        json_schema_extra={"kind": "decoder"},
     )
     image_embed_scale: float | None = Field(
         None, gt=0, description="z_i is diffused times this (DiffusionPrior.image_embed_scale); null: sqrt(d)"
@@ -305,12 +306,5 @@ class DiffusionPrior(Prior):
 
 def make_prior(cfg: PriorConfig, ctx: Any) -> DiffusionPrior:
     """DALLE2-pytorch's DiffusionPrior: its prior network diffusing scaled CLIP image embeddings."""
-    where = "prior 'dalle2-pytorch-prior': "
-    if ctx.data is None:
-        raise RegistryError(f"{where}needs a dataset spec to be built")
-    data = dataclasses.replace(ctx.data, image_shape=(cfg.embedding_dim,))
-    inner = ctx.registry.build("decoder", dict(cfg.diffusion), data=data, where=f"{where}diffusion: ")
-    shape = getattr(getattr(inner, "consumes", None), "shape", None)
-    if getattr(inner, "sampler_kind", None) is not SamplerKind.DIFFUSION or tuple(shape or ()) != (cfg.embedding_dim,):
-        raise RegistryError(f"{where}field 'diffusion' must be a diffusion decoder over ({cfg.embedding_dim},)")
+    inner = build_embedding_diffusion(ctx, cfg.diffusion, cfg.embedding_dim, where="prior 'dalle2-pytorch-prior': ")
     return DiffusionPrior(diffusion_decoder=inner, cfg=cfg)

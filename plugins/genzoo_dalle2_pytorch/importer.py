@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from genzoo.errors import GenzooError
+from genzoo.registry import registered_name
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 # the prefix of each model's network weights in its state dict (the rest are schedule buffers derived from the config)
@@ -354,8 +355,6 @@ def check_widths(clip: Any, prior: Any, decoder: Any) -> None:
 class Dalle2PytorchImporter:
     """Imports a DALLE2-pytorch prior + decoder (configs and state dicts) as a genzoo ``dalle2`` run."""
 
-    format = "dalle2-pytorch"
-
     def __init__(self, cfg: Dalle2PytorchImporterConfig | None = None) -> None:
         self.cfg = cfg
 
@@ -444,7 +443,7 @@ class Dalle2PytorchImporter:
 
         meta = {
             "imported_from": {
-                "format": self.format,
+                "format": registered_name(self),
                 "source": str(folder),
                 "pipeline": f"DALLE2-pytorch DiffusionPrior + Decoder ({len(library[1].unets)} U-Nets)",
                 "unet": "adapter",

@@ -8,21 +8,17 @@ Needs the optional extra: ``pip install 'genzoo[ddpm-pytorch]'``. Without it the
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import genzoo
-from genzoo.plugins import hookimpl
+from genzoo.plugins import hookimpl, require_extra
 
 __version__ = genzoo.__version__
 
 
 @hookimpl
 def register_components(registry) -> None:
-    if importlib.util.find_spec("denoising_diffusion_pytorch") is None:
-        raise ImportError(
-            "the ddpm_pytorch plugin needs the denoising-diffusion-pytorch package: pip install 'genzoo[ddpm-pytorch]'"
-        )
+    require_extra("ddpm_pytorch", "denoising_diffusion_pytorch", "ddpm-pytorch", package="denoising-diffusion-pytorch")
     from . import importer, unet
 
     registry.register("network", "ddpm-pytorch-unet", config=unet.UnetConfig, factory=unet.build_unet)

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from genzoo.errors import CheckpointError, GenzooError
+from genzoo.registry import registered_name
 
 from .process import TRAINING_ONLY, DiffusionArgs, map_diffusion
 from .unet import UnetConfig
@@ -151,8 +152,6 @@ class DDPMPytorchImporter:
     """Imports denoising-diffusion-pytorch checkpoints and state dicts as genzoo runs (the ddpm-pytorch-unet
     adapter)."""
 
-    format = "ddpm-pytorch"
-
     def __init__(self, cfg: DDPMPytorchImporterConfig | None = None) -> None:
         self.cfg = cfg or DDPMPytorchImporterConfig()
 
@@ -200,7 +199,7 @@ class DDPMPytorchImporter:
             "sample": {"n": 16},
         }
         meta = {
-            "format": self.format,
+            "format": registered_name(self),
             "source": str(source),
             "file": str(path),
             **what,

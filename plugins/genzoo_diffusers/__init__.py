@@ -10,19 +10,17 @@ built or a pipeline imported (importing it costs seconds).
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import genzoo
-from genzoo.plugins import hookimpl
+from genzoo.plugins import hookimpl, require_extra
 
 __version__ = genzoo.__version__
 
 
 @hookimpl
 def register_components(registry) -> None:
-    if importlib.util.find_spec("diffusers") is None:
-        raise ImportError("the diffusers plugin needs the diffusers package: pip install 'genzoo[diffusers]'")
+    require_extra("diffusers", "diffusers", "diffusers")
     from . import adapters, importer, unclip
 
     registry.register("network", "diffusers-unet2d", config=adapters.UNet2DConfig, factory=adapters.build_unet2d)

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from genzoo.errors import GenzooError
+from genzoo.registry import registered_name
 
 from .loading import fetch, is_hub_id, read_config, require_safetensors
 
@@ -67,8 +68,6 @@ def default_data(source: str, channels: int, size: int, out: Path) -> dict[str, 
 
 class DiffusersImporter:
     """Imports diffusers DDPM / DDIM / LDM / UnCLIP pipeline folders and hub ids (safetensors only) as genzoo runs."""
-
-    format = "diffusers"
 
     def __init__(self, cfg: DiffusersImporterConfig | None = None) -> None:
         self.cfg = cfg
@@ -172,38 +171,17 @@ class DiffusersImporter:
         import diffusers
 
         from genzoo import api
-        from genzoo.checkpoint import load_state_into, save_checkpoint
-        from genzoo.plugins import default_registry
-        from genzoo.recipes import Recipe, resolve
 
-        name = f"imported-{Path(str(source).rstrip('/')).name}"
-        registry = default_registry()
-        resolved = resolve(name, Recipe.model_validate(body), registry)
-        model = api.create_model(resolved, data_spec=spec, registry=registry)
-        for where, weights in states:
-            load_state_into(_submodule(model, where), weights, role=where, where=folder)
-        components = {role: sd for role, child in model.named_children() if (sd := child.state_dict())}
-        meta = {
-            "data_spec": spec.to_dict(),
-            "recipe_name": name,
-            "imported_from": {
-                "format": self.format,
-                "source": str(source),
-                "pipeline": pipeline,
-                **extra,
-                "diffusers": diffusers.__version__,
-            },
-        }
-        return save_checkpoint(out, step=0, recipe=resolved, components=components, meta=meta)
-
-
-def _submodule(model: Any, where: str) -> Any:
-    """``decoder.denoiser`` -> ``model.components['decoder'].denoiser``: a role, then attributes."""
-    role, *attrs = where.split(".")
-    module = model.components[role]
-    for attr in attrs:
-        module = getattr(module, attr)
-    return module
+        imported_from = {"format": registered_name(self), "source": str(source), "pipeline": pipeline, **extra}
+        return api.save_imported_run(
+            out,
+            body,
+            name=f"imported-{Path(str(source).rstrip('/')).name}",
+            data_spec=spec,
+            states=states,
+            meta={"imported_from": {**imported_from, "diffusers": diffusers.__version__}},
+            where=folder,
+        )
 
 
 def _ldm_first_stage(

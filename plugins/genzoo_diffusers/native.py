@@ -125,35 +125,29 @@ def native_state_dict(sd: Mapping[str, Tensor], unet_cfg: Mapping[str, Any]) -> 
             used.update(names)
         take(f"{dst}.proj", f"{src}.to_out.0")
 
+    def blocks(side: str, depth: int) -> None:  # {side}_blocks -> genzoo's {side} levels, a resampler between levels
+        k = 0
+        for i in range(levels):
+            rate = 2**i if side == "down" else 2 ** (levels - 1 - i)  # up_blocks run from the coarsest level
+            for j in range(depth):
+                res(f"{side}.{k}.res", f"{side}_blocks.{i}.resnets.{j}")
+                if size // rate in attends:
+                    attn(f"{side}.{k}.attn", f"{side}_blocks.{i}.attentions.{j}")
+                k += 1
+            if i < levels - 1:
+                take(f"{side}.{k}.res.conv", f"{side}_blocks.{i}.{side}samplers.0.conv")
+                k += 1
+
     levels, layers = len(unet_cfg["channel_mult"]), unet_cfg["num_res_blocks"]
     size, attends = unet_cfg["image_size"], set(unet_cfg["attention_resolutions"])
     take("time_mlp.0", "time_embedding.linear_1")
     take("time_mlp.2", "time_embedding.linear_2")
     take("input_conv", "conv_in")
-    k = 0
-    for i in range(levels):
-        for j in range(layers):
-            res(f"down.{k}.res", f"down_blocks.{i}.resnets.{j}")
-            if size // 2**i in attends:
-                attn(f"down.{k}.attn", f"down_blocks.{i}.attentions.{j}")
-            k += 1
-        if i < levels - 1:
-            take(f"down.{k}.res.conv", f"down_blocks.{i}.downsamplers.0.conv")
-            k += 1
+    blocks("down", layers)
     res("middle.0.res", "mid_block.resnets.0")
     attn("middle.0.attn", "mid_block.attentions.0")
     res("middle.1.res", "mid_block.resnets.1")
-    k = 0
-    for i in range(levels):
-        level = levels - 1 - i
-        for j in range(layers + 1):
-            res(f"up.{k}.res", f"up_blocks.{i}.resnets.{j}")
-            if size // 2**level in attends:
-                attn(f"up.{k}.attn", f"up_blocks.{i}.attentions.{j}")
-            k += 1
-        if i < levels - 1:
-            take(f"up.{k}.res.conv", f"up_blocks.{i}.upsamplers.0.conv")
-            k += 1
+    blocks("up", layers + 1)
     take("out.0", "conv_norm_out")
     take("out.2", "conv_out")
     left = sorted(set(sd) - used)

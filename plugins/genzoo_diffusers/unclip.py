@@ -15,7 +15,6 @@ stage whose last step is served by ``super_res_last`` (the diffusion decoder's `
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from collections.abc import Mapping
@@ -29,6 +28,8 @@ from torch import Tensor, nn
 
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
+from genzoo.priors import build_embedding_diffusion
+from genzoo.registry import spec_field
 
 TEXT_KEYS = frozenset({"text_emb", "context", "context_mask"})
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIPImageProcessor's defaults
@@ -168,11 +169,11 @@ def _public(config: Mapping[str, Any]) -> dict[str, Any]:
 class UnCLIPPriorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     embedding_dim: int = Field(..., ge=1, description="size of the CLIP image embedding (the prior's embedding_dim)")
-    diffusion: dict[str, Any] = Field(
+    diffusion: dict[str, Any] = spec_field(
+        "decoder",
         ...,
-        description="the diffusion decoder over the normalised embedding: {type: diffusion-decoder, <process>, "
+        "the diffusion decoder over the normalised embedding: {type: diffusion-decoder, <process>, "
         "denoiser: {type: diffusers-prior-transformer, ...}}",
-        json_schema_extra={"kind": "decoder"},
     )
 
 
@@ -227,13 +228,7 @@ class UnCLIPPrior(Prior):
 def make_unclip_prior(cfg: UnCLIPPriorConfig, ctx: Any) -> UnCLIPPrior:
     """diffusers' unCLIP prior (Karlo): a PriorTransformer diffusion over CLIP image embeddings."""
     where = "prior 'diffusers-unclip-prior': "
-    if ctx.data is None:
-        raise RegistryError(f"{where}needs a dataset spec to be built")
-    data = dataclasses.replace(ctx.data, image_shape=(cfg.embedding_dim,))
-    inner = ctx.registry.build("decoder", dict(cfg.diffusion), data=data, where=f"{where}diffusion: ")
-    shape = getattr(getattr(inner, "consumes", None), "shape", None)
-    if getattr(inner, "sampler_kind", None) is not SamplerKind.DIFFUSION or tuple(shape or ()) != (cfg.embedding_dim,):
-        raise RegistryError(f"{where}field 'diffusion' must be a diffusion decoder over ({cfg.embedding_dim},)")
+    inner = build_embedding_diffusion(ctx, cfg.diffusion, cfg.embedding_dim, where=where)
     if not callable(getattr(inner.denoiser, "unnormalize", None)):
         raise RegistryError(f"{where}field 'diffusion': its denoiser must be {{type: diffusers-prior-transformer}}")
     return UnCLIPPrior(diffusion_decoder=inner, dim=cfg.embedding_dim)

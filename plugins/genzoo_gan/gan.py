@@ -19,16 +19,15 @@ from torch import Tensor, nn
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec
 from genzoo.pipelines import Conditioning, LabelledPipeline, labelled_args
+from genzoo.registry import spec_field
 
 
 class GeneratorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     z_dim: int = Field(100, ge=1, description="size of the noise vector z (DCGAN: 100)")
     class_conditional: bool = Field(False, description="take the dataset's class y as a second input")
-    network: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "conv-decoder", "norm": "batch"},
-        description="the generator network (z -> image)",
-        json_schema_extra={"kind": "network"},
+    network: dict[str, Any] = spec_field(
+        "network", {"type": "conv-decoder", "norm": "batch"}, "the generator network (z -> image)"
     )
 
 
@@ -61,10 +60,8 @@ class GANPipelineConfig(BaseModel):
     condition: Conditioning = Field(
         Conditioning.none, description="none, or class: the dataset's label conditions G and D"
     )
-    discriminator: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "conv-encoder", "norm": "batch"},
-        description="the discriminator network (image -> logit)",
-        json_schema_extra={"kind": "network"},
+    discriminator: dict[str, Any] = spec_field(
+        "network", {"type": "conv-encoder", "norm": "batch"}, "the discriminator network (image -> logit)"
     )
 
 

@@ -14,17 +14,18 @@ from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion
 from genzoo.diffusion.guidance import GradientGuidance, grad_wrt, noised_clip_losses
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition
+from genzoo.registry import spec_field
 
 
 class ClipGuidanceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scale: float = Field(3.0, description="gradient scale s on the CLIP logit exp(tau) <f(x_t, t), g(c)>")
-    clip: dict[str, Any] | None = Field(
+    clip: dict[str, Any] | None = spec_field(
+        "clip",
         None,
-        description="null: the recipe's own `clip` component (a noised CLIP trained in the pipeline's clip stage); "
+        "null: the recipe's own `clip` component (a noised CLIP trained in the pipeline's clip stage); "
         "or a CLIP spec of its own, trained in the guidance stage ({type: clip, noised: true}); a clean "
         "CLIP (noised: false) is allowed but adversarial (GLIDE Sec. 2.4)",
-        json_schema_extra={"kind": "clip"},
     )
 
 

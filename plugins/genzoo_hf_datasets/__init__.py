@@ -2,16 +2,13 @@
 ``pip install 'genzoo[hf]'`` (the ``datasets`` package). Without it the hook raises ImportError, which
 ``genzoo plugins`` reports, and every other plugin loads."""
 
-import importlib.util
-
 from genzoo.data import data_source
-from genzoo.plugins import hookimpl
+from genzoo.plugins import hookimpl, require_extra
 
 
 @hookimpl
 def register_components(registry) -> None:
-    if importlib.util.find_spec("datasets") is None:
-        raise ImportError("the hf-datasets plugin needs the datasets package: pip install 'genzoo[hf]'")
+    require_extra("hf-datasets", "datasets", "hf")
     from . import hf
 
     registry.register("dataset", "hf-dataset", config=hf.HFDatasetConfig, factory=data_source(hf.make_hf_dataset))

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, Prediction
 from genzoo.diffusion.guidance import GradientGuidance, grad_wrt
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition
@@ -172,24 +171,14 @@ class ReferenceFeatureGuidance(GradientGuidance):
         x = x0.detach().requires_grad_(True)
         return grad_wrt(self.score(self.features(x), ref).sum(), x)
 
-    def gradient(
-        self,
-        diffusion: GaussianDiffusion,
-        x_t: Tensor,
-        t: Tensor,
-        cond: Condition | None,
-        pred: Prediction | None = None,
-    ) -> Tensor:
+    def gradient(self, diffusion, x_t, t, cond, pred=None):
         """s sqrt(abar_t) grad_x0 score(x0_hat): the score's gradient at the step's x0_hat, carried to x_t by the
         N(0, I) denoiser's Jacobian (module doc)."""
         if pred is None:
             raise GenzooError(
                 f"guidance '{self.name}' scores x0_hat: call it through a sampler, which passes the step's prediction"
             )
-        with torch.inference_mode(False), torch.enable_grad():
-            # tensors made under inference_mode cannot enter autograd; clones made outside it can
-            cond = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in cond.items()} if cond else cond
-            g = self.grad_log_p(pred.pred_xstart.detach().clone(), diffusion.model_t(t).clone(), cond)
+        g = self.grad_log_p_at(pred.pred_xstart, diffusion.model_t(t), cond)
         return self.scale * diffusion.extract("sqrt_abar", t, x_t) * g.to(x_t.dtype)
 
 

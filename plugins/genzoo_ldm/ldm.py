@@ -28,25 +28,25 @@ from genzoo.diffusion.decoder import DiffusionPipeline, check_denoiser
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec, missing_latent_interface
 from genzoo.pipelines import Conditioning, labelled_args
-from genzoo.registry import registered_name
+from genzoo.registry import registered_name, spec_field
 
 FIT_IMAGES = 1024  # training images the scale factor is fitted on (LDM fits it on the first batch)
 
 
 class LatentDiffusionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    autoencoder: dict[str, Any] = Field(
+    autoencoder: dict[str, Any] = spec_field(
+        "decoder",
         ...,
-        description="the first stage: a decoder with the latent interface (latent_shape, encode_latents, "
+        "the first stage: a decoder with the latent interface (latent_shape, encode_latents, "
         "decode_latents), e.g. {type: vq-autoencoder, ...} or {type: autoencoder, ...}",
-        json_schema_extra={"kind": "decoder"},
     )
-    diffusion: dict[str, Any] = Field(
+    diffusion: dict[str, Any] = spec_field(
+        "decoder",
         ...,
-        description="the diffusion decoder over the latents, built for the latent shape (leave its image_size null; "
+        "the diffusion decoder over the latents, built for the latent shape (leave its image_size null; "
         "clip_range: null for unbounded latents), e.g. {type: diffusion-decoder, clip_range: null, "
         "denoiser: {...}}",
-        json_schema_extra={"kind": "decoder"},
     )
     scale_factor: float | None = Field(
         None,

@@ -24,6 +24,8 @@ from genzoo.errors import GenzooError
 
 from .layouts import ClassifierLayout, TextLayout, UNetLayout
 
+Layout = UNetLayout | ClassifierLayout  # the fields their encoders share (_encoder)
+
 
 class Keys:
     """The file's state dict, handed out once per key with its shape checked; ``finish`` refuses leftovers."""
@@ -98,15 +100,43 @@ def _attention(out, dst: str, keys: Keys, src: str, ch: int, heads: int, *, lega
     _conv1x1(out, f"{dst}.proj", keys, f"{src}.proj_out", ch, ch, None)
 
 
-def _resample(out, dst: str, keys: Keys, src: str, ch: int, emb: int, *, updown: bool, scale_shift: bool, up: bool):
+def _resample(out, dst: str, keys: Keys, src: str, ch: int, emb: int, layout: Layout, *, up: bool) -> None:
     """A ResBlock with up/down (resblock_updown) or Downsample.op / Upsample.conv."""
-    if updown:
-        _resblock(out, dst, keys, src, ch, ch, emb, scale_shift)
+    if layout.resblock_updown:
+        _resblock(out, dst, keys, src, ch, ch, emb, layout.use_scale_shift_norm)
     else:
         _pair(out, f"{dst}.conv", keys, f"{src}.{'conv' if up else 'op'}", (ch, ch, 3, 3))
 
 
-def _widths(layout: UNetLayout | ClassifierLayout, where: str) -> list[int]:
+def _encoder(out, dst: str, keys: Keys, layout: Layout, c_in: int, emb: int, attn: Any) -> tuple[list[int], int]:
+    """The input_blocks and the middle block, which UNetModel and EncoderUNetModel share: the first conv (``c_in``
+    inputs), genzoo's ``dst.{g}`` levels (a ResBlock, ``attn(dst, src, ch)`` where ``attention_ds`` has the rate, a
+    resample between levels), then ``middle``. Returns the width of every skip connection and the final rate."""
+    scale_shift, widths = layout.use_scale_shift_norm, _widths(layout, keys.where)
+    ch = layout.model_channels
+    _pair(out, "input_conv", keys, "input_blocks.0.0", (ch, c_in, 3, 3))
+    chans, ds, k, g = [ch], 1, 0, 0
+    for level, width in enumerate(widths):
+        for _ in range(layout.num_res_blocks):
+            k += 1
+            _resblock(out, f"{dst}.{g}.res", keys, f"input_blocks.{k}.0", ch, width, emb, scale_shift)
+            ch = width
+            if ds in layout.attention_ds:
+                attn(f"{dst}.{g}.attn", f"input_blocks.{k}.1", ch)
+            chans.append(ch)
+            g += 1
+        if level != len(widths) - 1:
+            k += 1
+            _resample(out, f"{dst}.{g}.res", keys, f"input_blocks.{k}.0", ch, emb, layout, up=False)
+            chans.append(ch)
+            g, ds = g + 1, ds * 2
+    _resblock(out, "middle.0.res", keys, "middle_block.0", ch, ch, emb, scale_shift)
+    attn("middle.0.attn", "middle_block.1", ch)
+    _resblock(out, "middle.1.res", keys, "middle_block.2", ch, ch, emb, scale_shift)
+    return chans, ds
+
+
+def _widths(layout: Layout, where: str) -> list[int]:
     """``int(mult * model_channels)`` per level; genzoo's first conv has model_channels outputs, so mult[0] is 1."""
     mult = layout.channel_mult
     if mult[0] != 1 or any(float(m) != int(m) for m in mult):
@@ -138,38 +168,9 @@ def convert_unet(layout: UNetLayout, keys: Keys) -> dict[str, Tensor]:
     if layout.num_classes:
         label = keys.take("label_emb.weight", (layout.num_classes, emb))
         out["class_emb.weight"] = torch.cat([label, label.new_zeros(1, emb)])
-    c_in = layout.in_channels * (2 if layout.super_res else 1)
-    _pair(out, "input_conv", keys, "input_blocks.0.0", (mc, c_in, 3, 3))
-    chans, ch, ds, k, g = [mc], mc, 1, 0, 0
-    for level, width in enumerate(widths):
-        for _ in range(layout.num_res_blocks):
-            k += 1
-            _resblock(out, f"down.{g}.res", keys, f"input_blocks.{k}.0", ch, width, emb, scale_shift)
-            ch = width
-            if ds in layout.attention_ds:
-                attn(f"down.{g}.attn", f"input_blocks.{k}.1", ch)
-            chans.append(ch)
-            g += 1
-        if level != len(widths) - 1:
-            k += 1
-            src = f"input_blocks.{k}.0"
-            _resample(
-                out,
-                f"down.{g}.res",
-                keys,
-                src,
-                ch,
-                emb,
-                updown=layout.resblock_updown,
-                scale_shift=scale_shift,
-                up=False,
-            )
-            chans.append(ch)
-            g, ds = g + 1, ds * 2
-    _resblock(out, "middle.0.res", keys, "middle_block.0", ch, ch, emb, scale_shift)
-    attn("middle.0.attn", "middle_block.1", ch)
-    _resblock(out, "middle.1.res", keys, "middle_block.2", ch, ch, emb, scale_shift)
-    k = g = 0
+    c_in = layout.in_channels * (2 if layout.super_res else 1)  # SuperResModel: the upsampled low-res image too
+    chans, ds = _encoder(out, "down", keys, layout, c_in, emb, attn)
+    ch, k, g = chans[-1], 0, 0
     for level, width in reversed(list(enumerate(widths))):
         for i in range(layout.num_res_blocks + 1):
             _resblock(out, f"up.{g}.res", keys, f"output_blocks.{k}.0", ch + chans.pop(), width, emb, scale_shift)
@@ -179,18 +180,7 @@ def convert_unet(layout: UNetLayout, keys: Keys) -> dict[str, Tensor]:
                 j = 2
             g += 1
             if level and i == layout.num_res_blocks:  # genzoo keeps the upsampling block as a level of its own
-                src = f"output_blocks.{k}.{j}"
-                _resample(
-                    out,
-                    f"up.{g}.res",
-                    keys,
-                    src,
-                    ch,
-                    emb,
-                    updown=layout.resblock_updown,
-                    scale_shift=scale_shift,
-                    up=True,
-                )
+                _resample(out, f"up.{g}.res", keys, f"output_blocks.{k}.{j}", ch, emb, layout, up=True)
                 g, ds = g + 1, ds // 2
             k += 1
     _pair(out, "out.0", keys, "out.0", (ch,))
@@ -228,41 +218,14 @@ def convert_classifier(layout: ClassifierLayout, keys: Keys) -> dict[str, Tensor
     """EncoderUNetModel (pool 'adaptive' or 'attention') -> genzoo ``NoisyClassifier`` state."""
     out: dict[str, Tensor] = {}
     mc, emb = layout.model_channels, 4 * layout.model_channels
-    widths, scale_shift = _widths(layout, keys.where), layout.use_scale_shift_norm
 
     def attn(dst: str, src: str, ch: int) -> None:  # create_classifier leaves use_new_attention_order False
         _attention(out, dst, keys, src, ch, ch // layout.num_head_channels, legacy=True, context=None)
 
     _pair(out, "time_mlp.0", keys, "time_embed.0", (emb, mc))
     _pair(out, "time_mlp.2", keys, "time_embed.2", (emb, emb))
-    _pair(out, "input_conv", keys, "input_blocks.0.0", (mc, layout.in_channels, 3, 3))
-    ch, ds, k, g = mc, 1, 0, 0
-    for level, width in enumerate(widths):
-        for _ in range(layout.num_res_blocks):
-            k += 1
-            _resblock(out, f"levels.{g}.res", keys, f"input_blocks.{k}.0", ch, width, emb, scale_shift)
-            ch = width
-            if ds in layout.attention_ds:
-                attn(f"levels.{g}.attn", f"input_blocks.{k}.1", ch)
-            g += 1
-        if level != len(widths) - 1:
-            k += 1
-            src = f"input_blocks.{k}.0"
-            _resample(
-                out,
-                f"levels.{g}.res",
-                keys,
-                src,
-                ch,
-                emb,
-                updown=layout.resblock_updown,
-                scale_shift=scale_shift,
-                up=False,
-            )
-            g, ds = g + 1, ds * 2
-    _resblock(out, "middle.0.res", keys, "middle_block.0", ch, ch, emb, scale_shift)
-    attn("middle.0.attn", "middle_block.1", ch)
-    _resblock(out, "middle.1.res", keys, "middle_block.2", ch, ch, emb, scale_shift)
+    chans, ds = _encoder(out, "levels", keys, layout, layout.in_channels, emb, attn)
+    ch = chans[-1]
     _pair(out, "head.0", keys, "out.0", (ch,))
     if layout.pool == "attention":
         side = layout.image_size // ds

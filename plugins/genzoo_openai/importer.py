@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from genzoo.errors import GenzooError
+from genzoo.registry import registered_name
 
 from .convert import (
     Keys,
@@ -136,8 +137,6 @@ def default_data(name: str, size: int, out: Path) -> dict[str, Any]:
 class OpenAIImporter:
     """Imports improved-diffusion / guided-diffusion / glide-text2im ``.pt`` files (a diffusion model, with
     ``classifier`` its noisy classifier) as genzoo runs."""
-
-    format = "openai"
 
     def __init__(self, cfg: OpenAIImporterConfig | None = None) -> None:
         self.cfg = cfg or OpenAIImporterConfig()
@@ -438,27 +437,23 @@ class OpenAIImporter:
     ) -> Path:
         """Resolve the recipe ``body`` for ``spec``, load ``states`` (``role.attr`` -> state) and save step 0."""
         from genzoo import api
-        from genzoo.checkpoint import load_state_into, save_checkpoint
-        from genzoo.plugins import default_registry
-        from genzoo.recipes import Recipe, resolve
 
-        name = f"imported-{path.stem}"
-        registry = default_registry()
-        resolved = resolve(name, Recipe.model_validate(body), registry)
-        model = api.create_model(resolved, data_spec=spec, registry=registry)
-        for where, weights in states:
-            role, *attrs = where.split(".")
-            module = model.components[role]
-            for attr in attrs:
-                module = getattr(module, attr)
-            load_state_into(module, weights, role=where, where=path)
-        components = {role: sd for role, child in model.named_children() if (sd := child.state_dict())}
-        meta = {
-            "data_spec": spec.to_dict(),
-            "recipe_name": name,
-            "imported_from": {"format": self.format, "source": str(path), "pipeline": extra.pop("kind"), **extra},
-        }
-        return save_checkpoint(out, step=0, recipe=resolved, components=components, meta=meta)
+        return api.save_imported_run(
+            out,
+            body,
+            name=f"imported-{path.stem}",
+            data_spec=spec,
+            states=states,
+            meta={
+                "imported_from": {
+                    "format": registered_name(self),
+                    "source": str(path),
+                    "pipeline": extra.pop("kind"),
+                    **extra,
+                }
+            },
+            where=path,
+        )
 
 
 def glide_denoiser(

@@ -8,18 +8,15 @@ the encoder is built.
 
 from __future__ import annotations
 
-from importlib.util import find_spec
-
 import genzoo
-from genzoo.plugins import hookimpl
+from genzoo.plugins import hookimpl, require_extra
 
 __version__ = genzoo.__version__
 
 
 @hookimpl
 def register_components(registry) -> None:
-    if find_spec("transformers") is None:
-        raise ImportError("the t5 plugin needs the transformers package: pip install 'genzoo[t5]'")
+    require_extra("t5", "transformers", "t5")
     from . import encoder
 
     registry.register("encoder", "t5", config=encoder.T5EncoderConfig, factory=encoder.build_t5_encoder)

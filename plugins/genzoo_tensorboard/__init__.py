@@ -8,18 +8,15 @@ TensorBoard itself is imported only when a run starts logging.
 
 from __future__ import annotations
 
-from importlib.util import find_spec
-
 import genzoo
-from genzoo.plugins import hookimpl
+from genzoo.plugins import hookimpl, require_extra
 
 __version__ = genzoo.__version__
 
 
 @hookimpl
 def register_components(registry) -> None:
-    if find_spec("tensorboard") is None:
-        raise ImportError("the tensorboard plugin needs the tensorboard package: pip install 'genzoo[tensorboard]'")
+    require_extra("tensorboard", "tensorboard", "tensorboard")
     from .logger import TensorBoardConfig, TensorBoardLogger
 
     registry.register("logger", "tensorboard", config=TensorBoardConfig, factory=TensorBoardLogger)

@@ -8,10 +8,8 @@ install. gradio itself is imported only when the app is built (importing it cost
 
 from __future__ import annotations
 
-from importlib.util import find_spec
-
 import genzoo
-from genzoo.plugins import hookimpl
+from genzoo.plugins import hookimpl, require_extra
 
 __version__ = genzoo.__version__
 
@@ -25,8 +23,7 @@ def _build(cfg, ctx):
 
 @hookimpl
 def register_components(registry) -> None:
-    if find_spec("gradio") is None:
-        raise ImportError("the ui plugin needs the gradio package: pip install 'genzoo[ui]'")
+    require_extra("ui", "gradio", "ui")
     from .config import GradioAppConfig
 
     registry.register("app", "gradio", config=GradioAppConfig, factory=_build)

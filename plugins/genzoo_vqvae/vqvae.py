@@ -20,6 +20,7 @@ from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec
 from genzoo.nn.quantize import VectorQuantizer
 from genzoo.pipelines import Conditioning, TokenPipeline, make_token_pipeline
+from genzoo.registry import spec_field
 
 
 class VQAutoencoderConfig(BaseModel):
@@ -33,16 +34,8 @@ class VQAutoencoderConfig(BaseModel):
     restart_threshold: float = Field(
         0.03, ge=0, description="restart codes used less than this fraction of the average (0: never)"
     )
-    encoder: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "grid-encoder"},
-        description="image -> grid network",
-        json_schema_extra={"kind": "network"},
-    )
-    decoder: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "grid-decoder"},
-        description="grid -> image network",
-        json_schema_extra={"kind": "network"},
-    )
+    encoder: dict[str, Any] = spec_field("network", {"type": "grid-encoder"}, "image -> grid network")
+    decoder: dict[str, Any] = spec_field("network", {"type": "grid-decoder"}, "grid -> image network")
 
 
 class VQAutoencoder(Decoder):

@@ -9,18 +9,15 @@ is imported only when a run starts logging.
 
 from __future__ import annotations
 
-from importlib.util import find_spec
-
 import genzoo
-from genzoo.plugins import hookimpl
+from genzoo.plugins import hookimpl, require_extra
 
 __version__ = genzoo.__version__
 
 
 @hookimpl
 def register_components(registry) -> None:
-    if find_spec("wandb") is None:
-        raise ImportError("the wandb plugin needs the wandb package: pip install 'genzoo[wandb]'")
+    require_extra("wandb", "wandb", "wandb")
     from .logger import WandbConfig, WandbLogger
 
     registry.register("logger", "wandb", config=WandbConfig, factory=WandbLogger)
