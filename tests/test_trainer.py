@@ -166,6 +166,31 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(tmp_path: Path) -> Non
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_second_sigterm_while_the_last_checkpoint_is_written_loses_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A scheduler that repeats its SIGTERM, or a second `kill`, arrives while the stopped run saves: the save
+    completes (before the fix the default handler killed the process mid-write and the run had no checkpoint)."""
+    from genzoo.training import trainer as trainer_module
+
+    save = trainer_module.Trainer._save
+
+    def save_under_fire(self):
+        if self._stop_reason is not None:  # the final save of an interrupted run
+            os.kill(os.getpid(), signal.SIGTERM)
+        return save(self)
+
+    class Signalling(Noisy):
+        def training_losses(self, batch, **kw):
+            if self.calls == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().training_losses(batch, **kw)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_save", save_under_fire)
+    before = signal.getsignal(signal.SIGTERM)
+    _, r = train(Signalling, tmp_path, cfg())
+    assert r.interrupted == "SIGTERM" and load_checkpoint(tmp_path).meta["step"] == r.step
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_lr_schedule_and_log(tmp_path: Path) -> None:
     _, r = train(Noisy, tmp_path, cfg(steps=10, warmup_steps=4, min_lr_ratio=0.1))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -327,24 +327,28 @@ class Trainer:
             bar = self._progress_bar()
             t0, steps_done, last, timed_out = time.perf_counter(), 0, {}, False
             try:
-                while self._advance_stage():
-                    stage = self.stages[self.stage_index][0]
-                    last = self._train_step(model, stage, autocast)
-                    self.step, self.stage_step, steps_done = self.step + 1, self.stage_step + 1, steps_done + 1
-                    self._report(stage, last, steps_done, time.perf_counter() - t0, bar)
-                    timed_out = deadline is not None and time.monotonic() > deadline
-                    stop = distributed.any_flag(
-                        self._stop_reason is not None or timed_out or self.step == stop_at, self.dist, self.device
-                    )
-                    if self._save_due(stop):
-                        self._save()
-                    if stop:
-                        break
+                try:
+                    while self._advance_stage():
+                        stage = self.stages[self.stage_index][0]
+                        last = self._train_step(model, stage, autocast)
+                        self.step, self.stage_step, steps_done = self.step + 1, self.stage_step + 1, steps_done + 1
+                        self._report(stage, last, steps_done, time.perf_counter() - t0, bar)
+                        timed_out = deadline is not None and time.monotonic() > deadline
+                        stop = distributed.any_flag(
+                            self._stop_reason is not None or timed_out or self.step == stop_at, self.dist, self.device
+                        )
+                        if self._save_due(stop):
+                            self._save()
+                        if stop:
+                            break
+                finally:
+                    bar.close()
+                # still under our handlers: a second SIGTERM while the stopped run's checkpoint is written (a
+                # scheduler repeating itself, an impatient `kill`) must not kill the write and lose the run
+                return self._finish(t0, steps_done, last, timed_out)
             finally:
-                bar.close()
                 for s, h in previous.items():
                     signal.signal(s, h)
-            return self._finish(t0, steps_done, last, timed_out)
 
     # ------------------------------------------------------------------ the loop's steps
     def _begin(self, resume: bool) -> None:
