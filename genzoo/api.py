@@ -249,9 +249,10 @@ def import_model(
 ) -> Path:
     """Turn a foreign checkpoint or pipeline (a folder or a hub id) into the genzoo run directory ``out``.
 
-    The importer is the registered ``importer`` named ``format`` (``genzoo list --kind importer``), or the first whose
-    ``detect(source)`` accepts it. ``adapter`` keeps the foreign network behind an adapter even where it maps onto
-    genzoo's own; ``data`` is the dataset spec the model is evaluated against (default: the importer's choice);
+    The importer is the registered ``importer`` named ``format`` (``genzoo list --kind importer``), or the one whose
+    ``detect(source)`` accepts it (several: an error asking for ``format``). ``adapter`` keeps the foreign network
+    behind an adapter even where it maps onto genzoo's own; ``data`` is the dataset spec the model is evaluated
+    against (default: the importer's choice);
     ``options`` are fields of the importer's config (docs/interop.md), e.g. OpenAI's ``classifier``.
     Returns the checkpoint folder written (``load_model(out)`` rebuilds it).
     """
@@ -263,7 +264,11 @@ def import_model(
         found = [n for n in names if registry.build("importer", {"type": n}).detect(str(source))]
         if not found:
             raise GenzooError(f"no importer recognises {source}; pass --format with one of: {', '.join(names)}")
-        format = found[0]
+        if len(found) > 1:  # guessing would import the same file two ways depending on plugin order
+            raise GenzooError(
+                f"{source} is recognised by several importers ({', '.join(found)}); pick one with --format"
+            )
+        (format,) = found
     elif format not in names:
         raise GenzooError(f"unknown import format '{format}'; installed: {', '.join(names)}")
     importer = registry.build("importer", {"type": format, **(options or {})})

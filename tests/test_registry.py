@@ -112,3 +112,32 @@ def test_describe_fields(registry: Registry) -> None:
     registry.register("sampler", "ddim", config=StepsConfig, factory=Thing)
     rows = {r["field"]: r for r in registry.get("sampler", "ddim").describe_fields()}
     assert rows["steps"]["default"] == 50 and rows["steps"]["description"] == "number of steps"
+
+
+def test_import_asks_for_a_format_when_several_importers_recognise_the_source(registry: Registry, tmp_path) -> None:
+    """Two importers that both accept a file: `genzoo import` refuses to guess (plugin order would decide) and
+    names both; --format picks one, and a file nobody recognises lists the installed formats."""
+    from genzoo import api
+    from genzoo.errors import GenzooError
+
+    class Pick(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class Importer:
+        def __init__(self, cfg: Pick, accepts: str) -> None:
+            self.accepts = accepts
+
+        def detect(self, source: str) -> bool:
+            return source.endswith(self.accepts)
+
+        def run(self, source: str, out, *, adapter: bool = False, data=None):
+            return f"{self.accepts}:{source}"
+
+    registry.register("importer", "alpha", config=Pick, factory=lambda cfg: Importer(cfg, ".pt"), plugin="p1")
+    registry.register("importer", "beta", config=Pick, factory=lambda cfg: Importer(cfg, "both.pt"), plugin="p2")
+    with pytest.raises(GenzooError, match=r"recognised by several importers \(alpha, beta\); pick one with --format"):
+        api.import_model("both.pt", tmp_path / "a", registry=registry)
+    assert api.import_model("both.pt", tmp_path / "b", format="beta", registry=registry).name == "both.pt:both.pt"
+    assert api.import_model("one.pt", tmp_path / "c", registry=registry).name == ".pt:one.pt"
+    with pytest.raises(GenzooError, match="no importer recognises x.bin; pass --format with one of: alpha, beta"):
+        api.import_model("x.bin", tmp_path / "d", registry=registry)
