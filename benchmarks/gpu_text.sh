@@ -50,6 +50,8 @@ train glide-attn16 glide-shapes --seed 0 --set "decoder.denoiser.attention_resol
 train glide-nopool glide-shapes --seed 0 --set decoder.denoiser.emb_dim_in=null &
 train glide-text256 glide-shapes --seed 0 --set encoder.width=256 --set encoder.layers=4 \
   --set decoder.denoiser.context_dim=256 --set decoder.denoiser.emb_dim_in=256 &
+# the frozen pretrained text encoder (Imagen): the recipe's CLIP text tower, trained first (docs/text.md)
+train glide-cliptext glide-shapes --seed 0 --set "encoder={type: clip-text}" --set decoder.denoiser.emb_dim_in=64 &
 train dalle2-s0 dalle2-shapes --seed 0 &
 train dalle2-s1 dalle2-shapes --seed 1 &
 train dalle2-embdrop0 dalle2-shapes --seed 0 --set decoder.emb_drop=0.0 &
@@ -59,7 +61,7 @@ train dalle-s1 dalle-shapes --seed 1 &
 wait
 echo "training: $(( $(date +%s) - T0 )) s"
 # ---- evaluation: every run on both splits; the samplers and guidances on glide-s0
-for name in glide-s0 glide-s1 glide-drop10 glide-attn16 glide-nopool glide-text256 dalle2-s0 dalle2-s1 dalle2-embdrop0 \
+for name in glide-s0 glide-s1 glide-drop10 glide-attn16 glide-nopool glide-text256 glide-cliptext dalle2-s0 dalle2-s1 dalle2-embdrop0 \
   dalle2-ar-s0 dalle-s0 dalle-s1; do
   evaluate "$name" test --metrics attribute-accuracy,fd &
   evaluate "$name" heldout --metrics attribute-accuracy,fd --split heldout &

@@ -114,3 +114,16 @@ def test_the_tokens_enter_at_the_recipe_attention_resolutions(glide) -> None:
         for h in hooks:
             h.remove()
     assert sizes == set(unet.cfg.attention_resolutions) == {8, 4}
+
+
+def test_a_caption_encoder_that_reads_the_clip_trains_after_it() -> None:
+    """GLIDE with `clip-text` (the recipe's CLIP text tower as a frozen pretrained text encoder, Imagen's choice):
+    the CLIP stage comes first, so the decoder learns to read a trained tower; with GLIDE's own text transformer the
+    noised CLIP (for CLIP guidance) stays after the decoder and upsampler. The frozen tower is no decoder parameter."""
+    own = api.create_model("glide-shapes", seed=0)
+    assert own.stages == ("decoder", "upsampler", "clip")
+    sets = ["encoder={type: clip-text}", "decoder.denoiser.emb_dim_in=64"]
+    frozen = api.create_model(api.resolve_recipe("glide-shapes", sets=sets), seed=0)
+    assert frozen.stages == ("clip", "decoder", "upsampler")
+    in_decoder_stage = {id(p) for p in frozen.optimizer_groups("decoder")["main"]}
+    assert not in_decoder_stage & {id(p) for p in frozen.components["clip"].parameters()}

@@ -306,7 +306,8 @@ class DiffusionPipeline(LabelledPipeline):
     Stages, in order and only those that apply: ``decoder``; ``upsampler`` when the recipe has an
     ``upsampler_decoder`` (a cascade: the base draws at its own smaller size, the upsampler brings
     the image to the dataset's size from the bilinearly upsampled low-resolution image, GLIDE Sec. 2.3);
-    ``clip`` when the recipe has a ``clip`` (GLIDE's noised CLIP, which any CLIP guidance swapped in uses);
+    ``clip`` when the recipe has a ``clip`` (GLIDE's noised CLIP, which any CLIP guidance swapped in uses;
+    first of all when the caption encoder reads it, e.g. ``clip-text``, a frozen pretrained text encoder);
     ``guidance`` when the guidance has weights (ADM's noisy classifier, GLIDE's noised CLIP), trained
     on inputs noised by the decoder's own process, so its t means the same (Dhariwal & Nichol 2021, Sec. 4).
     """
@@ -318,10 +319,15 @@ class DiffusionPipeline(LabelledPipeline):
             True for _ in guidance.parameters()
         )
         self.base_size = components["decoder"].produces.shape[-1]
+        clip = components.get("clip")
+        # a caption encoder that reads the recipe's CLIP (`clip-text`: Imagen's frozen pretrained text encoder, here
+        # the CLIP's text tower) needs that CLIP trained before the decoder learns to read it
+        clip_first = clip is not None and getattr(components.get("encoder"), "clip", None) is clip
         self.stages = (
-            ("decoder",)
+            (("clip",) if clip_first else ())
+            + ("decoder",)
             + (("upsampler",) if self.upsampler is not None else ())
-            + (("clip",) if components.get("clip") is not None else ())
+            + (("clip",) if clip is not None and not clip_first else ())
             + (("guidance",) if trainable_guidance else ())
         )
 
