@@ -8,7 +8,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two threads (CI's cores); GENZOO_TEST_THREADS=1 leaves the other core to a job running beside the tests
+torch.set_num_threads(int(os.environ.get("GENZOO_TEST_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="module")
