@@ -287,16 +287,11 @@ def _train(
     from genzoo.eval.judges import load_judge
     from genzoo.training import TrainConfig, Trainer
 
-    sets = list(sets)  # the same --set for every recipe, e.g. data.image_size=16: one dataset for all
-    recipe_stages = api.resolve_recipe(recipe, files=files, sets=sets)["train"].get("stages") or {}
+    # the same --set for every recipe, e.g. data.image_size=16: one dataset for all
+    resolved = api.resolve_recipe(recipe, files=files, sets=list(sets))
+    recipe_stages = resolved["train"].get("stages") or {}  # a staged budget keeps the recipe's ratio of steps
     if budget_minutes:
-        sets += [
-            f"train.minutes={budget_minutes / segments}",
-            "train.steps=null",
-            "train.stages=null",
-            "train.sample_every=0",
-        ]
-    resolved = api.resolve_recipe(recipe, files=files, sets=sets)
+        resolved["train"].update(minutes=budget_minutes / segments, steps=None, stages=None, sample_every=0)
     source = api.build_data(resolved)
     family = resolved["pipeline"]["type"]
     if has_checkpoint(run_dir):
