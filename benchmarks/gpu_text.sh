@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # machine (benchmarks/results.md: GLIDE decoder / upsampler / clip 3.0 / 2.3 / 4.3 it/s; DALL·E 2 clip / prior /
 # decoder / upsampler 3.0 / 3.0 / 3.0 / 1.9 it/s); DALL·E's recipe fits as it is. Check them on the machine at hand.
 declare -A BUDGET=(
-  [glide-shapes]="decoder: 7500, upsampler: 1500, clip: 1000"
+  [glide-shapes]="clip: 1500, decoder: 7500, upsampler: 1500"
   [dalle2-shapes]="clip: 1500, prior: 2000, decoder: 5000, upsampler: 1000"
   [dalle2-ar-shapes]="clip: 1500, prior: 2000, decoder: 5000, upsampler: 1000"
   [dalle-shapes]="tokenizer: 3000, prior: 4000, clip: 1500"
@@ -57,10 +57,14 @@ train glide-s1 glide-shapes --seed 1 &
 train glide-drop10 glide-shapes --seed 0 --set decoder.cond_drop=0.1 &
 train glide-attn16 glide-shapes --seed 0 --set "decoder.denoiser.attention_resolutions=[16, 8, 4]" &
 train glide-nopool glide-shapes --seed 0 --set decoder.denoiser.emb_dim_in=null &
-train glide-text256 glide-shapes --seed 0 --set encoder.width=256 --set encoder.layers=4 \
-  --set decoder.denoiser.context_dim=256 --set decoder.denoiser.emb_dim_in=256 &
-# the frozen pretrained text encoder (Imagen): the recipe's CLIP text tower, trained first (docs/text.md)
-train glide-cliptext glide-shapes --seed 0 --set "encoder={type: clip-text}" --set decoder.denoiser.emb_dim_in=64 &
+train glide-text256 glide-shapes --seed 0 --set encoder.first.width=256 --set encoder.first.layers=4 \
+  --set clip.text_tower.width=256 --set decoder.denoiser.context_dim=256 --set decoder.denoiser.emb_dim_in=320 &
+# glide-shapes reads GLIDE's own text transformer and the CLIP's frozen text tower together (text-pair, docs/text.md):
+# each alone
+train glide-own glide-shapes --seed 0 --set "encoder={type: text-transformer, context: 32, width: 128, layers: 3, heads: 4}" \
+  --set decoder.denoiser.emb_dim_in=128 &
+train glide-cliptext glide-shapes --seed 0 --set "encoder={type: clip-text, pooled_as_emb: true}" \
+  --set decoder.denoiser.emb_dim_in=64 &
 train dalle2-s0 dalle2-shapes --seed 0 &
 train dalle2-s1 dalle2-shapes --seed 1 &
 train dalle2-embdrop0 dalle2-shapes --seed 0 --set decoder.emb_drop=0.0 &
@@ -70,7 +74,7 @@ train dalle-s1 dalle-shapes --seed 1 &
 wait
 echo "training: $(( $(date +%s) - T0 )) s"
 # ---- evaluation: every run on both splits; the samplers and guidances on glide-s0
-for name in glide-s0 glide-s1 glide-drop10 glide-attn16 glide-nopool glide-text256 glide-cliptext dalle2-s0 dalle2-s1 dalle2-embdrop0 \
+for name in glide-s0 glide-s1 glide-drop10 glide-attn16 glide-nopool glide-text256 glide-own glide-cliptext dalle2-s0 dalle2-s1 dalle2-embdrop0 \
   dalle2-ar-s0 dalle-s0 dalle-s1; do
   evaluate "$name" test --metrics attribute-accuracy,fd &
   evaluate "$name" heldout --metrics attribute-accuracy,fd --split heldout &

@@ -38,13 +38,19 @@ def list_components(kind: str | None = None, *, registry: Registry | None = None
     return list((registry or default_registry()).entries(kind))
 
 
-def recipes(files: Iterable[str | Path] = (), *, refused: list[tuple[str, str]] | None = None) -> dict[str, Recipe]:
+def recipes(
+    files: Iterable[str | Path] = (),
+    *,
+    refused: list[tuple[str, str]] | None = None,
+    sources: dict[str, str] | None = None,
+) -> dict[str, Recipe]:
     """All recipes: ``registry.yaml``, those shipped by plugins, then the user's files.
 
-    A plugin's recipe whose name is taken is left out; ``refused`` collects (plugin, why) (``genzoo plugins`` shows it).
+    A plugin's recipe whose name is taken is left out; ``refused`` collects (plugin, why) (``genzoo plugins`` shows it);
+    ``sources`` each recipe's plugin or file name.
     """
     plugin_files = [(info.name, f) for info in plugin_infos() for f in info.recipes]
-    return load_recipes(files, plugin_files=plugin_files, refused=refused)
+    return load_recipes(files, plugin_files=plugin_files, refused=refused, sources=sources)
 
 
 def list_recipes(files: Iterable[str | Path] = ()) -> list[str]:

@@ -240,21 +240,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     from genzoo import api
     from genzoo.registry import KINDS
 
+    sources: dict[str, str] = {}
+    recipe_rows = [
+        {"kind": "recipe", "name": n, "plugin": sources[n], "summary": r.description}
+        for n, r in sorted(api.recipes(args.recipes, sources=sources).items())
+    ]
     if args.kind == "recipe":
-        rows = [
-            {"kind": "recipe", "name": n, "plugin": "registry.yaml", "summary": r.description}
-            for n, r in sorted(api.recipes(args.recipes).items())
-        ]
+        rows = recipe_rows
     else:
         rows = [
             {"kind": e.kind, "name": e.name, "plugin": e.plugin, "summary": e.summary}
             for e in api.list_components(args.kind)
         ]
         if args.kind is None:
-            rows += [
-                {"kind": "recipe", "name": n, "plugin": "registry.yaml", "summary": r.description}
-                for n, r in sorted(api.recipes(args.recipes).items())
-            ]
+            rows += recipe_rows
     kinds = [args.kind] if args.kind else [*KINDS, "recipe"]
     if args.json:
         print(json.dumps({"kinds": kinds, "components": rows}, indent=2))

@@ -112,10 +112,12 @@ def load_recipes(
     *,
     plugin_files: Iterable[str | Path | tuple[str, str | Path]] = (),
     refused: list[tuple[str, str]] | None = None,
+    sources: dict[str, str] | None = None,
 ) -> dict[str, Recipe]:
     """Recipes from ``registry.yaml``, plugins, then user files (later files may not redefine).
 
-    ``plugin_files`` are paths or (plugin name, path) pairs. A plugin's recipe whose name is taken, or a plugin's
+    ``plugin_files`` are paths or (plugin name, path) pairs; ``sources`` collects each recipe's plugin or file
+    name. A plugin's recipe whose name is taken, or a plugin's
     file that does not parse, is refused alone ((plugin, sentence) appended to ``refused``) so that it cannot break
     every recipe command; a user's file (``--recipes``) that redefines a name is an error: the user asked for it.
     """
@@ -149,6 +151,8 @@ def load_recipes(
                 raise RecipeError(f"recipe '{name}' is defined in both {origin[name]} and {f}; rename one")
             recipes[name] = r
             origin[name] = f
+            if sources is not None:  # where `genzoo list` says a recipe comes from: its plugin, or its file
+                sources[name] = plugin or f.name
     return recipes
 
 

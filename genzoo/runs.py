@@ -58,8 +58,13 @@ def evaluations(run: Path) -> list[dict[str, Any]]:
     return _jsonl(run / EVALUATIONS)
 
 
+def metrics(run: Path) -> list[dict[str, Any]]:
+    """Every record of the run's ``metrics.jsonl`` (a line cut by an interrupted write is skipped)."""
+    return _jsonl(run / "metrics.jsonl")
+
+
 def last_loss(run: Path) -> float | None:
-    losses = [r["loss"] for r in _jsonl(run / "metrics.jsonl") if isinstance(r.get("loss"), (int, float))]
+    losses = [r["loss"] for r in metrics(run) if isinstance(r.get("loss"), (int, float))]
     return losses[-1] if losses else None
 
 

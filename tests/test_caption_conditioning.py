@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from genzoo import api
+from genzoo.errors import RegistryError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CAPTIONS = ["a large red circle in the top left", "a large red circle in the bottom right"]
+CLIP_TEXT = ["encoder={type: clip-text, pooled_as_emb: true}", "decoder.denoiser.emb_dim_in=64"]
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +120,62 @@ def test_the_tokens_enter_at_the_recipe_attention_resolutions(glide) -> None:
 
 def test_a_caption_encoder_that_reads_the_clip_trains_after_it() -> None:
     """GLIDE with `clip-text` (the recipe's CLIP text tower as a frozen pretrained text encoder, Imagen's choice):
-    the CLIP stage comes first, so the decoder learns to read a trained tower; with GLIDE's own text transformer the
-    noised CLIP (for CLIP guidance) stays after the decoder and upsampler. The frozen tower is no decoder parameter."""
-    own = api.create_model("glide-shapes", seed=0)
+    the CLIP stage comes first, so the decoder learns to read a trained tower; with GLIDE's own text transformer alone
+    the noised CLIP (for CLIP guidance) stays after the decoder and upsampler. The frozen tower is no decoder
+    parameter."""
+    own_only = [
+        "encoder={type: text-transformer, context: 32, width: 128, layers: 3, heads: 4}",
+        "decoder.denoiser.emb_dim_in=128",
+    ]
+    own = api.create_model(api.resolve_recipe("glide-shapes", sets=own_only), seed=0)
     assert own.stages == ("decoder", "upsampler", "clip")
-    sets = ["encoder={type: clip-text}", "decoder.denoiser.emb_dim_in=64"]
-    frozen = api.create_model(api.resolve_recipe("glide-shapes", sets=sets), seed=0)
+    frozen = api.create_model(api.resolve_recipe("glide-shapes", sets=CLIP_TEXT), seed=0)
     assert frozen.stages == ("clip", "decoder", "upsampler")
     in_decoder_stage = {id(p) for p in frozen.optimizer_groups("decoder")["main"]}
     assert not in_decoder_stage & {id(p) for p in frozen.components["clip"].parameters()}
+
+
+def test_a_frozen_clip_text_tower_feeds_both_paths_of_a_glide_unet() -> None:
+    """`clip-text` with ``pooled_as_emb`` gives z_t as the pooled ``emb`` too, so the caption reaches the U-Net with
+    its tokens dropped; without it a U-Net that expects a pooled embedding is refused, naming the fix (it would
+    otherwise see only its learned null)."""
+    model = api.create_model(api.resolve_recipe("glide-shapes", sets=CLIP_TEXT), seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    cond = model.components["encoder"].encode({"caption": CAPTIONS})
+    assert torch.equal(cond["emb"], cond["text_emb"]) and cond["context"].shape[-1] == 128
+    unet = model.components["decoder"].denoiser.eval()
+    with torch.no_grad():  # z_t is unit-norm: make its projection as large as the time embedding's
+        unet.emb_proj.weight.mul_(30)
+        x, t = torch.randn(1, 3, 16, 16).expand(2, -1, -1, -1), torch.full((2,), 500)
+        out = unet(x, t, {**cond, "drop_context": torch.ones(2, dtype=torch.bool)})
+        same = unet(x, t, {k: v[:1].expand(2, *v.shape[1:]) for k, v in cond.items()})
+    assert (out[0] - out[1]).norm() > 1e-3 * out[0].norm()
+    assert torch.equal(same[0], same[1])
+    with pytest.raises(RegistryError, match=r"emb_dim_in is 64 .* set encoder.pooled_as_emb: true"):
+        api.create_model(api.resolve_recipe("glide-shapes", sets=["encoder={type: clip-text}", CLIP_TEXT[1]]), seed=0)
+
+
+def test_a_text_pair_reads_both_encoders_side_by_side() -> None:
+    """`text-pair` (eDiff-I's two text encoders at once; glide-shapes' encoder): the context is the trained encoder's
+    tokens then the frozen CLIP tower's, each part's own output unchanged; ``emb`` both pooled embeddings; only the
+    first part trains with the decoder, and the CLIP it reads trains first. Unequal token widths are refused, naming
+    the fix."""
+    first = "first: {type: text-transformer, context: 32, width: 128, layers: 3, heads: 4}"
+    sets = [f"encoder={{type: text-pair, {first}}}", "decoder.denoiser.emb_dim_in=192"]
+    model = api.create_model(api.resolve_recipe("glide-shapes", sets=sets), seed=0)
+    assert api.resolve_recipe("glide-shapes", sets=sets) == api.resolve_recipe("glide-shapes")  # the recipe's own
+    pair = model.components["encoder"]
+    cond = pair.encode({"caption": CAPTIONS})
+    own, clip = pair.first.encode({"caption": CAPTIONS}), pair.second.encode({"caption": CAPTIONS})
+    assert torch.equal(cond["context"], torch.cat([own["context"], clip["context"]], 1))
+    assert torch.equal(cond["context_mask"], torch.cat([own["context_mask"], clip["context_mask"]], 1))
+    assert torch.equal(cond["emb"], torch.cat([own["emb"], clip["text_emb"]], -1))
+    assert model.stages == ("clip", "decoder", "upsampler")
+    trained = {id(p) for p in model.optimizer_groups("decoder")["main"]}
+    assert {id(p) for p in pair.first.parameters()} <= trained
+    assert not trained & {id(p) for p in model.components["clip"].parameters()}
+    narrow = [f"encoder={{type: text-pair, {first.replace('width: 128', 'width: 64')}}}", sets[1]]
+    with pytest.raises(RegistryError, match=r"first encoder's tokens are 64 wide and the second's 128"):
+        api.create_model(api.resolve_recipe("glide-shapes", sets=narrow), seed=0)

@@ -146,8 +146,10 @@ def test_plugin_ships_recipes(tmp_path: Path) -> None:
 
     _, infos = load_plugins(extra=[("shipping", Shipping())], entry_points=False, strict=True)
     assert infos[0].recipes == [str(extra)]
-    recipes = load_recipes(plugin_files=infos[0].recipes)
+    sources: dict[str, str] = {}
+    recipes = load_recipes(plugin_files=[("shipping", infos[0].recipes[0])], sources=sources)
     assert recipes["my-ddpm"].description == "from a plugin" and "ddpm-digits" in recipes
+    assert (sources["my-ddpm"], sources["ddpm-digits"]) == ("shipping", "registry.yaml")  # what `genzoo list` shows
 
 
 # --------------------------------------------------------------------------- issue 21.3: built-ins load first

@@ -146,12 +146,12 @@ TINY_GLIDE = [
     "data.image_size=16",
     "data.num_train=2000",
     "decoder.image_size=8",
-    "encoder.width=32",
-    "encoder.layers=2",
+    "encoder.first.width=32",
+    "encoder.first.layers=2",
     "decoder.denoiser.model_channels=16",
     "decoder.denoiser.num_res_blocks=1",
     "decoder.denoiser.context_dim=32",
-    "decoder.denoiser.emb_dim_in=32",
+    "decoder.denoiser.emb_dim_in=96",  # the text transformer's 32 and the CLIP's 64
     "decoder.denoiser.attention_resolutions=[4]",
     "decoder.denoiser.dropout=0.0",
     "upsampler_decoder.denoiser.model_channels=16",
@@ -160,7 +160,7 @@ TINY_GLIDE = [
     "clip.image_tower.image_size=8",
     "clip.image_tower.model_channels=16",
     "train.batch_size=32",
-    "train.stages={decoder: 300, upsampler: 100, clip: 60}",
+    "train.stages={clip: 60, decoder: 300, upsampler: 100}",
     "train.lr=2e-3",
     "train.ema_decay=null",
     "train.warmup_steps=20",
@@ -178,7 +178,7 @@ def glide_run(tmp_path_factory) -> tuple[Path, object, object]:
 
 def test_glide_uses_the_caption_the_cascade_and_every_guidance(glide_run) -> None:
     run, model, source = glide_run
-    assert model.stages == ("decoder", "upsampler", "clip")
+    assert model.stages == ("clip", "decoder", "upsampler")
     test = source.split("test").tensors()
     x0 = model.low_res(test["image"][:256])
     dec = model.components["decoder"]
@@ -240,7 +240,10 @@ def test_clip_guidance_gradient_raises_the_clip_logit_and_needs_a_clip(glide_run
     with torch.no_grad():
         step = 1e-2 / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         assert (logit(x + step * grad) > logit(x)).all()
-    assert_refused("glide-shapes", [*TINY_GLIDE, "components.clip=null", "guidance.type=clip"], "has no CLIP")
+    own_encoder = ["encoder={type: text-transformer, width: 32, layers: 2}", "decoder.denoiser.emb_dim_in=32"]
+    no_clip = ["components.clip=null", "guidance.type=clip"]
+    assert_refused("glide-shapes", [*TINY_GLIDE, *own_encoder, *no_clip], "has no CLIP")
+    assert_refused("glide-shapes", [*TINY_GLIDE, *no_clip], "second: encoder 'clip-text' .* add components.clip")
 
 
 def test_glide_from_the_command_line(glide_run, tmp_path: Path) -> None:
@@ -254,7 +257,12 @@ def test_glide_from_the_command_line(glide_run, tmp_path: Path) -> None:
 
 
 def test_a_caption_model_needs_a_text_encoder_of_the_denoisers_width() -> None:
-    assert_refused("glide-shapes", [*TINY_GLIDE, "encoder.width=48"], "context_dim is 32 but the text encoder needs 48")
+    assert_refused(
+        "glide-shapes",
+        [*TINY_GLIDE, "encoder.first.width=48", "clip.text_tower.width=48"],
+        "context_dim is 32 but the text encoder needs 48",
+    )
+    assert_refused("glide-shapes", [*TINY_GLIDE, "encoder.first.width=48"], "tokens are 48 wide and the second's 32")
     assert_refused("glide-shapes", [*TINY_GLIDE, "components.encoder=null"], "needs a text encoder")
 
 

@@ -423,8 +423,23 @@ def make_diffusion_pipeline(cfg: DiffusionPipelineConfig, ctx) -> DiffusionPipel
     caption-conditional."""
     args = labelled_args("diffusion", cfg.condition, ctx)
     encoder = ctx.components.get("encoder")
-    width = getattr(encoder, "width", None) if cfg.condition is Conditioning.caption else None
-    check_denoiser(
-        "diffusion", ctx.components, {"context_dim": width, "emb_dim_in": width} if width else {}, "the text encoder"
-    )
+    want = {}
+    if cfg.condition is Conditioning.caption:  # an encoder names its widths: one `width`, or each of its outputs'
+        width = getattr(encoder, "width", None)
+        want = {
+            "context_dim": getattr(encoder, "context_width", width),
+            "emb_dim_in": getattr(encoder, "emb_width", width),
+        }
+        want = {k: v for k, v in want.items() if v is not None}
+    check_denoiser("diffusion", ctx.components, want, "the text encoder")
+    gives = getattr(getattr(encoder, "produces", None), "condition", None)
+    cfg_unet = getattr(getattr(ctx.components.get("decoder"), "denoiser", None), "cfg", None)
+    if cfg.condition is Conditioning.caption and gives is not None and "context" in gives and "emb" not in gives:
+        # an encoder that feeds the U-Net's tokens but no pooled embedding: the U-Net's pooled path would silently
+        # see only its learned null (a denoiser that encodes text itself, e.g. OpenAI's GLIDE, reads neither)
+        if getattr(cfg_unet, "emb_dim_in", None):
+            raise RegistryError(
+                f"pipeline 'diffusion': decoder.denoiser.emb_dim_in is {cfg_unet.emb_dim_in} but the text encoder "
+                "gives no pooled embedding 'emb'; set encoder.pooled_as_emb: true (clip-text), or emb_dim_in: null"
+            )
     return DiffusionPipeline(ctx.components, **args)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from genzoo.errors import GenzooError, RegistryError
-from genzoo.interfaces import Pipeline
+from genzoo.interfaces import Condition, Encoder, Pipeline, Spec
 from genzoo.registry import spec_field
 from genzoo.text.transformer import TextTransformer, TextTransformerConfig
 
@@ -301,6 +301,149 @@ def build_open_clip(cfg: OpenClipConfig, ctx: Any = None) -> OpenCLIP:
 
 
 # --------------------------------------------------------------------------- training a CLIP
+
+
+TEXT_KEYS = frozenset({"text_emb", "context", "context_mask"})
+"""The condition keys a CLIP text tower gives: z_t, its per-token outputs and their padding mask."""
+
+
+class ClipTextEncoderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pooled_as_emb: bool = Field(
+        False,
+        description="also give z_t as cond['emb'], the pooled embedding a GLIDE U-Net adds to its time embedding "
+        "(set emb_dim_in to the CLIP's embed_dim); off for unCLIP, whose cond['emb'] is the image embedding z_i",
+    )
+
+
+class ClipTextEncoder(Encoder):
+    """Captions through the recipe's frozen CLIP text tower: ``text_emb`` (z_t), ``context`` + ``context_mask``
+    (its per-token outputs) and ``tokens``; the text encoder of unCLIP (Ramesh et al. 2022, Sec. 2.1) and, as
+    Imagen's frozen pretrained encoder (Saharia et al. 2022, Sec. 2.1), of a GLIDE decoder. It borrows the CLIP
+    (``bind_siblings``), so the CLIP's weights are saved once, under ``clip``."""
+
+    def __init__(self, cfg: ClipTextEncoderConfig | None = None) -> None:
+        super().__init__()
+        self.pooled_as_emb = cfg is not None and cfg.pooled_as_emb
+        self.__dict__["clip"] = None
+        self.produces = Spec(condition=self._keys())
+
+    def _keys(self) -> frozenset[str]:
+        return TEXT_KEYS | {"tokens"} | ({"emb"} if self.pooled_as_emb else set())
+
+    def bind_siblings(self, components: Mapping[str, Any], *, where: str = "") -> None:
+        clip = components.get("clip")
+        if clip is None:
+            raise RegistryError(
+                f"{where}encoder 'clip-text' reads captions with the recipe's CLIP: add components.clip"
+            )
+        self.__dict__["clip"] = clip
+        self.produces = Spec(shape=(clip.embed_dim,), condition=self._keys())
+
+    @property
+    def context_width(self) -> int | None:
+        return getattr(getattr(self.clip, "text", None), "width", None)
+
+    @property
+    def emb_width(self) -> int | None:
+        return self.clip.embed_dim if self.pooled_as_emb and self.clip is not None else None
+
+    def tokenize(self, captions: list[str]) -> Tensor:
+        return self.clip.tokenize(list(captions))
+
+    @torch.no_grad()
+    def encode(self, condition: Mapping[str, Any]) -> Condition:
+        out = {k: v for k, v in condition.items() if k != "caption"}
+        if "caption" in condition:
+            tokens = self.tokenize(condition["caption"])
+            z_t, seq, mask = self.clip.encode_text_sequence(tokens)
+            out.update(text_emb=z_t, context=seq.float(), context_mask=mask, tokens=tokens)
+            if self.pooled_as_emb:
+                out["emb"] = z_t
+        return out
+
+
+class TextPairConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    first: dict[str, Any] = spec_field(
+        "encoder",
+        ...,
+        "the first text encoder, whose tokens the pipeline uses (e.g. GLIDE's, trained with the decoder)",
+    )
+    second: dict[str, Any] = spec_field(
+        "encoder", {"type": "clip-text", "pooled_as_emb": True}, "the second (e.g. the recipe's frozen CLIP text tower)"
+    )
+
+
+class TextPairEncoder(Encoder):
+    """Two text encoders read side by side, as eDiff-I conditions on T5 and CLIP text at once (Balaji et al. 2022,
+    Sec. 4.1): ``context`` is both token sequences joined (equal widths, checked when bound), ``emb`` both pooled
+    embeddings joined (``emb_dim_in`` their sum), ``tokens`` the first's. A trained encoder beside a frozen
+    contrastive one: GLIDE's own reads shape, CLIP's reads position (docs/text.md)."""
+
+    def __init__(self, first: Encoder, second: Encoder) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+        self.produces = Spec(condition=first.produces.condition | second.produces.condition)
+
+    @property
+    def clip(self) -> Any:
+        """The recipe's CLIP when a part reads it, so the pipeline trains the CLIP first."""
+        return getattr(self.first, "clip", None) or getattr(self.second, "clip", None)
+
+    def bind_siblings(self, components: Mapping[str, Any], *, where: str = "") -> None:
+        for name, part in (("first", self.first), ("second", self.second)):
+            if callable(getattr(part, "bind_siblings", None)):
+                part.bind_siblings(components, where=f"{where}{name}: ")
+        a, b = (getattr(p, "context_width", getattr(p, "width", None)) for p in (self.first, self.second))
+        if a is not None and b is not None and a != b:
+            raise RegistryError(
+                f"{where}encoder 'text-pair': the first encoder's tokens are {a} wide and the second's {b}; give the "
+                "two encoders the same width"
+            )
+
+    @property
+    def context_width(self) -> int | None:
+        """The parts' common token width (None when a part's is unknown or they differ: ``encode`` says which)."""
+        a, b = (getattr(p, "context_width", getattr(p, "width", None)) for p in (self.first, self.second))
+        return a if a == b else None
+
+    @property
+    def emb_width(self) -> int | None:
+        """The joined pooled width: each part's that gives ``emb``."""
+        widths = [
+            getattr(p, "emb_width", getattr(p, "width", None))
+            for p in (self.first, self.second)
+            if "emb" in p.produces.condition
+        ]
+        return sum(widths) if widths and None not in widths else None
+
+    def tokenize(self, captions: list[str]) -> Tensor:
+        return self.first.tokenize(captions)
+
+    def encode(self, condition: Mapping[str, Any]) -> Condition:
+        out = {k: v for k, v in condition.items() if k != "caption"}
+        if "caption" not in condition:
+            return out
+        a, b = (part.encode({"caption": condition["caption"]}) for part in (self.first, self.second))
+        out.update(
+            context=torch.cat([a["context"], b["context"].to(a["context"].dtype)], dim=1),
+            context_mask=torch.cat([a["context_mask"], b["context_mask"]], dim=1),
+            tokens=a["tokens"],
+        )
+        pooled = [p["emb"] for p in (a, b) if "emb" in p]
+        if pooled:
+            out["emb"] = torch.cat([p.to(pooled[0].dtype) for p in pooled], dim=-1)
+        return out
+
+
+def build_text_pair(cfg: TextPairConfig, ctx: Any) -> TextPairEncoder:
+    """Both parts built from their specs (nested components, as a CLIP's image tower)."""
+    parts = (
+        ctx.registry.build("encoder", spec, data=ctx.data, where=f"encoder 'text-pair': {name}: ")
+        for name, spec in (("first", cfg.first), ("second", cfg.second))
+    )
+    return TextPairEncoder(*parts)
 
 
 class ClipPipelineConfig(BaseModel):

@@ -46,6 +46,8 @@ def register_components(registry) -> None:
     registry.register(
         "encoder", "text-transformer", config=transformer.TextTransformerConfig, factory=transformer.TextEncoder
     )
+    registry.register("encoder", "clip-text", config=clip.ClipTextEncoderConfig, factory=clip.ClipTextEncoder)
+    registry.register("encoder", "text-pair", config=clip.TextPairConfig, factory=clip.build_text_pair)
     registry.register("clip", "clip", config=clip.ClipConfig, factory=clip.build_clip)
     registry.register("clip", "open-clip", config=clip.OpenClipConfig, factory=clip.build_open_clip)
     registry.register("pipeline", "clip", config=clip.ClipPipelineConfig, factory=clip.make_clip_pipeline)

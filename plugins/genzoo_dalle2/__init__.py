@@ -1,4 +1,4 @@
-"""Built-in plugin: DALL·E 2 / unCLIP (Ramesh et al. 2022): the CLIP text encoder, the diffusion and
+"""Built-in plugin: DALL·E 2 / unCLIP (Ramesh et al. 2022): the diffusion and
 autoregressive priors over CLIP image embeddings, and the `dalle2` pipeline (decoder and upsampler are
 the shared diffusion decoder). See docs/dalle2.md."""
 
@@ -14,7 +14,6 @@ __version__ = genzoo.__version__
 def register_components(registry) -> None:
     from . import pipeline, prior
 
-    registry.register("encoder", "clip-text", config=pipeline.ClipTextEncoderConfig, factory=pipeline.ClipTextEncoder)
     registry.register("prior", "diffusion-prior", config=prior.DiffusionPriorConfig, factory=prior.DiffusionPrior)
     registry.register("prior", "ar-prior", config=prior.ARPriorConfig, factory=prior.ARPrior)
     registry.register("pipeline", "dalle2", config=pipeline.UnCLIPConfig, factory=pipeline.make_unclip_pipeline)

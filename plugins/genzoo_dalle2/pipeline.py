@@ -25,11 +25,9 @@ from genzoo.diffusion.decoder import DiffusionPipeline, check_denoiser
 from genzoo.diffusion.editing import ddim_invert, inversion_sampler
 from genzoo.diffusion.samplers import randn
 from genzoo.errors import GenzooError, RegistryError
-from genzoo.interfaces import CompositionError, Condition, Encoder, Spec, describe_component
+from genzoo.interfaces import CompositionError, describe_component
 from genzoo.pipelines import Conditioning
-from genzoo.text.clip import clip_losses
-
-from .prior import TEXT_KEYS
+from genzoo.text.clip import TEXT_KEYS, clip_losses
 
 
 def slerp(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
@@ -70,42 +68,6 @@ def cascade_stages(components: Mapping[str, Any]) -> tuple[str, ...]:
             f"without gaps: {[f'{s}_decoder' for s in want]}"
         )
     return stages
-
-
-class ClipTextEncoderConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ClipTextEncoder(Encoder):
-    """Captions through the recipe's (frozen) CLIP text tower: ``text_emb`` (z_t), ``context`` +
-    ``context_mask`` (its per-token outputs) and ``tokens``. It borrows the CLIP (``bind_siblings``),
-    so the CLIP's weights are saved once, under ``clip``."""
-
-    def __init__(self, cfg: ClipTextEncoderConfig | None = None) -> None:
-        super().__init__()
-        self.__dict__["clip"] = None
-        self.produces = Spec(condition=TEXT_KEYS | {"tokens"})
-
-    def bind_siblings(self, components: Mapping[str, Any], *, where: str = "") -> None:
-        clip = components.get("clip")
-        if clip is None:
-            raise RegistryError(
-                f"{where}encoder 'clip-text' reads captions with the recipe's CLIP: add components.clip"
-            )
-        self.__dict__["clip"] = clip
-        self.produces = Spec(shape=(clip.embed_dim,), condition=TEXT_KEYS | {"tokens"})
-
-    def tokenize(self, captions: list[str]) -> Tensor:
-        return self.clip.tokenize(list(captions))
-
-    @torch.no_grad()
-    def encode(self, condition: Mapping[str, Any]) -> Condition:
-        out = {k: v for k, v in condition.items() if k != "caption"}
-        if "caption" in condition:
-            tokens = self.tokenize(condition["caption"])
-            z_t, seq, mask = self.clip.encode_text_sequence(tokens)
-            out.update(text_emb=z_t, context=seq.float(), context_mask=mask, tokens=tokens)
-        return out
 
 
 class UnCLIPConfig(BaseModel):

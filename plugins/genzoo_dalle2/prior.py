@@ -39,8 +39,7 @@ from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
 from genzoo.nn.embeddings import timestep_embedding, with_null
 from genzoo.nn.gpt import GPT, Block, CachedLogits, TransformerSize
-
-TEXT_KEYS = frozenset({"text_emb", "context", "context_mask"})
+from genzoo.text.clip import TEXT_KEYS
 
 
 def repeat_condition(cond: Condition | None, k: int) -> Condition | None:

@@ -32,8 +32,7 @@ from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
 from genzoo.nn.embeddings import either
 from genzoo.priors import build_embedding_diffusion
 from genzoo.registry import spec_field
-
-TEXT_KEYS = frozenset({"text_emb", "context", "context_mask"})
+from genzoo.text.clip import TEXT_KEYS
 
 
 def by_drop(

@@ -30,8 +30,8 @@ from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
 from genzoo.priors import build_embedding_diffusion
 from genzoo.registry import spec_field
+from genzoo.text.clip import TEXT_KEYS
 
-TEXT_KEYS = frozenset({"text_emb", "context", "context_mask"})
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIPImageProcessor's defaults
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 

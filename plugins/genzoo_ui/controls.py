@@ -443,7 +443,7 @@ def loss_rows(run_dir: Path | None) -> list[dict[str, Any]]:
         return []
     return [
         {"step": r["step"], "loss": float(r["loss"]), "stage": str(r.get("stage", "main"))}
-        for r in run_files._jsonl(run_dir / "metrics.jsonl")
+        for r in run_files.metrics(run_dir)
         if isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float))
     ]
 
