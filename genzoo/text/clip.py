@@ -438,7 +438,7 @@ class TextPairEncoder(Encoder):
 
 
 def build_text_pair(cfg: TextPairConfig, ctx: Any) -> TextPairEncoder:
-    """Both parts built from their specs (nested components, as a CLIP's image tower)."""
+    """Two text encoders read side by side (eDiff-I): ``context`` both token sequences, ``emb`` both pooled ones."""
     parts = (
         ctx.registry.build("encoder", spec, data=ctx.data, where=f"encoder 'text-pair': {name}: ")
         for name, spec in (("first", cfg.first), ("second", cfg.second))
