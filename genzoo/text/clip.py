@@ -389,13 +389,17 @@ class TextPairEncoder(Encoder):
     @property
     def clip(self) -> Any:
         """The recipe's CLIP when a part reads it, so the pipeline trains the CLIP first."""
-        return getattr(self.first, "clip", None) or getattr(self.second, "clip", None)
+        first = getattr(self.first, "clip", None)
+        return first if first is not None else getattr(self.second, "clip", None)
+
+    def _token_widths(self) -> tuple[int | None, int | None]:
+        return tuple(getattr(p, "context_width", getattr(p, "width", None)) for p in (self.first, self.second))
 
     def bind_siblings(self, components: Mapping[str, Any], *, where: str = "") -> None:
         for name, part in (("first", self.first), ("second", self.second)):
             if callable(getattr(part, "bind_siblings", None)):
                 part.bind_siblings(components, where=f"{where}{name}: ")
-        a, b = (getattr(p, "context_width", getattr(p, "width", None)) for p in (self.first, self.second))
+        a, b = self._token_widths()
         if a is not None and b is not None and a != b:
             raise RegistryError(
                 f"{where}encoder 'text-pair': the first encoder's tokens are {a} wide and the second's {b}; give the "
@@ -404,8 +408,8 @@ class TextPairEncoder(Encoder):
 
     @property
     def context_width(self) -> int | None:
-        """The parts' common token width (None when a part's is unknown or they differ: ``encode`` says which)."""
-        a, b = (getattr(p, "context_width", getattr(p, "width", None)) for p in (self.first, self.second))
+        """The parts' common token width (None when a part's is unknown, or they differ, which binding refuses)."""
+        a, b = self._token_widths()
         return a if a == b else None
 
     @property
@@ -429,8 +433,10 @@ class TextPairEncoder(Encoder):
         out.update(
             context=torch.cat([a["context"], b["context"].to(a["context"].dtype)], dim=1),
             context_mask=torch.cat([a["context_mask"], b["context_mask"]], dim=1),
-            tokens=a["tokens"],
         )
+        tokens = a.get("tokens", b.get("tokens"))  # for a guidance with its own text tower (CLIP guidance)
+        if tokens is not None:
+            out["tokens"] = tokens
         pooled = [p["emb"] for p in (a, b) if "emb" in p]
         if pooled:
             out["emb"] = torch.cat([p.to(pooled[0].dtype) for p in pooled], dim=-1)
