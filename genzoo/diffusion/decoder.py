@@ -401,16 +401,19 @@ class DiffusionPipeline(LabelledPipeline):
         return self.upsample(x.clamp(-1, 1), generator=generator) if self.upsampler is not None else x
 
 
-def check_denoiser(pipeline: str, components: Mapping[str, Any], want: Mapping[str, int], source: str) -> None:
-    """The decoder's denoiser has the condition widths its conditioner gives (``want``: field -> width),
-    and a cascade's upsampler has its sampler; errors name the field and the value to set."""
+def check_denoiser(pipeline: str, components: Mapping[str, Any], want: Mapping[str, int | None], source: str) -> None:
+    """The decoder's denoiser has the condition widths its conditioner gives (``want``: field -> width, None for an
+    input it must not have), and a cascade's upsampler has its sampler; errors name the field and the value to set."""
     cfg = getattr(getattr(components.get("decoder"), "denoiser", None), "cfg", None)
     for field, value in want.items():
-        got = getattr(cfg, field, "n/a")
+        got = getattr(
+            cfg, field, "n/a" if value is not None else None
+        )  # a denoiser without the field has no such input
         if cfg is not None and got != value:
+            shown = "null" if value is None else value
             raise RegistryError(
-                f"pipeline '{pipeline}': decoder.denoiser.{field} is {got} but {source} needs {value}; set "
-                f"{field}: {value}"
+                f"pipeline '{pipeline}': decoder.denoiser.{field} is {got} but {source} needs {shown}; set "
+                f"{field}: {shown}"
             )
     if components.get("upsampler_decoder") is not None and components.get("upsampler_sampler") is None:
         raise RegistryError(
@@ -423,7 +426,7 @@ def make_diffusion_pipeline(cfg: DiffusionPipelineConfig, ctx) -> DiffusionPipel
     caption-conditional."""
     args = labelled_args("diffusion", cfg.condition, ctx)
     encoder = ctx.components.get("encoder")
-    want = {}
+    want, source = {}, "the text encoder"
     if cfg.condition is Conditioning.caption:  # an encoder names its widths: one `width`, or each of its outputs'
         width = getattr(encoder, "width", None)
         want = {
@@ -431,15 +434,11 @@ def make_diffusion_pipeline(cfg: DiffusionPipelineConfig, ctx) -> DiffusionPipel
             "emb_dim_in": getattr(encoder, "emb_width", width),
         }
         want = {k: v for k, v in want.items() if v is not None}
-    check_denoiser("diffusion", ctx.components, want, "the text encoder")
-    gives = getattr(getattr(encoder, "produces", None), "condition", None)
-    cfg_unet = getattr(getattr(ctx.components.get("decoder"), "denoiser", None), "cfg", None)
-    if cfg.condition is Conditioning.caption and gives is not None and "context" in gives and "emb" not in gives:
-        # an encoder that feeds the U-Net's tokens but no pooled embedding: the U-Net's pooled path would silently
-        # see only its learned null (a denoiser that encodes text itself, e.g. OpenAI's GLIDE, reads neither)
-        if getattr(cfg_unet, "emb_dim_in", None):
-            raise RegistryError(
-                f"pipeline 'diffusion': decoder.denoiser.emb_dim_in is {cfg_unet.emb_dim_in} but the text encoder "
-                "gives no pooled embedding 'emb'; set encoder.pooled_as_emb: true (clip-text), or emb_dim_in: null"
-            )
+        gives = getattr(getattr(encoder, "produces", None), "condition", frozenset())
+        if "context" in gives and "emb" not in gives:
+            # a U-Net with a pooled path would silently see only its learned null there (a denoiser that encodes
+            # text itself, e.g. OpenAI's GLIDE, is fed no context and is not concerned)
+            want["emb_dim_in"] = None
+            source = "a text encoder that gives no pooled 'emb' (clip-text: set encoder.pooled_as_emb: true)"
+    check_denoiser("diffusion", ctx.components, want, source)
     return DiffusionPipeline(ctx.components, **args)
