@@ -34,6 +34,15 @@ def setup(device_type: str) -> DistInfo:
     return info
 
 
+def teardown(info: DistInfo) -> None:
+    """Wait for every rank (rank 0 has written the checkpoint), then destroy the group. A gloo group left to the
+    interpreter's exit can abort a rank whose peer has already gone (``terminate called without an active
+    exception``), failing a finished run."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def any_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True on every rank when any rank raised it (stop on a signal or a time budget together)."""
     if not info.enabled:

@@ -318,6 +318,7 @@ class Trainer:
         """Train (or continue) to the end of the last stage; ``stop_at`` stops after that global step as an
         interruption would. The loop of improved-diffusion's ``run_loop``: advance the stage, step, log, decide to
         save, and finish (fit the latent prior, save the last step once)."""
+        self.dist = distributed.setup(self.device.type)  # again: a previous fit on this trainer tore it down
         self._begin(resume)
         with self._logging(resume):
             model = self._wrap(_Losses(self.pipeline))
@@ -345,7 +346,9 @@ class Trainer:
                     bar.close()
                 # still under our handlers: a second SIGTERM while the stopped run's checkpoint is written (a
                 # scheduler repeating itself, an impatient `kill`) must not kill the write and lose the run
-                return self._finish(t0, steps_done, last, timed_out)
+                result = self._finish(t0, steps_done, last, timed_out)
+                distributed.teardown(self.dist)
+                return result
             finally:
                 for s, h in previous.items():
                     signal.signal(s, h)
