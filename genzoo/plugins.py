@@ -38,11 +38,13 @@ class Hookspecs:
         """Register this plugin's components.
 
         Call ``registry.register(kind, name, config=ConfigModel, factory=callable)`` once per
-        component. ``kind`` is one of ``genzoo.registry.KINDS``; ``name`` is kebab-case and
-        unique across plugins; ``config`` is a pydantic model with ``extra='forbid'`` whose fields
-        are documented; ``factory(config)`` (or ``factory(config, ctx)`` to receive a
-        :class:`genzoo.registry.BuildContext`) returns the component. Registrations of one
-        plugin are committed together: if any fails, none is kept. A name that a plugin loaded
+        component, or ``registry.register_module(module, ...)`` for the factories a module marks
+        with ``@genzoo.registry.component(kind, name, config=ConfigModel)``. ``kind`` is one of
+        ``genzoo.registry.KINDS``; ``name`` is kebab-case and unique across plugins; ``config`` is a
+        pydantic model with ``extra='forbid'`` whose fields are documented; ``factory(config)`` (or
+        ``factory(config, ctx)`` to receive a :class:`genzoo.registry.BuildContext`) returns the
+        component. Registrations of one plugin are committed together: if any fails, none is kept.
+        A name that a plugin loaded
         earlier holds (built-in plugins load first) is refused alone and reported.
         """
 

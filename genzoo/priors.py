@@ -25,7 +25,7 @@ from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
 from genzoo.nn.embeddings import with_null
 from genzoo.nn.gpt import GPT, CachedLogits, TransformerSize
-from genzoo.registry import registered_name
+from genzoo.registry import component, registered_name
 
 
 def bind_priors(components: Mapping[str, Any]) -> None:
@@ -100,6 +100,7 @@ class GaussianPrior(SizedPrior):
         return -0.5 * z.flatten(1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi)
 
 
+@component("prior", "gaussian", config=GaussianPriorConfig)
 def make_gaussian_prior(cfg: GaussianPriorConfig, ctx=None) -> GaussianPrior:
     """z ~ N(0, I)."""
     return GaussianPrior(tuple(cfg.shape) if cfg.shape else None)
@@ -141,6 +142,7 @@ class FittedGaussian(SizedPrior):
         return (self.mean + eps @ self.scale_tril.t()).view(n, *self._check_bound())
 
 
+@component("prior", "fitted-gaussian", config=FittedGaussianConfig)
 def make_fitted_gaussian(cfg: FittedGaussianConfig, ctx=None) -> FittedGaussian:
     """A full-covariance Gaussian fitted to the training latents after training."""
     return FittedGaussian(tuple(cfg.shape) if cfg.shape else None, cfg.jitter)
@@ -218,6 +220,7 @@ class GaussianMixturePrior(SizedPrior):
         return z.view(n, *self._check_bound())
 
 
+@component("prior", "gmm", config=GMMConfig)
 def make_gmm(cfg: GMMConfig, ctx=None) -> GaussianMixturePrior:
     """A Gaussian mixture fitted to the training latents by EM after training."""
     return GaussianMixturePrior(tuple(cfg.shape) if cfg.shape else None, cfg)
@@ -258,6 +261,7 @@ class UniformTokens(SizedPrior):
         return torch.randint(0, self.vocab_size, (n, *self._check_bound()), generator=generator, device=self.device)
 
 
+@component("prior", "uniform-tokens", config=UniformTokensConfig)
 def make_uniform_tokens(cfg: UniformTokensConfig, ctx=None) -> UniformTokens:
     """Codes drawn uniformly at random (a baseline with nothing to train)."""
     return UniformTokens(tuple(cfg.shape) if cfg.shape else None, cfg.vocab_size)
@@ -330,6 +334,7 @@ class GPTPrior(SizedPrior):
         return codes.view(n, *shape)
 
 
+@component("prior", "gpt", config=GPTPriorConfig)
 def make_gpt_prior(cfg: GPTPriorConfig, ctx=None) -> GPTPrior:
     """An autoregressive GPT over a code grid in raster order (van den Oord et al. 2017, Sec. 3.3)."""
     num_classes = getattr(getattr(ctx, "data", None), "num_classes", None)

@@ -92,6 +92,33 @@ def _summary_of(factory: Callable[..., Any], config: type[BaseModel]) -> str:
     return _summary(factory) or _summary(config)
 
 
+def component(
+    kind: str, name: str, *, config: type[BaseModel], factory: Callable[..., Any] | None = None
+) -> Callable[[Any], Any]:
+    """Mark the decorated function or class as the component ``kind``/``name`` built from ``config`` by it (or by
+    ``factory``). timm's ``@register_model`` without its import side effect: a mark registers nothing until a
+    plugin's hook passes the module to :meth:`PluginRegistrar.register_module`. Marks stack."""
+
+    def mark(obj: Any) -> Any:
+        marks = obj.__dict__.get(_MARKS, ())
+        setattr(obj, _MARKS, (*marks, (kind, name, config, factory or obj)))
+        return obj
+
+    return mark
+
+
+_MARKS = "__genzoo_components__"
+
+
+def marked(module: Any) -> list[tuple[str, str, type[BaseModel], Callable[..., Any]]]:
+    """The components marked with :func:`component` in ``module`` (defined there, not imported), in source order."""
+    found = []
+    for obj in vars(module).values():
+        if getattr(obj, "__module__", None) == module.__name__ and hasattr(obj, "__dict__"):
+            found.extend(obj.__dict__.get(_MARKS, ()))
+    return found
+
+
 def registered_name(component: Any) -> str:
     """The name ``component`` was built under (its spec's ``type``); its class name if it was built by hand."""
     spec = getattr(component, "genzoo_spec", None)
@@ -265,6 +292,12 @@ class PluginRegistrar:
         self, kind: str, name: str, *, config: type[BaseModel], factory: Callable[..., Any], summary: str | None = None
     ) -> None:
         self._pending.append((kind, name, dict(config=config, factory=factory, summary=summary)))
+
+    def register_module(self, *modules: Any) -> None:
+        """Register every component marked with :func:`component` in ``modules``, in order."""
+        for module in modules:
+            for kind, name, config, factory in marked(module):
+                self.register(kind, name, config=config, factory=factory)
 
     def commit(self) -> list[tuple[str, str]]:
         """Register everything pending; on any error register nothing and raise.

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from genzoo.interfaces import Condition, Guidance, Sampler, SamplerKind, with_null_condition
+from genzoo.registry import component
 
 LogitsFn = Callable[[Tensor, "Condition | None"], Tensor]
 
@@ -33,6 +34,7 @@ class LogitCFGConfig(BaseModel):
     scale: float = Field(3.0, description="guidance scale s; 1 means no guidance (GLIDE's convention)")
 
 
+@component("guidance", "logit-cfg", config=LogitCFGConfig)
 class LogitCFG(TokenGuidance):
     """Classifier-free guidance on logits: ``l_u + s (l_c - l_u)``, both passes in one batch."""
 
@@ -75,6 +77,7 @@ def filter_logits(
     return logits
 
 
+@component("sampler", "token", config=TokenSamplerConfig)
 class TokenSampler(Sampler):
     """Ancestral sampling of ``length`` tokens with temperature, top-k and top-p."""
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from genzoo.errors import RegistryError
-from genzoo.registry import Registry
+from genzoo.registry import Registry, component
 
 
 class StepsConfig(BaseModel):
@@ -106,6 +108,34 @@ def test_a_taken_name_is_refused_alone(registry: Registry) -> None:
     assert scoped.commit() == [("sampler", "fresh")]
     assert registry.get("sampler", "taken").plugin == "first" and registry.get("sampler", "fresh").plugin == "second"
     assert len(scoped.refused) == 1 and "both plugin 'first' and plugin 'second'" in scoped.refused[0]
+
+
+def test_marks_register_only_through_register_module(registry: Registry) -> None:
+    """A mark registers nothing by itself; register_module takes the module's own marks in source order, stacked
+    marks each, and skips a marked factory the module only imported."""
+    module = types.ModuleType("fake_plugin_module")
+
+    @component("sampler", "second-name", config=StepsConfig)
+    @component("sampler", "first-name", config=StepsConfig)
+    class Marked(Thing):
+        pass
+
+    def make_guidance(cfg: StepsConfig) -> str:
+        return f"guidance {cfg.steps}"
+
+    Marked.__module__ = make_guidance.__module__ = module.__name__
+    module.Marked = Marked
+    module.make = component("guidance", "made", config=StepsConfig, factory=lambda cfg: ("wrapped", cfg.steps))(
+        make_guidance
+    )
+    module.Imported = component("sampler", "elsewhere", config=StepsConfig)(type("Imported", (Thing,), {}))
+    assert registry.names("sampler") == [] and registry.names("guidance") == []
+    scoped = registry.scoped("fake")
+    scoped.register_module(module)
+    assert scoped.commit() == [("sampler", "first-name"), ("sampler", "second-name"), ("guidance", "made")]
+    assert isinstance(registry.build("sampler", {"type": "second-name", "steps": 3}), Marked)
+    assert registry.build("guidance", {"type": "made", "steps": 4}) == ("wrapped", 4)  # factory= overrides the object
+    assert "elsewhere" not in registry.names("sampler")  # Imported.__module__ is this test's, not the module's
 
 
 def test_describe_fields(registry: Registry) -> None:

@@ -19,6 +19,8 @@ from pydantic import BaseModel
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from genzoo.registry import component
+
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -114,6 +116,12 @@ class DataSource:
     def version(self) -> Any:
         """The data module's ``VERSION`` when its data are procedural or bundled (fingerprint without rendering)."""
         return getattr(importlib.import_module(self._make.__module__), "VERSION", None)
+
+
+def dataset(name: str, *, config: type[BaseModel]) -> Callable[[Callable[[BaseModel, str], Any]], Any]:
+    """Mark ``make(cfg, split)`` as the dataset ``name`` (built through :func:`data_source`); a plugin registers it with
+    its module (:meth:`genzoo.registry.PluginRegistrar.register_module`)."""
+    return lambda make: component("dataset", name, config=config, factory=data_source(make))(make)
 
 
 def data_source(make: Callable[[BaseModel, str], Any]) -> Callable[[BaseModel], DataSource]:

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from genzoo.data.base import DataSpec, TensorImageDataset, fingerprint_of, resize, to_unit_range
+from genzoo.data.base import DataSpec, TensorImageDataset, dataset, fingerprint_of, resize, to_unit_range
 
 VERSION = 1
 SPLITS = ("train", "test")
@@ -20,6 +20,7 @@ class DigitsConfig(BaseModel):
     split_seed: int = Field(0, description="seed of the fixed train/test permutation")
 
 
+@dataset("digits", config=DigitsConfig)
 def make_digits(cfg: DigitsConfig, split: str) -> TensorImageDataset:
     """Handwritten digits 0-9 as 1-channel images in [-1, 1]; label = the digit."""
     from sklearn.datasets import load_digits

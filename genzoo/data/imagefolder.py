@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from genzoo.data.base import DataSpec, TensorImageDataset, fingerprint_of, to_unit_range
+from genzoo.data.base import DataSpec, TensorImageDataset, dataset, fingerprint_of, to_unit_range
 from genzoo.errors import DataError
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -80,6 +80,7 @@ def _read_image(p: Path, cfg: ImageFolderConfig) -> torch.Tensor:
         return square_image(im, cfg.image_size, cfg.channels)
 
 
+@dataset("imagefolder", config=ImageFolderConfig)
 def make_imagefolder(cfg: ImageFolderConfig, split: str) -> TensorImageDataset:
     """Load, resize and centre-crop every image under ``root`` into memory."""
     root = Path(cfg.root).expanduser()
@@ -149,6 +150,7 @@ class TorchvisionConfig(BaseModel):
     image_size: int | None = Field(None, description="resize to this side; None keeps 28 (MNIST) or 32 (CIFAR-10)")
 
 
+@dataset("torchvision", config=TorchvisionConfig)
 def make_torchvision(cfg: TorchvisionConfig, split: str) -> TensorImageDataset:
     """MNIST or CIFAR-10 through torchvision, held in memory."""
     try:

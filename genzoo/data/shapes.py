@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from genzoo.data.base import DataSpec, TensorImageDataset, fingerprint_of
+from genzoo.data.base import DataSpec, TensorImageDataset, dataset, fingerprint_of
 
 VERSION = 1
 SPLITS = ("train", "test", "heldout")
@@ -118,6 +118,7 @@ def render(attrs: Tensor, size: int, g: torch.Generator) -> Tensor:
     return coverage * colour.view(n, 3, 1, 1) * 2 - 1
 
 
+@dataset("shapes", config=ShapesConfig)
 def make_shapes(cfg: ShapesConfig, split: str) -> TensorImageDataset:
     """Procedural captioned shapes; label = shape * 6 + colour."""
     if split not in SPLITS:

@@ -6,12 +6,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from genzoo.registry import component
+
 
 class BPETokenizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     context_length: int = Field(77, ge=3, description="tokens per caption incl. start and end; longer captions are cut")
 
 
+@component("tokenizer", "bpe", config=BPETokenizerConfig)
 class BPETokenizer:
     """``encode(list[str]) -> (B, L)`` long tensor: [SOT, tokens..., EOT, 0...]; ``decode`` inverts it."""
 

@@ -25,7 +25,7 @@ from genzoo.diffusion.schedules import betas_with_float32_abar, get_named_beta_s
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Decoder, SamplerKind, Spec
 from genzoo.pipelines import Conditioning, LabelledPipeline, labelled_args
-from genzoo.registry import spec_field
+from genzoo.registry import component, spec_field
 
 
 class DiffusionDecoderConfig(BaseModel):
@@ -222,6 +222,7 @@ class DiffusionDecoder(Decoder):
         return out
 
 
+@component("decoder", "diffusion-decoder", config=DiffusionDecoderConfig)
 def make_diffusion_decoder(cfg: DiffusionDecoderConfig, ctx) -> DiffusionDecoder:
     """A denoiser network with its Gaussian diffusion process (schedule, mean and variance type, loss)."""
     from genzoo.diffusion.gaussian_diffusion import create_timestep_sampler
@@ -421,6 +422,7 @@ def check_denoiser(pipeline: str, components: Mapping[str, Any], want: Mapping[s
         )
 
 
+@component("pipeline", "diffusion", config=DiffusionPipelineConfig)
 def make_diffusion_pipeline(cfg: DiffusionPipelineConfig, ctx) -> DiffusionPipeline:
     """DDPM / Improved DDPM / ADM / GLIDE: a diffusion decoder (+ upsampler), unconditional, class- or
     caption-conditional."""

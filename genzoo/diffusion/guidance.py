@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, Model, Prediction
 from genzoo.interfaces import Condition, Guidance, SamplerKind, with_null_condition
-from genzoo.registry import spec_field
+from genzoo.registry import component, spec_field
 
 
 class DiffusionGuidance(Guidance):
@@ -147,6 +147,7 @@ def noised(x0: Tensor, diffusion: GaussianDiffusion) -> tuple[Tensor, Tensor]:
     return diffusion.q_sample(x0, t), diffusion.model_t(t)
 
 
+@component("guidance", "classifier", config=ClassifierGuidanceConfig)
 def make_classifier_guidance(cfg: ClassifierGuidanceConfig, ctx) -> ClassifierGuidance:
     """Classifier guidance: the gradient of a noisy classifier log p(y | x_t) shifts the mean (Dhariwal & Nichol
     2021)."""
@@ -176,6 +177,7 @@ class CFGConfig(BaseModel):
     )
 
 
+@component("guidance", "cfg", config=CFGConfig)
 class ClassifierFreeGuidance(DiffusionGuidance):
     """eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2021, Eq. 6 with w = s - 1), both passes in one forward.
 

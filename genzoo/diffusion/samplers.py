@@ -24,6 +24,7 @@ from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, Model, Predic
 from genzoo.diffusion.guidance import DiffusionGuidance
 from genzoo.diffusion.schedules import solver_grid, space_timesteps, spaced_grid
 from genzoo.interfaces import Condition, Sampler, SamplerKind
+from genzoo.registry import component
 
 
 class SamplerConfig(BaseModel):
@@ -292,6 +293,7 @@ def run_chain(
     return x
 
 
+@component("sampler", "ddpm", config=SamplerConfig)
 class AncestralSampler(DiffusionSampler):
     """x_{t-1} = mu + sigma z, no noise at the last step (DDPM Alg. 2, on the respaced process)."""
 
@@ -313,6 +315,7 @@ class DDIMConfig(SamplerConfig):
     )
 
 
+@component("sampler", "ddim", config=DDIMConfig)
 class DDIMSampler(DiffusionSampler):
     """x' = sqrt(abar') x0_hat + sqrt(1 - abar' - sigma^2) eps_hat + sigma z (Song et al. 2021, Eq. 12).
 
@@ -333,6 +336,7 @@ class DDIMSampler(DiffusionSampler):
         return x
 
 
+@component("sampler", "dpm-solver++", config=SamplerConfig)
 class DPMSolverPlusPlus2M(DiffusionSampler):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, second order, in lambda = log(alpha / sigma).
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion
 from genzoo.diffusion.samplers import DiffusionSampler, SamplerConfig, randn
+from genzoo.registry import component
 
 Grid = Literal["uniform", "quadratic", "log-snr", "karras"]
 
@@ -63,6 +64,7 @@ class EDMHeunConfig(SamplerConfig):
     churn_noise: float = Field(1.0, gt=0, description="EDM's S_noise: the added noise's scale")
 
 
+@component("sampler", "edm-heun", config=EDMHeunConfig)
 class EDMHeun(DiffusionSampler):
     """Heun's second-order method on the probability-flow ODE, with optional churn (Karras et al. 2022, EDM Alg. 1
     and 2).
@@ -150,6 +152,7 @@ class MultistepConfig(SamplerConfig):
     grid: Grid = Field("log-snr", description="which timesteps the solver steps on (SamplerConfig.grid)")
 
 
+@component("sampler", "dpmpp-3m", config=MultistepConfig)
 class DPMSolverPlusPlus3M(DiffusionSampler):
     """DPM-Solver++(3M) (Lu et al. 2022, Sec. 4 and App. B): third-order multistep exponential integrator in
     lambda, data prediction.
@@ -216,6 +219,7 @@ class SDEConfig(MultistepConfig):
     )
 
 
+@component("sampler", "dpmpp-3m-sde", config=SDEConfig)
 class DPMSolverPlusPlus3MSDE(DPMSolverPlusPlus3M):
     """DPM-Solver++(3M) SDE (Lu et al. 2022's SDE-DPM-Solver++ at third order, k-diffusion's ``sample_dpmpp_3m_sde``).
 
@@ -241,6 +245,7 @@ class UniPCConfig(MultistepConfig):
     )
 
 
+@component("sampler", "unipc", config=UniPCConfig)
 class UniPC(DiffusionSampler):
     """UniPC (Zhao et al. 2023, Alg. 2 and 3, B(h) = e^h - 1, "bh2"): a multistep predictor UniP-p with the
     corrector UniC, data prediction.

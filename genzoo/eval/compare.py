@@ -457,41 +457,30 @@ def write_leaderboard(
 
 
 def _plots(out: Path, curves: dict, step_curves: dict) -> None:
+    if any(curves.values()):
+        lines = {name: pts for name, pts in curves.items() if pts}
+        axes = ("training time (min)", "FD (judge features, quick)", "quality vs training time")
+        _line_plot(out / "fd_vs_training_time.png", lines, *axes)
+    for name, per_sampler in step_curves.items():
+        axes = ("sampling steps", "FD (judge features)", f"{name}: quality vs steps")
+        _line_plot(out / f"fd_vs_steps_{name}.png", per_sampler, *axes, logx=True)
+
+
+def _line_plot(path: Path, lines: dict[str, list], xlabel: str, ylabel: str, title: str, *, logx: bool = False) -> None:
+    """One FD curve per named list of (x, FD) points, FD on a log axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if any(curves.values()):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for name, pts in curves.items():
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set(
-            xlabel="training time (min)",
-            ylabel="FD (judge features, quick)",
-            yscale="log",
-            title="quality vs training time",
-        )
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "fd_vs_training_time.png", dpi=120)
-        plt.close(fig)
-    for name, per_sampler in step_curves.items():
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for sampler, pts in per_sampler.items():
-            ax.plot(*zip(*pts), marker="o", label=sampler)
-        ax.set(
-            xlabel="sampling steps",
-            ylabel="FD (judge features)",
-            xscale="log",
-            yscale="log",
-            title=f"{name}: quality vs steps",
-        )
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"fd_vs_steps_{name}.png", dpi=120)
-        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, pts in lines.items():
+        ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if logx else "linear", yscale="log", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _sweep_plots(out: Path, sweeps: dict[str, dict[str, Any]]) -> None:

@@ -28,6 +28,7 @@ from torch import Tensor
 from genzoo.errors import GenzooError
 from genzoo.eval import metrics as M
 from genzoo.precision import autocast
+from genzoo.registry import component
 
 
 @dataclass(frozen=True)
@@ -158,11 +159,13 @@ class NLLConfig(BaseModel):
     images: int = Field(128, ge=1, description="test images the bound is averaged over (the full chain is costly)")
 
 
+@component("metric", "fd", config=NoConfig)
 def metric_fd(cfg: NoConfig) -> MetricFn:
     """Fréchet distance in judge features (Heusel et al. 2017)."""
     return lambda ev: {"fd": M.fd(ev.real_features, ev.fake_features)}
 
 
+@component("metric", "kid", config=KIDConfig)
 def metric_kid(cfg: KIDConfig) -> MetricFn:
     """Kernel inception distance, unbiased, in judge features (Bińkowski et al. 2018)."""
 
@@ -176,26 +179,24 @@ def metric_kid(cfg: KIDConfig) -> MetricFn:
     return run
 
 
+def _knn_metric(measure: Callable[..., tuple[float, float]], names: tuple[str, str], k: int) -> MetricFn:
+    """A metric of two figures from the k-NN balls of real and fake judge features."""
+    return lambda ev: dict(zip(names, measure(ev.real_features, ev.fake_features, k=k)))
+
+
+@component("metric", "precision-recall", config=KNNConfig)
 def metric_precision_recall(cfg: KNNConfig) -> MetricFn:
     """Improved precision and recall (Kynkäänniemi et al. 2019)."""
-
-    def run(ev: EvalContext) -> dict[str, float]:
-        p, r = M.precision_recall(ev.real_features, ev.fake_features, k=cfg.k)
-        return {"precision": p, "recall": r}
-
-    return run
+    return _knn_metric(M.precision_recall, ("precision", "recall"), cfg.k)
 
 
+@component("metric", "density-coverage", config=KNNConfig)
 def metric_density_coverage(cfg: KNNConfig) -> MetricFn:
     """Density and coverage (Naeem et al. 2020)."""
-
-    def run(ev: EvalContext) -> dict[str, float]:
-        d, c = M.density_coverage(ev.real_features, ev.fake_features, k=cfg.k)
-        return {"density": d, "coverage": c}
-
-    return run
+    return _knn_metric(M.density_coverage, ("density", "coverage"), cfg.k)
 
 
+@component("metric", "class-coverage", config=NoConfig)
 def metric_class_coverage(cfg: NoConfig) -> MetricFn:
     """Share of classes the judge finds among samples (mode collapse)."""
 
@@ -209,6 +210,7 @@ def metric_class_coverage(cfg: NoConfig) -> MetricFn:
     return run
 
 
+@component("metric", "attribute-accuracy", config=NoConfig)
 def metric_attribute_accuracy(cfg: NoConfig) -> MetricFn:
     """Does a sample show the class/attributes it was asked for."""
 
@@ -237,6 +239,7 @@ def metric_attribute_accuracy(cfg: NoConfig) -> MetricFn:
     return run
 
 
+@component("metric", "nll", config=NLLConfig)
 def metric_nll(cfg: NLLConfig) -> MetricFn:
     """Negative log-likelihood bound in bits/dim, where the model has one (VAE: ELBO and IWAE bound; diffusion:
     the full variational bound, ``vlb_bpd``, with its prior and decoder terms)."""
@@ -266,6 +269,7 @@ def metric_nll(cfg: NLLConfig) -> MetricFn:
     return run
 
 
+@component("metric", "reconstruction", config=NoConfig)
 def metric_reconstruction(cfg: NoConfig) -> MetricFn:
     """Test-set reconstruction MSE of models that encode (AE, VAE, VQ-VAE)."""
 
@@ -280,6 +284,7 @@ def metric_reconstruction(cfg: NoConfig) -> MetricFn:
     return run
 
 
+@component("metric", "codebook", config=NoConfig)
 def metric_codebook(cfg: NoConfig) -> MetricFn:
     """Codebook perplexity and share of codes used on the test set (VQ models)."""
 
@@ -293,6 +298,7 @@ def metric_codebook(cfg: NoConfig) -> MetricFn:
     return run
 
 
+@component("metric", "zero-shot", config=NoConfig)
 def metric_zero_shot(cfg: NoConfig) -> MetricFn:
     """Zero-shot attribute accuracy of a CLIP on shapes (every attribute combination's caption)."""
 
@@ -305,6 +311,7 @@ def metric_zero_shot(cfg: NoConfig) -> MetricFn:
     return run
 
 
+@component("metric", "upsampler", config=NoConfig)
 def metric_upsampler(cfg: NoConfig) -> MetricFn:
     """A cascade's upsampler against bilinear upsampling: FD and MSE to the originals."""
     """A cascade's upsampler against bilinear upsampling, on the split's images brought down to the base size:
@@ -343,6 +350,7 @@ class PairsConfig(BaseModel):
     images: int = Field(500, ge=1, description="split images (and their captions) used, at most --samples")
 
 
+@component("metric", "embedding-prior", config=PairsConfig)
 def metric_embedding_prior(cfg: PairsConfig) -> MetricFn:
     """DALL·E 2: cosine of prior-drawn to true CLIP image embeddings, and of the text-embedding baseline."""
     """unCLIP's prior against the truth: mean cosine of the z_i it draws for a caption to the CLIP embedding
@@ -360,6 +368,7 @@ def metric_embedding_prior(cfg: PairsConfig) -> MetricFn:
     return run
 
 
+@component("metric", "variations", config=PairsConfig)
 def metric_variations(cfg: PairsConfig) -> MetricFn:
     """DALL·E 2: do variations of a test image keep its attributes (judged)."""
     """Attribute preservation of variations (unCLIP Sec. 3.1): one variation per split image, judged;
@@ -402,6 +411,7 @@ def prior_tokens_per_sample(model: Any) -> int:
     return getattr(prior, "tokens_per_sample", None) or math.prod(prior.shape)
 
 
+@component("metric", "throughput", config=NoConfig)
 def metric_throughput(cfg: NoConfig) -> MetricFn:
     """Sampling images/s and network evaluations per sample."""
 
@@ -423,6 +433,7 @@ def metric_throughput(cfg: NoConfig) -> MetricFn:
     return run
 
 
+@component("metric", "inception", config=NoConfig)
 def metric_torch_fidelity(cfg: NoConfig) -> MetricFn:
     """Inception FID and IS through torch-fidelity (weights downloaded once)."""
 
@@ -472,6 +483,7 @@ class ClipScoreConfig(BaseModel):
     pretrained: str = Field("laion2b_s34b_b79k", description="open_clip pretrained tag (downloaded once)")
 
 
+@component("metric", "clip-score", config=ClipScoreConfig)
 def metric_clip_score(cfg: ClipScoreConfig) -> MetricFn:
     """CLIP score through open_clip (pretrained weights downloaded once)."""
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from genzoo.nn.embeddings import timestep_embedding
 from genzoo.nn.unet import Attention, ConvResample, Level, ResBlock, norm
+from genzoo.registry import component
 
 
 class NoisyClassifierConfig(BaseModel):
@@ -117,6 +118,7 @@ class NoisyClassifier(nn.Module):
         return self.head(h)
 
 
+@component("network", "noisy-classifier", config=NoisyClassifierConfig)
 def build_noisy_classifier(cfg: NoisyClassifierConfig, ctx=None) -> NoisyClassifier:
     """The ADM encoder half as a classifier of noisy images p(y | x_t, t) (Dhariwal & Nichol 2021)."""
     data = getattr(ctx, "data", None)

@@ -21,6 +21,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from genzoo.errors import RegistryError
+from genzoo.registry import component
+
 Norm = Literal["batch", "group", "none"]
 
 
@@ -141,11 +144,13 @@ def _sized(cfg: ConvNetConfig, ctx: Any) -> ConvNetConfig:
     return cfg
 
 
+@component("network", "conv-encoder", config=ConvNetConfig)
 def build_conv_encoder(cfg: ConvNetConfig, ctx: Any = None) -> ConvEncoder:
     """A DCGAN-style encoder: an image through strided convolutions to a vector."""
     return ConvEncoder(_sized(cfg, ctx))
 
 
+@component("network", "conv-decoder", config=ConvNetConfig)
 def build_conv_decoder(cfg: ConvNetConfig, ctx: Any = None) -> ConvDecoder:
     """A DCGAN-style decoder: a vector through transposed convolutions to an image."""
     return ConvDecoder(_sized(cfg, ctx))
@@ -214,6 +219,16 @@ class GridDecoder(nn.Module):
         return self.body(z)
 
 
+def code_grid(ctx: Any, downsample: int, where: str) -> tuple[int, int]:
+    """The (h, w) grid of codes a discrete autoencoder (VQ-VAE, DALL·E's dVAE) puts over the dataset's images."""
+    if ctx.data is None:
+        raise RegistryError(f"{where} needs a dataset to size its networks")
+    _, h, w = ctx.data.image_shape
+    if h % downsample or w % downsample:
+        raise RegistryError(f"{where}: field 'downsample' ({downsample}) must divide the image side {h}")
+    return h // downsample, w // downsample
+
+
 def _grid_sized(cfg: GridNetConfig, ctx: Any) -> GridNetConfig:
     data = getattr(ctx, "data", None)
     if data is not None and cfg.image_channels is None:
@@ -225,11 +240,13 @@ def _grid_sized(cfg: GridNetConfig, ctx: Any) -> GridNetConfig:
     return cfg
 
 
+@component("network", "grid-encoder", config=GridNetConfig)
 def build_grid_encoder(cfg: GridNetConfig, ctx: Any = None) -> GridEncoder:
     """An image to a grid of vectors (VQ-VAE encoder: downsampling, then residual blocks)."""
     return GridEncoder(_grid_sized(cfg, ctx))
 
 
+@component("network", "grid-decoder", config=GridNetConfig)
 def build_grid_decoder(cfg: GridNetConfig, ctx: Any = None) -> GridDecoder:
     """A grid of vectors to an image (VQ-VAE decoder: residual blocks, then upsampling)."""
     return GridDecoder(_grid_sized(cfg, ctx))

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from genzoo.nn.embeddings import condition_embedding, timestep_embedding
+from genzoo.registry import component
 
 
 class MLPDenoiserConfig(BaseModel):
@@ -93,6 +94,7 @@ class MLPDenoiser(nn.Module):
         return out.view(x.shape[0], -1, *x.shape[2:]) if x.dim() > 2 else out
 
 
+@component("network", "mlp-denoiser", config=MLPDenoiserConfig)
 def build_mlp_denoiser(cfg: MLPDenoiserConfig, ctx: Any = None) -> MLPDenoiser:
     """An MLP denoiser for flat data (embeddings, 2-D toy data) with a timestep embedding.
 

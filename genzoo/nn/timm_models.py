@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from genzoo.errors import GenzooError, RegistryError
+from genzoo.registry import component
 
 
 class TimmConfig(BaseModel):
@@ -20,6 +21,7 @@ class TimmConfig(BaseModel):
     )
 
 
+@component("network", "timm", config=TimmConfig)
 def build_timm(cfg: TimmConfig, ctx: Any = None) -> nn.Module:
     """Any timm image model by name (Wightman 2019), from scratch or pretrained."""
     import timm

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from genzoo.nn.embeddings import condition_embedding, either, pooled_or_null, timestep_embedding
+from genzoo.registry import component
 
 
 class UNetConfig(BaseModel):
@@ -375,6 +376,7 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+@component("network", "unet", config=UNetConfig)
 def build_unet(cfg: UNetConfig, ctx: Any = None) -> UNet:
     """The ADM U-Net (Dhariwal & Nichol 2021): residual blocks, attention, scale-shift norm; optional text context.
 

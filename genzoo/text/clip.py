@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Encoder, Pipeline, Spec
-from genzoo.registry import spec_field
+from genzoo.registry import component, spec_field
 from genzoo.text.transformer import TextTransformer, TextTransformerConfig
 
 
@@ -142,6 +142,7 @@ class CLIP(nn.Module):
             self.logit_scale.clamp_(0, math.log(100))
 
 
+@component("clip", "clip", config=ClipConfig)
 def build_clip(cfg: ClipConfig, ctx: Any) -> CLIP:
     """A CLIP trained by genzoo: any image network (ADM encoder, which takes t; or timm) and the text transformer."""
     spec = dict(cfg.image_tower)
@@ -254,6 +255,7 @@ class OpenCLIP(nn.Module):
         return F.normalize(self.model.encode_text(self.tokenizer(list(captions)).to(self.device)).float(), dim=-1)
 
 
+@component("clip", "open-clip", config=OpenClipConfig)
 def build_open_clip(cfg: OpenClipConfig, ctx: Any = None) -> OpenCLIP:
     """open_clip's CLIP by model name, with pretrained weights when asked for (downloads through open_clip)."""
     import open_clip
@@ -316,6 +318,7 @@ class ClipTextEncoderConfig(BaseModel):
     )
 
 
+@component("encoder", "clip-text", config=ClipTextEncoderConfig)
 class ClipTextEncoder(Encoder):
     """Captions through the recipe's frozen CLIP text tower: ``text_emb`` (z_t), ``context`` + ``context_mask``
     (its per-token outputs) and ``tokens``; the text encoder of unCLIP (Ramesh et al. 2022, Sec. 2.1) and, as
@@ -443,6 +446,7 @@ class TextPairEncoder(Encoder):
         return out
 
 
+@component("encoder", "text-pair", config=TextPairConfig)
 def build_text_pair(cfg: TextPairConfig, ctx: Any) -> TextPairEncoder:
     """Two text encoders read side by side (eDiff-I): ``context`` both token sequences, ``emb`` both pooled ones."""
     parts = (
@@ -479,6 +483,7 @@ class ClipPipeline(Pipeline):
         return zero_shot_shapes(self.components["clip"], images, attributes, batch_size=batch_size)
 
 
+@component("pipeline", "clip", config=ClipPipelineConfig)
 def make_clip_pipeline(cfg: ClipPipelineConfig, ctx: Any) -> ClipPipeline:
     """Trains a CLIP alone with the symmetric contrastive loss (Radford et al. 2021)."""
     if "clip" not in ctx.components:

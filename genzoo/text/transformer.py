@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from genzoo.data.tokenizer import CaptionTokens
 from genzoo.interfaces import Condition, Encoder, Spec
 from genzoo.nn.gpt import GPT, Block, TransformerSize
+from genzoo.registry import component
 
 
 class TextTransformerConfig(TransformerSize):
@@ -91,11 +92,13 @@ class TextTransformer(nn.Module):
         return pooled, x, mask
 
 
+@component("network", "text-transformer", config=TextTransformerConfig)
 def build_text_transformer(cfg: TextTransformerConfig, ctx: Any = None) -> TextTransformer:
     """A causal transformer over BPE tokens (GLIDE, CLIP text tower): per-token states and a pooled one."""
     return TextTransformer(cfg)
 
 
+@component("encoder", "text-transformer", config=TextTransformerConfig)
 class TextEncoder(Encoder):
     """Captions -> ``emb`` (pooled, the final token), ``context`` + ``context_mask`` (every token) and
     ``tokens`` (for a guidance with its own text tower, e.g. CLIP's): GLIDE's text encoder, trained

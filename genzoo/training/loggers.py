@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from genzoo.errors import TrainingError
-from genzoo.registry import Registry, registered_name, split_spec
+from genzoo.registry import Registry, component, registered_name, split_spec
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -152,6 +152,7 @@ class JsonlConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@component("logger", "jsonl", config=JsonlConfig)
 class JsonlLogger(TrainingLogger):
     """RUN/metrics.jsonl, one JSON line per logged step (the default; `genzoo runs`, `genzoo serve` and the model
     card read it).

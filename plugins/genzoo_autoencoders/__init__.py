@@ -12,6 +12,4 @@ __version__ = genzoo.__version__
 def register_components(registry) -> None:
     from . import autoencoder as ae
 
-    registry.register("decoder", "autoencoder", config=ae.AutoencoderConfig, factory=ae.make_autoencoder)
-    registry.register("pipeline", "autoencoder", config=ae.AEPipelineConfig, factory=ae.make_ae_pipeline)
-    registry.register("pipeline", "vae", config=ae.VAEPipelineConfig, factory=ae.make_vae_pipeline)
+    registry.register_module(ae)

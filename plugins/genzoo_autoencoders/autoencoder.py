@@ -28,7 +28,7 @@ from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec
 from genzoo.pipelines import Conditioning, LabelledPipeline
 from genzoo.priors import fit_latent_prior
-from genzoo.registry import spec_field
+from genzoo.registry import component, spec_field
 
 
 class AutoencoderConfig(BaseModel):
@@ -110,6 +110,7 @@ class Autoencoder(Decoder):
         return discretized_gaussian_log_likelihood(x, means=mean, log_scales=log_scales).flatten(1).sum(1)
 
 
+@component("decoder", "autoencoder", config=AutoencoderConfig)
 def make_autoencoder(cfg: AutoencoderConfig, ctx) -> Autoencoder:
     """Conv encoder and decoder with a latent vector; deterministic (AE/DAE) or Gaussian posterior (VAE)."""
     if ctx.data is None:
@@ -203,6 +204,7 @@ class AEPipeline(AutoencodingPipeline):
         fit_latent_prior(self.components["prior"], _encode_all(self.components["decoder"], data["image"]))
 
 
+@component("pipeline", "autoencoder", config=AEPipelineConfig)
 def make_ae_pipeline(cfg: AEPipelineConfig, ctx) -> AEPipeline:
     """AE or denoising AE (Vincent et al. 2008): reconstruction loss, then a prior fitted to the latents."""
     dec = ctx.components.get("decoder")
@@ -286,6 +288,7 @@ class VAEPipeline(AutoencodingPipeline):
         return {"elbo_bpd": neg_elbo / scale, "iw_bpd": -iw / scale}
 
 
+@component("pipeline", "vae", config=VAEPipelineConfig)
 def make_vae_pipeline(cfg: VAEPipelineConfig, ctx) -> VAEPipeline:
     """VAE (Kingma & Welling 2014): the ELBO with a Gaussian posterior and the reparameterisation trick."""
     dec = ctx.components.get("decoder")

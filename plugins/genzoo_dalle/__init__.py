@@ -13,12 +13,4 @@ __version__ = genzoo.__version__
 def register_components(registry) -> None:
     from . import dvae, pipeline, transformer
 
-    registry.register("decoder", "dvae", config=dvae.DiscreteVAEConfig, factory=dvae.make_dvae)
-    registry.register("encoder", "bpe-tokens", config=transformer.BPETokensConfig, factory=transformer.BPETokensEncoder)
-    registry.register(
-        "prior",
-        "dalle-transformer",
-        config=transformer.DalleTransformerConfig,
-        factory=transformer.make_dalle_transformer,
-    )
-    registry.register("pipeline", "dalle", config=pipeline.DalleConfig, factory=pipeline.make_dalle_pipeline)
+    registry.register_module(dvae, transformer, pipeline)

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec
+from genzoo.nn.convnets import code_grid
 from genzoo.nn.quantize import perplexity
-from genzoo.registry import spec_field
+from genzoo.registry import component, spec_field
 
 
 class DiscreteVAEConfig(BaseModel):
@@ -99,15 +99,12 @@ class DiscreteVAE(Decoder):
         return self.decoder(self.codebook(z).permute(0, 3, 1, 2)).clamp(-1, 1)
 
 
+@component("decoder", "dvae", config=DiscreteVAEConfig)
 def make_dvae(cfg: DiscreteVAEConfig, ctx) -> DiscreteVAE:
     """DALL·E's discrete VAE: a Gumbel-softmax relaxed posterior over a code grid (Ramesh et al. 2021, Sec. 2.1)."""
-    if ctx.data is None:
-        raise RegistryError("decoder 'dvae' needs a dataset to size its networks")
-    c, h, w = ctx.data.image_shape
-    if h % cfg.downsample or w % cfg.downsample:
-        raise RegistryError(f"decoder 'dvae': field 'downsample' ({cfg.downsample}) must divide the image side {h}")
+    grid = code_grid(ctx, cfg.downsample, "decoder 'dvae'")
     nets = []
     for role, dim in (("encoder", cfg.codebook_size), ("decoder", cfg.code_dim)):
         spec = {**getattr(cfg, role), "dim": dim, "downsample": cfg.downsample}
         nets.append(ctx.registry.build("network", spec, data=ctx.data, where=f"decoder 'dvae': {role}: "))
-    return DiscreteVAE(cfg, *nets, (h // cfg.downsample, w // cfg.downsample), ctx.data.image_shape)
+    return DiscreteVAE(cfg, *nets, grid, ctx.data.image_shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from genzoo.pipelines import Conditioning, TokenPipeline, make_token_pipeline
+from genzoo.registry import component
 
 
 class DalleConfig(BaseModel):
@@ -20,6 +21,7 @@ class DalleConfig(BaseModel):
     )
 
 
+@component("pipeline", "dalle", config=DalleConfig)
 def make_dalle_pipeline(cfg: DalleConfig, ctx) -> TokenPipeline:
     """DALL·E (Ramesh et al. 2021): a tokenizer, the transformer over [text; image] tokens, optional CLIP reranking."""
     return make_token_pipeline("dalle", cfg.condition, ctx, rerank=cfg.rerank)

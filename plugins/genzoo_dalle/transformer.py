@@ -29,6 +29,7 @@ from genzoo.errors import GenzooError
 from genzoo.interfaces import Condition, Encoder, SamplerKind, Spec
 from genzoo.nn.gpt import GPT, CachedLogits, TransformerSize
 from genzoo.priors import SizedPrior
+from genzoo.registry import component
 
 BPE_VOCAB = 49408  # open_clip's SimpleTokenizer
 
@@ -38,6 +39,7 @@ class BPETokensConfig(BaseModel):
     context_length: int = Field(16, ge=3, description="tokens per caption incl. start and end; longer captions are cut")
 
 
+@component("encoder", "bpe-tokens", config=BPETokensConfig)
 class BPETokensEncoder(Encoder):
     """Captions -> ``tokens`` (B, L): open_clip's BPE ids, no parameters (DALL·E's text input)."""
 
@@ -165,6 +167,7 @@ class DalleTransformer(SizedPrior):
         return codes.view(n, *shape)
 
 
+@component("prior", "dalle-transformer", config=DalleTransformerConfig)
 def make_dalle_transformer(cfg: DalleTransformerConfig, ctx: Any = None) -> DalleTransformer:
     """DALL·E's transformer: P(image tokens | text tokens), one sequence of [text; image] tokens."""
     return DalleTransformer(cfg)

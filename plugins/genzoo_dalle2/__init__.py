@@ -14,6 +14,4 @@ __version__ = genzoo.__version__
 def register_components(registry) -> None:
     from . import pipeline, prior
 
-    registry.register("prior", "diffusion-prior", config=prior.DiffusionPriorConfig, factory=prior.DiffusionPrior)
-    registry.register("prior", "ar-prior", config=prior.ARPriorConfig, factory=prior.ARPrior)
-    registry.register("pipeline", "dalle2", config=pipeline.UnCLIPConfig, factory=pipeline.make_unclip_pipeline)
+    registry.register_module(prior, pipeline)

@@ -27,6 +27,7 @@ from genzoo.diffusion.samplers import randn
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import CompositionError, describe_component
 from genzoo.pipelines import Conditioning
+from genzoo.registry import component
 from genzoo.text.clip import TEXT_KEYS, clip_losses
 
 
@@ -341,6 +342,7 @@ class UnCLIPPipeline(DiffusionPipeline):
         return {"prior_cosine": float(torch.cat(prior_cos).mean()), "text_cosine": float(torch.cat(text_cos).mean())}
 
 
+@component("pipeline", "dalle2", config=UnCLIPConfig)
 def make_unclip_pipeline(cfg: UnCLIPConfig, ctx: Any) -> UnCLIPPipeline:
     """DALL·E 2 / unCLIP (Ramesh et al. 2022): CLIP, a prior over CLIP image embeddings, a diffusion decoder and
     upsampler."""

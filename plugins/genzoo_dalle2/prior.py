@@ -39,6 +39,7 @@ from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
 from genzoo.nn.embeddings import timestep_embedding, with_null
 from genzoo.nn.gpt import GPT, Block, CachedLogits, TransformerSize
+from genzoo.registry import component
 from genzoo.text.clip import TEXT_KEYS
 
 
@@ -209,6 +210,7 @@ class PriorTransformer(nn.Module):
         return self.out(self.ln_f(h[:, -1]))
 
 
+@component("prior", "diffusion-prior", config=DiffusionPriorConfig)
 class DiffusionPrior(EmbeddingPrior):
     """unCLIP's diffusion prior: the shared :class:`DiffusionDecoder` over standardised z_i, with x0-prediction
     and loss ``|| f(z_i^(t), t, y) - z_i ||^2`` (L_simple on x0)."""
@@ -265,6 +267,7 @@ class ARPriorConfig(TransformerSize):
     )
 
 
+@component("prior", "ar-prior", config=ARPriorConfig)
 class ARPrior(EmbeddingPrior):
     """unCLIP's autoregressive prior: z_i -> PCA -> uniform bins, the bin sequence modelled by the shared GPT."""
 

@@ -23,17 +23,4 @@ def register_components(registry) -> None:
     require_extra("dalle2-pytorch", "dalle2_pytorch", "dalle2-pytorch", package="dalle2-pytorch", error=MissingExtra)
     from . import adapters, importer
 
-    registry.register(
-        "network",
-        "dalle2-pytorch-prior-network",
-        config=adapters.PriorNetworkConfig,
-        factory=adapters.build_prior_network,
-    )
-    registry.register("network", "dalle2-pytorch-unet", config=adapters.UnetConfig, factory=adapters.build_unet)
-    registry.register("prior", "dalle2-pytorch-prior", config=adapters.PriorConfig, factory=adapters.make_prior)
-    registry.register(
-        "importer",
-        "dalle2-pytorch",
-        config=importer.Dalle2PytorchImporterConfig,
-        factory=importer.Dalle2PytorchImporter,
-    )
+    registry.register_module(adapters, importer)

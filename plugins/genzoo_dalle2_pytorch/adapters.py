@@ -31,7 +31,7 @@ from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
 from genzoo.nn.embeddings import either
 from genzoo.priors import build_embedding_diffusion
-from genzoo.registry import spec_field
+from genzoo.registry import component, spec_field
 from genzoo.text.clip import TEXT_KEYS
 
 
@@ -123,6 +123,7 @@ class PriorNetworkAdapter(nn.Module):
         return by_drop(run, len(x), text_drop, drop)
 
 
+@component("network", "dalle2-pytorch-prior-network", config=PriorNetworkConfig)
 def build_prior_network(cfg: PriorNetworkConfig) -> PriorNetworkAdapter:
     """DALLE2-pytorch's DiffusionPriorNetwork (unCLIP's prior transformer) behind genzoo's denoiser interface."""
     from dalle2_pytorch.dalle2_pytorch import DiffusionPriorNetwork
@@ -198,6 +199,7 @@ class UnetAdapter(nn.Module):
         return by_drop(run, len(x), either(cond.get("drop"), cond.get("drop_context")), image_drop)
 
 
+@component("network", "dalle2-pytorch-unet", config=UnetConfig)
 def build_unet(cfg: UnetConfig) -> UnetAdapter:
     """DALLE2-pytorch's Unet (the unCLIP decoder and its upsamplers) behind genzoo's denoiser interface."""
     from dalle2_pytorch.dalle2_pytorch import Unet
@@ -303,6 +305,7 @@ class DiffusionPrior(Prior):
         return self.diffusion_decoder.training_losses(z.float() * self.scale, condition)
 
 
+@component("prior", "dalle2-pytorch-prior", config=PriorConfig)
 def make_prior(cfg: PriorConfig, ctx: Any) -> DiffusionPrior:
     """DALLE2-pytorch's DiffusionPrior: its prior network diffusing scaled CLIP image embeddings."""
     inner = build_embedding_diffusion(ctx, cfg.diffusion, cfg.embedding_dim, where="prior 'dalle2-pytorch-prior': ")

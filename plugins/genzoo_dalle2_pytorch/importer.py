@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from genzoo.errors import GenzooError
-from genzoo.registry import registered_name
+from genzoo.registry import component, registered_name
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 # the prefix of each model's network weights in its state dict (the rest are schedule buffers derived from the config)
@@ -352,6 +352,7 @@ def check_widths(clip: Any, prior: Any, decoder: Any) -> None:
 # --------------------------------------------------------------------------- the importer
 
 
+@component("importer", "dalle2-pytorch", config=Dalle2PytorchImporterConfig)
 class Dalle2PytorchImporter:
     """Imports a DALLE2-pytorch prior + decoder (configs and state dicts) as a genzoo ``dalle2`` run."""
 

@@ -21,10 +21,7 @@ def register_components(registry) -> None:
     require_extra("ddpm_pytorch", "denoising_diffusion_pytorch", "ddpm-pytorch", package="denoising-diffusion-pytorch")
     from . import importer, unet
 
-    registry.register("network", "ddpm-pytorch-unet", config=unet.UnetConfig, factory=unet.build_unet)
-    registry.register(
-        "importer", "ddpm-pytorch", config=importer.DDPMPytorchImporterConfig, factory=importer.DDPMPytorchImporter
-    )
+    registry.register_module(unet, importer)
 
 
 @hookimpl

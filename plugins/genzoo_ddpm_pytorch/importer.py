@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from genzoo.errors import CheckpointError, GenzooError
-from genzoo.registry import registered_name
+from genzoo.registry import component, registered_name
 
 from .process import TRAINING_ONLY, DiffusionArgs, map_diffusion
 from .unet import UnetConfig
@@ -148,6 +148,7 @@ def split_state(obj: Any, weights: str) -> tuple[dict[str, torch.Tensor], dict[s
     return unet, buffers, what
 
 
+@component("importer", "ddpm-pytorch", config=DDPMPytorchImporterConfig)
 class DDPMPytorchImporter:
     """Imports denoising-diffusion-pytorch checkpoints and state dicts as genzoo runs (the ddpm-pytorch-unet
     adapter)."""

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition
+from genzoo.registry import component
 
 # Unet arguments genzoo's samplers cannot serve -> why (GaussianDiffusion refuses the last two itself)
 REFUSED = {
@@ -75,6 +76,7 @@ class UnetAdapter(nn.Module):
         return self.model(x, t)
 
 
+@component("network", "ddpm-pytorch-unet", config=UnetConfig)
 def build_unet(cfg: UnetConfig, ctx=None) -> UnetAdapter:
     """lucidrains' denoising-diffusion-pytorch ``Unet`` (its own layout) as a genzoo denoiser."""
     from denoising_diffusion_pytorch import Unet

@@ -23,35 +23,7 @@ def register_components(registry) -> None:
     require_extra("diffusers", "diffusers", "diffusers")
     from . import adapters, importer, unclip
 
-    registry.register("network", "diffusers-unet2d", config=adapters.UNet2DConfig, factory=adapters.build_unet2d)
-    registry.register(
-        "network",
-        "diffusers-unet2d-condition",
-        config=adapters.UNet2DConditionConfig,
-        factory=adapters.build_unet2d_condition,
-    )
-    registry.register(
-        "network",
-        "diffusers-prior-transformer",
-        config=adapters.PriorTransformerConfig,
-        factory=adapters.build_prior_transformer,
-    )
-    registry.register("decoder", "diffusers-vqmodel", config=adapters.ModuleConfig, factory=adapters.build_vqmodel)
-    registry.register(
-        "decoder",
-        "diffusers-autoencoder-kl",
-        config=adapters.AutoencoderKLConfig,
-        factory=adapters.build_autoencoder_kl,
-    )
-    registry.register(
-        "clip", "diffusers-clip", config=unclip.TransformersClipConfig, factory=unclip.build_transformers_clip
-    )
-    registry.register(
-        "prior", "diffusers-unclip-prior", config=unclip.UnCLIPPriorConfig, factory=unclip.make_unclip_prior
-    )
-    registry.register(
-        "importer", "diffusers", config=importer.DiffusersImporterConfig, factory=importer.DiffusersImporter
-    )
+    registry.register_module(adapters, unclip, importer)
 
 
 @hookimpl

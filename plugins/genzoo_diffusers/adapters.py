@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec
 from genzoo.nn.embeddings import either
+from genzoo.registry import component
 
 from .loading import from_pretrained
 
@@ -176,6 +177,7 @@ class UNet2DConfig(ModuleConfig):
     )
 
 
+@component("network", "diffusers-unet2d", config=UNet2DConfig)
 def build_unet2d(cfg: UNet2DConfig) -> UNet2DAdapter:
     """diffusers' UNet2DModel (DDPM, Ho et al. 2020) behind genzoo's denoiser interface."""
     model = build_module("UNet2DModel", cfg)
@@ -250,6 +252,7 @@ class UNet2DConditionAdapter(nn.Module):
         return self.model(x, t, encoder_hidden_states=context, class_labels=labels, attention_mask=mask).sample
 
 
+@component("network", "diffusers-unet2d-condition", config=UNet2DConditionConfig)
 def build_unet2d_condition(cfg: UNet2DConditionConfig) -> UNet2DConditionAdapter:
     """diffusers' UNet2DConditionModel (latent diffusion; the unCLIP decoder with its text projection)."""
     model = build_module("UNet2DConditionModel", cfg)
@@ -322,6 +325,7 @@ class PriorTransformerAdapter(nn.Module):
         return (z - self.model.clip_mean.to(z)) / self.model.clip_std.to(z)
 
 
+@component("network", "diffusers-prior-transformer", config=PriorTransformerConfig)
 def build_prior_transformer(cfg: PriorTransformerConfig) -> PriorTransformerAdapter:
     """diffusers' PriorTransformer (the unCLIP prior) behind genzoo's denoiser interface."""
     model = build_module("PriorTransformer", cfg)
@@ -393,6 +397,7 @@ class VQModelDecoder(LatentDecoder):
         return self.model.decode(z).sample
 
 
+@component("decoder", "diffusers-vqmodel", config=ModuleConfig)
 def build_vqmodel(cfg: ModuleConfig, ctx: Any = None) -> VQModelDecoder:
     """diffusers' VQModel (VQGAN; latent diffusion's first stage) as a genzoo decoder with an image encoder."""
     model = build_module("VQModel", cfg)
@@ -434,6 +439,7 @@ class AutoencoderKLDecoder(LatentDecoder):
         return self.model.decode(z).sample
 
 
+@component("decoder", "diffusers-autoencoder-kl", config=AutoencoderKLConfig)
 def build_autoencoder_kl(cfg: AutoencoderKLConfig, ctx: Any = None) -> AutoencoderKLDecoder:
     """diffusers' AutoencoderKL (latent diffusion's KL first stage) as a genzoo decoder with an image encoder."""
     model = build_module("AutoencoderKL", cfg)

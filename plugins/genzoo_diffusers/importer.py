@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from genzoo.errors import GenzooError
-from genzoo.registry import registered_name
+from genzoo.registry import component, registered_name
 
 from .loading import fetch, is_hub_id, read_config, require_safetensors
 
@@ -66,6 +66,7 @@ def default_data(source: str, channels: int, size: int, out: Path) -> dict[str, 
     }
 
 
+@component("importer", "diffusers", config=DiffusersImporterConfig)
 class DiffusersImporter:
     """Imports diffusers DDPM / DDIM / LDM / UnCLIP pipeline folders and hub ids (safetensors only) as genzoo runs."""
 

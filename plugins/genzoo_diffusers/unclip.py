@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition, Prior, SamplerKind, Spec
 from genzoo.priors import build_embedding_diffusion
-from genzoo.registry import spec_field
+from genzoo.registry import component, spec_field
 from genzoo.text.clip import TEXT_KEYS
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIPImageProcessor's defaults
@@ -136,6 +136,7 @@ class TransformersCLIP(nn.Module):
         return self._out(vision(pixel_values=(x - self.mean) / self.std).image_embeds)
 
 
+@component("clip", "diffusers-clip", config=TransformersClipConfig)
 def build_transformers_clip(cfg: TransformersClipConfig, ctx: Any = None) -> TransformersCLIP:
     """transformers' CLIP text (and image) towers with their tokenizer (Karlo's CLIP ViT-L/14) as a genzoo CLIP."""
     import transformers
@@ -225,6 +226,7 @@ class UnCLIPPrior(Prior):
         return self.diffusion_decoder.training_losses(self.denoiser.normalize(z.float()), condition)
 
 
+@component("prior", "diffusers-unclip-prior", config=UnCLIPPriorConfig)
 def make_unclip_prior(cfg: UnCLIPPriorConfig, ctx: Any) -> UnCLIPPrior:
     """diffusers' unCLIP prior (Karlo): a PriorTransformer diffusion over CLIP image embeddings."""
     where = "prior 'diffusers-unclip-prior': "

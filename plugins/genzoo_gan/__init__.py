@@ -12,5 +12,4 @@ __version__ = genzoo.__version__
 def register_components(registry) -> None:
     from . import gan
 
-    registry.register("decoder", "generator", config=gan.GeneratorConfig, factory=gan.make_generator)
-    registry.register("pipeline", "gan", config=gan.GANPipelineConfig, factory=gan.make_gan_pipeline)
+    registry.register_module(gan)

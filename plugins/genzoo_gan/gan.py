@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec
 from genzoo.pipelines import Conditioning, LabelledPipeline, labelled_args
-from genzoo.registry import spec_field
+from genzoo.registry import component, spec_field
 
 
 class GeneratorConfig(BaseModel):
@@ -46,6 +46,7 @@ class Generator(Decoder):
         return self.net(z, (condition or {}).get("y"))
 
 
+@component("decoder", "generator", config=GeneratorConfig)
 def make_generator(cfg: GeneratorConfig, ctx) -> Generator:
     """The DCGAN generator: a latent vector through transposed convolutions to an image."""
     if ctx.data is None:
@@ -96,6 +97,7 @@ class GANPipeline(LabelledPipeline):
         return {"loss": F.softplus(-self.discriminator(fake, y)).mean()}  # non-saturating: -log D(G(z))
 
 
+@component("pipeline", "gan", config=GANPipelineConfig)
 def make_gan_pipeline(cfg: GANPipelineConfig, ctx) -> GANPipeline:
     """DCGAN (Radford et al. 2016): generator and discriminator trained adversarially (non-saturating loss)."""
     args = labelled_args("gan", cfg.condition, ctx)

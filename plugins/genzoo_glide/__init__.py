@@ -13,6 +13,4 @@ __version__ = genzoo.__version__
 def register_components(registry) -> None:
     from . import clip_guidance
 
-    registry.register(
-        "guidance", "clip", config=clip_guidance.ClipGuidanceConfig, factory=clip_guidance.make_clip_guidance
-    )
+    registry.register_module(clip_guidance)

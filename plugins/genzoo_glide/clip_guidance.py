@@ -14,7 +14,7 @@ from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion
 from genzoo.diffusion.guidance import GradientGuidance, grad_wrt, noised_clip_losses
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition
-from genzoo.registry import spec_field
+from genzoo.registry import component, spec_field
 
 
 class ClipGuidanceConfig(BaseModel):
@@ -68,6 +68,7 @@ class ClipGuidance(nn.Module, GradientGuidance):
         return noised_clip_losses(self.clip, x0, cond, diffusion)
 
 
+@component("guidance", "clip", config=ClipGuidanceConfig)
 def make_clip_guidance(cfg: ClipGuidanceConfig, ctx) -> ClipGuidance:
     """CLIP guidance: the gradient of a noised CLIP's image-caption similarity shifts the mean (GLIDE Sec. 2.4)."""
     clip = (

@@ -2,7 +2,6 @@
 ``pip install 'genzoo[hf]'`` (the ``datasets`` package). Without it the hook raises ImportError, which
 ``genzoo plugins`` reports, and every other plugin loads."""
 
-from genzoo.data import data_source
 from genzoo.plugins import hookimpl, require_extra
 
 
@@ -11,4 +10,4 @@ def register_components(registry) -> None:
     require_extra("hf-datasets", "datasets", "hf")
     from . import hf
 
-    registry.register("dataset", "hf-dataset", config=hf.HFDatasetConfig, factory=data_source(hf.make_hf_dataset))
+    registry.register_module(hf)

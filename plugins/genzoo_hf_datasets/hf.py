@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from genzoo.checkpoint import write_atomic
-from genzoo.data import DataSpec, TensorImageDataset
+from genzoo.data import DataSpec, TensorImageDataset, dataset
 from genzoo.data.base import fingerprint_of, to_unit_range
 from genzoo.data.imagefolder import square_image
 from genzoo.errors import DataError, OfflineError
@@ -103,6 +103,7 @@ def _class_names(cfg: HFDatasetConfig, ds: Any, labels: torch.Tensor) -> tuple[s
     return tuple(names) if names else tuple(str(i) for i in range(int(labels.max()) + 1))
 
 
+@dataset("hf-dataset", config=HFDatasetConfig)
 def make_hf_dataset(cfg: HFDatasetConfig, split: str) -> TensorImageDataset:
     """A Hugging Face dataset by Hub id or local path: images resized and centre-cropped, labels or captions, cached."""
     if split not in ("train", "test"):

@@ -23,8 +23,4 @@ __version__ = genzoo.__version__
 def register_components(registry) -> None:
     from . import features, ilvr
 
-    registry.register("guidance", "pixel", config=ilvr.PixelGuidanceConfig, factory=ilvr.make_pixel_guidance)
-    registry.register(
-        "guidance", "feature", config=features.FeatureGuidanceConfig, factory=features.make_feature_guidance
-    )
-    registry.register("guidance", "style", config=features.StyleGuidanceConfig, factory=features.make_style_guidance)
+    registry.register_module(ilvr, features)

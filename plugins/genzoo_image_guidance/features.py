@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from genzoo.diffusion.guidance import GradientGuidance, grad_wrt
 from genzoo.errors import GenzooError, RegistryError
 from genzoo.interfaces import Condition
+from genzoo.registry import component
 
 from .reference import Reference, ReferenceConfig
 
@@ -196,12 +197,14 @@ class StyleGuidance(ReferenceFeatureGuidance):
         return -style_distance(feats, ref)
 
 
+@component("guidance", "feature", config=FeatureGuidanceConfig)
 def make_feature_guidance(cfg: FeatureGuidanceConfig, ctx) -> FeatureGuidance:
     """Feature guidance: the gradient of a frozen network's feature similarity between x0_hat and a reference."""
     reference = Reference(cfg.reference, name="feature", data=getattr(ctx, "data", None))
     return FeatureGuidance(build_network(cfg, ctx, name="feature"), reference, scale=cfg.scale, name="feature")
 
 
+@component("guidance", "style", config=StyleGuidanceConfig)
 def make_style_guidance(cfg: StyleGuidanceConfig, ctx) -> StyleGuidance:
     """Style guidance: the gradient of the Gram-matrix distance (Gatys et al. 2016) between x0_hat and a style image."""
     if cfg.network == CLIP:

@@ -18,6 +18,7 @@ from genzoo.diffusion.guidance import DiffusionGuidance
 from genzoo.diffusion.samplers import randn
 from genzoo.errors import GenzooError
 from genzoo.interfaces import Condition
+from genzoo.registry import component
 
 from .reference import Reference, ReferenceConfig
 
@@ -71,6 +72,7 @@ class PixelGuidance(DiffusionGuidance):
         return x - low_pass(x, self.factor) + low_pass(y, self.factor)
 
 
+@component("guidance", "pixel", config=PixelGuidanceConfig)
 def make_pixel_guidance(cfg: PixelGuidanceConfig, ctx) -> PixelGuidance:
     """ILVR (Choi et al. 2021): every step takes the low-pass of a reference image, noised to its level."""
     return PixelGuidance(cfg, Reference(cfg.reference, name="pixel", data=getattr(ctx, "data", None)))

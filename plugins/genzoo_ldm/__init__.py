@@ -13,12 +13,4 @@ __version__ = genzoo.__version__
 def register_components(registry) -> None:
     from . import ldm
 
-    registry.register(
-        "decoder", "latent-diffusion", config=ldm.LatentDiffusionConfig, factory=ldm.make_latent_diffusion
-    )
-    registry.register(
-        "pipeline",
-        "latent-diffusion",
-        config=ldm.LatentDiffusionPipelineConfig,
-        factory=ldm.make_latent_diffusion_pipeline,
-    )
+    registry.register_module(ldm)

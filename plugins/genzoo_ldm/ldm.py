@@ -28,7 +28,7 @@ from genzoo.diffusion.decoder import DiffusionPipeline, check_denoiser
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec, missing_latent_interface
 from genzoo.pipelines import Conditioning, labelled_args
-from genzoo.registry import registered_name, spec_field
+from genzoo.registry import component, registered_name, spec_field
 
 FIT_IMAGES = 1024  # training images the scale factor is fitted on (LDM fits it on the first batch)
 
@@ -136,6 +136,7 @@ class LatentDiffusion(Decoder):
         return self.decode_scaled(self.encode(x))
 
 
+@component("decoder", "latent-diffusion", config=LatentDiffusionConfig)
 def make_latent_diffusion(cfg: LatentDiffusionConfig, ctx) -> LatentDiffusion:
     """Latent diffusion (Rombach et al. 2022): a diffusion decoder over the latents of a first-stage autoencoder.
 
@@ -233,6 +234,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 TRAINS_ON_IMAGES = {"upsampler": "upsampler_decoder", "clip": "clip", "guidance": "guidance"}
 
 
+@component("pipeline", "latent-diffusion", config=LatentDiffusionPipelineConfig)
 def make_latent_diffusion_pipeline(cfg: LatentDiffusionPipelineConfig, ctx) -> LatentDiffusionPipeline:
     """Latent diffusion (Rombach et al. 2022): the first-stage autoencoder, then the diffusion decoder on its
     latents; unconditional, class- or caption-conditional."""

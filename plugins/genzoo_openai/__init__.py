@@ -18,7 +18,4 @@ __version__ = genzoo.__version__
 def register_components(registry) -> None:
     from . import clip, glide, importer
 
-    registry.register("importer", "openai", config=importer.OpenAIImporterConfig, factory=importer.OpenAIImporter)
-    registry.register("network", "glide-unet", config=glide.GlideUNetConfig, factory=glide.build_glide_unet)
-    registry.register("encoder", "glide-tokens", config=glide.GlideTokensConfig, factory=glide.build_glide_tokens)
-    registry.register("network", "noised-vit", config=clip.NoisedViTConfig, factory=clip.build_noised_vit)
+    registry.register_module(importer, glide, clip)

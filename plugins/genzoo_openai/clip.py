@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from genzoo.nn.gpt import Block, GPTConfig
+from genzoo.registry import component
 
 # CLIP's image statistics on the [0, 255] scale (glide_text2im/clip/encoders.py, as in Radford et al. 2021)
 MEAN = (122.77093945, 116.74601272, 104.09373519)
@@ -66,6 +67,7 @@ class NoisedViT(nn.Module):
         return self.proj(self.ln_post(h[:, 0]))
 
 
+@component("network", "noised-vit", config=NoisedViTConfig)
 def build_noised_vit(cfg: NoisedViTConfig, ctx: Any = None) -> NoisedViT:
     """GLIDE's noised CLIP image encoder: a ViT whose first token embeds the diffusion step."""
     data = getattr(ctx, "data", None)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from genzoo.errors import GenzooError
 from genzoo.interfaces import Condition, Encoder, Spec
 from genzoo.nn.unet import UNetConfig, build_unet
+from genzoo.registry import component
 from genzoo.text.transformer import TextTransformer, TextTransformerConfig
 
 DROPS = ("drop", "drop_context", "drop_emb")
@@ -67,6 +68,7 @@ class GlideUNet(nn.Module):
         return self.unet(x, t, {**cond, "emb": pooled, "context": seq})
 
 
+@component("network", "glide-unet", config=GlideUNetConfig)
 def build_glide_unet(cfg: GlideUNetConfig, ctx: Any = None) -> GlideUNet:
     """GLIDE's Text2ImUNet (glide-text2im): genzoo's text transformer inside genzoo's U-Net, which attends to it."""
     if not cfg.text.vocab_size:
@@ -204,6 +206,7 @@ class GlideTokens(Encoder):
         return out
 
 
+@component("encoder", "glide-tokens", config=GlideTokensConfig)
 def build_glide_tokens(cfg: GlideTokensConfig, ctx: Any = None) -> GlideTokens:
     """GLIDE's caption tokens (GPT-2 BPE), for a ``glide-unet`` denoiser."""
     return GlideTokens(cfg)

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from genzoo.errors import GenzooError
-from genzoo.registry import registered_name
+from genzoo.registry import component, registered_name
 
 from .convert import (
     Keys,
@@ -134,6 +134,7 @@ def default_data(name: str, size: int, out: Path) -> dict[str, Any]:
     return {"type": "imagefolder", "root": str((out / "reference-images").resolve()), "image_size": size}
 
 
+@component("importer", "openai", config=OpenAIImporterConfig)
 class OpenAIImporter:
     """Imports improved-diffusion / guided-diffusion / glide-text2im ``.pt`` files (a diffusion model, with
     ``classifier`` its noisy classifier) as genzoo runs."""

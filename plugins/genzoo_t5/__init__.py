@@ -19,4 +19,4 @@ def register_components(registry) -> None:
     require_extra("t5", "transformers", "t5")
     from . import encoder
 
-    registry.register("encoder", "t5", config=encoder.T5EncoderConfig, factory=encoder.build_t5_encoder)
+    registry.register_module(encoder)

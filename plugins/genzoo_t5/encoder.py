@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from genzoo.errors import CheckpointError, OfflineError, RegistryError
 from genzoo.interfaces import Condition, Encoder, Spec
+from genzoo.registry import component
 
 
 class T5EncoderConfig(BaseModel):
@@ -76,6 +77,7 @@ class FrozenTextEncoder(Encoder):
         return out
 
 
+@component("encoder", "t5", config=T5EncoderConfig)
 def build_t5_encoder(cfg: T5EncoderConfig, ctx: Any = None) -> FrozenTextEncoder:
     """A frozen pretrained text encoder by name (Imagen's T5): per-token outputs as the U-Net's context."""
     import transformers

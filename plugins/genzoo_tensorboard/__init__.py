@@ -17,6 +17,6 @@ __version__ = genzoo.__version__
 @hookimpl
 def register_components(registry) -> None:
     require_extra("tensorboard", "tensorboard", "tensorboard")
-    from .logger import TensorBoardConfig, TensorBoardLogger
+    from . import logger
 
-    registry.register("logger", "tensorboard", config=TensorBoardConfig, factory=TensorBoardLogger)
+    registry.register_module(logger)

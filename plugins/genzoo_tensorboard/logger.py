@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from genzoo.registry import component
 from genzoo.training.loggers import RunInfo, TrainingLogger, scalars
 
 
@@ -20,6 +21,7 @@ class TensorBoardConfig(BaseModel):
     flush_secs: int = Field(30, ge=1, description="write pending events to disk at least this often (seconds)")
 
 
+@component("logger", "tensorboard", config=TensorBoardConfig)
 class TensorBoardLogger(TrainingLogger):
     """TensorBoard event files in RUN/tensorboard: losses, learning rates, speed, sample grids, `genzoo eval` figures;
     view with `tensorboard --logdir RUN` (or the folder of several runs).

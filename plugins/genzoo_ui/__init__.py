@@ -14,16 +14,9 @@ from genzoo.plugins import hookimpl, require_extra
 __version__ = genzoo.__version__
 
 
-def _build(cfg, ctx):
-    """A web page (Gradio) for trained runs: generate with any registered sampler and guidance, read their curves."""
-    from .app import make_app
-
-    return make_app(cfg, ctx)
-
-
 @hookimpl
 def register_components(registry) -> None:
     require_extra("ui", "gradio", "ui")
-    from .config import GradioAppConfig
+    from . import config
 
-    registry.register("app", "gradio", config=GradioAppConfig, factory=_build)
+    registry.register_module(config)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from genzoo.registry import component
+
 
 class GradioAppConfig(BaseModel):
     """A web page (Gradio) for trained runs: generate with any sampler, read their curves and evaluations."""
@@ -22,3 +24,11 @@ class GradioAppConfig(BaseModel):
     )
     cache_size: int = Field(4, ge=1, description="loaded models kept, per (run, swaps)")
     title: str = Field("genzoo", description="the page title")
+
+
+@component("app", "gradio", config=GradioAppConfig)
+def build_app(cfg: GradioAppConfig, ctx):
+    """A web page (Gradio) for trained runs: generate with any registered sampler and guidance, read their curves."""
+    from .app import make_app  # gradio's import costs seconds: only when the app is built
+
+    return make_app(cfg, ctx)

@@ -12,5 +12,4 @@ __version__ = genzoo.__version__
 def register_components(registry) -> None:
     from . import vqvae
 
-    registry.register("decoder", "vq-autoencoder", config=vqvae.VQAutoencoderConfig, factory=vqvae.make_vq_autoencoder)
-    registry.register("pipeline", "vqvae", config=vqvae.VQVAEPipelineConfig, factory=vqvae.make_vqvae_pipeline)
+    registry.register_module(vqvae)

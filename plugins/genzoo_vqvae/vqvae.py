@@ -18,9 +18,10 @@ from torch import Tensor, nn
 
 from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec
+from genzoo.nn.convnets import code_grid
 from genzoo.nn.quantize import VectorQuantizer
 from genzoo.pipelines import Conditioning, TokenPipeline, make_token_pipeline
-from genzoo.registry import spec_field
+from genzoo.registry import component, spec_field
 
 
 class VQAutoencoderConfig(BaseModel):
@@ -97,15 +98,10 @@ class VQAutoencoder(Decoder):
         return self.decode(self.quantizer.quantize(z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, h, w))
 
 
+@component("decoder", "vq-autoencoder", config=VQAutoencoderConfig)
 def make_vq_autoencoder(cfg: VQAutoencoderConfig, ctx) -> VQAutoencoder:
     """Encoder, vector quantiser (codebook) and decoder over a grid of discrete codes."""
-    if ctx.data is None:
-        raise RegistryError("decoder 'vq-autoencoder' needs a dataset to size its networks")
-    c, h, w = ctx.data.image_shape
-    if h % cfg.downsample or w % cfg.downsample:
-        raise RegistryError(
-            f"decoder 'vq-autoencoder': field 'downsample' ({cfg.downsample}) must divide the image side {h}"
-        )
+    grid = code_grid(ctx, cfg.downsample, "decoder 'vq-autoencoder'")
     nets = []
     for role in ("encoder", "decoder"):
         spec = dict(getattr(cfg, role))
@@ -124,7 +120,7 @@ def make_vq_autoencoder(cfg: VQAutoencoderConfig, ctx) -> VQAutoencoder:
         decay=cfg.decay,
         restart_threshold=cfg.restart_threshold,
     )
-    return VQAutoencoder(*nets, vq, (h // cfg.downsample, w // cfg.downsample), ctx.data.image_shape)
+    return VQAutoencoder(*nets, vq, grid, ctx.data.image_shape)
 
 
 class VQVAEPipelineConfig(BaseModel):
@@ -134,6 +130,7 @@ class VQVAEPipelineConfig(BaseModel):
     )
 
 
+@component("pipeline", "vqvae", config=VQVAEPipelineConfig)
 def make_vqvae_pipeline(cfg: VQVAEPipelineConfig, ctx) -> TokenPipeline:
     """VQ-VAE (van den Oord et al. 2017): a codebook tokenizer, then a prior over the code grid."""
     return make_token_pipeline("vqvae", cfg.condition, ctx)

@@ -18,6 +18,6 @@ __version__ = genzoo.__version__
 @hookimpl
 def register_components(registry) -> None:
     require_extra("wandb", "wandb", "wandb")
-    from .logger import WandbConfig, WandbLogger
+    from . import logger
 
-    registry.register("logger", "wandb", config=WandbConfig, factory=WandbLogger)
+    registry.register_module(logger)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from genzoo.registry import component
 from genzoo.training.loggers import RunInfo, TrainingLogger, scalars
 
 STEP = "trainer/step"  # W&B's x axis for every curve (as Lightning's `trainer/global_step`)
@@ -35,6 +36,7 @@ class WandbConfig(BaseModel):
     )
 
 
+@component("logger", "wandb", config=WandbConfig)
 class WandbLogger(TrainingLogger):
     """A Weights & Biases run in RUN/wandb, offline unless mode or $WANDB_MODE asks for the network: losses, learning
     rates, speed, sample grids, `genzoo eval` figures, the recipe as its config; upload with `wandb sync`.
