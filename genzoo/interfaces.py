@@ -346,17 +346,19 @@ class Pipeline(nn.Module, ABC):
     def fit_after_training(self, data: Mapping[str, Tensor]) -> None:
         """Hook for post-hoc fitting (an AE's latent prior); no-op by default."""
 
+    def encode_condition(self, condition: Mapping[str, Any] | None) -> Condition | None:
+        """The user's condition as the prior and decoder read it: through the encoder, when there is one."""
+        if not condition:
+            return None
+        encoder = self.components.get("encoder")
+        return encoder.encode(condition) if encoder is not None else dict(condition)
+
     @torch.no_grad()
     def sample(
         self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None
     ) -> Tensor:
         """Draw ``n`` images in [-1, 1]: encode the condition, sample the prior, decode."""
-        c = self.components
-        cond = (
-            c["encoder"].encode(condition)
-            if c.get("encoder") is not None and condition
-            else (dict(condition) if condition else None)
-        )
+        c, cond = self.components, self.encode_condition(condition)
         z = c["prior"].sample(
             n, cond, generator=generator, sampler=c.get("prior_sampler"), guidance=c.get("prior_guidance")
         )

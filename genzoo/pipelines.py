@@ -53,6 +53,11 @@ class LabelledPipeline(Pipeline):
     def sample(
         self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None
     ) -> Tensor:
+        return super().sample(n, self.sample_condition(n, condition), generator=generator)
+
+    def sample_condition(self, n: int, condition: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """``condition`` checked against what the model takes; a class model asked for none gets every class in
+        turn."""
         if condition and "caption" in condition and self.components.get("encoder") is None:
             raise GenzooError(
                 "this model has no text encoder, so it cannot take a prompt; "
@@ -66,7 +71,7 @@ class LabelledPipeline(Pipeline):
             raise GenzooError("this model is unconditional; drop --class (or train a recipe with condition: class)")
         if condition is None and self.condition is Conditioning.class_:
             condition = {"y": torch.arange(n, device=self.device) % self.num_classes}
-        return super().sample(n, condition, generator=generator)
+        return condition
 
     @property
     def device(self) -> torch.device:

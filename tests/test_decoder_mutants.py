@@ -623,6 +623,18 @@ def test_each_stage_trains_on_its_own_inputs(monkeypatch) -> None:
     ((c, x0, cond, diffusion),) = seen
     assert c is clip and torch.equal(x0, low) and torch.equal(cond["tokens"], torch.tensor([1, 3]))
     assert set(cond) == {"tokens"} and diffusion is dec.diffusion
+    # an upsampler that reads the condition (GLIDE's, guided-diffusion's) gets the encoded caption, not grads of it
+    enc.ps[0].requires_grad_(True)
+    reads = DiffusionPipeline(
+        {"decoder": dec, "upsampler_decoder": up, "encoder": enc},
+        condition=Conditioning.caption,
+        num_classes=None,
+        upsampler_condition=True,
+    )
+    reads.training_losses(batch, stage="upsampler")
+    (x0, cond) = up.calls[-1][1]
+    assert x0 is x and set(cond) == {"low_res", "context"} and torch.equal(cond["context"], torch.tensor([1.0, 3.0]))
+    assert torch.equal(cond["low_res"], low)
 
 
 def test_upsample_draws_its_noise_from_the_generator_and_uses_the_upsampler_sampler() -> None:
@@ -633,12 +645,32 @@ def test_upsample_draws_its_noise_from_the_generator_and_uses_the_upsampler_samp
     ((_, z, cond, kw),) = up.calls
     assert torch.equal(z, torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(7)))
     assert z.dtype == torch.float32 and cond.keys() == {"low_res"} and cond["low_res"] is low
-    assert kw["sampler"] is sampler and set(kw) == {"generator", "sampler"} and torch.equal(out, z + 5)
+    assert kw["sampler"] is sampler and kw["guidance"] is None and torch.equal(out, z + 5)
+    assert set(kw) == {"generator", "sampler", "guidance"}
     noise = torch.ones(3, 1, 8, 8)
     g = torch.Generator()
     p.upsample(low, generator=g, noise=noise)
     assert up.calls[1][1] is noise and up.calls[1][3]["generator"] is g
     assert pipeline(upsampler_decoder=Stage(8)).upsample(low, noise=noise).shape == (3, 1, 8, 8)
+    # the upsampler's own guidance; the condition reaches it only when it reads one, encoded as the base's is
+    guide, enc = object(), Stage()
+    parts = {"decoder": Stage(), "upsampler_decoder": up, "upsampler_sampler": sampler, "upsampler_guidance": guide}
+    for reads in (False, True):
+        p = DiffusionPipeline(
+            {**parts, "encoder": enc}, condition=Conditioning.caption, num_classes=None, upsampler_condition=reads
+        )
+        p.upsample(low, {"caption": ["ab", "c", "def"]}, noise=noise)
+        _, _, cond, kw = up.calls[-1]
+        assert kw["guidance"] is guide and cond["low_res"] is low
+        assert set(cond) == ({"low_res", "context"} if reads else {"low_res"})
+    assert torch.equal(cond["context"], torch.tensor([2.0, 1.0, 3.0]))
+    # sampling hands the user's condition on to the upsampler, a class model's default included
+    prior = SimpleNamespace(sample=lambda n, cond, **kw: torch.zeros(n, 1, 4, 4))
+    p = DiffusionPipeline(
+        {**parts, "prior": prior}, condition=Conditioning.class_, num_classes=3, upsampler_condition=True
+    )
+    p.sample(4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(up.calls[-1][2]["y"], torch.tensor([0, 1, 2, 0]))
 
 
 def test_the_likelihood_is_the_bound_of_the_decoder_and_refused_for_a_cascade() -> None:
@@ -729,3 +761,32 @@ def test_the_pipeline_factory_checks_caption_widths_only_for_captions() -> None:
     )
     with pytest.raises(RegistryError, match=message):
         make_diffusion_pipeline(DiffusionPipelineConfig(condition="class"), unlabelled)
+
+
+def test_an_upsampler_that_reads_the_condition_is_checked_as_the_base_is() -> None:
+    denoiser = Const(cfg=SimpleNamespace(context_dim=16, emb_dim_in=16, num_classes=None))
+    up = Stage(8)
+    up.denoiser = Const(cfg=SimpleNamespace(context_dim=8, emb_dim_in=16, num_classes=None))
+    components = {"decoder": Stage(), "encoder": SimpleNamespace(width=16), "upsampler_decoder": up}
+    components["decoder"].denoiser, components["upsampler_sampler"] = denoiser, object()
+    data = DataSpec("shapes", (1, 8, 8), num_classes=3, has_captions=True)
+    ctx = SimpleNamespace(registry=None, data=data, components=components)
+    reads = {"upsampler_condition": True}
+    assert make_diffusion_pipeline(DiffusionPipelineConfig(condition="caption"), ctx).upsampler_condition is False
+    with pytest.raises(
+        RegistryError, match=r"upsampler_decoder.denoiser.context_dim is 8 but the text encoder needs 16"
+    ):
+        make_diffusion_pipeline(DiffusionPipelineConfig(condition="caption", **reads), ctx)
+    with pytest.raises(
+        RegistryError, match=r"upsampler_decoder.denoiser.num_classes is None but the dataset's classes"
+    ):
+        make_diffusion_pipeline(DiffusionPipelineConfig(condition="class", **reads), ctx)
+    up.denoiser.cfg = SimpleNamespace(context_dim=16, emb_dim_in=16, num_classes=3)
+    for condition in ("caption", "class"):
+        p = make_diffusion_pipeline(DiffusionPipelineConfig(condition=condition, **reads), ctx)
+        assert p.upsampler_condition is True
+    with pytest.raises(RegistryError, match=r"'upsampler_condition' is true but there is no condition to read"):
+        make_diffusion_pipeline(DiffusionPipelineConfig(**reads), ctx)
+    alone = SimpleNamespace(registry=None, data=data, components={**components, "upsampler_decoder": None})
+    with pytest.raises(RegistryError, match=r"'upsampler_condition' is true but there is no upsampler_decoder"):
+        make_diffusion_pipeline(DiffusionPipelineConfig(condition="class", **reads), alone)

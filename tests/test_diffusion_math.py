@@ -11,6 +11,7 @@ from tiny import gaussian_diffusion
 
 from genzoo.diffusion import LossType, ModelMeanType, ModelVarType, get_named_beta_schedule, space_timesteps
 from genzoo.diffusion.gaussian_diffusion import LossAwareSampler, UniformSampler, discretized_gaussian_log_likelihood
+from genzoo.diffusion.samplers import AncestralSampler, SamplerConfig
 
 F64 = torch.float64
 
@@ -261,6 +262,16 @@ def test_space_timesteps() -> None:
         space_timesteps(1000, "400,10,10")
     with pytest.raises(ValueError, match="cannot take exactly 999 evenly strided steps out of 1000"):
         space_timesteps(1000, "ddim999")
+
+
+def test_glides_fast27_grid_moves_its_noisiest_step_down_two() -> None:
+    """glide-text2im's respace.py: "10,10,3,2,2" over five 200-step sections, then T - 3 in place of T - 1."""
+    keep = space_timesteps(1000, "fast27")
+    assert len(keep) == 27 and 999 not in keep and keep - {997} == space_timesteps(1000, "10,10,3,2,2") - {999}
+    assert sorted(keep)[-4:] == [600, 799, 800, 997]  # two steps in each of the last two sections
+    sampler = AncestralSampler(SamplerConfig(steps="fast27"))
+    proc = sampler.respaced(gaussian_diffusion(100))
+    assert sampler.nfe() == proc.num_timesteps == 27 and proc.timestep_map.tolist()[-1] == 97
 
 
 def test_respacing_keeps_abar_and_original_indices() -> None:

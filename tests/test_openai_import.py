@@ -590,11 +590,92 @@ SUPER_RES = dict(  # sr_create_model at 64 px (channel_mult 1,2,3,4 from the siz
 )
 
 
+BASE16 = dict(  # a class-conditional 16x16 base for SUPER_RES to follow (guided-diffusion's layout, narrow)
+    flags="--image_size 16 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 8 "
+    "--class_cond True --learn_sigma True --num_head_channels 16 --resblock_updown True "
+    "--use_new_attention_order True --diffusion_steps 100 --noise_schedule cosine --timestep_respacing 5 "
+    "--use_scale_shift_norm True",
+    arch=unet_arch(16, (1, 2), (2,), 4, 16, resblock_updown=True, new_order=True, num_classes=1000),
+)
+GLIDE_UP = dict(  # GLIDE's upsampler after GLIDE's 16x16 base: 16 -> 32, its own text transformer, fast27
+    flags=GLIDE["flags"]
+    .replace("--image_size 16", "--image_size 32")
+    .replace("--attention_resolutions 8", "--attention_resolutions 16")
+    .replace("--timestep_respacing 4", "--timestep_respacing fast27"),
+    arch=unet_arch(32, (1, 2), (2,), 1, 16, resblock_updown=True, new_order=False, encoder_channels=32, in_channels=6),
+)
+
+
+def test_a_class_base_and_its_upsampler_import_as_one_cascade_that_reads_the_class(made, tmp_path):
+    """`--option upsampler=`: guided-diffusion's SuperResModel after its base, both class-conditional; the upsampler
+    computes what SuperResModel does and reads each image's class."""
+    d = made[0]
+    up_state = random_state(unet_shapes(SUPER_RES["arch"]), 8)
+    torch.save(random_state(unet_shapes(BASE16["arch"]), 7), d / "base16.pt")
+    torch.save(up_state, d / "up64.pt")
+    options = {"flags": BASE16["flags"], "upsampler": str(d / "up64.pt")}
+    options["upsampler_flags"] = SUPER_RES["flags"] + " --diffusion_steps 100 --timestep_respacing 4"
+    api.import_model(d / "base16.pt", tmp_path / "run", options=options)
+    pipe = api.load_model(tmp_path / "run")
+    assert pipe.upsampler_condition and pipe.base_size == 16 and tuple(pipe.upsampler.produces.shape) == (3, 64, 64)
+    g = torch.Generator().manual_seed(4)
+    x, low, t, y = (
+        torch.randn(2, 3, 64, 64, generator=g),
+        torch.randn(2, 3, 16, 16, generator=g),
+        torch.tensor([1, 99]),
+        torch.tensor([0, 999]),
+    )
+    with torch.no_grad():
+        ours = pipe.upsampler.denoiser.eval()(x, t, {"y": y, "low_res": low})
+        assert close(ours, openai_unet(up_state, SUPER_RES["arch"], x, t, y=y, low_res=low))
+    low = low[:1].expand(2, -1, -1, -1)
+    a = pipe.upsample(low, {"y": torch.tensor([5, 5])}, generator=torch.Generator().manual_seed(0))
+    b = pipe.upsample(low, {"y": torch.tensor([5, 900])}, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a[0], b[0]) and (a[1] - b[1]).abs().max() > 1e-4  # the class reached the upsampler
+    images = pipe.sample(2, {"y": torch.tensor([3, 7])}, generator=torch.Generator().manual_seed(1))
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    with pytest.raises(GenzooError, match=r"is a super-resolution model .* --option upsampler="):
+        api.import_model(d / "up64.pt", tmp_path / "alone", options={"flags": options["upsampler_flags"]})
+    with pytest.raises(GenzooError, match="upsampler base16.pt is not a super-resolution model"):
+        api.import_model(d / "base16.pt", tmp_path / "twice", options={**options, "upsampler": str(d / "base16.pt")})
+
+
+def test_glides_base_and_upsampler_import_as_one_cascade_that_reads_the_caption(made, tmp_path):
+    """GLIDE's upsample.pt after base.pt: its own text transformer reads the caption's tokens, on glide-text2im's
+    fast27 grid; a class or unconditional base refuses it."""
+    from genzoo_openai.glide import GPT2BPE
+
+    d, _, bpe, vocab = made
+    arch = dict(GLIDE_UP["arch"], text=GLIDE["arch"]["text"])
+    up_state = random_state(unet_shapes(arch), 9)
+    torch.save(up_state, d / "glide_up.pt")
+    options = {"flags": GLIDE["flags"], "tokenizer": str(bpe), "upsampler": str(d / "glide_up.pt")}
+    api.import_model(d / "glide.pt", tmp_path / "run", options={**options, "upsampler_flags": GLIDE_UP["flags"]})
+    pipe = api.load_model(tmp_path / "run")
+    sampler = pipe.components["upsampler_sampler"]
+    assert pipe.upsampler_condition and sampler.cfg.steps == "fast27" and sampler.nfe() == 27
+    end, g = len(vocab) - 1, torch.Generator().manual_seed(5)
+    tokens = GPT2BPE(bpe).padded(["a cube", "cube cube cube"], 8)
+    x, low, t = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 16, 16, generator=g), torch.tensor([2, 98])
+    with torch.no_grad():
+        ours = pipe.upsampler.denoiser.eval()(x, t, {"glide_tokens": tokens, "low_res": low})
+        assert close(ours, openai_unet(up_state, arch, x, t, tokens=tokens, mask=tokens != end, low_res=low))
+    low = low[:1].expand(2, -1, -1, -1)
+    a = pipe.upsample(low, {"caption": ["a cube", "a cube"]}, generator=torch.Generator().manual_seed(0))
+    b = pipe.upsample(low, {"caption": ["a cube", "cube cube cube"]}, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a[0], b[0]) and (a[1] - b[1]).abs().max() > 1e-4  # the caption reached the upsampler
+    images = pipe.sample(2, {"caption": ["a cube", "cube"]}, generator=torch.Generator().manual_seed(1))
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    torch.save(random_state(unet_shapes(BASE16["arch"]), 7), d / "base16b.pt")
+    with pytest.raises(GenzooError, match="upsampler glide_up.pt reads the caption but the base does not"):
+        api.import_model(d / "base16b.pt", tmp_path / "mixed", options={**options, "flags": BASE16["flags"]})
+
+
 @pytest.mark.parametrize("codebase", ["guided-diffusion", "glide-text2im"])
 def test_super_resolution_layouts_convert_exactly(made, codebase):
     """SuperResModel (class-conditional, 64_256_upsampler's layout) and SuperResText2ImUNet (GLIDE's upsample.pt):
-    the first conv also takes the upsampled low-resolution image. Converted into genzoo's modules directly: `genzoo
-    import` refuses them as runs (an imported cascade is not built yet)."""
+    the first conv also takes the upsampled low-resolution image. Converted into genzoo's modules directly (the
+    cascade tests above import them behind a base)."""
     from dataclasses import replace
 
     from genzoo_openai.convert import Keys, convert_unet, unet_config

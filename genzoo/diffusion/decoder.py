@@ -299,6 +299,12 @@ class DiffusionPipelineConfig(BaseModel):
     condition: Conditioning = Field(
         Conditioning.none, description="none; class (the dataset's label is y); caption (through the text encoder)"
     )
+    upsampler_condition: bool = Field(
+        False,
+        description="a cascade's upsampler also reads the condition (the class y, the encoded caption), as "
+        "guided-diffusion's class-conditional and GLIDE's text-conditional upsamplers do; false: the low-resolution "
+        "image alone (unCLIP's, Karlo's)",
+    )
 
 
 class DiffusionPipeline(LabelledPipeline):
@@ -313,8 +319,16 @@ class DiffusionPipeline(LabelledPipeline):
     on inputs noised by the decoder's own process, so its t means the same (Dhariwal & Nichol 2021, Sec. 4).
     """
 
-    def __init__(self, components: Mapping[str, Any], *, condition: Conditioning, num_classes: int | None) -> None:
+    def __init__(
+        self,
+        components: Mapping[str, Any],
+        *,
+        condition: Conditioning,
+        num_classes: int | None,
+        upsampler_condition: bool = False,
+    ) -> None:
         super().__init__(components, condition=condition, num_classes=num_classes)
+        self.upsampler_condition = upsampler_condition
         guidance = components.get("guidance")
         trainable_guidance = callable(getattr(guidance, "training_losses", None)) and any(
             True for _ in guidance.parameters()
@@ -354,7 +368,9 @@ class DiffusionPipeline(LabelledPipeline):
     ) -> dict[str, Tensor]:
         x0 = batch["image"]
         if stage == "upsampler":
-            return self.upsampler.training_losses(x0, {"low_res": self.low_res(x0)})
+            with torch.no_grad():  # the caption's encoder trained with the base decoder; here it is read only
+                cond = self.condition_of(batch) if self.upsampler_condition else None
+            return self.upsampler.training_losses(x0, {**(cond or {}), "low_res": self.low_res(x0)})
         diffusion = self.components["decoder"].diffusion
         if stage == "clip":  # the recipe's CLIP, noised by the base decoder's process, for CLIP guidance
             return noised_clip_losses(
@@ -367,13 +383,26 @@ class DiffusionPipeline(LabelledPipeline):
         return self.components["decoder"].training_losses(self.low_res(x0), self.condition_of(batch))
 
     @torch.no_grad()
-    def upsample(self, low: Tensor, *, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
-        """The upsampler stage alone: full-size images from low-resolution ones in [-1, 1] (``noise``: its x_T)."""
+    def upsample(
+        self,
+        low: Tensor,
+        condition: Mapping[str, Any] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """The upsampler stage alone: full-size images from low-resolution ones in [-1, 1] (``noise``: its x_T);
+        ``condition`` as ``sample`` takes it ({"y": ...}, {"caption": [...]}), read when ``upsampler_condition``."""
         c, size = low.shape[1], self.upsampler.produces.shape[-1]
         if noise is None:
             noise = randn((len(low), c, size, size), low, generator=generator)
+        cond = self.encode_condition(condition) if self.upsampler_condition else None
         return self.upsampler.decode(
-            noise, {"low_res": low}, generator=generator, sampler=self.components.get("upsampler_sampler")
+            noise,
+            {**(cond or {}), "low_res": low},
+            generator=generator,
+            sampler=self.components.get("upsampler_sampler"),
+            guidance=self.components.get("upsampler_guidance"),
         )
 
     @torch.no_grad()
@@ -398,14 +427,22 @@ class DiffusionPipeline(LabelledPipeline):
     def sample(
         self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None
     ) -> Tensor:
+        condition = self.sample_condition(n, condition)
         x = super().sample(n, condition, generator=generator)
-        return self.upsample(x.clamp(-1, 1), generator=generator) if self.upsampler is not None else x
+        return x if self.upsampler is None else self.upsample(x.clamp(-1, 1), condition, generator=generator)
 
 
-def check_denoiser(pipeline: str, components: Mapping[str, Any], want: Mapping[str, int | None], source: str) -> None:
-    """The decoder's denoiser has the condition widths its conditioner gives (``want``: field -> width, None for an
+def check_denoiser(
+    pipeline: str,
+    components: Mapping[str, Any],
+    want: Mapping[str, int | None],
+    source: str,
+    *,
+    role: str = "decoder",
+) -> None:
+    """The ``role``'s denoiser has the condition widths its conditioner gives (``want``: field -> width, None for an
     input it must not have), and a cascade's upsampler has its sampler; errors name the field and the value to set."""
-    cfg = getattr(getattr(components.get("decoder"), "denoiser", None), "cfg", None)
+    cfg = getattr(getattr(components.get(role), "denoiser", None), "cfg", None)
     for field, value in want.items():
         got = getattr(
             cfg, field, "n/a" if value is not None else None
@@ -413,7 +450,7 @@ def check_denoiser(pipeline: str, components: Mapping[str, Any], want: Mapping[s
         if cfg is not None and got != value:
             shown = "null" if value is None else value
             raise RegistryError(
-                f"pipeline '{pipeline}': decoder.denoiser.{field} is {got} but {source} needs {shown}; set "
+                f"pipeline '{pipeline}': {role}.denoiser.{field} is {got} but {source} needs {shown}; set "
                 f"{field}: {shown}"
             )
     if components.get("upsampler_decoder") is not None and components.get("upsampler_sampler") is None:
@@ -442,5 +479,25 @@ def make_diffusion_pipeline(cfg: DiffusionPipelineConfig, ctx) -> DiffusionPipel
             # text itself, e.g. OpenAI's GLIDE, is fed no context and is not concerned)
             want["emb_dim_in"] = None
             source = "a text encoder that gives no pooled 'emb' (clip-text: set encoder.pooled_as_emb: true)"
+    if cfg.upsampler_condition and (
+        cfg.condition is Conditioning.none or ctx.components.get("upsampler_decoder") is None
+    ):
+        raise RegistryError(
+            "pipeline 'diffusion': field 'upsampler_condition' is true but there is "
+            + (
+                "no condition to read; set condition: class or caption"
+                if cfg.condition is Conditioning.none
+                else "no upsampler_decoder; drop upsampler_condition"
+            )
+        )
     check_denoiser("diffusion", ctx.components, want, source)
-    return DiffusionPipeline(ctx.components, **args)
+    if cfg.upsampler_condition:  # the upsampler reads what the base reads (a class model: its classes)
+        up = {"num_classes": args["num_classes"]} if cfg.condition is Conditioning.class_ else want
+        check_denoiser(
+            "diffusion",
+            ctx.components,
+            up,
+            "the dataset's classes" if up is not want else source,
+            role="upsampler_decoder",
+        )
+    return DiffusionPipeline(ctx.components, **args, upsampler_condition=cfg.upsampler_condition)

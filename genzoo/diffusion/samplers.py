@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from genzoo.diffusion.gaussian_diffusion import GaussianDiffusion, Model, Prediction
 from genzoo.diffusion.guidance import DiffusionGuidance
-from genzoo.diffusion.schedules import solver_grid, space_timesteps, spaced_grid
+from genzoo.diffusion.schedules import FAST27, solver_grid, space_timesteps, spaced_grid
 from genzoo.interfaces import Condition, Sampler, SamplerKind
 from genzoo.registry import component
 
@@ -32,7 +32,7 @@ class SamplerConfig(BaseModel):
     steps: int | str = Field(
         50,
         description="model evaluations, or a respacing string of the grid: '10,10,3' (per equal section), "
-        "'ddim50' (uniform stride)",
+        "'ddim50' (uniform stride), 'fast27' (GLIDE's upsampler)",
     )
     clip: bool = Field(
         True, description="clamp x0_hat to the process's clip_range (images in [-1, 1]); no effect when it is None"
@@ -117,7 +117,8 @@ class DiffusionSampler(Sampler):
         grid = self.grid()
         if isinstance(grid, int):
             return grid - self.last_index
-        count = int(grid[4:]) if grid.startswith("ddim") else sum(int(s) for s in grid.split(","))
+        sections = FAST27 if grid == "fast27" else grid
+        count = int(grid[4:]) if grid.startswith("ddim") else sum(int(s) for s in sections.split(","))
         return count - self.last_index
 
     def respaced(self, diffusion: GaussianDiffusion) -> GaussianDiffusion:

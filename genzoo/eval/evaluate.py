@@ -313,24 +313,33 @@ def metric_zero_shot(cfg: NoConfig) -> MetricFn:
 
 @component("metric", "upsampler", config=NoConfig)
 def metric_upsampler(cfg: NoConfig) -> MetricFn:
-    """A cascade's upsampler against bilinear upsampling: FD and MSE to the originals."""
-    """A cascade's upsampler against bilinear upsampling, on the split's images brought down to the base size:
-    FD in judge features and MSE to the full-size originals, for both."""
+    """A cascade's upsampler against bilinear upsampling, on the split's images brought down to the base size: FD
+    in judge features and MSE to the full-size originals, for both. An upsampler that reads the condition gets each
+    image's own (its class or caption)."""
 
     def run(ev: EvalContext) -> dict[str, float]:
         if getattr(ev.model, "upsampler", None) is None:
             return {}
-        real = ev.real["image"]
+        real, bs = ev.real["image"], ev.settings.batch_size
         low = torch.nn.functional.interpolate(real, size=ev.model.base_size, mode="area")
         g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
+        reads = getattr(ev.model, "upsampler_condition", False)  # a diffusion cascade whose condition is set
+
+        def condition(i: int) -> dict[str, Any] | None:
+            if not reads:
+                return None
+            key, user_key = ("label", "y") if ev.model.condition.value == "class" else ("caption", "caption")
+            part = ev.real[key][i : i + bs]
+            return {user_key: part.to(ev.device) if isinstance(part, Tensor) else list(part)}
+
         with ev.generating():
             up = torch.cat(
                 [
-                    ev.model.upsample(low[i : i + ev.settings.batch_size].to(ev.device), generator=g)
+                    ev.model.upsample(low[i : i + bs].to(ev.device), condition(i), generator=g)
                     .float()
                     .clamp(-1, 1)
                     .cpu()
-                    for i in range(0, len(low), ev.settings.batch_size)
+                    for i in range(0, len(low), bs)
                 ]
             )
         bilinear = torch.nn.functional.interpolate(

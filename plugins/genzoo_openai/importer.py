@@ -89,6 +89,14 @@ class OpenAIImporterConfig(BaseModel):
         description="GLIDE: the folder with its encoder.json(.gz) and vocab.bpe(.gz); None: "
         "glide_text2im/tokenizer of an installed glide-text2im (found, not imported)",
     )
+    upsampler: str | None = Field(
+        None,
+        description="a super-resolution model (.pt) cascaded after the base, reading its class or caption too: "
+        "GLIDE's upsample.pt after base.pt, guided-diffusion's 64_256_upsampler.pt after 64x64_diffusion.pt",
+    )
+    upsampler_flags: str | None = Field(
+        None, description="the upsampler's flags; None: those of the published upsampler whose layout it has"
+    )
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -183,7 +191,7 @@ class OpenAIImporter:
             f"read {path.name} with torch.load(weights_only=True): tensors only, no code from the file ran; "
             f"its weights are written as safetensors under {out}"
         ]
-        entry, codebase, args = self._flags(path, state, kind, notes)
+        entry, codebase, args = self._flags(path, state, kind, notes, self.cfg.flags)
         where = path.name
         layout = unet_layout(codebase, args, super_res=kind_super_res(state), where=where)
         if layout.text is not None and "token_embedding.weight" in state:  # the tokenizer's size, not a flag
@@ -191,7 +199,7 @@ class OpenAIImporter:
         if layout.super_res:
             raise GenzooError(
                 f"{path.name} is a super-resolution model (its first conv takes the low-resolution image too); "
-                "genzoo imports base models (an upsampler cascade is not imported yet)"
+                f"import its base model and cascade this one after it with --option upsampler={path}"
             )
         diffusion = diffusion_of(codebase, args)
         keys = Keys(state, where)
@@ -212,7 +220,7 @@ class OpenAIImporter:
         components: dict[str, Any] = {
             "prior": {"type": "gaussian"},
             "decoder": self._decoder(diffusion, denoiser, where),
-            "sampler": _sampler(diffusion, where),
+            "sampler": _sampler(diffusion),
         }
         condition = "caption" if encoder else "class" if layout.num_classes else "none"
         if self.cfg.classifier:
@@ -241,11 +249,19 @@ class OpenAIImporter:
         if encoder:
             components["encoder"] = encoder
             components["guidance"] = {"type": "cfg", "scale": float(args["guidance_scale"])}
-        size = layout.image_size
+        size, pipeline = layout.image_size, {"type": "diffusion", "condition": condition}
+        if self.cfg.upsampler:
+            stages, up_state, size = self._upsampler(layout, notes)
+            components.update(stages)
+            components["decoder"]["image_size"] = layout.image_size  # the data are the upsampler's size
+            states.append(("upsampler_decoder.denoiser", up_state))
+            pipeline["upsampler_condition"] = bool(encoder or layout.num_classes)
+            extra["upsampler"] = str(Path(self.cfg.upsampler).expanduser())
         body = {
             "description": f"{path.name} ({codebase}) imported into genzoo's U-Net"
-            + (" with its noisy classifier" if self.cfg.classifier else ""),
-            "pipeline": {"type": "diffusion", "condition": condition},
+            + (" with its noisy classifier" if self.cfg.classifier else "")
+            + (f", then {Path(self.cfg.upsampler).name}" if self.cfg.upsampler else ""),
+            "pipeline": pipeline,
             "data": dict(data) if data else default_data(path.name, size, out),
             "components": components,
             "sample": {"n": 16},
@@ -271,22 +287,23 @@ class OpenAIImporter:
     # ----------------------------------------------------------------------- pieces
 
     def _flags(
-        self, path: Path, state: Mapping[str, Any], kind: str, notes: list[str]
+        self, path: Path, state: Mapping[str, Any], kind: str, notes: list[str], flags: str | None
     ) -> tuple[str | None, Codebase, dict[str, Any]]:
-        """(published entry whose flags are used, or None; codebase; parsed flags) for the model in ``state``."""
+        """(published entry whose flags are used, or None; codebase; parsed flags) for the model in ``state``, whose
+        README ``flags`` the user gave (None: the published checkpoint's)."""
         glide, super_res = kind == "glide", kind_super_res(state)
-        if self.cfg.flags is None and not glide:
+        if flags is None and not glide:
             return self._match(path, state)
         codebase: Codebase = self.cfg.codebase or ("glide-text2im" if glide else "guided-diffusion")
         entry = None
-        if self.cfg.flags is None:  # GLIDE's files carry model_creation.py's defaults and the notebook's sampling
+        if flags is None:  # GLIDE's files carry model_creation.py's defaults and the notebook's sampling
             entry = next(p for p in PUBLISHED if p.kind == ("glide-upsampler" if super_res else "glide"))
         elif self.cfg.codebase is None and not glide:
             notes.append(
                 "flags read with guided-diffusion's defaults; pass --option codebase=improved-diffusion for a "
                 "model of improved-diffusion (whose rescale_timesteps defaults to True)"
             )
-        text = entry.flags if entry else self.cfg.flags
+        text = entry.flags if entry else flags
         args = parse_flags(text, codebase, where="flags", base=_base(codebase, super_res))
         return (entry.name if entry else None), codebase, args
 
@@ -346,6 +363,58 @@ class OpenAIImporter:
             "clip_range": 1.0,
             "denoiser": denoiser,
         }
+
+    def _upsampler(self, base: UNetLayout, notes: list[str]) -> tuple[dict[str, Any], dict[str, Any], int]:
+        """The cascade's ``upsampler_decoder`` and ``upsampler_sampler``, the upsampler denoiser's genzoo state and the
+        size it draws, from ``cfg.upsampler``; it must read what ``base`` reads (the caption, or the class) at the
+        size ``base`` draws."""
+        path = Path(self.cfg.upsampler).expanduser()
+        where = f"upsampler {path.name}"
+        if not path.is_file():
+            raise GenzooError(f"--option upsampler={self.cfg.upsampler}: no such file")
+        state = read_state(path)
+        kind = kind_of(state)
+        if kind not in ("unet", "glide") or not kind_super_res(state):
+            raise GenzooError(
+                f"{where} is not a super-resolution model (its first conv takes the low-resolution image)"
+            )
+        notes.append(f"read {path.name} with torch.load(weights_only=True) too: tensors only, no code ran")
+        entry, codebase, args = self._flags(path, state, kind, notes, self.cfg.upsampler_flags)
+        layout = unet_layout(codebase, args, super_res=True, where=where)
+        if layout.text is not None:
+            layout = replace(layout, text=replace(layout.text, n_vocab=int(state["token_embedding.weight"].shape[0])))
+        reads = {"caption": layout.text is not None, "class": bool(layout.num_classes)}
+        wants = {"caption": base.text is not None, "class": bool(base.num_classes)}
+        for what in ("caption", "class"):
+            if reads[what] != wants[what]:
+                raise GenzooError(
+                    f"{where} {'reads' if reads[what] else 'does not read'} the {what} but the base "
+                    f"{'does' if wants[what] else 'does not'}; pass the upsampler trained for this base"
+                )
+        if layout.text is not None and layout.text.text_ctx != base.text.text_ctx:
+            raise GenzooError(f"{where} reads {layout.text.text_ctx} caption tokens but the base {base.text.text_ctx}")
+        small = int(args.get("small_size") or base.image_size)
+        if small != base.image_size:
+            raise GenzooError(f"{where} upsamples {small}px images but the base draws {base.image_size}px")
+        diffusion = diffusion_of(codebase, args)
+        time_scale = 1000.0 / diffusion.steps if diffusion.rescale_timesteps else 1.0
+        keys = Keys(state, path.name)
+        up_state = convert_unet(layout, keys)
+        denoiser: dict[str, Any] = {"type": "unet", **unet_config(layout, time_scale)}
+        if layout.text is not None:
+            denoiser, up_state = glide_denoiser(layout, keys, up_state, time_scale)
+            notes.append(
+                "GLIDE's notebook draws the upsampler's x_T with temperature 0.997 (upsample_temp); genzoo draws it "
+                "at 1"
+            )
+        keys.finish()
+        if entry:
+            notes.append(f"{where}: the flags of the published {entry}")
+        stages = {
+            "upsampler_decoder": self._decoder(diffusion, denoiser, where),
+            "upsampler_sampler": _sampler(diffusion),
+        }
+        return stages, up_state, layout.image_size
 
     def _classifier(self, size: int, notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The ``classifier`` guidance spec and its noisy classifier's genzoo state from ``cfg.classifier``."""
@@ -480,11 +549,9 @@ def _base(codebase: Codebase, super_res: bool) -> dict[str, Any]:
     return {**DEFAULTS[codebase], **(GLIDE_UPSAMPLER if codebase == "glide-text2im" and super_res else {})}
 
 
-def _sampler(d: Diffusion, where: str) -> dict[str, Any]:
+def _sampler(d: Diffusion) -> dict[str, Any]:
     """The sampling script's loop: ddpm (p_sample_loop) or ddim (eta 0) over the respaced timesteps."""
     steps: int | str = d.timestep_respacing or d.steps
-    if isinstance(steps, str):
-        if steps == "fast27":
-            raise GenzooError(f"{where}: timestep_respacing 'fast27' (GLIDE's upsampler) is not a grid genzoo has")
+    if isinstance(steps, str):  # "fast27", GLIDE's upsampler grid, is genzoo's too (schedules.space_timesteps)
         steps = int(steps) if steps.isdigit() else steps
     return {"type": "ddim" if d.use_ddim else "ddpm", "steps": steps, "clip": d.clip_denoised}
