@@ -89,14 +89,10 @@ class OpenAIImporterConfig(BaseModel):
         description="GLIDE: the folder with its encoder.json(.gz) and vocab.bpe(.gz); None: "
         "glide_text2im/tokenizer of an installed glide-text2im (found, not imported)",
     )
-    upsampler: str | None = Field(
-        None,
-        description="a super-resolution model (.pt) cascaded after the base, reading its class or caption too: "
-        "GLIDE's upsample.pt after base.pt, guided-diffusion's 64_256_upsampler.pt after 64x64_diffusion.pt",
-    )
-    upsampler_flags: str | None = Field(
-        None, description="the upsampler's flags; None: those of the published upsampler whose layout it has"
-    )
+    # a super-resolution model run after the base, reading its class or caption too (GLIDE's upsample.pt after
+    # base.pt, guided-diffusion's 64_256_upsampler.pt after 64x64_diffusion.pt); its flags as `flags` gives the base's
+    upsampler: str | None = Field(None, description="a super-resolution .pt cascaded after the base (docs/interop.md)")
+    upsampler_flags: str | None = Field(None, description="the upsampler's flags; None: its published checkpoint's")
 
 
 def read_state(path: Path) -> dict[str, Any]:
