@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tiny import write_recipes
 
 from genzoo import api
+from genzoo.eval import evaluate as evaluate_module
 from genzoo.eval import judges
 from genzoo.eval.evaluate import EvalContext, EvalSettings, evaluate
 from genzoo.plugins import default_registry
@@ -80,6 +82,20 @@ def test_metrics_separate_real_images_from_noise_and_score_conditions(cheap_judg
     # the oracle draws train images of the asked class: the judge's accuracy bounds the label accuracy
     assert real["label_accuracy"] > 0.8 and "label_accuracy" not in noise
     assert real["images_per_s"] > 0 and real["nfe"] == 1
+
+
+def test_throughput_counts_the_network_evaluations_of_every_sampler_of_a_cascade() -> None:
+    """nfe per sample: the decoder's sampler, a token prior's per token (and per best-of draw), each upsampler's."""
+    s = lambda n, kind="diffusion": SimpleNamespace(nfe=lambda: n, kind=SimpleNamespace(value=kind))  # noqa: E731
+    parts = {"sampler": s(20), "upsampler_sampler": s(7), "upsampler2_sampler": s(3), "guidance": None}
+    model = SimpleNamespace(components=parts)
+    ev = EvalContext(model, None, None, EvalSettings(samples=8), device=torch.device("cpu"))
+    ev.samples, ev.sample_seconds = torch.zeros(8, 1, 2, 2), 2.0
+    run = evaluate_module.metric_throughput(evaluate_module.NoConfig())
+    assert run(ev) == {"images_per_s": 4.0, "nfe": 30.0}
+    prior = SimpleNamespace(shape=(2, 3), best_of=2)
+    model.components = {**parts, "prior": prior, "prior_sampler": s(1, "token"), "upsampler2_sampler": None}
+    assert run(ev)["nfe"] == 20 + 7 + 1 * 6 * 2
 
 
 def test_same_stream_for_every_model_and_cached_real_features(cheap_judges) -> None:

@@ -428,9 +428,8 @@ def metric_throughput(cfg: NoConfig) -> MetricFn:
         _ = ev.samples
         out = {"images_per_s": ev.settings.samples / max(ev.sample_seconds, 1e-9)}
         nfe, prior = 0, ev.model.components.get("prior")
-        for role in ("sampler", "prior_sampler", "upsampler_sampler"):
-            s = ev.model.components.get(role)
-            if s is None:
+        for role, s in ev.model.components.items():  # sampler, prior_sampler and each upsampler's in a cascade
+            if s is None or not role.endswith("sampler"):
                 continue
             if role == "prior_sampler":  # per token for a token prior; each best-of draw counts
                 nfe += s.nfe() * prior_tokens_per_sample(ev.model) * getattr(prior, "best_of", 1)
