@@ -119,10 +119,10 @@ def marked(module: Any) -> list[tuple[str, str, type[BaseModel], Callable[..., A
     return found
 
 
-def registered_name(component: Any) -> str:
-    """The name ``component`` was built under (its spec's ``type``); its class name if it was built by hand."""
-    spec = getattr(component, "genzoo_spec", None)
-    return spec["type"] if isinstance(spec, Mapping) and "type" in spec else type(component).__name__
+def registered_name(built: Any) -> str:
+    """The name the component ``built`` was built under (its spec's ``type``); its class name if built by hand."""
+    spec = getattr(built, "genzoo_spec", None)
+    return spec["type"] if isinstance(spec, Mapping) and "type" in spec else type(built).__name__
 
 
 def spec_field(kind: str, default: Any, description: str) -> Any:
