@@ -75,11 +75,15 @@ def _widths(cfg: ConvNetConfig, n: int) -> list[int]:
     return [min(cfg.channels * 2**i, cfg.max_channels) for i in range(n + 1)]
 
 
+@component("network", "conv-encoder", config=ConvNetConfig)
 class ConvEncoder(nn.Module):
-    """``forward(x, y=None) -> (B, dim)``; with classes, adds ``<embed(y), h>`` (Miyato & Koyama 2018)."""
+    """A DCGAN-style encoder: an image through strided convolutions to a vector.
 
-    def __init__(self, cfg: ConvNetConfig) -> None:
+    ``forward(x, y=None) -> (B, dim)``; with classes, adds ``<embed(y), h>`` (Miyato & Koyama 2018)."""
+
+    def __init__(self, cfg: ConvNetConfig, ctx: Any = None) -> None:
         super().__init__()
+        cfg = _sized(cfg, ctx)
         n = _levels(cfg.image_size)
         w = _widths(cfg, n)
         layers: list[nn.Module] = [nn.Conv2d(cfg.image_channels, w[0], 3, padding=1), nn.LeakyReLU(0.2)]
@@ -102,11 +106,15 @@ class ConvEncoder(nn.Module):
         return out
 
 
+@component("network", "conv-decoder", config=ConvNetConfig)
 class ConvDecoder(nn.Module):
-    """``forward(z, y=None) -> (B, C, S, S)`` in [-1, 1] (tanh); with classes, ``[z; embed(y)]`` is the input."""
+    """A DCGAN-style decoder: a vector through transposed convolutions to an image.
 
-    def __init__(self, cfg: ConvNetConfig) -> None:
+    ``forward(z, y=None) -> (B, C, S, S)`` in [-1, 1] (tanh); with classes, ``[z; embed(y)]`` is the input."""
+
+    def __init__(self, cfg: ConvNetConfig, ctx: Any = None) -> None:
         super().__init__()
+        cfg = _sized(cfg, ctx)
         n = _levels(cfg.image_size)
         w = _widths(cfg, n)
         self.embed = nn.Embedding(cfg.num_classes, cfg.dim) if cfg.num_classes else None
@@ -144,18 +152,6 @@ def _sized(cfg: ConvNetConfig, ctx: Any) -> ConvNetConfig:
     return cfg
 
 
-@component("network", "conv-encoder", config=ConvNetConfig)
-def build_conv_encoder(cfg: ConvNetConfig, ctx: Any = None) -> ConvEncoder:
-    """A DCGAN-style encoder: an image through strided convolutions to a vector."""
-    return ConvEncoder(_sized(cfg, ctx))
-
-
-@component("network", "conv-decoder", config=ConvNetConfig)
-def build_conv_decoder(cfg: ConvNetConfig, ctx: Any = None) -> ConvDecoder:
-    """A DCGAN-style decoder: a vector through transposed convolutions to an image."""
-    return ConvDecoder(_sized(cfg, ctx))
-
-
 # --------------------------------------------------------------------------- spatial (VQ-VAE)
 
 
@@ -185,11 +181,15 @@ def _halvings(downsample: int) -> int:
     return int(math.log2(downsample))
 
 
+@component("network", "grid-encoder", config=GridNetConfig)
 class GridEncoder(nn.Module):
-    """``(B, C, S, S) -> (B, dim, S/f, S/f)``."""
+    """An image to a grid of vectors (VQ-VAE encoder: downsampling, then residual blocks).
 
-    def __init__(self, cfg: GridNetConfig) -> None:
+    ``(B, C, S, S) -> (B, dim, S/f, S/f)``."""
+
+    def __init__(self, cfg: GridNetConfig, ctx: Any = None) -> None:
         super().__init__()
+        cfg = _grid_sized(cfg, ctx)
         ch, layers, c_in = cfg.channels, [], cfg.image_channels
         for _ in range(_halvings(cfg.downsample)):
             layers += [nn.Conv2d(c_in, ch, 4, stride=2, padding=1), nn.ReLU()]
@@ -202,11 +202,15 @@ class GridEncoder(nn.Module):
         return self.body(x)
 
 
+@component("network", "grid-decoder", config=GridNetConfig)
 class GridDecoder(nn.Module):
-    """``(B, dim, S/f, S/f) -> (B, C, S, S)``; linear output (the reconstruction loss is MSE)."""
+    """A grid of vectors to an image (VQ-VAE decoder: residual blocks, then upsampling).
 
-    def __init__(self, cfg: GridNetConfig) -> None:
+    ``(B, dim, S/f, S/f) -> (B, C, S, S)``; linear output (the reconstruction loss is MSE)."""
+
+    def __init__(self, cfg: GridNetConfig, ctx: Any = None) -> None:
         super().__init__()
+        cfg = _grid_sized(cfg, ctx)
         ch = cfg.channels
         layers: list[nn.Module] = [nn.Conv2d(cfg.dim, ch, 3, padding=1)] + [_Res(ch) for _ in range(cfg.num_res_blocks)]
         n = _halvings(cfg.downsample)
@@ -238,15 +242,3 @@ def _grid_sized(cfg: GridNetConfig, ctx: Any) -> GridNetConfig:
             "grid network: dim and image_channels must be set (the owning component or the dataset sets them)"
         )
     return cfg
-
-
-@component("network", "grid-encoder", config=GridNetConfig)
-def build_grid_encoder(cfg: GridNetConfig, ctx: Any = None) -> GridEncoder:
-    """An image to a grid of vectors (VQ-VAE encoder: downsampling, then residual blocks)."""
-    return GridEncoder(_grid_sized(cfg, ctx))
-
-
-@component("network", "grid-decoder", config=GridNetConfig)
-def build_grid_decoder(cfg: GridNetConfig, ctx: Any = None) -> GridDecoder:
-    """A grid of vectors to an image (VQ-VAE decoder: residual blocks, then upsampling)."""
-    return GridDecoder(_grid_sized(cfg, ctx))
