@@ -59,6 +59,29 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
     assert "find_unused_parameters=True" not in ddp.stderr
 
 
+def test_a_rank_that_fails_at_the_end_stops_both_with_its_own_error(tmp_path: Path) -> None:
+    """Rank 0 failing after training (here in fit_after_training) must not leave rank 1 waiting at the group's
+    teardown: both ranks agree that a run failed, destroy the group and exit, rank 0's error reported."""
+    script = tmp_path / "fail_ddp.py"
+    script.write_text(
+        SCRIPT.replace(
+            "\ng = torch.Generator()",
+            "\ndef fit_after_training(self, data):\n"
+            "    import torch.distributed as dist\n"
+            "    if dist.get_rank() == 0:\n"
+            "        raise RuntimeError('rank 0 cannot fit its prior')\n"
+            "Regress.fit_after_training = fit_after_training\n"
+            "g = torch.Generator()",
+            1,
+        )
+    )
+    t0 = time.perf_counter()
+    r = run(*torchrun(2), str(script), str(tmp_path / "ddp"), env=ENV)
+    assert r.returncode != 0 and "rank 0 cannot fit its prior" in r.stderr, r.stderr[-3000:]
+    assert "terminate called" not in r.stderr and time.perf_counter() - t0 < 120
+    assert (tmp_path / "ddp" / "checkpoints").is_dir()  # the trained weights were saved before the error
+
+
 def test_genzoo_train_under_torchrun_reports_once(tmp_path: Path) -> None:
     """Issue 21.4: rank 1 printed `checkpoint None`, and every rank warned about find_unused_parameters."""
     recipes = write_recipes(tmp_path / "tiny.yaml", "tiny")  # trained 3 steps on the CPU here

@@ -624,7 +624,7 @@ def test_each_stage_trains_on_its_own_inputs(monkeypatch) -> None:
     assert c is clip and torch.equal(x0, low) and torch.equal(cond["tokens"], torch.tensor([1, 3]))
     assert set(cond) == {"tokens"} and diffusion is dec.diffusion
     # an upsampler that reads the condition (GLIDE's, guided-diffusion's) gets the encoded caption, not grads of it
-    enc.ps[0].requires_grad_(True)
+    enc.encode = lambda c: {"context": enc.ps[0] + enc.tokenize(c["caption"]).float()}  # differentiable
     reads = DiffusionPipeline(
         {"decoder": dec, "upsampler_decoder": up, "encoder": enc},
         condition=Conditioning.caption,
@@ -634,6 +634,7 @@ def test_each_stage_trains_on_its_own_inputs(monkeypatch) -> None:
     reads.training_losses(batch, stage="upsampler")
     (x0, cond) = up.calls[-1][1]
     assert x0 is x and set(cond) == {"low_res", "context"} and torch.equal(cond["context"], torch.tensor([1.0, 3.0]))
+    assert not cond["context"].requires_grad and reads.condition_of(batch)["context"].requires_grad
     assert torch.equal(cond["low_res"], low)
 
 
@@ -671,6 +672,19 @@ def test_upsample_draws_its_noise_from_the_generator_and_uses_the_upsampler_samp
     )
     p.sample(4, generator=torch.Generator().manual_seed(0))
     assert torch.equal(up.calls[-1][2]["y"], torch.tensor([0, 1, 2, 0]))
+    assert torch.equal(up.calls[-1][2]["low_res"], torch.ones(4, 1, 4, 4))  # the base's z + 5, clamped
+    # OpenAI's cascades hand the upsampler 8-bit images: rounded to the 256 levels of [-1, 1]
+    z = torch.linspace(-6.2, -3.9, 64).view(4, 1, 4, 4)
+    prior.sample = lambda n, cond, **kw: z
+    want = (z + 5).clamp(-1, 1)  # the stand-in decoder's z + 5
+    for quantize in (False, True):
+        parts_q = {**parts, "prior": prior}
+        p = DiffusionPipeline(parts_q, condition=Conditioning.none, num_classes=None, quantize_low_res=quantize)
+        p.sample(4)
+        low = up.calls[-1][2]["low_res"]
+        assert torch.equal(low, ((want + 1) * 127.5).round() / 127.5 - 1 if quantize else want)
+        on_levels = torch.allclose((low + 1) * 127.5, ((low + 1) * 127.5).round(), atol=1e-4)
+        assert on_levels == quantize and low.min() == -1 and low.max() == 1
 
 
 def test_the_likelihood_is_the_bound_of_the_decoder_and_refused_for_a_cascade() -> None:

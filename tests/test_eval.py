@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny import write_recipes
 
 from genzoo import api
@@ -96,6 +97,37 @@ def test_throughput_counts_the_network_evaluations_of_every_sampler_of_a_cascade
     prior = SimpleNamespace(shape=(2, 3), best_of=2)
     model.components = {**parts, "prior": prior, "prior_sampler": s(1, "token"), "upsampler2_sampler": None}
     assert run(ev)["nfe"] == 20 + 7 + 1 * 6 * 2
+
+
+def test_the_upsampler_metric_gives_a_reading_upsampler_each_images_own_condition() -> None:
+    """unCLIP's upsample takes no condition (it must not be passed one); a diffusion cascade with
+    upsampler_condition gets each test image's class or caption, batch by batch."""
+    g = torch.Generator().manual_seed(0)
+    real = {"image": torch.rand(6, 1, 8, 8, generator=g) * 2 - 1, "label": torch.arange(6), "caption": list("abcdef")}
+    seen = []
+
+    def upsample(low, *, generator=None, **kw):  # no condition parameter unless the model reads one
+        seen.append(kw.get("condition"))
+        return F.interpolate(low, size=8, mode="nearest")
+
+    judge = SimpleNamespace(features=lambda x: x.flatten(1)[:, :4].double())
+    for reads, condition, want in [
+        (False, None, [None, None]),
+        (True, "class", [{"y": [0, 1, 2, 3]}, {"y": [4, 5]}]),
+        (True, "caption", [{"caption": ["a", "b", "c", "d"]}, {"caption": ["e", "f"]}]),
+    ]:
+        model = SimpleNamespace(upsampler=object(), base_size=4, upsample=upsample, upsampler_condition=reads)
+        if reads:
+            model.condition = SimpleNamespace(value=condition)
+        ev = EvalContext(model, None, judge, EvalSettings(samples=6, batch_size=4), device=torch.device("cpu"))
+        ev.real, ev.real_features = real, judge.features(real["image"])
+        seen.clear()
+        out = evaluate_module.metric_upsampler(evaluate_module.NoConfig())(ev)
+        got = [
+            None if c is None else {k: list(v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+            for c in seen
+        ]
+        assert got == want and {"upsampler_fd", "bilinear_fd", "upsampler_mse", "bilinear_mse"} <= set(out)
 
 
 def test_same_stream_for_every_model_and_cached_real_features(cheap_judges) -> None:

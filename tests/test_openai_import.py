@@ -618,6 +618,7 @@ def test_a_class_base_and_its_upsampler_import_as_one_cascade_that_reads_the_cla
     api.import_model(d / "base16.pt", tmp_path / "run", options=options)
     pipe = api.load_model(tmp_path / "run")
     assert pipe.upsampler_condition and pipe.base_size == 16 and tuple(pipe.upsampler.produces.shape) == (3, 64, 64)
+    assert pipe.quantize_low_res  # super_res_sample.py reads the base's samples as saved 8-bit images
     g = torch.Generator().manual_seed(4)
     x, low, t, y = (
         torch.randn(2, 3, 64, 64, generator=g),
@@ -636,6 +637,9 @@ def test_a_class_base_and_its_upsampler_import_as_one_cascade_that_reads_the_cla
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
     with pytest.raises(GenzooError, match=r"is a super-resolution model .* --option upsampler="):
         api.import_model(d / "up64.pt", tmp_path / "alone", options={"flags": options["upsampler_flags"]})
+    unflagged = {k: v for k, v in options.items() if k != "upsampler_flags"}
+    with pytest.raises(GenzooError, match=r"up64.pt: its layout is none of .*64_256_upsampler.pt.* upsampler_flags="):
+        api.import_model(d / "base16.pt", tmp_path / "unflagged", options=unflagged)
     with pytest.raises(GenzooError, match="upsampler base16.pt is not a super-resolution model"):
         api.import_model(d / "base16.pt", tmp_path / "twice", options={**options, "upsampler": str(d / "base16.pt")})
 

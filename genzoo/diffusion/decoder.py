@@ -305,6 +305,11 @@ class DiffusionPipelineConfig(BaseModel):
         "guided-diffusion's class-conditional and GLIDE's text-conditional upsamplers do; false: the low-resolution "
         "image alone (unCLIP's, Karlo's)",
     )
+    quantize_low_res: bool = Field(
+        False,
+        description="round the base's samples to 8-bit levels before the upsampler reads them, as OpenAI's scripts "
+        "do (GLIDE's notebook rounds them, guided-diffusion's super_res_sample reads saved images)",
+    )
 
 
 class DiffusionPipeline(LabelledPipeline):
@@ -326,9 +331,10 @@ class DiffusionPipeline(LabelledPipeline):
         condition: Conditioning,
         num_classes: int | None,
         upsampler_condition: bool = False,
+        quantize_low_res: bool = False,
     ) -> None:
         super().__init__(components, condition=condition, num_classes=num_classes)
-        self.upsampler_condition = upsampler_condition
+        self.upsampler_condition, self.quantize_low_res = upsampler_condition, quantize_low_res
         guidance = components.get("guidance")
         trainable_guidance = callable(getattr(guidance, "training_losses", None)) and any(
             True for _ in guidance.parameters()
@@ -429,7 +435,12 @@ class DiffusionPipeline(LabelledPipeline):
     ) -> Tensor:
         condition = self.sample_condition(n, condition)
         x = super().sample(n, condition, generator=generator)
-        return x if self.upsampler is None else self.upsample(x.clamp(-1, 1), condition, generator=generator)
+        if self.upsampler is None:
+            return x
+        low = x.clamp(-1, 1)
+        if self.quantize_low_res:
+            low = ((low + 1) * 127.5).round() / 127.5 - 1
+        return self.upsample(low, condition, generator=generator)
 
 
 def check_denoiser(
@@ -500,4 +511,6 @@ def make_diffusion_pipeline(cfg: DiffusionPipelineConfig, ctx) -> DiffusionPipel
             "the dataset's classes" if up is not want else source,
             role="upsampler_decoder",
         )
-    return DiffusionPipeline(ctx.components, **args, upsampler_condition=cfg.upsampler_condition)
+    return DiffusionPipeline(
+        ctx.components, **args, upsampler_condition=cfg.upsampler_condition, quantize_low_res=cfg.quantize_low_res
+    )

@@ -325,17 +325,17 @@ def metric_upsampler(cfg: NoConfig) -> MetricFn:
         g = torch.Generator(device=ev.device).manual_seed(ev.settings.seed)
         reads = getattr(ev.model, "upsampler_condition", False)  # a diffusion cascade whose condition is set
 
-        def condition(i: int) -> dict[str, Any] | None:
+        def condition(i: int) -> dict[str, Any]:  # upsample's keyword, only for an upsampler that reads one
             if not reads:
-                return None
+                return {}
             key, user_key = ("label", "y") if ev.model.condition.value == "class" else ("caption", "caption")
             part = ev.real[key][i : i + bs]
-            return {user_key: part.to(ev.device) if isinstance(part, Tensor) else list(part)}
+            return {"condition": {user_key: part.to(ev.device) if isinstance(part, Tensor) else list(part)}}
 
         with ev.generating():
             up = torch.cat(
                 [
-                    ev.model.upsample(low[i : i + bs].to(ev.device), condition(i), generator=g)
+                    ev.model.upsample(low[i : i + bs].to(ev.device), generator=g, **condition(i))
                     .float()
                     .clamp(-1, 1)
                     .cpu()
@@ -361,9 +361,10 @@ class PairsConfig(BaseModel):
 
 @component("metric", "embedding-prior", config=PairsConfig)
 def metric_embedding_prior(cfg: PairsConfig) -> MetricFn:
-    """DALL·E 2: cosine of prior-drawn to true CLIP image embeddings, and of the text-embedding baseline."""
-    """unCLIP's prior against the truth: mean cosine of the z_i it draws for a caption to the CLIP embedding
-    of that caption's image, beside the baseline of taking the caption's z_t as the image embedding."""
+    """DALL·E 2: cosine of prior-drawn to true CLIP image embeddings, and of the text-embedding baseline.
+
+    The mean cosine of the z_i the prior draws for a caption to the CLIP embedding of that caption's image, beside
+    the baseline of taking the caption's z_t as the image embedding."""
 
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "prior_cosine", None)
@@ -379,9 +380,10 @@ def metric_embedding_prior(cfg: PairsConfig) -> MetricFn:
 
 @component("metric", "variations", config=PairsConfig)
 def metric_variations(cfg: PairsConfig) -> MetricFn:
-    """DALL·E 2: do variations of a test image keep its attributes (judged)."""
-    """Attribute preservation of variations (unCLIP Sec. 3.1): one variation per split image, judged;
-    the share whose attribute (and all four, ``variation_all``) matches the original's."""
+    """DALL·E 2: do variations of a test image keep its attributes (judged).
+
+    unCLIP Sec. 3.1: one variation per split image, judged; the share whose attribute (and all four,
+    ``variation_all``) matches the original's."""
 
     def run(ev: EvalContext) -> dict[str, float]:
         fn = getattr(ev.model, "variations", None)

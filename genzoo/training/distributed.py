@@ -34,13 +34,19 @@ def setup(device_type: str) -> DistInfo:
     return info
 
 
-def teardown(info: DistInfo) -> None:
-    """Wait for every rank (rank 0 has written the checkpoint), then destroy the group. A gloo group left to the
-    interpreter's exit can abort a rank whose peer has already gone (``terminate called without an active
-    exception``), failing a finished run."""
+def teardown(info: DistInfo, device: torch.device, *, failed: bool) -> None:
+    """Every rank says whether its run ended in an error (a collective, so each also waits for the others: rank 0
+    has written the checkpoint, or has failed to), then the group is destroyed, on the error path too. A gloo group
+    left to the interpreter's exit can abort a rank whose peer has already gone (``terminate called without an
+    active exception``), failing a finished run."""
     if info.enabled and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        try:
+            any_flag(failed, info, device)
+        except Exception:
+            if not failed:  # a failing rank's own error is the one to report, not a peer's closed socket
+                raise
+        finally:
+            dist.destroy_process_group()
 
 
 def any_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:

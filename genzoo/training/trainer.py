@@ -326,7 +326,7 @@ class Trainer:
             previous = self._install_signals()
             deadline = time.monotonic() + self.cfg.minutes * 60 if self.cfg.minutes else None
             bar = self._progress_bar()
-            t0, steps_done, last, timed_out = time.perf_counter(), 0, {}, False
+            t0, steps_done, last, timed_out, finished = time.perf_counter(), 0, {}, False, False
             try:
                 try:
                     while self._advance_stage():
@@ -346,12 +346,12 @@ class Trainer:
                     bar.close()
                 # still under our handlers: a second SIGTERM while the stopped run's checkpoint is written (a
                 # scheduler repeating itself, an impatient `kill`) must not kill the write and lose the run
-                result = self._finish(t0, steps_done, last, timed_out)
-                distributed.teardown(self.dist)
+                result, finished = self._finish(t0, steps_done, last, timed_out), True
                 return result
             finally:
                 for s, h in previous.items():
                     signal.signal(s, h)
+                distributed.teardown(self.dist, self.device, failed=not finished)
 
     # ------------------------------------------------------------------ the loop's steps
     def _begin(self, resume: bool) -> None:

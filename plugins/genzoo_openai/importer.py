@@ -187,7 +187,7 @@ class OpenAIImporter:
             f"read {path.name} with torch.load(weights_only=True): tensors only, no code from the file ran; "
             f"its weights are written as safetensors under {out}"
         ]
-        entry, codebase, args = self._flags(path, state, kind, notes, self.cfg.flags)
+        entry, codebase, args = self._flags(path, state, kind, notes, "flags")
         where = path.name
         layout = unet_layout(codebase, args, super_res=kind_super_res(state), where=where)
         if layout.text is not None and "token_embedding.weight" in state:  # the tokenizer's size, not a flag
@@ -252,6 +252,7 @@ class OpenAIImporter:
             components["decoder"]["image_size"] = layout.image_size  # the data are the upsampler's size
             states.append(("upsampler_decoder.denoiser", up_state))
             pipeline["upsampler_condition"] = bool(encoder or layout.num_classes)
+            pipeline["quantize_low_res"] = True  # their scripts hand the upsampler 8-bit images
             extra["upsampler"] = str(Path(self.cfg.upsampler).expanduser())
         body = {
             "description": f"{path.name} ({codebase}) imported into genzoo's U-Net"
@@ -283,13 +284,13 @@ class OpenAIImporter:
     # ----------------------------------------------------------------------- pieces
 
     def _flags(
-        self, path: Path, state: Mapping[str, Any], kind: str, notes: list[str], flags: str | None
+        self, path: Path, state: Mapping[str, Any], kind: str, notes: list[str], option: str
     ) -> tuple[str | None, Codebase, dict[str, Any]]:
         """(published entry whose flags are used, or None; codebase; parsed flags) for the model in ``state``, whose
-        README ``flags`` the user gave (None: the published checkpoint's)."""
-        glide, super_res = kind == "glide", kind_super_res(state)
+        README flags the user gave as ``option`` (``flags``, ``upsampler_flags``; unset: the published checkpoint's)."""
+        glide, super_res, flags = kind == "glide", kind_super_res(state), getattr(self.cfg, option)
         if flags is None and not glide:
-            return self._match(path, state)
+            return self._match(path, state, option)
         codebase: Codebase = self.cfg.codebase or ("glide-text2im" if glide else "guided-diffusion")
         entry = None
         if flags is None:  # GLIDE's files carry model_creation.py's defaults and the notebook's sampling
@@ -303,7 +304,7 @@ class OpenAIImporter:
         args = parse_flags(text, codebase, where="flags", base=_base(codebase, super_res))
         return (entry.name if entry else None), codebase, args
 
-    def _match(self, path: Path, state: Mapping[str, Any]) -> tuple[str, Codebase, dict[str, Any]]:
+    def _match(self, path: Path, state: Mapping[str, Any], option: str) -> tuple[str, Codebase, dict[str, Any]]:
         """The published checkpoint whose layout ``state`` has exactly (its flags are then the file's)."""
         width = int(state["input_blocks.0.0.weight"].shape[0])
         found = []
@@ -324,10 +325,11 @@ class OpenAIImporter:
                 continue
             found.append((entry, args, layout))
         if not found:
-            names = ", ".join(p.name for p in PUBLISHED if p.kind == "model")
+            kind = "super-res" if kind_super_res(state) else "model"
+            names = ", ".join(p.name for p in PUBLISHED if p.kind == kind)
             raise GenzooError(
                 f"{path.name}: its layout is none of OpenAI's published checkpoints ({names}); pass its README "
-                "flags: --option flags='--image_size 64 --num_channels 192 ...' (and codebase=...)"
+                f"flags: --option {option}='--image_size 64 --num_channels 192 ...' (and codebase=...)"
             )
         # the file's own name first; then any other whose model is the same (dropout and the default sampling grid,
         # e.g. lsun_bedroom.pt's 1000 steps against 256x256_diffusion_uncond.pt's 250, do not change it)
@@ -342,7 +344,7 @@ class OpenAIImporter:
         if differ and entry.name != path.name:
             raise GenzooError(
                 f"{path.name} has the layout of {entry.name} and of {', '.join(differ)}, which sample differently; "
-                "pass its flags: --option flags='...'"
+                f"pass its flags: --option {option}='...'"
             )
         return entry.name, entry.codebase, args
 
@@ -375,7 +377,7 @@ class OpenAIImporter:
                 f"{where} is not a super-resolution model (its first conv takes the low-resolution image)"
             )
         notes.append(f"read {path.name} with torch.load(weights_only=True) too: tensors only, no code ran")
-        entry, codebase, args = self._flags(path, state, kind, notes, self.cfg.upsampler_flags)
+        entry, codebase, args = self._flags(path, state, kind, notes, "upsampler_flags")
         layout = unet_layout(codebase, args, super_res=True, where=where)
         if layout.text is not None:
             layout = replace(layout, text=replace(layout.text, n_vocab=int(state["token_embedding.weight"].shape[0])))
