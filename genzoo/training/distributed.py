@@ -29,9 +29,15 @@ def setup(device_type: str) -> DistInfo:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    if info.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    reopen(info, device_type)
     return info
+
+
+def reopen(info: DistInfo, device_type: str) -> None:
+    """The process group of a torchrun launch, initialised unless it is (a second ``fit`` of one trainer finds the
+    group its first tore down)."""
+    if info.enabled and "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 
 
 def teardown(info: DistInfo, device: torch.device, *, failed: bool) -> None:

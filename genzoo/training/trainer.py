@@ -318,7 +318,7 @@ class Trainer:
         """Train (or continue) to the end of the last stage; ``stop_at`` stops after that global step as an
         interruption would. The loop of improved-diffusion's ``run_loop``: advance the stage, step, log, decide to
         save, and finish (fit the latent prior, save the last step once)."""
-        self.dist = distributed.setup(self.device.type)  # again: a previous fit on this trainer tore it down
+        distributed.reopen(self.dist, self.device.type)  # a previous fit on this trainer tore the group down
         self._begin(resume)
         with self._logging(resume):
             model = self._wrap(_Losses(self.pipeline))
