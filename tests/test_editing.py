@@ -21,6 +21,7 @@ from genzoo.diffusion.editing import (
     ddim_invert,
     edit_config,
     inversion_sampler,
+    mask_channels_spec,
     random_known,
     repaint_schedule,
 )
@@ -297,6 +298,46 @@ def test_random_masks_are_rectangles_and_sometimes_everything() -> None:
     assert 1 / 16 - 0.02 < frac.min() and frac.max() < 9 / 16 + 0.05
     rows, cols = hole[~everything].any(2), hole[~everything].any(1)  # a rectangle: area = rows x cols
     assert torch.equal(hole[~everything].sum((1, 2)), rows.sum(1) * cols.sum(1))
+
+
+def test_random_mask_rectangles_have_independent_sides_and_places_centred_on_average() -> None:
+    """GLIDE Sec. 4's random regions on a 16 x 24 image: each side uniform in [1/4, 3/4] of its own axis, height and
+    width drawn independently, so are the top and left offsets; centred on the image on average (pixel centres)."""
+    torch.manual_seed(1)
+    hole = 1 - random_known(torch.zeros(4000, 1, 16, 24), full=0.0)[:, 0]
+    assert hole.flatten(1).any(1).all() and not hole.flatten(1).all(1).any()  # full=0: never the whole image
+    rows, cols = hole.any(2).float(), hole.any(1).float()
+    height, width = rows.sum(1), cols.sum(1)
+    assert 16 / 4 - 1 <= height.min() and height.max() <= 3 * 16 / 4 + 1 and height.mean().sub(8).abs() < 0.3
+    assert 24 / 4 - 1 <= width.min() and width.max() <= 3 * 24 / 4 + 1 and width.mean().sub(12).abs() < 0.3
+    top, left = rows.argmax(1).float(), cols.argmax(1).float()
+    corr = lambda a, b: float(torch.corrcoef(torch.stack([a, b]))[0, 1])  # noqa: E731
+    assert abs(corr(height, width)) < 0.1 and abs(corr(top, left)) < 0.1 and abs(corr(top, width)) < 0.1
+    centre_y = (rows * torch.arange(16)).sum(1) / height + 0.5
+    centre_x = (cols * torch.arange(24)).sum(1) / width + 0.5
+    assert abs(centre_y.mean() - 8) < 0.25 and abs(centre_x.mean() - 12) < 0.25
+
+
+def test_glides_inpainting_input_is_the_known_pixels_and_the_mask() -> None:
+    """MaskConditioned feeds [x_t, known pixels, mask]; with no inpaint condition the mask is all 0 (an unconditional
+    model); mask_channels_spec widens the input to 2C + 1 and keeps the output."""
+    seen = []
+    net = lambda x, t, cond: seen.append((x, t, cond)) or x[:, :3]  # noqa: E731
+    wrapped = MaskConditioned(net)
+    x, t = torch.randn(2, 3, 4, 4), torch.tensor([5, 6])
+    extra = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    assert torch.equal(wrapped(x, t, {"inpaint": extra, "y": 1}), x)
+    (got, tt, cond), *_ = seen
+    assert torch.equal(got, torch.cat([x, extra.float()], 1)) and tt is t and cond["y"] == 1 and got.dtype == x.dtype
+    for cond in (None, {"y": 1}):
+        wrapped(x, t, cond)
+        assert torch.equal(seen[-1][0], torch.cat([x, torch.zeros(2, 4, 4, 4)], 1)) and seen[-1][2] is cond
+    assert mask_channels_spec({"type": "unet"}, 3, 6, "") == {"type": "unet", "in_channels": 7, "out_channels": 6}
+    assert mask_channels_spec({"in_channels": 7, "out_channels": 3}, 3, 6, "")["out_channels"] == 3
+    with pytest.raises(
+        GenzooError, match=r"^decoder: inpaint .* in_channels must be 7 \(2 x 3 \+ 1\) or unset, not 3$"
+    ):
+        mask_channels_spec({"in_channels": 3}, 3, 6, "decoder: ")
 
 
 TINY_INPAINT = [
