@@ -358,7 +358,12 @@ class Pipeline(nn.Module, ABC):
         self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None
     ) -> Tensor:
         """Draw ``n`` images in [-1, 1]: encode the condition, sample the prior, decode."""
-        c, cond = self.components, self.encode_condition(condition)
+        return self.sample_encoded(n, self.encode_condition(condition), generator=generator)
+
+    @torch.no_grad()
+    def sample_encoded(self, n: int, cond: Condition | None, *, generator: torch.Generator | None = None) -> Tensor:
+        """``sample`` from a condition already encoded (a cascade reuses it for its upsampler)."""
+        c = self.components
         z = c["prior"].sample(
             n, cond, generator=generator, sampler=c.get("prior_sampler"), guidance=c.get("prior_guidance")
         )

@@ -399,10 +399,15 @@ class DiffusionPipeline(LabelledPipeline):
     ) -> Tensor:
         """The upsampler stage alone: full-size images from low-resolution ones in [-1, 1] (``noise``: its x_T);
         ``condition`` as ``sample`` takes it ({"y": ...}, {"caption": [...]}), read when ``upsampler_condition``."""
+        cond = self.encode_condition(condition) if self.upsampler_condition else None
+        return self._upsample(low, cond, generator=generator, noise=noise)
+
+    def _upsample(
+        self, low: Tensor, cond: Condition | None, *, generator: torch.Generator | None, noise: Tensor | None = None
+    ) -> Tensor:
         c, size = low.shape[1], self.upsampler.produces.shape[-1]
         if noise is None:
             noise = randn((len(low), c, size, size), low, generator=generator)
-        cond = self.encode_condition(condition) if self.upsampler_condition else None
         return self.upsampler.decode(
             noise,
             {**(cond or {}), "low_res": low},
@@ -433,14 +438,14 @@ class DiffusionPipeline(LabelledPipeline):
     def sample(
         self, n: int, condition: Mapping[str, Any] | None = None, *, generator: torch.Generator | None = None
     ) -> Tensor:
-        condition = self.sample_condition(n, condition)
-        x = super().sample(n, condition, generator=generator)
+        cond = self.encode_condition(self.sample_condition(n, condition))  # once, for the base and the upsampler
+        x = self.sample_encoded(n, cond, generator=generator)
         if self.upsampler is None:
             return x
         low = x.clamp(-1, 1)
         if self.quantize_low_res:
             low = ((low + 1) * 127.5).round() / 127.5 - 1
-        return self.upsample(low, condition, generator=generator)
+        return self._upsample(low, cond if self.upsampler_condition else None, generator=generator)
 
 
 def check_denoiser(
@@ -503,14 +508,9 @@ def make_diffusion_pipeline(cfg: DiffusionPipelineConfig, ctx) -> DiffusionPipel
         )
     check_denoiser("diffusion", ctx.components, want, source)
     if cfg.upsampler_condition:  # the upsampler reads what the base reads (a class model: its classes)
-        up = {"num_classes": args["num_classes"]} if cfg.condition is Conditioning.class_ else want
-        check_denoiser(
-            "diffusion",
-            ctx.components,
-            up,
-            "the dataset's classes" if up is not want else source,
-            role="upsampler_decoder",
-        )
+        if cfg.condition is Conditioning.class_:
+            want, source = {"num_classes": args["num_classes"]}, "the dataset's classes"
+        check_denoiser("diffusion", ctx.components, want, source, role="upsampler_decoder")
     return DiffusionPipeline(
         ctx.components, **args, upsampler_condition=cfg.upsampler_condition, quantize_low_res=cfg.quantize_low_res
     )
