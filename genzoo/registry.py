@@ -92,6 +92,9 @@ def _summary_of(factory: Callable[..., Any], config: type[BaseModel]) -> str:
     return _summary(factory) or _summary(config)
 
 
+_MARKS = "__genzoo_components__"  # where a factory carries its marks
+
+
 def component(
     kind: str, name: str, *, config: type[BaseModel], factory: Callable[..., Any] | None = None
 ) -> Callable[[Any], Any]:
@@ -105,9 +108,6 @@ def component(
         return obj
 
     return mark
-
-
-_MARKS = "__genzoo_components__"
 
 
 def marked(module: Any) -> list[tuple[str, str, type[BaseModel], Callable[..., Any]]]:
