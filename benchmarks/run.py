@@ -142,12 +142,10 @@ if __name__ == "__main__":
         results["ddim20_ratio_vs_diffusers"] = results["ddim20_images_per_s_fp32"] / peer["images_per_s"]
         results["flops_ratio_vs_diffusers"] = results["unet_forward_fp32"]["gflop"] / peer["gflop_forward"]
     results["trainer_overhead"] = measure(400)
-    from interop import imported_cifar10_ddim
+    from interop import imported
     from interop import markdown as interop_markdown
 
-    results["imported_ddpm_cifar10"] = (
-        imported_cifar10_ddim()
-    )  # issue 20: `genzoo sample` on an imported diffusers model
+    results["imported_ddpm_cifar10"] = imported()  # issue 20: `genzoo sample` on an imported diffusers model
     from families import markdown as families_markdown
     from families import run as families_run
 

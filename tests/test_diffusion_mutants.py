@@ -336,6 +336,24 @@ def test_condition_mean_moves_the_mean_by_exactly_sigma_g(var: ModelVarType) -> 
         )
 
 
+class OnPrediction(ConstantGradient):
+    """Records the prediction ``gradient`` is handed (a guidance defined on x0_hat reads it, as CLIP guidance does)."""
+
+    def gradient(self, diffusion, x_t, t, cond, pred=None):
+        self.seen.append(pred)
+        return super().gradient(diffusion, x_t, t, cond, pred)
+
+
+def test_a_gradient_guidance_is_handed_the_steps_unguided_prediction() -> None:
+    d = process(schedule="cosine", T=200)
+    x, t = randn(4, 3, seed=2), torch.full((4,), 120)
+    pred = d.p_mean_variance(d.wrap(gaussian_eps(d))(x, t, None), x, t)
+    for condition in ("condition_mean", "condition_eps"):
+        guidance = OnPrediction(torch.ones(3, dtype=F64), scale=1.0)
+        getattr(guidance, condition)(d, pred, x, t, None)
+        assert guidance.seen[0] is pred
+
+
 def test_condition_eps_shifts_eps_by_sqrt_one_minus_abar_s_g_and_the_mean_follows() -> None:
     """eps' = eps - sqrt(1 - abar) s g (Dhariwal & Nichol 2021, Alg. 2): x0_hat moves by (1 - abar)/sqrt(abar) s g
     and the

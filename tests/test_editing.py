@@ -21,6 +21,7 @@ from genzoo.diffusion.editing import (
     ddim_invert,
     edit_config,
     inversion_sampler,
+    known_region,
     mask_channels_spec,
     random_known,
     repaint_schedule,
@@ -149,6 +150,27 @@ def test_the_model_sees_the_known_region_noised_to_its_step() -> None:
         z = ((x - abar[t].sqrt() * x_star) / (1 - abar[t]).sqrt())[mask]
         assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02, (t, z.mean(), z.std())
     assert len(seen) == sum(b < a for a, b in zip(repaint_schedule(7, 0, 2, 3), repaint_schedule(7, 0, 2, 3)[1:]))
+
+
+def test_the_known_region_is_noised_from_the_runs_generator() -> None:
+    """known_region draws its noise from the sampler's generator, in x's dtype (a run is reproducible from its seed
+    whatever the global stream holds), and is the known image itself at the end of the chain (i = -1)."""
+    d, x0, known = process(), image(0, (2, 3, 8, 8)), box_known()
+    x = image(1, (2, 3, 8, 8))
+    t, want_noise = torch.full((2,), 40), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7), dtype=F64)
+    want = known * d.q_sample(x0, t, want_noise) + (1 - known) * x
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        got = known_region(d, x, x0, known, 40, generator=torch.Generator().manual_seed(7))
+        assert got.dtype == F64 and torch.equal(got, want)
+    assert torch.equal(known_region(d, x, x0, known, -1, generator=None), known * x0 + (1 - known) * x)
+
+
+def test_the_inversion_sampler_is_ddim_at_eta_0_on_the_samplers_grid_without_clamping() -> None:
+    for base in (sampler("dpm-solver++", 12), sampler("ddim", 7), object()):
+        ddim = inversion_sampler(base)
+        steps = base.cfg.steps if hasattr(base, "cfg") else type(ddim.cfg)().steps
+        assert (ddim.cfg.eta, ddim.cfg.clip, ddim.cfg.threshold, ddim.cfg.steps) == (0.0, False, None, steps)
 
 
 def test_inpainting_a_correlated_gaussian_approaches_the_conditional_with_resampling() -> None:
@@ -316,6 +338,10 @@ def test_random_mask_rectangles_have_independent_sides_and_places_centred_on_ave
     centre_y = (rows * torch.arange(16)).sum(1) / height + 0.5
     centre_x = (cols * torch.arange(24)).sum(1) / width + 0.5
     assert abs(centre_y.mean() - 8) < 0.25 and abs(centre_x.mean() - 12) < 0.25
+    # the draw that makes an image whole is its own: the rectangles of the other images are centred still
+    hole = 1 - random_known(torch.zeros(4000, 1, 16, 24), full=0.5)[:, 0]
+    cols = hole[~hole.flatten(1).all(1)].any(1).float()
+    assert abs((cols * torch.arange(24)).sum(1).div(cols.sum(1)).add(0.5).mean() - 12) < 0.25
 
 
 def test_glides_inpainting_input_is_the_known_pixels_and_the_mask() -> None:

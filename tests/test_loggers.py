@@ -18,6 +18,7 @@ from tiny import write_recipes
 
 from genzoo import runs
 from genzoo.cli import main
+from genzoo.training.loggers import TrainingLogger
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("wandb")
@@ -260,3 +261,93 @@ def test_a_logger_that_cannot_start_is_one_error_naming_it(tmp_path: Path) -> No
         fit_line(tmp_path, loggers=["jsonl", {"type": "tensorboard", "subdir": "blocker"}])
     assert str(e.value).startswith("train.loggers: logger 'tensorboard' could not start: ")
     assert "genzoo info logger:tensorboard" in str(e.value) and "\n" not in str(e.value)
+
+
+class Recorder(TrainingLogger):
+    """A logger that keeps what it is given (started with, scalars, finish's status); ``fail`` raises in start."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.runs, self.metrics, self.finished = fail, [], [], []
+
+    def start(self, run) -> None:
+        self.runs.append(run)
+        if self.fail:
+            raise RuntimeError("no login")
+
+    def log_metrics(self, metrics, step) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def finish(self, status="success") -> None:
+        self.finished.append(status)
+
+
+def log_to(monkeypatch, recorder: Recorder, run_dir: Path, recipe: dict, record: dict) -> list:
+    """`log_evaluation` with the run's loggers replaced by ``recorder``; returns the specs it was asked to build."""
+    from genzoo.training import loggers
+
+    asked = []
+
+    def build(specs):
+        asked.append(specs)
+        return loggers.LoggerGroup([recorder])
+
+    monkeypatch.setattr(loggers, "build_loggers", build)
+    loggers.log_evaluation(run_dir, recipe, record)
+    return asked
+
+
+def test_an_evaluation_starts_the_loggers_as_an_evaluation_of_the_named_run(tmp_path: Path, monkeypatch) -> None:
+    rec = Recorder()
+    recipe = {"name": "vae-shapes", "train": {"loggers": ["jsonl", "wandb"]}}
+    record = {"step": 30, "sets": ["train.lr=0.1"], "swaps": {"sampler": "ddim"}, "figures": {"fd": 3.5}}
+    assert log_to(monkeypatch, rec, tmp_path / "run-a", recipe, record) == [["jsonl", "wandb"]]
+    [run] = rec.runs
+    assert (run.name, run.phase, run.run_dir, run.config) == ("vae-shapes", "evaluation", tmp_path / "run-a", recipe)
+    assert rec.metrics == [(30, {"eval/fd@sampler=ddim,train.lr=0.1": 3.5})] and rec.finished == ["success"]
+    # a recipe without a name is named by its folder; a record without a step is logged at step 0
+    rec = Recorder()
+    log_to(monkeypatch, rec, tmp_path / "run-b", {"train": {}}, {"figures": {"fd": 1.0}})
+    assert rec.runs[0].name == "run-b" and rec.metrics == [(0, {"eval/fd": 1.0})]
+
+
+def test_an_evaluation_of_an_old_recipe_uses_the_default_loggers(tmp_path: Path, monkeypatch) -> None:
+    from genzoo.training import TrainConfig
+
+    asked = log_to(monkeypatch, Recorder(), tmp_path, {"train": {"no_such_field": 1}}, {"figures": {"fd": 1.0}})
+    assert asked == [TrainConfig().loggers]
+
+
+def test_a_logger_that_fails_on_an_evaluation_is_one_line_on_stderr(tmp_path: Path, monkeypatch, capsys) -> None:
+    from genzoo.errors import TrainingError
+    from genzoo.training import loggers
+
+    rec = Recorder(fail=True)
+    log_to(monkeypatch, rec, tmp_path, {}, {"step": 2, "figures": {"fd": 1.0}})
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("genzoo: the evaluation is not sent to the run's loggers: TrainingError: ")
+    assert "no login" in err[-1] and rec.metrics == [] and rec.finished == []
+
+    def unavailable(specs):
+        raise TrainingError("train.loggers[0]: unknown logger 'x'")
+
+    monkeypatch.setattr(loggers, "build_loggers", unavailable)
+    loggers.log_evaluation(tmp_path, {}, {"figures": {"fd": 1.0}})
+    assert capsys.readouterr().err.strip() == (
+        "genzoo: the evaluation is not sent to the run's loggers: train.loggers[0]: unknown logger 'x'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "step"),
+    [
+        ('{"step": 3, "loss": 1.0}', 3),
+        ('{"step": "3"}', math.inf),
+        ('{"loss": 1.0}', math.inf),
+        ('{"step": 5, "lo', math.inf),
+        ("[1, 2]", math.inf),
+    ],
+)
+def test_a_log_line_that_is_not_a_whole_record_sorts_after_every_step(line: str, step: float) -> None:
+    from genzoo.training.loggers import _step_of
+
+    assert _step_of(line) == step
