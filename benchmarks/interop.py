@@ -9,6 +9,7 @@ benchmarks/interop.json; `make bench` (run.py) runs it with the rest.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import re
@@ -23,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import flops  # noqa: E402
 
+MISSING = "diffusers is not installed (pip install -e '.[diffusers]')"
 # google/ddpm-cifar10-32's unet/config.json (35.7M parameters)
 CIFAR10_UNET = dict(
     sample_size=32,
@@ -49,6 +51,18 @@ CIFAR10_SCHEDULER = dict(
 )
 
 
+def saved_pipeline(folder: Path, seed: int):
+    """A DDIMPipeline of google/ddpm-cifar10-32's configuration, random weights from ``seed``, saved to ``folder``
+    (in the default dtype)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DModel(**CIFAR10_UNET)
+    pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**CIFAR10_SCHEDULER))
+    pipe.save_pretrained(str(folder))
+    return pipe
+
+
 def imported_cifar10_ddim(batch: int = 16, steps: int = 50, seed: int = 0, rounds: int = 2) -> dict | str:
     """images/s of `genzoo sample` (native import) and of diffusers' DDIMPipeline on the same random model, CPU.
 
@@ -56,10 +70,9 @@ def imported_cifar10_ddim(batch: int = 16, steps: int = 50, seed: int = 0, round
     machine does not favour one side. Between the rounds diffusers runs once more with its U-Net in channels_last:
     the difference of its own two outputs is the floor that float32 rounding sets for the comparison.
     """
-    try:
-        import diffusers
-    except ImportError:
-        return "diffusers is not installed (pip install -e '.[diffusers]')"
+    if importlib.util.find_spec("diffusers") is None:
+        return MISSING
+    import diffusers
     from safetensors.torch import load_file
 
     from genzoo import api
@@ -68,11 +81,7 @@ def imported_cifar10_ddim(batch: int = 16, steps: int = 50, seed: int = 0, round
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(seed)
-        unet = diffusers.UNet2DModel(**CIFAR10_UNET)
-        diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**CIFAR10_SCHEDULER)).save_pretrained(
-            str(tmp / "pipe")
-        )
+        saved_pipeline(tmp / "pipe", seed)
         api.import_model(tmp / "pipe", tmp / "run")
         how = load_checkpoint(tmp / "run").meta["imported_from"]["unet"]
         pipe = diffusers.DDIMPipeline.from_pretrained(str(tmp / "pipe"))
@@ -133,21 +142,15 @@ def forward_profile(batch: int = 16, seed: int = 0, rounds: int = 3) -> dict | s
     A model that spent no time outside those convolutions would run diffusers' forward time / diffusers' convolution
     time faster than diffusers: the most any reimplementation on these kernels can reach (docs/interop.md).
     """
-    try:
-        import diffusers
-    except ImportError:
-        return "diffusers is not installed (pip install -e '.[diffusers]')"
+    if importlib.util.find_spec("diffusers") is None:
+        return MISSING
     from torch.profiler import profile
 
     from genzoo import api
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(seed)
-        unet = diffusers.UNet2DModel(**CIFAR10_UNET).eval()
-        diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**CIFAR10_SCHEDULER)).save_pretrained(
-            str(tmp / "pipe")
-        )
+        unet = saved_pipeline(tmp / "pipe", seed).unet.eval()
         ours = api.load_model(api.import_model(tmp / "pipe", tmp / "run")).components["decoder"].denoiser
     x, t = torch.randn(batch, 3, 32, 32), torch.full((batch,), 500)
     x_last = x.contiguous(memory_format=torch.channels_last)
@@ -185,10 +188,10 @@ def float64_agreement(batch: int = 2, seed: int = 0, steps: int = 50) -> dict | 
     1e-16: both models, the noise and diffusers' scheduler tables in float64 (genzoo's abar is the same float32
     product in float64), the same seed and the same DDIM-50.
     """
-    try:
-        import diffusers
-    except ImportError:
-        return "diffusers is not installed (pip install -e '.[diffusers]')"
+    if importlib.util.find_spec("diffusers") is None:
+        return MISSING
+    import diffusers
+
     from genzoo import api
 
     before = torch.get_default_dtype()
@@ -196,11 +199,7 @@ def float64_agreement(batch: int = 2, seed: int = 0, steps: int = 50) -> dict | 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            torch.manual_seed(seed)
-            pipe = diffusers.DDIMPipeline(
-                unet=diffusers.UNet2DModel(**CIFAR10_UNET), scheduler=diffusers.DDPMScheduler(**CIFAR10_SCHEDULER)
-            )
-            pipe.save_pretrained(str(tmp / "pipe"))
+            saved_pipeline(tmp / "pipe", seed)
             model = api.load_model(api.import_model(tmp / "pipe", tmp / "run"))
             pipe = diffusers.DDIMPipeline.from_pretrained(str(tmp / "pipe"), torch_dtype=torch.float64)
             pipe.set_progress_bar_config(disable=True)
