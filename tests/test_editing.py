@@ -7,6 +7,7 @@ reverse step predicts the image itself.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from genzoo.diffusion.editing import (
     repaint_schedule,
 )
 from genzoo.diffusion.guidance import DiffusionGuidance
+from genzoo.diffusion.samplers import forward_step
 from genzoo.errors import GenzooError
 from genzoo.interfaces import SamplerKind
 from genzoo.plugins import default_registry
@@ -164,6 +166,17 @@ def test_the_known_region_is_noised_from_the_runs_generator() -> None:
         got = known_region(d, x, x0, known, 40, generator=torch.Generator().manual_seed(7))
         assert got.dtype == F64 and torch.equal(got, want)
     assert torch.equal(known_region(d, x, x0, known, -1, generator=None), known * x0 + (1 - known) * x)
+
+
+def test_a_jump_up_is_the_forward_kernel_drawn_from_the_runs_generator() -> None:
+    """RePaint's jump x_(i-1) -> x_i: sqrt(1 - b_i) x + sqrt(b_i) z, z from the sampler's generator in x's dtype."""
+    d, x = process(), image(2, (2, 3, 8, 8))
+    b = float(d.tables["betas"][30])
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4), dtype=F64)
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        got = forward_step(d, x, 30, generator=torch.Generator().manual_seed(4))
+        assert got.dtype == F64 and torch.equal(got, math.sqrt(1 - b) * x + math.sqrt(b) * z)
 
 
 def test_the_inversion_sampler_is_ddim_at_eta_0_on_the_samplers_grid_without_clamping() -> None:

@@ -351,3 +351,28 @@ def test_a_log_line_that_is_not_a_whole_record_sorts_after_every_step(line: str,
     from genzoo.training.loggers import _step_of
 
     assert _step_of(line) == step
+
+
+def test_a_logger_that_cannot_start_is_named_with_its_errors_type_and_first_line(tmp_path: Path) -> None:
+    from genzoo.errors import TrainingError
+    from genzoo.training.loggers import LoggerGroup, RunInfo
+
+    class NoLogin(Recorder):
+        def start(self, run) -> None:
+            raise PermissionError("\n  no API key found\nrun `wandb login` first  \n")
+
+    with pytest.raises(TrainingError) as e:
+        LoggerGroup([Recorder(), NoLogin()]).start(RunInfo(run_dir=tmp_path, name="r", config={}))
+    assert str(e.value) == (
+        "train.loggers: logger 'NoLogin' could not start: PermissionError: no API key found; "
+        "fix its fields (`genzoo info logger:NoLogin`) or drop it"
+    )
+
+
+def test_the_jsonl_log_writes_numpy_and_tensor_scalars_as_numbers(tmp_path: Path) -> None:
+    from genzoo.training.loggers import JsonlConfig, JsonlLogger, RunInfo
+
+    logger = JsonlLogger(JsonlConfig())
+    logger.start(RunInfo(run_dir=tmp_path, name="r", config={}))
+    logger.log_metrics({"loss": np.float32(0.5), "grad_norm": torch.tensor(2.0), "stage": "decoder"}, 3)
+    assert jsonl(tmp_path) == [{"step": 3, "loss": 0.5, "grad_norm": 2.0, "stage": "decoder"}]

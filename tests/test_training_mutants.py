@@ -413,6 +413,18 @@ def test_a_stage_change_starts_from_the_averaged_weights_and_a_fresh_warm_up(tmp
 # ------------------------------------------------------------------ stages, saving, the result
 
 
+def test_each_stage_begins_with_the_training_data_in_a_new_nested_run_folder(tmp_path, registry) -> None:
+    class Begins(Two):
+        def begin_stage(self, stage, data) -> None:
+            self.begun.append((stage, data))
+
+    pipeline, run = Begins(), tmp_path / "runs" / "new" / "two"
+    t = trainer(pipeline, run, cfg(stages={"pre": 1, "game": 1}), registry)
+    t.fit()
+    assert [stage for stage, _ in pipeline.begun] == ["pre", "game"]
+    assert all(data is t.data for _, data in pipeline.begun) and (run / "latest").is_file()
+
+
 def test_stage_steps(tmp_path, registry) -> None:
     t = trainer(Two(), tmp_path, cfg(steps=7), registry)
     assert t._stage_steps() == [("pre", 7), ("game", 7)]
