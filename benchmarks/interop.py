@@ -201,7 +201,7 @@ def float64_agreement(batch: int = 2, seed: int = 0, steps: int = 50) -> dict | 
             tmp = Path(tmp)
             saved_pipeline(tmp / "pipe", seed)
             model = api.load_model(api.import_model(tmp / "pipe", tmp / "run"))
-            pipe = diffusers.DDIMPipeline.from_pretrained(str(tmp / "pipe"), torch_dtype=torch.float64)
+            pipe = diffusers.DDIMPipeline.from_pretrained(str(tmp / "pipe"), dtype=torch.float64)
             pipe.set_progress_bar_config(disable=True)
             s = pipe.scheduler
             s.alphas_cumprod, s.final_alpha_cumprod = s.alphas_cumprod.double(), s.final_alpha_cumprod.double()

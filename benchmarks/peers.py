@@ -17,7 +17,7 @@ genzoo's trainer on shapes 16x16 at the same budget, and lucidrains' own Trainer
 The budget is steps, not minutes: the FLOPs match, so equal steps at equal batch are equal compute, and a shared
 machine's load does not move it; each row's wall time and images/s are reported as measured.
 
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python benchmarks/peers.py --seed 0 --out runs/peers-0
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python benchmarks/peers.py --seed 0 --out runs/peers-2000-0
 
 writes OUT/compare/leaderboard.{md,csv,json} and OUT/peers.json, and prints the rows docs/interop.md shows.
 """
@@ -108,8 +108,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0, help="training seeds and the evaluation's sample stream")
-    p.add_argument("--steps", type=int, default=160)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--samples", type=int, default=200)
     args = p.parse_args()
 
