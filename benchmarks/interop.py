@@ -181,7 +181,8 @@ def forward_profile(batch: int = 16, seed: int = 0, rounds: int = 3) -> dict | s
 
 
 def float64_agreement(batch: int = 2, seed: int = 0, steps: int = 50) -> dict | str:
-    """The same comparison in float64: max |diff| of the images of `genzoo sample`'s path and DDIMPipeline.
+    """The same comparison in float64: max |diff| of the images of genzoo's sampling (`api.load_model(RUN).sample`,
+    what `genzoo sample` calls) and of DDIMPipeline.
 
     In float32 the 50-step chain of a random network amplifies rounding past 1e-4 (diffusers against itself in
     channels_last differs by as much as against genzoo), so agreement to the target is measured where rounding is

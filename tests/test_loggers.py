@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import write_recipes
+from tiny import RecordingLogger, write_recipes
 
 from genzoo import runs
 from genzoo.cli import main
-from genzoo.training.loggers import TrainingLogger
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("wandb")
@@ -263,25 +262,7 @@ def test_a_logger_that_cannot_start_is_one_error_naming_it(tmp_path: Path) -> No
     assert "genzoo info logger:tensorboard" in str(e.value) and "\n" not in str(e.value)
 
 
-class Recorder(TrainingLogger):
-    """A logger that keeps what it is given (started with, scalars, finish's status); ``fail`` raises in start."""
-
-    def __init__(self, fail: bool = False) -> None:
-        self.fail, self.runs, self.metrics, self.finished = fail, [], [], []
-
-    def start(self, run) -> None:
-        self.runs.append(run)
-        if self.fail:
-            raise RuntimeError("no login")
-
-    def log_metrics(self, metrics, step) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-    def finish(self, status="success") -> None:
-        self.finished.append(status)
-
-
-def log_to(monkeypatch, recorder: Recorder, run_dir: Path, recipe: dict, record: dict) -> list:
+def log_to(monkeypatch, recorder: RecordingLogger, run_dir: Path, recipe: dict, record: dict) -> list:
     """`log_evaluation` with the run's loggers replaced by ``recorder``; returns the specs it was asked to build."""
     from genzoo.training import loggers
 
@@ -297,23 +278,26 @@ def log_to(monkeypatch, recorder: Recorder, run_dir: Path, recipe: dict, record:
 
 
 def test_an_evaluation_starts_the_loggers_as_an_evaluation_of_the_named_run(tmp_path: Path, monkeypatch) -> None:
-    rec = Recorder()
+    rec = RecordingLogger()
     recipe = {"name": "vae-shapes", "train": {"loggers": ["jsonl", "wandb"]}}
     record = {"step": 30, "sets": ["train.lr=0.1"], "swaps": {"sampler": "ddim"}, "figures": {"fd": 3.5}}
     assert log_to(monkeypatch, rec, tmp_path / "run-a", recipe, record) == [["jsonl", "wandb"]]
-    [run] = rec.runs
+    (_, run), *rest = rec.events
     assert (run.name, run.phase, run.run_dir, run.config) == ("vae-shapes", "evaluation", tmp_path / "run-a", recipe)
-    assert rec.metrics == [(30, {"eval/fd@sampler=ddim,train.lr=0.1": 3.5})] and rec.finished == ["success"]
+    assert rest == [("metrics", {"eval/fd@sampler=ddim,train.lr=0.1": 3.5}, 30), ("finish", "success")]
     # a recipe without a name is named by its folder; a record without a step is logged at step 0
-    rec = Recorder()
+    rec = RecordingLogger()
     log_to(monkeypatch, rec, tmp_path / "run-b", {"train": {}}, {"figures": {"fd": 1.0}})
-    assert rec.runs[0].name == "run-b" and rec.metrics == [(0, {"eval/fd": 1.0})]
+    assert rec.events[0][1].name == "run-b" and rec.events[1:] == [
+        ("metrics", {"eval/fd": 1.0}, 0),
+        ("finish", "success"),
+    ]
 
 
 def test_an_evaluation_of_an_old_recipe_uses_the_default_loggers(tmp_path: Path, monkeypatch) -> None:
     from genzoo.training import TrainConfig
 
-    asked = log_to(monkeypatch, Recorder(), tmp_path, {"train": {"no_such_field": 1}}, {"figures": {"fd": 1.0}})
+    asked = log_to(monkeypatch, RecordingLogger(), tmp_path, {"train": {"no_such_field": 1}}, {"figures": {"fd": 1.0}})
     assert asked == [TrainConfig().loggers]
 
 
@@ -321,11 +305,11 @@ def test_a_logger_that_fails_on_an_evaluation_is_one_line_on_stderr(tmp_path: Pa
     from genzoo.errors import TrainingError
     from genzoo.training import loggers
 
-    rec = Recorder(fail=True)
+    rec = RecordingLogger(fail=RuntimeError("no login"))
     log_to(monkeypatch, rec, tmp_path, {}, {"step": 2, "figures": {"fd": 1.0}})
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("genzoo: the evaluation is not sent to the run's loggers: TrainingError: ")
-    assert "no login" in err[-1] and rec.metrics == [] and rec.finished == []
+    assert "no login" in err[-1] and [e[0] for e in rec.events] == ["start"]  # no figures, no finish
 
     def unavailable(specs):
         raise TrainingError("train.loggers[0]: unknown logger 'x'")
@@ -357,12 +341,12 @@ def test_a_logger_that_cannot_start_is_named_with_its_errors_type_and_first_line
     from genzoo.errors import TrainingError
     from genzoo.training.loggers import LoggerGroup, RunInfo
 
-    class NoLogin(Recorder):
-        def start(self, run) -> None:
-            raise PermissionError("\n  no API key found\nrun `wandb login` first  \n")
+    class NoLogin(RecordingLogger):
+        pass
 
+    no_login = NoLogin(fail=PermissionError("\n  no API key found\nrun `wandb login` first  \n"))
     with pytest.raises(TrainingError) as e:
-        LoggerGroup([Recorder(), NoLogin()]).start(RunInfo(run_dir=tmp_path, name="r", config={}))
+        LoggerGroup([RecordingLogger(), no_login]).start(RunInfo(run_dir=tmp_path, name="r", config={}))
     assert str(e.value) == (
         "train.loggers: logger 'NoLogin' could not start: PermissionError: no API key found; "
         "fix its fields (`genzoo info logger:NoLogin`) or drop it"

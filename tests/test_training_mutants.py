@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
+from tiny import RecordingLogger
 from torch import nn
 
 from genzoo.checkpoint import load_checkpoint
@@ -34,7 +35,6 @@ from genzoo.registry import Registry
 from genzoo.training import OptimizerConfig, TrainConfig, Trainer, distributed, lr_factor, resolve_device
 from genzoo.training.ema import EMA
 from genzoo.training.images import grid_image, load_image, save_grid, save_png, to_uint8
-from genzoo.training.loggers import TrainingLogger
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,23 +45,6 @@ class RecordConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Record(TrainingLogger):
-    def __init__(self, events: list) -> None:
-        self.events = events
-
-    def start(self, run) -> None:
-        self.events.append(("start", run))
-
-    def log_metrics(self, metrics, step) -> None:
-        self.events.append(("metrics", dict(metrics), step))
-
-    def log_image(self, tag, image, step) -> None:
-        self.events.append(("image", tag, image, step))
-
-    def finish(self, status="success") -> None:
-        self.events.append(("finish", status))
-
-
 @pytest.fixture
 def events() -> list:
     return []
@@ -70,7 +53,7 @@ def events() -> list:
 @pytest.fixture
 def registry(events) -> Registry:
     reg = Registry()
-    reg.register("logger", "record", config=RecordConfig, factory=lambda cfg: Record(events))
+    reg.register("logger", "record", config=RecordConfig, factory=lambda cfg: RecordingLogger(events))
     return reg
 
 

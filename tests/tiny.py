@@ -18,6 +18,8 @@ import pytest
 import torch
 import yaml
 
+from genzoo.training.loggers import TrainingLogger
+
 # Recipes small enough to train in seconds on CPU. `pieces` (a key the recipe loader does not read) holds the parts
 # several recipes share; write_recipes writes the recipes a test names, under the names it uses.
 RECIPES = """
@@ -292,3 +294,25 @@ def shapes_judge(metrics: dict):
         return evaluate(model, source, metrics=metrics, judge=judge, settings=settings, device=torch.device("cpu"))
 
     return judged
+
+
+class RecordingLogger(TrainingLogger):
+    """A training logger that appends what it is given to ``events``: ("start", run), ("metrics", dict, step),
+    ("image", tag, image, step), ("finish", status). With ``fail``, start records the run, then raises it."""
+
+    def __init__(self, events: list | None = None, fail: Exception | None = None) -> None:
+        self.events, self.fail = [] if events is None else events, fail
+
+    def start(self, run) -> None:
+        self.events.append(("start", run))
+        if self.fail is not None:
+            raise self.fail
+
+    def log_metrics(self, metrics, step) -> None:
+        self.events.append(("metrics", dict(metrics), step))
+
+    def log_image(self, tag, image, step) -> None:
+        self.events.append(("image", tag, image, step))
+
+    def finish(self, status="success") -> None:
+        self.events.append(("finish", status))
