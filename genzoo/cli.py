@@ -22,8 +22,17 @@ from genzoo.errors import GenzooError
 from genzoo.swaps import SWAPS
 
 
+def _add_repeatable(
+    p: argparse.ArgumentParser, flag: str, metavar: str, text: str | None, dest: str | None = None
+) -> None:
+    """A flag that may be given many times; its values in order (none: an empty list)."""
+    p.add_argument(
+        flag, dest=dest or flag[2:].replace("-", "_"), action="append", default=[], metavar=metavar, help=text
+    )
+
+
 def _add_set_arg(p: argparse.ArgumentParser, text: str | None = None) -> None:
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE", help=text)
+    _add_repeatable(p, "--set", "PATH=VALUE", text, dest="sets")
 
 
 def _add_split_arg(p: argparse.ArgumentParser) -> None:
@@ -36,7 +45,7 @@ def _add_split_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipes", action="append", default=[], metavar="FILE", help="extra recipe YAML file (repeatable)")
+    _add_repeatable(p, "--recipes", "FILE", "extra recipe YAML file (repeatable)")
     _add_set_arg(p, "override any recipe field, e.g. --set decoder.denoiser.model_channels=32 (repeatable)")
 
 
@@ -110,12 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="start every component whose recipe spec equals DIR's from DIR's weights "
         "(fine-tuning; or train a swapped prior on a trained decoder with its stages set to 0)",
     )
-    p.add_argument(
+    _add_repeatable(
+        p,
         "--log",
-        action="append",
-        default=[],
-        metavar="LOGGER",
-        help="also log to this logger beside metrics.jsonl: tensorboard, wandb (offline unless WANDB_MODE says "
+        "LOGGER",
+        "also log to this logger beside metrics.jsonl: tensorboard, wandb (offline unless WANDB_MODE says "
         "otherwise); repeatable; `genzoo list --kind logger`",
     )
     p.add_argument("--no-progress", action="store_true")
@@ -184,22 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1000, help="samples per model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics", default="", help="comma-separated metric names (default set if empty)")
-    p.add_argument(
+    _add_repeatable(
+        p,
         "--sweep",
-        action="append",
-        default=[],
-        metavar="SAMPLER:S1,S2,...",
-        help="also evaluate each diffusion model at these sampler steps (repeatable), e.g. ddim:10,25,50",
+        "SAMPLER:S1,S2,...",
+        "also evaluate each diffusion model at these sampler steps (repeatable), e.g. ddim:10,25,50",
     )
     p.add_argument("--segments", type=int, default=3, help="evaluations along training (quality vs training time)")
     _add_split_arg(p)
-    p.add_argument(
+    _add_repeatable(
+        p,
         "--prompt",
+        "TEXT",
+        "also draw 8 samples of this caption from every text-to-image model, one grid row per prompt (repeatable)",
         dest="prompts",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="also draw 8 samples of this caption from every text-to-image model, one grid row per prompt (repeatable)",
     )
     p.add_argument(
         "--precision",
@@ -208,9 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bf16: every model generates under bf16 autocast when evaluated (train with --set train.precision=bf16)",
     )
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--recipes", dest="recipe_files", action="append", default=[], metavar="FILE", help="extra recipe YAML file"
-    )
+    _add_repeatable(p, "--recipes", "FILE", "extra recipe YAML file", dest="recipe_files")
     _add_set_arg(p, "override a field in every recipe, e.g. --set data.image_size=16 (repeatable)")
 
     p = sub.add_parser("push", help="upload a checkpoint directory to the Hugging Face Hub, with a model card")
@@ -580,12 +584,11 @@ def add_import_parser(sub: Any) -> None:
         "exactly onto genzoo's own (which samples faster)",
     )
     p.add_argument("--data", metavar="SPEC", help="the dataset to evaluate against, as YAML, e.g. '{type: digits}'")
-    p.add_argument(
+    _add_repeatable(
+        p,
         "--option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a field of the importer's config (docs/interop.md), e.g. "
+        "KEY=VALUE",
+        "a field of the importer's config (docs/interop.md), e.g. "
         "flags='--image_size 64 ...' for an OpenAI file; repeatable",
     )
     p.add_argument("--classifier", metavar="FILE", help="a noisy classifier to guide with: --option classifier=FILE")

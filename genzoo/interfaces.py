@@ -303,6 +303,23 @@ class Guidance(ABC):
     kind: SamplerKind
 
 
+class Importer(ABC):
+    """Turns a foreign checkpoint or pipeline into a genzoo run directory (``genzoo import``, :func:`genzoo.api.
+    import_model`); registered as kind ``importer`` with its config (the ``--option`` fields)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def detect(self, source: str) -> bool:
+        """Whether ``source`` (a path or a hub id) is this importer's format; cheap, and never unpickles."""
+
+    @abstractmethod
+    def run(self, source: str, out: Any, *, adapter: bool = False, data: Mapping[str, Any] | None = None) -> Any:
+        """Write the run directory ``out`` for ``source``; returns its checkpoint folder. ``adapter``: keep the
+        foreign network behind an adapter where it maps onto genzoo's own; ``data``: the dataset spec."""
+
+
 class Pipeline(nn.Module, ABC):
     """A composed model: the components of a recipe plus the training objective of a family.
 

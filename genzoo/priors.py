@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,7 +51,7 @@ def build_embedding_diffusion(ctx: Any, spec: Mapping[str, Any], dim: int, *, wh
 class SizedPrior(Prior):
     """A prior over tensors of a fixed ``shape`` that may be given late by :meth:`bind`."""
 
-    def __init__(self, shape: tuple[int, ...] | None, dtype: str = "float") -> None:
+    def __init__(self, shape: Sequence[int] | None, dtype: str = "float") -> None:
         super().__init__()
         self.shape, self.dtype = (tuple(shape) if shape else None), dtype
         self.produces = Spec(shape=self.shape, dtype=dtype)
@@ -89,8 +89,12 @@ class GaussianPriorConfig(BaseModel):
     shape: list[int] | None = Field(None, description="latent shape without the batch; None takes the decoder's")
 
 
+@component("prior", "gaussian", config=GaussianPriorConfig)
 class GaussianPrior(SizedPrior):
     """``z ~ N(0, I)``."""
+
+    def __init__(self, cfg: GaussianPriorConfig) -> None:
+        super().__init__(cfg.shape)
 
     def sample(self, n, condition: Condition | None = None, *, generator=None, sampler=None, guidance=None) -> Tensor:
         return torch.randn((n, *self._check_bound()), generator=generator, device=self.device)
@@ -98,12 +102,6 @@ class GaussianPrior(SizedPrior):
     def log_prob(self, z: Tensor) -> Tensor:
         d = z[0].numel()
         return -0.5 * z.flatten(1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi)
-
-
-@component("prior", "gaussian", config=GaussianPriorConfig)
-def make_gaussian_prior(cfg: GaussianPriorConfig, ctx=None) -> GaussianPrior:
-    """z ~ N(0, I)."""
-    return GaussianPrior(tuple(cfg.shape) if cfg.shape else None)
 
 
 class FittedGaussianConfig(BaseModel):
@@ -114,12 +112,13 @@ class FittedGaussianConfig(BaseModel):
     )
 
 
+@component("prior", "fitted-gaussian", config=FittedGaussianConfig)
 class FittedGaussian(SizedPrior):
-    """``N(mu, Sigma)`` with the mean and full covariance of the training latents."""
+    """``N(mu, Sigma)`` with the mean and full covariance of the training latents, fitted after training."""
 
-    def __init__(self, shape: tuple[int, ...] | None, jitter: float) -> None:
-        self.jitter = jitter
-        super().__init__(shape)
+    def __init__(self, cfg: FittedGaussianConfig) -> None:
+        self.jitter = cfg.jitter
+        super().__init__(cfg.shape)
 
     def _build(self, shape: tuple[int, ...]) -> None:
         d = math.prod(shape)
@@ -142,12 +141,6 @@ class FittedGaussian(SizedPrior):
         return (self.mean + eps @ self.scale_tril.t()).view(n, *self._check_bound())
 
 
-@component("prior", "fitted-gaussian", config=FittedGaussianConfig)
-def make_fitted_gaussian(cfg: FittedGaussianConfig, ctx=None) -> FittedGaussian:
-    """A full-covariance Gaussian fitted to the training latents after training."""
-    return FittedGaussian(tuple(cfg.shape) if cfg.shape else None, cfg.jitter)
-
-
 class GMMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     shape: list[int] | None = Field(None, description="latent shape; None takes the decoder's")
@@ -159,12 +152,13 @@ class GMMConfig(BaseModel):
     seed: int = Field(0, description="seed of the k-means++ initialisation")
 
 
+@component("prior", "gmm", config=GMMConfig)
 class GaussianMixturePrior(SizedPrior):
     """A K-component full-covariance Gaussian mixture fitted by EM (Dempster et al. 1977), k-means++ start."""
 
-    def __init__(self, shape: tuple[int, ...] | None, cfg: GMMConfig) -> None:
+    def __init__(self, cfg: GMMConfig) -> None:
         self.cfg = cfg
-        super().__init__(shape)
+        super().__init__(cfg.shape)
 
     def _build(self, shape: tuple[int, ...]) -> None:
         d, k = math.prod(shape), self.cfg.components
@@ -220,12 +214,6 @@ class GaussianMixturePrior(SizedPrior):
         return z.view(n, *self._check_bound())
 
 
-@component("prior", "gmm", config=GMMConfig)
-def make_gmm(cfg: GMMConfig, ctx=None) -> GaussianMixturePrior:
-    """A Gaussian mixture fitted to the training latents by EM after training."""
-    return GaussianMixturePrior(tuple(cfg.shape) if cfg.shape else None, cfg)
-
-
 def _require_fit(prior: Prior) -> None:
     if not bool(prior.fitted):
         raise GenzooError(
@@ -243,13 +231,14 @@ class UniformTokensConfig(BaseModel):
     vocab_size: int | None = Field(None, ge=1, description="number of codes; None takes the decoder's")
 
 
+@component("prior", "uniform-tokens", config=UniformTokensConfig)
 class UniformTokens(SizedPrior):
     """Codes drawn independently and uniformly: the VQ-VAE's training-time prior (Sec. 3.1), a baseline."""
 
-    def __init__(self, shape: tuple[int, ...] | None, vocab_size: int | None) -> None:
-        self.vocab_size = vocab_size
-        super().__init__(shape, dtype="long")
-        self.produces = Spec(shape=self.shape, dtype="long", vocab_size=vocab_size)
+    def __init__(self, cfg: UniformTokensConfig) -> None:
+        self.vocab_size = cfg.vocab_size
+        super().__init__(cfg.shape, dtype="long")
+        self.produces = Spec(shape=self.shape, dtype="long", vocab_size=self.vocab_size)
 
     def bind(self, consumes: Spec) -> None:
         self.vocab_size = self.vocab_size or consumes.vocab_size
@@ -259,12 +248,6 @@ class UniformTokens(SizedPrior):
         if self.vocab_size is None:
             raise GenzooError("prior 'uniform-tokens' has no vocab_size: set it or compose it with a token decoder")
         return torch.randint(0, self.vocab_size, (n, *self._check_bound()), generator=generator, device=self.device)
-
-
-@component("prior", "uniform-tokens", config=UniformTokensConfig)
-def make_uniform_tokens(cfg: UniformTokensConfig, ctx=None) -> UniformTokens:
-    """Codes drawn uniformly at random (a baseline with nothing to train)."""
-    return UniformTokens(tuple(cfg.shape) if cfg.shape else None, cfg.vocab_size)
 
 
 class GPTPriorConfig(TransformerSize):
@@ -289,7 +272,7 @@ class GPTPrior(SizedPrior):
     def __init__(self, cfg: GPTPriorConfig, num_classes: int | None = None) -> None:
         self.cfg, self.num_classes = cfg, num_classes
         self.vocab_size = cfg.vocab_size
-        super().__init__(tuple(cfg.shape) if cfg.shape else None, dtype="long")
+        super().__init__(cfg.shape, dtype="long")
         self.needs_condition = frozenset({"y"}) if num_classes else frozenset()
 
     def bind(self, consumes: Spec) -> None:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import train
+from tiny import build, train
 
 from genzoo import api
 from genzoo.errors import GenzooError
 from genzoo.eval.metrics import fd
 from genzoo.nn.quantize import VectorQuantizer
-from genzoo.priors import FittedGaussian, GaussianMixturePrior, GMMConfig
+from genzoo.priors import FittedGaussian, FittedGaussianConfig, GaussianMixturePrior, GMMConfig
 
 
 def test_ae_reconstructs_test_digits_and_samples_from_both_fitted_priors(tmp_path: Path) -> None:
@@ -124,11 +124,10 @@ def test_class_conditional_code_prior_with_logit_cfg(tmp_path: Path) -> None:
 
 
 def test_gan_samples_move_toward_the_data(tmp_path: Path) -> None:
-    resolved = api.resolve_recipe("gan-digits")
-    source = api.build_data(resolved)
-    x = source.split("train").tensors()["image"][:1000].flatten(1)
     torch.manual_seed(0)
-    init = api.create_model(resolved, data_spec=source.spec).eval()
+    init, source, _ = build("gan-digits")
+    x = source.split("train").tensors()["image"][:1000].flatten(1)
+    init.eval()
     before = fd(x, init.sample(1000, generator=torch.Generator().manual_seed(0)).flatten(1))
     model, _, _ = train(tmp_path, "gan-digits", ["train.steps=300"])
     after = fd(x, model.sample(1000, generator=torch.Generator().manual_seed(0)).flatten(1))
@@ -152,18 +151,14 @@ def test_conditional_gan_and_errors(tmp_path: Path) -> None:
     dec = model.components["decoder"]
     assert not torch.allclose(dec.decode(z, {"y": torch.tensor([0, 0])}), dec.decode(z, {"y": torch.tensor([5, 5])}))
     with pytest.raises(GenzooError, match="decoder.class_conditional"):
-        api.create_model(
-            api.resolve_recipe("gan-digits", sets=["pipeline.condition=class"]),
-            data_spec=api.build_data(api.resolve_recipe("gan-digits")).spec,
-        )
-    resolved = api.resolve_recipe("ae-digits")
-    ae = api.create_model(resolved, data_spec=api.build_data(resolved).spec)
+        build("gan-digits", ["pipeline.condition=class"])
+    ae = build("ae-digits")[0]
     with pytest.raises(GenzooError, match="unconditional; drop --class"):
         ae.sample(2, {"y": torch.tensor([1, 1])})
 
 
 def test_unfitted_prior_says_how_to_fix_it() -> None:
-    prior = FittedGaussian((4,), 1e-5)
+    prior = FittedGaussian(FittedGaussianConfig(shape=[4]))
     with pytest.raises(GenzooError, match="has not been fitted"):
         prior.sample(2)
 
@@ -177,7 +172,7 @@ def test_gmm_prior_recovers_a_known_mixture() -> None:
     weights = torch.tensor([0.5, 0.3, 0.2])
     comp = torch.multinomial(weights, 6000, replacement=True, generator=g)
     z = means[comp] + torch.randn(6000, 2, generator=g) * torch.tensor([[1.0, 0.5]])
-    prior = GaussianMixturePrior((2,), GMMConfig(components=3, iterations=50))
+    prior = GaussianMixturePrior(GMMConfig(shape=[2], components=3, iterations=50))
     prior.fit(z)
     order = prior.means[:, 0].argsort()
     assert torch.allclose(prior.means[order], means[[0, 2, 1]], atol=0.1)
@@ -192,7 +187,7 @@ def test_fitted_gaussian_matches_the_latent_moments() -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.3, 0.2]])
     z = torch.randn(20000, 3, generator=g) @ a.t() + torch.tensor([1.0, -2.0, 0.5])
-    prior = FittedGaussian((3,), 0.0)
+    prior = FittedGaussian(FittedGaussianConfig(shape=[3], jitter=0.0))
     prior.fit(z)
     s = prior.sample(20000, generator=g)
     assert torch.allclose(s.mean(0), z.mean(0), atol=0.03)

@@ -22,7 +22,7 @@ from genzoo.eval import metrics
 from genzoo.interfaces import Pipeline
 from genzoo.nn import UNet
 from genzoo.plugins import default_registry
-from genzoo.priors import FittedGaussian
+from genzoo.priors import FittedGaussian, FittedGaussianConfig
 from genzoo.training import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -94,7 +94,8 @@ def test_knn_metrics_and_the_fitted_gaussian_take_cuda_tensors() -> None:
     real, fake = torch.randn(300, 8, generator=g), torch.randn(300, 8, generator=g) + 0.3
     for metric in (metrics.precision_recall, metrics.density_coverage):
         assert metric(real.to(CUDA), fake.to(CUDA)) == pytest.approx(metric(real, fake), abs=1e-9)
-    on_cpu, on_cuda = FittedGaussian((8,), 1e-5), FittedGaussian((8,), 1e-5).to(CUDA)
+    cfg = FittedGaussianConfig(shape=[8])
+    on_cpu, on_cuda = FittedGaussian(cfg), FittedGaussian(cfg).to(CUDA)
     on_cpu.fit(real)
     on_cuda.fit(real.to(CUDA))  # an autoencoder's latents are encoded on its device
     torch.testing.assert_close(on_cuda.scale_tril.cpu(), on_cpu.scale_tril)

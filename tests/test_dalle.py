@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from genzoo_dalle.dvae import DiscreteVAEConfig
 from genzoo_dalle.transformer import DalleTransformer, DalleTransformerConfig
-from tiny import train
+from tiny import build, train
 
 from genzoo import api
 from genzoo.interfaces import Spec
@@ -38,8 +38,7 @@ LEARN = [*TINY[:-2], "decoder.temperature_steps=1000", "decoder.kl_warmup_steps=
 
 
 def test_dvae_schedules_and_kl_match_their_formulas(loaded_registry) -> None:
-    spec = api.resolve_recipe("dalle-shapes", sets=TINY)
-    dvae = api.create_model(spec, data_spec=api.build_data(spec).spec).components["decoder"]
+    dvae = build("dalle-shapes", TINY)[0].components["decoder"]
     cfg: DiscreteVAEConfig = dvae.cfg
     for step, tau in (
         (0, 1.0),

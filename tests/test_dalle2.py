@@ -11,7 +11,7 @@ import pytest
 import torch
 from genzoo_dalle2.pipeline import slerp
 from genzoo_dalle2.prior import ARPrior, ARPriorConfig, DiffusionPrior, DiffusionPriorConfig
-from tiny import assert_refused, shapes_judge, tiny_unet, train
+from tiny import assert_refused, build, shapes_judge, tiny_unet, train
 
 from genzoo import api
 from genzoo.errors import GenzooError, RegistryError
@@ -401,9 +401,7 @@ def test_dalle2_takes_an_open_clip_model_in_place_of_its_own_clip() -> None:
         "decoder.denoiser.context_dim=384",
         "train.stages={prior: 1, decoder: 1, upsampler: 1}",
     ]
-    spec = api.resolve_recipe("dalle2-shapes", sets=sets)
-    source = api.build_data(spec)
-    model = api.create_model(spec, data_spec=source.spec)
+    model, source, _ = build("dalle2-shapes", sets)
     assert model.stages == ("prior", "decoder", "upsampler")
     clip = model.components["clip"]
     text = model.components["encoder"].encode({"caption": CAPTIONS})

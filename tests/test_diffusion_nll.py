@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from tiny import gaussian_diffusion, threads
+from tiny import build, gaussian_diffusion, threads
 
 from genzoo.diffusion import GaussianDiffusion, ModelMeanType, ModelVarType
 
@@ -152,7 +152,6 @@ def test_pipeline_and_metric_answer_nll_through_the_process() -> None:
                 for labels in (y, (y + 1) % 10)
             )
             assert not torch.allclose(a, b)
-    spec = api.resolve_recipe("glide-shapes")
-    model = api.create_model(spec, data_spec=api.build_data(spec).spec)
+    model = build("glide-shapes")[0]
     with pytest.raises(GenzooError, match="cascade's likelihood"):
         model.nll_bpd(torch.zeros(1, 3, 32, 32))

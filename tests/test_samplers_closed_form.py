@@ -246,13 +246,13 @@ def test_eps_form_guidance_moves_x0_by_the_closed_form_and_a_clipping_sampler_cl
     g, top = 0.01, torch.full((3,), proc.num_timesteps - 1)
     for t in (top, torch.full((3,), 2)):  # where the clamp binds, and where it does not
         abar = proc.extract("abar", t, x)
-        pushed = free.predict_eps_form(proc, proc.wrap(at_zero), x, t, None, _Push(g))
+        pushed = free.predict(proc, proc.wrap(at_zero), x, t, None, _Push(g), eps_form=True)
         torch.testing.assert_close(pushed.pred_xstart, ((1 - abar) / abar.sqrt() * g).expand_as(x))
-        kept = clipped.predict_eps_form(proc, proc.wrap(at_zero), x, t, None, _Push(g))
+        kept = clipped.predict(proc, proc.wrap(at_zero), x, t, None, _Push(g), eps_form=True)
         torch.testing.assert_close(kept.pred_xstart, pushed.pred_xstart.clamp(-1, 1))
         torch.testing.assert_close(abar.sqrt() * kept.pred_xstart + (1 - abar).sqrt() * kept.pred_eps, x)
-    assert free.predict_eps_form(proc, proc.wrap(at_zero), x, top, None, _Push(g)).pred_xstart.min() > 100
-    unguided = clipped.predict_eps_form(proc, proc.wrap(at_zero), x, top, None, DiffusionGuidance())
+    assert free.predict(proc, proc.wrap(at_zero), x, top, None, _Push(g), eps_form=True).pred_xstart.min() > 100
+    unguided = clipped.predict(proc, proc.wrap(at_zero), x, top, None, DiffusionGuidance(), eps_form=True)
     assert unguided.pred_xstart.abs().max() < 1e-6
 
 

@@ -256,14 +256,16 @@ def test_glide_from_the_command_line(glide_run, tmp_path: Path) -> None:
     assert main(["sample", str(glide_run[0]), "-n", "2", "--class", "3", "--out", str(out)]) == 2
 
 
-def test_a_caption_model_needs_a_text_encoder_of_the_denoisers_width() -> None:
-    assert_refused(
-        "glide-shapes",
-        [*TINY_GLIDE, "encoder.first.width=48", "clip.text_tower.width=48"],
-        "context_dim is 32 but the text encoder needs 48",
-    )
-    assert_refused("glide-shapes", [*TINY_GLIDE, "encoder.first.width=48"], "tokens are 48 wide and the second's 32")
-    assert_refused("glide-shapes", [*TINY_GLIDE, "components.encoder=null"], "needs a text encoder")
+@pytest.mark.parametrize(
+    ("sets", "match"),
+    [
+        (["encoder.first.width=48", "clip.text_tower.width=48"], "context_dim is 32 but the text encoder needs 48"),
+        (["encoder.first.width=48"], "tokens are 48 wide and the second's 32"),
+        (["components.encoder=null"], "needs a text encoder"),
+    ],
+)
+def test_a_caption_model_needs_a_text_encoder_of_the_denoisers_width(sets: list[str], match: str) -> None:
+    assert_refused("glide-shapes", [*TINY_GLIDE, *sets], match)
 
 
 class CaptionOracle(torch.nn.Module):

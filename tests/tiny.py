@@ -193,16 +193,21 @@ def fit(pipeline, source, resolved: dict, run_dir: Path):
     ).fit()
 
 
-def train(tmp_path: Path, name: str, sets: list[str]) -> tuple[object, object, dict]:
-    """Train a recipe through the trainer into tmp_path, the model seeded at 0; returns (pipeline, source, resolved)."""
+def build(name: str, sets: list[str] = ()) -> tuple[object, object, dict]:
+    """A recipe's untrained model for its data (global RNG as it is); returns (pipeline, source, resolved)."""
     from genzoo import api
 
-    resolved = api.resolve_recipe(
-        name, sets=["train.log_every=10", "train.checkpoint_every=100000", "train.sample_every=0", *sets]
-    )
+    resolved = api.resolve_recipe(name, sets=list(sets))
     source = api.build_data(resolved)
+    return api.create_model(resolved, data_spec=source.spec), source, resolved
+
+
+def train(tmp_path: Path, name: str, sets: list[str]) -> tuple[object, object, dict]:
+    """Train a recipe through the trainer into tmp_path, the model seeded at 0; returns (pipeline, source, resolved)."""
     torch.manual_seed(0)
-    pipeline = api.create_model(resolved, data_spec=source.spec)
+    pipeline, source, resolved = build(
+        name, ["train.log_every=10", "train.checkpoint_every=100000", "train.sample_every=0", *sets]
+    )
     fit(pipeline, source, resolved, tmp_path)
     return pipeline.eval(), source, resolved
 

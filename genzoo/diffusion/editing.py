@@ -163,7 +163,7 @@ def ddim_invert(
 
     def eps_at(x: Tensor, i: int) -> Tensor:
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        return sampler.predict_eps_form(proc, net, x, t, cond, guidance).pred_eps
+        return sampler.predict(proc, net, x, t, cond, guidance, eps_form=True).pred_eps
 
     x, eps = x0, eps_at(x0, 0)
     for i in range(0, top + 1):

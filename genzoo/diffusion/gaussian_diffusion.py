@@ -257,14 +257,7 @@ class GaussianDiffusion:
         else:  # the eps of the unprocessed x0_hat
             model_eps = pred_eps if process_xstart is None else self._predict_eps_from_xstart(x_t, t, raw_xstart)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
-        return Prediction(
-            mean=mean,
-            variance=variance,
-            log_variance=log_variance,
-            pred_xstart=pred_xstart,
-            pred_eps=pred_eps,
-            model_eps=model_eps,
-        )
+        return Prediction(mean, variance, log_variance, pred_xstart, pred_eps, model_eps)
 
     def prediction_from_eps(self, pred: Prediction, x_t: Tensor, t: Tensor, eps: Tensor) -> Prediction:
         """``pred`` with eps replaced (guidance in the eps form): x0_hat and the mean follow, the variance stays."""

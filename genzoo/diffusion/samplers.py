@@ -177,29 +177,20 @@ class DiffusionSampler(Sampler):
         t: Tensor,
         cond: Condition | None,
         guidance: DiffusionGuidance,
+        *,
+        eps_form: bool = False,
     ) -> Prediction:
-        """The reverse step at (x, t) as the guidance shapes the model's output."""
-        return proc.p_mean_variance(
-            guidance.model_output(net, x, t, cond), x, t, process_xstart=self.process_xstart(proc)
-        )
-
-    def predict_eps_form(
-        self,
-        proc: GaussianDiffusion,
-        net: Model,
-        x: Tensor,
-        t: Tensor,
-        cond: Condition | None,
-        guidance: DiffusionGuidance,
-    ) -> Prediction:
-        """The prediction with the guidance's eps-form shift (DDIM, DPM-Solver++). A guided x0_hat is
-        post-processed again, as the unguided one was: the shift (1 - abar)/sqrt(abar) s grad is ~100 per
-        pixel at t = T of the cosine schedule (abar_T = 2.4e-9, docs/text.md), which unclamped ruins the sample."""
-        pred = self.predict(proc, net, x, t, cond, guidance)
+        """The reverse step at (x, t) as the guidance shapes the model's output; ``eps_form``: with the guidance's
+        eps-form shift as well (DDIM, DPM-Solver++). A guided x0_hat is then post-processed again, as the unguided
+        one was: the shift (1 - abar)/sqrt(abar) s grad is ~100 per pixel at t = T of the cosine schedule
+        (abar_T = 2.4e-9, docs/text.md), which unclamped ruins the sample."""
+        process = self.process_xstart(proc)
+        pred = proc.p_mean_variance(guidance.model_output(net, x, t, cond), x, t, process_xstart=process)
+        if not eps_form:
+            return pred
         guided = guidance.condition_eps(proc, pred, x, t, cond)
         if guided is pred:  # unguided, or guidance in the model output (CFG): already processed
             return pred
-        process = self.process_xstart(proc)
         return guided if process is None else proc.prediction_from_xstart(guided, x, t, process(guided.pred_xstart))
 
     @torch.no_grad()
@@ -327,7 +318,7 @@ class DDIMSampler(DiffusionSampler):
     Config = DDIMConfig
 
     def step(self, proc, net, x, t, i, *, cond, guidance, generator, state):
-        pred = self.predict_eps_form(proc, net, x, t, cond, guidance)
+        pred = self.predict(proc, net, x, t, cond, guidance, eps_form=True)
         abar, abar_prev = proc.extract("abar", t, x), proc.extract("abar_prev", t, x)
         sigma = self.cfg.eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
         eps = pred.pred_eps if self.cfg.clipped_eps else pred.model_eps
@@ -355,7 +346,7 @@ class DPMSolverPlusPlus2M(DiffusionSampler):
     last_index = 1
 
     def step(self, proc, net, x, t, i, *, cond, guidance, generator, state):
-        pred = self.predict_eps_form(proc, net, x, t, cond, guidance)
+        pred = self.predict(proc, net, x, t, cond, guidance, eps_form=True)
         d = pred.pred_xstart
         if i == self.last_index:
             return d

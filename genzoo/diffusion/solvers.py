@@ -1,8 +1,8 @@
 """Higher-order solvers of the probability-flow ODE (and one SDE): EDM's Heun, DPM-Solver++(3M) and its SDE
 variant, UniPC. Each is a ``DiffusionSampler``: it runs on the respaced process of its grid (``SamplerConfig.grid``:
 uniform, quadratic, log-snr, karras; exact abar at every kept timestep), calls the model through the guidance's
-eps-form path (``predict_eps_form``, as DDIM and DPM-Solver++(2M) do), so every guidance works with it, and steps
-with the same ``step(proc, net, x, t, i, ...)`` interface.
+eps-form path (``predict(..., eps_form=True)``, as DDIM and DPM-Solver++(2M) do), so every guidance works with it,
+and steps with the same ``step(proc, net, x, t, i, ...)`` interface.
 
 Notation (docs/diffusion.md): alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma), and the data
 prediction D = x0_hat (clamped when ``clip``); in EDM's variables x~ = x / alpha at noise level s = sigma / alpha the
@@ -123,7 +123,7 @@ class EDMHeun(DiffusionSampler):
         alpha, sigma, _ = schedule(proc)
         j = state.get("churn_at", {}).get(i)
         if j is None:
-            pred = self.predict_eps_form(proc, net, x, t, cond, guidance)
+            pred = self.predict(proc, net, x, t, cond, guidance, eps_form=True)
             a, s = alpha[i], sigma[i] / alpha[i]
         else:  # x_c ~ q(x_c | x_t): sqrt(abar_c / abar_t) x_t + sqrt(1 - abar_c / abar_t) z
             cproc, cnet = state["churn_proc"], state["churn_net"]
@@ -131,14 +131,14 @@ class EDMHeun(DiffusionSampler):
             z = randn(x.shape, x, generator=generator)
             x = math.sqrt(ratio) * x + self.cfg.churn_noise * math.sqrt(1 - ratio) * z
             c_alpha, c_sigma, _ = schedule(cproc)
-            pred = self.predict_eps_form(cproc, cnet, x, torch.full_like(t, j), cond, guidance)
+            pred = self.predict(cproc, cnet, x, torch.full_like(t, j), cond, guidance, eps_form=True)
             a, s = c_alpha[j], c_sigma[j] / c_alpha[j]
         if i == self.last_index:
             return pred.pred_xstart
         a_next, s_next = alpha[i - 1], sigma[i - 1] / alpha[i - 1]
         x_tilde, ds = x / a, s_next - s
         euler = (x_tilde + ds * pred.pred_eps) * a_next
-        pred_next = self.predict_eps_form(proc, net, euler, t - 1, cond, guidance)
+        pred_next = self.predict(proc, net, euler, t - 1, cond, guidance, eps_form=True)
         w0, w1 = self.weights()
         return (x_tilde + ds * (w0 * pred.pred_eps + w1 * pred_next.pred_eps)) * a_next
 
@@ -178,7 +178,7 @@ class DPMSolverPlusPlus3M(DiffusionSampler):
         return phi2, phi2 / h - 0.5
 
     def step(self, proc, net, x, t, i, *, cond, guidance, generator, state):
-        d = self.predict_eps_form(proc, net, x, t, cond, guidance).pred_xstart
+        d = self.predict(proc, net, x, t, cond, guidance, eps_form=True).pred_xstart
         if i == self.last_index:
             return d
         alpha, sigma, lam = schedule(proc)
@@ -304,7 +304,7 @@ class UniPC(DiffusionSampler):
         return out - (alpha[t_] * b_h) * res
 
     def step(self, proc, net, x, t, i, *, cond, guidance, generator, state):
-        d = self.predict_eps_form(proc, net, x, t, cond, guidance).pred_xstart
+        d = self.predict(proc, net, x, t, cond, guidance, eps_form=True).pred_xstart
         ds = state.setdefault("d", [])
         predicted = x
         if ds:  # UniC: correct the point reached, with the D evaluated there

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from genzoo.errors import RegistryError
-from genzoo.registry import component
+from genzoo.registry import component, spec_field
 
 Norm = Literal["batch", "group", "none"]
 
@@ -223,14 +223,36 @@ class GridDecoder(nn.Module):
         return self.body(z)
 
 
-def code_grid(ctx: Any, downsample: int, where: str) -> tuple[int, int]:
-    """The (h, w) grid of codes a discrete autoencoder (VQ-VAE, DALL·E's dVAE) puts over the dataset's images."""
+class CodeGridConfig(BaseModel):
+    """What the discrete autoencoders share (VQ-VAE, DALL·E's dVAE): K codes of dimension D on a grid of side
+    image side / downsample, and the encoder and decoder networks sized from them."""
+
+    codebook_size: int = Field(128, ge=2, description="number of codes K (DALL·E: 8192)")
+    code_dim: int = Field(32, ge=1, description="dimension D of each code vector (or code embedding)")
+    downsample: int = Field(4, description="image side / code-grid side: 2, 4 or 8 (DALL·E: 8)")
+    encoder: dict[str, Any] = spec_field("network", {"type": "grid-encoder"}, "image -> grid network")
+    decoder: dict[str, Any] = spec_field("network", {"type": "grid-decoder"}, "code grid -> image network")
+
+
+def grid_networks(cfg: CodeGridConfig, ctx: Any, where: str, encoder_dim: int) -> tuple[tuple[int, int], Any, Any]:
+    """The (h, w) grid of codes over the dataset's images, and the encoder (to ``encoder_dim`` channels) and
+    decoder (from ``code_dim``) networks built at ``cfg.downsample``, which a network's own must not contradict."""
     if ctx.data is None:
         raise RegistryError(f"{where} needs a dataset to size its networks")
     _, h, w = ctx.data.image_shape
-    if h % downsample or w % downsample:
-        raise RegistryError(f"{where}: field 'downsample' ({downsample}) must divide the image side {h}")
-    return h // downsample, w // downsample
+    if h % cfg.downsample or w % cfg.downsample:
+        raise RegistryError(f"{where}: field 'downsample' ({cfg.downsample}) must divide the image side {h}")
+    nets = []
+    for role, dim in (("encoder", encoder_dim), ("decoder", cfg.code_dim)):
+        spec = dict(getattr(cfg, role))
+        if spec.get("downsample") not in (None, cfg.downsample):
+            raise RegistryError(
+                f"{where}: {role}.downsample is {spec['downsample']} but downsample is {cfg.downsample}; "
+                "set only the decoder's downsample"
+            )
+        spec.update(dim=dim, downsample=cfg.downsample)
+        nets.append(ctx.registry.build("network", spec, data=ctx.data, where=f"{where}: {role}: "))
+    return (h // cfg.downsample, w // cfg.downsample), *nets
 
 
 def _grid_sized(cfg: GridNetConfig, ctx: Any) -> GridNetConfig:

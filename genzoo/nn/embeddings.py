@@ -6,7 +6,28 @@ import math
 from collections.abc import Mapping
 
 import torch
+from pydantic import BaseModel, Field
 from torch import Tensor, nn
+
+
+class DenoiserConditions(BaseModel):
+    """The fields every genzoo denoiser config shares (U-Net, MLP): the conditions :func:`condition_embedding` adds
+    to the time embedding, and the learned-variance output the diffusion decoder sets."""
+
+    num_classes: int | None = Field(
+        None, ge=1, description="class-conditional with this many classes (ADM); index num_classes is the learned null"
+    )
+    emb_dim_in: int | None = Field(
+        None,
+        ge=1,
+        description="dim of cond['emb'], projected and added to the time embedding (GLIDE's last text token, "
+        "unCLIP's z_i)",
+    )
+    learn_sigma: bool | None = Field(
+        None,
+        description="also output the variance interpolation v (Improved DDPM Eq. 15); None: set by the "
+        "diffusion decoder's var_type",
+    )
 
 
 def timestep_embedding(

@@ -11,33 +11,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
-from genzoo.nn.embeddings import condition_embedding, timestep_embedding
+from genzoo.nn.embeddings import DenoiserConditions, condition_embedding, timestep_embedding
 from genzoo.registry import component
 
 
-class MLPDenoiserConfig(BaseModel):
+class MLPDenoiserConfig(DenoiserConditions):
     model_config = ConfigDict(extra="forbid")
     dim: int | None = Field(
         None, ge=1, description="vector size D; None takes the product of the dataset's image shape"
     )
     hidden: int = Field(256, ge=8, description="width of the residual blocks")
     depth: int = Field(3, ge=1, description="number of residual blocks")
-    num_classes: int | None = Field(
-        None, ge=1, description="class-conditional with this many classes; index num_classes is the learned null"
-    )
-    emb_dim_in: int | None = Field(
-        None,
-        ge=1,
-        description="dim of cond['emb'] (e.g. a CLIP text embedding), projected and added to the time embedding",
-    )
-    learn_sigma: bool | None = Field(
-        None,
-        description="also output the variance interpolation v (Improved DDPM Eq. 15); None: set by the "
-        "diffusion decoder's var_type",
-    )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout in the blocks")
 
 

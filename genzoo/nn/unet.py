@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from genzoo.nn.embeddings import condition_embedding, either, pooled_or_null, timestep_embedding
+from genzoo.nn.embeddings import DenoiserConditions, condition_embedding, either, pooled_or_null, timestep_embedding
 from genzoo.registry import component
 
 
-class UNetConfig(BaseModel):
+class UNetConfig(DenoiserConditions):
     model_config = ConfigDict(extra="forbid")
     in_channels: int | None = Field(None, ge=1, description="image channels; None takes the dataset's")
     image_size: int | None = Field(None, ge=1, description="image side; None takes the dataset's")
@@ -46,14 +46,6 @@ class UNetConfig(BaseModel):
         32, ge=1, description="channels per attention head when num_heads is None (ADM uses 64)"
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout in residual blocks")
-    num_classes: int | None = Field(
-        None, ge=1, description="class-conditional with this many classes (ADM); index num_classes is the learned null"
-    )
-    learn_sigma: bool | None = Field(
-        None,
-        description="also output the variance interpolation v (Improved DDPM Eq. 15); None: set by the "
-        "diffusion decoder's var_type",
-    )
     use_scale_shift_norm: bool = Field(
         True, description="condition by GroupNorm scale and shift (ADM) rather than by addition (DDPM)"
     )
@@ -66,12 +58,6 @@ class UNetConfig(BaseModel):
         None,
         ge=1,
         description="dim of cond['context'] tokens, projected to extra keys/values of every attention layer (GLIDE)",
-    )
-    emb_dim_in: int | None = Field(
-        None,
-        ge=1,
-        description="dim of cond['emb'], projected and added to the time embedding (GLIDE's last text token, "
-        "unCLIP's z_i)",
     )
     cond_channels: int = Field(
         0, ge=0, description="channels of cond['low_res'], bilinearly upsampled and concatenated to x_t (upsamplers)"

@@ -12,24 +12,20 @@ The schedules follow the tokenizer's own step counter, a buffer, so a resumed ru
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
 from genzoo.interfaces import Condition, Decoder, Spec
-from genzoo.nn.convnets import code_grid
+from genzoo.nn.convnets import CodeGridConfig, grid_networks
 from genzoo.nn.quantize import perplexity
-from genzoo.registry import component, spec_field
+from genzoo.registry import component
 
 
-class DiscreteVAEConfig(BaseModel):
+class DiscreteVAEConfig(CodeGridConfig):
     model_config = ConfigDict(extra="forbid")
-    codebook_size: int = Field(128, ge=2, description="number of codes K (DALL·E: 8192)")
-    code_dim: int = Field(32, ge=1, description="dimension of each code's embedding")
-    downsample: int = Field(4, description="image side / token-grid side: 2, 4 or 8 (DALL·E: 8)")
     temperature_start: float = Field(1.0, gt=0, description="gumbel-softmax temperature at step 0")
     temperature_end: float = Field(1 / 16, gt=0, description="temperature reached at temperature_steps (DALL·E: 1/16)")
     temperature_steps: int = Field(2000, ge=1, description="steps of the exponential temperature anneal")
@@ -40,8 +36,6 @@ class DiscreteVAEConfig(BaseModel):
         "on shapes 1e-3 let the codebook collapse to 2 codes (DALL·E also raised it, to 6.6)",
     )
     kl_warmup_steps: int = Field(1000, ge=0, description="steps over which the KL weight rises linearly from 0")
-    encoder: dict[str, Any] = spec_field("network", {"type": "grid-encoder"}, "image -> logits grid network")
-    decoder: dict[str, Any] = spec_field("network", {"type": "grid-decoder"}, "code-embedding grid -> image network")
 
 
 class DiscreteVAE(Decoder):
@@ -102,9 +96,5 @@ class DiscreteVAE(Decoder):
 @component("decoder", "dvae", config=DiscreteVAEConfig)
 def make_dvae(cfg: DiscreteVAEConfig, ctx) -> DiscreteVAE:
     """DALL·E's discrete VAE: a Gumbel-softmax relaxed posterior over a code grid (Ramesh et al. 2021, Sec. 2.1)."""
-    grid = code_grid(ctx, cfg.downsample, "decoder 'dvae'")
-    nets = []
-    for role, dim in (("encoder", cfg.codebook_size), ("decoder", cfg.code_dim)):
-        spec = {**getattr(cfg, role), "dim": dim, "downsample": cfg.downsample}
-        nets.append(ctx.registry.build("network", spec, data=ctx.data, where=f"decoder 'dvae': {role}: "))
+    grid, *nets = grid_networks(cfg, ctx, "decoder 'dvae'", cfg.codebook_size)  # the encoder's logits over K
     return DiscreteVAE(cfg, *nets, grid, ctx.data.image_shape)

@@ -80,7 +80,7 @@ class DalleTransformer(SizedPrior):
 
     def __init__(self, cfg: DalleTransformerConfig) -> None:
         self.cfg, self.vocab_size = cfg, cfg.vocab_size
-        super().__init__(tuple(cfg.shape) if cfg.shape else None, dtype="long")
+        super().__init__(cfg.shape, dtype="long")
         self.needs_condition = frozenset({"tokens"})
 
     def bind(self, consumes: Spec) -> None:

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from genzoo.errors import GenzooError
+from genzoo.interfaces import Importer
 from genzoo.registry import component, registered_name
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
@@ -353,11 +354,8 @@ def check_widths(clip: Any, prior: Any, decoder: Any) -> None:
 
 
 @component("importer", "dalle2-pytorch", config=Dalle2PytorchImporterConfig)
-class Dalle2PytorchImporter:
+class Dalle2PytorchImporter(Importer):
     """Imports a DALLE2-pytorch prior + decoder (configs and state dicts) as a genzoo ``dalle2`` run."""
-
-    def __init__(self, cfg: Dalle2PytorchImporterConfig | None = None) -> None:
-        self.cfg = cfg
 
     def detect(self, source: str) -> bool:
         """A folder holding a DALLE2-pytorch prior or decoder config."""

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from genzoo.errors import CheckpointError, GenzooError
+from genzoo.interfaces import Importer
 from genzoo.registry import component, registered_name
 
 from .process import TRAINING_ONLY, DiffusionArgs, map_diffusion
@@ -149,12 +150,9 @@ def split_state(obj: Any, weights: str) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 @component("importer", "ddpm-pytorch", config=DDPMPytorchImporterConfig)
-class DDPMPytorchImporter:
+class DDPMPytorchImporter(Importer):
     """Imports denoising-diffusion-pytorch checkpoints and state dicts as genzoo runs (the ddpm-pytorch-unet
     adapter)."""
-
-    def __init__(self, cfg: DDPMPytorchImporterConfig | None = None) -> None:
-        self.cfg = cfg or DDPMPytorchImporterConfig()
 
     def detect(self, source: str) -> bool:
         """A file or results folder whose state is a denoising-diffusion-pytorch Unet's (peeked with weights_only)."""

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from genzoo.errors import GenzooError
+from genzoo.interfaces import Importer
 from genzoo.registry import component, registered_name
 
 from .loading import fetch, is_hub_id, read_config, require_safetensors
@@ -67,11 +68,8 @@ def default_data(source: str, channels: int, size: int, out: Path) -> dict[str, 
 
 
 @component("importer", "diffusers", config=DiffusersImporterConfig)
-class DiffusersImporter:
+class DiffusersImporter(Importer):
     """Imports diffusers DDPM / DDIM / LDM / UnCLIP pipeline folders and hub ids (safetensors only) as genzoo runs."""
-
-    def __init__(self, cfg: DiffusersImporterConfig | None = None) -> None:
-        self.cfg = cfg
 
     def detect(self, source: str) -> bool:
         """A folder with diffusers' model_index.json, or a hub id (owner/name)."""

@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from genzoo.errors import GenzooError
+from genzoo.interfaces import Importer
 from genzoo.registry import component, registered_name
 
 from .convert import (
@@ -139,12 +140,9 @@ def default_data(name: str, size: int, out: Path) -> dict[str, Any]:
 
 
 @component("importer", "openai", config=OpenAIImporterConfig)
-class OpenAIImporter:
+class OpenAIImporter(Importer):
     """Imports improved-diffusion / guided-diffusion / glide-text2im ``.pt`` files (a diffusion model, with
     ``classifier`` its noisy classifier) as genzoo runs."""
-
-    def __init__(self, cfg: OpenAIImporterConfig | None = None) -> None:
-        self.cfg = cfg or OpenAIImporterConfig()
 
     def detect(self, source: str) -> bool:
         """A ``.pt``/``.pth`` file holding an OpenAI U-Net (read with weights_only=True, memory-mapped)."""

@@ -31,6 +31,17 @@ from genzoo.errors import GenzooError  # noqa: E402
 from . import controls as C  # noqa: E402
 from .config import GradioAppConfig  # noqa: E402
 
+# served in-process from `genzoo serve`: the caller owns the thread, nothing is shared or opened, errors show
+LAUNCH_OPTIONS: dict[str, Any] = {
+    "prevent_thread_lock": True,
+    "share": False,
+    "inbrowser": False,
+    "show_error": True,
+    "quiet": True,
+    "ssr_mode": False,
+    "mcp_server": False,
+}
+
 
 def _kw(fn: Any, **kwargs: Any) -> dict[str, Any]:
     """The keywords ``fn`` accepts (gradio's signatures change between majors)."""
@@ -105,14 +116,8 @@ class GradioApp:
                 blocks.launch,
                 server_name=self.cfg.host,
                 server_port=self.cfg.port,
-                prevent_thread_lock=True,
-                share=False,
-                inbrowser=False,
-                show_error=True,
-                quiet=True,
-                ssr_mode=False,
-                mcp_server=False,
                 allowed_paths=[str(self.out_dir)],
+                **LAUNCH_OPTIONS,
             )
         )
         self.url = blocks.local_url

@@ -9,34 +9,26 @@ prior has nothing to train, so that stage is skipped).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from genzoo.errors import RegistryError
 from genzoo.interfaces import Condition, Decoder, Spec
-from genzoo.nn.convnets import code_grid
+from genzoo.nn.convnets import CodeGridConfig, grid_networks
 from genzoo.nn.quantize import VectorQuantizer
 from genzoo.pipelines import Conditioning, TokenPipeline, make_token_pipeline
-from genzoo.registry import component, spec_field
+from genzoo.registry import component
 
 
-class VQAutoencoderConfig(BaseModel):
+class VQAutoencoderConfig(CodeGridConfig):
     model_config = ConfigDict(extra="forbid")
-    codebook_size: int = Field(256, ge=2, description="number of codes K")
-    code_dim: int = Field(64, ge=1, description="dimension D of each code vector")
-    downsample: int = Field(4, description="image side / code-grid side: 2, 4 or 8")
     beta: float = Field(0.25, ge=0, description="weight of the commitment term ||z_e - sg(e)||^2 (Eq. 3)")
     ema: bool = Field(False, description="update the codebook by moving averages instead of gradients (App. A.1)")
     decay: float = Field(0.99, gt=0, lt=1, description="decay of the EMA codebook")
     restart_threshold: float = Field(
         0.03, ge=0, description="restart codes used less than this fraction of the average (0: never)"
     )
-    encoder: dict[str, Any] = spec_field("network", {"type": "grid-encoder"}, "image -> grid network")
-    decoder: dict[str, Any] = spec_field("network", {"type": "grid-decoder"}, "grid -> image network")
 
 
 class VQAutoencoder(Decoder):
@@ -101,17 +93,7 @@ class VQAutoencoder(Decoder):
 @component("decoder", "vq-autoencoder", config=VQAutoencoderConfig)
 def make_vq_autoencoder(cfg: VQAutoencoderConfig, ctx) -> VQAutoencoder:
     """Encoder, vector quantiser (codebook) and decoder over a grid of discrete codes."""
-    grid = code_grid(ctx, cfg.downsample, "decoder 'vq-autoencoder'")
-    nets = []
-    for role in ("encoder", "decoder"):
-        spec = dict(getattr(cfg, role))
-        if spec.get("downsample") not in (None, cfg.downsample):
-            raise RegistryError(
-                f"decoder 'vq-autoencoder': {role}.downsample is {spec['downsample']} but downsample is "
-                f"{cfg.downsample}; set only the decoder's downsample"
-            )
-        spec.update(dim=cfg.code_dim, downsample=cfg.downsample)
-        nets.append(ctx.registry.build("network", spec, data=ctx.data, where=f"decoder 'vq-autoencoder': {role}: "))
+    grid, *nets = grid_networks(cfg, ctx, "decoder 'vq-autoencoder'", cfg.code_dim)
     vq = VectorQuantizer(
         cfg.codebook_size,
         cfg.code_dim,
