@@ -91,7 +91,7 @@ class GaussianPriorConfig(BaseModel):
 
 @component("prior", "gaussian", config=GaussianPriorConfig)
 class GaussianPrior(SizedPrior):
-    """``z ~ N(0, I)``."""
+    """An isotropic Gaussian z ~ N(0, I); nothing to fit."""
 
     def __init__(self, cfg: GaussianPriorConfig) -> None:
         super().__init__(cfg.shape)

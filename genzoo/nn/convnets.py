@@ -227,9 +227,9 @@ class CodeGridConfig(BaseModel):
     """What the discrete autoencoders share (VQ-VAE, DALL·E's dVAE): K codes of dimension D on a grid of side
     image side / downsample, and the encoder and decoder networks sized from them."""
 
-    codebook_size: int = Field(128, ge=2, description="number of codes K (DALL·E: 8192)")
+    codebook_size: int = Field(128, ge=2, description="number of codes K (DALL·E's dVAE: 8192)")
     code_dim: int = Field(32, ge=1, description="dimension D of each code vector (or code embedding)")
-    downsample: int = Field(4, description="image side / code-grid side: 2, 4 or 8 (DALL·E: 8)")
+    downsample: int = Field(4, description="image side / code-grid side: 2, 4 or 8 (DALL·E's dVAE: 8)")
     encoder: dict[str, Any] = spec_field("network", {"type": "grid-encoder"}, "image -> grid network")
     decoder: dict[str, Any] = spec_field("network", {"type": "grid-decoder"}, "code grid -> image network")
 

@@ -15,13 +15,15 @@ class DenoiserConditions(BaseModel):
     to the time embedding, and the learned-variance output the diffusion decoder sets."""
 
     num_classes: int | None = Field(
-        None, ge=1, description="class-conditional with this many classes (ADM); index num_classes is the learned null"
+        None,
+        ge=1,
+        description="class-conditional with this many classes (as ADM); index num_classes is the learned null",
     )
     emb_dim_in: int | None = Field(
         None,
         ge=1,
-        description="dim of cond['emb'], projected and added to the time embedding (GLIDE's last text token, "
-        "unCLIP's z_i)",
+        description="dim of cond['emb'] (e.g. GLIDE's pooled caption, unCLIP's z_i), projected and added to the "
+        "time embedding",
     )
     learn_sigma: bool | None = Field(
         None,
