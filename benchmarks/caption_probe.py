@@ -1,12 +1,15 @@
 """Issue 22's diagnosis of a caption model (docs/text.md): does it read each attribute of the caption?
 
-    .venv/bin/python benchmarks/caption_probe.py RUN [--n 32] [--seed 0]
+    .venv/bin/python benchmarks/caption_probe.py RUN [--n 32] [--seed 0] [--paths 200]
 
 1. The text encoder: for captions that differ from "a large red circle in the top left" in one attribute, the
    cosine of the pooled embeddings (``emb``, or ``text_emb`` for a CLIP text tower) and the relative change of the
    per-token context. An attribute the encoder does not separate cannot steer the decoder.
 2. The samples: N samples each of three captions that differ only in position, and where the shapes judge finds
    them. A model that ignores the position words spreads them over all nine cells whatever the caption.
+3. ``--paths N``: where the caption enters, ablated at sampling time: the first N test captions sampled as the
+   recipe does, then with the pooled embedding replaced by the learned null (``drop_emb``), then with the
+   per-token context replaced by it (``drop_context``); the judge's accuracy of each attribute and of all four.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from genzoo.checkpoint import load_checkpoint
 from genzoo.data.shapes import POSITIONS
 from genzoo.eval.judges import load_judge
 
+ATTRIBUTES = ("shape", "colour", "size", "position")
 BASE = "a large red circle in the top left"
 CHANGED = {
     "position": "a large red circle in the bottom right",
@@ -36,6 +40,7 @@ def main() -> None:
     parser.add_argument("run")
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--paths", type=int, default=0, help="test captions for the conditioning-path ablation")
     args = parser.parse_args()
     model = api.load_model(args.run)
     encoder = model.components["encoder"]
@@ -54,6 +59,34 @@ def main() -> None:
         where = judge.predict(model.sample(args.n, {"caption": [caption] * args.n}, generator=g))["position"]
         found = collections.Counter(POSITIONS[i] for i in where.tolist())
         print(f"samples of {caption!r}: " + ", ".join(f"{p} {c}" for p, c in found.most_common()))
+    if args.paths:
+        path_ablation(model, source, judge, args.paths, args.seed)
+
+
+@torch.no_grad()
+def path_ablation(model, source, judge, n: int, seed: int) -> None:
+    """Accuracy with both conditioning paths, without the pooled embedding, and without the tokens."""
+    test = source.split("test").tensors()
+    captions, attrs = list(test["caption"][:n]), test["attributes"][:n]
+    encoder = model.components["encoder"]
+    encode = encoder.encode
+    for label, key in (("both paths", None), ("pooled emb dropped", "drop_emb"), ("tokens dropped", "drop_context")):
+
+        def ablated(condition, key=key):
+            cond = encode(condition)
+            if key is not None:  # the denoiser swaps in its learned null for this path alone
+                cond[key] = torch.ones(len(condition["caption"]), dtype=torch.bool)
+            return cond
+
+        encoder.encode = ablated
+        try:
+            images = model.sample(n, {"caption": captions}, generator=torch.Generator().manual_seed(seed))
+        finally:
+            encoder.encode = encode
+        pred = judge.predict(images)
+        hits = torch.stack([pred[k] == attrs[:, i] for i, k in enumerate(ATTRIBUTES)], 1).float()
+        row = ", ".join(f"{k} {hits[:, i].mean():.3f}" for i, k in enumerate(ATTRIBUTES))
+        print(f"paths, {label}: {row}, all four {hits.all(1).float().mean():.3f}", flush=True)
 
 
 if __name__ == "__main__":
