@@ -127,6 +127,22 @@ def test_a_compare_budget_is_split_by_timing_each_stage() -> None:
     assert shares["decoder"] > 10 and abs(shares["autoencoder"] - 3 * shares["decoder"]) <= 3
 
 
+def test_a_budget_that_buys_part_of_a_recipe_shrinks_its_warm_up_in_proportion() -> None:
+    from genzoo.eval.compare import budgeted_stages
+
+    config = TrainConfig(warmup_steps=500)
+    recipe = {"clip": 1500, "decoder": 3000, "upsampler": 600}
+    short = budgeted_stages(config, {"clip": 570, "decoder": 1140, "upsampler": 228}, recipe)
+    assert short.stages == {"clip": 570, "decoder": 1140, "upsampler": 228} and short.minutes is None
+    assert short.warmup_steps == 190  # 500 x 0.38, the fraction of the recipe's steps the budget buys
+    assert config.warmup_steps == 500  # a copy
+    longer = budgeted_stages(config, {"clip": 3000, "decoder": 6000, "upsampler": 1200}, recipe)
+    assert longer.warmup_steps == 500  # a budget beyond the recipe keeps its warm-up
+    assert budgeted_stages(TrainConfig(warmup_steps=0), {"decoder": 10}, {"decoder": 3000}).warmup_steps == 0
+    assert budgeted_stages(config, {"decoder": 1}, {"decoder": 3000}).warmup_steps == 1  # never 0 from rounding
+    assert budgeted_stages(config, {"a": 5, "b": 7}, {}).warmup_steps == 500  # no recipe steps: nothing to scale
+
+
 @pytest.mark.parametrize("sampler", DIFFUSION_SAMPLERS)
 def test_every_diffusion_sampler_draws_images(sampler: str) -> None:
     resolved, source, model = build([f"sampler={{type: {sampler}, steps: 3}}"])

@@ -308,8 +308,9 @@ def _train(
     if budget_minutes and len(getattr(pipeline, "stages", ("main",))) > 1:
         # a staged model splits the budget between stages as its recipe splits its training time, instead of
         # spending it all on the first
-        per = _steps_in(pipeline, train, config, budget_minutes, device, recipe_stages)
-        config = config.model_copy(update={"stages": per, "minutes": None})
+        config = budgeted_stages(
+            config, _steps_in(pipeline, train, config, budget_minutes, device, recipe_stages), recipe_stages
+        )
         segments = 1
     judge = load_judge(source.spec.name, source.cfg.model_dump(), device=device)
     quick = replace(settings, samples=min(settings.samples, 256))
@@ -325,6 +326,17 @@ def _train(
         curve.append((minutes, fd))
         log(f"compare: {recipe}: step {result.step}, {minutes:.2f} min, quick FD {fd:.2f}")
     return source, family
+
+
+def budgeted_stages(config: Any, per: dict[str, int], recipe_stages: dict[str, int]) -> Any:
+    """``config`` training ``per`` steps in each stage. A budget that buys a fraction f < 1 of the recipe's steps
+    keeps the shape of its learning-rate schedule: the warm-up shrinks to f of the recipe's too, or a short stage
+    would end inside it (glide-shapes' upsampler in a 20-minute `make demo-text`: 228 steps of a 500-step warm-up)."""
+    fraction = min((per[s] / n for s, n in recipe_stages.items() if n and s in per), default=1.0)
+    update: dict[str, Any] = {"stages": per, "minutes": None}
+    if fraction < 1 and config.warmup_steps:
+        update["warmup_steps"] = max(1, round(config.warmup_steps * fraction))
+    return config.model_copy(update=update)
 
 
 def _steps_in(pipeline, train, config, minutes: float, device, shares: dict[str, int], probe_steps: int = 6) -> dict:
