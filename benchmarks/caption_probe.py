@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 from genzoo import api
 from genzoo.checkpoint import load_checkpoint
-from genzoo.data.shapes import POSITIONS
+from genzoo.data.shapes import ATTRIBUTES, POSITIONS
+from genzoo.eval.evaluate import attribute_hits
 from genzoo.eval.judges import load_judge
 
-ATTRIBUTES = ("shape", "colour", "size", "position")
 BASE = "a large red circle in the top left"
 CHANGED = {
     "position": "a large red circle in the bottom right",
@@ -83,9 +83,8 @@ def path_ablation(model, source, judge, n: int, seed: int) -> None:
             images = model.sample(n, {"caption": captions}, generator=torch.Generator().manual_seed(seed))
         finally:
             encoder.encode = encode
-        pred = judge.predict(images)
-        hits = torch.stack([pred[k] == attrs[:, i] for i, k in enumerate(ATTRIBUTES)], 1).float()
-        row = ", ".join(f"{k} {hits[:, i].mean():.3f}" for i, k in enumerate(ATTRIBUTES))
+        names, hits = attribute_hits(judge.predict(images), attrs, list(ATTRIBUTES))
+        row = ", ".join(f"{k} {hits[:, i].float().mean():.3f}" for i, k in enumerate(names))
         print(f"paths, {label}: {row}, all four {hits.all(1).float().mean():.3f}", flush=True)
 
 

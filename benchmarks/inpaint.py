@@ -21,9 +21,9 @@ import torch
 
 from genzoo import api
 from genzoo.checkpoint import load_checkpoint
+from genzoo.data.shapes import ATTRIBUTES
+from genzoo.eval.evaluate import attribute_hits
 from genzoo.eval.judges import load_judge
-
-NAMES = ("shape", "colour", "size", "position")
 
 
 def object_hole(attrs: torch.Tensor, side: int, whole: bool = False) -> torch.Tensor:
@@ -55,10 +55,9 @@ def main() -> None:
     judge = load_judge("shapes", source.cfg.model_dump())
 
     def accuracy(images: torch.Tensor) -> dict[str, float]:
-        pred = judge.predict(images)
-        hits = torch.stack([pred[k] == attrs[:, i] for i, k in enumerate(NAMES)], 1)
+        names, hits = attribute_hits(judge.predict(images), attrs, list(ATTRIBUTES))
         return {
-            **{k: round(float(hits[:, i].float().mean()), 3) for i, k in enumerate(NAMES)},
+            **{k: round(float(hits[:, i].float().mean()), 3) for i, k in enumerate(names)},
             "all": round(float(hits.all(1).float().mean()), 3),
         }
 

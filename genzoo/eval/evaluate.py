@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
@@ -210,6 +210,13 @@ def metric_class_coverage(cfg: NoConfig) -> MetricFn:
     return run
 
 
+def attribute_hits(pred: Mapping[str, Tensor], want: Tensor, names: Sequence[str]) -> tuple[list[str], Tensor]:
+    """The attributes among ``names`` that the judge predicts, and (N, k) bools, does sample i show attribute j;
+    ``want`` (N, len(names)) holds the asked-for values in ``names``' order (shapes: shape, colour, size, position)."""
+    read = [(j, a) for j, a in enumerate(names) if a in pred]
+    return [a for _, a in read], torch.stack([pred[a] == want[:, j] for j, a in read], 1)
+
+
 @component("metric", "attribute-accuracy", config=NoConfig)
 def metric_attribute_accuracy(cfg: NoConfig) -> MetricFn:
     """Does a sample show the class/attributes it was asked for."""
@@ -219,10 +226,8 @@ def metric_attribute_accuracy(cfg: NoConfig) -> MetricFn:
             return {}
         pred = ev.fake_predictions
         if "attributes" in ev.requested:  # a caption model: every attribute the caption names
-            want = ev.requested["attributes"]
-            names = list(ev.source.spec.attributes)
-            hits = torch.stack([pred[a] == want[:, j] for j, a in enumerate(names) if a in pred], 1)
-            out = {f"{a}_accuracy": float(h.double().mean()) for a, h in zip([a for a in names if a in pred], hits.T)}
+            read, hits = attribute_hits(pred, ev.requested["attributes"], list(ev.source.spec.attributes))
+            out = {f"{a}_accuracy": float(h.double().mean()) for a, h in zip(read, hits.T)}
             out["caption_accuracy"] = float(hits.all(1).double().mean())
             return out
         if "y" not in ev.requested:
