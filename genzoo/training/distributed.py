@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,7 @@ def teardown(info: DistInfo, device: torch.device, *, failed: bool) -> None:
     active exception``), failing a finished run."""
     if info.enabled and dist.is_initialized():
         try:
-            any_flag(failed, info, device)
+            any_flag(failed, info, device, settle=True)
         except Exception:
             if not failed:  # a failing rank's own error is the one to report, not a peer's closed socket
                 raise
@@ -55,10 +56,28 @@ def teardown(info: DistInfo, device: torch.device, *, failed: bool) -> None:
             dist.destroy_process_group()
 
 
-def any_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank when any rank raised it (stop on a signal or a time budget together)."""
+def any_flag(flag: bool, info: DistInfo, device: torch.device, *, settle: bool = False) -> bool:
+    """True on every rank when any rank raised it (stop on a signal or a time budget together).
+
+    ``settle``: for the last collective of a run, return only once the backend's worker thread has let go of the
+    tensor. ``wait`` returns when the work is marked complete, before the worker drops its reference, and that drop
+    takes the GIL (a Python-visible tensor's refcount going 2 -> 1, c10/util/intrusive_ptr.h). The gloo group and its
+    threads outlive ``destroy_process_group`` (DDP keeps a reference to it, measured with torch 2.14), so a worker
+    that is still behind when the script ends takes the GIL during interpreter shutdown, and the rank aborts with
+    ``terminate called without an active exception`` (pytorch/pytorch#190489)."""
     if not info.enabled:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    raised = bool(t.item())
+    if settle:
+        settled(t)
+    return raised
+
+
+def settled(t: torch.Tensor, timeout: float = 2.0) -> torch.Tensor:
+    """``t`` once the caller holds the only reference to it (a collective's worker thread has dropped its own)."""
+    deadline = time.monotonic() + timeout
+    while t._use_count() > 1 and time.monotonic() < deadline:
+        time.sleep(1e-4)
+    return t

@@ -9,7 +9,6 @@ optimiser, scheduler and EMA states, the data order and every RNG, so on CPU ``N
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import random
 import signal
@@ -352,11 +351,6 @@ class Trainer:
             finally:
                 for s, h in previous.items():
                     signal.signal(s, h)
-                # the DDP wrapper's reducer holds the gloo group: freed here, its worker threads are joined now and
-                # not at the interpreter's exit, where a thread touching a tensor aborts the rank (`terminate called`)
-                model = None  # noqa: F841
-                if self.dist.enabled:
-                    gc.collect()
                 distributed.teardown(self.dist, self.device, failed=not finished)
 
     # ------------------------------------------------------------------ the loop's steps
