@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +44,9 @@ def reopen(info: DistInfo, device_type: str) -> None:
 
 def teardown(info: DistInfo, device: torch.device, *, failed: bool) -> None:
     """Every rank says whether its run ended in an error (a collective, so each also waits for the others: rank 0
-    has written the checkpoint, or has failed to), then the group is destroyed, on the error path too. A gloo group
-    left to the interpreter's exit can abort a rank whose peer has already gone (``terminate called without an
-    active exception``), failing a finished run."""
+    has written the checkpoint, or has failed to), then the group is destroyed, on the error path too. That last
+    collective waits for gloo's worker to let go of its tensor (``any_flag``'s ``settle``): the group's threads live
+    on after ``destroy_process_group``, and one still behind at the interpreter's exit aborts the rank."""
     if info.enabled and dist.is_initialized():
         try:
             any_flag(failed, info, device, settle=True)
@@ -70,14 +71,18 @@ def any_flag(flag: bool, info: DistInfo, device: torch.device, *, settle: bool =
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     raised = bool(t.item())
-    if settle:
+    if settle and device.type == "cpu":  # measured with gloo; NCCL's watchdog keeps its works longer (unmeasured)
         settled(t)
     return raised
 
 
 def settled(t: torch.Tensor, timeout: float = 2.0) -> torch.Tensor:
     """``t`` once the caller holds the only reference to it (a collective's worker thread has dropped its own)."""
+    use_count = getattr(t, "_use_count", None)  # private in torch: without it, the old race and nothing worse
     deadline = time.monotonic() + timeout
-    while t._use_count() > 1 and time.monotonic() < deadline:
+    while use_count is not None and use_count() > 1:
+        if time.monotonic() > deadline:
+            warnings.warn(f"a collective's tensor is still held {timeout:.0f} s after it completed", stacklevel=2)
+            break
         time.sleep(1e-4)
     return t
