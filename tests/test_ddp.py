@@ -108,11 +108,11 @@ def test_the_last_flag_returns_only_when_the_backend_has_let_go_of_its_tensor(mo
     from genzoo.training import distributed
 
     def all_reduce(t, op=None):
-        held, released = t.view(1), threading.Event()  # a view holds a C++ reference to t, as the worker's work does
+        held, released = [t.view(1)], threading.Event()  # a view holds a C++ reference to t, as the worker's work does
 
-        def worker(held=held):
+        def worker():
             time.sleep(0.05)
-            del held
+            held.clear()  # the reference goes first, then the worker says so
             released.set()
 
         releases.append(released)

@@ -72,12 +72,12 @@ def any_flag(flag: bool, info: DistInfo, device: torch.device, *, settle: bool =
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     raised = bool(t.item())
     if settle and device.type == "cpu":  # measured with gloo; NCCL's watchdog keeps its works longer (unmeasured)
-        settled(t)
+        _settle(t)
     return raised
 
 
-def settled(t: torch.Tensor, timeout: float = 2.0) -> torch.Tensor:
-    """``t`` once the caller holds the only reference to it (a collective's worker thread has dropped its own)."""
+def _settle(t: torch.Tensor, timeout: float = 2.0) -> None:
+    """Return once the caller holds the only reference to ``t`` (a collective's worker thread has dropped its own)."""
     use_count = getattr(t, "_use_count", None)  # private in torch: without it, the old race and nothing worse
     deadline = time.monotonic() + timeout
     while use_count is not None and use_count() > 1:
@@ -85,4 +85,3 @@ def settled(t: torch.Tensor, timeout: float = 2.0) -> torch.Tensor:
             warnings.warn(f"a collective's tensor is still held {timeout:.0f} s after it completed", stacklevel=2)
             break
         time.sleep(1e-4)
-    return t
