@@ -201,7 +201,7 @@ def test_discretised_likelihood_sums_to_one_over_the_256_bins(mean: float, scale
 
 def test_training_losses_targets() -> None:
     x0, noise, t = randn(4, 2, 3), randn(4, 2, 3, seed=1), torch.tensor([0, 10, 500, 999])
-    zero = lambda x, tt, c: torch.zeros_like(x)  # noqa: E731: the loss is then the mean square of the target
+    zero = lambda x, tt, c: torch.zeros_like(x)  # noqa: E731 (the loss is then the mean square of the target)
     for mean, target in ((ModelMeanType.EPSILON, noise), (ModelMeanType.START_X, x0)):
         terms = gaussian_diffusion(mean=mean).training_losses(zero, x0, t, noise=noise)
         torch.testing.assert_close(terms["loss"], target.pow(2).mean((1, 2)))
