@@ -65,7 +65,7 @@ def any_flag(flag: bool, info: DistInfo, device: torch.device, *, settle: bool =
     takes the GIL (a Python-visible tensor's refcount going 2 -> 1, c10/util/intrusive_ptr.h). The gloo group and its
     threads outlive ``destroy_process_group`` (DDP keeps a reference to it, measured with torch 2.14), so a worker
     that is still behind when the script ends takes the GIL during interpreter shutdown, and the rank aborts with
-    ``terminate called without an active exception`` (pytorch/pytorch#190489)."""
+    ``terminate called without an active exception`` (pytorch/pytorch#190489; the mechanism: pytorch/pytorch#179291)."""
     if not info.enabled:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
