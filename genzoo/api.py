@@ -17,7 +17,7 @@ diffusers pipeline; an importer saves it with :func:`save_imported_run`). Run: :
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -168,22 +168,41 @@ def _own_weights_only(resolved: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_init_except(resolved: Mapping[str, Any], exclude: Collection[str]) -> None:
+    """``exclude`` (``--init-except``) names only components of the recipe ``resolved``."""
+    unknown = sorted(set(exclude) - set(resolved["components"]))
+    if unknown:
+        raise GenzooError(
+            f"--init-except {', '.join(unknown)}: this recipe has no such component; its components are "
+            f"{', '.join(sorted(resolved['components']))}"
+        )
+
+
 def init_from(
-    pipeline: Pipeline, resolved: Mapping[str, Any], path: str | Path, *, registry: Registry | None = None
+    pipeline: Pipeline,
+    resolved: Mapping[str, Any],
+    path: str | Path,
+    *,
+    registry: Registry | None = None,
+    exclude: Collection[str] = (),
 ) -> list[str]:
     """Load into ``pipeline`` the weights of every component whose resolved spec equals the one in the
     checkpoint at ``path`` (the same type and fields, so the same architecture); returns those roles.
+    Roles in ``exclude`` keep their fresh initialisation (``--init-except``).
 
     Fine-tuning starts from a trained run this way, and a recipe that differs in one component (the
     AR prior in place of the diffusion prior) trains only that one with the others' stages set to 0.
     """
+    check_init_except(resolved, exclude)
+    children = dict(pipeline.named_children())
     ckpt = load_checkpoint(path)
     theirs = refresh(ckpt.recipe, registry or default_registry())[
         "components"
     ]  # fields added since it was saved: defaults
-    children = dict(pipeline.named_children())
     roles = [
-        r for r, state in ckpt.components.items() if r in children and theirs.get(r) == resolved["components"].get(r)
+        r
+        for r in ckpt.components
+        if r in children and r not in exclude and theirs.get(r) == resolved["components"].get(r)
     ]
     for role in roles:
         load_state_into(children[role], ckpt.components[role], role=role, where=ckpt.path)

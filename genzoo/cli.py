@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_repeatable(
         p,
+        "--init-except",
+        "ROLE",
+        "with --init-from: leave this component (e.g. upsampler_decoder) at its fresh initialisation; repeatable",
+    )
+    _add_repeatable(
+        p,
         "--log",
         "LOGGER",
         "also log to this logger beside metrics.jsonl: tensorboard, wandb (offline unless WANDB_MODE says "
@@ -329,6 +335,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from genzoo.training import TrainConfig, Trainer
     from genzoo.training.loggers import build_loggers
 
+    if args.init_except and not args.init_from:
+        raise GenzooError("--init-except names components not to load from --init-from DIR; pass --init-from too")
     sets = list(args.sets)
     for key in ("steps", "minutes", "device", "seed"):
         if getattr(args, key) is not None:
@@ -342,6 +350,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     loggers += [name for name in dict.fromkeys(args.log) if name not in {split_spec("logger", s)[0] for s in loggers}]
     config = TrainConfig.model_validate(resolved["train"])
     build_loggers(config.loggers)  # a misspelt --log fails now, not after the data and the model are built
+    api.check_init_except(resolved, args.init_except)  # and so does a misspelt --init-except
     t0 = time.perf_counter()
     source = api.build_data(resolved)
     train = source.split("train")
@@ -353,7 +362,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.init_from:
         if args.resume:
             raise GenzooError("--init-from starts a new run; --resume continues one: pass only one of them")
-        roles = api.init_from(pipeline, resolved, args.init_from)
+        roles = api.init_from(pipeline, resolved, args.init_from, exclude=args.init_except)
         print(f"initialised {', '.join(roles) or 'no component'} from {args.init_from}", file=sys.stderr)
     meta = {
         "data_spec": api.data_spec_dict(source.spec),

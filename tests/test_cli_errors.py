@@ -142,6 +142,20 @@ def test_sample_with_no_or_negative_n(probes: Probes, run: Path, tmp_path: Path,
     assert_one_line(r, "sample", f"-n {n}", "at least 1")
 
 
+# --------------------------------------------------------------------------- train --init-except
+
+
+def test_init_except_without_init_from_or_with_a_role_the_recipe_lacks(
+    probes: Probes, recipes: Path, run: Path, tmp_path: Path
+) -> None:
+    train = ("train", "tiny", "--recipes", str(recipes), "--no-progress", "--init-except")
+    r = probes.run(*train, "decoder", "--out", str(tmp_path / "a"))
+    assert_one_line(r, "train", "--init-except", "pass --init-from too")
+    r = probes.run(*train, "upsampler_decoder", "--init-from", str(run), "--out", str(tmp_path / "b"))
+    assert_one_line(r, "train", "--init-except upsampler_decoder", "its components are")
+    assert not (tmp_path / "b" / "latest").exists()  # refused before any training
+
+
 # --------------------------------------------------------------------------- meta.json
 
 

@@ -324,6 +324,39 @@ def test_a_run_saved_before_a_config_field_existed_resumes_and_inits(tmp_path: P
         trainer(changed, 4).fit(resume=True)  # a real difference is still refused
 
 
+def test_init_except_keeps_a_component_at_its_fresh_initialisation(tmp_path: Path) -> None:
+    """`--init-from DIR --init-except ROLE`: every other matching component is loaded, ROLE keeps the weights it was
+    built with (a fresh upsampler on a trained decoder, docs/text.md)."""
+    from genzoo import api
+    from genzoo.errors import GenzooError
+
+    resolved = api.resolve_recipe(
+        "ddpm-digits", sets=["decoder.denoiser.model_channels=8", "decoder.denoiser.attention_resolutions=[]"]
+    )
+    source = api.build_data(resolved)
+    config = TrainConfig(steps=2, batch_size=8, lr=1e-2, checkpoint_every=100, ema_decay=None, device="cpu")
+    model = api.create_model(resolved, data_spec=source.spec)
+    Trainer(
+        model, source.split("train").tensors(), config=config, run_dir=tmp_path, recipe=resolved, progress=False
+    ).fit()
+    trained = model.components["decoder"].state_dict()
+
+    fresh = api.create_model(resolved, data_spec=source.spec)
+    built = {k: v.clone() for k, v in fresh.components["decoder"].state_dict().items()}
+    assert "decoder" not in api.init_from(fresh, resolved, tmp_path, exclude=["decoder"])
+    for k, v in fresh.components["decoder"].state_dict().items():
+        torch.testing.assert_close(v, built[k], rtol=0, atol=0)
+    assert "decoder" in api.init_from(fresh, resolved, tmp_path)
+    for k, v in fresh.components["decoder"].state_dict().items():
+        torch.testing.assert_close(v, trained[k], rtol=0, atol=0)
+    assert any(not torch.equal(built[k], trained[k]) for k in built)  # so the two checks above tell them apart
+    with pytest.raises(
+        GenzooError,
+        match="--init-except upsampler_decoder: this recipe has no such component; its components are .*decoder",
+    ):
+        api.init_from(fresh, resolved, tmp_path, exclude=["upsampler_decoder"])
+
+
 def test_errors(tmp_path: Path) -> None:
     train(Noisy, tmp_path, cfg(steps=2))
     with pytest.raises(TrainingError, match="already holds a checkpoint; pass --resume"):
