@@ -153,7 +153,7 @@ def test_init_except_without_init_from_or_with_a_role_the_recipe_lacks(
     assert_one_line(r, "train", "--init-except", "pass --init-from too")
     r = probes.run(*train, "upsampler_decoder", "--init-from", str(run), "--out", str(tmp_path / "b"))
     assert_one_line(r, "train", "--init-except upsampler_decoder", "its components are")
-    assert not (tmp_path / "b" / "latest").exists()  # refused before any training
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before the run directory is made
 
 
 # --------------------------------------------------------------------------- meta.json
