@@ -59,7 +59,8 @@ train glide-attn16 glide-shapes --seed 0 --set "decoder.denoiser.attention_resol
 train glide-attn16-s1 glide-shapes --seed 1 --set "decoder.denoiser.attention_resolutions=[16, 8, 4]" &
 train glide-text6 glide-shapes --seed 0 --set encoder.first.layers=6 &
 train glide-text6-s1 glide-shapes --seed 1 --set encoder.first.layers=6 &
-train glide-nopool glide-shapes --seed 0 --set decoder.denoiser.emb_dim_in=null &
+# no training-time 'no pooled path' arm: the text-pair encoder always gives a pooled emb, and a U-Net without
+# emb_dim_in is refused; the pooled path is ablated at sampling time instead (benchmarks/caption_probe.py --paths)
 train glide-text256 glide-shapes --seed 0 --set encoder.first.width=256 --set encoder.first.layers=4 \
   --set clip.text_tower.width=256 --set decoder.denoiser.context_dim=256 --set decoder.denoiser.emb_dim_in=320 &
 # glide-shapes reads GLIDE's own text transformer and the CLIP's frozen text tower together (text-pair, docs/text.md):
@@ -78,7 +79,7 @@ train dalle-s1 dalle-shapes --seed 1 &
 wait
 echo "training: $(( $(date +%s) - T0 )) s"
 # ---- evaluation: every run on both splits; the samplers and guidances on glide-s0
-for name in glide-s0 glide-s1 glide-drop10 glide-attn16 glide-attn16-s1 glide-text6 glide-text6-s1 glide-nopool \
+for name in glide-s0 glide-s1 glide-drop10 glide-attn16 glide-attn16-s1 glide-text6 glide-text6-s1 \
   glide-text256 glide-own glide-cliptext dalle2-s0 dalle2-s1 dalle2-embdrop0 dalle2-embdrop3 dalle2-ar-s0 dalle-s0 dalle-s1; do
   evaluate "$name" test --metrics attribute-accuracy,fd &
   evaluate "$name" heldout --metrics attribute-accuracy,fd --split heldout &
