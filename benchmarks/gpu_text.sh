@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 22 on a lent GPU in one device call (docs/text.md): the caption-following ablations and two seeds of each
 # text-to-image recipe, every run a process of its own sharing the GPU (CUDA MPS when the image allows it), then
-# `genzoo eval` of each on the test captions and the held-out pairs. Step counts are the recipes' own (BUDGET below),
+# `genzoo eval` of each on the test captions and the held-out pairs. Step counts are the recipes' own (`steps` below),
 # which train in 45-53 minutes on 2 CPU cores, inside issue 22's 60; SCALE multiplies them all (SCALE=0.002
 # DEVICE=cpu is a dry run of the script here).
 # Device call: `run` with carry [".whl"] (benchmarks/gpu_wheels.sh) and `bash benchmarks/gpu_text.sh`.
@@ -21,21 +21,12 @@ else
 fi
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-# The recipes' own stages (registry.yaml), so that a GPU run repeats docs/text.md's CPU runs: glide-shapes 45-46 min,
-# dalle2-shapes 47.5-52.6 min on 2 cores.
-declare -A BUDGET=(
-  [glide-shapes]="clip: 1500, decoder: 3000, upsampler: 600"
-  [dalle2-shapes]="clip: 800, prior: 1000, decoder: 3000, upsampler: 600"
-  [dalle2-ar-shapes]="clip: 800, prior: 1000, decoder: 3000, upsampler: 600"
-  [dalle-shapes]="tokenizer: 3000, prior: 4000, clip: 1500"
-)
-
-steps() {  # the recipe's budget as YAML, each stage multiplied by SCALE (at least 1)
-  python3 -c "
-import sys
-pairs = [p.split(':') for p in sys.argv[1].split(',')]
-print('{' + ', '.join(f'{k.strip()}: {max(1, round(int(v) * float(sys.argv[2])))}' for k, v in pairs) + '}')
-" "${BUDGET[$1]}" "$SCALE"
+steps() {  # RECIPE: its own train.stages (registry.yaml, read through `genzoo info`) as YAML, each times SCALE (>= 1)
+  $GZ info "$1" --resolved | python3 -c "
+import json, sys
+stages = json.load(sys.stdin)['train']['stages']
+print('{' + ', '.join(f'{k}: {max(1, round(v * float(sys.argv[1])))}' for k, v in stages.items()) + '}')
+" "$SCALE"
 }
 
 train() {  # NAME RECIPE [--set ...]: trains into $OUT/NAME
