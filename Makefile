@@ -29,7 +29,7 @@ demo: $(STAMP)
 # same CPU budget (split between a recipe's stages as its steps are), judged on the caption (each attribute and all
 # four) on the test split and on the held-out colour x shape pairs, with one grid row of samples per prompt.
 TEXT_RECIPES ?= glide-shapes dalle2-shapes dalle-shapes
-# 45 minutes: glide-shapes' own length (dalle2-shapes 47.5-52.6); at 20 the upsamplers drew no shapes; at 45 the
+# 45 minutes: glide-shapes' own length until 12-01 (50 since, with 6 text layers; dalle2-shapes 47.5-52.6); at 20 the upsamplers drew no shapes; at 45 the
 # whole target takes 152 min on 2 cores (docs/text.md)
 TEXT_MINUTES ?= 45
 TEXT_PROMPTS ?= --prompt "a large red circle in the top left" --prompt "a small blue square in the bottom right" \

@@ -162,7 +162,7 @@ def test_a_text_pair_reads_both_encoders_side_by_side() -> None:
     tokens then the frozen CLIP tower's, each part's own output unchanged; ``emb`` both pooled embeddings; only the
     first part trains with the decoder, and the CLIP it reads trains first. Unequal token widths are refused, naming
     the fix."""
-    first = "first: {type: text-transformer, context: 32, width: 128, layers: 3, heads: 4}"
+    first = "first: {type: text-transformer, context: 32, width: 128, layers: 6, heads: 4}"
     sets = [f"encoder={{type: text-pair, {first}}}", "decoder.denoiser.emb_dim_in=192"]
     model = api.create_model(api.resolve_recipe("glide-shapes", sets=sets), seed=0)
     assert api.resolve_recipe("glide-shapes", sets=sets) == api.resolve_recipe("glide-shapes")  # the recipe's own
