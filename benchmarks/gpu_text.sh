@@ -2,7 +2,7 @@
 # Issue 22 on a lent GPU in one device call (docs/text.md): the caption-following ablations and two seeds of each
 # text-to-image recipe, every run a process of its own sharing the GPU (CUDA MPS when the image allows it), then
 # `genzoo eval` of each on the test captions and the held-out pairs. Step counts are the recipes' own (`steps` below),
-# which train in 45-53 minutes on 2 CPU cores, inside issue 22's 60; SCALE multiplies them all (SCALE=0.002
+# which train in 47.5-53 minutes on 2 CPU cores, inside issue 22's 60; SCALE multiplies them all (SCALE=0.002
 # DEVICE=cpu is a dry run of the script here).
 # Device call: `run` with carry [".whl"] (benchmarks/gpu_wheels.sh) and `bash benchmarks/gpu_text.sh`.
 set -uo pipefail
@@ -48,8 +48,9 @@ train glide-s1 glide-shapes --seed 1 &
 train glide-drop10 glide-shapes --seed 0 --set decoder.cond_drop=0.1 &
 train glide-attn16 glide-shapes --seed 0 --set "decoder.denoiser.attention_resolutions=[16, 8, 4]" &
 train glide-attn16-s1 glide-shapes --seed 1 --set "decoder.denoiser.attention_resolutions=[16, 8, 4]" &
-train glide-text6 glide-shapes --seed 0 --set encoder.first.layers=6 &
-train glide-text6-s1 glide-shapes --seed 1 --set encoder.first.layers=6 &
+# the recipe has 6 text layers since 12-01: the arm is the 3 it had before
+train glide-text3 glide-shapes --seed 0 --set encoder.first.layers=3 &
+train glide-text3-s1 glide-shapes --seed 1 --set encoder.first.layers=3 &
 # no training-time 'no pooled path' arm: the text-pair encoder always gives a pooled emb, and a U-Net without
 # emb_dim_in is refused; the pooled path is ablated at sampling time instead (benchmarks/caption_probe.py --paths)
 train glide-text256 glide-shapes --seed 0 --set encoder.first.width=256 --set encoder.first.layers=4 \
@@ -70,7 +71,7 @@ train dalle-s1 dalle-shapes --seed 1 &
 wait
 echo "training: $(( $(date +%s) - T0 )) s"
 # ---- evaluation: every run on both splits; the samplers and guidances on glide-s0
-for name in glide-s0 glide-s1 glide-drop10 glide-attn16 glide-attn16-s1 glide-text6 glide-text6-s1 \
+for name in glide-s0 glide-s1 glide-drop10 glide-attn16 glide-attn16-s1 glide-text3 glide-text3-s1 \
   glide-text256 glide-own glide-cliptext dalle2-s0 dalle2-s1 dalle2-embdrop0 dalle2-embdrop3 dalle2-ar-s0 dalle-s0 dalle-s1; do
   evaluate "$name" test --metrics attribute-accuracy,fd &
   evaluate "$name" heldout --metrics attribute-accuracy,fd --split heldout &

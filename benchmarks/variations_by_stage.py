@@ -47,12 +47,13 @@ def main() -> None:
     names = list(source.spec.attributes)
     for arm in args.arms:
         t0 = time.perf_counter()
-        sets = [s for s in arm.split(";") if s and s != "base"]
-        model = api.load_model(args.run, sets=[f"components.{s}" for s in sets])
+        parts = [s for s in arm.split(";") if s]
+        base = "base" in parts
+        model = api.load_model(args.run, sets=[f"components.{s}" for s in parts if s != "base"])
         g = torch.Generator().manual_seed(0)
         v = torch.cat(
             [
-                variations(model, x[i : i + args.batch], base="base" in arm.split(";"), size=x.shape[-1], generator=g)
+                variations(model, x[i : i + args.batch], base=base, size=x.shape[-1], generator=g)
                 for i in range(0, len(x), args.batch)
             ]
         )

@@ -298,11 +298,10 @@ class UnCLIPPipeline(DiffusionPipeline):
 
         ``invert`` (the paper's way): x_T is the DDIM inversion of the image under the decoder conditioned on its z_i
         (:meth:`invert`), every frame decoded from it by DDIM (eta 0), so theta = 0 gives back the image (at the
-        decoder's size, up to the inversion's error); the upsamplers share one x_T (an ancestral upsampler, the
-        recipes', still draws each frame's step noise apart: ``upsampler_sampler=ddim`` leaves z alone to differ). Else
-        every frame draws the
-        same noise (x_T and each ancestral step's, from one seed taken from ``generator``) with the recipe's
-        sampler: theta = 0 is then a variation of the image."""
+        decoder's size, up to the inversion's error); the upsamplers share one x_T, though an ancestral upsampler (the
+        recipes') still draws each frame's step noise apart (``upsampler_sampler=ddim``: frames differ by z alone). Else
+        every frame draws the same noise (x_T and each ancestral step's, from one seed taken from ``generator``) with
+        the recipe's sampler: theta = 0 is then a variation of the image."""
         if steps < 1:
             raise GenzooError(f"text diff: {steps} frames; ask for at least 1 (-n)")
         z_i = self.image_embeddings(image[None].to(self.device))[0]
